@@ -1,0 +1,6 @@
+"""Built-in policies, one subpackage each. One line here registers a policy's ``type`` name."""
+
+BUILTIN: dict[str, str] = {
+    "auth": "filters.auth.filter:AuthFilter",
+    "openai": "filters.openai.filter:OpenAIFilter",
+}

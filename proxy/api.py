@@ -1,0 +1,249 @@
+"""The filter API: what policy authors write against.
+
+Filters see plain headers (``dict[str, str]`` with lower-case names, pseudo-headers such as
+``:path`` included) and bytes bodies, and answer with a decision value. They never see ext_proc
+protobufs: ``proxy.translate`` is the only module that does.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import random
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, TypeVar
+
+from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:
+    from proxy.config import RouteConfig
+
+Headers = dict[str, str]
+
+
+# --- decisions ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Continue:
+    """Let the request (or response) go on unchanged."""
+
+
+CONTINUE = Continue()
+
+
+@dataclass(frozen=True, slots=True)
+class Mutate:
+    """Change headers and/or replace the body, then go on. Mutations of a phase accumulate."""
+
+    set_headers: Mapping[str, str] = field(default_factory=dict)
+    remove_headers: tuple[str, ...] = ()
+    body: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Respond:
+    """Answer the client now (an Envoy immediate response); ends the chain.
+
+    ``grpc_status`` is used when the caller speaks gRPC; ``message`` becomes its grpc-message.
+    """
+
+    status: int
+    body: bytes = b""
+    headers: Mapping[str, str] = field(default_factory=dict)
+    grpc_status: int | None = None
+    message: str = ""
+
+
+Decision = Continue | Mutate | Respond
+
+
+class Phase(enum.Enum):
+    REQUEST_HEADERS = "request_headers"
+    REQUEST_BODY = "request_body"
+    RESPONSE_HEADERS = "response_headers"
+    RESPONSE_BODY = "response_body"
+
+
+# --- injected dependencies ---------------------------------------------------------------------
+
+
+class Clock(Protocol):
+    def monotonic(self) -> float: ...
+    def time(self) -> float: ...
+
+
+class SystemClock:
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    def time(self) -> float:
+        return time.time()
+
+
+@dataclass(frozen=True)
+class Deps:
+    """What a filter may use besides its params; tests pass fakes here.
+
+    ``redis`` is a ``redis.asyncio.Redis`` (or anything with its interface) or None when the
+    deployment has no Redis; ``upstreams`` maps upstream names to their base URLs.
+    """
+
+    clock: Clock = field(default_factory=SystemClock)
+    rng: random.Random = field(default_factory=random.Random)
+    redis: Any = None
+    upstreams: Mapping[str, str] = field(default_factory=dict)
+
+
+# --- per-request context -----------------------------------------------------------------------
+
+_log = logging.getLogger("floodwall.request")
+S = TypeVar("S")
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How a request ended, as far as the processor saw it."""
+
+    status: int | None  # HTTP status sent to the client, if known
+    aborted: bool  # the stream ended before the phases the route expects (client went away)
+    responded_by: str | None  # name of the filter that answered, if one did
+    duration_s: float
+
+
+class RequestContext:
+    """One per ext_proc stream (one HTTP request). Filters read and annotate it."""
+
+    __slots__ = (
+        "_log",
+        "_state",
+        "deadline",
+        "grpc",
+        "has_request_body",
+        "has_response_body",
+        "key_id",
+        "method",
+        "path",
+        "priority",
+        "request_id",
+        "response_status",
+        "route",
+        "started",
+        "tenant",
+        "tier",
+    )
+
+    def __init__(
+        self,
+        route: RouteConfig | None,
+        *,
+        started: float,
+        request_id: str = "",
+        method: str = "",
+        path: str = "",
+        grpc: bool = False,
+    ) -> None:
+        self.route = route
+        self.started = started
+        self.request_id = request_id or uuid.uuid4().hex
+        self.method = method
+        self.path = path
+        self.grpc = grpc
+        self.tenant: str | None = None
+        self.tier: str | None = None
+        self.key_id: str | None = None
+        self.priority: str | None = None
+        self.deadline: float | None = None
+        self.response_status: int | None = None
+        # False when the headers ended the message (Envoy then sends no body phase).
+        self.has_request_body = True
+        self.has_response_body = True
+        self._state: dict[type[Any], Any] = {}
+        self._log: logging.LoggerAdapter[logging.Logger] | None = None
+
+    @property
+    def route_name(self) -> str:
+        return self.route.name if self.route is not None else "unknown"
+
+    @property
+    def log(self) -> logging.LoggerAdapter[logging.Logger]:
+        """A logger that stamps every line with the request id (built on first use)."""
+        if self._log is None:
+            self._log = logging.LoggerAdapter(
+                _log, {"request_id": self.request_id, "route": self.route_name}
+            )
+        return self._log
+
+    def state(self, kind: Callable[[], S]) -> S:
+        """Typed per-filter state: ``ctx.state(MyState)`` creates it on first use."""
+        try:
+            value: S = self._state[kind]  # type: ignore[index]
+        except KeyError:
+            value = kind()
+            self._state[kind] = value  # type: ignore[index]
+        return value
+
+
+# --- filters -----------------------------------------------------------------------------------
+
+
+class FilterParams(BaseModel):
+    """Base for a filter's params: frozen, and unknown fields are errors, not ignored."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class NoParams(FilterParams):
+    pass
+
+
+OnError = Literal["open", "closed"]
+
+
+class Filter:
+    """A policy. Override only the phases you need: the chain (and the rendered Envoy config)
+    skip phases no filter on a route overrides, so unused phases cost nothing."""
+
+    Params: ClassVar[type[FilterParams]] = NoParams
+
+    def __init__(self, params: FilterParams, deps: Deps) -> None:
+        self.params = params
+        self.deps = deps
+        self.name: str = type(self).__name__.lower()  # the registry sets the configured name
+
+    def phases(self, route: RouteConfig) -> frozenset[Phase]:
+        """The phases this filter needs on ``route``: by default those it overrides."""
+        return frozenset(p for p in Phase if _overrides(type(self), p))
+
+    async def start(self) -> None:
+        """Called once before traffic (open connections, warm caches)."""
+
+    async def stop(self) -> None:
+        """Called once at shutdown."""
+
+    async def on_request_headers(self, ctx: RequestContext, headers: Headers) -> Decision:
+        return CONTINUE
+
+    async def on_request_body(self, ctx: RequestContext, body: bytes) -> Decision:
+        return CONTINUE
+
+    async def on_response_headers(self, ctx: RequestContext, headers: Headers) -> Decision:
+        return CONTINUE
+
+    async def on_response_body(self, ctx: RequestContext, body: bytes) -> Decision:
+        return CONTINUE
+
+    async def on_complete(self, ctx: RequestContext, outcome: Outcome) -> None:
+        """Always runs once per request, also when the client aborted or a filter answered."""
+
+
+def _overrides(cls: type[Filter], phase: Phase) -> bool:
+    attr = "on_" + phase.value
+    return getattr(cls, attr) is not getattr(Filter, attr)
+
+
+def overrides_complete(cls: type[Filter]) -> bool:
+    return cls.on_complete is not Filter.on_complete

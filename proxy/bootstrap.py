@@ -1,0 +1,447 @@
+"""Renders the Envoy bootstrap from the Floodwall config.
+
+Envoy owns connections, HTTP/2, TLS, retries, health checking and load balancing; this module
+only writes that down. Processing modes per route are derived from the filters on the route
+(a filter that does not override a body phase never makes Envoy buffer a body).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from pathlib import Path
+from typing import Any
+
+from proxy.api import Phase
+from proxy.chain import Chain
+from proxy.config import FloodwallConfig, RouteConfig, UpstreamConfig
+from proxy.process import processor_address
+
+PROCESSOR_CLUSTER = "floodwall_processor"
+EXT_PROC = "envoy.filters.http.ext_proc"
+BUFFER = "envoy.filters.http.buffer"
+T = "type.googleapis.com/"
+
+_LB = {"round_robin": "ROUND_ROBIN", "least_request": "LEAST_REQUEST", "ring_hash": "RING_HASH"}
+
+# Local replies Envoy makes itself (no route, upstream down, overflow, timeouts) are rewritten to
+# the gateway's JSON error format. Those carry a response flag; answers from the processor and
+# from the upstream carry none, so they pass untouched.
+_LOCAL_REPLY_KINDS = [
+    (["UH", "UF", "URX", "NC", "DF", "UO"], 503, "upstream_unavailable"),
+    (["UT", "SI"], 504, "upstream_timeout"),
+    (["UC", "UR"], 502, "upstream_reset"),
+]
+
+
+def _ms(ms: float) -> str:
+    return f"{ms / 1000:.3f}s"
+
+
+def _socket(address: str, port: int) -> dict[str, Any]:
+    return {"socket_address": {"address": address, "port_value": port}}
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
+
+
+def _http2_options() -> dict[str, Any]:
+    return {
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": T + "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "explicit_http_config": {"http2_protocol_options": {"max_concurrent_streams": 1024}},
+        }
+    }
+
+
+def _json_error_format(status: int, type_: str, message: str) -> dict[str, Any]:
+    return {
+        "status_code": status,
+        "body_format_override": {
+            "json_format": {"error": {"type": type_, "message": message}},
+            "content_type": "application/json",
+        },
+    }
+
+
+def processing_mode(phases: frozenset[Phase]) -> dict[str, str]:
+    return {
+        "request_header_mode": "SEND",
+        "response_header_mode": "SEND" if Phase.RESPONSE_HEADERS in phases else "SKIP",
+        "request_body_mode": "BUFFERED" if Phase.REQUEST_BODY in phases else "NONE",
+        "response_body_mode": "BUFFERED" if Phase.RESPONSE_BODY in phases else "NONE",
+    }
+
+
+def _route(cfg: FloodwallConfig, r: RouteConfig, phases: frozenset[Phase]) -> dict[str, Any]:
+    match: dict[str, Any] = {"path": r.match.path} if r.match.path else {"prefix": r.match.prefix}
+    if r.grpc:
+        match["grpc"] = {}
+    up = cfg.upstreams[r.upstream]
+    action: dict[str, Any] = {"cluster": r.upstream, "timeout": _ms(r.timeout_ms)}
+    if r.grpc:
+        # gRPC deadlines come from the client's grpc-timeout, capped by the route timeout.
+        action["timeout"] = "0s"
+        action["max_stream_duration"] = {"grpc_timeout_header_max": _ms(r.timeout_ms)}
+    if r.retries is not None and r.retries.num_retries > 0:
+        rp: dict[str, Any] = {
+            "retry_on": r.retries.retry_on,
+            "num_retries": r.retries.num_retries,
+            # Retry on another host: the failed one is likely to fail again.
+            "retry_host_predicate": [
+                {
+                    "name": "envoy.retry_host_predicates.previous_hosts",
+                    "typed_config": {
+                        "@type": T
+                        + "envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"
+                    },
+                }
+            ],
+            "host_selection_retry_max_attempts": 3,
+        }
+        if r.retries.per_try_timeout_ms:
+            rp["per_try_timeout"] = _ms(r.retries.per_try_timeout_ms)
+        action["retry_policy"] = rp
+    if up.lb_policy == "ring_hash" and up.hash_header:
+        action["hash_policy"] = [{"header": {"header_name": up.hash_header}}]
+    per_filter: dict[str, Any] = {
+        EXT_PROC: {
+            "@type": T + "envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
+            "overrides": {"processing_mode": processing_mode(phases)},
+        }
+    }
+    if Phase.REQUEST_BODY not in phases:
+        per_filter[BUFFER] = {
+            "@type": T + "envoy.extensions.filters.http.buffer.v3.BufferPerRoute",
+            "disabled": True,
+        }
+    return {
+        "name": r.name,
+        "match": match,
+        "route": action,
+        "typed_per_filter_config": per_filter,
+    }
+
+
+def _not_found_route() -> dict[str, Any]:
+    body = json.dumps({"error": {"type": "not_found", "message": "no such route"}})
+    return {
+        "name": "not_found",
+        "match": {"prefix": "/"},
+        "direct_response": {"status": 404, "body": {"inline_string": body}},
+        "response_headers_to_add": [
+            {
+                "header": {"key": "content-type", "value": "application/json"},
+                "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+            }
+        ],
+        "typed_per_filter_config": {
+            EXT_PROC: {
+                "@type": T + "envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
+                "disabled": True,
+            },
+            BUFFER: {
+                "@type": T + "envoy.extensions.filters.http.buffer.v3.BufferPerRoute",
+                "disabled": True,
+            },
+        },
+    }
+
+
+def _access_log() -> list[dict[str, Any]]:
+    fields = {
+        "time": "%START_TIME%",
+        "request_id": "%REQ(X-REQUEST-ID)%",
+        "method": "%REQ(:METHOD)%",
+        # Path without the query: queries may carry tokens.
+        "path": "%PATH(WQ:ORIG_OR_PATH)%",
+        "protocol": "%PROTOCOL%",
+        "status": "%RESPONSE_CODE%",
+        "grpc_status": "%GRPC_STATUS_NUMBER%",
+        "flags": "%RESPONSE_FLAGS%",
+        "details": "%RESPONSE_CODE_DETAILS%",
+        "duration_ms": "%DURATION%",
+        "upstream_ms": "%RESP(X-ENVOY-UPSTREAM-SERVICE-TIME)%",
+        "upstream_host": "%UPSTREAM_HOST%",
+        "route": "%ROUTE_NAME%",
+        "bytes_in": "%BYTES_RECEIVED%",
+        "bytes_out": "%BYTES_SENT%",
+        "tenant": "%REQ(X-FLOODWALL-TENANT)%",
+        "key_id": "%REQ(X-FLOODWALL-KEY-ID)%",
+    }
+    return [
+        {
+            "name": "envoy.access_loggers.stdout",
+            "typed_config": {
+                "@type": T + "envoy.extensions.access_loggers.stream.v3.StdoutAccessLog",
+                "log_format": {"json_format": fields},
+            },
+        }
+    ]
+
+
+def _cel(expression: str) -> dict[str, Any]:
+    return {
+        "extension_filter": {
+            "name": "envoy.access_loggers.extension_filters.cel",
+            "typed_config": {
+                "@type": T + "envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter",
+                "expression": expression,
+            },
+        }
+    }
+
+
+def _local_reply_config() -> dict[str, Any]:
+    """Rewrites Envoy's own plain-text local replies to the JSON error format.
+
+    Answers from the processor are local replies too (Envoy sends them with sendLocalReply), so
+    every mapper skips replies whose details start with ``floodwall_`` (``translate._details``).
+    """
+    not_ours = "!response.code_details.startsWith('floodwall_')"
+    mappers = []
+    for flags, status, type_ in _LOCAL_REPLY_KINDS:
+        m = _json_error_format(status, type_, "%LOCAL_REPLY_BODY%")
+        m["filter"] = {"response_flag_filter": {"flags": flags}}
+        mappers.append(m)
+    # The processor failed or timed out (failure_mode_allow: false).
+    for status, type_, message in (
+        (500, "gateway_unavailable", "the policy processor is unavailable"),
+        (504, "gateway_timeout", "the policy processor did not answer in time"),
+    ):
+        m = _json_error_format(status, type_, message)
+        m["filter"] = _cel(
+            f"response.code == {status} && response.code_details.startsWith('ext_proc')"
+        )
+        mappers.append(m)
+    # Envoy's own 413 (body over listener.max_request_bytes) comes from the buffer filter.
+    m = _json_error_format(413, "request_too_large", "request body exceeds the size limit")
+    m["filter"] = _cel(f"response.code == 413 && {not_ours}")
+    mappers.append(m)
+    return {"mappers": mappers}
+
+
+def _processor_cluster(cfg: FloodwallConfig, runtime_dir: Path) -> dict[str, Any]:
+    endpoints = []
+    for i in range(cfg.processor.processes):
+        addr = processor_address(cfg, i, runtime_dir)
+        if addr.startswith("unix:"):
+            ep = {"pipe": {"path": addr[len("unix:") :]}}
+        else:
+            host, _, port = addr.rpartition(":")
+            ep = _socket(host, int(port))
+        endpoints.append({"endpoint": {"address": ep}})
+    return {
+        "name": PROCESSOR_CLUSTER,
+        "type": "STATIC",
+        "connect_timeout": "0.25s",
+        # Requests spread per stream across processor processes, not per connection.
+        "lb_policy": "LEAST_REQUEST",
+        "typed_extension_protocol_options": _http2_options(),
+        "load_assignment": {
+            "cluster_name": PROCESSOR_CLUSTER,
+            "endpoints": [{"lb_endpoints": endpoints}],
+        },
+        # A draining processor turns NOT_SERVING; Envoy stops sending it streams.
+        "health_checks": [
+            {
+                "timeout": "0.5s",
+                "interval": "1s",
+                "unhealthy_threshold": 1,
+                "healthy_threshold": 1,
+                "grpc_health_check": {},
+                "no_traffic_interval": "1s",
+            }
+        ],
+        "circuit_breakers": {
+            "thresholds": [
+                {
+                    "max_connections": 100000,
+                    "max_pending_requests": 100000,
+                    "max_requests": 100000,
+                }
+            ]
+        },
+    }
+
+
+def _upstream_cluster(name: str, up: UpstreamConfig) -> dict[str, Any]:
+    all_ips = all(_is_ip(e.address) for e in up.endpoints)
+    c: dict[str, Any] = {
+        "name": name,
+        "type": "STATIC" if all_ips else "STRICT_DNS",
+        "connect_timeout": _ms(up.connect_timeout_ms),
+        "lb_policy": _LB[up.lb_policy],
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [
+                {
+                    "lb_endpoints": [
+                        {
+                            "endpoint": {"address": _socket(e.address, e.port)},
+                            "load_balancing_weight": e.weight,
+                        }
+                        for e in up.endpoints
+                    ]
+                }
+            ],
+        },
+        "circuit_breakers": {
+            "thresholds": [
+                {
+                    "max_connections": up.circuit_breakers.max_connections,
+                    "max_pending_requests": up.circuit_breakers.max_pending_requests,
+                    "max_requests": up.circuit_breakers.max_requests,
+                    "max_retries": up.circuit_breakers.max_retries,
+                    "retry_budget": {
+                        "budget_percent": {"value": up.circuit_breakers.retry_budget_percent},
+                        "min_retry_concurrency": up.circuit_breakers.min_retry_concurrency,
+                    },
+                }
+            ]
+        },
+    }
+    if up.protocol in ("http2", "grpc"):
+        c["typed_extension_protocol_options"] = _http2_options()
+    hc = up.health_check
+    if hc is not None:
+        check: dict[str, Any] = {
+            "timeout": _ms(hc.timeout_ms),
+            "interval": _ms(hc.interval_ms),
+            "unhealthy_threshold": hc.unhealthy_threshold,
+            "healthy_threshold": hc.healthy_threshold,
+            "no_traffic_interval": _ms(hc.interval_ms),
+        }
+        if up.protocol == "grpc":
+            check["grpc_health_check"] = {}
+        else:
+            check["http_health_check"] = {"path": hc.path}
+        c["health_checks"] = [check]
+    od = up.outlier_detection
+    if od is not None:
+        c["outlier_detection"] = {
+            "consecutive_5xx": od.consecutive_5xx,
+            "interval": _ms(od.interval_ms),
+            "base_ejection_time": _ms(od.base_ejection_time_ms),
+            "max_ejection_percent": od.max_ejection_percent,
+        }
+    return c
+
+
+def render(cfg: FloodwallConfig, chain: Chain, runtime_dir: Path) -> dict[str, Any]:
+    """The Envoy bootstrap as a dict (serialise with json.dumps; Envoy reads JSON or YAML)."""
+    routes = [_route(cfg, r, chain.phases_for(r)) for r in cfg.routes]
+    routes.append(_not_found_route())
+    p = cfg.processor
+    hcm: dict[str, Any] = {
+        "@type": T
+        + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": "floodwall",
+        "codec_type": "AUTO",
+        "use_remote_address": True,
+        "normalize_path": True,
+        "merge_slashes": True,
+        "generate_request_id": True,
+        # Slow clients must not hold connections forever.
+        "request_headers_timeout": "10s",
+        "stream_idle_timeout": "60s",
+        "common_http_protocol_options": {
+            "idle_timeout": "300s",
+            "headers_with_underscores_action": "REJECT_REQUEST",
+        },
+        "http2_protocol_options": {"max_concurrent_streams": 1024},
+        "route_config": {
+            "name": "floodwall",
+            "virtual_hosts": [{"name": "all", "domains": ["*"], "routes": routes}],
+        },
+        "local_reply_config": _local_reply_config(),
+        "http_filters": [
+            {
+                "name": BUFFER,
+                "typed_config": {
+                    "@type": T + "envoy.extensions.filters.http.buffer.v3.Buffer",
+                    "max_request_bytes": cfg.listener.max_request_bytes,
+                },
+            },
+            {
+                "name": EXT_PROC,
+                "typed_config": {
+                    "@type": T + "envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
+                    "grpc_service": {
+                        "envoy_grpc": {"cluster_name": PROCESSOR_CLUSTER},
+                        "timeout": _ms(p.message_timeout_ms * 4),
+                    },
+                    "failure_mode_allow": p.failure_mode_allow,
+                    "message_timeout": _ms(p.message_timeout_ms),
+                    "processing_mode": processing_mode(frozenset({Phase.REQUEST_HEADERS})),
+                    # The route was chosen on the client's path; a rewritten :path (OpenAI ->
+                    # KServe) must not re-route the request.
+                    "route_cache_action": "RETAIN",
+                    "allow_mode_override": True,
+                },
+            },
+            {
+                "name": "envoy.filters.http.router",
+                "typed_config": {"@type": T + "envoy.extensions.filters.http.router.v3.Router"},
+            },
+        ],
+    }
+    if cfg.listener.access_log:
+        hcm["access_log"] = _access_log()
+    chain_cfg: dict[str, Any] = {
+        "filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]
+    }
+    tls = cfg.listener.tls
+    if tls is not None:
+        chain_cfg["transport_socket"] = {
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                "@type": T + "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+                "common_tls_context": {
+                    "alpn_protocols": ["h2", "http/1.1"],
+                    "tls_certificates": [
+                        {
+                            "certificate_chain": {"filename": str(tls.cert_file)},
+                            "private_key": {"filename": str(tls.key_file)},
+                        }
+                    ],
+                },
+            },
+        }
+    clusters = [_processor_cluster(cfg, runtime_dir)]
+    clusters += [_upstream_cluster(n, u) for n, u in cfg.upstreams.items()]
+    return {
+        "admin": {"address": _socket(cfg.admin.address, cfg.admin.port)},
+        "static_resources": {
+            "listeners": [
+                {
+                    "name": "floodwall",
+                    "address": _socket(cfg.listener.address, cfg.listener.port),
+                    # Bodies the processor must see are buffered; responses up to this size too.
+                    "per_connection_buffer_limit_bytes": max(
+                        8 * 1024 * 1024, cfg.listener.max_request_bytes * 2
+                    ),
+                    "filter_chains": [chain_cfg],
+                }
+            ],
+            "clusters": clusters,
+        },
+        # Envoy's default is unlimited downstream connections; cap them.
+        "overload_manager": {
+            "resource_monitors": [
+                {
+                    "name": "envoy.resource_monitors.global_downstream_max_connections",
+                    "typed_config": {
+                        "@type": T + "envoy.extensions.resource_monitors.downstream_connections"
+                        ".v3.DownstreamConnectionsConfig",
+                        "max_active_downstream_connections": 50000,
+                    },
+                }
+            ]
+        },
+    }

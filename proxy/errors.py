@@ -1,0 +1,97 @@
+"""The error format and the one place that maps faults to statuses.
+
+Every refusal is ``{"error": {"type": ..., "message": ...}}``. gRPC callers get the matching
+gRPC status (Envoy turns an immediate response with ``grpc_status`` into a trailers-only reply).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Mapping
+
+from proxy.api import Respond
+
+# HTTP status -> gRPC status code (google.rpc.Code), following the gRPC HTTP mapping doc.
+GRPC_STATUS: dict[int, int] = {
+    400: 3,  # INVALID_ARGUMENT
+    401: 16,  # UNAUTHENTICATED
+    403: 7,  # PERMISSION_DENIED
+    404: 5,  # NOT_FOUND
+    413: 8,  # RESOURCE_EXHAUSTED
+    429: 8,  # RESOURCE_EXHAUSTED
+    500: 13,  # INTERNAL
+    502: 14,  # UNAVAILABLE
+    503: 14,  # UNAVAILABLE
+    504: 4,  # DEADLINE_EXCEEDED
+}
+
+JSON_HEADERS = {"content-type": "application/json"}
+
+
+def error_body(type_: str, message: str) -> bytes:
+    return json.dumps({"error": {"type": type_, "message": message}}).encode()
+
+
+def error(
+    status: int,
+    type_: str,
+    message: str,
+    *,
+    headers: Mapping[str, str] | None = None,
+    retry_after_s: float | None = None,
+) -> Respond:
+    """A refusal in the documented format. ``type_`` is a stable machine-readable word."""
+    out = dict(JSON_HEADERS)
+    out["x-floodwall-error"] = type_
+    if retry_after_s is not None:
+        out["retry-after"] = str(max(1, int(retry_after_s + 0.999)))
+    if headers:
+        out.update(headers)
+    return Respond(
+        status=status,
+        body=error_body(type_, message),
+        headers=out,
+        grpc_status=GRPC_STATUS.get(status, 2),  # 2 = UNKNOWN
+        message=message,
+    )
+
+
+class FilterFault(Exception):
+    """Raise from a filter to fail with a specific status (the chain still counts it)."""
+
+    status = 500
+    type_ = "internal_error"
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class DependencyUnavailable(FilterFault):
+    """A backing service (Redis, Triton, ...) is down or too slow."""
+
+    status = 503
+    type_ = "dependency_unavailable"
+
+
+def fault_kind(exc: BaseException) -> str:
+    """A bounded label for metrics: the exception class name for our faults, else a family."""
+    if isinstance(exc, FilterFault):
+        return type(exc).__name__
+    if isinstance(exc, TimeoutError | asyncio.TimeoutError):
+        return "timeout"
+    if isinstance(exc, ConnectionError | OSError):
+        return "connection"
+    return "exception"
+
+
+def fault_response(exc: BaseException) -> Respond:
+    """Maps a fault to the client's answer. Internal detail stays in logs, not in the body."""
+    if isinstance(exc, FilterFault):
+        return error(exc.status, exc.type_, str(exc), retry_after_s=exc.retry_after_s)
+    if isinstance(exc, TimeoutError | asyncio.TimeoutError):
+        return error(503, "dependency_timeout", "a dependency timed out", retry_after_s=1)
+    if isinstance(exc, ConnectionError):
+        return error(503, "dependency_unavailable", "a dependency is unavailable", retry_after_s=1)
+    return error(500, "internal_error", "internal error in the gateway")

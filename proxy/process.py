@@ -1,0 +1,81 @@
+"""One processor process: the filter chain behind a grpc.aio server, plus its admin endpoint."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from pathlib import Path
+from typing import Any
+
+from proxy.admin import AdminServer
+from proxy.api import Deps
+from proxy.chain import Chain
+from proxy.config import FloodwallConfig
+from proxy.registry import build_filters
+from proxy.server import ProcessorServer
+
+log = logging.getLogger("floodwall.process")
+
+
+def processor_address(cfg: FloodwallConfig, index: int, runtime_dir: Path) -> str:
+    """gRPC listen address of processor ``index`` (the Envoy renderer uses the same)."""
+    p = cfg.processor
+    if p.transport == "uds":
+        return f"unix:{processor_socket(runtime_dir, index)}"
+    return f"{p.address}:{p.port + index}"
+
+
+def processor_socket(runtime_dir: Path, index: int) -> Path:
+    return runtime_dir / f"processor-{index}.sock"
+
+
+def make_redis(url: str | None, timeout_ms: int) -> Any:
+    if url is None:
+        return None
+    import redis.asyncio as aioredis
+
+    t = timeout_ms / 1000
+    return aioredis.Redis.from_url(url, socket_timeout=t, socket_connect_timeout=t)
+
+
+def build_chain(cfg: FloodwallConfig, redis_url: str | None = None) -> Chain:
+    deps = Deps(
+        redis=make_redis(redis_url, cfg.redis.timeout_ms if cfg.redis else 50),
+        upstreams={name: up.base_url for name, up in cfg.upstreams.items()},
+    )
+    return Chain(cfg, build_filters(cfg.filters, deps))
+
+
+async def serve(
+    cfg: FloodwallConfig, *, index: int, runtime_dir: Path, redis_url: str | None
+) -> None:
+    chain = build_chain(cfg, redis_url)
+    address = processor_address(cfg, index, runtime_dir)
+    if cfg.processor.transport == "uds":
+        processor_socket(runtime_dir, index).unlink(missing_ok=True)
+    server = ProcessorServer(chain, address)
+    admin = AdminServer(
+        cfg.processor.admin_address, cfg.processor.admin_port + index, lambda: server.ready
+    )
+    await admin.start()
+    await server.start()
+    log.info("processor %d listening on %s", index, address)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("processor %d draining", index)
+    # Envoy checks processor health every second: wait two checks before refusing streams.
+    await server.drain_and_stop(cfg.processor.drain_seconds, health_wait_s=2.0)
+    await admin.stop()
+    if chain.filters and (r := next((f.deps.redis for f in chain.filters if f.deps.redis), None)):
+        await r.aclose()
+
+
+def run(cfg: FloodwallConfig, *, index: int, runtime_dir: Path, redis_url: str | None) -> None:
+    import uvloop
+
+    uvloop.run(serve(cfg, index=index, runtime_dir=runtime_dir, redis_url=redis_url))

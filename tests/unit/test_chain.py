@@ -1,0 +1,228 @@
+"""Chain semantics, through the shipped phase-replay harness."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from prometheus_client import REGISTRY
+
+from proxy.api import (
+    CONTINUE,
+    Decision,
+    Deps,
+    Filter,
+    Headers,
+    Mutate,
+    NoParams,
+    Outcome,
+    RequestContext,
+    Respond,
+)
+from proxy.config import parse_config
+from proxy.testing import Harness, UpstreamReply, default_config
+
+
+class Recorder(Filter):
+    """Records what it saw; optionally mutates, answers or raises in one phase."""
+
+    def __init__(self, name: str, log: list[str], **behaviour: Any) -> None:
+        super().__init__(NoParams(), Deps())
+        self.name = name
+        self.log = log
+        self.b = behaviour
+        self.seen_headers: Headers = {}
+        self.outcome: Outcome | None = None
+
+    def _act(self, phase: str) -> Decision:
+        self.log.append(f"{self.name}.{phase}")
+        if self.b.get("raise_in") == phase:
+            raise RuntimeError("boom")
+        if self.b.get("respond_in") == phase:
+            return Respond(status=418, body=b"teapot")
+        if phase in self.b.get("mutate", {}):
+            return self.b["mutate"][phase]
+        return CONTINUE
+
+    async def on_request_headers(self, ctx: RequestContext, headers: Headers) -> Decision:
+        self.seen_headers = dict(headers)
+        return self._act("req_h")
+
+    async def on_request_body(self, ctx: RequestContext, body: bytes) -> Decision:
+        self.seen_body = body
+        return self._act("req_b")
+
+    async def on_response_headers(self, ctx: RequestContext, headers: Headers) -> Decision:
+        return self._act("resp_h")
+
+    async def on_response_body(self, ctx: RequestContext, body: bytes) -> Decision:
+        self.seen_resp_body = body
+        return self._act("resp_b")
+
+    async def on_complete(self, ctx: RequestContext, outcome: Outcome) -> None:
+        self.log.append(f"{self.name}.complete")
+        self.outcome = outcome
+
+
+def harness(*filters: Filter, on_error: dict[str, str] | None = None) -> Harness:
+    cfg = default_config()
+    if on_error:
+        cfg = parse_config(
+            {
+                **cfg.model_dump(mode="json"),
+                "filters": [
+                    {"name": f.name, "type": "x", "on_error": on_error.get(f.name, "closed")}
+                    for f in filters
+                ],
+            }
+        )
+    return Harness.for_filters(list(filters), cfg)
+
+
+async def test_request_phases_in_order_response_phases_reversed() -> None:
+    log: list[str] = []
+    h = harness(Recorder("a", log), Recorder("b", log))
+    r = await h.request("POST", "/v1/embeddings", body=b"{}")
+    assert r.status == 200
+    assert log == [
+        "a.req_h", "b.req_h", "a.req_b", "b.req_b",
+        "b.resp_h", "a.resp_h", "b.resp_b", "a.resp_b",
+        "a.complete", "b.complete",
+    ]  # fmt: skip
+
+
+async def test_mutations_accumulate_and_later_filters_see_them() -> None:
+    log: list[str] = []
+    a = Recorder("a", log, mutate={"req_h": Mutate(set_headers={"x-one": "1"})})
+    b = Recorder("b", log, mutate={"req_h": Mutate(set_headers={"x-two": "2"})})
+    r = await harness(a, b).request("GET", "/v2/models")
+    assert b.seen_headers["x-one"] == "1"
+    assert r.upstream_headers is not None
+    assert r.upstream_headers["x-one"] == "1" and r.upstream_headers["x-two"] == "2"
+
+
+async def test_body_mutation_is_seen_by_the_next_filter_and_the_upstream() -> None:
+    log: list[str] = []
+    a = Recorder("a", log, mutate={"req_b": Mutate(body=b"rewritten")})
+    b = Recorder("b", log)
+    r = await harness(a, b).request("POST", "/v1/embeddings", body=b"original")
+    assert b.seen_body == b"rewritten"
+    assert r.upstream_body == b"rewritten"
+
+
+async def test_respond_stops_the_chain_but_complete_runs_for_all() -> None:
+    log: list[str] = []
+    a = Recorder("a", log, respond_in="req_h")
+    b = Recorder("b", log)
+    r = await harness(a, b).request("GET", "/v2/models")
+    assert r.status == 418 and r.body == b"teapot"
+    assert not r.upstream_called
+    assert "b.req_h" not in log
+    assert log[-2:] == ["a.complete", "b.complete"]
+    assert b.outcome is not None and b.outcome.responded_by == "a"
+    assert b.outcome.status == 418
+
+
+async def test_fault_closed_answers_500_json_and_is_counted() -> None:
+    log: list[str] = []
+    a = Recorder("a", log, raise_in="req_h")
+    before = REGISTRY.get_sample_value(
+        "floodwall_filter_faults_total", {"filter": "a", "kind": "exception"}
+    ) or 0.0
+    r = await harness(a, Recorder("b", log), on_error={"a": "closed"}).request("GET", "/v2/x")
+    assert r.status == 500
+    assert r.json()["error"]["type"] == "internal_error"
+    assert "boom" not in r.body.decode()  # internals stay in the logs
+    after = REGISTRY.get_sample_value(
+        "floodwall_filter_faults_total", {"filter": "a", "kind": "exception"}
+    )
+    assert after == before + 1
+
+
+async def test_fault_open_skips_the_filter() -> None:
+    log: list[str] = []
+    a = Recorder("a", log, raise_in="req_h")
+    r = await harness(a, Recorder("b", log), on_error={"a": "open"}).request("GET", "/v2/x")
+    assert r.status == 200 and r.upstream_called
+    assert "b.req_h" in log
+
+
+async def test_client_sent_internal_headers_are_stripped_before_filters() -> None:
+    log: list[str] = []
+    a = Recorder("a", log)
+    r = await harness(a).request(
+        "GET", "/v2/x", headers={"x-floodwall-tenant": "evil", "X-Floodwall-Priority": "critical"}
+    )
+    assert not any(k.startswith("x-floodwall-") for k in a.seen_headers)
+    assert r.upstream_headers is not None
+    assert not any(k.startswith("x-floodwall-") for k in r.upstream_headers)
+
+
+async def test_internal_header_set_by_a_filter_survives_the_strip() -> None:
+    log: list[str] = []
+    a = Recorder("a", log, mutate={"req_h": Mutate(set_headers={"x-floodwall-tenant": "t1"})})
+    r = await harness(a).request("GET", "/v2/x", headers={"x-floodwall-tenant": "evil"})
+    assert r.upstream_headers is not None
+    assert r.upstream_headers["x-floodwall-tenant"] == "t1"
+
+
+async def test_unknown_route_is_404_json() -> None:
+    r = await harness().request("GET", "/nope")
+    assert r.status == 404
+    assert r.json()["error"]["type"] == "not_found"
+
+
+async def test_wrong_method_is_405() -> None:
+    cfg = default_config(
+        [{"name": "e", "match": {"path": "/e"}, "upstream": "up", "methods": ["POST"]}]
+    )
+    r = await Harness.for_filters([], cfg).request("GET", "/e")
+    assert r.status == 405 and r.headers["allow"] == "POST"
+
+
+async def test_filter_returning_a_non_decision_is_a_fault() -> None:
+    class Bad(Filter):
+        async def on_request_headers(self, ctx: RequestContext, headers: Headers) -> Any:
+            return "yes"
+
+    f = Bad(NoParams(), Deps())
+    f.name = "bad"
+    r = await harness(f).request("GET", "/v2/x")
+    assert r.status == 500
+
+
+async def test_route_scoped_filters_only_run_on_their_routes() -> None:
+    log: list[str] = []
+    a = Recorder("a", log)
+    cfg = parse_config(
+        {
+            **default_config().model_dump(mode="json"),
+            "filters": [{"name": "a", "type": "x", "routes": ["embeddings"]}],
+        }
+    )
+    h = Harness.for_filters([a], cfg)
+    await h.request("GET", "/v2/x")
+    assert log == []
+    await h.request("POST", "/v1/embeddings", body=b"{}")
+    assert "a.req_h" in log
+
+
+async def test_phases_not_overridden_are_not_requested() -> None:
+    class HeadersOnly(Filter):
+        async def on_request_headers(self, ctx: RequestContext, headers: Headers) -> Decision:
+            return CONTINUE
+
+    f = HeadersOnly(NoParams(), Deps())
+    h = harness(f)
+    route = h.chain.config.routes[0]
+    from proxy.api import Phase
+
+    assert h.chain.phases_for(route) == frozenset({Phase.REQUEST_HEADERS})
+
+
+@pytest.mark.parametrize("status", [200, 503])
+async def test_outcome_reports_upstream_status(status: int) -> None:
+    log: list[str] = []
+    a = Recorder("a", log)
+    await harness(a).request("GET", "/v2/x", upstream=UpstreamReply(status=status))
+    assert a.outcome is not None and a.outcome.status == status and not a.outcome.aborted

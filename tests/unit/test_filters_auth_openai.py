@@ -1,0 +1,171 @@
+"""The auth and openai filters, replayed through the harness with a fake upstream."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+
+import numpy as np
+
+from filters.auth.filter import AuthFilter
+from filters.auth.params import AuthParams
+from filters.openai.filter import OpenAIFilter
+from filters.openai.params import OpenAIParams
+from proxy.api import Deps, Headers
+from proxy.testing import Harness, UpstreamReply
+
+KEY = "sk-test-123"
+DIGEST = hashlib.sha256(KEY.encode()).hexdigest()
+
+
+def auth() -> AuthFilter:
+    f = AuthFilter(
+        AuthParams.model_validate(
+            {"keys": [{"id": "k1", "sha256": DIGEST, "tenant": "acme", "tier": "gold"}]}
+        ),
+        Deps(),
+    )
+    f.name = "auth"
+    return f
+
+
+def openai(max_inputs: int = 4, max_chars: int = 50) -> OpenAIFilter:
+    f = OpenAIFilter(
+        OpenAIParams.model_validate(
+            {
+                "embedding_models": {
+                    "mini": {
+                        "triton_model": "embedder",
+                        "max_inputs": max_inputs,
+                        "max_input_chars": max_chars,
+                        "dimensions": 3,
+                    }
+                }
+            }
+        ),
+        Deps(),
+    )
+    f.name = "openai"
+    return f
+
+
+def triton_reply(headers: Headers, body: bytes) -> UpstreamReply:
+    req = json.loads(body)
+    n = req["inputs"][0]["shape"][0]
+    out = {
+        "outputs": [
+            {"name": "EMBEDDING", "shape": [n, 3], "datatype": "FP32",
+             "data": [float(i) for i in range(n * 3)]},
+            {"name": "TOKENS", "shape": [n, 1], "datatype": "INT32", "data": [5] * n},
+        ]
+    }  # fmt: skip
+    return UpstreamReply(200, {"content-type": "application/json"}, json.dumps(out).encode())
+
+
+BEARER = {"authorization": f"Bearer {KEY}"}
+
+
+async def test_auth_maps_key_to_tenant_and_strips_the_credential() -> None:
+    r = await Harness.for_filters([auth()]).request("GET", "/v2/models", headers=BEARER)
+    assert r.status == 200
+    assert r.upstream_headers is not None
+    assert r.upstream_headers["x-floodwall-tenant"] == "acme"
+    assert r.upstream_headers["x-floodwall-key-id"] == "k1"
+    assert r.upstream_headers["x-floodwall-tier"] == "gold"
+    assert "authorization" not in r.upstream_headers
+
+
+async def test_auth_refuses_missing_and_unknown_keys_without_echoing_them() -> None:
+    h = Harness.for_filters([auth()])
+    for headers in ({}, {"authorization": "Bearer nope-secret"}, {"authorization": "Basic x"}):
+        r = await h.request("GET", "/v2/models", headers=headers)
+        assert r.status == 401
+        assert r.headers["www-authenticate"].startswith("Bearer")
+        assert r.json()["error"]["type"] == "unauthorized"
+        assert "nope-secret" not in r.body.decode()
+        assert not r.upstream_called
+
+
+async def test_auth_gives_grpc_callers_unauthenticated() -> None:
+    r = await Harness.for_filters([auth()]).request("POST", "/v2/x", grpc=True)
+    assert r.decisions
+    d = next(iter(r.decisions.values()))
+    assert getattr(d, "grpc_status", None) == 16
+
+
+async def test_embeddings_round_trip() -> None:
+    h = Harness.for_filters([auth(), openai()])
+    body = json.dumps({"model": "mini", "input": ["a", "b"]})
+    r = await h.request(
+        "POST", "/v1/embeddings", headers=BEARER, body=body, upstream=triton_reply
+    )
+    assert r.status == 200, r.body
+    assert r.upstream_headers is not None
+    assert r.upstream_headers[":path"] == "/v2/models/embedder/infer"
+    assert r.upstream_body is not None
+    sent = json.loads(r.upstream_body)
+    assert sent["inputs"][0] == {"name": "TEXT", "shape": [2, 1], "datatype": "BYTES",
+                                 "data": ["a", "b"]}  # fmt: skip
+    out = r.json()
+    assert out["object"] == "list" and out["model"] == "mini"
+    assert [d["index"] for d in out["data"]] == [0, 1]
+    assert out["data"][1]["embedding"] == [3.0, 4.0, 5.0]
+    assert out["usage"] == {"prompt_tokens": 10, "total_tokens": 10}
+    assert int(r.headers["content-length"]) == len(r.body)
+
+
+async def test_embeddings_base64_encoding() -> None:
+    h = Harness.for_filters([openai()])
+    body = json.dumps({"model": "mini", "input": "a", "encoding_format": "base64"})
+    r = await h.request("POST", "/v1/embeddings", body=body, upstream=triton_reply)
+    vec = np.frombuffer(base64.b64decode(r.json()["data"][0]["embedding"]), dtype="<f4")
+    assert vec.tolist() == [0.0, 1.0, 2.0]
+
+
+async def test_embeddings_bad_input() -> None:
+    h = Harness.for_filters([openai(max_inputs=2, max_chars=10)])
+    cases = [
+        (b"{not json", 400, "invalid_request_error"),
+        (b"[1, 2]", 400, "invalid_request_error"),
+        (b'{"input": "x"}', 400, "invalid_request_error"),
+        (b'{"model": 3, "input": "x"}', 400, "invalid_request_error"),
+        (b'{"model": "gpt-9", "input": "x"}', 404, "model_not_found"),
+        (b'{"model": "mini"}', 400, "invalid_request_error"),
+        (b'{"model": "mini", "input": 42}', 400, "invalid_request_error"),
+        (b'{"model": "mini", "input": [[1, 2]]}', 400, "invalid_request_error"),
+        (b'{"model": "mini", "input": []}', 400, "invalid_request_error"),
+        (b'{"model": "mini", "input": ""}', 400, "invalid_request_error"),
+        (b'{"model": "mini", "input": ["a", "b", "c"]}', 413, "input_too_large"),
+        (b'{"model": "mini", "input": "' + b"x" * 11 + b'"}', 413, "input_too_large"),
+        (b'{"model": "mini", "input": "x", "encoding_format": "hex"}', 400,
+         "invalid_request_error"),
+        (b'{"model": "mini", "input": "x", "dimensions": 2}', 400, "invalid_request_error"),
+        (b"\xff\xfe", 400, "invalid_request_error"),
+    ]  # fmt: skip
+    for body, status, type_ in cases:
+        r = await h.request("POST", "/v1/embeddings", body=body, upstream=triton_reply)
+        assert (r.status, r.json()["error"]["type"]) == (status, type_), body
+        assert not r.upstream_called, body
+
+
+async def test_embeddings_without_body_is_400() -> None:
+    r = await Harness.for_filters([openai()]).request("POST", "/v1/embeddings")
+    assert r.status == 400
+
+
+async def test_upstream_errors_become_json() -> None:
+    h = Harness.for_filters([openai()])
+    body = json.dumps({"model": "mini", "input": "a"})
+    cases = [
+        (UpstreamReply(400, {}, b'{"error": "bad shape"}'), 400, "invalid_request_error"),
+        (UpstreamReply(503, {}, b"no healthy upstream"), 503, "upstream_unavailable"),
+        (UpstreamReply(504, {}, b"upstream request timeout"), 504, "upstream_timeout"),
+        (UpstreamReply(500, {}, b'{"error": "oops"}'), 502, "upstream_error"),
+        (UpstreamReply(200, {}, b'{"outputs": []}'), 502, "upstream_error"),
+        (UpstreamReply(200, {}, b"garbage"), 502, "upstream_error"),
+    ]
+    for reply, status, type_ in cases:
+        r = await h.request("POST", "/v1/embeddings", body=body, upstream=reply)
+        assert (r.status, r.json()["error"]["type"]) == (status, type_), reply
+        assert r.headers["content-type"] == "application/json"

@@ -1,0 +1,145 @@
+"""The gRPC stream loop and the proto translation, with a real grpc.aio client (no Envoy)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import grpc
+from envoy.config.core.v3.base_pb2 import HeaderMap, HeaderValue
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+
+from proxy import translate
+from proxy.api import CONTINUE, Decision, Deps, Filter, Headers, Mutate, NoParams, Outcome, Phase
+from proxy.api import RequestContext, Respond
+from proxy.chain import Chain
+from proxy.server import ProcessorServer
+from proxy.testing import default_config
+
+
+def headers_msg(h: dict[str, str], eos: bool = False) -> pb.ProcessingRequest:
+    return pb.ProcessingRequest(
+        request_headers=pb.HttpHeaders(
+            headers=HeaderMap(
+                headers=[HeaderValue(key=k, raw_value=v.encode()) for k, v in h.items()]
+            ),
+            end_of_stream=eos,
+        )
+    )
+
+
+def test_headers_to_dict_reads_raw_value_and_joins_repeats() -> None:
+    msg = headers_msg({"a": "1"}).request_headers
+    msg.headers.headers.append(HeaderValue(key="a", raw_value=b"2"))
+    msg.headers.headers.append(HeaderValue(key="b", value="legacy"))
+    assert translate.headers_to_dict(msg) == {"a": "1,2", "b": "legacy"}
+
+
+def test_response_for_each_decision() -> None:
+    assert translate.response_for(Phase.REQUEST_HEADERS, CONTINUE).HasField("request_headers")
+    m = translate.response_for(
+        Phase.REQUEST_BODY, Mutate(set_headers={"x": "1"}, remove_headers=("y",), body=b"B")
+    )
+    common = m.request_body.response
+    assert common.body_mutation.body == b"B"
+    assert common.header_mutation.set_headers[0].header.raw_value == b"1"
+    assert list(common.header_mutation.remove_headers) == ["y"]
+    r = translate.response_for(
+        Phase.REQUEST_HEADERS,
+        Respond(429, b"{}", {"x-floodwall-error": "rate limited"}, grpc_status=8),
+        grpc=True,
+    )
+    ir = r.immediate_response
+    assert ir.status.code == 429 and ir.grpc_status.status == 8
+    assert ir.details == "floodwall_rate_limited"  # one token: Envoy forbids spaces
+    r = translate.response_for(Phase.REQUEST_HEADERS, Respond(429, b"{}", grpc_status=8))
+    assert not r.immediate_response.HasField("grpc_status")  # HTTP callers get HTTP
+
+
+class Slow(Filter):
+    def __init__(self) -> None:
+        super().__init__(NoParams(), Deps())
+        self.name = "slow"
+        self.outcomes: list[Outcome] = []
+        self.entered = asyncio.Event()
+
+    async def on_request_headers(self, ctx: RequestContext, headers: Headers) -> Decision:
+        if headers.get("x-slow"):
+            self.entered.set()
+            await asyncio.sleep(30)
+        return Mutate(set_headers={"x-seen": ctx.route_name})
+
+    async def on_response_headers(self, ctx: RequestContext, headers: Headers) -> Decision:
+        return CONTINUE
+
+    async def on_complete(self, ctx: RequestContext, outcome: Outcome) -> None:
+        self.outcomes.append(outcome)
+
+
+async def _server(tmp_path: Path, f: Filter) -> tuple[ProcessorServer, str]:
+    addr = f"unix:{tmp_path}/p.sock"
+    server = ProcessorServer(Chain(default_config(), [f]), addr)
+    await server.start()
+    return server, addr
+
+
+async def test_stream_round_trip_and_complete(tmp_path: Path) -> None:
+    f = Slow()
+    server, addr = await _server(tmp_path, f)
+    try:
+        async with grpc.aio.insecure_channel(addr) as ch:
+            stub = pb_grpc.ExternalProcessorStub(ch)
+            reqs = [
+                headers_msg({":path": "/v2/models", ":method": "GET"}, eos=True),
+                pb.ProcessingRequest(
+                    response_headers=pb.HttpHeaders(
+                        headers=HeaderMap(headers=[HeaderValue(key=":status", raw_value=b"200")]),
+                        end_of_stream=True,
+                    )
+                ),
+            ]
+            out = [r async for r in stub.Process(iter(reqs))]
+        hm = out[0].request_headers.response.header_mutation
+        assert hm.set_headers[0].header.key == "x-seen"
+        assert out[1].HasField("response_headers")
+        await asyncio.sleep(0.05)
+        assert f.outcomes and f.outcomes[-1].status == 200 and not f.outcomes[-1].aborted
+    finally:
+        await server.drain_and_stop(0.1, 0)
+
+
+async def test_client_abort_still_runs_on_complete(tmp_path: Path) -> None:
+    f = Slow()
+    server, addr = await _server(tmp_path, f)
+    try:
+        async with grpc.aio.insecure_channel(addr) as ch:
+            stub = pb_grpc.ExternalProcessorStub(ch)
+            call = stub.Process(iter([headers_msg({":path": "/v2/x", "x-slow": "1"})]))
+            await asyncio.wait_for(f.entered.wait(), 5)
+            call.cancel()
+        for _ in range(100):
+            if f.outcomes:
+                break
+            await asyncio.sleep(0.02)
+        assert f.outcomes and f.outcomes[-1].aborted
+    finally:
+        await server.drain_and_stop(0.1, 0)
+
+
+async def test_body_before_headers_passes_through_and_health_check(tmp_path: Path) -> None:
+    f = Slow()
+    server, addr = await _server(tmp_path, f)
+    try:
+        async with grpc.aio.insecure_channel(addr) as ch:
+            stub = pb_grpc.ExternalProcessorStub(ch)
+            reqs = [pb.ProcessingRequest(response_body=pb.HttpBody(body=b"x", end_of_stream=True))]
+            out = [r async for r in stub.Process(iter(reqs))]
+            assert out[0].HasField("response_body")
+            check = ch.unary_unary("/grpc.health.v1.Health/Check")
+            assert await check(b"") == b"\x08\x01"
+        server._health.serving = False
+        async with grpc.aio.insecure_channel(addr) as ch:
+            assert await ch.unary_unary("/grpc.health.v1.Health/Check")(b"") == b"\x08\x02"
+    finally:
+        await server.drain_and_stop(0.1, 0)
