@@ -7,8 +7,9 @@ gRPC status (Envoy turns an immediate response with ``grpc_status`` into a trail
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Mapping
+
+import orjson
 
 from proxy.api import Respond
 
@@ -30,7 +31,7 @@ JSON_HEADERS = {"content-type": "application/json"}
 
 
 def error_body(type_: str, message: str) -> bytes:
-    return json.dumps({"error": {"type": type_, "message": message}}).encode()
+    return orjson.dumps({"error": {"type": type_, "message": message}})
 
 
 def error(

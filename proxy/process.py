@@ -76,6 +76,14 @@ async def serve(
 
 
 def run(cfg: FloodwallConfig, *, index: int, runtime_dir: Path, redis_url: str | None) -> None:
+    import gc
+
     import uvloop
+
+    # Start-up objects (config, protos, modules) never die: keep them out of every collection,
+    # and collect young objects less often; full collections were p99 spikes under load.
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20_000, 20, 50)
 
     uvloop.run(serve(cfg, index=index, runtime_dir=runtime_dir, redis_url=redis_url))

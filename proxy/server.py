@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
 
 import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
@@ -32,24 +31,26 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
     def __init__(self, chain: Chain) -> None:
         self.chain = chain
 
-    async def Process(
-        self,
-        request_iterator: AsyncIterator[translate.Message],
-        context: grpc.aio.ServicerContext,
-    ) -> AsyncIterator[translate.Message]:
+    async def Process(self, request_iterator: object, context: grpc.aio.ServicerContext) -> None:
+        # Explicit read()/write() instead of an async generator: measurably fewer event-loop
+        # hops per message in grpc.aio (the stream loop is the processor's hot path).
         ctx: RequestContext | None = None
         plan: RoutePlan | None = None
         responded_by: str | None = None
         status: int | None = None
         reached_end = False
+        read, write = context.read, context.write
         metrics.STREAMS_ACTIVE.inc()
         try:
-            async for req in request_iterator:
+            while not reached_end:
+                req = await read()
+                if req is grpc.aio.EOF:
+                    break
                 field = req.WhichOneof("request")
                 phase = translate.PHASE_OF_FIELD.get(field or "")
                 if phase is None:
                     if field in translate.TRAILERS:
-                        yield translate.TRAILERS[field]
+                        await write(translate.TRAILERS[field])
                         continue
                     metrics.STREAM_FAULTS.labels("unexpected_message").inc()
                     log.warning("ignoring ext_proc message %r", field)
@@ -63,7 +64,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
                 elif ctx is None or plan is None:
                     # A filter before ext_proc answered (e.g. Envoy's 413) and its reply is
                     # now encoded through us: nothing of ours applies, let it pass.
-                    yield translate.response_for(phase, CONTINUE)
+                    await write(translate.response_for(phase, CONTINUE))
                     continue
                 elif phase is Phase.RESPONSE_HEADERS:
                     msg = req.response_headers
@@ -78,23 +79,24 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
                     responded_by, status = by or "chain", decision.status
                     metrics.RESPONSES.labels(ctx.route_name, responded_by, str(status)).inc()
                     reached_end = True
-                    yield translate.immediate(decision, grpc=ctx.grpc)
-                    return
-                yield translate.response_for(phase, decision)
-                if _is_last(plan, phase, ctx):
-                    reached_end = True
+                    await write(translate.immediate(decision, grpc=ctx.grpc))
+                    break
+                await write(translate.response_for(phase, decision))
+                # After the last phase Envoy will send, close our side at once: Envoy treats
+                # a clean close then as "processing complete", and the stream is freed now
+                # rather than when the HTTP exchange ends.
+                reached_end = _is_last(plan, phase, ctx)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             kind = errors.fault_kind(exc)
             metrics.STREAM_FAULTS.labels(kind).inc()
-            log.error(
-                "stream fault (%s): %r", kind, exc, exc_info=not isinstance(exc, errors.FilterFault)
-            )
+            ours = isinstance(exc, errors.FilterFault)
+            log.error("stream fault (%s): %r", kind, exc, exc_info=not ours)
             if not reached_end:
                 r = errors.fault_response(exc)
                 responded_by, status, reached_end = "server", r.status, True
-                yield translate.immediate(r, grpc=ctx.grpc if ctx else False)
+                await write(translate.immediate(r, grpc=ctx.grpc if ctx else False))
         finally:
             metrics.STREAMS_ACTIVE.dec()
             if ctx is not None and plan is not None:

@@ -8,11 +8,11 @@ with ``usage``; upstream errors (Triton's or Envoy's) become the gateway's JSON 
 from __future__ import annotations
 
 import base64
-import json
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import orjson
 
 from filters.openai.params import EmbeddingModel, OpenAIParams
 from proxy import errors, metrics
@@ -62,8 +62,8 @@ class OpenAIFilter(Filter):
 
     async def on_request_body(self, ctx: RequestContext, body: bytes) -> Decision:
         try:
-            req = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
+            req = orjson.loads(body)
+        except orjson.JSONDecodeError:
             return _bad("request body is not valid JSON")
         if not isinstance(req, dict):
             return _bad("request body must be a JSON object")
@@ -108,7 +108,7 @@ class OpenAIFilter(Filter):
         outputs = [{"name": spec.output_name}]
         if spec.tokens_output:
             outputs.append({"name": spec.tokens_output})
-        infer = json.dumps(
+        infer = orjson.dumps(
             {
                 "inputs": [
                     {
@@ -119,9 +119,8 @@ class OpenAIFilter(Filter):
                     }
                 ],
                 "outputs": outputs,
-            },
-            ensure_ascii=False,
-        ).encode()
+            }
+        )
         return Mutate(
             set_headers={
                 ":path": f"/v2/models/{spec.triton_model}/infer",
@@ -144,7 +143,7 @@ class OpenAIFilter(Filter):
         if status != 200 or st.spec is None:
             return _upstream_error(ctx, status, body)
         try:
-            out = _to_openai(json.loads(body), st)
+            out = _to_openai(orjson.loads(body), st)
         except (ValueError, KeyError, TypeError, IndexError) as e:
             metrics.UPSTREAM_ERRORS.labels(ctx.route_name, "bad_body").inc()
             return errors.error(502, "upstream_error", f"unexpected response from model: {e}")
@@ -174,15 +173,14 @@ def _to_openai(resp: dict[str, Any], st: _State) -> bytes:
             else vec
         )
         data.append({"object": "embedding", "index": i, "embedding": value})
-    return json.dumps(
+    return orjson.dumps(
         {
             "object": "list",
             "data": data,
             "model": st.model,
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-        },
-        separators=(",", ":"),
-    ).encode()
+        }
+    )
 
 
 def _upstream_error(ctx: RequestContext, status: int, body: bytes) -> Decision:
@@ -190,13 +188,13 @@ def _upstream_error(ctx: RequestContext, status: int, body: bytes) -> Decision:
     metrics.UPSTREAM_ERRORS.labels(ctx.route_name, str(status)).inc()
     detail = ""
     try:
-        parsed = json.loads(body)
+        parsed = orjson.loads(body)
         err = parsed.get("error") if isinstance(parsed, dict) else None
         if isinstance(err, str):  # Triton: {"error": "..."}
             detail = err
         elif isinstance(err, dict) and isinstance(err.get("message"), str):  # Envoy, mapped
             detail = err["message"]
-    except (ValueError, UnicodeDecodeError):
+    except orjson.JSONDecodeError:
         detail = body[:200].decode("utf-8", "replace").strip()
     if status == 400:
         r = errors.error(400, "invalid_request_error", f"model rejected the input: {detail}")

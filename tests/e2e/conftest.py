@@ -3,12 +3,11 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
 from proxy.runtime import Stack
-from tests.helpers import echo_server, start_stack, stack_config
+from tests.helpers import echo_server, stack_config, start_stack
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -135,3 +135,53 @@ def test_triton_down_and_back(tmp_path: Path, echo_port: int) -> None:
         assert r.status_code == 200, r.text
     finally:
         s.stop()
+
+
+def _requests_on(s: Stack, index: int) -> float:
+    p = s.cfg.processor
+    text = httpx.get(f"http://{p.admin_address}:{p.admin_port + index}/metrics").text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("floodwall_requests_total{")
+    )
+
+
+def test_several_processors_over_tcp_share_the_traffic(tmp_path: Path, echo_port: int) -> None:
+    from tests.helpers import free_ports
+
+    s = _stack(tmp_path, echo_port, triton=False, processes=2, transport="tcp",
+               port=free_ports(1)[0])  # fmt: skip
+    try:
+        with httpx.Client(headers=AUTH) as c:
+            for _ in range(60):
+                r = c.get(f"{_url(s)}/echo/a")
+                assert r.status_code == 200 and r.json()["headers"]["x-floodwall-tenant"] == "demo"
+        assert _requests_on(s, 0) > 0 and _requests_on(s, 1) > 0
+    finally:
+        s.stop()
+
+
+def test_tls_listener(tmp_path: Path, echo_port: int) -> None:
+    import subprocess
+
+    key, crt = tmp_path / "k.pem", tmp_path / "c.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
+         "-out", str(crt), "-days", "1", "-subj", "/CN=localhost"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    cfg = stack_config(tmp_path / "run", echo_port, triton=False)
+    cfg["listener"]["tls"] = {"cert_file": str(crt), "key_file": str(key)}
+    s = start_stack(cfg, tmp_path / "fw.yaml")
+    try:
+        import ssl
+
+        tls = ssl.create_default_context(cafile=str(crt))
+        url = f"https://localhost:{s.cfg.listener.port}/echo/tls"
+        r = httpx.get(url, headers=AUTH, verify=tls)
+        assert r.status_code == 200 and r.json()["headers"]["x-floodwall-tenant"] == "demo"
+        r = httpx.get(url, verify=tls)
+        assert r.status_code == 401
+    finally:
+        s.stop()

@@ -92,9 +92,7 @@ def test_embeddings_over_http2(gateway: Gateway) -> None:
         ({"model": "no-such-model", "input": "x"}, 404, "model_not_found"),
     ],
 )
-def test_bad_input_is_a_json_error(
-    gateway: Gateway, body: object, status: int, type_: str
-) -> None:
+def test_bad_input_is_a_json_error(gateway: Gateway, body: object, status: int, type_: str) -> None:
     before = metric(gateway, "floodwall_responses_total", filter="openai", status=str(status))
     assert_error(embed(gateway, body), status, type_)
     after = metric(gateway, "floodwall_responses_total", filter="openai", status=str(status))
@@ -116,7 +114,9 @@ def test_missing_and_unknown_keys_are_401_and_never_logged(gateway: Gateway) -> 
     before = metric(gateway, "floodwall_responses_total", filter="auth", status="401")
     assert_error(httpx.get(f"{gateway.url}/v2/models/embedder"), 401, "unauthorized")
     secret = "sk-very-secret-key-123"
-    r = httpx.get(f"{gateway.url}/v2/models/embedder", headers={"authorization": f"Bearer {secret}"})
+    r = httpx.get(
+        f"{gateway.url}/v2/models/embedder", headers={"authorization": f"Bearer {secret}"}
+    )
     assert_error(r, 401, "unauthorized")
     assert secret not in r.text
     assert metric(gateway, "floodwall_responses_total", filter="auth", status="401") == before + 2
@@ -196,7 +196,9 @@ def test_processor_metrics_and_health(gateway: Gateway) -> None:
         "floodwall_streams_active",
     ):
         assert name in text
-    assert re.search(r'floodwall_filter_duration_seconds_count\{filter="auth",phase="request_headers"\}', text)
+    assert re.search(
+        r'floodwall_filter_duration_seconds_count\{filter="auth",phase="request_headers"\}', text
+    )
 
 
 def test_envoy_access_log_is_json_without_keys(gateway: Gateway) -> None:

@@ -128,3 +128,14 @@ def test_invalid_bootstrap_is_reported() -> None:
     cfg = _variant(listener={"address": "not-an-ip"})
     err = validate_envoy(cfg)
     assert err is not None and "not-an-ip" in err
+
+
+def test_docker_example_config_validates() -> None:
+    from proxy.config import REPO_ROOT
+
+    cfg = load_config(REPO_ROOT / "examples" / "docker.yaml")
+    assert cfg.triton is None and cfg.listener.address == "0.0.0.0"
+    assert cfg.processor.processes == 2
+    clusters = {c["name"]: c for c in _render(cfg)["static_resources"]["clusters"]}
+    assert clusters["triton_http"]["type"] == "STRICT_DNS"  # hostnames resolve by DNS
+    assert validate_envoy(cfg) is None

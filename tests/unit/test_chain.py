@@ -126,9 +126,12 @@ async def test_respond_stops_the_chain_but_complete_runs_for_all() -> None:
 async def test_fault_closed_answers_500_json_and_is_counted() -> None:
     log: list[str] = []
     a = Recorder("a", log, raise_in="req_h")
-    before = REGISTRY.get_sample_value(
-        "floodwall_filter_faults_total", {"filter": "a", "kind": "exception"}
-    ) or 0.0
+    before = (
+        REGISTRY.get_sample_value(
+            "floodwall_filter_faults_total", {"filter": "a", "kind": "exception"}
+        )
+        or 0.0
+    )
     r = await harness(a, Recorder("b", log), on_error={"a": "closed"}).request("GET", "/v2/x")
     assert r.status == 500
     assert r.json()["error"]["type"] == "internal_error"

@@ -63,7 +63,9 @@ def test_unknown_filter_type_and_bad_params_name_the_filter() -> None:
         build_filters(cfg.filters, Deps())
 
 
-def test_env_expansion_and_missing_variable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_env_expansion_and_missing_variable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     p = tmp_path / "c.yaml"
     p.write_text("listener: {port: ${FW_PORT:-8181}}\n")
     assert load_config(p).listener.port == 8181

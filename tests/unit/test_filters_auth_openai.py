@@ -97,9 +97,7 @@ async def test_auth_gives_grpc_callers_unauthenticated() -> None:
 async def test_embeddings_round_trip() -> None:
     h = Harness.for_filters([auth(), openai()])
     body = json.dumps({"model": "mini", "input": ["a", "b"]})
-    r = await h.request(
-        "POST", "/v1/embeddings", headers=BEARER, body=body, upstream=triton_reply
-    )
+    r = await h.request("POST", "/v1/embeddings", headers=BEARER, body=body, upstream=triton_reply)
     assert r.status == 200, r.body
     assert r.upstream_headers is not None
     assert r.upstream_headers[":path"] == "/v2/models/embedder/infer"

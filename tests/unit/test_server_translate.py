@@ -11,8 +11,19 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
 from proxy import translate
-from proxy.api import CONTINUE, Decision, Deps, Filter, Headers, Mutate, NoParams, Outcome, Phase
-from proxy.api import RequestContext, Respond
+from proxy.api import (
+    CONTINUE,
+    Decision,
+    Deps,
+    Filter,
+    Headers,
+    Mutate,
+    NoParams,
+    Outcome,
+    Phase,
+    RequestContext,
+    Respond,
+)
 from proxy.chain import Chain
 from proxy.server import ProcessorServer
 from proxy.testing import default_config
@@ -67,7 +78,7 @@ class Slow(Filter):
     async def on_request_headers(self, ctx: RequestContext, headers: Headers) -> Decision:
         if headers.get("x-slow"):
             self.entered.set()
-            await asyncio.sleep(30)
+            await asyncio.sleep(float(headers["x-slow"]))
         return Mutate(set_headers={"x-seen": ctx.route_name})
 
     async def on_response_headers(self, ctx: RequestContext, headers: Headers) -> Decision:
@@ -115,7 +126,7 @@ async def test_client_abort_still_runs_on_complete(tmp_path: Path) -> None:
     try:
         async with grpc.aio.insecure_channel(addr) as ch:
             stub = pb_grpc.ExternalProcessorStub(ch)
-            call = stub.Process(iter([headers_msg({":path": "/v2/x", "x-slow": "1"})]))
+            call = stub.Process(iter([headers_msg({":path": "/v2/x", "x-slow": "30"})]))
             await asyncio.wait_for(f.entered.wait(), 5)
             call.cancel()
         for _ in range(100):
@@ -143,3 +154,23 @@ async def test_body_before_headers_passes_through_and_health_check(tmp_path: Pat
             assert await ch.unary_unary("/grpc.health.v1.Health/Check")(b"") == b"\x08\x02"
     finally:
         await server.drain_and_stop(0.1, 0)
+
+
+async def test_drain_turns_not_serving_and_finishes_in_flight_streams(tmp_path: Path) -> None:
+    f = Slow()
+    server, addr = await _server(tmp_path, f)
+    async with grpc.aio.insecure_channel(addr) as ch:
+        stub = pb_grpc.ExternalProcessorStub(ch)
+        msg = headers_msg({":path": "/v2/x", "x-slow": "0.5"}, eos=True)
+        call = stub.Process(iter([msg]))
+        await asyncio.wait_for(f.entered.wait(), 5)
+        drain = asyncio.create_task(server.drain_and_stop(drain_s=3.0, health_wait_s=0.2))
+        await asyncio.sleep(0.05)
+        check = ch.unary_unary("/grpc.health.v1.Health/Check")
+        assert await check(b"") == b"\x08\x02"  # NOT_SERVING while draining
+        out = [r async for r in call]  # the in-flight request still gets its answer
+        assert out[0].request_headers.response.header_mutation.set_headers[0].header.key == (
+            "x-seen"
+        )
+        await asyncio.wait_for(drain, 5)
+    assert f.outcomes, "on_complete ran before the server stopped"

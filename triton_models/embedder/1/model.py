@@ -17,7 +17,6 @@ numpy (< 2 for the stub's tensor bridge), tokenizers and onnxruntime.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -63,8 +62,6 @@ class TritonPythonModel:
                 f"embedder: {onnx_path} (or tokenizer.json) not found; run "
                 "`floodwall models build` (or set FLOODWALL_CACHE to the cache it built into)"
             )
-        config = json.loads(args["model_config"])
-        self.max_batch_size = int(config.get("max_batch_size", 0))
 
         self.tokenizer = Tokenizer.from_file(str(tokenizer_path))
         self.tokenizer.enable_truncation(max_length=MAX_TOKENS)

