@@ -83,6 +83,9 @@ class Stack:
     children: list[Child] = field(default_factory=list)
     redis_url: str | None = None
     say: Callable[[str], None] = print
+    # Names this stack's Triton shared-memory regions so stop() can remove what a killed
+    # server left in /dev/shm.
+    shm_prefix: str = field(default_factory=lambda: f"floodwall_{os.getpid()}_{time.time_ns()}_")
 
     # --- helpers -------------------------------------------------------------------------
 
@@ -202,6 +205,7 @@ class Stack:
                 http_port=t.http_port,
                 grpc_port=t.grpc_port,
                 metrics_port=t.metrics_port,
+                shm_prefix=self.shm_prefix,
             )
         except FileNotFoundError as e:
             raise StartupError(str(e)) from None
@@ -301,6 +305,9 @@ class Stack:
             # The group may hold grandchildren (Triton's python stubs) that outlive the leader.
             _signal_group(c.proc, signal.SIGKILL)
         self.children.clear()
+        from proxy.triton import remove_shm_regions
+
+        remove_shm_regions(self.shm_prefix)
 
 
 def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:

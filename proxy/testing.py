@@ -124,57 +124,48 @@ class Harness:
             decisions[phase] = d
             return d, by
 
-        async def done(status: int, hdrs: Headers, b: bytes, by: str | None, **kw: Any) -> Result:
+        async def done(status: int, hdrs: Headers, b: bytes, by: str | None, sent: bool) -> Result:
             task = self.chain.finish(ctx, plan, by, status, True)
             if task is not None:
                 await task
             return Result(
-                status, hdrs, b, decisions=decisions, responded_by=by,
-                outcome=self.recorder.last, **kw,
+                status, hdrs, b, upstream_called=sent,
+                upstream_headers=dict(h) if sent else None,
+                upstream_body=req_body if sent else None,
+                decisions=decisions, responded_by=by, outcome=self.recorder.last,
             )  # fmt: skip
 
-        d, by = await run(Phase.REQUEST_HEADERS, h)
-        if isinstance(d, Respond):
-            return await done(d.status, dict(d.headers), d.body, by, upstream_called=False,
-                              upstream_headers=None, upstream_body=None)  # fmt: skip
-        if body and Phase.REQUEST_BODY in plan.phases:
-            d, by = await run(Phase.REQUEST_BODY, req_body)
+        # Request phases; a Respond ends the exchange before the upstream is called.
+        for phase, present in ((Phase.REQUEST_HEADERS, True), (Phase.REQUEST_BODY, bool(body))):
+            if not present or phase not in plan.phases:
+                continue
+            d, by = await run(phase, h if phase is Phase.REQUEST_HEADERS else req_body)
             if isinstance(d, Respond):
-                return await done(d.status, dict(d.headers), d.body, by, upstream_called=False,
-                                  upstream_headers=dict(h), upstream_body=None)  # fmt: skip
-            if isinstance(d, Mutate):
-                _apply(h, d)
-                if d.body is not None:
-                    req_body = d.body
+                return await done(d.status, dict(d.headers), d.body, by, sent=False)
+            req_body = _apply(h, d, req_body)
 
         reply = await _call(upstream, h, req_body)
         rh: Headers = {":status": str(reply.status), **reply.headers}
         rbody = reply.body
-        if Phase.RESPONSE_HEADERS in plan.phases:
-            d, by = await run(Phase.RESPONSE_HEADERS, rh)
+        for phase in (Phase.RESPONSE_HEADERS, Phase.RESPONSE_BODY):
+            if phase not in plan.phases:
+                continue
+            d, by = await run(phase, rh if phase is Phase.RESPONSE_HEADERS else rbody)
             if isinstance(d, Respond):
-                return await done(d.status, dict(d.headers), d.body, by, upstream_called=True,
-                                  upstream_headers=dict(h), upstream_body=req_body)  # fmt: skip
-            if isinstance(d, Mutate):
-                _apply(rh, d)
-        if Phase.RESPONSE_BODY in plan.phases:
-            d, by = await run(Phase.RESPONSE_BODY, rbody)
-            if isinstance(d, Respond):
-                return await done(d.status, dict(d.headers), d.body, by, upstream_called=True,
-                                  upstream_headers=dict(h), upstream_body=req_body)  # fmt: skip
-            if isinstance(d, Mutate):
-                _apply(rh, d)
-                if d.body is not None:
-                    rbody = d.body
+                return await done(d.status, dict(d.headers), d.body, by, sent=True)
+            rbody = _apply(rh, d, rbody)
         status = int(rh.pop(":status"))
-        return await done(status, rh, rbody, None, upstream_called=True,
-                          upstream_headers=dict(h), upstream_body=req_body)  # fmt: skip
+        return await done(status, rh, rbody, None, sent=True)
 
 
-def _apply(headers: Headers, m: Mutate) -> None:
-    for k in m.remove_headers:
+def _apply(headers: Headers, d: Decision, body: bytes) -> bytes:
+    """Plays Envoy: applies a Mutate to the headers; returns the (maybe replaced) body."""
+    if not isinstance(d, Mutate):
+        return body
+    for k in d.remove_headers:
         headers.pop(k, None)
-    headers.update(m.set_headers)
+    headers.update(d.set_headers)
+    return d.body if d.body is not None else body
 
 
 async def _call(

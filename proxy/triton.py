@@ -19,6 +19,7 @@ caller's job (`floodwall up`, the integration tests).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -133,10 +134,13 @@ def triton_command(
     host: str = "127.0.0.1",
     cache: Path | None = None,
     log_verbose: int = 0,
+    shm_prefix: str | None = None,
 ) -> tuple[list[str], dict[str, str]]:
     """Argv and full environment to run Triton on `model_repo` with `subprocess.Popen`.
 
     All three endpoints bind to `host` (loopback by default: Envoy is the front door).
+    `shm_prefix` names this server's python-backend shared-memory regions in /dev/shm, so
+    `remove_shm_regions` can clean up after a server that was killed.
     """
     binary = find_tritonserver()
     cache = (cache if cache is not None else cache_dir()).expanduser().resolve()
@@ -168,6 +172,8 @@ def triton_command(
         "--allow-gpu-metrics=false",
         f"--log-verbose={log_verbose}",
     ]
+    if shm_prefix:
+        argv.append(f"--backend-config=python,shm-region-prefix-name={shm_prefix}")
 
     env = dict(os.environ)
     python_libdir = sysconfig.get_config_var("LIBDIR")
@@ -182,3 +188,14 @@ def triton_command(
     env["PATH"] = os.pathsep.join(p for p in (python_bin, env.get("PATH", "")) if p)
     env["FLOODWALL_CACHE"] = str(cache)
     return argv, env
+
+
+def remove_shm_regions(prefix: str) -> int:
+    """Deletes /dev/shm regions a stopped server left behind (a killed Triton cannot clean up;
+    each region is 1 MiB+). Only for a server started with this `shm_prefix`."""
+    removed = 0
+    for region in Path("/dev/shm").glob(f"{prefix}*"):
+        with contextlib.suppress(OSError):
+            region.unlink()
+            removed += 1
+    return removed

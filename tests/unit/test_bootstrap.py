@@ -3,7 +3,6 @@ on each variant (a real Envoy binary; ~0.3 s per check)."""
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -111,12 +110,9 @@ def test_uds_processors_and_failure_mode() -> None:
 
 
 def test_tls_listener_validates(tmp_path: Path) -> None:
-    key, crt = tmp_path / "k.pem", tmp_path / "c.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
-         "-out", str(crt), "-days", "1", "-subj", "/CN=localhost"],
-        check=True, capture_output=True,
-    )  # fmt: skip
+    from tests.helpers import self_signed_cert
+
+    crt, key = self_signed_cert(tmp_path)
     cfg = _variant(listener={"tls": {"cert_file": str(crt), "key_file": str(key)}})
     b = _render(cfg)
     ts = b["static_resources"]["listeners"][0]["filter_chains"][0]["transport_socket"]
