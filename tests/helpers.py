@@ -82,6 +82,29 @@ def echo_server() -> Iterator[int]:
         srv.server_close()
 
 
+def free_port_block(count: int) -> int:
+    """The first of ``count`` consecutive free ports (process i of N listens on base + i)."""
+    import random
+
+    # Below the kernel's ephemeral range (32768+): client sockets made later by the load
+    # (wrk, Envoy's upstream pools) cannot take these ports before the processes bind them.
+    for _ in range(200):
+        base = random.randint(20000, 32000 - count)
+        socks: list[socket.socket] = []
+        try:
+            for port in range(base, base + count):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no block of free ports found")
+
+
 def local_config_dict() -> dict[str, Any]:
     data: dict[str, Any] = yaml.safe_load((REPO_ROOT / "examples" / "local.yaml").read_text())
     return data
@@ -92,7 +115,8 @@ def stack_config(
 ) -> dict[str, Any]:
     """The shipped local config on free ports, plus an /echo route to a real echo upstream."""
     cfg = local_config_dict()
-    listener, admin, padmin, th, tg, tm = free_ports(6)
+    listener, admin, th, tg, tm = free_ports(5)
+    padmin = free_port_block(int(processor.get("processes", 1)))
     cfg["listener"]["port"] = listener
     cfg["admin"]["port"] = admin
     cfg["processor"].update({"admin_port": padmin, **processor})

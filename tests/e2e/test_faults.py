@@ -148,10 +148,10 @@ def _requests_on(s: Stack, index: int) -> float:
 
 
 def test_several_processors_over_tcp_share_the_traffic(tmp_path: Path, echo_port: int) -> None:
-    from tests.helpers import free_ports
+    from tests.helpers import free_port_block
 
     s = _stack(tmp_path, echo_port, triton=False, processes=2, transport="tcp",
-               port=free_ports(1)[0])  # fmt: skip
+               port=free_port_block(2))  # fmt: skip
     try:
         with httpx.Client(headers=AUTH) as c:
             for _ in range(60):
