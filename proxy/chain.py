@@ -141,14 +141,18 @@ class Chain:
     ) -> tuple[RequestContext, RoutePlan]:
         path = headers.get(":path", "")
         route = self.config.route_for(path)
+        t0 = time.monotonic() if started is None else started
         ctx = RequestContext(
             route,
-            started=time.monotonic() if started is None else started,
+            started=t0,
             request_id=headers.get("x-request-id", ""),
             method=headers.get(":method", ""),
             path=path,
             grpc=headers.get("content-type", "").startswith("application/grpc"),
         )
+        if route is not None and not route.grpc:
+            # Envoy gives up at the route timeout: no upstream work is useful after it.
+            ctx.deadline = t0 + route.timeout_ms / 1000
         return ctx, self.plan(route)
 
     async def run(

@@ -1,44 +1,32 @@
-"""OpenAI-compatible ``POST /v1/embeddings`` translated to and from Triton's KServe v2 infer.
+"""OpenAI-compatible ``POST /v1/embeddings`` and ``POST /v1/chat/completions`` translated to and
+from Triton's KServe v2 infer.
 
-Request: validates the OpenAI body, rewrites it to a KServe v2 JSON infer request and the path to
-``/v2/models/{triton_model}/infer``. Response: turns Triton's outputs into the OpenAI list format
+Request: validates the OpenAI body, rewrites it to a KServe v2 JSON infer request (with the
+request's Triton priority and remaining deadline as request parameters) and the path to
+``/v2/models/{triton_model}/infer``. Response: turns Triton's outputs into the OpenAI format
 with ``usage``; upstream errors (Triton's or Envoy's) become the gateway's JSON error format.
 """
 
 from __future__ import annotations
 
-import base64
+import time
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import orjson
 
-from filters.openai.params import EmbeddingModel, OpenAIParams
+from filters.openai import chat, embeddings
+from filters.openai.params import OpenAIParams
 from proxy import errors, metrics
-from proxy.api import (
-    CONTINUE,
-    Decision,
-    Deps,
-    Filter,
-    Headers,
-    Mutate,
-    Phase,
-    RequestContext,
-)
+from proxy.api import CONTINUE, Decision, Deps, Filter, Headers, Mutate, Phase, RequestContext
 from proxy.config import RouteConfig
+
+_APIS = frozenset({"openai_embeddings", "openai_chat"})
 
 
 @dataclass(slots=True)
 class _State:
-    model: str = ""
-    spec: EmbeddingModel | None = None
-    count: int = 0
-    encoding: str = "float"
-
-
-def _bad(message: str) -> Decision:
-    return errors.error(400, "invalid_request_error", message)
+    call: embeddings.EmbeddingsCall | chat.ChatCall | None = None
 
 
 class OpenAIFilter(Filter):
@@ -46,16 +34,14 @@ class OpenAIFilter(Filter):
 
     def __init__(self, params: OpenAIParams, deps: Deps) -> None:
         super().__init__(params, deps)
-        self.models = params.embedding_models
+        self.p = params
 
     def phases(self, route: RouteConfig) -> frozenset[Phase]:
-        if route.api == "openai_embeddings":
-            return frozenset(Phase)
-        return frozenset()
+        return frozenset(Phase) if route.api in _APIS else frozenset()
 
     async def on_request_headers(self, ctx: RequestContext, headers: Headers) -> Decision:
         if not ctx.has_request_body:
-            return _bad("request body is required (JSON with 'model' and 'input')")
+            return embeddings.bad("request body is required (a JSON object)")
         # The content-type is not checked: many clients (curl -d) mislabel JSON; the body
         # must parse as JSON either way.
         return CONTINUE
@@ -64,73 +50,42 @@ class OpenAIFilter(Filter):
         try:
             req = orjson.loads(body)
         except orjson.JSONDecodeError:
-            return _bad("request body is not valid JSON")
+            return embeddings.bad("request body is not valid JSON")
         if not isinstance(req, dict):
-            return _bad("request body must be a JSON object")
-        model = req.get("model")
-        if not isinstance(model, str) or not model:
-            return _bad("'model' is required and must be a string")
-        spec = self.models.get(model)
-        if spec is None:
-            return errors.error(
-                404, "model_not_found", f"model {model[:100]!r} does not exist (known: "
-                f"{', '.join(sorted(self.models))})",
-            )  # fmt: skip
-        texts = req.get("input")
-        if isinstance(texts, str):
-            texts = [texts]
-        if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
-            return _bad("'input' must be a string or an array of strings (token arrays are "
-                        "not supported)")  # fmt: skip
-        if not texts:
-            return _bad("'input' must not be empty")
-        if len(texts) > spec.max_inputs:
-            return errors.error(
-                413, "input_too_large",
-                f"'input' has {len(texts)} items; at most {spec.max_inputs} per request",
-            )  # fmt: skip
-        for i, t in enumerate(texts):
-            if not t.strip():
-                return _bad(f"'input'[{i}] is empty")
-            if len(t) > spec.max_input_chars:
-                return errors.error(
-                    413, "input_too_large",
-                    f"'input'[{i}] has {len(t)} characters; at most {spec.max_input_chars}",
-                )  # fmt: skip
-        encoding = req.get("encoding_format", "float")
-        if encoding not in ("float", "base64"):
-            return _bad("'encoding_format' must be 'float' or 'base64'")
-        dims = req.get("dimensions")
-        if dims is not None and dims != spec.dimensions:
-            return _bad(f"'dimensions' must be {spec.dimensions} for {model}")
-        st = ctx.state(_State)
-        st.model, st.spec, st.count, st.encoding = model, spec, len(texts), encoding
-        outputs = [{"name": spec.output_name}]
-        if spec.tokens_output:
-            outputs.append({"name": spec.tokens_output})
-        infer = orjson.dumps(
-            {
-                "inputs": [
-                    {
-                        "name": spec.input_name,
-                        "shape": [len(texts), 1],
-                        "datatype": "BYTES",
-                        "data": texts,
-                    }
-                ],
-                "outputs": outputs,
-            }
+            return embeddings.bad("request body must be a JSON object")
+        parsed = (
+            chat.parse(req, self.p.chat_models)
+            if ctx.route is not None and ctx.route.api == "openai_chat"
+            else embeddings.parse(req, self.p.embedding_models)
         )
+        if not isinstance(parsed, tuple):
+            return parsed
+        call, inputs, outputs = parsed
+        ctx.state(_State).call = call
+        infer: dict[str, Any] = {"inputs": inputs, "outputs": outputs}
+        if params := self._triton_parameters(ctx):
+            infer["parameters"] = params
+        out = orjson.dumps(infer)
         return Mutate(
             set_headers={
-                ":path": f"/v2/models/{spec.triton_model}/infer",
+                ":path": f"/v2/models/{call.spec.triton_model}/infer",
                 "content-type": "application/json",
-                "content-length": str(len(infer)),
+                "content-length": str(len(out)),
             },
             # We parse Triton's answer: it must not come back compressed.
             remove_headers=("accept-encoding",),
-            body=infer,
+            body=out,
         )
+
+    def _triton_parameters(self, ctx: RequestContext) -> dict[str, int]:
+        """Priority level and remaining deadline (µs), so Triton's queue policy can serve
+        important requests first and drop ones that can no longer succeed."""
+        params: dict[str, int] = {}
+        if ctx.priority is not None and ctx.priority in self.p.triton_priority:
+            params["priority"] = self.p.triton_priority[ctx.priority]
+        if ctx.deadline is not None:
+            params["timeout"] = max(1, int((ctx.deadline - time.monotonic()) * 1e6))
+        return params
 
     async def on_response_headers(self, ctx: RequestContext, headers: Headers) -> Decision:
         # Needed so the chain records the status before the body arrives; the body phase
@@ -138,53 +93,30 @@ class OpenAIFilter(Filter):
         return CONTINUE
 
     async def on_response_body(self, ctx: RequestContext, body: bytes) -> Decision:
-        st = ctx.state(_State)
+        call = ctx.state(_State).call
         status = ctx.response_status or 0
-        if status != 200 or st.spec is None:
+        if status != 200 or call is None:
             return _upstream_error(ctx, status, body)
         try:
-            out = _to_openai(orjson.loads(body), st)
+            resp = orjson.loads(body)
+            out = (
+                chat.render(resp, call, ctx.request_id)
+                if isinstance(call, chat.ChatCall)
+                else embeddings.render(resp, call)
+            )
         except (ValueError, KeyError, TypeError, IndexError) as e:
             metrics.UPSTREAM_ERRORS.labels(ctx.route_name, "bad_body").inc()
-            return errors.error(502, "upstream_error", f"unexpected response from model: {e}")
+            return _rewrite(
+                errors.error(502, "upstream_error", f"unexpected response from model: {e}")
+            )
         return Mutate(
             set_headers={"content-type": "application/json", "content-length": str(len(out))},
             body=out,
         )
 
 
-def _to_openai(resp: dict[str, Any], st: _State) -> bytes:
-    assert st.spec is not None
-    outputs = {o["name"]: o for o in resp["outputs"]}
-    emb = outputs[st.spec.output_name]
-    dim = emb["shape"][-1]
-    flat = emb["data"]
-    if len(flat) != st.count * dim:
-        raise ValueError(f"expected {st.count}x{dim} values, got {len(flat)}")
-    tokens = 0
-    if st.spec.tokens_output and st.spec.tokens_output in outputs:
-        tokens = int(sum(outputs[st.spec.tokens_output]["data"]))
-    data: list[dict[str, Any]] = []
-    for i in range(st.count):
-        vec = flat[i * dim : (i + 1) * dim]
-        value: Any = (
-            base64.b64encode(np.asarray(vec, dtype="<f4").tobytes()).decode()
-            if st.encoding == "base64"
-            else vec
-        )
-        data.append({"object": "embedding", "index": i, "embedding": value})
-    return orjson.dumps(
-        {
-            "object": "list",
-            "data": data,
-            "model": st.model,
-            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-        }
-    )
-
-
 def _upstream_error(ctx: RequestContext, status: int, body: bytes) -> Decision:
-    """Triton's ``{"error": "..."}`` or Envoy's plain-text local reply -> our error format."""
+    """Triton's ``{"error": "..."}`` or Envoy's (mapped) local reply -> our error format."""
     metrics.UPSTREAM_ERRORS.labels(ctx.route_name, str(status)).inc()
     detail = ""
     try:
@@ -196,7 +128,12 @@ def _upstream_error(ctx: RequestContext, status: int, body: bytes) -> Decision:
             detail = err["message"]
     except orjson.JSONDecodeError:
         detail = body[:200].decode("utf-8", "replace").strip()
-    if status == 400:
+    if _triton_refused(detail):
+        r = errors.error(
+            503, "model_overloaded", f"the model's queue refused the request: {detail}",
+            retry_after_s=1,
+        )  # fmt: skip
+    elif status == 400:
         r = errors.error(400, "invalid_request_error", f"model rejected the input: {detail}")
     elif status == 504:
         r = errors.error(504, "upstream_timeout", "the model did not answer in time")
@@ -207,13 +144,22 @@ def _upstream_error(ctx: RequestContext, status: int, body: bytes) -> Decision:
         )  # fmt: skip
     else:
         r = errors.error(502, "upstream_error", f"the model failed ({status}): {detail}")
-    # The response phase cannot answer "immediately" any more than the request phase can: we
-    # rewrite status, headers and body of the upstream's reply instead.
+    return _rewrite(r)
+
+
+# Triton's words when its queue policy refuses a request (queue full, or the request's timeout
+# expired in the queue); it answers those with 400/503 depending on the version.
+_REFUSALS = ("exceeds maximum queue size", "timeout expired", "request timeout expired")
+
+
+def _triton_refused(detail: str) -> bool:
+    low = detail.lower()
+    return any(word in low for word in _REFUSALS)
+
+
+def _rewrite(r: Any) -> Decision:
+    # The response phase rewrites status, headers and body of the upstream's reply.
     return Mutate(
-        set_headers={
-            ":status": str(r.status),
-            **r.headers,
-            "content-length": str(len(r.body)),
-        },
+        set_headers={":status": str(r.status), **r.headers, "content-length": str(len(r.body))},
         body=r.body,
     )

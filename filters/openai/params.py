@@ -20,6 +20,20 @@ class EmbeddingModel(FilterParams):
     max_input_chars: Annotated[int, Field(ge=1)] = 8192
 
 
+class ChatModel(FilterParams):
+    # Triton model with the sim_llm contract (PROMPT, MAX_TOKENS, TEMPERATURE -> TEXT, ...).
+    triton_model: str
+    default_max_tokens: Annotated[int, Field(ge=1)] = 64
+    max_tokens_limit: Annotated[int, Field(ge=1)] = 1024
+    max_prompt_chars: Annotated[int, Field(ge=1)] = 32768
+
+
 class OpenAIParams(FilterParams):
     # OpenAI model name -> Triton model serving it.
-    embedding_models: Annotated[dict[str, EmbeddingModel], Field(min_length=1)]
+    embedding_models: dict[str, EmbeddingModel] = Field(default_factory=dict)
+    chat_models: dict[str, ChatModel] = Field(default_factory=dict)
+    # Request priority class (ctx.priority) -> Triton priority level (1 is served first).
+    # Unset classes use the model's default level.
+    triton_priority: dict[str, Annotated[int, Field(ge=1)]] = Field(
+        default_factory=lambda: {"critical": 1}
+    )

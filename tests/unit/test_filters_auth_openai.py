@@ -167,3 +167,103 @@ async def test_upstream_errors_become_json() -> None:
         r = await h.request("POST", "/v1/embeddings", body=body, upstream=reply)
         assert (r.status, r.json()["error"]["type"]) == (status, type_), reply
         assert r.headers["content-type"] == "application/json"
+
+
+def chat_filter() -> OpenAIFilter:
+    f = OpenAIFilter(
+        OpenAIParams.model_validate(
+            {
+                "chat_models": {"sim": {"triton_model": "sim_llm", "max_tokens_limit": 100}},
+                "triton_priority": {"critical": 1, "sheddable": 2},
+            }
+        ),
+        Deps(),
+    )
+    f.name = "openai"
+    return f
+
+
+CHAT_ROUTES = [
+    {"name": "chat", "match": {"path": "/v1/chat/completions"}, "api": "openai_chat",
+     "upstream": "up", "timeout_ms": 20000},
+]  # fmt: skip
+
+
+def sim_llm_reply(headers: Headers, body: bytes) -> UpstreamReply:
+    req = json.loads(body)
+    assert [i["name"] for i in req["inputs"]] == ["PROMPT", "MAX_TOKENS", "TEMPERATURE"]
+    out = {
+        "outputs": [
+            {"name": "TEXT", "datatype": "BYTES", "shape": [1, 1], "data": ["lorem ipsum"]},
+            {"name": "PROMPT_TOKENS", "datatype": "INT32", "shape": [1, 1], "data": [7]},
+            {"name": "COMPLETION_TOKENS", "datatype": "INT32", "shape": [1, 1], "data": [2]},
+            {"name": "FINISH_REASON", "datatype": "BYTES", "shape": [1, 1], "data": ["stop"]},
+        ]
+    }
+    return UpstreamReply(200, {"content-type": "application/json"}, json.dumps(out).encode())
+
+
+async def test_chat_round_trip_with_priority_and_deadline() -> None:
+    from proxy.testing import default_config
+
+    class Prioritise(AuthFilter):
+        async def on_request_headers(self, ctx, headers):  # type: ignore[no-untyped-def]
+            ctx.priority = "critical"
+            return await super().on_request_headers(ctx, headers)
+
+    a = Prioritise(auth().p, Deps())
+    a.name = "auth"
+    h = Harness.for_filters([a, chat_filter()], default_config(CHAT_ROUTES))
+    body = {"model": "sim", "max_tokens": 5, "messages": [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": [{"type": "text", "text": "hi"}]}]}  # fmt: skip
+    r = await h.request("POST", "/v1/chat/completions", headers=BEARER, body=json.dumps(body),
+                        upstream=sim_llm_reply)  # fmt: skip
+    assert r.status == 200, r.body
+    assert r.upstream_headers is not None and r.upstream_body is not None
+    assert r.upstream_headers[":path"] == "/v2/models/sim_llm/infer"
+    sent = json.loads(r.upstream_body)
+    assert sent["inputs"][0]["data"] == ["system: be brief\nuser: hi\nassistant:"]
+    assert sent["inputs"][1]["data"] == [5]
+    assert sent["parameters"]["priority"] == 1
+    assert 19_000_000 < sent["parameters"]["timeout"] <= 20_000_000
+    out = r.json()
+    assert out["object"] == "chat.completion" and out["model"] == "sim"
+    assert out["choices"][0]["message"] == {"role": "assistant", "content": "lorem ipsum"}
+    assert out["choices"][0]["finish_reason"] == "stop"
+    assert out["usage"] == {"prompt_tokens": 7, "completion_tokens": 2, "total_tokens": 9}
+
+
+async def test_chat_bad_input() -> None:
+    from proxy.testing import default_config
+
+    h = Harness.for_filters([chat_filter()], default_config(CHAT_ROUTES))
+    ok = [{"role": "user", "content": "x"}]
+    cases = [
+        ({"model": "sim"}, 400),
+        ({"model": "sim", "messages": []}, 400),
+        ({"model": "sim", "messages": [{"role": "wizard", "content": "x"}]}, 400),
+        ({"model": "sim", "messages": [{"role": "user", "content": 3}]}, 400),
+        ({"model": "sim", "messages": ok, "max_tokens": 0}, 400),
+        ({"model": "sim", "messages": ok, "max_tokens": 101}, 400),
+        ({"model": "sim", "messages": ok, "temperature": 9}, 400),
+        ({"model": "sim", "messages": ok, "stream": True}, 400),
+        ({"model": "sim", "messages": ok, "n": 2}, 400),
+        ({"model": "gpt-x", "messages": ok}, 404),
+        ({"model": "sim", "messages": [{"role": "user", "content": "x" * 40000}]}, 413),
+    ]
+    for body, status in cases:
+        r = await h.request("POST", "/v1/chat/completions", body=json.dumps(body),
+                            upstream=sim_llm_reply)  # fmt: skip
+        assert r.status == status, (body, r.body)
+        assert not r.upstream_called
+
+
+async def test_triton_queue_refusal_becomes_503_with_retry_after() -> None:
+    h = Harness.for_filters([openai()])
+    body = json.dumps({"model": "mini", "input": "a"})
+    for status, text in ((503, "Exceeds maximum queue size"), (400, "Request timeout expired")):
+        reply = UpstreamReply(status, {}, json.dumps({"error": text}).encode())
+        r = await h.request("POST", "/v1/embeddings", body=body, upstream=reply)
+        assert r.status == 503 and r.json()["error"]["type"] == "model_overloaded"
+        assert int(r.headers["retry-after"]) >= 1

@@ -1,0 +1,108 @@
+"""``POST /v1/embeddings``: the OpenAI body <-> a KServe v2 infer on an embedding model."""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import orjson
+
+from filters.openai.params import EmbeddingModel
+from proxy import errors
+from proxy.api import Decision
+
+
+@dataclass(slots=True)
+class EmbeddingsCall:
+    model: str
+    spec: EmbeddingModel
+    count: int
+    encoding: str
+
+
+def parse(
+    req: dict[str, Any], models: dict[str, EmbeddingModel]
+) -> tuple[EmbeddingsCall, list[dict[str, Any]], list[dict[str, Any]]] | Decision:
+    """Validates the OpenAI request: (call, KServe inputs, KServe outputs) or a refusal."""
+    model = req.get("model")
+    if not isinstance(model, str) or not model:
+        return bad("'model' is required and must be a string")
+    spec = models.get(model)
+    if spec is None:
+        return unknown_model(model, models)
+    texts = req.get("input")
+    if isinstance(texts, str):
+        texts = [texts]
+    if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+        return bad("'input' must be a string or an array of strings (token arrays are "
+                   "not supported)")  # fmt: skip
+    if not texts:
+        return bad("'input' must not be empty")
+    if len(texts) > spec.max_inputs:
+        return errors.error(
+            413, "input_too_large",
+            f"'input' has {len(texts)} items; at most {spec.max_inputs} per request",
+        )  # fmt: skip
+    for i, t in enumerate(texts):
+        if not t.strip():
+            return bad(f"'input'[{i}] is empty")
+        if len(t) > spec.max_input_chars:
+            return errors.error(
+                413, "input_too_large",
+                f"'input'[{i}] has {len(t)} characters; at most {spec.max_input_chars}",
+            )  # fmt: skip
+    encoding = req.get("encoding_format", "float")
+    if encoding not in ("float", "base64"):
+        return bad("'encoding_format' must be 'float' or 'base64'")
+    dims = req.get("dimensions")
+    if dims is not None and dims != spec.dimensions:
+        return bad(f"'dimensions' must be {spec.dimensions} for {model}")
+    inputs = [
+        {"name": spec.input_name, "shape": [len(texts), 1], "datatype": "BYTES", "data": texts}
+    ]
+    outputs = [{"name": spec.output_name}]
+    if spec.tokens_output:
+        outputs.append({"name": spec.tokens_output})
+    return EmbeddingsCall(model, spec, len(texts), encoding), inputs, outputs
+
+
+def render(resp: dict[str, Any], call: EmbeddingsCall) -> bytes:
+    outputs = {o["name"]: o for o in resp["outputs"]}
+    emb = outputs[call.spec.output_name]
+    dim = emb["shape"][-1]
+    flat = emb["data"]
+    if len(flat) != call.count * dim:
+        raise ValueError(f"expected {call.count}x{dim} values, got {len(flat)}")
+    tokens = 0
+    if call.spec.tokens_output and call.spec.tokens_output in outputs:
+        tokens = int(sum(outputs[call.spec.tokens_output]["data"]))
+    data: list[dict[str, Any]] = []
+    for i in range(call.count):
+        vec = flat[i * dim : (i + 1) * dim]
+        value: Any = (
+            base64.b64encode(np.asarray(vec, dtype="<f4").tobytes()).decode()
+            if call.encoding == "base64"
+            else vec
+        )
+        data.append({"object": "embedding", "index": i, "embedding": value})
+    return orjson.dumps(
+        {
+            "object": "list",
+            "data": data,
+            "model": call.model,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
+    )
+
+
+def bad(message: str) -> Decision:
+    return errors.error(400, "invalid_request_error", message)
+
+
+def unknown_model(model: str, known: dict[str, Any]) -> Decision:
+    return errors.error(
+        404, "model_not_found",
+        f"model {model[:100]!r} does not exist (known: {', '.join(sorted(known))})",
+    )  # fmt: skip
