@@ -14,6 +14,7 @@ Writes bench/results/embedder_batching.{json,md}.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -58,7 +59,9 @@ def make_repo(root: Path) -> list[str]:
     shutil.copytree(src / "embedder", nob, symlinks=True)
     cfg = (nob / "config.pbtxt").read_text()
     cfg = strip_block(cfg, "dynamic_batching").replace(
-        'name: "embedder"', 'name: "embedder_nobatch"'
+        'name: "embedder"',
+        'name: "embedder_nobatch"\n'
+        'parameters { key: "onnx_dir" value: { string_value: "embedder" } }',
     )
     (nob / "config.pbtxt").write_text(cfg)
     if (src / "embedder_int8").is_dir() and (models.cache_dir() / "models/embedder_int8").is_dir():
@@ -129,11 +132,12 @@ def main() -> None:
                 for s in stats["model_stats"]
             }  # fmt: skip
         finally:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
             remove_shm_regions(prefix)
 
     results["summary"] = summary(results)

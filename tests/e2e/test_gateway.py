@@ -218,3 +218,26 @@ def test_envoy_access_log_is_json_without_keys(gateway: Gateway) -> None:
     rec = json.loads(lines[-1])
     assert {"status", "route", "request_id", "key_id"} <= rec.keys()
     assert "fw-demo-key" not in envoy.log_path.read_text()
+
+
+def test_chat_completions_against_the_sim_llm_stand_in(gateway: Gateway) -> None:
+    body = {
+        "model": "sim-llm",
+        "max_tokens": 12,
+        "messages": [{"role": "user", "content": "Tell me about floods."}],
+    }
+    r = httpx.post(f"{gateway.url}/v1/chat/completions", json=body, headers=AUTH, timeout=30)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["object"] == "chat.completion" and out["model"] == "sim-llm"
+    choice = out["choices"][0]
+    assert choice["message"]["role"] == "assistant" and choice["message"]["content"]
+    assert choice["finish_reason"] in ("stop", "length")
+    u = out["usage"]
+    assert 1 <= u["completion_tokens"] <= 12
+    assert u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"]
+    again = httpx.post(f"{gateway.url}/v1/chat/completions", json=body, headers=AUTH, timeout=30)
+    assert again.json()["choices"][0]["message"] == choice["message"]  # deterministic stand-in
+    r = httpx.post(f"{gateway.url}/v1/chat/completions", json={**body, "max_tokens": 0},
+                   headers=AUTH)  # fmt: skip
+    assert_error(r, 400, "invalid_request_error")

@@ -11,12 +11,19 @@ pooling and normalisation; this file tokenises, pads and runs it. Every request 
 `execute()` call goes into a single onnxruntime run, padded to the longest text in the
 batch: that is what turns Triton's dynamic batching into throughput.
 
+One implementation for every embedder variant: `triton_models/embedder_int8/1/model.py`
+is a symlink to this file (Triton's python backend loads model.py by path, so a symlink
+is enough). The ONNX directory comes from the model's config.pbtxt parameter `onnx_dir`
+(a path relative to `$FLOODWALL_CACHE/models/`, or absolute), else from the Triton model
+name: `embedder` -> `<cache>/models/embedder/`, `embedder_int8` -> `.../embedder_int8/`.
+
 Runs inside the python backend stub, i.e. in the venv that launched Triton; it needs
 numpy (< 2 for the stub's tensor bridge), tokenizers and onnxruntime.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -39,9 +46,14 @@ INTER_OP_THREADS = 1
 logger = logging.getLogger("floodwall.triton.embedder")
 
 
-def _embedder_dir() -> Path:
+def _onnx_dir(args: dict[str, str]) -> Path:
+    """Where this model's `model.onnx` and `tokenizer.json` live (see the module docstring)."""
+    config = json.loads(args.get("model_config") or "{}")
+    parameter = config.get("parameters", {}).get("onnx_dir", {}).get("string_value", "")
+    name = parameter or args.get("model_name") or "embedder"
     cache = os.environ.get("FLOODWALL_CACHE") or str(Path.home() / ".cache" / "floodwall")
-    return Path(cache).expanduser() / "models" / "embedder"
+    # An absolute parameter wins over the cache root (Path's / keeps the right side).
+    return Path(cache).expanduser() / "models" / Path(name).expanduser()
 
 
 def _invalid(message: str) -> pb_utils.InferenceResponse:
@@ -54,12 +66,13 @@ def _invalid(message: str) -> pb_utils.InferenceResponse:
 
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
-        model_dir = _embedder_dir()
+        self.name = args.get("model_name", "embedder")
+        model_dir = _onnx_dir(args)
         onnx_path = model_dir / "model.onnx"
         tokenizer_path = model_dir / "tokenizer.json"
         if not onnx_path.is_file() or not tokenizer_path.is_file():
             raise pb_utils.TritonModelException(
-                f"embedder: {onnx_path} (or tokenizer.json) not found; run "
+                f"{self.name}: {onnx_path} (or tokenizer.json) not found; run "
                 "`floodwall models build` (or set FLOODWALL_CACHE to the cache it built into)"
             )
 
@@ -100,8 +113,8 @@ class TritonPythonModel:
             try:
                 embeddings, counts = self._embed(texts)
             except Exception as exc:  # one bad batch must not take the model down
-                logger.exception("embedder: inference failed for %d texts", len(texts))
-                error = pb_utils.TritonError(f"embedder: inference failed: {exc}")
+                logger.exception("%s: inference failed for %d texts", self.name, len(texts))
+                error = pb_utils.TritonError(f"{self.name}: inference failed: {exc}")
                 for index, _, _ in spans:
                     responses[index] = pb_utils.InferenceResponse(output_tensors=[], error=error)
             else:
@@ -118,7 +131,7 @@ class TritonPythonModel:
     def _decode(self, request: pb_utils.InferenceRequest) -> list[str]:
         tensor = pb_utils.get_input_tensor_by_name(request, "TEXT")
         if tensor is None:
-            raise ValueError("embedder: input TEXT is required")
+            raise ValueError(f"{self.name}: input TEXT is required")
         values = tensor.as_numpy().reshape(-1)
         rows: list[str] = []
         for value in values:
@@ -126,12 +139,12 @@ class TritonPythonModel:
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                raise ValueError(f"embedder: TEXT is not valid UTF-8 ({exc.reason})") from None
+                raise ValueError(f"{self.name}: TEXT is not valid UTF-8 ({exc.reason})") from None
             if not text:
-                raise ValueError("embedder: TEXT must not be empty")
+                raise ValueError(f"{self.name}: TEXT must not be empty")
             rows.append(text)
         if not rows:
-            raise ValueError("embedder: TEXT has no elements")
+            raise ValueError(f"{self.name}: TEXT has no elements")
         return rows
 
     def _embed(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,1 @@
+../../sim_llm/1/model.py
