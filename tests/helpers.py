@@ -105,6 +105,31 @@ def free_port_block(count: int) -> int:
     raise RuntimeError("no block of free ports found")
 
 
+def kserve_binary_request(input_name: str, raw: bytes) -> tuple[bytes, dict[str, str]]:
+    """A KServe v2 HTTP request carrying one BYTES element as raw bytes (binary tensor
+    extension): JSON cannot carry invalid UTF-8, so this is how a client sends any bytes."""
+    import struct
+
+    element = struct.pack("<I", len(raw)) + raw
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": input_name,
+                    "shape": [1, 1],
+                    "datatype": "BYTES",
+                    "parameters": {"binary_data_size": len(element)},
+                }
+            ]
+        }
+    ).encode()
+    headers = {
+        "Inference-Header-Content-Length": str(len(header)),
+        "Content-Type": "application/octet-stream",
+    }
+    return header + element, headers
+
+
 def local_config_dict() -> dict[str, Any]:
     data: dict[str, Any] = yaml.safe_load((REPO_ROOT / "examples" / "local.yaml").read_text())
     return data

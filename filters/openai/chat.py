@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from filters.openai.embeddings import bad, unknown_model
+from filters.openai.embeddings import bad, resolve_model
 from filters.openai.params import ChatModel
 from proxy import errors
 from proxy.api import Decision
@@ -45,12 +45,10 @@ def _content_text(content: Any) -> str | None:
 def parse(
     req: dict[str, Any], models: dict[str, ChatModel]
 ) -> tuple[ChatCall, list[dict[str, Any]], list[dict[str, Any]]] | Decision:
-    model = req.get("model")
-    if not isinstance(model, str) or not model:
-        return bad("'model' is required and must be a string")
-    spec = models.get(model)
-    if spec is None:
-        return unknown_model(model, models)
+    found = resolve_model(req, models)
+    if not isinstance(found, tuple):
+        return found
+    model, spec = found
     if req.get("stream"):
         return bad("'stream': true is not supported yet by this gateway")
     if req.get("n", 1) != 1:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import orjson
@@ -12,6 +12,8 @@ import orjson
 from filters.openai.params import EmbeddingModel
 from proxy import errors
 from proxy.api import Decision
+
+M = TypeVar("M")
 
 
 @dataclass(slots=True)
@@ -26,12 +28,10 @@ def parse(
     req: dict[str, Any], models: dict[str, EmbeddingModel]
 ) -> tuple[EmbeddingsCall, list[dict[str, Any]], list[dict[str, Any]]] | Decision:
     """Validates the OpenAI request: (call, KServe inputs, KServe outputs) or a refusal."""
-    model = req.get("model")
-    if not isinstance(model, str) or not model:
-        return bad("'model' is required and must be a string")
-    spec = models.get(model)
-    if spec is None:
-        return unknown_model(model, models)
+    found = resolve_model(req, models)
+    if not isinstance(found, tuple):
+        return found
+    model, spec = found
     texts = req.get("input")
     if isinstance(texts, str):
         texts = [texts]
@@ -95,6 +95,17 @@ def render(resp: dict[str, Any], call: EmbeddingsCall) -> bytes:
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         }
     )
+
+
+def resolve_model(req: dict[str, Any], models: dict[str, M]) -> tuple[str, M] | Decision:
+    """The request's ``model`` and its configured spec, or the OpenAI-style refusal."""
+    model = req.get("model")
+    if not isinstance(model, str) or not model:
+        return bad("'model' is required and must be a string")
+    spec = models.get(model)
+    if spec is None:
+        return unknown_model(model, models)
+    return model, spec
 
 
 def bad(message: str) -> Decision:

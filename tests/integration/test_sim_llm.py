@@ -10,7 +10,6 @@ import json
 import queue
 import re
 import shutil
-import struct
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +20,7 @@ import httpx
 import numpy as np
 import pytest
 
+from tests.helpers import kserve_binary_request
 from tests.integration.conftest import MODEL_REPOSITORY, start_triton, stop_triton, wait_ready
 
 pytestmark = pytest.mark.integration
@@ -386,27 +386,6 @@ def test_abandoned_stream_frees_the_simulated_accelerator(client: httpx.Client) 
     assert time.perf_counter() - started < 3.0
 
 
-def _binary_prompt(raw: bytes) -> tuple[bytes, dict[str, str]]:
-    element = struct.pack("<I", len(raw)) + raw
-    header = json.dumps(
-        {
-            "inputs": [
-                {
-                    "name": "PROMPT",
-                    "shape": [1, 1],
-                    "datatype": "BYTES",
-                    "parameters": {"binary_data_size": len(element)},
-                }
-            ]
-        }
-    ).encode()
-    headers = {
-        "Inference-Header-Content-Length": str(len(header)),
-        "Content-Type": "application/octet-stream",
-    }
-    return header + element, headers
-
-
 @pytest.mark.parametrize("model", ["sim_llm", "sim_llm_stream"])
 def test_bad_input_is_a_per_request_400(client: httpx.Client, server: Server, model: str) -> None:
     def expect_400(response: httpx.Response, fragment: str) -> None:
@@ -420,7 +399,7 @@ def test_bad_input_is_a_per_request_400(client: httpx.Client, server: Server, mo
     # JSON cannot carry invalid UTF-8: binary tensors over HTTP /infer, or gRPC for the
     # decoupled model (Triton's HTTP /infer answers 501 for decoupled models).
     if model == "sim_llm":
-        body, headers = _binary_prompt(b"\xff\xfe not utf-8")
+        body, headers = kserve_binary_request("PROMPT", b"\xff\xfe not utf-8")
         response = client.post(f"/v2/models/{model}/infer", content=body, headers=headers)
         expect_400(response, "UTF-8")
     else:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import struct
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -11,6 +9,8 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+
+from tests.helpers import kserve_binary_request
 
 pytestmark = pytest.mark.integration
 
@@ -47,31 +47,6 @@ def infer_json(texts: list[str]) -> dict[str, Any]:
     return {
         "inputs": [{"name": "TEXT", "shape": [len(texts), 1], "datatype": "BYTES", "data": texts}]
     }
-
-
-def infer_binary(raw: bytes) -> tuple[bytes, dict[str, str]]:
-    """A KServe v2 request carrying TEXT as raw bytes (binary tensor extension).
-
-    JSON cannot carry invalid UTF-8, so this is how a client sends arbitrary bytes.
-    """
-    element = struct.pack("<I", len(raw)) + raw
-    header = json.dumps(
-        {
-            "inputs": [
-                {
-                    "name": "TEXT",
-                    "shape": [1, 1],
-                    "datatype": "BYTES",
-                    "parameters": {"binary_data_size": len(element)},
-                }
-            ]
-        }
-    ).encode()
-    headers = {
-        "Inference-Header-Content-Length": str(len(header)),
-        "Content-Type": "application/octet-stream",
-    }
-    return header + element, headers
 
 
 def outputs(body: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -186,7 +161,7 @@ def test_bad_input_is_a_clean_400(
         return client.post(url, json=infer_json([f"good neighbour {i}"])).status_code
 
     def bad() -> httpx.Response:
-        body, headers = infer_binary(raw)
+        body, headers = kserve_binary_request("TEXT", raw)
         return client.post(url, content=body, headers=headers)
 
     # Good requests around the bad one likely share its execute(): they must still succeed.
