@@ -18,6 +18,32 @@ from proxy.config import FloodwallConfig, RouteConfig, UpstreamConfig
 from proxy.process import processor_address
 
 PROCESSOR_CLUSTER = "floodwall_processor"
+LUA = "envoy.filters.http.lua"
+
+# On KServe passthrough routes nothing of ours sees the response, yet Triton's refusals must
+# reach callers like every other refusal: 503 with Retry-After and the JSON error format.
+# Triton answers {"error": "<text>"}; its queue refusals read "Exceeds maximum queue size" or
+# "Request timeout expired". LuaJIT in Envoy costs far less than a processor round trip.
+KSERVE_ERRORS_LUA = """
+function envoy_on_response(handle)
+  local headers = handle:headers()
+  if headers:get(":status") ~= "503" then return end
+  if headers:get("retry-after") == nil then headers:add("retry-after", "1") end
+  local body = handle:body()
+  if body == nil then return end
+  local raw = body:getBytes(0, body:length())
+  local msg = string.match(raw, '^%s*{%s*"error"%s*:%s*"(.*)"%s*}%s*$')
+  if msg == nil then return end
+  local kind = "upstream_unavailable"
+  if string.find(msg, "Exceeds maximum queue size", 1, true)
+      or string.find(msg, "Request timeout expired", 1, true) then
+    kind = "model_overloaded"
+  end
+  body:setBytes('{"error":{"type":"' .. kind .. '","message":"' .. msg .. '"}}')
+  headers:replace("content-type", "application/json")
+  headers:replace("x-floodwall-error", kind)
+end
+"""
 EXT_PROC = "envoy.filters.http.ext_proc"
 BUFFER = "envoy.filters.http.buffer"
 T = "type.googleapis.com/"
@@ -69,6 +95,18 @@ def _json_error_format(status: int, type_: str, message: str) -> dict[str, Any]:
     }
 
 
+_PER_ROUTE = {
+    EXT_PROC: "envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
+    BUFFER: "envoy.extensions.filters.http.buffer.v3.BufferPerRoute",
+    LUA: "envoy.extensions.filters.http.lua.v3.LuaPerRoute",
+}
+
+
+def _off(filter_name: str) -> dict[str, Any]:
+    """Per-route config that switches an HTTP filter off on that route."""
+    return {"@type": T + _PER_ROUTE[filter_name], "disabled": True}
+
+
 def processing_mode(phases: frozenset[Phase]) -> dict[str, str]:
     return {
         "request_header_mode": "SEND",
@@ -115,11 +153,10 @@ def _route(cfg: FloodwallConfig, r: RouteConfig, phases: frozenset[Phase]) -> di
             "overrides": {"processing_mode": processing_mode(phases)},
         }
     }
+    if r.api != "kserve_http":
+        per_filter[LUA] = _off(LUA)
     if Phase.REQUEST_BODY not in phases:
-        per_filter[BUFFER] = {
-            "@type": T + "envoy.extensions.filters.http.buffer.v3.BufferPerRoute",
-            "disabled": True,
-        }
+        per_filter[BUFFER] = _off(BUFFER)
     return {
         "name": r.name,
         "match": match,
@@ -140,16 +177,7 @@ def _not_found_route() -> dict[str, Any]:
                 "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
             }
         ],
-        "typed_per_filter_config": {
-            EXT_PROC: {
-                "@type": T + "envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
-                "disabled": True,
-            },
-            BUFFER: {
-                "@type": T + "envoy.extensions.filters.http.buffer.v3.BufferPerRoute",
-                "disabled": True,
-            },
-        },
+        "typed_per_filter_config": {name: _off(name) for name in (EXT_PROC, BUFFER, LUA)},
     }
 
 
@@ -383,6 +411,13 @@ def render(cfg: FloodwallConfig, chain: Chain, runtime_dir: Path) -> dict[str, A
                     # KServe) must not re-route the request.
                     "route_cache_action": "RETAIN",
                     "allow_mode_override": True,
+                },
+            },
+            {
+                "name": LUA,
+                "typed_config": {
+                    "@type": T + "envoy.extensions.filters.http.lua.v3.Lua",
+                    "default_source_code": {"inline_string": KSERVE_ERRORS_LUA},
                 },
             },
             {

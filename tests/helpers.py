@@ -55,6 +55,14 @@ class _Echo(BaseHTTPRequestHandler):
         pass
 
     def _answer(self) -> None:
+        if "triton-queue-full" in self.path:  # what Triton says when its queue is full
+            err = b'{"error":"[request id: <id_unknown>] Exceeds maximum queue size"}'
+            self.send_response(503)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(err)))
+            self.end_headers()
+            self.wfile.write(err)
+            return
         n = int(self.headers.get("content-length") or 0)
         body = self.rfile.read(n) if n else b""
         out = json.dumps(

@@ -118,6 +118,7 @@ def test_triton_down_and_back(tmp_path: Path, echo_port: int) -> None:
 
         r = httpx.get(f"{_url(s)}/v2/models/embedder", headers=AUTH, timeout=30)
         assert r.status_code == 503 and r.json()["error"]["type"] == "upstream_unavailable"
+        assert int(r.headers["retry-after"]) >= 1
 
         client = tg.InferenceServerClient(f"{s.cfg.listener.address}:{s.cfg.listener.port}")
         inp = tg.InferInput("TEXT", [1, 1], "BYTES")

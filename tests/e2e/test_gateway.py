@@ -241,3 +241,11 @@ def test_chat_completions_against_the_sim_llm_stand_in(gateway: Gateway) -> None
     r = httpx.post(f"{gateway.url}/v1/chat/completions", json={**body, "max_tokens": 0},
                    headers=AUTH)  # fmt: skip
     assert_error(r, 400, "invalid_request_error")
+
+
+def test_triton_queue_refusal_on_the_passthrough_route_is_our_503(gateway: Gateway) -> None:
+    # The echo upstream answers this path exactly as Triton answers when its queue is full.
+    r = httpx.get(f"{gateway.url}/echo/triton-queue-full", headers=AUTH)
+    assert_error(r, 503, "model_overloaded")
+    assert r.headers["retry-after"] == "1"
+    assert "Exceeds maximum queue size" in r.json()["error"]["message"]

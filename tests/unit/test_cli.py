@@ -1,0 +1,33 @@
+"""The CLI's check / envoy-config commands, as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+FLOODWALL = [sys.executable, "-m", "proxy.cli"]
+
+
+def test_check_accepts_the_shipped_config() -> None:
+    r = subprocess.run([*FLOODWALL, "check"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "OK" in r.stdout
+
+
+def test_check_rejects_a_bad_config_in_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("listener: {port: 0}\n")
+    r = subprocess.run([*FLOODWALL, "check", "-c", str(bad)], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and "listener.port" in r.stderr
+
+
+def test_envoy_config_prints_a_bootstrap() -> None:
+    r = subprocess.run([*FLOODWALL, "envoy-config"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    boot = json.loads(r.stdout)
+    assert boot["admin"]["address"]["socket_address"]["port_value"] == 9901
+    listener = boot["static_resources"]["listeners"][0]["address"]["socket_address"]
+    assert (listener["address"], listener["port_value"]) == ("127.0.0.1", 8080)
