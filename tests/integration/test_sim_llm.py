@@ -329,7 +329,8 @@ def test_stream_chunks_concatenate_to_the_non_streaming_text(client: httpx.Clien
 
 def grpc_stream(server: Server, prompt: bytes, max_tokens: int) -> list[tuple[Any, Any]]:
     """(result, error) pairs of one sim_llm_stream request over gRPC, up to the final one."""
-    grpcclient = pytest.importorskip("tritonclient.grpc")
+    import tritonclient.grpc as grpcclient
+
     results: queue.Queue[tuple[Any, Any]] = queue.Queue()
     inputs = [
         grpcclient.InferInput("PROMPT", [1, 1], "BYTES"),

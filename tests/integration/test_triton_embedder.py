@@ -178,7 +178,8 @@ def test_bad_input_is_a_clean_400(
 
 
 def test_grpc_endpoint_serves_embeddings(triton: Any, reference: Any) -> None:
-    grpcclient = pytest.importorskip("tritonclient.grpc")
+    import tritonclient.grpc as grpcclient
+
     with grpcclient.InferenceServerClient(triton.grpc_url) as grpc_client:
         text = grpcclient.InferInput("TEXT", [1, 1], "BYTES")
         text.set_data_from_numpy(np.array([[b"hello over gRPC"]], dtype=np.object_))
