@@ -39,18 +39,22 @@ def make_redis(url: str | None, timeout_ms: int) -> Any:
     return aioredis.Redis.from_url(url, socket_timeout=t, socket_connect_timeout=t)
 
 
-def build_chain(cfg: FloodwallConfig, redis_url: str | None = None) -> Chain:
-    deps = Deps(
+def make_deps(cfg: FloodwallConfig, redis_url: str | None = None) -> Deps:
+    return Deps(
         redis=make_redis(redis_url, cfg.redis.timeout_ms if cfg.redis else 50),
         upstreams={name: up.base_url for name, up in cfg.upstreams.items()},
     )
-    return Chain(cfg, build_filters(cfg.filters, deps))
+
+
+def build_chain(cfg: FloodwallConfig, deps: Deps | None = None) -> Chain:
+    return Chain(cfg, build_filters(cfg.filters, deps or make_deps(cfg)))
 
 
 async def serve(
     cfg: FloodwallConfig, *, index: int, runtime_dir: Path, redis_url: str | None
 ) -> None:
-    chain = build_chain(cfg, redis_url)
+    deps = make_deps(cfg, redis_url)
+    chain = build_chain(cfg, deps)
     address = processor_address(cfg, index, runtime_dir)
     if cfg.processor.transport == "uds":
         processor_socket(runtime_dir, index).unlink(missing_ok=True)
@@ -71,8 +75,8 @@ async def serve(
     # Envoy checks processor health every second: wait two checks before refusing streams.
     await server.drain_and_stop(cfg.processor.drain_seconds, health_wait_s=2.0)
     await admin.stop()
-    if chain.filters and (r := next((f.deps.redis for f in chain.filters if f.deps.redis), None)):
-        await r.aclose()
+    if deps.redis is not None:
+        await deps.redis.aclose()
 
 
 def run(cfg: FloodwallConfig, *, index: int, runtime_dir: Path, redis_url: str | None) -> None:
