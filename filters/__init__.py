@@ -3,4 +3,5 @@
 BUILTIN: dict[str, str] = {
     "auth": "filters.auth.filter:AuthFilter",
     "openai": "filters.openai.filter:OpenAIFilter",
+    "rate_limit": "filters.rate_limit.filter:RateLimitFilter",
 }

@@ -7,6 +7,7 @@ protobufs: ``proxy.translate`` is the only module that does.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import logging
 import random
@@ -74,6 +75,7 @@ class Phase(enum.Enum):
 class Clock(Protocol):
     def monotonic(self) -> float: ...
     def time(self) -> float: ...
+    async def sleep(self, seconds: float) -> None: ...
 
 
 class SystemClock:
@@ -82,6 +84,9 @@ class SystemClock:
 
     def time(self) -> float:
         return time.time()
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
 
 
 @dataclass(frozen=True)
@@ -99,6 +104,19 @@ class Deps:
 
 
 # --- per-request context -----------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Usage:
+    """Tokens of one model call (OpenAI's ``usage``)."""
+
+    prompt_tokens: int
+    completion_tokens: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
 
 _log = logging.getLogger("floodwall.request")
 S = TypeVar("S")
@@ -126,6 +144,7 @@ class RequestContext:
         "has_response_body",
         "key_id",
         "method",
+        "model",
         "path",
         "priority",
         "request_id",
@@ -134,6 +153,8 @@ class RequestContext:
         "started",
         "tenant",
         "tier",
+        "token_estimate",
+        "usage",
     )
 
     def __init__(
@@ -158,6 +179,11 @@ class RequestContext:
         self.priority: str | None = None
         self.deadline: float | None = None
         self.response_status: int | None = None
+        # Set by the route's API filter (openai): the model the caller asked for, the tokens
+        # the call may use at most (prompt estimate + max completion), then the real usage.
+        self.model: str | None = None
+        self.token_estimate: Usage | None = None
+        self.usage: Usage | None = None
         # False when the headers ended the message (Envoy then sends no body phase).
         self.has_request_body = True
         self.has_response_body = True
@@ -217,6 +243,11 @@ class Filter:
     def phases(self, route: RouteConfig) -> frozenset[Phase]:
         """The phases this filter needs on ``route``: by default those it overrides."""
         return frozenset(p for p in Phase if _overrides(type(self), p))
+
+    def hold_ms(self) -> float:
+        """The longest this filter may hold one phase on purpose (a smoothing wait): the
+        rendered Envoy message timeout adds it, so Envoy does not give up on the processor."""
+        return 0.0
 
     async def start(self) -> None:
         """Called once before traffic (open connections, warm caches)."""

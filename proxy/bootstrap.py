@@ -405,7 +405,8 @@ def render(cfg: FloodwallConfig, chain: Chain, runtime_dir: Path) -> dict[str, A
                         "timeout": _ms(p.message_timeout_ms * 4),
                     },
                     "failure_mode_allow": p.failure_mode_allow,
-                    "message_timeout": _ms(p.message_timeout_ms),
+                    # A filter that holds a phase on purpose (rate_limit's max_wait) extends it.
+                    "message_timeout": _ms(p.message_timeout_ms + chain.max_hold_ms()),
                     "processing_mode": processing_mode(frozenset({Phase.REQUEST_HEADERS})),
                     # The route was chosen on the client's path; a rewritten :path (OpenAI ->
                     # KServe) must not re-route the request.

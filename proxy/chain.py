@@ -136,6 +136,9 @@ class Chain:
         """What Envoy must send the processor on ``route`` (drives the rendered config)."""
         return self._plans[route.name].phases
 
+    def max_hold_ms(self) -> int:
+        return int(max((f.hold_ms() for f in self.filters), default=0.0) + 0.999)
+
     def context(
         self, headers: Headers, *, started: float | None = None
     ) -> tuple[RequestContext, RoutePlan]:
@@ -150,6 +153,8 @@ class Chain:
             path=path,
             grpc=headers.get("content-type", "").startswith("application/grpc"),
         )
+        if route is not None and route.api == "kserve_http":
+            ctx.model = kserve_model(path)
         if route is not None and not route.grpc:
             # Envoy gives up at the route timeout: no upstream work is useful after it.
             ctx.deadline = t0 + route.timeout_ms / 1000
@@ -270,6 +275,14 @@ class Chain:
                 await f.stop()
             except Exception as exc:
                 log.error("filter %s stop failed: %r", f.name, exc)
+
+
+def kserve_model(path: str) -> str | None:
+    """The model named by a KServe v2 HTTP path (``/v2/models/{name}[/versions/{v}]/...``)."""
+    parts = path.split("?", 1)[0].split("/", 4)
+    if len(parts) >= 4 and parts[1] == "v2" and parts[2] == "models" and parts[3]:
+        return parts[3]
+    return None
 
 
 def _status_class(status: int | None) -> str:

@@ -9,6 +9,7 @@ policy can be unit-tested without Envoy, gRPC or a model server.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -17,6 +18,29 @@ from typing import Any
 from proxy.api import Continue, Decision, Filter, Headers, Mutate, Outcome, Phase, Respond
 from proxy.chain import Chain
 from proxy.config import FilterConfig, FloodwallConfig, parse_config
+
+
+class FakeClock:
+    """A clock that moves only when told (``advance``) or when a filter sleeps on it."""
+
+    def __init__(self, start: float = 1_000.0, wall: float = 1_700_000_000.0) -> None:
+        self.now = start
+        self._wall_offset = wall - start
+        self.slept: list[float] = []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def time(self) -> float:
+        return self.now + self._wall_offset
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+    async def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += max(0.0, seconds)
+        await asyncio.sleep(0)
 
 
 @dataclass
@@ -105,7 +129,11 @@ class Harness:
         body: bytes | str | None = None,
         upstream: Upstream | UpstreamReply | None = None,
         grpc: bool = False,
+        client_aborts: bool = False,
     ) -> Result:
+        """Plays one request. ``client_aborts``: the client leaves while the upstream works
+        (no response phases run; on_complete sees an aborted outcome). Cancelling the call
+        itself is a client leaving during the request phases."""
         if isinstance(body, str):
             body = body.encode()
         h: Headers = {":method": method, ":path": path, ":authority": "test", ":scheme": "http"}
@@ -136,15 +164,31 @@ class Harness:
             )  # fmt: skip
 
         # Request phases; a Respond ends the exchange before the upstream is called.
-        for phase, present in ((Phase.REQUEST_HEADERS, True), (Phase.REQUEST_BODY, bool(body))):
-            if not present or phase not in plan.phases:
-                continue
-            d, by = await run(phase, h if phase is Phase.REQUEST_HEADERS else req_body)
-            if isinstance(d, Respond):
-                return await done(d.status, dict(d.headers), d.body, by, sent=False)
-            req_body = _apply(h, d, req_body)
+        try:
+            for phase, present in (
+                (Phase.REQUEST_HEADERS, True),
+                (Phase.REQUEST_BODY, bool(body)),
+            ):
+                if not present or phase not in plan.phases:
+                    continue
+                d, by = await run(phase, h if phase is Phase.REQUEST_HEADERS else req_body)
+                if isinstance(d, Respond):
+                    return await done(d.status, dict(d.headers), d.body, by, sent=False)
+                req_body = _apply(h, d, req_body)
+        except asyncio.CancelledError:
+            self.chain.finish(ctx, plan, None, None, False)  # as the server does
+            raise
 
         reply = await _call(upstream, h, req_body)
+        if client_aborts:
+            task = self.chain.finish(ctx, plan, None, None, False)
+            if task is not None:
+                await task
+            return Result(
+                0, {}, b"", upstream_called=True, upstream_headers=dict(h),
+                upstream_body=req_body, decisions=decisions, responded_by=None,
+                outcome=self.recorder.last,
+            )  # fmt: skip
         rh: Headers = {":status": str(reply.status), **reply.headers}
         rbody = reply.body
         for phase in (Phase.RESPONSE_HEADERS, Phase.RESPONSE_BODY):

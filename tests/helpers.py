@@ -180,3 +180,100 @@ def start_stack(cfg_dict: dict[str, Any], path: Path) -> Stack:
         stack.stop()
         raise
     return stack
+
+
+class RedisServer:
+    """A real redis-server on a free TCP port that tests can kill, freeze and restart."""
+
+    def __init__(self, directory: Path, *extra: str, port: int | None = None) -> None:
+        self.dir = directory
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port_block(1)
+        self.extra = extra
+        self.proc: Any = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}"
+
+    def start(self) -> RedisServer:
+        import shutil
+        import subprocess
+        import time
+
+        binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+        with (self.dir / "redis.log").open("ab") as log:
+            self.proc = subprocess.Popen(
+                [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
+                 "--save", "", "--appendonly", "no", *self.extra],
+                stdout=log, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        return self
+            except OSError:
+                time.sleep(0.02)
+        raise RuntimeError(f"redis-server on port {self.port} did not start")
+
+    def kill(self) -> None:
+        import signal
+
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(timeout=5)
+
+    def freeze(self, frozen: bool = True) -> None:
+        """SIGSTOP/SIGCONT: a Redis that accepts connections but never answers."""
+        import signal
+
+        self.proc.send_signal(signal.SIGSTOP if frozen else signal.SIGCONT)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.freeze(False)
+            self.proc.terminate()
+            self.proc.wait(timeout=5)
+
+
+@contextmanager
+def redis_cluster(directory: Path, masters: int = 3) -> Iterator[list[RedisServer]]:
+    """A local Redis Cluster of ``masters`` primaries (no replicas), made by redis-cli."""
+    import subprocess
+
+    nodes = []
+    try:
+        for i in range(masters):
+            node = RedisServer(
+                directory / f"node{i}", "--cluster-enabled", "yes",
+                "--cluster-config-file", str(directory / f"node{i}" / "nodes.conf"),
+            )  # fmt: skip
+            nodes.append(node.start())
+        subprocess.run(
+            ["redis-cli", "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in nodes),
+             "--cluster-replicas", "0", "--cluster-yes"],
+            check=True, capture_output=True, timeout=60,
+        )  # fmt: skip
+        _wait_cluster_ok(nodes[0].port)
+        yield nodes
+    finally:
+        for n in nodes:
+            n.stop()
+
+
+def _wait_cluster_ok(port: int) -> None:
+    import subprocess
+    import time
+
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        out = subprocess.run(
+            ["redis-cli", "-p", str(port), "cluster", "info"], capture_output=True, text=True
+        ).stdout
+        if "cluster_state:ok" in out:
+            return
+        time.sleep(0.1)
+    raise RuntimeError("redis cluster did not reach cluster_state:ok")

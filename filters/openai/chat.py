@@ -18,7 +18,7 @@ import orjson
 from filters.openai.embeddings import bad, resolve_model
 from filters.openai.params import ChatModel
 from proxy import errors
-from proxy.api import Decision
+from proxy.api import Decision, Usage
 
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 
@@ -28,6 +28,7 @@ class ChatCall:
     model: str
     spec: ChatModel
     max_tokens: int
+    prompt_chars: int
 
 
 def _content_text(content: Any) -> str | None:
@@ -88,13 +89,13 @@ def parse(
         {"name": "TEMPERATURE", "shape": [1, 1], "datatype": "FP32", "data": [float(temperature)]},
     ]
     outputs = [{"name": n} for n in ("TEXT", "PROMPT_TOKENS", "COMPLETION_TOKENS", "FINISH_REASON")]
-    return ChatCall(model, spec, max_tokens), inputs, outputs
+    return ChatCall(model, spec, max_tokens, len(prompt)), inputs, outputs
 
 
-def render(resp: dict[str, Any], call: ChatCall, request_id: str) -> bytes:
+def render(resp: dict[str, Any], call: ChatCall, request_id: str) -> tuple[bytes, Usage]:
     out = {o["name"]: o["data"][0] for o in resp["outputs"]}
     prompt_tokens, completion_tokens = int(out["PROMPT_TOKENS"]), int(out["COMPLETION_TOKENS"])
-    return orjson.dumps(
+    body = orjson.dumps(
         {
             "id": f"chatcmpl-{request_id}",
             "object": "chat.completion",
@@ -114,3 +115,4 @@ def render(resp: dict[str, Any], call: ChatCall, request_id: str) -> bytes:
             },
         }
     )
+    return body, Usage(prompt_tokens, completion_tokens)

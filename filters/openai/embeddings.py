@@ -11,7 +11,7 @@ import orjson
 
 from filters.openai.params import EmbeddingModel
 from proxy import errors
-from proxy.api import Decision
+from proxy.api import Decision, Usage
 
 M = TypeVar("M")
 
@@ -22,6 +22,7 @@ class EmbeddingsCall:
     spec: EmbeddingModel
     count: int
     encoding: str
+    input_chars: list[int]
 
 
 def parse(
@@ -65,19 +66,22 @@ def parse(
     outputs = [{"name": spec.output_name}]
     if spec.tokens_output:
         outputs.append({"name": spec.tokens_output})
-    return EmbeddingsCall(model, spec, len(texts), encoding), inputs, outputs
+    call = EmbeddingsCall(model, spec, len(texts), encoding, [len(t) for t in texts])
+    return call, inputs, outputs
 
 
-def render(resp: dict[str, Any], call: EmbeddingsCall) -> bytes:
+def render(resp: dict[str, Any], call: EmbeddingsCall) -> tuple[bytes, Usage | None]:
+    """The OpenAI body, and the token usage when the model reports it."""
     outputs = {o["name"]: o for o in resp["outputs"]}
     emb = outputs[call.spec.output_name]
     dim = emb["shape"][-1]
     flat = emb["data"]
     if len(flat) != call.count * dim:
         raise ValueError(f"expected {call.count}x{dim} values, got {len(flat)}")
-    tokens = 0
+    usage: Usage | None = None
     if call.spec.tokens_output and call.spec.tokens_output in outputs:
-        tokens = int(sum(outputs[call.spec.tokens_output]["data"]))
+        usage = Usage(int(sum(outputs[call.spec.tokens_output]["data"])))
+    tokens = usage.prompt_tokens if usage is not None else 0
     data: list[dict[str, Any]] = []
     for i in range(call.count):
         vec = flat[i * dim : (i + 1) * dim]
@@ -87,7 +91,7 @@ def render(resp: dict[str, Any], call: EmbeddingsCall) -> bytes:
             else vec
         )
         data.append({"object": "embedding", "index": i, "embedding": value})
-    return orjson.dumps(
+    body = orjson.dumps(
         {
             "object": "list",
             "data": data,
@@ -95,6 +99,7 @@ def render(resp: dict[str, Any], call: EmbeddingsCall) -> bytes:
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         }
     )
+    return body, usage
 
 
 def resolve_model(req: dict[str, Any], models: dict[str, M]) -> tuple[str, M] | Decision:

@@ -9,6 +9,7 @@ with ``usage``; upstream errors (Triton's or Envoy's) become the gateway's JSON 
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +19,17 @@ import orjson
 from filters.openai import chat, embeddings
 from filters.openai.params import OpenAIParams
 from proxy import errors, metrics
-from proxy.api import CONTINUE, Decision, Deps, Filter, Headers, Mutate, Phase, RequestContext
+from proxy.api import (
+    CONTINUE,
+    Decision,
+    Deps,
+    Filter,
+    Headers,
+    Mutate,
+    Phase,
+    RequestContext,
+    Usage,
+)
 from proxy.config import RouteConfig
 
 _APIS = frozenset({"openai_embeddings", "openai_chat"})
@@ -62,6 +73,8 @@ class OpenAIFilter(Filter):
             return parsed
         call, inputs, outputs = parsed
         ctx.state(_State).call = call
+        ctx.model = call.model
+        ctx.token_estimate = self._estimate(call)
         infer: dict[str, Any] = {"inputs": inputs, "outputs": outputs}
         if params := self._triton_parameters(ctx):
             infer["parameters"] = params
@@ -76,6 +89,14 @@ class OpenAIFilter(Filter):
             remove_headers=("accept-encoding",),
             body=out,
         )
+
+    def _estimate(self, call: embeddings.EmbeddingsCall | chat.ChatCall) -> Usage:
+        """Most tokens the call can use: the prompt estimated from its length (never below
+        one token per text), plus the completion's ceiling for chat."""
+        cpt = self.p.chars_per_token
+        if isinstance(call, chat.ChatCall):
+            return Usage(max(1, math.ceil(call.prompt_chars / cpt)), call.max_tokens)
+        return Usage(sum(max(1, math.ceil(n / cpt)) for n in call.input_chars))
 
     def _triton_parameters(self, ctx: RequestContext) -> dict[str, int]:
         """Priority level and remaining deadline (µs), so Triton's queue policy can serve
@@ -99,7 +120,7 @@ class OpenAIFilter(Filter):
             return _upstream_error(ctx, status, body)
         try:
             resp = orjson.loads(body)
-            out = (
+            out, ctx.usage = (
                 chat.render(resp, call, ctx.request_id)
                 if isinstance(call, chat.ChatCall)
                 else embeddings.render(resp, call)

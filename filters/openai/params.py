@@ -32,6 +32,9 @@ class OpenAIParams(FilterParams):
     # OpenAI model name -> Triton model serving it.
     embedding_models: dict[str, EmbeddingModel] = Field(default_factory=dict)
     chat_models: dict[str, ChatModel] = Field(default_factory=dict)
+    # Token counts before the model answers are estimates: ceil(characters / this) per text
+    # (OpenAI's rule of thumb for English). The model's own counts replace them afterwards.
+    chars_per_token: Annotated[float, Field(gt=0, le=100)] = 4.0
     # Request priority class (ctx.priority) -> Triton priority level (1 is served first).
     # Unset classes use the model's default level.
     triton_priority: dict[str, Annotated[int, Field(ge=1)]] = Field(

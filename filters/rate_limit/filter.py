@@ -1,0 +1,563 @@
+"""Per-key request and token limits, exact across replicas: GCRA run atomically in Redis.
+
+Per request, every applicable limit is taken in one script call (one round trip, batched with
+the other requests of the same event-loop turn); a refusal by any limit charges none. Token
+limits reserve the request's ceiling (prompt estimate + max completion) before the model is
+called and settle with the real usage when the request completes (aborted ones included).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import Counter, Gauge, Histogram
+from redis.exceptions import RedisError
+
+from filters.rate_limit import gcra
+from filters.rate_limit.params import Limit, RateLimitParams
+from filters.rate_limit.store import GcraStore, Reply
+from proxy import errors
+from proxy.api import (
+    CONTINUE,
+    Decision,
+    Deps,
+    Filter,
+    Headers,
+    Mutate,
+    Outcome,
+    Phase,
+    RequestContext,
+)
+from proxy.config import RouteConfig
+
+DECISIONS = Counter(
+    "floodwall_ratelimit_decisions",
+    "Rate-limit decisions by limit and decision (allowed, delayed, denied, denied_cached, "
+    "fallback_allowed, fallback_denied, unavailable, too_large)",
+    ["limit", "decision"],
+)
+TOKENS = Counter(
+    "floodwall_ratelimit_tokens",
+    "Tokens reserved, refunded and charged after the fact, by limit",
+    ["limit", "kind"],
+)
+REDIS_SECONDS = Histogram(
+    "floodwall_ratelimit_redis_duration_seconds",
+    "Latency of one rate-limit check against Redis",
+    buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25),
+)
+REDIS_ERRORS = Counter(
+    "floodwall_ratelimit_redis_errors", "Failed rate-limit calls to Redis, by kind", ["kind"]
+)
+REDIS_UP = Gauge("floodwall_ratelimit_redis_up", "1 while the limiter reaches Redis, 0 in fallback")
+WAIT_SECONDS = Histogram(
+    "floodwall_ratelimit_wait_seconds",
+    "How long smoothed requests were held for their turn",
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+)
+
+_log = logging.getLogger("floodwall.rate_limit")
+_BODY_APIS = frozenset({"openai_embeddings", "openai_chat"})
+_REDIS_FAULTS = (RedisError, OSError, TimeoutError)
+
+
+@dataclass(frozen=True, slots=True)
+class _Limit:
+    """A configured limit with its arithmetic and its advertised policy precomputed."""
+
+    spec: Limit
+    rule: gcra.Rule
+    local_rule: gcra.Rule
+    # Keys of limits that name the tenant or key share the tenant's hash tag, so on a Redis
+    # Cluster a request's per-tenant and per-key limits are one atomic script in one slot.
+    by_tenant: bool
+    policy: str
+
+    @classmethod
+    def of(cls, spec: Limit) -> _Limit:
+        rule = gcra.Rule.of(spec.rate, spec.period, spec.burst_units)
+        window = max(1, round(spec.period))
+        quota = max(1, round(spec.rate * window / spec.period))
+        policy = f'"{spec.name}";q={quota};w={window}'
+        if spec.unit == "tokens":
+            policy += ';qu="tokens"'  # not a registered unit: the draft's are requests/bytes
+        return cls(
+            spec,
+            rule,
+            rule.scaled(spec.local_share),
+            any(p in ("tenant", "key_id") for p in spec.key),
+            policy,
+        )
+
+    @property
+    def max_wait_us(self) -> float:
+        return self.spec.max_wait_ms * 1000.0
+
+
+@dataclass(slots=True)
+class _Hold:
+    """What one admitted request holds: refunded or settled in on_complete."""
+
+    limits: list[_Limit]
+    keys: list[str]
+    costs: list[float]
+    local: bool  # taken from the in-process fallback, not Redis
+    forwarded: bool = False
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class _State:
+    headers: Headers | None = None
+    hold: _Hold | None = None
+
+
+class RateLimitFilter(Filter):
+    Params = RateLimitParams
+
+    def __init__(self, params: RateLimitParams, deps: Deps) -> None:
+        super().__init__(params, deps)
+        self.p = params
+        self.limits = [_Limit.of(spec) for spec in params.limits]
+        self.store = GcraStore(deps.redis) if deps.redis is not None else None
+        self.cluster = _is_cluster(deps.redis)
+        self.local = gcra.LocalLimiter()
+        # key -> monotonic instant before which no request can pass it (see gcra.blocked_until)
+        self.deny_cache: dict[str, float] = {}
+        self.timeout_s = params.timeout_ms / 1000
+        self.redis_down_until = 0.0 if self.store is not None else math.inf
+        self._by_route: dict[str, list[_Limit]] = {}
+        self._background: set[asyncio.Future[Any]] = set()
+        REDIS_UP.set(1 if self.store is not None else 0)
+
+    # --- phases ------------------------------------------------------------------------------
+
+    def phases(self, route: RouteConfig) -> frozenset[Phase]:
+        if not self._limits_for(route.name):
+            return frozenset()
+        out = {Phase.REQUEST_HEADERS}
+        # On OpenAI routes the model and the token estimate come from the body (the openai
+        # filter, placed before this one, sets them), so the check waits for it.
+        if route.api in _BODY_APIS:
+            out.add(Phase.REQUEST_BODY)
+        if self.p.response_headers:
+            out.add(Phase.RESPONSE_HEADERS)
+        return frozenset(out)
+
+    def hold_ms(self) -> float:
+        return max(spec.max_wait_ms for spec in self.p.limits)
+
+    def _limits_for(self, route: str) -> list[_Limit]:
+        found = self._by_route.get(route)
+        if found is None:
+            found = [
+                lim
+                for lim in self.limits
+                if lim.spec.when.routes is None or route in lim.spec.when.routes
+            ]
+            self._by_route[route] = found
+        return found
+
+    async def on_request_headers(self, ctx: RequestContext, headers: Headers) -> Decision:
+        st = ctx.state(_State)
+        st.headers = headers
+        if ctx.route is not None and ctx.route.api in _BODY_APIS:
+            return CONTINUE
+        return await self._check(ctx, st)
+
+    async def on_request_body(self, ctx: RequestContext, body: bytes) -> Decision:
+        return await self._check(ctx, ctx.state(_State))
+
+    async def on_response_headers(self, ctx: RequestContext, headers: Headers) -> Decision:
+        hold = ctx.state(_State).hold
+        if hold is None or not hold.headers:
+            return CONTINUE
+        return Mutate(set_headers=hold.headers)
+
+    # --- the check ---------------------------------------------------------------------------
+
+    async def _check(self, ctx: RequestContext, st: _State) -> Decision:
+        limits: list[_Limit] = []
+        keys: list[str] = []
+        costs: list[float] = []
+        for lim in self._limits_for(ctx.route_name):
+            if not _applies(lim.spec, ctx):
+                continue
+            if lim.spec.unit == "tokens":
+                if ctx.token_estimate is None:
+                    continue  # no token count on this route (a KServe passthrough)
+                cost = float(ctx.token_estimate.total)
+                if cost * lim.rule.interval_us > lim.rule.tolerance_us + lim.max_wait_us:
+                    DECISIONS.labels(lim.spec.name, "too_large").inc()
+                    return errors.error(
+                        413, "request_exceeds_limit",
+                        f"the request may use {int(cost)} tokens; limit {lim.spec.name!r} "
+                        f"allows at most {int(lim.spec.burst_units)} at once",
+                    )  # fmt: skip
+            else:
+                cost = lim.spec.cost
+            limits.append(lim)
+            keys.append(self._key(lim, ctx, st.headers or {}))
+            costs.append(cost)
+        if not limits:
+            return CONTINUE
+
+        now = self.deps.clock.monotonic()
+        if self.p.local_deny_cache:
+            refused = self._cached_refusal(limits, keys, now)
+            if refused is not None:
+                return refused
+
+        takes = [
+            gcra.Take(lim.rule, c, lim.max_wait_us) for lim, c in zip(limits, costs, strict=True)
+        ]
+        verdict: gcra.Verdict | None = None
+        if now >= self.redis_down_until:
+            verdict = await self._take_redis(keys, takes, costs)
+        local = verdict is None
+        if verdict is None:
+            closed = [lim for lim in limits if lim.spec.on_redis_error == "closed"]
+            if closed:
+                for lim in closed:
+                    DECISIONS.labels(lim.spec.name, "unavailable").inc()
+                return errors.error(
+                    503, "rate_limit_unavailable",
+                    "the rate limiter's store is unavailable", retry_after_s=self._retry_s(),
+                )  # fmt: skip
+            local_takes = [
+                gcra.Take(lim.local_rule, c, lim.max_wait_us)
+                for lim, c in zip(limits, costs, strict=True)
+            ]
+            verdict = self.local.take(keys, local_takes, now * 1e6)
+
+        rules = [lim.local_rule if local else lim.rule for lim in limits]
+        if not local:
+            self._remember_blocks(limits, keys, rules, verdict, now)
+        if not verdict.allowed:
+            return self._refusal(limits, rules, verdict, costs, local)
+
+        kind = "fallback_allowed" if local else "allowed"
+        if verdict.wait_us > 0:
+            kind = "delayed"
+        for lim in limits:
+            DECISIONS.labels(lim.spec.name, kind).inc()
+        for lim, c in zip(limits, costs, strict=True):
+            if lim.spec.unit == "tokens":
+                TOKENS.labels(lim.spec.name, "reserved").inc(c)
+        hold = _Hold(limits, keys, costs, local)
+        if self.p.response_headers:
+            hold.headers = _headers(limits, rules, verdict)
+        st.hold = hold
+        if verdict.wait_us > 0:
+            # Smoothing: hold the request until its slot. A client that leaves meanwhile
+            # cancels this task; on_complete then gives the slot back.
+            WAIT_SECONDS.observe(verdict.wait_us / 1e6)
+            await self.deps.clock.sleep(verdict.wait_us / 1e6)
+        hold.forwarded = True
+        return CONTINUE
+
+    async def _take_redis(
+        self, keys: list[str], takes: list[gcra.Take], costs: list[float]
+    ) -> gcra.Verdict | None:
+        """All-or-nothing take in Redis; None when Redis failed or was too slow."""
+        assert self.store is not None
+        groups = self._groups(keys)
+        t0 = time.perf_counter()
+        futures = []
+        for idx in groups:
+            gkeys = [keys[i] for i in idx]
+            args = ["take", ""]
+            for i in idx:
+                t = takes[i]
+                args += [_num(t.rule.interval_us), _num(t.rule.tolerance_us), _num(t.cost),
+                         _num(t.max_wait_us)]  # fmt: skip
+            futures.append(
+                self.store.call(gkeys, args, orphan=self._give_back(gkeys, idx, takes, costs))
+            )
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                replies = await asyncio.gather(*futures)
+        except _REDIS_FAULTS as exc:
+            self._redis_failed(exc)
+            return None
+        REDIS_SECONDS.observe(time.perf_counter() - t0)
+        self._redis_ok()
+        verdicts = [
+            gcra.from_reply(r[0] == 1, r[1], r[2:], [takes[i] for i in idx])
+            for r, idx in zip(replies, groups, strict=True)
+        ]
+        if len(verdicts) == 1:
+            return verdicts[0]
+        # Several slots (Redis Cluster, limits with different hash tags): granted groups are
+        # given back when another refused, so a refused request holds nothing.
+        allowed = all(v.allowed for v in verdicts)
+        if not allowed:
+            for v, idx in zip(verdicts, groups, strict=True):
+                if v.allowed:
+                    self._adjust_redis([keys[i] for i in idx], [takes[i].rule for i in idx],
+                                       [-costs[i] for i in idx])  # fmt: skip
+        tats: list[float] = [0.0] * len(keys)
+        waits: list[float] = [0.0] * len(keys)
+        for v, idx in zip(verdicts, groups, strict=True):
+            for j, i in enumerate(idx):
+                tats[i], waits[i] = v.tats[j], v.waits_us[j]
+        return gcra.Verdict(allowed, verdicts[0].now_us, tuple(tats), tuple(waits))
+
+    def _groups(self, keys: Sequence[str]) -> list[list[int]]:
+        if not self.cluster:
+            return [list(range(len(keys)))]
+        from redis.crc import key_slot
+
+        by_slot: dict[int, list[int]] = {}
+        for i, k in enumerate(keys):
+            by_slot.setdefault(key_slot(k.encode()), []).append(i)
+        return list(by_slot.values())
+
+    def _give_back(
+        self, keys: list[str], idx: list[int], takes: list[gcra.Take], costs: list[float]
+    ) -> Any:
+        """For a reply that arrives after the caller gave up: undo a grant nobody used."""
+
+        def orphan(reply: Reply) -> None:
+            if reply[0] == 1:
+                self._adjust_redis(keys, [takes[i].rule for i in idx], [-costs[i] for i in idx])
+
+        return orphan
+
+    # --- refusals ----------------------------------------------------------------------------
+
+    def _cached_refusal(self, limits: list[_Limit], keys: list[str], now: float) -> Decision | None:
+        for lim, key in zip(limits, keys, strict=True):
+            until = self.deny_cache.get(key)
+            if until is None:
+                continue
+            if until <= now:
+                del self.deny_cache[key]
+                continue
+            DECISIONS.labels(lim.spec.name, "denied_cached").inc()
+            t = until - now
+            return errors.error(
+                429, "rate_limited", f"rate limit {lim.spec.name!r} exceeded",
+                retry_after_s=t,
+                headers={"ratelimit-policy": lim.policy,
+                         "ratelimit": f'"{lim.spec.name}";r=0;t={math.ceil(t)}'},
+            )  # fmt: skip
+        return None
+
+    def _remember_blocks(
+        self,
+        limits: list[_Limit],
+        keys: list[str],
+        rules: list[gcra.Rule],
+        verdict: gcra.Verdict,
+        now: float,
+    ) -> None:
+        if not self.p.local_deny_cache:
+            return
+        for lim, key, rule, tat in zip(limits, keys, rules, verdict.tats, strict=True):
+            min_cost = lim.spec.cost if lim.spec.unit == "requests" else 1.0
+            blocked = gcra.blocked_until(tat, rule, lim.max_wait_us, min_cost)
+            if blocked > verdict.now_us:
+                # Redis time -> this process' monotonic clock, via the reply's "now".
+                self.deny_cache[key] = now + (blocked - verdict.now_us) / 1e6
+        if len(self.deny_cache) > 100_000:
+            self.deny_cache = {k: v for k, v in self.deny_cache.items() if v > now}
+
+    def _refusal(
+        self,
+        limits: list[_Limit],
+        rules: list[gcra.Rule],
+        verdict: gcra.Verdict,
+        costs: list[float],
+        local: bool,
+    ) -> Decision:
+        retry_us = 0.0
+        worst = limits[0]
+        for lim, wait in zip(limits, verdict.waits_us, strict=True):
+            over = wait - lim.max_wait_us
+            if over > 0:
+                DECISIONS.labels(lim.spec.name, "fallback_denied" if local else "denied").inc()
+                if over > retry_us:
+                    retry_us, worst = over, lim
+        return errors.error(
+            429, "rate_limited", f"rate limit {worst.spec.name!r} exceeded",
+            retry_after_s=retry_us / 1e6, headers=_headers(limits, rules, verdict),
+        )  # fmt: skip
+
+    # --- settlement --------------------------------------------------------------------------
+
+    async def on_complete(self, ctx: RequestContext, outcome: Outcome) -> None:
+        hold = ctx.state(_State).hold
+        if hold is None:
+            return
+        deltas: list[float] = []
+        for lim, cost in zip(hold.limits, hold.costs, strict=True):
+            if not hold.forwarded:
+                # Left while waiting for its turn: it never used its slot.
+                deltas.append(-cost)
+            elif lim.spec.unit == "requests":
+                deltas.append(0.0)
+            else:
+                deltas.append(_settle(cost, ctx, outcome) - cost)
+        for lim, d in zip(hold.limits, deltas, strict=True):
+            if lim.spec.unit == "tokens" and d:
+                TOKENS.labels(lim.spec.name, "charged" if d > 0 else "refunded").inc(abs(d))
+        todo = [(lim, k, d) for lim, k, d in zip(hold.limits, hold.keys, deltas, strict=True) if d]
+        if not todo:
+            return
+        for _, key, d in todo:
+            if d < 0:
+                self.deny_cache.pop(key, None)
+        if hold.local:
+            now_us = self.deps.clock.monotonic() * 1e6
+            for lim, key, d in todo:
+                self.local.adjust(key, lim.local_rule, d, now_us)
+            return
+        for idx in self._groups([k for _, k, _ in todo]):
+            fut = self._adjust_redis(
+                [todo[i][1] for i in idx], [todo[i][0].rule for i in idx], [todo[i][2] for i in idx]
+            )
+            try:
+                async with asyncio.timeout(self.timeout_s * 4):
+                    await asyncio.shield(fut)
+            except _REDIS_FAULTS as exc:
+                REDIS_ERRORS.labels("settle").inc()
+                ctx.log.warning("rate limit settlement failed (%r): %d limit(s) unsettled",
+                                exc, len(idx))  # fmt: skip
+
+    def _adjust_redis(
+        self, keys: list[str], rules: list[gcra.Rule], deltas: list[float]
+    ) -> asyncio.Future[Reply]:
+        assert self.store is not None
+        args = ["adjust", ""]
+        for rule, d in zip(rules, deltas, strict=True):
+            args += [_num(rule.interval_us), _num(d)]
+        fut = self.store.call(keys, args)
+        # Refunds of orphans are fire-and-forget: keep a reference, read the outcome.
+        self._background.add(fut)
+        fut.add_done_callback(self._adjusted)
+        return fut
+
+    def _adjusted(self, fut: asyncio.Future[Any]) -> None:
+        self._background.discard(fut)
+        if not fut.cancelled() and fut.exception() is not None:
+            REDIS_ERRORS.labels("adjust").inc()
+
+    # --- Redis health ------------------------------------------------------------------------
+
+    def _redis_failed(self, exc: BaseException) -> None:
+        REDIS_ERRORS.labels(errors.fault_kind(exc)).inc()
+        if self.redis_down_until == 0.0:
+            _log.warning(
+                "Redis unreachable (%r): limits fall back (on_redis_error open: in-process "
+                "share; closed: 503)", exc,
+            )  # fmt: skip
+        REDIS_UP.set(0)
+        self.redis_down_until = self.deps.clock.monotonic() + self.p.retry_redis_ms / 1000
+
+    def _redis_ok(self) -> None:
+        if self.redis_down_until != 0.0:
+            self.redis_down_until = 0.0
+            REDIS_UP.set(1)
+            _log.warning("Redis reachable again: limits are shared across replicas again")
+
+    def _retry_s(self) -> float:
+        return max(1.0, self.p.retry_redis_ms / 1000)
+
+    # --- keys --------------------------------------------------------------------------------
+
+    def _key(self, lim: _Limit, ctx: RequestContext, headers: Headers) -> str:
+        values = [self._part(p, ctx, headers) for p in lim.spec.key]
+        digest = hashlib.blake2b("\x1f".join(values).encode(), digest_size=12).hexdigest()
+        tag = _short(ctx.tenant or "-") if lim.by_tenant else lim.spec.name
+        return f"{self.p.prefix}:{{{tag}}}:{lim.spec.name}:{digest}"
+
+    def _part(self, part: str, ctx: RequestContext, headers: Headers) -> str:
+        if part == "tenant":
+            return ctx.tenant or "-"
+        if part == "key_id":
+            return ctx.key_id or "-"
+        if part == "model":
+            return ctx.model or "-"
+        if part == "route":
+            return ctx.route_name
+        if part == "client_ip":
+            return client_ip(headers.get("x-forwarded-for", ""), self.p.trusted_hops)
+        return headers.get(part[7:], "-")  # header:<name>
+
+    async def stop(self) -> None:
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+        if self.store is not None:
+            await self.store.close()
+
+
+def client_ip(xff: str, trusted_hops: int) -> str:
+    """The client address from x-forwarded-for, which Envoy (use_remote_address) ends with the
+    peer's address: the entry ``trusted_hops`` places from the right. Entries further left were
+    written by the client and could be anything."""
+    entries = [e.strip() for e in xff.split(",") if e.strip()]
+    if not entries:
+        return "-"
+    return entries[max(0, len(entries) - 1 - trusted_hops)]
+
+
+def _applies(spec: Limit, ctx: RequestContext) -> bool:
+    w = spec.when
+    return (
+        (w.tenants is None or ctx.tenant in w.tenants)
+        and (w.key_ids is None or ctx.key_id in w.key_ids)
+        and (w.tiers is None or ctx.tier in w.tiers)
+        and (w.models is None or ctx.model in w.models)
+    )
+
+
+def _settle(reserved: float, ctx: RequestContext, outcome: Outcome) -> float:
+    """What a forwarded request finally costs a token limit."""
+    if ctx.usage is not None:
+        return float(ctx.usage.total)
+    if outcome.responded_by is not None:
+        return 0.0  # a later filter answered (cache hit, shed): the model never ran
+    if outcome.aborted:
+        # The client left after the request went upstream; the model may well have finished
+        # (Triton does not cancel HTTP requests on disconnect): keep the reservation.
+        return reserved
+    if outcome.status is not None and outcome.status >= 400:
+        return 0.0  # failed without usage: nothing was produced for the caller
+    return reserved
+
+
+def _headers(limits: list[_Limit], rules: list[gcra.Rule], verdict: gcra.Verdict) -> Headers:
+    """IETF draft-ietf-httpapi-ratelimit-headers: RateLimit-Policy and RateLimit lists."""
+    state = []
+    for lim, rule, tat in zip(limits, rules, verdict.tats, strict=True):
+        r = gcra.remaining(tat, rule, verdict.now_us)
+        t = math.ceil(gcra.reset_s(tat, verdict.now_us))
+        state.append(f'"{lim.spec.name}";r={r};t={t}')
+    return {
+        "ratelimit-policy": ", ".join(lim.policy for lim in limits),
+        "ratelimit": ", ".join(state),
+    }
+
+
+def _num(x: float) -> str:
+    return repr(float(x))
+
+
+def _short(value: str) -> str:
+    return hashlib.blake2b(value.encode(), digest_size=6).hexdigest()
+
+
+def _is_cluster(redis: Any) -> bool:
+    if redis is None:
+        return False
+    from redis.asyncio.cluster import RedisCluster
+
+    return isinstance(redis, RedisCluster)

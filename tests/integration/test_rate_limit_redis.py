@@ -1,0 +1,412 @@
+"""The rate_limit filter against a real redis-server: the Lua script agrees with the Python
+arithmetic, limits are exact across filter instances (replicas), tokens are reserved and
+settled, smoothing waits, and Redis dying, freezing and coming back under both failure modes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import orjson
+import pytest
+import redis.asyncio as aioredis
+
+from filters.openai.filter import OpenAIFilter
+from filters.rate_limit import gcra
+from filters.rate_limit.filter import REDIS_UP, RateLimitFilter
+from filters.rate_limit.store import GcraStore
+from proxy.api import CONTINUE, Deps, Filter, RequestContext
+from proxy.testing import FakeClock, Harness, UpstreamReply, default_config
+from tests.helpers import RedisServer
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+async def rc(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
+    if redis_server.proc.poll() is not None:
+        redis_server.start()
+    client = aioredis.Redis.from_url(
+        redis_server.url, socket_timeout=0.5, socket_connect_timeout=0.5
+    )
+    await client.flushall()
+    await client.config_resetstat()
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+def limiter(rc: Any, *limits: dict[str, Any], clock: Any = None, **params: Any) -> RateLimitFilter:
+    p = RateLimitFilter.Params.model_validate({"limits": list(limits), **params})
+    f = RateLimitFilter(p, Deps(redis=rc, clock=clock or FakeClock()))
+    f.name = "rate_limit"
+    return f
+
+
+def per_key(rate: float = 5, burst: float | None = None, **kw: Any) -> dict[str, Any]:
+    return {"name": "per_key", "key": ["key_id"], "rate": rate, "burst": burst, **kw}
+
+
+async def call(h: Harness, key: str = "k1", path: str = "/v2/models/m/infer", **kw: Any) -> Any:
+    return await h.request("POST", path, headers={"x-test-key": key}, body=b"{}", **kw)
+
+
+class _Identify(Filter):
+    """Stands in for auth: the key id comes from a test header."""
+
+    async def on_request_headers(self, ctx: RequestContext, headers: dict[str, str]) -> Any:
+        ctx.key_id = headers.get("x-test-key")
+        ctx.tenant = "t-" + (ctx.key_id or "")
+        return CONTINUE
+
+
+def harness(*filters: RateLimitFilter, openai: OpenAIFilter | None = None) -> Harness:
+    from proxy.api import NoParams
+
+    ident = _Identify(NoParams(), Deps())
+    ident.name = "identify"
+    chain = [ident, *([openai] if openai else []), *filters]
+    return Harness.for_filters(chain, default_config(ROUTES))
+
+
+ROUTES = [
+    {"name": "chat", "match": {"path": "/v1/chat/completions"}, "api": "openai_chat",
+     "upstream": "up"},
+    {"name": "kserve_http", "match": {"prefix": "/v2"}, "upstream": "up"},
+]  # fmt: skip
+
+
+# --- the script is the Python arithmetic -----------------------------------------------------
+
+
+async def test_lua_script_matches_python_arithmetic(rc: aioredis.Redis) -> None:
+    """Random takes and adjusts at pinned instants give identical verdicts and TATs."""
+    store = GcraStore(rc)
+    rng = random.Random(7)
+    rules = [gcra.Rule.of(10, 1, 5), gcra.Rule.of(100, 60, 20), gcra.Rule.of(3, 1, 1)]
+    keys = ["fw:t:a", "fw:t:b", "fw:t:c"]
+    model: dict[str, float | None] = dict.fromkeys(keys)
+    now = 1_700_000_000_000_000
+    for step in range(400):
+        now += rng.choice([0, 0, 1_000, 37_000, 150_000, 2_000_000])
+        if rng.random() < 0.8:
+            takes = [gcra.Take(r, rng.choice([1, 1, 2, 3]), rng.choice([0, 0, 300_000]))
+                     for r in rules]  # fmt: skip
+            args = ["take", str(now)]
+            for t in takes:
+                args += [repr(t.rule.interval_us), repr(t.rule.tolerance_us), repr(t.cost),
+                         repr(t.max_wait_us)]  # fmt: skip
+            reply = await store.call(keys, args)
+            expect = gcra.take([_live(model[k], now) for k in keys], takes, now)
+            assert bool(reply[0]) == expect.allowed, step
+            got = gcra.from_reply(reply[0] == 1, reply[1], reply[2:], takes)
+            assert got.tats == expect.tats and got.waits_us == expect.waits_us, step
+            if expect.allowed:
+                model.update(zip(keys, expect.tats, strict=True))
+        else:
+            deltas = [rng.choice([-3, -1, 1, 2]) for _ in keys]
+            args = ["adjust", str(now)]
+            for r, d in zip(rules, deltas, strict=True):
+                args += [repr(r.interval_us), repr(float(d))]
+            await store.call(keys, args)
+            for k, r, d in zip(keys, rules, deltas, strict=True):
+                model[k] = gcra.adjust(_live(model[k], now), r, d, now)
+    await store.close()
+
+
+def _live(tat: float | None, now: float) -> float | None:
+    # Redis expires a key once its TAT has passed: the model forgets it the same way (the
+    # arithmetic treats an old TAT and no TAT alike, so this changes no verdict).
+    return tat if tat is not None and tat > now else None
+
+
+# --- limits, headers, all-or-nothing ---------------------------------------------------------
+
+
+async def test_burst_then_refusal_with_headers(rc: aioredis.Redis) -> None:
+    h = harness(limiter(rc, per_key(rate=1, burst=3, period="1m"), response_headers=True))
+    ok = [await call(h) for _ in range(3)]
+    assert [r.status for r in ok] == [200, 200, 200]
+    assert ok[0].headers["ratelimit-policy"] == '"per_key";q=1;w=60'
+    assert ok[0].headers["ratelimit"].startswith('"per_key";r=2;')
+    assert ok[2].headers["ratelimit"].startswith('"per_key";r=0;')
+    denied = await call(h)
+    assert denied.status == 429
+    assert denied.json()["error"]["type"] == "rate_limited"
+    assert 1 <= int(denied.headers["retry-after"]) <= 60
+    assert denied.headers["ratelimit"].startswith('"per_key";r=0;t=')
+    # Another key has its own budget.
+    assert (await call(h, key="k2")).status == 200
+
+
+async def test_denied_request_consumes_nothing_from_any_limit(rc: aioredis.Redis) -> None:
+    """per_key allows 2 a minute; per_tenant 100. Refusals by per_key must not eat into
+    per_tenant: after 10 refused calls the tenant's budget is still 98."""
+    f = limiter(
+        rc,
+        per_key(rate=2, burst=2, period="1m"),
+        {"name": "per_tenant", "key": ["tenant"], "rate": 100, "period": "1m"},
+        local_deny_cache=False,
+        response_headers=True,
+    )
+    h = harness(f)
+    assert [(await call(h)).status for _ in range(12)] == [200, 200] + [429] * 10
+    tenant_state = (await call(h)).headers["ratelimit"]
+    assert '"per_tenant";r=98;' in tenant_state
+
+
+async def test_two_replicas_share_one_exact_limit(rc: aioredis.Redis) -> None:
+    """Two filter instances (two processors) and one Redis: 20 admitted in total, not 40."""
+    a, b = (
+        harness(limiter(rc, per_key(rate=1, burst=20, period="1h"))),
+        harness(limiter(rc, per_key(rate=1, burst=20, period="1h"))),
+    )
+    results = await asyncio.gather(*(call(h) for h in [a, b] * 30))
+    assert sum(r.status == 200 for r in results) == 20
+    assert sum(r.status == 429 for r in results) == 40
+
+
+async def test_local_deny_cache_spares_redis_and_never_admits_more(rc: aioredis.Redis) -> None:
+    f = limiter(rc, per_key(rate=1, burst=2, period="1h"))
+    h = harness(f)
+    statuses = [(await call(h)).status for _ in range(50)]
+    assert statuses == [200, 200] + [429] * 48
+    info = await rc.info("commandstats")
+    # 2 grants and the first refusal went to Redis; the other 47 refusals stayed local.
+    assert info["cmdstat_evalsha"]["calls"] <= 3
+
+
+async def test_concurrent_checks_share_round_trips(rc: aioredis.Redis) -> None:
+    f = limiter(rc, per_key(rate=1000, burst=1000))
+    assert f.store is not None
+    pipelines = 0
+    send = f.store._pipeline
+
+    async def counting(batch: Any) -> Any:
+        nonlocal pipelines
+        pipelines += 1
+        return await send(batch)
+
+    f.store._pipeline = counting  # type: ignore[method-assign]
+    h = harness(f)
+    results = await asyncio.gather(*(call(h, key=f"k{i}") for i in range(200)))
+    assert all(r.status == 200 for r in results)
+    assert (await rc.info("commandstats"))["cmdstat_evalsha"]["calls"] == 200
+    assert pipelines <= 10, f"200 concurrent checks took {pipelines} round trips"
+
+
+# --- smoothing -------------------------------------------------------------------------------
+
+
+async def test_max_wait_holds_requests_instead_of_refusing(rc: aioredis.Redis) -> None:
+    clock = FakeClock()
+    h = harness(limiter(rc, per_key(rate=10, burst=1, max_wait_ms=500), clock=clock))
+    results = [await call(h) for _ in range(5)]
+    assert all(r.status == 200 for r in results)
+    # Each of the 4 after the first waits for its slot, 0.1 s apart in Redis time.
+    assert len(clock.slept) == 4 and all(0 < s <= 0.5 for s in clock.slept)
+    assert clock.slept == sorted(clock.slept)
+
+
+async def test_client_gone_while_waiting_gives_the_slot_back(rc: aioredis.Redis) -> None:
+    from proxy.api import SystemClock
+
+    f = limiter(rc, per_key(rate=1, burst=1, period="1s", max_wait_ms=5000), clock=SystemClock())
+    h = harness(f)
+    assert (await call(h)).status == 200
+    waiting = asyncio.ensure_future(call(h))
+    await asyncio.sleep(0.2)
+    assert not waiting.done()  # held for its turn (about 1 s)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    await asyncio.sleep(0.05)  # on_complete's refund
+    t0 = time.monotonic()
+    assert (await call(h)).status == 200
+    # Had the cancelled request kept its slot, this one would wait about 2 s.
+    assert time.monotonic() - t0 < 1.5
+
+
+# --- tokens ----------------------------------------------------------------------------------
+
+
+def _openai() -> OpenAIFilter:
+    p = OpenAIFilter.Params.model_validate(
+        {"chat_models": {"sim-llm": {"triton_model": "sim_llm", "default_max_tokens": 50}}}
+    )
+    f = OpenAIFilter(p, Deps())
+    f.name = "openai"
+    return f
+
+
+def _sim_llm_reply(prompt_tokens: int, completion_tokens: int) -> UpstreamReply:
+    outputs = [
+        {"name": "TEXT", "datatype": "BYTES", "shape": [1], "data": ["ok"]},
+        {"name": "PROMPT_TOKENS", "datatype": "INT32", "shape": [1], "data": [prompt_tokens]},
+        {"name": "COMPLETION_TOKENS", "datatype": "INT32", "shape": [1],
+         "data": [completion_tokens]},
+        {"name": "FINISH_REASON", "datatype": "BYTES", "shape": [1], "data": ["stop"]},
+    ]  # fmt: skip
+    return UpstreamReply(body=orjson.dumps({"outputs": outputs}))
+
+
+TOKENS_LIMIT = {"name": "tokens", "key": ["tenant", "model"], "unit": "tokens", "rate": 1000,
+                "period": "1h"}  # fmt: skip
+CHAT = b'{"model": "sim-llm", "messages": [{"role": "user", "content": "hello there"}]}'
+
+
+async def _used(rc: aioredis.Redis, f: RateLimitFilter) -> float:
+    """Units held by the (only) token key: (TAT - now) / T, from Redis itself."""
+    keys = await rc.keys("fw:rl:*:tokens:*")
+    assert len(keys) == 1
+    tat = int(await rc.get(keys[0]))
+    sec, usec = await rc.time()
+    return (tat - (sec * 1_000_000 + usec)) / f.limits[0].rule.interval_us
+
+
+async def test_tokens_reserved_up_front_then_settled_to_usage(rc: aioredis.Redis) -> None:
+    f = limiter(rc, TOKENS_LIMIT)
+    h = harness(f, openai=_openai())
+    seen: list[float] = []
+
+    async def upstream(headers: dict[str, str], body: bytes) -> UpstreamReply:
+        seen.append(await _used(rc, f))  # while the model works: the reservation
+        return _sim_llm_reply(prompt_tokens=9, completion_tokens=12)
+
+    r = await h.request("POST", "/v1/chat/completions", headers={"x-test-key": "k"},
+                        body=CHAT, upstream=upstream)  # fmt: skip
+    assert r.status == 200, r.body
+    # Prompt "user: hello there\nassistant:" is 28 chars -> 7 estimated, + max_tokens 50.
+    assert seen[0] == pytest.approx(57, abs=0.01)
+    assert await _used(rc, f) == pytest.approx(21, abs=0.01)  # settled: 9 + 12
+
+
+async def test_token_reservation_refused_before_the_model_is_called(rc: aioredis.Redis) -> None:
+    f = limiter(rc, {**TOKENS_LIMIT, "rate": 100, "burst": 100})
+    h = harness(f, openai=_openai())
+    called = 0
+
+    def upstream(headers: dict[str, str], body: bytes) -> UpstreamReply:
+        nonlocal called
+        called += 1
+        return _sim_llm_reply(7, 50)  # uses its whole reservation
+
+    statuses = [
+        (
+            await h.request(
+                "POST",
+                "/v1/chat/completions",
+                headers={"x-test-key": "k"},
+                body=CHAT,
+                upstream=upstream,
+            )
+        ).status
+        for _ in range(3)
+    ]
+    assert statuses == [200, 429, 429] and called == 1
+    big = CHAT.replace(b'"messages"', b'"max_tokens": 500, "messages"')
+    r = await h.request("POST", "/v1/chat/completions", headers={"x-test-key": "k"}, body=big)
+    assert r.status == 413 and r.json()["error"]["type"] == "request_exceeds_limit"
+
+
+async def test_aborted_and_failed_requests_are_settled(rc: aioredis.Redis) -> None:
+    f = limiter(rc, TOKENS_LIMIT)
+    h = harness(f, openai=_openai())
+    # The client leaves while the model works: the reservation stands (57).
+    await h.request("POST", "/v1/chat/completions", headers={"x-test-key": "k"}, body=CHAT,
+                    upstream=_sim_llm_reply(9, 12), client_aborts=True)  # fmt: skip
+    assert await _used(rc, f) == pytest.approx(57, abs=0.01)
+    # The model fails without usage: the whole reservation comes back.
+    failed = UpstreamReply(status=503, body=b'{"error":"unavailable"}')
+    r = await h.request("POST", "/v1/chat/completions", headers={"x-test-key": "k"}, body=CHAT,
+                        upstream=failed)  # fmt: skip
+    assert r.status == 503
+    assert await _used(rc, f) == pytest.approx(57, abs=0.01)
+
+
+# --- Redis failures --------------------------------------------------------------------------
+
+
+async def test_redis_killed_fail_open_then_recovers(
+    redis_server: RedisServer, rc: aioredis.Redis
+) -> None:
+    clock = FakeClock()
+    f = limiter(
+        rc, per_key(rate=1, burst=10, period="1h", local_share=0.5), clock=clock,
+        retry_redis_ms=1000, timeout_ms=200,
+    )  # fmt: skip
+    h = harness(f)
+    assert [(await call(h)).status for _ in range(2)] == [200, 200]
+    redis_server.kill()
+    try:
+        statuses = [(await call(h)).status for _ in range(8)]
+        # In process at half the limit: 5 pass, then refusals; never a 5xx.
+        assert statuses == [200] * 5 + [429] * 3
+        assert REDIS_UP._value.get() == 0
+    finally:
+        redis_server.start()
+    clock.advance(1.1)  # past retry_redis_ms: the next check tries Redis again
+    # Redis restarted empty (no persistence): its own budget again, shared by replicas.
+    assert [(await call(h, key="k2")).status for _ in range(11)] == [200] * 10 + [429]
+    assert REDIS_UP._value.get() == 1
+
+
+async def test_redis_killed_fail_closed_answers_503(
+    redis_server: RedisServer, rc: aioredis.Redis
+) -> None:
+    f = limiter(rc, per_key(on_redis_error="closed"), timeout_ms=200)
+    h = harness(f)
+    assert (await call(h)).status == 200
+    redis_server.kill()
+    try:
+        r = await call(h)
+        assert r.status == 503
+        assert r.json()["error"]["type"] == "rate_limit_unavailable"
+        assert int(r.headers["retry-after"]) >= 1
+    finally:
+        redis_server.start()
+
+
+async def test_frozen_redis_costs_the_timeout_not_a_hang(
+    redis_server: RedisServer, rc: aioredis.Redis
+) -> None:
+    from proxy.api import SystemClock
+
+    f = limiter(rc, per_key(), timeout_ms=100, clock=SystemClock())
+    h = harness(f)
+    assert (await call(h)).status == 200
+    redis_server.freeze()
+    try:
+        t0 = time.monotonic()
+        r = await call(h)
+        elapsed = time.monotonic() - t0
+        assert r.status == 200  # fail open: the in-process share admits it
+        assert elapsed < 1.0, f"check took {elapsed:.2f} s with a 100 ms budget"
+        t0 = time.monotonic()
+        assert (await call(h)).status == 200
+        assert time.monotonic() - t0 < 0.05  # within retry_redis_ms: no new attempt
+    finally:
+        redis_server.freeze(False)
+
+
+async def test_restarted_redis_reloads_the_script(
+    redis_server: RedisServer, rc: aioredis.Redis
+) -> None:
+    h = harness(limiter(rc, per_key()))
+    assert (await call(h)).status == 200
+    await rc.script_flush()  # what a restart or failover does to the script cache
+    assert (await call(h, key="other")).status == 200
