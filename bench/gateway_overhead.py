@@ -99,8 +99,20 @@ def _upstream_bootstrap(port: int) -> dict[str, Any]:
     }  # fmt: skip
 
 
+# The rate_limit setup: three limits per request, each checked in Redis, none ever refusing
+# (the benchmark measures the check, not refusals).
+RATE_LIMITS = [
+    {"name": "per_route", "key": ["route"], "rate": 1e6, "on_redis_error": "closed"},
+    {"name": "per_client", "key": ["client_ip"], "rate": 1e6, "on_redis_error": "closed"},
+    {"name": "everyone", "key": [], "rate": 1e6, "on_redis_error": "closed"},
+]
+
+
 def _gateway_config(setup: str, ports: dict[str, int], runtime: Path, processes: int) -> Path:
     filters: list[dict[str, Any]] = []
+    if setup == "rate_limit":
+        filters = [{"name": "rate_limit", "type": "rate_limit",
+                    "params": {"limits": RATE_LIMITS, "local_deny_cache": False}}]  # fmt: skip
     if setup == "auth_translate":
         filters = [
             {"name": "auth", "type": "auth", "params": {"keys": [
@@ -175,12 +187,23 @@ def gateway(
         ]
         hcm["http_filters"] = [f for f in hcm["http_filters"] if "ext_proc" not in f["name"]]
     pids: list[int] = []
+    redis_args: list[str] = []
     try:
+        if any(f.type == "rate_limit" for f in cfg.filters):
+            sock = runtime / f"{setup}-redis.sock"
+            procs.start([find_binary("redis-server", "apt-get install redis-server"),
+                         "--port", "0", "--unixsocket", str(sock), "--save", ""],
+                        runtime / f"{setup}-redis.log")  # fmt: skip
+            deadline = time.monotonic() + 10
+            while not sock.exists() and time.monotonic() < deadline:
+                time.sleep(0.02)
+            redis_args = ["--redis-url", f"unix://{sock}"]
         if setup != "envoy_alone":
             for i in range(processes):
                 p = procs.start(
                     [sys.executable, "-m", "proxy.cli", "serve", "-c", str(path), "--index",
-                     str(i), "--runtime-dir", str(runtime), "--log-level", "warning"],
+                     str(i), "--runtime-dir", str(runtime), "--log-level", "warning",
+                     *redis_args],
                     runtime / f"{setup}-processor-{i}.log",
                 )  # fmt: skip
                 pids.append(p.pid)

@@ -68,7 +68,20 @@ class ProcessorConfig(Model):
 class RedisConfig(Model):
     # "local" starts a private redis-server on a unix socket in the runtime dir; otherwise a URL.
     url: str = "local"
-    timeout_ms: Millis = 50
+    # Socket timeout of the Redis client: how long before a silent Redis is declared dead
+    # and its connection dropped. Keep it well above event-loop lag under load (asyncio
+    # timeouts count the time a busy process takes to read a reply); filters have their own,
+    # shorter latency budgets for deciding to fall back.
+    timeout_ms: Millis = 1000
+    # The URL names one node of a Redis Cluster; the client discovers the others. Filters keep
+    # each request's keys in one hash slot (hash tags).
+    cluster: bool = False
+
+    @model_validator(mode="after")
+    def _cluster_needs_url(self) -> RedisConfig:
+        if self.cluster and self.url == "local":
+            raise ValueError("cluster: true needs the url of a cluster node, not local")
+        return self
 
 
 class TritonLocalConfig(Model):

@@ -30,18 +30,21 @@ def processor_socket(runtime_dir: Path, index: int) -> Path:
     return runtime_dir / f"processor-{index}.sock"
 
 
-def make_redis(url: str | None, timeout_ms: int) -> Any:
+def make_redis(url: str | None, timeout_ms: int, cluster: bool = False) -> Any:
     if url is None:
         return None
     import redis.asyncio as aioredis
 
     t = timeout_ms / 1000
+    if cluster:
+        return aioredis.RedisCluster.from_url(url, socket_timeout=t, socket_connect_timeout=t)
     return aioredis.Redis.from_url(url, socket_timeout=t, socket_connect_timeout=t)
 
 
 def make_deps(cfg: FloodwallConfig, redis_url: str | None = None) -> Deps:
+    r = cfg.redis
     return Deps(
-        redis=make_redis(redis_url, cfg.redis.timeout_ms if cfg.redis else 50),
+        redis=make_redis(redis_url, r.timeout_ms if r else 50, r.cluster if r else False),
         upstreams={name: up.base_url for name, up in cfg.upstreams.items()},
     )
 

@@ -247,9 +247,12 @@ def redis_cluster(directory: Path, masters: int = 3) -> Iterator[list[RedisServe
     nodes = []
     try:
         for i in range(masters):
+            # The bus port defaults to port + 10000, which may fall in the ephemeral range
+            # and be taken: pick it below that range like the port itself.
             node = RedisServer(
                 directory / f"node{i}", "--cluster-enabled", "yes",
                 "--cluster-config-file", str(directory / f"node{i}" / "nodes.conf"),
+                "--cluster-port", str(free_port_block(1)),
             )  # fmt: skip
             nodes.append(node.start())
         subprocess.run(

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from filters.rate_limit import gcra
 from filters.rate_limit.params import Limit, RateLimitParams
@@ -40,7 +40,7 @@ from proxy.config import RouteConfig
 DECISIONS = Counter(
     "floodwall_ratelimit_decisions",
     "Rate-limit decisions by limit and decision (allowed, delayed, denied, denied_cached, "
-    "fallback_allowed, fallback_denied, unavailable, too_large)",
+    "fallback_allowed, fallback_denied, unavailable, overloaded, too_large)",
     ["limit", "decision"],
 )
 TOKENS = Counter(
@@ -65,7 +65,12 @@ WAIT_SECONDS = Histogram(
 
 _log = logging.getLogger("floodwall.rate_limit")
 _BODY_APIS = frozenset({"openai_embeddings", "openai_chat"})
-_REDIS_FAULTS = (RedisError, OSError, TimeoutError)
+# RedisClusterException is not a RedisError (a cluster with no reachable node raises it).
+_REDIS_FAULTS = (RedisError, RedisClusterException, OSError, TimeoutError)
+
+
+class _Overloaded(Exception):
+    """Redis answers, but this process could not get its reply within max_check_ms."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,8 +137,10 @@ class RateLimitFilter(Filter):
         # key -> monotonic instant before which no request can pass it (see gcra.blocked_until)
         self.deny_cache: dict[str, float] = {}
         self.timeout_s = params.timeout_ms / 1000
+        self.max_check_s = max(params.max_check_ms, params.timeout_ms) / 1000
         self.redis_down_until = 0.0 if self.store is not None else math.inf
         self._by_route: dict[str, list[_Limit]] = {}
+        self._body_routes: dict[str, bool] = {}
         self._background: set[asyncio.Future[Any]] = set()
         REDIS_UP.set(1 if self.store is not None else 0)
 
@@ -143,13 +150,23 @@ class RateLimitFilter(Filter):
         if not self._limits_for(route.name):
             return frozenset()
         out = {Phase.REQUEST_HEADERS}
-        # On OpenAI routes the model and the token estimate come from the body (the openai
-        # filter, placed before this one, sets them), so the check waits for it.
-        if route.api in _BODY_APIS:
+        if self._after_body(route):
             out.add(Phase.REQUEST_BODY)
         if self.p.response_headers:
             out.add(Phase.RESPONSE_HEADERS)
         return frozenset(out)
+
+    def _after_body(self, route: RouteConfig) -> bool:
+        """On OpenAI routes the model and the token estimate come from the body (the openai
+        filter, placed before this one, sets them): limits that use either wait for it."""
+        found = self._body_routes.get(route.name)
+        if found is None:
+            found = route.api in _BODY_APIS and any(
+                lim.spec.unit == "tokens" or "model" in lim.spec.key or bool(lim.spec.when.models)
+                for lim in self._limits_for(route.name)
+            )
+            self._body_routes[route.name] = found
+        return found
 
     def hold_ms(self) -> float:
         return max(spec.max_wait_ms for spec in self.p.limits)
@@ -168,7 +185,7 @@ class RateLimitFilter(Filter):
     async def on_request_headers(self, ctx: RequestContext, headers: Headers) -> Decision:
         st = ctx.state(_State)
         st.headers = headers
-        if ctx.route is not None and ctx.route.api in _BODY_APIS:
+        if ctx.route is not None and self._after_body(ctx.route):
             return CONTINUE
         return await self._check(ctx, st)
 
@@ -220,7 +237,16 @@ class RateLimitFilter(Filter):
         ]
         verdict: gcra.Verdict | None = None
         if now >= self.redis_down_until:
-            verdict = await self._take_redis(keys, takes, costs)
+            try:
+                verdict = await self._take_redis(keys, takes, costs)
+            except _Overloaded:
+                # Redis is fine; this process could not get its answer in max_check_ms.
+                for lim in limits:
+                    DECISIONS.labels(lim.spec.name, "overloaded").inc()
+                return errors.error(
+                    503, "overloaded", "the gateway is overloaded; retry shortly",
+                    retry_after_s=1,
+                )  # fmt: skip
         local = verdict is None
         if verdict is None:
             closed = [lim for lim in limits if lim.spec.on_redis_error == "closed"]
@@ -270,6 +296,7 @@ class RateLimitFilter(Filter):
         assert self.store is not None
         groups = self._groups(keys)
         t0 = time.perf_counter()
+        started = time.monotonic()
         futures = []
         for idx in groups:
             gkeys = [keys[i] for i in idx]
@@ -281,12 +308,19 @@ class RateLimitFilter(Filter):
             futures.append(
                 self.store.call(gkeys, args, orphan=self._give_back(gkeys, idx, takes, costs))
             )
+        gathered = asyncio.gather(*futures)
+        gathered.add_done_callback(_consume)
         try:
-            async with asyncio.timeout(self.timeout_s):
-                replies = await asyncio.gather(*futures)
+            replies = await self._await_redis(gathered, started)
         except _REDIS_FAULTS as exc:
+            gathered.cancel()  # late grants come back to the orphan handler: given back
             self._redis_failed(exc)
             return None
+        except (_Overloaded, asyncio.CancelledError):
+            # Shed, or the stream went away (client gone, Envoy's message timeout): a grant
+            # that arrives later goes back through the orphan handler.
+            gathered.cancel()
+            raise
         REDIS_SECONDS.observe(time.perf_counter() - t0)
         self._redis_ok()
         verdicts = [
@@ -309,6 +343,30 @@ class RateLimitFilter(Filter):
             for j, i in enumerate(idx):
                 tats[i], waits[i] = v.tats[j], v.waits_us[j]
         return gcra.Verdict(allowed, verdicts[0].now_us, tuple(tats), tuple(waits))
+
+    async def _await_redis(self, gathered: asyncio.Future[list[Reply]], started: float) -> Any:
+        """The replies, waiting in slices of the latency budget. Between slices Redis is
+        judged by whether it answered anything at all, not by this check's own wait: in a
+        process short of CPU every await is slow, and falling back then (Redis alive) would
+        admit beyond the shared limit."""
+        assert self.store is not None
+        step = min(self.timeout_s, 0.025)
+        while True:
+            try:
+                async with asyncio.timeout(step):
+                    return await asyncio.shield(gathered)
+            except TimeoutError:
+                # libuv runs due timers before it polls for I/O: after a stretch without CPU
+                # the budget can run out with the reply already in the socket. Let the loop
+                # read before judging.
+                for _ in range(8):
+                    if gathered.done():
+                        return gathered.result()
+                    await asyncio.sleep(0)
+                if self.store.silent_s() >= self.timeout_s:
+                    raise  # Redis owes answers and gave none for the whole budget: down
+                if time.monotonic() - started >= self.max_check_s:
+                    raise _Overloaded() from None
 
     def _groups(self, keys: Sequence[str]) -> list[list[int]]:
         if not self.cluster:
@@ -545,6 +603,13 @@ def _headers(limits: list[_Limit], rules: list[gcra.Rule], verdict: gcra.Verdict
         "ratelimit-policy": ", ".join(lim.policy for lim in limits),
         "ratelimit": ", ".join(state),
     }
+
+
+def _consume(fut: asyncio.Future[Any]) -> None:
+    # A check that gave up leaves its gather behind: read its outcome so asyncio does not
+    # log it as never retrieved (the failure was already counted).
+    if not fut.cancelled():
+        fut.exception()
 
 
 def _num(x: float) -> str:

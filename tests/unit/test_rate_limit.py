@@ -1,0 +1,220 @@
+"""rate_limit in process: the GCRA arithmetic on a fake clock, params that fail loudly, the
+client address, and the in-process limiter (what runs while Redis is away)."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import pytest
+
+from filters.rate_limit import gcra
+from filters.rate_limit.filter import RateLimitFilter, client_ip
+from proxy.api import Deps
+from proxy.config import ConfigError, FilterConfig
+from proxy.registry import build_filters
+from proxy.testing import FakeClock, Harness
+
+S = 1_000_000.0  # one second in microseconds
+T0 = 1_700_000_000 * S
+
+
+def test_burst_passes_at_once_then_one_per_interval() -> None:
+    rule = gcra.Rule.of(rate=10, period_s=1, burst=5)  # T = 100 ms, 5 at once
+    tat: float | None = None
+    got = []
+    for _ in range(7):
+        v = gcra.take([tat], [gcra.Take(rule, 1)], T0)
+        got.append(v.allowed)
+        if v.allowed:
+            tat = v.tats[0]
+    assert got == [True] * 5 + [False] * 2
+    refused = gcra.take([tat], [gcra.Take(rule, 1)], T0)
+    assert refused.waits_us[0] == pytest.approx(0.1 * S)  # the next slot is 100 ms away
+    assert gcra.take([tat], [gcra.Take(rule, 1)], T0 + 0.1 * S).allowed
+
+
+def test_cost_counts_as_that_many_units() -> None:
+    rule = gcra.Rule.of(rate=100, period_s=60, burst=100)
+    v = gcra.take([None], [gcra.Take(rule, 60)], T0)
+    assert v.allowed and gcra.remaining(v.tats[0], rule, T0) == 40
+    assert not gcra.take([v.tats[0]], [gcra.Take(rule, 41)], T0).allowed
+    assert gcra.take([v.tats[0]], [gcra.Take(rule, 40)], T0).allowed
+
+
+def test_refund_and_charge_after_the_fact() -> None:
+    rule = gcra.Rule.of(rate=1000, period_s=60, burst=1000)
+    v = gcra.take([None], [gcra.Take(rule, 800)], T0)  # reserve 800
+    tat = gcra.adjust(v.tats[0], rule, -500, T0 + S)  # used 300: refund 500
+    assert tat is not None
+    assert gcra.remaining(tat, rule, T0 + S) == pytest.approx(716, abs=1)  # 1000-300+16 drained
+    # A refund larger than what is held leaves an idle bucket, never credit beyond burst.
+    assert gcra.adjust(tat, rule, -5000, T0 + S) is None
+    # Charging more than reserved puts the bucket in debt: later requests wait it out.
+    debt = gcra.adjust(None, rule, 1500, T0)
+    assert debt is not None and not gcra.take([debt], [gcra.Take(rule, 1)], T0).allowed
+
+
+def test_any_window_admits_at_most_burst_plus_rate() -> None:
+    """The rolling-window guarantee: no edges to double up at. Random arrivals for 60 s; in
+    every window of length w, admitted <= burst + w / T."""
+    rule = gcra.Rule.of(rate=20, period_s=1, burst=5)
+    rng = random.Random(3)
+    now, tat, admitted = T0, None, []
+    while now < T0 + 60 * S:
+        now += rng.expovariate(60) * S  # offered 3x the rate
+        v = gcra.take([tat], [gcra.Take(rule, 1)], now)
+        if v.allowed:
+            tat = v.tats[0]
+            admitted.append(now)
+    assert len(admitted) >= 0.98 * (5 + 20 * 60)  # saturated: close to the allowance
+    for w in (0.05, 0.5, 1.0, 1.7, 10.0):
+        j = 0
+        for i, t in enumerate(admitted):
+            while admitted[j] < t - w * S:
+                j += 1
+            assert i - j + 1 <= 5 + w * 20 + 1e-9, (w, i)
+
+
+def test_all_or_nothing_across_limits() -> None:
+    a, b = gcra.Rule.of(10, 1, 10), gcra.Rule.of(1, 1, 1)
+    v = gcra.take([None, None], [gcra.Take(a, 1), gcra.Take(b, 1)], T0)
+    assert v.allowed
+    refused = gcra.take(list(v.tats), [gcra.Take(a, 1), gcra.Take(b, 1)], T0)
+    assert not refused.allowed and refused.tats == v.tats  # a was not charged either
+
+
+def test_clock_going_back_never_admits_more() -> None:
+    """A failover to a Redis whose clock is behind: TATs ahead of 'now' still bind."""
+    rule = gcra.Rule.of(rate=10, period_s=1, burst=3)
+    tat = None
+    for _ in range(3):
+        v = gcra.take([tat], [gcra.Take(rule, 1)], T0)
+        tat = v.tats[0]
+    for skew in (0.0, 0.05 * S, 2 * S):
+        assert not gcra.take([tat], [gcra.Take(rule, 1)], T0 - skew).allowed
+    # Forward again, the normal rate resumes.
+    assert gcra.take([tat], [gcra.Take(rule, 1)], T0 + 0.1 * S).allowed
+
+
+def test_max_wait_admits_with_a_wait_within_the_bound() -> None:
+    rule = gcra.Rule.of(rate=10, period_s=1, burst=1)
+    v1 = gcra.take([None], [gcra.Take(rule, 1, max_wait_us=0.25 * S)], T0)
+    v2 = gcra.take([v1.tats[0]], [gcra.Take(rule, 1, max_wait_us=0.25 * S)], T0)
+    v3 = gcra.take([v2.tats[0]], [gcra.Take(rule, 1, max_wait_us=0.25 * S)], T0)
+    v4 = gcra.take([v3.tats[0]], [gcra.Take(rule, 1, max_wait_us=0.25 * S)], T0)
+    assert [v.allowed for v in (v1, v2, v3, v4)] == [True, True, True, False]
+    assert (v2.wait_us, v3.wait_us) == (pytest.approx(0.1 * S), pytest.approx(0.2 * S))
+
+
+def test_blocked_until_never_refuses_what_would_pass() -> None:
+    rule = gcra.Rule.of(rate=5, period_s=1, burst=2)
+    rng = random.Random(5)
+    tat: float | None = None
+    now = T0
+    for _ in range(2000):
+        now += rng.uniform(0, 0.3) * S
+        if tat is not None and now < gcra.blocked_until(tat, rule, 0.0):
+            assert not gcra.take([tat], [gcra.Take(rule, 1)], now).allowed
+        v = gcra.take([tat], [gcra.Take(rule, 1)], now)
+        if v.allowed:
+            tat = v.tats[0]
+
+
+def test_scaled_rule_is_the_local_share() -> None:
+    rule = gcra.Rule.of(rate=100, period_s=1, burst=100).scaled(0.25)
+    local = gcra.LocalLimiter()
+    admitted = sum(local.take(["k"], [gcra.Take(rule, 1)], T0).allowed for _ in range(100))
+    assert admitted == 25
+
+
+# --- params ----------------------------------------------------------------------------------
+
+
+def _build(params: dict[str, Any]) -> Any:
+    return build_filters([FilterConfig(name="rl", type="rate_limit", params=params)], Deps())
+
+
+@pytest.mark.parametrize(
+    ("limit", "message"),
+    [
+        ({"key": ["api_key"]}, "limits[0].key[0]"),
+        ({"rate": 0}, "limits[0].rate"),
+        ({"period": "fortnight"}, "not a duration"),
+        ({"cost": 20}, "exceeds burst"),
+        ({"local_share": 0.01}, "fallback would refuse everything"),
+        ({"unit": "tokens", "cost": 3}, "token limits charge tokens"),
+        ({"key": ["tenant", "tenant"]}, "part twice"),
+        ({"max_wait_ms": -1}, "limits[0].max_wait_ms"),
+        ({"surprise": 1}, "limits[0].surprise"),
+    ],
+)
+def test_bad_limit_configs_fail_at_start_naming_the_field(
+    limit: dict[str, Any], message: str
+) -> None:
+    base = {"name": "l", "key": ["key_id"], "rate": 10}
+    with pytest.raises(ConfigError) as e:
+        _build({"limits": [{**base, **limit}]})
+    assert "filters[0] (rl)" in str(e.value) and message in str(e.value)
+
+
+def test_duplicate_limit_names_and_empty_limits_are_rejected() -> None:
+    lim = {"name": "l", "key": [], "rate": 1}
+    with pytest.raises(ConfigError, match="duplicate limit names"):
+        _build({"limits": [lim, lim]})
+    with pytest.raises(ConfigError, match="limits"):
+        _build({"limits": []})
+
+
+# --- client address --------------------------------------------------------------------------
+
+
+def test_client_ip_trusts_only_configured_hops() -> None:
+    # Envoy (use_remote_address) appends its peer; anything left of it came from the client.
+    assert client_ip("10.0.0.7", 0) == "10.0.0.7"
+    assert client_ip("6.6.6.6, 10.0.0.7", 0) == "10.0.0.7"  # spoofed entry ignored
+    assert client_ip("6.6.6.6, 203.0.113.9, 10.0.0.2", 1) == "203.0.113.9"  # one LB in front
+    assert client_ip("10.0.0.2", 3) == "10.0.0.2"  # fewer entries than hops: the leftmost
+    assert client_ip("", 0) == "-"
+
+
+# --- without Redis ---------------------------------------------------------------------------
+
+
+async def test_without_redis_limits_are_per_process() -> None:
+    p = RateLimitFilter.Params.model_validate(
+        {"limits": [{"name": "g", "key": [], "rate": 1, "burst": 2, "period": "1h"}]}
+    )
+    f = RateLimitFilter(p, Deps(clock=FakeClock()))
+    f.name = "rate_limit"
+    h = Harness.for_filters([f])
+    statuses = [(await h.request("GET", "/v2/models/m")).status for _ in range(3)]
+    assert statuses == [200, 200, 429]
+
+
+async def test_fail_closed_without_redis_answers_503() -> None:
+    p = RateLimitFilter.Params.model_validate(
+        {"limits": [{"name": "g", "key": [], "rate": 1, "on_redis_error": "closed"}]}
+    )
+    f = RateLimitFilter(p, Deps(clock=FakeClock()))
+    f.name = "rate_limit"
+    r = await Harness.for_filters([f]).request("GET", "/v2/models/m")
+    assert r.status == 503 and r.json()["error"]["type"] == "rate_limit_unavailable"
+
+
+def test_max_wait_extends_envoys_message_timeout() -> None:
+    from proxy.bootstrap import render
+    from proxy.chain import Chain
+    from proxy.testing import default_config
+
+    p = RateLimitFilter.Params.model_validate(
+        {"limits": [{"name": "g", "key": [], "rate": 1, "max_wait_ms": 2000}]}
+    )
+    cfg = default_config()
+    chain = Chain(cfg, [RateLimitFilter(p, Deps())])
+    from pathlib import Path
+
+    b = render(cfg, chain, Path("/tmp/fw"))
+    hcm = b["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    ext = next(f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.ext_proc")
+    assert ext["typed_config"]["message_timeout"] == f"{(500 + 2000) / 1000:.3f}s"
