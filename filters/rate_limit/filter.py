@@ -13,7 +13,7 @@ import hashlib
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +22,7 @@ from redis.exceptions import RedisClusterException, RedisError
 
 from filters.rate_limit import gcra
 from filters.rate_limit.params import Limit, RateLimitParams
-from filters.rate_limit.store import GcraStore, Reply
+from filters.rate_limit.store import GcraStore, Overloaded, Reply
 from proxy import errors
 from proxy.api import (
     CONTINUE,
@@ -39,8 +39,7 @@ from proxy.config import RouteConfig
 
 DECISIONS = Counter(
     "floodwall_ratelimit_decisions",
-    "Rate-limit decisions by limit and decision (allowed, delayed, denied, denied_cached, "
-    "fallback_allowed, fallback_denied, unavailable, overloaded, too_large)",
+    "Rate-limit decisions by limit and decision",
     ["limit", "decision"],
 )
 TOKENS = Counter(
@@ -64,13 +63,13 @@ WAIT_SECONDS = Histogram(
 )
 
 _log = logging.getLogger("floodwall.rate_limit")
+_DECISIONS = (
+    "allowed", "delayed", "denied", "denied_cached", "fallback_allowed", "fallback_denied",
+    "unavailable", "overloaded", "too_large",
+)  # fmt: skip
 _BODY_APIS = frozenset({"openai_embeddings", "openai_chat"})
 # RedisClusterException is not a RedisError (a cluster with no reachable node raises it).
 _REDIS_FAULTS = (RedisError, RedisClusterException, OSError, TimeoutError)
-
-
-class _Overloaded(Exception):
-    """Redis answers, but this process could not get its reply within max_check_ms."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +83,11 @@ class _Limit:
     # Cluster a request's per-tenant and per-key limits are one atomic script in one slot.
     by_tenant: bool
     policy: str
+    # The script's per-key numbers, as strings once (cost last; requests: fixed).
+    nums: tuple[str, str]
+    max_wait: str
+    cost: str
+    counters: dict[str, Any]
 
     @classmethod
     def of(cls, spec: Limit) -> _Limit:
@@ -99,7 +103,14 @@ class _Limit:
             rule.scaled(spec.local_share),
             any(p in ("tenant", "key_id") for p in spec.key),
             policy,
+            (_num(rule.interval_us), _num(rule.tolerance_us)),
+            _num(spec.max_wait_ms * 1000.0),
+            _num(spec.cost),
+            {d: DECISIONS.labels(spec.name, d) for d in _DECISIONS},
         )
+
+    def count(self, decision: str) -> None:
+        self.counters[decision].inc()
 
     @property
     def max_wait_us(self) -> float:
@@ -131,13 +142,22 @@ class RateLimitFilter(Filter):
         super().__init__(params, deps)
         self.p = params
         self.limits = [_Limit.of(spec) for spec in params.limits]
-        self.store = GcraStore(deps.redis) if deps.redis is not None else None
         self.cluster = _is_cluster(deps.redis)
+        self.store = (
+            GcraStore(
+                deps.redis,
+                cluster=self.cluster,
+                timeout_s=params.timeout_ms / 1000,
+                max_wait_s=max(params.max_check_ms, params.timeout_ms) / 1000,
+            )
+            if deps.redis is not None
+            else None
+        )
+        self._keys: dict[tuple[str, tuple[str, ...]], str] = {}
         self.local = gcra.LocalLimiter()
         # key -> monotonic instant before which no request can pass it (see gcra.blocked_until)
         self.deny_cache: dict[str, float] = {}
         self.timeout_s = params.timeout_ms / 1000
-        self.max_check_s = max(params.max_check_ms, params.timeout_ms) / 1000
         self.redis_down_until = 0.0 if self.store is not None else math.inf
         self._by_route: dict[str, list[_Limit]] = {}
         self._body_routes: dict[str, bool] = {}
@@ -212,7 +232,7 @@ class RateLimitFilter(Filter):
                     continue  # no token count on this route (a KServe passthrough)
                 cost = float(ctx.token_estimate.total)
                 if cost * lim.rule.interval_us > lim.rule.tolerance_us + lim.max_wait_us:
-                    DECISIONS.labels(lim.spec.name, "too_large").inc()
+                    lim.count("too_large")
                     return errors.error(
                         413, "request_exceeds_limit",
                         f"the request may use {int(cost)} tokens; limit {lim.spec.name!r} "
@@ -238,11 +258,11 @@ class RateLimitFilter(Filter):
         verdict: gcra.Verdict | None = None
         if now >= self.redis_down_until:
             try:
-                verdict = await self._take_redis(keys, takes, costs)
-            except _Overloaded:
+                verdict = await self._take_redis(limits, keys, takes, costs)
+            except Overloaded:
                 # Redis is fine; this process could not get its answer in max_check_ms.
                 for lim in limits:
-                    DECISIONS.labels(lim.spec.name, "overloaded").inc()
+                    lim.count("overloaded")
                 return errors.error(
                     503, "overloaded", "the gateway is overloaded; retry shortly",
                     retry_after_s=1,
@@ -252,7 +272,7 @@ class RateLimitFilter(Filter):
             closed = [lim for lim in limits if lim.spec.on_redis_error == "closed"]
             if closed:
                 for lim in closed:
-                    DECISIONS.labels(lim.spec.name, "unavailable").inc()
+                    lim.count("unavailable")
                 return errors.error(
                     503, "rate_limit_unavailable",
                     "the rate limiter's store is unavailable", retry_after_s=self._retry_s(),
@@ -273,7 +293,7 @@ class RateLimitFilter(Filter):
         if verdict.wait_us > 0:
             kind = "delayed"
         for lim in limits:
-            DECISIONS.labels(lim.spec.name, kind).inc()
+            lim.count(kind)
         for lim, c in zip(limits, costs, strict=True):
             if lim.spec.unit == "tokens":
                 TOKENS.labels(lim.spec.name, "reserved").inc(c)
@@ -290,36 +310,31 @@ class RateLimitFilter(Filter):
         return CONTINUE
 
     async def _take_redis(
-        self, keys: list[str], takes: list[gcra.Take], costs: list[float]
+        self, limits: list[_Limit], keys: list[str], takes: list[gcra.Take], costs: list[float]
     ) -> gcra.Verdict | None:
-        """All-or-nothing take in Redis; None when Redis failed or was too slow."""
+        """All-or-nothing take in Redis; None when Redis failed or went silent."""
         assert self.store is not None
         groups = self._groups(keys)
         t0 = time.perf_counter()
-        started = time.monotonic()
         futures = []
         for idx in groups:
             gkeys = [keys[i] for i in idx]
-            args = ["take", ""]
+            nums: list[str] = []
             for i in idx:
-                t = takes[i]
-                args += [_num(t.rule.interval_us), _num(t.rule.tolerance_us), _num(t.cost),
-                         _num(t.max_wait_us)]  # fmt: skip
-            futures.append(
-                self.store.call(gkeys, args, orphan=self._give_back(gkeys, idx, takes, costs))
-            )
-        gathered = asyncio.gather(*futures)
-        gathered.add_done_callback(_consume)
+                lim = limits[i]
+                nums += [*lim.nums, lim.cost if lim.spec.unit == "requests" else _num(costs[i]),
+                         lim.max_wait]  # fmt: skip
+            orphan = self._give_back(gkeys, [limits[i] for i in idx], [costs[i] for i in idx])
+            futures.append(self.store.call("take", gkeys, nums, orphan))
         try:
-            replies = await self._await_redis(gathered, started)
+            replies = [await f for f in futures]  # sent together: one wait
         except _REDIS_FAULTS as exc:
-            gathered.cancel()  # late grants come back to the orphan handler: given back
+            _cancel(futures)  # late grants come back to the orphan handler: given back
             self._redis_failed(exc)
             return None
-        except (_Overloaded, asyncio.CancelledError):
-            # Shed, or the stream went away (client gone, Envoy's message timeout): a grant
-            # that arrives later goes back through the orphan handler.
-            gathered.cancel()
+        except (Overloaded, asyncio.CancelledError):
+            # Shed, or the stream went away (client gone, Envoy's message timeout).
+            _cancel(futures)
             raise
         REDIS_SECONDS.observe(time.perf_counter() - t0)
         self._redis_ok()
@@ -335,7 +350,7 @@ class RateLimitFilter(Filter):
         if not allowed:
             for v, idx in zip(verdicts, groups, strict=True):
                 if v.allowed:
-                    self._adjust_redis([keys[i] for i in idx], [takes[i].rule for i in idx],
+                    self._adjust_redis([keys[i] for i in idx], [limits[i] for i in idx],
                                        [-costs[i] for i in idx])  # fmt: skip
         tats: list[float] = [0.0] * len(keys)
         waits: list[float] = [0.0] * len(keys)
@@ -343,30 +358,6 @@ class RateLimitFilter(Filter):
             for j, i in enumerate(idx):
                 tats[i], waits[i] = v.tats[j], v.waits_us[j]
         return gcra.Verdict(allowed, verdicts[0].now_us, tuple(tats), tuple(waits))
-
-    async def _await_redis(self, gathered: asyncio.Future[list[Reply]], started: float) -> Any:
-        """The replies, waiting in slices of the latency budget. Between slices Redis is
-        judged by whether it answered anything at all, not by this check's own wait: in a
-        process short of CPU every await is slow, and falling back then (Redis alive) would
-        admit beyond the shared limit."""
-        assert self.store is not None
-        step = min(self.timeout_s, 0.025)
-        while True:
-            try:
-                async with asyncio.timeout(step):
-                    return await asyncio.shield(gathered)
-            except TimeoutError:
-                # libuv runs due timers before it polls for I/O: after a stretch without CPU
-                # the budget can run out with the reply already in the socket. Let the loop
-                # read before judging.
-                for _ in range(8):
-                    if gathered.done():
-                        return gathered.result()
-                    await asyncio.sleep(0)
-                if self.store.silent_s() >= self.timeout_s:
-                    raise  # Redis owes answers and gave none for the whole budget: down
-                if time.monotonic() - started >= self.max_check_s:
-                    raise _Overloaded() from None
 
     def _groups(self, keys: Sequence[str]) -> list[list[int]]:
         if not self.cluster:
@@ -379,13 +370,13 @@ class RateLimitFilter(Filter):
         return list(by_slot.values())
 
     def _give_back(
-        self, keys: list[str], idx: list[int], takes: list[gcra.Take], costs: list[float]
-    ) -> Any:
+        self, keys: list[str], limits: list[_Limit], costs: list[float]
+    ) -> Callable[[Reply], None]:
         """For a reply that arrives after the caller gave up: undo a grant nobody used."""
 
         def orphan(reply: Reply) -> None:
             if reply[0] == 1:
-                self._adjust_redis(keys, [takes[i].rule for i in idx], [-costs[i] for i in idx])
+                self._adjust_redis(keys, limits, [-c for c in costs])
 
         return orphan
 
@@ -399,7 +390,7 @@ class RateLimitFilter(Filter):
             if until <= now:
                 del self.deny_cache[key]
                 continue
-            DECISIONS.labels(lim.spec.name, "denied_cached").inc()
+            lim.count("denied_cached")
             t = until - now
             return errors.error(
                 429, "rate_limited", f"rate limit {lim.spec.name!r} exceeded",
@@ -441,7 +432,7 @@ class RateLimitFilter(Filter):
         for lim, wait in zip(limits, verdict.waits_us, strict=True):
             over = wait - lim.max_wait_us
             if over > 0:
-                DECISIONS.labels(lim.spec.name, "fallback_denied" if local else "denied").inc()
+                lim.count("fallback_denied" if local else "denied")
                 if over > retry_us:
                     retry_us, worst = over, lim
         return errors.error(
@@ -480,7 +471,7 @@ class RateLimitFilter(Filter):
             return
         for idx in self._groups([k for _, k, _ in todo]):
             fut = self._adjust_redis(
-                [todo[i][1] for i in idx], [todo[i][0].rule for i in idx], [todo[i][2] for i in idx]
+                [todo[i][1] for i in idx], [todo[i][0] for i in idx], [todo[i][2] for i in idx]
             )
             try:
                 async with asyncio.timeout(self.timeout_s * 4):
@@ -491,13 +482,13 @@ class RateLimitFilter(Filter):
                                 exc, len(idx))  # fmt: skip
 
     def _adjust_redis(
-        self, keys: list[str], rules: list[gcra.Rule], deltas: list[float]
+        self, keys: list[str], limits: list[_Limit], deltas: list[float]
     ) -> asyncio.Future[Reply]:
         assert self.store is not None
-        args = ["adjust", ""]
-        for rule, d in zip(rules, deltas, strict=True):
-            args += [_num(rule.interval_us), _num(d)]
-        fut = self.store.call(keys, args)
+        nums: list[str] = []
+        for lim, d in zip(limits, deltas, strict=True):
+            nums += [lim.nums[0], _num(d)]
+        fut = self.store.call("adjust", keys, nums)
         # Refunds of orphans are fire-and-forget: keep a reference, read the outcome.
         self._background.add(fut)
         fut.add_done_callback(self._adjusted)
@@ -532,10 +523,18 @@ class RateLimitFilter(Filter):
     # --- keys --------------------------------------------------------------------------------
 
     def _key(self, lim: _Limit, ctx: RequestContext, headers: Headers) -> str:
-        values = [self._part(p, ctx, headers) for p in lim.spec.key]
-        digest = hashlib.blake2b("\x1f".join(values).encode(), digest_size=12).hexdigest()
-        tag = _short(ctx.tenant or "-") if lim.by_tenant else lim.spec.name
-        return f"{self.p.prefix}:{{{tag}}}:{lim.spec.name}:{digest}"
+        values = tuple(self._part(p, ctx, headers) for p in lim.spec.key)
+        tenant = (ctx.tenant or "-") if lim.by_tenant else ""
+        memo = (lim.spec.name, (tenant, *values))
+        key = self._keys.get(memo)
+        if key is None:
+            digest = hashlib.blake2b("\x1f".join(values).encode(), digest_size=12).hexdigest()
+            tag = _short(tenant) if lim.by_tenant else lim.spec.name
+            key = f"{self.p.prefix}:{{{tag}}}:{lim.spec.name}:{digest}"
+            if len(self._keys) >= 50_000:
+                self._keys.clear()  # bounded: client IPs and header values are unbounded
+            self._keys[memo] = key
+        return key
 
     def _part(self, part: str, ctx: RequestContext, headers: Headers) -> str:
         if part == "tenant":
@@ -605,11 +604,13 @@ def _headers(limits: list[_Limit], rules: list[gcra.Rule], verdict: gcra.Verdict
     }
 
 
-def _consume(fut: asyncio.Future[Any]) -> None:
-    # A check that gave up leaves its gather behind: read its outcome so asyncio does not
-    # log it as never retrieved (the failure was already counted).
-    if not fut.cancelled():
-        fut.exception()
+def _cancel(futures: list[asyncio.Future[Reply]]) -> None:
+    for f in futures:
+        if f.done():
+            if not f.cancelled():
+                f.exception()  # read, so asyncio does not log it as never retrieved
+        else:
+            f.cancel()
 
 
 def _num(x: float) -> str:

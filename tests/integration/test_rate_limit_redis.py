@@ -18,7 +18,6 @@ import redis.asyncio as aioredis
 from filters.openai.filter import OpenAIFilter
 from filters.rate_limit import gcra
 from filters.rate_limit.filter import REDIS_UP, RateLimitFilter
-from filters.rate_limit.store import GcraStore
 from proxy.api import CONTINUE, Deps, Filter, RequestContext
 from proxy.testing import FakeClock, Harness, UpstreamReply, default_config
 from tests.helpers import RedisServer
@@ -95,7 +94,9 @@ ROUTES = [
 
 async def test_lua_script_matches_python_arithmetic(rc: aioredis.Redis) -> None:
     """Random takes and adjusts at pinned instants give identical verdicts and TATs."""
-    store = GcraStore(rc)
+    from filters.rate_limit.store import LUA, SHA
+
+    await rc.script_load(LUA)
     rng = random.Random(7)
     rules = [gcra.Rule.of(10, 1, 5), gcra.Rule.of(100, 60, 20), gcra.Rule.of(3, 1, 1)]
     keys = ["fw:t:a", "fw:t:b", "fw:t:c"]
@@ -106,26 +107,44 @@ async def test_lua_script_matches_python_arithmetic(rc: aioredis.Redis) -> None:
         if rng.random() < 0.8:
             takes = [gcra.Take(r, rng.choice([1, 1, 2, 3]), rng.choice([0, 0, 300_000]))
                      for r in rules]  # fmt: skip
-            args = ["take", str(now)]
+            nums = []
             for t in takes:
-                args += [repr(t.rule.interval_us), repr(t.rule.tolerance_us), repr(t.cost),
+                nums += [repr(t.rule.interval_us), repr(t.rule.tolerance_us), repr(t.cost),
                          repr(t.max_wait_us)]  # fmt: skip
-            reply = await store.call(keys, args)
+            raw = await rc.evalsha(SHA, 3, *keys, str(now), 1, "take", 3, *nums)
+            reply = [int(x) for x in raw[1:]]
             expect = gcra.take([_live(model[k], now) for k in keys], takes, now)
             assert bool(reply[0]) == expect.allowed, step
-            got = gcra.from_reply(reply[0] == 1, reply[1], reply[2:], takes)
+            got = gcra.from_reply(reply[0] == 1, now, reply[1:], takes)
             assert got.tats == expect.tats and got.waits_us == expect.waits_us, step
             if expect.allowed:
                 model.update(zip(keys, expect.tats, strict=True))
         else:
             deltas = [rng.choice([-3, -1, 1, 2]) for _ in keys]
-            args = ["adjust", str(now)]
+            nums = []
             for r, d in zip(rules, deltas, strict=True):
-                args += [repr(r.interval_us), repr(float(d))]
-            await store.call(keys, args)
+                nums += [repr(r.interval_us), repr(float(d))]
+            await rc.evalsha(SHA, 3, *keys, str(now), 1, "adjust", 3, *nums)
             for k, r, d in zip(keys, rules, deltas, strict=True):
                 model[k] = gcra.adjust(_live(model[k], now), r, d, now)
-    await store.close()
+
+
+async def test_one_script_call_serves_a_batch_of_requests(rc: aioredis.Redis) -> None:
+    """Requests in one call are each all-or-nothing, in order: the second is refused (its
+    second key is full) and writes nothing; the third, on fresh keys, passes."""
+    from filters.rate_limit.store import LUA, SHA
+
+    await rc.script_load(LUA)
+    r = gcra.Rule.of(1, 3600, 1)
+    n = [repr(r.interval_us), repr(r.tolerance_us), "1.0", "0.0"]
+    raw = await rc.evalsha(
+        SHA, 5, "k:a", "k:b", "k:a", "k:c", "k:d", "", 3,
+        "take", 1, *n,  "take", 2, *n, *n,  "take", 2, *n, *n,
+    )  # fmt: skip
+    assert [int(x) for x in raw[1:2]] == [1]  # first request granted
+    assert int(raw[3]) == 0  # second refused (k:a is taken) ...
+    assert await rc.get("k:b") is None  # ... and wrote nothing
+    assert int(raw[6]) == 1  # third granted
 
 
 def _live(tat: float | None, now: float) -> float | None:
@@ -193,20 +212,12 @@ async def test_local_deny_cache_spares_redis_and_never_admits_more(rc: aioredis.
 async def test_concurrent_checks_share_round_trips(rc: aioredis.Redis) -> None:
     f = limiter(rc, per_key(rate=1000, burst=1000))
     assert f.store is not None
-    pipelines = 0
-    send = f.store._pipeline
-
-    async def counting(batch: Any) -> Any:
-        nonlocal pipelines
-        pipelines += 1
-        return await send(batch)
-
-    f.store._pipeline = counting  # type: ignore[method-assign]
     h = harness(f)
     results = await asyncio.gather(*(call(h, key=f"k{i}") for i in range(200)))
     assert all(r.status == 200 for r in results)
-    assert (await rc.info("commandstats"))["cmdstat_evalsha"]["calls"] == 200
-    assert pipelines <= 10, f"200 concurrent checks took {pipelines} round trips"
+    # One script call serves a whole batch of requests.
+    calls = (await rc.info("commandstats"))["cmdstat_evalsha"]["calls"]
+    assert f.store.round_trips == calls <= 10, f"200 checks took {calls} round trips"
 
 
 # --- smoothing -------------------------------------------------------------------------------
