@@ -43,6 +43,9 @@ class Mutate:
     set_headers: Mapping[str, str] = field(default_factory=dict)
     remove_headers: tuple[str, ...] = ()
     body: bytes | None = None
+    # From on_response_headers: have the response body come as it arrives, a response_body
+    # phase per chunk (ctx.end_of_stream marks the last), instead of buffered whole (SSE).
+    stream_response: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +142,7 @@ class RequestContext:
         "_log",
         "_state",
         "deadline",
+        "end_of_stream",
         "grpc",
         "has_request_body",
         "has_response_body",
@@ -149,6 +153,7 @@ class RequestContext:
         "priority",
         "request_id",
         "response_status",
+        "response_streamed",
         "route",
         "started",
         "tenant",
@@ -187,6 +192,10 @@ class RequestContext:
         # False when the headers ended the message (Envoy then sends no body phase).
         self.has_request_body = True
         self.has_response_body = True
+        # A streamed response body (see Mutate.stream_response) comes in chunks; end_of_stream
+        # is True on the last one (always True for a buffered body).
+        self.response_streamed = False
+        self.end_of_stream = True
         self._state: dict[type[Any], Any] = {}
         self._log: logging.LoggerAdapter[logging.Logger] | None = None
 

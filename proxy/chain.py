@@ -63,12 +63,13 @@ class RoutePlan:
 class _Accumulator:
     """Merges the Mutates of one phase."""
 
-    __slots__ = ("body", "remove", "set")
+    __slots__ = ("body", "remove", "set", "stream")
 
     def __init__(self) -> None:
         self.set: dict[str, str] = {}
         self.remove: list[str] = []
         self.body: bytes | None = None
+        self.stream = False
 
     def add(self, m: Mutate, headers: Headers | None) -> None:
         for k in m.remove_headers:
@@ -87,11 +88,17 @@ class _Accumulator:
                 headers[k] = v
         if m.body is not None:
             self.body = m.body
+        self.stream = self.stream or m.stream_response
 
     def decision(self) -> Decision:
-        if not self.set and not self.remove and self.body is None:
+        if not self.set and not self.remove and self.body is None and not self.stream:
             return CONTINUE
-        return Mutate(set_headers=self.set, remove_headers=tuple(self.remove), body=self.body)
+        return Mutate(
+            set_headers=self.set,
+            remove_headers=tuple(self.remove),
+            body=self.body,
+            stream_response=self.stream,
+        )
 
 
 class Chain:
@@ -215,6 +222,8 @@ class Chain:
             if isinstance(d, Respond):
                 return d, f.name
             if isinstance(d, Mutate):
+                if d.stream_response and phase is Phase.RESPONSE_HEADERS:
+                    ctx.response_streamed = True
                 acc.add(d, data if is_headers else None)
                 if d.body is not None and not is_headers:
                     data = d.body

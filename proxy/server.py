@@ -74,6 +74,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
                     data = req.request_body.body
                 else:
                     data = req.response_body.body
+                    ctx.end_of_stream = req.response_body.end_of_stream
                 decision, by = await self.chain.run(plan, phase, ctx, data)
                 if isinstance(decision, Respond):
                     responded_by, status = by or "chain", decision.status
@@ -107,7 +108,7 @@ def _is_last(plan: RoutePlan, phase: Phase, ctx: RequestContext) -> bool:
     """True once the stream reached the last phase Envoy will send for this request."""
     phases = plan.phases
     if phase is Phase.RESPONSE_BODY:
-        return True
+        return not ctx.response_streamed or ctx.end_of_stream
     if phase is Phase.RESPONSE_HEADERS:
         return Phase.RESPONSE_BODY not in phases or not ctx.has_response_body
     if Phase.RESPONSE_HEADERS in phases or Phase.RESPONSE_BODY in phases:

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from typing import Any, TypeAlias
 
 from envoy.config.core.v3.base_pb2 import HeaderValue, HeaderValueOption
+from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.type.v3.http_status_pb2 import HttpStatus
 
@@ -30,6 +31,13 @@ _CONTINUE = {
     Phase.REQUEST_BODY: ProcessingResponse(request_body=pb.BodyResponse()),
     Phase.RESPONSE_BODY: ProcessingResponse(response_body=pb.BodyResponse()),
 }
+
+_STREAM_RESPONSE = ProcessingMode(
+    request_header_mode=ProcessingMode.SEND,
+    response_header_mode=ProcessingMode.SEND,
+    request_body_mode=ProcessingMode.NONE,
+    response_body_mode=ProcessingMode.STREAMED,
+)
 
 TRAILERS = {
     "request_trailers": ProcessingResponse(request_trailers=pb.TrailersResponse()),
@@ -91,7 +99,11 @@ def response_for(phase: Phase, decision: Decision, *, grpc: bool = False) -> Mes
     if phase is Phase.REQUEST_HEADERS:
         return ProcessingResponse(request_headers=pb.HeadersResponse(response=common))
     if phase is Phase.RESPONSE_HEADERS:
-        return ProcessingResponse(response_headers=pb.HeadersResponse(response=common))
+        out = ProcessingResponse(response_headers=pb.HeadersResponse(response=common))
+        if decision.stream_response:
+            # Only honoured in answer to a headers message (and with allow_mode_override).
+            out.mode_override.CopyFrom(_STREAM_RESPONSE)
+        return out
     if phase is Phase.REQUEST_BODY:
         return ProcessingResponse(request_body=pb.BodyResponse(response=common))
     return ProcessingResponse(response_body=pb.BodyResponse(response=common))

@@ -29,6 +29,10 @@ class ChatCall:
     spec: ChatModel
     max_tokens: int
     prompt_chars: int
+    prompt: str = ""
+    temperature: float = 1.0
+    stream: bool = False
+    include_usage: bool = False
 
 
 def _content_text(content: Any) -> str | None:
@@ -50,8 +54,14 @@ def parse(
     if not isinstance(found, tuple):
         return found
     model, spec = found
-    if req.get("stream"):
-        return bad("'stream': true is not supported yet by this gateway")
+    stream = req.get("stream", False)
+    if not isinstance(stream, bool):
+        return bad("'stream' must be a boolean")
+    if stream and spec.stream_model is None:
+        return bad(f"'stream': true is not available for {model}")
+    options = req.get("stream_options") or {}
+    if not isinstance(options, dict):
+        return bad("'stream_options' must be an object")
     if req.get("n", 1) != 1:
         return bad("'n' must be 1")
     messages = req.get("messages")
@@ -89,12 +99,97 @@ def parse(
         {"name": "TEMPERATURE", "shape": [1, 1], "datatype": "FP32", "data": [float(temperature)]},
     ]
     outputs = [{"name": n} for n in ("TEXT", "PROMPT_TOKENS", "COMPLETION_TOKENS", "FINISH_REASON")]
-    return ChatCall(model, spec, max_tokens, len(prompt)), inputs, outputs
+    call = ChatCall(model, spec, max_tokens, len(prompt), prompt, float(temperature), stream,
+                    bool(options.get("include_usage", False)))  # fmt: skip
+    return call, inputs, outputs
+
+
+def generate_body(call: ChatCall, parameters: dict[str, int]) -> bytes:
+    """Triton's generate_stream request for the decoupled model: inputs by name."""
+    body: dict[str, Any] = {
+        "PROMPT": call.prompt,
+        "MAX_TOKENS": call.max_tokens,
+        "TEMPERATURE": call.temperature,
+    }
+    if parameters:
+        body["parameters"] = parameters
+    return orjson.dumps(body)
+
+
+class StreamTranslator:
+    """Triton's generate_stream events (``data: {"TEXT": ...}``, the last with the counts and
+    FINISH_REASON) -> OpenAI ``chat.completion.chunk`` events, chunk by chunk: an event may
+    arrive split across chunks, so the unfinished tail waits for the next one."""
+
+    def __init__(self, call: ChatCall, request_id: str) -> None:
+        self.call = call
+        self.head = {
+            "id": f"chatcmpl-{request_id}",
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": call.model,
+        }
+        self.pending = b""
+        self.started = False
+        self.usage: Usage | None = None
+        self.done = False
+
+    def feed(self, chunk: bytes, last: bool) -> bytes:
+        data = self.pending + chunk
+        events, _, self.pending = data.rpartition(b"\n\n")
+        out = [self._event(e) for e in events.split(b"\n\n") if e.strip()] if events else []
+        if last:
+            if self.pending.strip():
+                out.append(self._event(self.pending))
+                self.pending = b""
+            if not self.done:  # the model's stream ended without its final event
+                ended = {"type": "upstream_error", "message": "the model's stream ended early"}
+                out.append(_sse({"error": ended}))
+            out.append(b"data: [DONE]\n\n")
+        return b"".join(out)
+
+    def _event(self, raw: bytes) -> bytes:
+        text = raw.strip()
+        if not text.startswith(b"data:"):
+            return b""
+        try:
+            ev = orjson.loads(text[5:].strip())
+        except orjson.JSONDecodeError:
+            return _sse({"error": {"type": "upstream_error", "message": "unreadable model event"}})
+        if "error" in ev:
+            self.done = True
+            return _sse({"error": {"type": "upstream_error", "message": str(ev["error"])}})
+        out = []
+        delta: dict[str, str] = {"content": str(ev.get("TEXT", ""))}
+        if not self.started:
+            delta = {"role": "assistant", **delta}
+            self.started = True
+        out.append(self._chunk(delta, None))
+        if "FINISH_REASON" in ev:
+            self.done = True
+            self.usage = Usage(int(ev.get("PROMPT_TOKENS", 0)), int(ev.get("COMPLETION_TOKENS", 0)))
+            out.append(self._chunk({}, str(ev["FINISH_REASON"])))
+            if self.call.include_usage:
+                out.append(_sse({**self.head, "choices": [], "usage": _usage(self.usage)}))
+        return b"".join(out)
+
+    def _chunk(self, delta: dict[str, str], finish: str | None) -> bytes:
+        return _sse({**self.head, "choices": [{"index": 0, "delta": delta,
+                                                "finish_reason": finish}]})  # fmt: skip
+
+
+def _sse(obj: dict[str, Any]) -> bytes:
+    return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+
+def _usage(u: Usage) -> dict[str, int]:
+    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+            "total_tokens": u.total}  # fmt: skip
 
 
 def render(resp: dict[str, Any], call: ChatCall, request_id: str) -> tuple[bytes, Usage]:
     out = {o["name"]: o["data"][0] for o in resp["outputs"]}
-    prompt_tokens, completion_tokens = int(out["PROMPT_TOKENS"]), int(out["COMPLETION_TOKENS"])
+    usage = Usage(int(out["PROMPT_TOKENS"]), int(out["COMPLETION_TOKENS"]))
     body = orjson.dumps(
         {
             "id": f"chatcmpl-{request_id}",
@@ -108,11 +203,7 @@ def render(resp: dict[str, Any], call: ChatCall, request_id: str) -> tuple[bytes
                     "finish_reason": str(out["FINISH_REASON"]),
                 }
             ],
-            "usage": {
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens,
-            },
+            "usage": _usage(usage),
         }
     )
-    return body, Usage(prompt_tokens, completion_tokens)
+    return body, usage

@@ -38,6 +38,7 @@ _APIS = frozenset({"openai_embeddings", "openai_chat"})
 @dataclass(slots=True)
 class _State:
     call: embeddings.EmbeddingsCall | chat.ChatCall | None = None
+    stream: chat.StreamTranslator | None = None
 
 
 class OpenAIFilter(Filter):
@@ -75,13 +76,20 @@ class OpenAIFilter(Filter):
         ctx.state(_State).call = call
         ctx.model = call.model
         ctx.token_estimate = self._estimate(call)
-        infer: dict[str, Any] = {"inputs": inputs, "outputs": outputs}
-        if params := self._triton_parameters(ctx):
-            infer["parameters"] = params
-        out = orjson.dumps(infer)
+        params = self._triton_parameters(ctx)
+        if isinstance(call, chat.ChatCall) and call.stream:
+            assert call.spec.stream_model is not None
+            path = f"/v2/models/{call.spec.stream_model}/generate_stream"
+            out = chat.generate_body(call, params)
+        else:
+            path = f"/v2/models/{call.spec.triton_model}/infer"
+            infer: dict[str, Any] = {"inputs": inputs, "outputs": outputs}
+            if params:
+                infer["parameters"] = params
+            out = orjson.dumps(infer)
         return Mutate(
             set_headers={
-                ":path": f"/v2/models/{call.spec.triton_model}/infer",
+                ":path": path,
                 "content-type": "application/json",
                 "content-length": str(len(out)),
             },
@@ -109,12 +117,28 @@ class OpenAIFilter(Filter):
         return params
 
     async def on_response_headers(self, ctx: RequestContext, headers: Headers) -> Decision:
-        # Needed so the chain records the status before the body arrives; the body phase
-        # rewrites the headers once the new length is known.
+        st = ctx.state(_State)
+        call = st.call
+        if isinstance(call, chat.ChatCall) and call.stream and ctx.response_status == 200:
+            # Server-sent events, translated chunk by chunk as Triton produces them.
+            st.stream = chat.StreamTranslator(call, ctx.request_id)
+            return Mutate(
+                set_headers={"content-type": "text/event-stream", "cache-control": "no-cache"},
+                remove_headers=("content-length",),
+                stream_response=True,
+            )
+        # Otherwise needed so the chain records the status before the body arrives; the body
+        # phase rewrites the headers once the new length is known.
         return CONTINUE
 
     async def on_response_body(self, ctx: RequestContext, body: bytes) -> Decision:
-        call = ctx.state(_State).call
+        st = ctx.state(_State)
+        if st.stream is not None and ctx.response_streamed:
+            out = st.stream.feed(body, ctx.end_of_stream)
+            if ctx.end_of_stream:
+                ctx.usage = st.stream.usage
+            return Mutate(body=out)
+        call = st.call
         status = ctx.response_status or 0
         if status != 200 or call is None:
             return _upstream_error(ctx, status, body)
@@ -149,6 +173,8 @@ def _upstream_error(ctx: RequestContext, status: int, body: bytes) -> Decision:
             detail = err["message"]
     except orjson.JSONDecodeError:
         detail = body[:200].decode("utf-8", "replace").strip()
+        if detail.startswith("data:"):  # an event-stream error: data: {"error": "..."}
+            return _upstream_error(ctx, status, body.strip()[5:])
     if _triton_refused(detail):
         r = errors.error(
             503, "model_overloaded", f"the model's queue refused the request: {detail}",

@@ -23,6 +23,9 @@ class EmbeddingModel(FilterParams):
 class ChatModel(FilterParams):
     # Triton model with the sim_llm contract (PROMPT, MAX_TOKENS, TEMPERATURE -> TEXT, ...).
     triton_model: str
+    # The same model in Triton's decoupled (streaming) form, for "stream": true through
+    # Triton's generate_stream endpoint; None: streaming is refused for this model.
+    stream_model: str | None = None
     default_max_tokens: Annotated[int, Field(ge=1)] = 64
     max_tokens_limit: Annotated[int, Field(ge=1)] = 1024
     max_prompt_chars: Annotated[int, Field(ge=1)] = 32768

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+from typing import Any
 
 import numpy as np
 
@@ -267,3 +268,50 @@ async def test_triton_queue_refusal_becomes_503_with_retry_after() -> None:
         r = await h.request("POST", "/v1/embeddings", body=body, upstream=reply)
         assert r.status == 503 and r.json()["error"]["type"] == "model_overloaded"
         assert int(r.headers["retry-after"]) >= 1
+
+
+# --- chat streaming: Triton's generate_stream events -> OpenAI chunks -------------------------
+
+
+def _translator(include_usage: bool = True) -> Any:
+    from filters.openai.chat import ChatCall, StreamTranslator
+    from filters.openai.params import ChatModel
+
+    call = ChatCall("sim-llm", ChatModel(triton_model="m", stream_model="ms"), 8, 10,
+                    stream=True, include_usage=include_usage)  # fmt: skip
+    return StreamTranslator(call, "rid")
+
+
+def _parsed(raw: bytes) -> list[Any]:
+    return [
+        b[6:] if b[6:] == "[DONE]" else json.loads(b[6:])
+        for b in raw.decode().split("\n\n")
+        if b.strip()
+    ]
+
+
+def test_stream_translation_survives_events_split_across_chunks() -> None:
+    t = _translator()
+    last = b'"PROMPT_TOKENS":3,"COMPLETION_TOKENS":3,"FINISH_REASON":"stop"'
+    src = b'data: {"TEXT":"Hel"}\n\ndata: {"TEXT":"lo"}\n\ndata: {"TEXT":"!",' + last + b"}\n\n"
+    out = b"".join(t.feed(src[i : i + 7], last=i + 7 >= len(src)) for i in range(0, len(src), 7))
+    events = _parsed(out)
+    assert events[-1] == "[DONE]"
+    text = "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-1] if e["choices"])
+    assert text == "Hello!"
+    assert events[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert [e["choices"][0]["finish_reason"] for e in events[:-2]][-1] == "stop"
+    assert events[-2]["usage"] == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}
+    assert t.usage is not None and t.usage.total == 6
+
+
+def test_stream_translation_reports_errors_and_early_ends() -> None:
+    t = _translator(include_usage=False)
+    events = _parsed(t.feed(b'data: {"error":"boom"}\n\n', last=True))
+    assert events[0]["error"] == {"type": "upstream_error", "message": "boom"}
+    assert events[-1] == "[DONE]"
+    t = _translator()
+    events = _parsed(t.feed(b'data: {"TEXT":"par', last=False) + t.feed(b'tial"}\n\n', last=True))
+    assert events[0]["choices"][0]["delta"]["content"] == "partial"
+    assert events[1]["error"]["message"] == "the model's stream ended early"
+    assert t.usage is None
