@@ -4,4 +4,5 @@ BUILTIN: dict[str, str] = {
     "auth": "filters.auth.filter:AuthFilter",
     "openai": "filters.openai.filter:OpenAIFilter",
     "rate_limit": "filters.rate_limit.filter:RateLimitFilter",
+    "breaker": "filters.breaker.filter:BreakerFilter",
 }

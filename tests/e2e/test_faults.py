@@ -128,10 +128,14 @@ def test_triton_down_and_back(tmp_path: Path, echo_port: int) -> None:
         assert "UNAVAILABLE" in str(e.value.status())
 
         s.start_triton()  # restart: the gateway recovers without a restart of its own
-        for _ in range(100):
+        # Meanwhile the embedder's breaker may have opened (503 circuit_open): it lets trial
+        # calls through every open_s and closes once they succeed.
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
             r = httpx.post(f"{_url(s)}/v1/embeddings", json=body, headers=AUTH, timeout=30)
             if r.status_code == 200:
                 break
+            assert r.json()["error"]["type"] in ("upstream_unavailable", "circuit_open")
             time.sleep(0.1)
         assert r.status_code == 200, r.text
     finally:
@@ -177,5 +181,28 @@ def test_tls_listener(tmp_path: Path, echo_port: int) -> None:
         assert r.status_code == 200 and r.json()["headers"]["x-floodwall-tenant"] == "demo"
         r = httpx.get(url, verify=tls)
         assert r.status_code == 401
+    finally:
+        s.stop()
+
+
+def test_breaker_opens_on_a_failing_upstream_and_stops_calling_it(
+    tmp_path: Path, echo_port: int
+) -> None:
+    cfg = stack_config(tmp_path / "run", echo_port, triton=False)
+    cfg["filters"] = [f for f in cfg["filters"] if f["type"] != "breaker"] + [
+        {"name": "breaker", "type": "breaker", "routes": ["echo"],
+         "params": {"min_calls": 5, "failure_rate": 0.5, "open_s": 30}},
+    ]  # fmt: skip
+    s = start_stack(cfg, tmp_path / "fw.yaml")
+    try:
+        with httpx.Client(base_url=_url(s), headers=AUTH, timeout=10) as c:
+            # The upstream answers 503 (what Triton says when its queue is full).
+            codes = [c.get("/echo/triton-queue-full").status_code for _ in range(5)]
+            assert codes == [503] * 5
+            r = c.get("/echo/fine")  # a healthy path, but the route's breaker is open
+            assert r.status_code == 503 and r.json()["error"]["type"] == "circuit_open"
+            assert int(r.headers["retry-after"]) >= 1
+            metrics = httpx.get(f"http://127.0.0.1:{s.cfg.processor.admin_port}/metrics").text
+            assert 'floodwall_breaker_state{breaker="echo"} 1.0' in metrics
     finally:
         s.stop()

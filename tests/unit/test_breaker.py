@@ -1,0 +1,122 @@
+"""The breaker filter on a fake clock and a fake upstream: it opens on failures and on slow
+calls, refuses while open, lets a bounded number of trials through half-open, and closes or
+reopens on their verdict."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from filters.breaker.filter import BreakerFilter, State
+from proxy.api import Deps
+from proxy.config import ConfigError, FilterConfig
+from proxy.registry import build_filters
+from proxy.testing import FakeClock, Harness, UpstreamReply
+
+OK = UpstreamReply(200)
+FAIL = UpstreamReply(503, body=b'{"error":"down"}')
+
+
+def _setup(**params: Any) -> tuple[Harness, BreakerFilter, FakeClock]:
+    clock = FakeClock()
+    p = BreakerFilter.Params.model_validate(
+        {"min_calls": 4, "failure_rate": 0.5, "open_s": 5, "half_open_calls": 2, **params}
+    )
+    f = BreakerFilter(p, Deps(clock=clock))
+    f.name = "breaker"
+    return Harness.for_filters([f]), f, clock
+
+
+async def call(h: Harness, up: Any = OK, model: str = "m") -> Any:
+    return await h.request("POST", f"/v2/models/{model}/infer", body=b"{}", upstream=up)
+
+
+async def test_opens_on_failure_rate_and_refuses_with_retry_after() -> None:
+    h, f, _ = _setup(models=["m"])
+    for up in (OK, FAIL, OK):
+        assert (await call(h, up)).status == up.status
+    assert f.breakers["m"].state is State.CLOSED  # 3 calls < min_calls
+    await call(h, FAIL)  # 2 of 4 failed: 50%
+    assert f.breakers["m"].state is State.OPEN
+    r = await call(h)
+    assert r.status == 503 and r.json()["error"]["type"] == "circuit_open"
+    assert not r.upstream_called
+    assert int(r.headers["retry-after"]) == 5
+    # Other models have their own breaker; unlisted ones are not watched at all.
+    assert (await call(h, model="other")).status == 200
+    assert "other" not in f.breakers
+
+
+async def test_half_open_admits_bounded_trials_then_closes() -> None:
+    h, f, clock = _setup(models=["m"])
+    for _ in range(4):
+        await call(h, FAIL)
+    clock.advance(5.1)
+    gate = asyncio.Event()
+
+    async def slow_ok(headers: Any, body: bytes) -> UpstreamReply:
+        await gate.wait()
+        return OK
+
+    trials = [asyncio.ensure_future(call(h, slow_ok)) for _ in range(2)]
+    await asyncio.sleep(0)
+    extra = await call(h)  # a third call while two trials are in flight
+    assert extra.status == 503
+    assert f.breakers["m"].state is State.HALF_OPEN
+    gate.set()
+    assert [(await t).status for t in trials] == [200, 200]
+    assert f.breakers["m"].state is State.CLOSED
+    assert (await call(h)).status == 200
+
+
+async def test_a_failed_trial_reopens() -> None:
+    h, f, clock = _setup(models=["m"])
+    for _ in range(4):
+        await call(h, FAIL)
+    clock.advance(5.1)
+    assert (await call(h, FAIL)).status == 503
+    assert f.breakers["m"].state is State.OPEN
+    assert f.breakers["m"].open_until == pytest.approx(clock.monotonic() + 5)
+
+
+async def test_slow_calls_open_it_too() -> None:
+    h, f, clock = _setup(models=["m"], slow_call_ms=100, slow_call_rate=0.75)
+
+    async def slow(headers: Any, body: bytes) -> UpstreamReply:
+        clock.advance(0.2)
+        return OK
+
+    for _ in range(3):
+        await call(h, slow)
+    await call(h)
+    assert f.breakers["m"].state is State.OPEN
+
+
+async def test_window_forgets_old_failures() -> None:
+    h, f, clock = _setup(models=["m"], window_s=10)
+    for _ in range(3):
+        await call(h, FAIL)
+    clock.advance(11)  # those failures left the window
+    for _ in range(4):
+        await call(h, OK)
+    await call(h, FAIL)
+    assert f.breakers["m"].state is State.CLOSED  # 1 of 5 in the window
+
+
+async def test_client_gone_during_a_trial_gives_the_permit_back() -> None:
+    h, f, clock = _setup(models=["m"], half_open_calls=1)
+    for _ in range(4):
+        await call(h, FAIL)
+    clock.advance(5.1)
+    await h.request("POST", "/v2/models/m/infer", body=b"{}", upstream=OK, client_aborts=True)
+    assert f.breakers["m"].trials_in_flight == 0
+    assert (await call(h)).status == 200
+    assert f.breakers["m"].state is State.CLOSED
+
+
+def test_bad_breaker_config_fails_at_start() -> None:
+    with pytest.raises(ConfigError, match="failure_rate"):
+        build_filters([FilterConfig(name="b", type="breaker",
+                                    params={"failure_rate": 2})], Deps())  # fmt: skip
