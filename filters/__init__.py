@@ -5,4 +5,5 @@ BUILTIN: dict[str, str] = {
     "openai": "filters.openai.filter:OpenAIFilter",
     "rate_limit": "filters.rate_limit.filter:RateLimitFilter",
     "breaker": "filters.breaker.filter:BreakerFilter",
+    "degrade": "filters.degrade.filter:DegradeFilter",
 }

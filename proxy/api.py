@@ -92,6 +92,23 @@ class SystemClock:
         await asyncio.sleep(seconds)
 
 
+class Gate(Protocol):
+    def would_refuse(self, now: float) -> bool: ...
+
+
+class Signals:
+    """Process-local health signals policies share (one per processor process): a breaker
+    publishes its gate per model, so degradation can steer around a model before the breaker
+    would refuse the call."""
+
+    def __init__(self) -> None:
+        self.gates: dict[str, Gate] = {}
+
+    def refusing(self, model: str, now: float) -> bool:
+        gate = self.gates.get(model)
+        return gate is not None and gate.would_refuse(now)
+
+
 @dataclass(frozen=True)
 class Deps:
     """What a filter may use besides its params; tests pass fakes here.
@@ -104,6 +121,7 @@ class Deps:
     rng: random.Random = field(default_factory=random.Random)
     redis: Any = None
     upstreams: Mapping[str, str] = field(default_factory=dict)
+    signals: Signals = field(default_factory=Signals)
 
 
 # --- per-request context -----------------------------------------------------------------------
@@ -159,6 +177,7 @@ class RequestContext:
         "tenant",
         "tier",
         "token_estimate",
+        "upstream_path",
         "usage",
     )
 
@@ -187,6 +206,8 @@ class RequestContext:
         # Set by the route's API filter (openai): the model the caller asked for, the tokens
         # the call may use at most (prompt estimate + max completion), then the real usage.
         self.model: str | None = None
+        # The :path the request goes upstream with: the client's, or what a filter rewrote.
+        self.upstream_path = path
         self.token_estimate: Usage | None = None
         self.usage: Usage | None = None
         # False when the headers ended the message (Envoy then sends no body phase).

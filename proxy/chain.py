@@ -41,6 +41,7 @@ from proxy.config import FilterConfig, FloodwallConfig, RouteConfig
 log = logging.getLogger("floodwall.chain")
 
 INTERNAL_PREFIX = "x-floodwall-"
+_REQUEST_PHASES = (Phase.REQUEST_HEADERS, Phase.REQUEST_BODY)
 
 
 @dataclass(slots=True)
@@ -224,6 +225,8 @@ class Chain:
             if isinstance(d, Mutate):
                 if d.stream_response and phase is Phase.RESPONSE_HEADERS:
                     ctx.response_streamed = True
+                elif ":path" in d.set_headers and phase in _REQUEST_PHASES:
+                    ctx.upstream_path = d.set_headers[":path"]
                 acc.add(d, data if is_headers else None)
                 if d.body is not None and not is_headers:
                     data = d.body

@@ -116,6 +116,13 @@ class Breaker:
         if self.trials_in_flight > 0:
             self.trials_in_flight -= 1
 
+    def would_refuse(self, now: float) -> bool:
+        if self.state is State.OPEN:
+            return now < self.open_until
+        if self.state is State.HALF_OPEN:
+            return self.trials_in_flight >= self.p.half_open_calls
+        return False
+
     def retry_after(self, now: float) -> float:
         return max(1.0, self.open_until - now) if self.state is State.OPEN else 1.0
 
@@ -185,6 +192,7 @@ class BreakerFilter(Filter):
         b = self.breakers.get(name)
         if b is None:
             b = self.breakers[name] = Breaker(name, self.p)
+            self.deps.signals.gates[name] = b
         now = self.deps.clock.monotonic()
         admitted, trial = b.admit(now)
         if not admitted:

@@ -1,0 +1,22 @@
+from __future__ import annotations
+
+from pydantic import Field, model_validator
+
+from proxy.api import FilterParams
+
+
+class DegradeParams(FilterParams):
+    # Model (ctx.model: the OpenAI name on translated routes, the Triton name on KServe paths)
+    # -> the Triton model of its lighter stand-in, e.g. embedder -> embedder_int8.
+    lighter: dict[str, str] = Field(min_length=1)
+    # Requests of these priority classes (ctx.priority; none set counts as "standard") or
+    # tenant tiers always get the model they asked for.
+    exempt_priorities: list[str] = Field(default_factory=lambda: ["critical"])
+    exempt_tiers: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _no_self_or_chain(self) -> DegradeParams:
+        for model, to in self.lighter.items():
+            if model == to:
+                raise ValueError(f"lighter.{model}: a model cannot stand in for itself")
+        return self

@@ -1,0 +1,83 @@
+"""degrade + breaker sharing one process's signals: while a model's breaker would refuse,
+eligible requests go to its lighter model (marked in the response); exempt ones do not."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from filters.breaker.filter import BreakerFilter
+from filters.degrade.filter import DegradeFilter
+from proxy.api import CONTINUE, Deps, Filter, Headers, RequestContext
+from proxy.config import ConfigError, FilterConfig
+from proxy.registry import build_filters
+from proxy.testing import FakeClock, Harness, UpstreamReply
+
+
+class _Priority(Filter):
+    """Stands in for admission: the priority class comes from a test header."""
+
+    async def on_request_headers(self, ctx: RequestContext, headers: Headers) -> Any:
+        ctx.priority = headers.get("x-test-priority")
+        return CONTINUE
+
+
+def _setup() -> tuple[Harness, FakeClock]:
+    clock = FakeClock()
+    deps = Deps(clock=clock)
+    prio = _Priority(_Priority.Params(), deps)
+    prio.name = "prio"
+    degrade = DegradeFilter(DegradeFilter.Params(lighter={"m": "m_lite"}), deps)
+    degrade.name = "degrade"
+    breaker = BreakerFilter(
+        BreakerFilter.Params(models=["m", "m_lite"], min_calls=4, open_s=5), deps
+    )
+    breaker.name = "breaker"
+    return Harness.for_filters([prio, degrade, breaker]), clock
+
+
+def _upstream(headers: dict[str, str], body: bytes) -> UpstreamReply:
+    # "m" is down; its lighter stand-in works.
+    return UpstreamReply(503 if headers[":path"].startswith("/v2/models/m/") else 200)
+
+
+async def call(h: Harness, priority: str | None = None) -> Any:
+    headers = {"x-test-priority": priority} if priority else {}
+    return await h.request("POST", "/v2/models/m/infer", headers=headers, body=b"{}",
+                           upstream=_upstream)  # fmt: skip
+
+
+async def test_open_breaker_sends_eligible_requests_to_the_lighter_model() -> None:
+    h, clock = _setup()
+    assert [(await call(h)).status for _ in range(4)] == [503] * 4  # the breaker opens
+    r = await call(h)
+    assert r.status == 200
+    assert r.upstream_headers is not None
+    assert r.upstream_headers[":path"] == "/v2/models/m_lite/infer"
+    assert r.headers["x-floodwall-degraded"] == "m_lite"
+    # Critical requests keep their model: the breaker refuses them honestly.
+    critical = await call(h, priority="critical")
+    assert critical.status == 503 and critical.json()["error"]["type"] == "circuit_open"
+    # After open_s the breaker lets a trial through to "m" again instead of degrading.
+    clock.advance(5.1)
+    trial = await call(h)
+    assert trial.upstream_headers is not None
+    assert trial.upstream_headers[":path"] == "/v2/models/m/infer"
+
+
+async def test_healthy_model_is_not_degraded() -> None:
+    h, _ = _setup()
+
+    def ok(headers: dict[str, str], body: bytes) -> UpstreamReply:
+        return UpstreamReply(200)
+
+    r = await h.request("POST", "/v2/models/m/infer", body=b"{}", upstream=ok)
+    assert r.status == 200 and "x-floodwall-degraded" not in r.headers
+    assert r.upstream_headers is not None and r.upstream_headers[":path"] == "/v2/models/m/infer"
+
+
+def test_degrade_config_is_checked() -> None:
+    with pytest.raises(ConfigError, match="cannot stand in for itself"):
+        build_filters([FilterConfig(name="d", type="degrade",
+                                    params={"lighter": {"m": "m"}})], Deps())  # fmt: skip
