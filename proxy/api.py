@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict
 
 if TYPE_CHECKING:
     from proxy.config import RouteConfig
+    from proxy.triton_load import TritonLoad
 
 Headers = dict[str, str]
 
@@ -99,14 +100,35 @@ class Gate(Protocol):
 class Signals:
     """Process-local health signals policies share (one per processor process): a breaker
     publishes its gate per model, so degradation can steer around a model before the breaker
-    would refuse the call."""
+    would refuse the call; Triton's load (pending requests, queue time) is polled once per
+    metrics URL for every policy that watches it."""
 
     def __init__(self) -> None:
         self.gates: dict[str, Gate] = {}
+        self._triton: dict[str, TritonLoad] = {}
 
     def refusing(self, model: str, now: float) -> bool:
         gate = self.gates.get(model)
         return gate is not None and gate.would_refuse(now)
+
+    def watch_triton(self, metrics_url: str) -> TritonLoad:
+        """Starts (or shares) the poller of one Triton's metrics; pair with ``unwatch``."""
+        from proxy.triton_load import TritonLoad
+
+        load = self._triton.get(metrics_url)
+        if load is None:
+            load = self._triton[metrics_url] = TritonLoad(metrics_url)
+            load.start()
+        load.users += 1
+        return load
+
+    async def unwatch_triton(self, metrics_url: str) -> None:
+        load = self._triton.get(metrics_url)
+        if load is not None:
+            load.users -= 1
+            if load.users <= 0:
+                del self._triton[metrics_url]
+                await load.stop()
 
 
 @dataclass(frozen=True)

@@ -158,6 +158,10 @@ def stack_config(
         {"model_repository": str(REPO_ROOT / "triton_models"), "http_port": th, "grpc_port": tg,
          "metrics_port": tm, "enabled": triton}
     )  # fmt: skip
+    for f in cfg["filters"]:
+        sat = f.get("params", {}).get("saturation")
+        if sat is not None:
+            sat["triton_metrics_url"] = f"http://127.0.0.1:{tm}/metrics"
     cfg["upstreams"]["triton_http"]["endpoints"][0]["port"] = th
     cfg["upstreams"]["triton_grpc"]["endpoints"][0]["port"] = tg
     cfg["upstreams"]["echo"] = {

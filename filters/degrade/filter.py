@@ -1,12 +1,13 @@
 """Degradation: send eligible requests to a lighter model while the one they asked for is
 failing, instead of refusing them.
 
-Today's trigger is the model's breaker: when it would refuse the call (open, or half-open with
-all trial permits taken), non-exempt requests go to the lighter model (``embedder`` ->
-``embedder_int8``: same output shape, cosine 0.995 to fp32) and the response says so in
-``x-floodwall-degraded``. Place it after ``openai`` (it reads ``ctx.model``) and before
-``breaker`` (which then judges the lighter model's own health). Saturation as a trigger needs
-the admission filter's load signals (issue #6, not built yet).
+Triggers: the model's breaker would refuse the call (open, or half-open with all trial
+permits taken), or, with ``saturation`` configured, Triton reports the model saturated (mean
+queue time over the last quarter second, or pending requests, above a threshold). Then
+non-exempt requests go to the lighter model (``embedder`` -> ``embedder_int8``: same output
+shape, cosine 0.995 to fp32) and the response says so in ``x-floodwall-degraded``. Place it
+after ``openai`` (it reads ``ctx.model``) and before ``breaker`` (which then judges the
+lighter model's own health).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from prometheus_client import Counter
 from filters.degrade.params import DegradeParams
 from proxy.api import CONTINUE, Decision, Deps, Filter, Headers, Mutate, Phase, RequestContext
 from proxy.config import RouteConfig
+from proxy.triton_load import TritonLoad
 
 DEGRADED = Counter(
     "floodwall_degraded", "Requests sent to a lighter model, by model asked for and model used",
@@ -26,7 +28,7 @@ DEGRADED = Counter(
 )  # fmt: skip
 
 _BODY_APIS = frozenset({"openai_embeddings", "openai_chat"})
-_MODEL_IN_PATH = re.compile(r"^/v2/models/[^/?]+")
+_MODEL_IN_PATH = re.compile(r"^/v2/models/([^/?]+)")
 
 
 @dataclass(slots=True)
@@ -40,6 +42,15 @@ class DegradeFilter(Filter):
     def __init__(self, params: DegradeParams, deps: Deps) -> None:
         super().__init__(params, deps)
         self.p = params
+        self.load: TritonLoad | None = None
+
+    async def start(self) -> None:
+        if self.p.saturation is not None:
+            self.load = self.deps.signals.watch_triton(self.p.saturation.triton_metrics_url)
+
+    async def stop(self) -> None:
+        if self.p.saturation is not None:
+            await self.deps.signals.unwatch_triton(self.p.saturation.triton_metrics_url)
 
     def phases(self, route: RouteConfig) -> frozenset[Phase]:
         if route.api == "kserve_grpc":
@@ -63,16 +74,29 @@ class DegradeFilter(Filter):
             ctx.tier in self.p.exempt_tiers
         ):
             return CONTINUE
-        if not self.deps.signals.refusing(model, self.deps.clock.monotonic()):
+        m = _MODEL_IN_PATH.match(ctx.upstream_path)
+        if m is None:
+            return CONTINUE
+        now = self.deps.clock.monotonic()
+        if not (self.deps.signals.refusing(model, now) or self._saturated(m.group(1), now)):
             return CONTINUE
         to = self.p.lighter[model]
-        path, n = _MODEL_IN_PATH.subn(f"/v2/models/{to}", ctx.upstream_path, count=1)
-        if not n:
-            return CONTINUE
+        path = f"/v2/models/{to}" + ctx.upstream_path[m.end() :]
         ctx.state(_State).to = to
         ctx.model = to
         DEGRADED.labels(model, to).inc()
         return Mutate(set_headers={":path": path})
+
+    def _saturated(self, triton_model: str, now: float) -> bool:
+        sat = self.p.saturation
+        if sat is None or self.load is None:
+            return False
+        load = self.load.models.get(triton_model)
+        if load is None or not load.fresh(now):
+            return False
+        return (sat.queue_ms_above is not None and load.queue_ms > sat.queue_ms_above) or (
+            sat.pending_above is not None and load.pending > sat.pending_above
+        )
 
     async def on_response_headers(self, ctx: RequestContext, headers: Headers) -> Decision:
         to = ctx.state(_State).to

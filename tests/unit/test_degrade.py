@@ -81,3 +81,57 @@ def test_degrade_config_is_checked() -> None:
     with pytest.raises(ConfigError, match="cannot stand in for itself"):
         build_filters([FilterConfig(name="d", type="degrade",
                                     params={"lighter": {"m": "m"}})], Deps())  # fmt: skip
+
+
+# --- saturation: Triton's load, polled from its metrics ---------------------------------------
+
+METRICS = """# HELP nv_inference_pending_request_count x
+nv_inference_pending_request_count{model="m",version="1"} %d
+nv_inference_queue_duration_us{model="m",version="1"} %d
+nv_inference_request_success{model="m",version="1"} %d
+nv_inference_request_success{model="other",version="1"} 5
+"""
+
+
+def test_triton_load_is_the_mean_queue_time_of_the_last_interval() -> None:
+    from proxy.triton_load import TritonLoad
+
+    load = TritonLoad("http://127.0.0.1:8002/metrics")
+    load.update(METRICS % (0, 1_000, 10), now=1.0)
+    assert load.models["m"].queue_ms == 0.0  # a first sample says nothing about an interval
+    load.update(METRICS % (7, 601_000, 20), now=1.25)  # 10 requests waited 600 ms in all
+    assert load.models["m"].queue_ms == pytest.approx(60.0)
+    assert load.models["m"].pending == 7
+    load.update(METRICS % (0, 50, 1), now=1.5)  # Triton restarted: counters from zero
+    assert load.models["m"].queue_ms == 0.0
+    assert load.models["m"].fresh(2.0) and not load.models["m"].fresh(9.0)
+
+
+async def test_saturated_model_is_degraded_until_its_queue_drains() -> None:
+    from proxy.triton_load import ModelLoad, TritonLoad
+
+    clock = FakeClock()
+    deps = Deps(clock=clock)
+    d = DegradeFilter(
+        DegradeFilter.Params.model_validate(
+            {"lighter": {"m": "m_lite"},
+             "saturation": {"triton_metrics_url": "http://127.0.0.1:1/metrics",
+                            "queue_ms_above": 20}}
+        ),
+        deps,
+    )  # fmt: skip
+    d.name = "degrade"
+    d.load = TritonLoad("http://127.0.0.1:1/metrics")  # fed by hand here, not polled
+    h = Harness.for_filters([d])
+
+    async def path() -> str:
+        r = await h.request("POST", "/v2/models/m/infer", body=b"{}")
+        assert r.upstream_headers is not None
+        return r.upstream_headers[":path"]
+
+    d.load.models["m"] = ModelLoad(pending=9, queue_ms=45.0, at=clock.monotonic())
+    assert await path() == "/v2/models/m_lite/infer"
+    d.load.models["m"] = ModelLoad(pending=0, queue_ms=3.0, at=clock.monotonic())
+    assert await path() == "/v2/models/m/infer"
+    d.load.models["m"] = ModelLoad(pending=9, queue_ms=45.0, at=clock.monotonic() - 10)
+    assert await path() == "/v2/models/m/infer"  # stale signals (metrics unreadable) count not
