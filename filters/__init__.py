@@ -4,6 +4,7 @@ BUILTIN: dict[str, str] = {
     "auth": "filters.auth.filter:AuthFilter",
     "openai": "filters.openai.filter:OpenAIFilter",
     "rate_limit": "filters.rate_limit.filter:RateLimitFilter",
+    "admission": "filters.admission.filter:AdmissionFilter",
     "breaker": "filters.breaker.filter:BreakerFilter",
     "degrade": "filters.degrade.filter:DegradeFilter",
 }

@@ -32,7 +32,11 @@ def test_saturated_embedder_degrades_to_int8(gateway: Gateway) -> None:
 
     with ThreadPoolExecutor(24) as pool:
         responses = [r for rs in pool.map(hammer, range(24)) for r in rs]
-    assert all(r.status_code == 200 for r in responses), {r.status_code for r in responses}
+    # Admission may shed part of the overload (503 overloaded); nothing else may fail.
+    assert all(
+        r.status_code == 200 or r.json()["error"]["type"] == "overloaded" for r in responses
+    ), {r.status_code for r in responses}
+    responses = [r for r in responses if r.status_code == 200]
     degraded = [r for r in responses if r.headers.get("x-floodwall-degraded") == "embedder_int8"]
     assert degraded, f"none of {len(responses)} requests was degraded under saturation"
     assert len(degraded) < len(responses)  # the embedder still served some

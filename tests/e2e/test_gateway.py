@@ -178,10 +178,14 @@ def test_dynamic_batching_through_the_gateway(gateway: Gateway) -> None:
     with concurrent.futures.ThreadPoolExecutor(32) as pool:
         rs = list(pool.map(lambda i: embed(gateway, {"model": "embedder", "input": f"s {i}"}),
                            range(64)))  # fmt: skip
-    assert all(r.status_code == 200 for r in rs)
+    # A burst of 32 at once is overload on 2 cores: admission may shed some (503 overloaded)
+    # and degradation may send some to embedder_int8; the rest reach the embedder batched.
+    ok = [r for r in rs if r.status_code == 200]
+    assert all(r.status_code == 200 or r.json()["error"]["type"] == "overloaded" for r in rs)
+    full = [r for r in ok if "x-floodwall-degraded" not in r.headers]
     inf1, exe1 = stats()
-    assert inf1 - inf0 == 64
-    assert exe1 - exe0 < 64, "no two requests were batched together"
+    assert inf1 - inf0 == len(full) >= 16
+    assert exe1 - exe0 < len(full), "no two requests were batched together"
 
 
 def test_processor_metrics_and_health(gateway: Gateway) -> None:

@@ -1,0 +1,141 @@
+"""An adaptive concurrency limit for one upstream model, with priority classes, reserved
+capacity and a short fair queue. Pure logic on an injected clock; one event loop, so no locks.
+
+Limit (Vegas): each finished call gives an RTT; the upstream's queue is estimated as
+``limit x (1 - base / rtt)`` where ``base`` is the no-load RTT. Few queued: the limit grows by
+one; many: it shrinks by one; a failed call (5xx, timeout) cuts it by 10%. ``base`` is the
+minimum RTT over a rolling window, taken only from calls made while at most half the limit was
+in use: under load every RTT includes queueing, and letting those in would ratchet ``base``
+(and so the limit) up with the load itself. With no low-load call in the window, ``base`` keeps
+its last value rather than drifting.
+
+Classes: critical may use the whole limit, standard all but ``reserve_critical`` of it,
+sheddable all but both reserves; so lower classes are shed first and critical keeps room.
+Waiters are served highest class first, round robin across tenants within a class, so one
+noisy tenant cannot starve the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections import deque
+from typing import Any
+
+from filters.admission.params import AdmissionParams
+
+CLASSES = ("critical", "standard", "sheddable")
+
+
+class Limiter:
+    def __init__(self, p: AdmissionParams) -> None:
+        self.p = p
+        self.limit = float(p.initial_limit)
+        self.inflight = 0
+        self.waiting = 0
+        # class -> tenant -> its waiters; dict order is the round-robin order of tenants
+        self.queues: dict[str, dict[str, deque[asyncio.Future[bool]]]] = {c: {} for c in CLASSES}
+        self.base_rtt: float | None = None
+        self._low_load: deque[tuple[float, float]] = deque()  # (time, rtt), rtt increasing
+        self._share = {
+            "critical": 1.0,
+            "standard": 1.0 - p.reserve_critical,
+            "sheddable": 1.0 - p.reserve_critical - p.reserve_standard,
+        }
+
+    def cap(self, cls: str) -> int:
+        return max(1, math.floor(self.limit * self._share[cls]))
+
+    def try_acquire(self, cls: str) -> bool:
+        """A permit now, if the class has room and nobody of its class or above waits."""
+        ahead = any(self.queues[c] for c in CLASSES[: CLASSES.index(cls) + 1])
+        if not ahead and self.inflight < self.cap(cls):
+            self.inflight += 1
+            return True
+        return False
+
+    async def acquire(self, cls: str, tenant: str, max_wait_s: float) -> bool:
+        """A permit within ``max_wait_s``, or False (the caller sheds the request)."""
+        if self.try_acquire(cls):
+            return True
+        if max_wait_s <= 0 or self.waiting >= self.p.max_queue:
+            return False
+        fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self.queues[cls].setdefault(tenant, deque()).append(fut)
+        self.waiting += 1
+        try:
+            async with asyncio.timeout(max_wait_s):
+                return await asyncio.shield(fut)
+        except TimeoutError:
+            if fut.done():  # granted in the same instant the wait ran out: keep it
+                return True
+            self._forget(cls, tenant, fut)
+            return False
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self.release(None, failed=False, now=0.0)  # granted, then the client left
+            else:
+                self._forget(cls, tenant, fut)
+            raise
+
+    def release(self, rtt: float | None, *, failed: bool, now: float, load: int = 0) -> None:
+        """A call ended: ``rtt`` is its time to first byte (None: no verdict), ``load`` the
+        number in flight when it was admitted."""
+        self.inflight -= 1
+        if failed:
+            self.limit = max(self.p.min_limit, self.limit * 0.9)
+        elif rtt is not None:
+            self._sample(rtt, load, now)
+        self._dispatch()
+
+    def shrink(self, factor: float = 0.9) -> None:
+        """An outside congestion signal (Triton's queue is long)."""
+        self.limit = max(self.p.min_limit, self.limit * factor)
+
+    def retry_after_s(self) -> float:
+        """How long the present queue would take to drain at the present pace."""
+        rtt = self.base_rtt or 0.1
+        return min(30.0, max(1.0, (self.waiting + 1) * rtt / max(1.0, self.limit)))
+
+    def _sample(self, rtt: float, load: int, now: float) -> None:
+        window = self._low_load
+        if load <= self.limit / 2:
+            while window and window[-1][1] >= rtt:
+                window.pop()
+            window.append((now, rtt))
+        while window and window[0][0] < now - self.p.rtt_window_s:
+            window.popleft()
+        if window:
+            self.base_rtt = window[0][1]
+        elif self.base_rtt is None:
+            self.base_rtt = rtt
+        queued = self.limit * (1 - self.base_rtt / rtt) if rtt > 0 else 0.0
+        if queued < self.p.grow_below:
+            self.limit = min(self.p.max_limit, self.limit + 1)
+        elif queued > self.p.shrink_above:
+            self.limit = max(self.p.min_limit, self.limit - 1)
+
+    def _dispatch(self) -> None:
+        for cls in CLASSES:
+            tenants = self.queues[cls]
+            while tenants and self.inflight < self.cap(cls):
+                tenant = next(iter(tenants))
+                q = tenants.pop(tenant)
+                fut = q.popleft()
+                if q:
+                    tenants[tenant] = q  # to the back: round robin across tenants
+                self.waiting -= 1
+                if fut.done():
+                    continue  # gave up meanwhile
+                self.inflight += 1
+                fut.set_result(True)
+            if tenants:
+                return  # this class is still waiting: lower classes wait behind it
+
+    def _forget(self, cls: str, tenant: str, fut: Any) -> None:
+        q = self.queues[cls].get(tenant)
+        if q is not None and fut in q:
+            q.remove(fut)
+            self.waiting -= 1
+            if not q:
+                del self.queues[cls][tenant]

@@ -1,0 +1,185 @@
+"""Admission in process: the adaptive limit (and its no-load RTT that cannot ratchet up),
+reserved capacity per class, shedding order, the fair queue with its deadline, and the
+priority classes."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from filters.admission.filter import AdmissionFilter
+from filters.admission.limiter import Limiter
+from filters.admission.params import AdmissionParams
+from proxy.api import CONTINUE, Deps, Filter, Headers, RequestContext
+from proxy.config import ConfigError, FilterConfig
+from proxy.registry import build_filters
+from proxy.testing import FakeClock, Harness, UpstreamReply
+
+
+def _limiter(**kw: Any) -> Limiter:
+    return Limiter(AdmissionParams.model_validate({"initial_limit": 10, **kw}))
+
+
+# --- the limit -------------------------------------------------------------------------------
+
+
+def test_limit_grows_without_queueing_and_shrinks_with_it() -> None:
+    lim = _limiter(max_limit=40)
+    now = 0.0
+    for _ in range(20):  # RTT at its no-load value: nothing queued upstream
+        lim.inflight += 1
+        now += 0.01
+        lim.release(0.010, failed=False, now=now, load=1)
+    assert lim.limit == 30
+    for _ in range(10):  # 3x the RTT under load: ~2/3 of the limit is queueing
+        lim.inflight += 1
+        now += 0.01
+        lim.release(0.030, failed=False, now=now, load=25)
+    assert lim.limit == 20
+    lim.inflight += 1
+    lim.release(0.030, failed=True, now=now)
+    assert lim.limit == 18  # a failure cuts 10%
+
+
+def test_no_load_rtt_cannot_ratchet_up_under_load() -> None:
+    lim = _limiter(rtt_window_s=1.0)
+    lim.inflight += 1
+    lim.release(0.010, failed=False, now=0.0, load=1)
+    assert lim.base_rtt == 0.010
+    # Minutes of load: every RTT includes queueing and the window empties; base holds.
+    for i in range(300):
+        lim.inflight += 1
+        lim.release(0.050, failed=False, now=1.0 + i, load=int(lim.limit))
+    assert lim.base_rtt == 0.010
+    # The limit settles where 3 to 6 calls wait upstream: limit x (1 - 10/50) in [3, 6].
+    assert 3.75 <= lim.limit <= 7.5
+    # A real slow-down seen at low load does move it, within one window.
+    lim.inflight += 1
+    lim.release(0.020, failed=False, now=400.0, load=0)
+    assert lim.base_rtt == 0.020
+
+
+# --- classes, reserves, queue ----------------------------------------------------------------
+
+
+def test_reserved_capacity_per_class() -> None:
+    lim = _limiter(reserve_critical=0.2, reserve_standard=0.1)
+    assert (lim.cap("critical"), lim.cap("standard"), lim.cap("sheddable")) == (10, 8, 7)
+    assert [lim.try_acquire("sheddable") for _ in range(8)] == [True] * 7 + [False]
+    assert lim.try_acquire("standard") and not lim.try_acquire("standard")
+    assert lim.try_acquire("critical") and lim.try_acquire("critical")
+    assert not lim.try_acquire("critical")
+
+
+async def test_queue_is_fair_across_tenants_and_by_class() -> None:
+    lim = _limiter(initial_limit=1, min_limit=1, reserve_critical=0, reserve_standard=0)
+    assert lim.try_acquire("standard")
+    order: list[str] = []
+
+    async def wait(cls: str, tenant: str) -> None:
+        assert await lim.acquire(cls, tenant, 5.0)
+        order.append(f"{cls}:{tenant}")
+        await asyncio.sleep(0)
+        lim.release(None, failed=False, now=0.0)
+
+    tasks = [asyncio.ensure_future(wait("standard", "noisy")) for _ in range(3)]
+    tasks.append(asyncio.ensure_future(wait("standard", "quiet")))
+    tasks.append(asyncio.ensure_future(wait("critical", "vip")))
+    await asyncio.sleep(0)
+    lim.release(None, failed=False, now=0.0)
+    await asyncio.gather(*tasks)
+    # Critical first; then the quiet tenant gets its turn before the noisy one's backlog.
+    assert order[0] == "critical:vip"
+    assert order[1:3] == ["standard:noisy", "standard:quiet"]
+    assert lim.inflight == 0 and lim.waiting == 0
+
+
+async def test_a_waiter_that_times_out_is_forgotten() -> None:
+    lim = _limiter(initial_limit=1, min_limit=1, reserve_critical=0, reserve_standard=0)
+    assert lim.try_acquire("standard")
+    assert not await lim.acquire("standard", "t", 0.01)
+    assert lim.waiting == 0 and not lim.queues["standard"]
+
+
+# --- the filter ------------------------------------------------------------------------------
+
+
+class _Identity(Filter):
+    async def on_request_headers(self, ctx: RequestContext, headers: Headers) -> Any:
+        ctx.tenant, ctx.tier = headers.get("x-t", "t"), headers.get("x-tier", "standard")
+        ctx.key_id = headers.get("x-k", "k")
+        return CONTINUE
+
+
+def _harness(clock: FakeClock, **params: Any) -> tuple[Harness, AdmissionFilter]:
+    deps = Deps(clock=clock)
+    ident = _Identity(_Identity.Params(), deps)
+    ident.name = "ident"
+    f = AdmissionFilter(AdmissionFilter.Params.model_validate(params), deps)
+    f.name = "admission"
+    return Harness.for_filters([ident, f]), f
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        ({"x-tier": "premium"}, "critical"),  # 2 + interactive 1
+        ({"x-tier": "premium", "x-request-type": "batch"}, "standard"),
+        ({"x-tier": "free", "x-request-type": "batch"}, "sheddable"),
+        ({"x-tier": "free", "x-priority": "critical"}, "standard"),  # untrusted: ignored
+        ({"x-tier": "free", "x-priority": "critical", "x-k": "ops"}, "critical"),
+    ],
+)
+async def test_priority_classes(headers: dict[str, str], expected: str) -> None:
+    h, _ = _harness(FakeClock(), priority={"trusted_key_ids": ["ops"]})
+    seen: list[str] = []
+
+    def up(hdrs: dict[str, str], body: bytes) -> UpstreamReply:
+        return UpstreamReply(200)
+
+    class _Spy(Filter):
+        async def on_request_headers(self, ctx: RequestContext, hs: Headers) -> Any:
+            seen.append(ctx.priority or "")
+            return CONTINUE
+
+    spy = _Spy(_Spy.Params(), Deps())
+    spy.name = "spy"
+    h = Harness.for_filters([*h.chain.filters[:-1], spy])  # ident, admission, spy
+    await h.request("GET", "/v2/models/m/infer", headers=headers, upstream=up)
+    assert seen == [expected]
+
+
+async def test_saturated_gateway_sheds_sheddable_first_with_retry_after() -> None:
+    clock = FakeClock()
+    h, f = _harness(clock, initial_limit=4, min_limit=4, max_queue_ms=0)
+    gate = asyncio.Event()
+
+    async def slow(headers: dict[str, str], body: bytes) -> UpstreamReply:
+        await gate.wait()
+        return UpstreamReply(200)
+
+    busy = [
+        asyncio.ensure_future(h.request("GET", "/v2/models/m/infer", upstream=slow))
+        for _ in range(3)
+    ]  # standard requests fill 3 = the standard share of 4
+    await asyncio.sleep(0)
+    batch = {"x-tier": "free", "x-request-type": "batch"}
+    shed = await h.request("GET", "/v2/models/m/infer", headers=batch)
+    assert shed.status == 503 and shed.json()["error"]["type"] == "overloaded"
+    assert int(shed.headers["retry-after"]) >= 1
+    vip = asyncio.ensure_future(
+        h.request("GET", "/v2/models/m/infer", headers={"x-tier": "premium"}, upstream=slow)
+    )
+    await asyncio.sleep(0)
+    assert not vip.done()  # admitted into the reserved room, now at the upstream
+    gate.set()
+    assert [(await t).status for t in [*busy, vip]] == [200] * 4
+    assert f.limiters["kserve_http"].inflight == 0
+
+
+def test_bad_admission_config_fails_at_start() -> None:
+    with pytest.raises(ConfigError, match="reserve_critical"):
+        build_filters([FilterConfig(name="a", type="admission", params={
+            "reserve_critical": 0.6, "reserve_standard": 0.5})], Deps())  # fmt: skip
