@@ -78,69 +78,121 @@ def closed_loop(
     }
 
 
-async def _read_response(reader: asyncio.StreamReader) -> int:
+async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
     head = await reader.readuntil(b"\r\n\r\n")
     status = int(head[9:12])
     m = re.search(rb"(?i)\r\ncontent-length:\s*(\d+)", head)
     if m:
         await reader.readexactly(int(m.group(1)))
-    return status
+    return status, head
 
 
-async def _open_loop(
-    host: str, port: int, req: HttpRequest, rate: float, seconds: float
-) -> dict[str, Any]:
-    wire = req.wire(host, port)
-    idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
-    latencies: list[float] = []
-    statuses: dict[int, int] = {}
-    failures = 0
-
-    async def one(scheduled: float) -> None:
-        nonlocal failures
-        conn = idle.pop() if idle else await asyncio.open_connection(host, port)
-        try:
-            conn[1].write(wire)
-            status = await _read_response(conn[0])
-        except (OSError, asyncio.IncompleteReadError, ValueError):
-            failures += 1
-            conn[1].close()
-            return
-        latencies.append(time.perf_counter() - scheduled)
-        statuses[status] = statuses.get(status, 0) + 1
-        idle.append(conn)
-
-    n = int(rate * seconds)
-    tasks = []
-    start = time.perf_counter() + 0.05
-    for i in range(n):
-        scheduled = start + i / rate
-        delay = scheduled - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        tasks.append(asyncio.ensure_future(one(scheduled)))
-    await asyncio.gather(*tasks)
-    elapsed = time.perf_counter() - start
-    for _, w in idle:
-        w.close()
-    lat = np.array(latencies) * 1000
+def _summary(latencies: list[float], statuses: dict[int, int], failures: int, n: int,
+             rate: float, elapsed: float, marked: int) -> dict[str, Any]:  # fmt: skip
+    lat = np.array(latencies or [0.0]) * 1000
     return {
         "target_rps": rate,
         "achieved_rps": len(latencies) / elapsed,
         "requests": n,
         "failures": failures,
         "statuses": {str(k): v for k, v in sorted(statuses.items())},
+        "marked": marked,
         "p50_ms": float(np.percentile(lat, 50)),
         "p90_ms": float(np.percentile(lat, 90)),
         "p99_ms": float(np.percentile(lat, 99)),
         "p999_ms": float(np.percentile(lat, 99.9)),
         "max_ms": float(lat.max()),
+        "elapsed_s": elapsed,
     }
+
+
+async def _open_loop(
+    host: str,
+    port: int,
+    mix: list[tuple[str, HttpRequest, float]],
+    rate: float,
+    seconds: float,
+    mark: bytes | None,
+) -> dict[str, dict[str, Any]]:
+    """Sends at ``rate`` for ``seconds``, each slot's request drawn from ``mix`` (label,
+    request, share) in a fixed interleaving. Per label: latency of every answer counted from
+    its scheduled time, statuses, and how many answers carried the header ``mark``."""
+    wires = {label: req.wire(host, port) for label, req, _ in mix}
+    idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    lat: dict[str, list[float]] = {label: [] for label in wires}
+    ok_lat: dict[str, list[float]] = {label: [] for label in wires}
+    statuses: dict[str, dict[int, int]] = {label: {} for label in wires}
+    failures = dict.fromkeys(wires, 0)
+    sent = dict.fromkeys(wires, 0)
+    marked = dict.fromkeys(wires, 0)
+    needle = b"\r\n" + mark.lower() + b":" if mark else None
+
+    async def one(label: str, scheduled: float) -> None:
+        conn = idle.pop() if idle else await asyncio.open_connection(host, port)
+        try:
+            conn[1].write(wires[label])
+            status, head = await _read_response(conn[0])
+        except (OSError, asyncio.IncompleteReadError, ValueError):
+            failures[label] += 1
+            conn[1].close()
+            return
+        took = time.perf_counter() - scheduled
+        lat[label].append(took)
+        if status == 200:
+            ok_lat[label].append(took)
+        statuses[label][status] = statuses[label].get(status, 0) + 1
+        if needle is not None and needle in head.lower():
+            marked[label] += 1
+        idle.append(conn)
+
+    # Deterministic interleaving: each slot goes to the label furthest behind its share.
+    total = sum(share for *_, share in mix)
+    n = int(rate * seconds)
+    tasks = []
+    start = time.perf_counter() + 0.05
+    for i in range(n):
+        label = max(mix, key=lambda m: m[2] / total * (i + 1) - sent[m[0]])[0]
+        sent[label] += 1
+        scheduled = start + i / rate
+        delay = scheduled - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.ensure_future(one(label, scheduled)))
+    await asyncio.gather(*tasks)
+    elapsed = time.perf_counter() - start
+    for _, w in idle:
+        w.close()
+    out = {}
+    for label, _, share in mix:
+        r = _summary(lat[label], statuses[label], failures[label], sent[label],
+                     rate * share / total, elapsed, marked[label])  # fmt: skip
+        ok = np.array(ok_lat[label] or [0.0]) * 1000
+        r["ok"] = len(ok_lat[label])
+        r["ok_p50_ms"] = float(np.percentile(ok, 50))
+        r["ok_p99_ms"] = float(np.percentile(ok, 99))
+        out[label] = r
+    return out
+
+
+def open_loop_mix(
+    host: str,
+    port: int,
+    mix: list[tuple[str, HttpRequest, float]],
+    *,
+    rate: float,
+    seconds: float,
+    mark: bytes | None = None,
+) -> dict[str, dict[str, Any]]:
+    import uvloop
+
+    return uvloop.run(_open_loop(host, port, mix, rate, seconds, mark))
 
 
 def open_loop(
     host: str, port: int, req: HttpRequest, *, rate: float, seconds: float
 ) -> dict[str, Any]:
-    import uvloop
-
-    return uvloop.run(_open_loop(host, port, req, rate, seconds))
+    """One kind of request at a fixed rate (see ``open_loop_mix``)."""
+    r = open_loop_mix(host, port, [("all", req, 1.0)], rate=rate, seconds=seconds)["all"]
+    for k in ("marked", "ok", "ok_p50_ms", "ok_p99_ms", "elapsed_s"):
+        del r[k]
+    return r

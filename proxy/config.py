@@ -63,6 +63,10 @@ class ProcessorConfig(Model):
     message_timeout_ms: Millis = 500
     # On SIGTERM: stop taking new streams, let in-flight ones finish for up to this long.
     drain_seconds: Annotated[float, Field(ge=0, le=300)] = 5.0
+    # Refuse new requests at once (503 overloaded) while the processor's event loop runs
+    # later than this (smoothed): CPU starvation would turn them into 504s after spending
+    # the CPU anyway. None: off. Keep it well below message_timeout_ms.
+    shed_lag_ms: Annotated[float, Field(gt=0)] | None = None
 
 
 class RedisConfig(Model):

@@ -12,6 +12,7 @@ from proxy.admin import AdminServer
 from proxy.api import Deps
 from proxy.chain import Chain
 from proxy.config import FloodwallConfig
+from proxy.guard import LagGuard
 from proxy.registry import build_filters
 from proxy.server import ProcessorServer
 
@@ -61,7 +62,9 @@ async def serve(
     address = processor_address(cfg, index, runtime_dir)
     if cfg.processor.transport == "uds":
         processor_socket(runtime_dir, index).unlink(missing_ok=True)
-    server = ProcessorServer(chain, address)
+    lag = cfg.processor.shed_lag_ms
+    guard = LagGuard(lag / 1000) if lag is not None else None
+    server = ProcessorServer(chain, address, guard)
     admin = AdminServer(
         cfg.processor.admin_address, cfg.processor.admin_port + index, lambda: server.ready
     )
@@ -78,6 +81,8 @@ async def serve(
     # Envoy checks processor health every second: wait two checks before refusing streams.
     await server.drain_and_stop(cfg.processor.drain_seconds, health_wait_s=2.0)
     await admin.stop()
+    if guard is not None:
+        await guard.stop()
     if deps.redis is not None:
         await deps.redis.aclose()
 

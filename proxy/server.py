@@ -16,6 +16,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from proxy import errors, metrics, translate
 from proxy.api import CONTINUE, Phase, RequestContext, Respond
 from proxy.chain import Chain, RoutePlan
+from proxy.guard import LagGuard
 
 log = logging.getLogger("floodwall.server")
 
@@ -28,8 +29,9 @@ _LAST_PHASE_ORDER = (
 
 
 class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
-    def __init__(self, chain: Chain) -> None:
+    def __init__(self, chain: Chain, guard: LagGuard | None = None) -> None:
         self.chain = chain
+        self.guard = guard
 
     async def Process(self, request_iterator: object, context: grpc.aio.ServicerContext) -> None:
         # Explicit read()/write() instead of an async generator: measurably fewer event-loop
@@ -60,6 +62,12 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
                     headers = translate.headers_to_dict(msg)
                     ctx, plan = self.chain.context(headers)
                     ctx.has_request_body = not msg.end_of_stream
+                    if self.guard is not None and self.guard.overloaded():
+                        r = _OVERLOADED
+                        responded_by, status, reached_end = "guard", r.status, True
+                        metrics.RESPONSES.labels(ctx.route_name, "guard", str(r.status)).inc()
+                        await write(translate.immediate(r, grpc=ctx.grpc))
+                        break
                     data: object = headers
                 elif ctx is None or plan is None:
                     # A filter before ext_proc answered (e.g. Envoy's 413) and its reply is
@@ -104,6 +112,11 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
                 self.chain.finish(ctx, plan, responded_by, status, reached_end)
 
 
+_OVERLOADED = errors.error(
+    503, "overloaded", "the gateway is overloaded; retry shortly", retry_after_s=1
+)
+
+
 def _is_last(plan: RoutePlan, phase: Phase, ctx: RequestContext) -> bool:
     """True once the stream reached the last phase Envoy will send for this request."""
     phases = plan.phases
@@ -122,10 +135,11 @@ class ProcessorServer:
     """The grpc.aio server plus a standard gRPC health service Envoy checks; on drain the
     health turns NOT_SERVING first so Envoy moves new streams elsewhere before we stop."""
 
-    def __init__(self, chain: Chain, address: str) -> None:
+    def __init__(self, chain: Chain, address: str, guard: LagGuard | None = None) -> None:
         self.chain = chain
         self.address = address
-        self.processor = ExternalProcessor(chain)
+        self.guard = guard
+        self.processor = ExternalProcessor(chain, guard)
         self._server = grpc.aio.server(
             options=[
                 ("grpc.max_concurrent_streams", 10000),
@@ -140,6 +154,8 @@ class ProcessorServer:
         self._server.add_generic_rpc_handlers((self._health.handler(),))
 
     async def start(self) -> None:
+        if self.guard is not None:
+            self.guard.start()
         await self.chain.start()
         port = self._server.add_insecure_port(self.address)
         if port == 0:

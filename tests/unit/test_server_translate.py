@@ -174,3 +174,39 @@ async def test_drain_turns_not_serving_and_finishes_in_flight_streams(tmp_path: 
         )
         await asyncio.wait_for(drain, 5)
     assert f.outcomes, "on_complete ran before the server stopped"
+
+
+async def test_lag_guard_refuses_new_requests_while_the_loop_runs_late(tmp_path: Path) -> None:
+    import time
+
+    from proxy.guard import LagGuard
+
+    guard = LagGuard(max_lag_s=0.05, interval_s=0.01)
+    f = Slow()
+    addr = f"unix:{tmp_path}/g.sock"
+    server = ProcessorServer(Chain(default_config(), [f]), addr, guard)
+    await server.start()
+    try:
+        for _ in range(10):  # CPU-bound stretches: the loop runs ~80 ms late, again and again
+            await asyncio.sleep(0)
+            time.sleep(0.08)  # noqa: ASYNC251 - blocking the loop on purpose
+        assert guard.lag > 0.05
+        async with grpc.aio.insecure_channel(addr) as ch:
+            stub = pb_grpc.ExternalProcessorStub(ch)
+            reqs = [headers_msg({":path": "/v2/models", ":method": "GET"}, eos=True)]
+            out = [r async for r in stub.Process(iter(reqs))]
+        ir = out[0].immediate_response
+        assert ir.status.code == 503 and b"overloaded" in ir.body
+        assert not any(o.status == 200 for o in f.outcomes)  # no filter work was started
+        # Once the loop keeps time again, requests pass.
+        for _ in range(100):
+            if guard.lag < 0.05:
+                break
+            await asyncio.sleep(0.02)
+        async with grpc.aio.insecure_channel(addr) as ch:
+            stub = pb_grpc.ExternalProcessorStub(ch)
+            out = [r async for r in stub.Process(iter(reqs))]
+        assert out[0].HasField("request_headers")
+    finally:
+        await server.drain_and_stop(0.1, 0)
+        await guard.stop()

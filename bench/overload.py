@@ -1,0 +1,253 @@
+"""Overload: the gateway in front of the real embedder at 0.5x, 1x, 2x and 4x its measured
+capacity, with a priority mix (20% critical, 50% standard, 30% sheddable), policies on (the
+shipped chain: auth, openai, rate_limit, admission, degrade, breaker, plus the processor's
+lag guard) and off (auth and the OpenAI translation only), in the same run.
+
+Capacity is what the embedder serves through the gateway with the policies off (wrk, 32
+connections, one sentence per request). Each point is an open loop (latency from the
+scheduled send time). Reported per class: success rate, p50/p99 of the successful calls; per
+point: goodput (successful calls/s), shed (503 overloaded) and degraded counts, other errors.
+
+    .venv/bin/python -m bench.overload              # ~6 minutes
+    .venv/bin/python -m bench.overload --quick      # ~3 minutes
+
+Writes bench/results/overload.{json,md,png} (the plot needs the `bench` extra: matplotlib).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.loadgen import HttpRequest, closed_loop, open_loop_mix
+from proxy.config import REPO_ROOT
+from tests.helpers import DEMO_KEY, echo_server, stack_config, start_stack
+
+RESULTS = REPO_ROOT / "bench" / "results"
+PREMIUM_KEY = "fw-bench-premium"
+MIX = (("critical", 0.2), ("standard", 0.5), ("sheddable", 0.3))
+KEYS = {"critical": PREMIUM_KEY, "standard": DEMO_KEY, "sheddable": "fw-demo-batch"}
+# The processor's lag guard (processor.shed_lag_ms) is part of "policies on".
+SHED_LAG_MS = 100
+BODY = json.dumps({"model": "embedder", "input": "How do I keep a model server standing?"})
+
+
+def _request(key: str) -> HttpRequest:
+    return HttpRequest(
+        "POST", "/v1/embeddings",
+        {"content-type": "application/json", "authorization": f"Bearer {key}"},
+        BODY.encode(),
+    )  # fmt: skip
+
+
+def _config(run: Path, echo_port: int, policies: bool) -> dict[str, Any]:
+    cfg = stack_config(run, echo_port)
+    cfg["listener"]["access_log"] = False
+    auth = next(f for f in cfg["filters"] if f["type"] == "auth")
+    auth["params"]["keys"].append({
+        "id": "premium", "sha256": hashlib.sha256(PREMIUM_KEY.encode()).hexdigest(),
+        "tenant": "bench-premium", "tier": "premium",
+    })  # fmt: skip
+    if not policies:
+        cfg["filters"] = [f for f in cfg["filters"] if f["type"] in ("auth", "openai")]
+    else:
+        cfg["processor"]["shed_lag_ms"] = SHED_LAG_MS
+    for r in cfg["routes"]:
+        r["timeout_ms"] = min(r.get("timeout_ms", 30000), 10000)
+    return cfg
+
+
+def _point(url_host: str, port: int, rate: float, seconds: float) -> dict[str, Any]:
+    mix = [(cls, _request(KEYS[cls]), share) for cls, share in MIX]
+    per = open_loop_mix(url_host, port, mix, rate=rate, seconds=seconds,
+                        mark=b"x-floodwall-degraded")  # fmt: skip
+    total_ok = sum(r["ok"] for r in per.values())
+    # Until the last answer: a backlog drained after the sending stopped is not extra goodput.
+    elapsed = max(r["elapsed_s"] for r in per.values())
+    statuses: dict[str, int] = {}
+    for r in per.values():
+        for k, v in r["statuses"].items():
+            statuses[k] = statuses.get(k, 0) + v
+    return {
+        "offered_rps": rate,
+        "goodput_rps": total_ok / elapsed,
+        "elapsed_s": elapsed,
+        "statuses": statuses,
+        "failures": sum(r["failures"] for r in per.values()),
+        "degraded": sum(r["marked"] for r in per.values()),
+        "classes": {
+            cls: {
+                "requests": r["requests"],
+                "success": r["ok"] / max(1, r["requests"]),
+                "ok_p50_ms": r["ok_p50_ms"],
+                "ok_p99_ms": r["ok_p99_ms"],
+                "statuses": r["statuses"],
+            }
+            for cls, r in per.items()
+        },
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", default=str(RESULTS / "overload"))
+    args = ap.parse_args()
+    seconds = 6.0 if args.quick else 10.0
+    from proxy import models
+
+    models.build()
+    results: dict[str, Any] = {
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "params": {"seconds_per_point": seconds, "mix": dict(MIX), "request": BODY},
+        "runs": {},
+    }
+    with tempfile.TemporaryDirectory(prefix="fw-overload-", dir="/tmp") as d, echo_server() as echo:
+        for mode in ("off", "on"):
+            policies = mode == "on"
+            stack = start_stack(_config(Path(d) / mode / "run", echo, policies),
+                                Path(d) / f"{mode}.yaml")  # fmt: skip
+            try:
+                host, port = stack.cfg.listener.address, stack.cfg.listener.port
+                url = f"http://{host}:{port}"
+                closed_loop(url, _request(DEMO_KEY), connections=16, seconds=3)  # warm up
+                if mode == "off":
+                    cap = closed_loop(url, _request(DEMO_KEY), connections=32, seconds=8)
+                    capacity = cap["rps"]
+                    results["capacity_rps"] = capacity
+                    print(f"== capacity (policies off, wrk c=32): {capacity:.0f} req/s",
+                          flush=True)  # fmt: skip
+                    unloaded = _point(host, port, 0.1 * capacity, seconds)
+                    results["unloaded_p99_ms"] = unloaded["classes"]["standard"]["ok_p99_ms"]
+                points = []
+                for mult in (0.5, 1.0, 2.0, 4.0):
+                    time.sleep(2)  # let the previous point's backlog drain
+                    p = _point(host, port, mult * results["capacity_rps"], seconds)
+                    p["multiple"] = mult
+                    c = p["classes"]
+                    print(f"   {mode:3} {mult:3.1f}x {p['offered_rps']:5.0f}/s goodput "
+                          f"{p['goodput_rps']:5.0f}/s  success crit/std/shed "
+                          f"{c['critical']['success']:.1%}/{c['standard']['success']:.1%}/"
+                          f"{c['sheddable']['success']:.1%}  p99 ok crit "
+                          f"{c['critical']['ok_p99_ms']:.0f} ms  statuses {p['statuses']}  "
+                          f"degraded {p['degraded']}", flush=True)  # fmt: skip
+                    points.append(p)
+                results["runs"][mode] = points
+            finally:
+                stack.stop()
+    results["summary"] = _summary(results)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(results, indent=2))
+    md = _markdown(results)
+    out.with_suffix(".md").write_text(md)
+    _plot(results, out.with_suffix(".png"))
+    print(md)
+
+
+def _summary(results: dict[str, Any]) -> dict[str, Any]:
+    at4 = next(p for p in results["runs"]["on"] if p["multiple"] == 4.0)
+    off4 = next(p for p in results["runs"]["off"] if p["multiple"] == 4.0)
+    cap = results["capacity_rps"]
+    p99 = max(c["ok_p99_ms"] for c in at4["classes"].values())
+    other_5xx = sum(v for k, v in at4["statuses"].items() if k.startswith("5") and k != "503")
+    return {
+        "on_4x": {
+            "goodput_share_of_capacity": at4["goodput_rps"] / cap,
+            "critical_success": at4["classes"]["critical"]["success"],
+            "admitted_p99_ms": p99,
+            "admitted_p99_vs_unloaded": p99 / results["unloaded_p99_ms"],
+            "other_5xx": other_5xx,
+        },
+        "off_4x": {
+            "goodput_share_of_capacity": off4["goodput_rps"] / cap,
+            "critical_success": off4["classes"]["critical"]["success"],
+            "p99_ms": max(c["ok_p99_ms"] for c in off4["classes"].values()),
+        },
+        "targets_on_4x": {
+            "goodput_ge_90pct": at4["goodput_rps"] / cap >= 0.9,
+            "critical_success_ge_99_9pct": at4["classes"]["critical"]["success"] >= 0.999,
+            "admitted_p99_le_3x_unloaded": p99 <= 3 * results["unloaded_p99_ms"],
+            "no_other_5xx": other_5xx == 0,
+        },
+    }
+
+
+def _markdown(results: dict[str, Any]) -> str:
+    lines = [
+        f"Overload ({results['machine']['cpus']} CPUs; embedder through the gateway; capacity "
+        f"{results['capacity_rps']:.0f} req/s; unloaded p99 {results['unloaded_p99_ms']:.0f} ms;"
+        f" {results['params']['seconds_per_point']:.0f} s per point; mix 20/50/30)",
+        "",
+        "| policies | offered | goodput | critical ok | standard ok | sheddable ok | p99 ok "
+        "critical | p99 ok standard | shed (503) | degraded | other errors |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for mode in ("off", "on"):
+        for p in results["runs"][mode]:
+            c = p["classes"]
+            other = sum(v for k, v in p["statuses"].items() if k not in ("200", "503"))
+            lines.append(
+                f"| {mode} | {p['multiple']:.1f}x ({p['offered_rps']:.0f}/s) | "
+                f"{p['goodput_rps']:.0f}/s | {c['critical']['success']:.1%} | "
+                f"{c['standard']['success']:.1%} | {c['sheddable']['success']:.1%} | "
+                f"{c['critical']['ok_p99_ms']:.0f} ms | {c['standard']['ok_p99_ms']:.0f} ms | "
+                f"{p['statuses'].get('503', 0)} | {p['degraded']} | "
+                f"{other + p['failures']} |"
+            )
+    s = results["summary"]
+    on, off, t = s["on_4x"], s["off_4x"], s["targets_on_4x"]
+    lines += [
+        "",
+        f"- at 4x with policies on: goodput {on['goodput_share_of_capacity']:.0%} of capacity "
+        f"(target >= 90%: {_met(t['goodput_ge_90pct'])}), critical success "
+        f"{on['critical_success']:.2%} (>= 99.9%: {_met(t['critical_success_ge_99_9pct'])}), "
+        f"admitted p99 {on['admitted_p99_ms']:.0f} ms = {on['admitted_p99_vs_unloaded']:.1f}x "
+        f"unloaded (<= 3x: {_met(t['admitted_p99_le_3x_unloaded'])}), other 5xx "
+        f"{on['other_5xx']} (none: {_met(t['no_other_5xx'])})",
+        f"- at 4x with policies off: goodput {off['goodput_share_of_capacity']:.0%} of capacity,"
+        f" critical success {off['critical_success']:.1%}, p99 {off['p99_ms']:.0f} ms",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _met(ok: bool) -> str:
+    return "met" if ok else "NOT met"
+
+
+def _plot(results: dict[str, Any], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("no plot: pip install -e '.[bench]' for matplotlib")
+        return
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for mode, style in (("off", "--"), ("on", "-")):
+        pts = results["runs"][mode]
+        x = [p["multiple"] for p in pts]
+        a.plot(x, [p["goodput_rps"] for p in pts], style + "o", label=f"policies {mode}")
+        for cls in ("critical", "standard"):
+            b.plot(x, [p["classes"][cls]["ok_p99_ms"] for p in pts], style + "o",
+                   label=f"{cls}, policies {mode}")  # fmt: skip
+    a.axhline(results["capacity_rps"], color="grey", lw=0.8)
+    a.set(xlabel="offered load (x capacity)", ylabel="goodput (req/s)", title="Goodput")
+    b.set(xlabel="offered load (x capacity)", ylabel="p99 of successful calls (ms)",
+          yscale="log", title="Latency")  # fmt: skip
+    a.legend()
+    b.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
