@@ -307,16 +307,21 @@ def _upstream_cluster(name: str, up: UpstreamConfig) -> dict[str, Any]:
         "lb_policy": _LB[up.lb_policy],
         "load_assignment": {
             "cluster_name": name,
+            # One group per priority: Envoy fails over (and spills) to the next level as the
+            # one before loses healthy hosts.
             "endpoints": [
                 {
+                    "priority": level,
                     "lb_endpoints": [
                         {
                             "endpoint": {"address": _socket(e.address, e.port)},
                             "load_balancing_weight": e.weight,
                         }
                         for e in up.endpoints
-                    ]
+                        if e.priority == level
+                    ],
                 }
+                for level in sorted({e.priority for e in up.endpoints})
             ],
         },
         "circuit_breakers": {

@@ -100,6 +100,9 @@ class Endpoint(Model):
     address: str
     port: Port
     weight: Annotated[int, Field(ge=1, le=128)] = 1
+    # Failover group: Envoy sends traffic to priority 1 (a spill-over pool, a second region)
+    # only as priority 0 loses healthy hosts (failed health checks or ejected as outliers).
+    priority: Annotated[int, Field(ge=0, le=5)] = 0
 
 
 class HealthCheckConfig(Model):
@@ -144,6 +147,9 @@ class UpstreamConfig(Model):
     def _ring_hash_needs_key(self) -> UpstreamConfig:
         if self.lb_policy == "ring_hash" and not self.hash_header:
             raise ValueError("lb_policy ring_hash needs hash_header")
+        levels = sorted({e.priority for e in self.endpoints})
+        if levels != list(range(len(levels))):
+            raise ValueError(f"endpoint priorities must run 0, 1, ... without gaps (got {levels})")
         return self
 
     @property
@@ -190,6 +196,12 @@ class RouteConfig(Model):
     @property
     def grpc(self) -> bool:
         return self.api == "kserve_grpc"
+
+    @property
+    def model_in_body(self) -> bool:
+        """The model is named in the body (OpenAI APIs): filters that need it wait for the
+        body phase, after the API filter parsed it; KServe HTTP names it in the path."""
+        return self.api in ("openai_embeddings", "openai_chat")
 
 
 class FilterConfig(Model):

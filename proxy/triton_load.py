@@ -14,7 +14,12 @@ import logging
 import re
 import time
 from dataclasses import dataclass
+from typing import Annotated
 from urllib.parse import urlsplit
+
+from pydantic import Field
+
+from proxy.api import FilterParams
 
 log = logging.getLogger("floodwall.triton_load")
 
@@ -23,6 +28,24 @@ _SAMPLE = re.compile(
     r'nv_inference_request_success)\{model="([^"]+)",version="[^"]*"\} ([0-9.e+]+)$',
     re.M,
 )
+
+
+class SaturationParams(FilterParams):
+    """Params of policies that watch Triton's load (admission, degrade)."""
+
+    # Triton's metrics endpoint, polled 4 times a second (one poller per process and URL).
+    triton_metrics_url: str
+    # Saturated when the model's requests waited this long in Triton's queue on average over
+    # the last poll interval, or when this many are pending there (None: not used).
+    queue_ms_above: Annotated[float, Field(gt=0)] | None = 50.0
+    pending_above: Annotated[int, Field(ge=1)] | None = None
+
+    def saturated(self, load: ModelLoad | None, now: float) -> bool:
+        if load is None or not load.fresh(now):
+            return False  # no signal, or a stale one (metrics unreadable): not saturated
+        return (self.queue_ms_above is not None and load.queue_ms > self.queue_ms_above) or (
+            self.pending_above is not None and load.pending > self.pending_above
+        )
 
 
 @dataclass(frozen=True, slots=True)

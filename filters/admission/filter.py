@@ -48,8 +48,6 @@ QUEUE_SECONDS = Histogram(
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
 )
 
-_BODY_APIS = frozenset({"openai_embeddings", "openai_chat"})
-
 
 @dataclass(slots=True)
 class _Ticket:
@@ -86,7 +84,7 @@ class AdmissionFilter(Filter):
 
     def phases(self, route: RouteConfig) -> frozenset[Phase]:
         out = {Phase.REQUEST_HEADERS, Phase.RESPONSE_HEADERS}
-        if route.api in _BODY_APIS and self.p.models:
+        if route.model_in_body and self.p.models:
             out.add(Phase.REQUEST_BODY)
         return frozenset(out)
 
@@ -94,7 +92,7 @@ class AdmissionFilter(Filter):
         st = ctx.state(_State)
         st.tenant = ctx.tenant or "-"
         ctx.priority = self._classify(ctx, headers)
-        if ctx.route is not None and ctx.route.api in _BODY_APIS and self.p.models:
+        if ctx.route is not None and ctx.route.model_in_body and self.p.models:
             return CONTINUE
         return await self._admit(ctx, st)
 
@@ -160,10 +158,9 @@ class AdmissionFilter(Filter):
         if sat is None or self.load is None:
             return
         load = self.load.models.get(kserve_model(upstream_path) or name)
-        now = self.deps.clock.monotonic()
-        if load is None or not load.fresh(now) or load.at <= self._shrunk_at.get(name, 0.0):
-            return
-        if load.queue_ms > sat.queue_ms_above:
+        if load is None or load.at <= self._shrunk_at.get(name, 0.0):
+            return  # no new poll since the last shrink
+        if sat.saturated(load, self.deps.clock.monotonic()):
             lim.shrink()
             self._shrunk_at[name] = load.at
 

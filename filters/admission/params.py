@@ -5,6 +5,7 @@ from typing import Annotated, Literal
 from pydantic import Field, model_validator
 
 from proxy.api import FilterParams
+from proxy.triton_load import SaturationParams
 
 Class = Literal["critical", "standard", "sheddable"]
 
@@ -30,12 +31,6 @@ class Priority(FilterParams):
     trusted_tenants: list[str] = Field(default_factory=list)
 
 
-class Saturation(FilterParams):
-    triton_metrics_url: str
-    # Triton's mean queue time for the model above this shrinks the limit (once per poll).
-    queue_ms_above: Annotated[float, Field(gt=0)] = 50.0
-
-
 class AdmissionParams(FilterParams):
     # One concurrency limit per model named here (ctx.model); others pass. Empty: per route.
     models: list[str] = Field(default_factory=list)
@@ -59,7 +54,8 @@ class AdmissionParams(FilterParams):
     max_queue: Annotated[int, Field(ge=0)] = 64
     max_queue_ms: Annotated[float, Field(ge=0)] = 100.0
     priority: Priority = Field(default_factory=Priority)
-    saturation: Saturation | None = None
+    # Triton's own load for the model: while saturated, the limit shrinks (once per poll).
+    saturation: SaturationParams | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> AdmissionParams:

@@ -43,8 +43,6 @@ REJECTED = Counter(
     "floodwall_breaker_rejected", "Calls refused by an open or half-open breaker", ["breaker"]
 )
 
-_BODY_APIS = frozenset({"openai_embeddings", "openai_chat"})
-
 
 class State(enum.IntEnum):
     CLOSED = 0
@@ -170,12 +168,12 @@ class BreakerFilter(Filter):
     def phases(self, route: RouteConfig) -> frozenset[Phase]:
         # Response headers: the chain records the upstream's status there for on_complete.
         out = {Phase.REQUEST_HEADERS, Phase.RESPONSE_HEADERS}
-        if route.api in _BODY_APIS and self.p.models:
+        if route.model_in_body and self.p.models:
             out.add(Phase.REQUEST_BODY)  # the model is known once the openai filter parsed it
         return frozenset(out)
 
     async def on_request_headers(self, ctx: RequestContext, headers: Headers) -> Decision:
-        if ctx.route is not None and ctx.route.api in _BODY_APIS and self.p.models:
+        if ctx.route is not None and ctx.route.model_in_body and self.p.models:
             return CONTINUE
         return self._admit(ctx)
 

@@ -27,7 +27,6 @@ DEGRADED = Counter(
     ["model", "to"],
 )  # fmt: skip
 
-_BODY_APIS = frozenset({"openai_embeddings", "openai_chat"})
 _MODEL_IN_PATH = re.compile(r"^/v2/models/([^/?]+)")
 
 
@@ -55,11 +54,11 @@ class DegradeFilter(Filter):
     def phases(self, route: RouteConfig) -> frozenset[Phase]:
         if route.api == "kserve_grpc":
             return frozenset()  # the model is inside the protobuf body: not rewritable here
-        step = Phase.REQUEST_BODY if route.api in _BODY_APIS else Phase.REQUEST_HEADERS
+        step = Phase.REQUEST_BODY if route.model_in_body else Phase.REQUEST_HEADERS
         return frozenset({Phase.REQUEST_HEADERS, step, Phase.RESPONSE_HEADERS})
 
     async def on_request_headers(self, ctx: RequestContext, headers: Headers) -> Decision:
-        if ctx.route is not None and ctx.route.api in _BODY_APIS:
+        if ctx.route is not None and ctx.route.model_in_body:
             return CONTINUE  # the model is known once the openai filter parsed the body
         return self._steer(ctx)
 
@@ -91,12 +90,7 @@ class DegradeFilter(Filter):
         sat = self.p.saturation
         if sat is None or self.load is None:
             return False
-        load = self.load.models.get(triton_model)
-        if load is None or not load.fresh(now):
-            return False
-        return (sat.queue_ms_above is not None and load.queue_ms > sat.queue_ms_above) or (
-            sat.pending_above is not None and load.pending > sat.pending_above
-        )
+        return sat.saturated(self.load.models.get(triton_model), now)
 
     async def on_response_headers(self, ctx: RequestContext, headers: Headers) -> Decision:
         to = ctx.state(_State).to

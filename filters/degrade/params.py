@@ -1,19 +1,9 @@
 from __future__ import annotations
 
-from typing import Annotated
-
 from pydantic import Field, model_validator
 
 from proxy.api import FilterParams
-
-
-class Saturation(FilterParams):
-    # Triton's metrics endpoint, polled 4 times a second (shared with other policies).
-    triton_metrics_url: str
-    # Saturated when the model's requests waited this long in Triton's queue on average over
-    # the last poll interval, or when this many are pending there (None: not used).
-    queue_ms_above: Annotated[float, Field(gt=0)] | None = 50.0
-    pending_above: Annotated[int, Field(ge=1)] | None = None
+from proxy.triton_load import SaturationParams
 
 
 class DegradeParams(FilterParams):
@@ -25,7 +15,7 @@ class DegradeParams(FilterParams):
     exempt_priorities: list[str] = Field(default_factory=lambda: ["critical"])
     exempt_tiers: list[str] = Field(default_factory=list)
     # Also degrade while the model is saturated (None: only while its breaker refuses).
-    saturation: Saturation | None = None
+    saturation: SaturationParams | None = None
 
     @model_validator(mode="after")
     def _no_self_or_chain(self) -> DegradeParams:

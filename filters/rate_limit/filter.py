@@ -67,7 +67,6 @@ _DECISIONS = (
     "allowed", "delayed", "denied", "denied_cached", "fallback_allowed", "fallback_denied",
     "unavailable", "overloaded", "too_large",
 )  # fmt: skip
-_BODY_APIS = frozenset({"openai_embeddings", "openai_chat"})
 # RedisClusterException is not a RedisError (a cluster with no reachable node raises it).
 _REDIS_FAULTS = (RedisError, RedisClusterException, OSError, TimeoutError)
 
@@ -181,7 +180,7 @@ class RateLimitFilter(Filter):
         filter, placed before this one, sets them): limits that use either wait for it."""
         found = self._body_routes.get(route.name)
         if found is None:
-            found = route.api in _BODY_APIS and any(
+            found = route.model_in_body and any(
                 lim.spec.unit == "tokens" or "model" in lim.spec.key or bool(lim.spec.when.models)
                 for lim in self._limits_for(route.name)
             )

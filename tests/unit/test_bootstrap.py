@@ -10,7 +10,7 @@ import pytest
 
 from proxy.bootstrap import render
 from proxy.cli import validate_envoy
-from proxy.config import DEFAULT_CONFIG, FloodwallConfig, load_config, parse_config
+from proxy.config import DEFAULT_CONFIG, ConfigError, FloodwallConfig, load_config, parse_config
 from proxy.process import build_chain
 
 
@@ -87,6 +87,24 @@ def test_lb_policies_and_weights_validate(lb: str) -> None:
         "lb_endpoints"]]  # fmt: skip
     assert weights == [3, 1]
     assert validate_envoy(cfg) is None
+
+
+def test_endpoint_priorities_are_failover_groups() -> None:
+    cfg = _variant(
+        upstreams={
+            "a": {"endpoints": [
+                {"address": "127.0.0.1", "port": 9},
+                {"address": "127.0.0.2", "port": 9},
+                {"address": "127.0.0.3", "port": 9, "priority": 1},  # the spill-over pool
+            ]}
+        }
+    )  # fmt: skip
+    groups = _render(cfg)["static_resources"]["clusters"][1]["load_assignment"]["endpoints"]
+    assert [(g["priority"], len(g["lb_endpoints"])) for g in groups] == [(0, 2), (1, 1)]
+    assert validate_envoy(cfg) is None
+    with pytest.raises(ConfigError, match="without gaps"):
+        _variant(upstreams={"a": {"endpoints": [{"address": "127.0.0.1", "port": 9,
+                                                 "priority": 2}]}})  # fmt: skip
 
 
 def test_several_processors_over_tcp_are_endpoints() -> None:
