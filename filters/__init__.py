@@ -7,4 +7,5 @@ BUILTIN: dict[str, str] = {
     "admission": "filters.admission.filter:AdmissionFilter",
     "breaker": "filters.breaker.filter:BreakerFilter",
     "degrade": "filters.degrade.filter:DegradeFilter",
+    "cache": "filters.cache.filter:CacheFilter",
 }

@@ -13,7 +13,7 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, TypeVar
 
@@ -105,6 +105,9 @@ class Signals:
 
     def __init__(self) -> None:
         self.gates: dict[str, Gate] = {}
+        # Client-facing model name -> the backend (Triton) model serving it, registered by
+        # API filters (openai), so other policies can follow a model's versions and load.
+        self.backend_models: dict[str, str] = {}
         self._triton: dict[str, TritonLoad] = {}
 
     def refusing(self, model: str, now: float) -> bool:
@@ -279,6 +282,7 @@ class NoParams(FilterParams):
 
 
 OnError = Literal["open", "closed"]
+AdminHandler = Callable[[dict[str, str], dict[str, str]], Awaitable[tuple[int, Any]]]
 
 
 class Filter:
@@ -300,6 +304,12 @@ class Filter:
         """The longest this filter may hold one phase on purpose (a smoothing wait): the
         rendered Envoy message timeout adds it, so Envoy does not give up on the processor."""
         return 0.0
+
+    def admin_routes(self) -> Mapping[str, AdminHandler]:
+        """Endpoints this filter adds to the processor's admin server (``POST <path>``): each
+        gets the query parameters and the request headers (lower-case names) and answers
+        ``(status, JSON-able body)``. Authenticate in the handler: the admin server doesn't."""
+        return {}
 
     async def start(self) -> None:
         """Called once before traffic (open connections, warm caches)."""

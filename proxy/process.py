@@ -65,8 +65,12 @@ async def serve(
     lag = cfg.processor.shed_lag_ms
     guard = LagGuard(lag / 1000) if lag is not None else None
     server = ProcessorServer(chain, address, guard)
+    routes = {path: h for f in chain.filters for path, h in f.admin_routes().items()}
     admin = AdminServer(
-        cfg.processor.admin_address, cfg.processor.admin_port + index, lambda: server.ready
+        cfg.processor.admin_address,
+        cfg.processor.admin_port + index,
+        lambda: server.ready,
+        routes,
     )
     await admin.start()
     await server.start()

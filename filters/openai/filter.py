@@ -47,6 +47,10 @@ class OpenAIFilter(Filter):
     def __init__(self, params: OpenAIParams, deps: Deps) -> None:
         super().__init__(params, deps)
         self.p = params
+        for name, e in params.embedding_models.items():
+            deps.signals.backend_models[name] = e.triton_model
+        for name, c in params.chat_models.items():
+            deps.signals.backend_models[name] = c.triton_model
 
     def phases(self, route: RouteConfig) -> frozenset[Phase]:
         return frozenset(Phase) if route.api in _APIS else frozenset()

@@ -1,0 +1,247 @@
+"""``floodwall cache eval --pairs FILE.jsonl``: how often the semantic cache would serve a
+paraphrase (good) and a look-alike (wrong answer), with the live decision code.
+
+Each line is ``{"a": ..., "b": ..., "same_answer": true|false}`` (optionally ``category``
+and ``split``). For each line, ``a`` is stored in a fresh partition and ``b`` is looked up
+through ``SemanticIndex.judge``: the same embedder (Triton's), index, threshold and guards
+as the filter. Served means "b gets a's answer": a hit on a true pair, a wrong answer on a
+false one. The per-threshold table shows both rates with and without the guards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.request
+from collections import Counter, defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+
+from filters.cache.semantic import SemanticIndex
+from filters.cache.store import Indexed
+
+MAX_WRONG_RATE = 0.02
+THRESHOLDS = tuple(round(0.60 + 0.025 * i, 3) for i in range(17))  # 0.60 .. 1.00
+SHIPPED_PAIRS = Path(__file__).parent / "eval" / "pairs.jsonl"
+
+
+@dataclass(frozen=True, slots=True)
+class Pair:
+    a: str
+    b: str
+    same: bool
+    category: str
+    split: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Judged:
+    pair: Pair
+    score: float
+    veto: str | None  # the guard that refused serving a's answer to b, if any
+
+
+def read_pairs(path: Path) -> list[Pair]:
+    pairs = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            d = orjson.loads(line)
+            a, b, same = d["a"], d["b"], d["same_answer"]
+        except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ValueError(f"{path}:{n}: needs a JSON object with a, b, same_answer") from exc
+        if not (isinstance(a, str) and isinstance(b, str) and isinstance(same, bool)):
+            raise ValueError(f"{path}:{n}: a and b must be strings, same_answer a boolean")
+        category = d.get("category") or ("paraphrase" if same else "different")
+        pairs.append(Pair(a, b, same, str(category), d.get("split")))
+    if not pairs:
+        raise ValueError(f"{path}: no pairs")
+    return pairs
+
+
+def judge(pairs: list[Pair], vectors: dict[str, np.ndarray[Any, Any]]) -> list[Judged]:
+    """Stores a, looks up b, for each pair; threshold -1 so every score is kept (the table
+    applies thresholds afterwards; the guards decide exactly as live)."""
+    out = []
+    for i, p in enumerate(pairs):
+        index = SemanticIndex(len(vectors[p.a]), threshold=-1.0, candidates=1)
+        scope, partition = f"eval{i}", "p"
+        index.add(Indexed(scope, "a", partition, p.a, vectors[p.a], 2**62))
+        v = index.judge(scope, partition, p.b, vectors[p.b], now_ms=0)
+        # The unguarded score of the same candidate: what a threshold-only cache would do.
+        score = float(np.dot(_unit(vectors[p.a]), _unit(vectors[p.b])))
+        out.append(Judged(p, score, None if v.entry_id else (v.veto or "none")))
+    return out
+
+
+def _unit(v: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    return v / (np.linalg.norm(v) or 1.0)
+
+
+def _rates(judged: list[Judged], threshold: float, guarded: bool) -> tuple[float, float]:
+    true = [j for j in judged if j.pair.same]
+    false = [j for j in judged if not j.pair.same]
+
+    def served(j: Judged) -> bool:
+        return j.score >= threshold and (not guarded or j.veto is None)
+
+    hit = sum(map(served, true)) / len(true) if true else float("nan")
+    wrong = sum(map(served, false)) / len(false) if false else float("nan")
+    return hit, wrong
+
+
+def report(judged: list[Judged], threshold: float) -> dict[str, Any]:
+    hit, wrong = _rates(judged, threshold, True)
+    table = []
+    for t in THRESHOLDS:
+        gh, gw = _rates(judged, t, True)
+        uh, uw = _rates(judged, t, False)
+        table.append({"threshold": t, "hit_rate": _r(gh), "wrong_hit_rate": _r(gw),
+                      "hit_rate_unguarded": _r(uh),
+                      "wrong_hit_rate_unguarded": _r(uw)})  # fmt: skip
+    ok = [row for row in table if row["wrong_hit_rate"] <= MAX_WRONG_RATE]
+    best = max(ok, key=lambda r: (r["hit_rate"], -r["threshold"])) if ok else None
+    by_category: dict[str, dict[str, Any]] = {}
+    cats: dict[str, list[Judged]] = defaultdict(list)
+    for j in judged:
+        cats[j.pair.category].append(j)
+    for cat, items in sorted(cats.items()):
+        served = sum(1 for j in items if j.score >= threshold and j.veto is None)
+        by_category[cat] = {
+            "pairs": len(items),
+            "same_answer": items[0].pair.same,
+            "served": served,
+            "rate": _r(served / len(items)),
+            "served_unguarded": sum(1 for j in items if j.score >= threshold),
+            "vetoes": dict(Counter(j.veto for j in items if j.score >= threshold and j.veto)),
+        }
+    out: dict[str, Any] = {
+        "pairs": len(judged),
+        "threshold": threshold,
+        "true_pairs": sum(1 for j in judged if j.pair.same),
+        "false_pairs": sum(1 for j in judged if not j.pair.same),
+        "hit_rate": _r(hit),
+        "wrong_hit_rate": _r(wrong),
+        "by_category": by_category,
+        "thresholds": table,
+        "recommended_threshold": best["threshold"] if best else None,
+        "recommendation_rule": f"highest hit rate with wrong_hit_rate <= {MAX_WRONG_RATE}",
+    }
+    splits = sorted({j.pair.split for j in judged if j.pair.split})
+    if splits:
+        out["by_split"] = {}
+        for s in splits:
+            part = [j for j in judged if j.pair.split == s]
+            h, w = _rates(part, threshold, True)
+            out["by_split"][s] = {"pairs": len(part), "hit_rate": _r(h), "wrong_hit_rate": _r(w)}
+    return out
+
+
+def _r(x: float) -> float:
+    return round(x, 4)
+
+
+def embed_all(texts: list[str], base_url: str, model: str = "embedder") -> dict[str, Any]:
+    """Embeds through Triton's HTTP API in batches (the model's own batching)."""
+    out: dict[str, Any] = {}
+    unique = list(dict.fromkeys(texts))
+    for start in range(0, len(unique), 32):
+        batch = unique[start : start + 32]
+        body = orjson.dumps(
+            {"inputs": [{"name": "TEXT", "shape": [len(batch), 1], "datatype": "BYTES",
+                         "data": batch}], "outputs": [{"name": "EMBEDDING"}]}
+        )  # fmt: skip
+        req = urllib.request.Request(
+            f"{base_url}/v2/models/{model}/infer", body, {"content-type": "application/json"}
+        )
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            data = orjson.loads(resp.read())
+        emb = next(o for o in data["outputs"] if o["name"] == "EMBEDDING")
+        flat = np.asarray(emb["data"], dtype=np.float32).reshape(len(batch), -1)
+        out.update(zip(batch, flat, strict=True))
+    return out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def private_embedder(model: str = "embedder") -> Iterator[str]:
+    """A Triton serving only the embedder on free loopback ports; yields its base URL."""
+    from proxy import models, triton
+    from proxy.config import REPO_ROOT
+
+    if not models.is_built():
+        raise RuntimeError("the embedder is not built: run `floodwall models build` first")
+    with tempfile.TemporaryDirectory(prefix="fw-eval-") as d:
+        repo = Path(d) / "models"
+        repo.mkdir()
+        shutil.copytree(REPO_ROOT / "triton_models" / model, repo / model)
+        http, grpc, metrics = _free_port(), _free_port(), _free_port()
+        prefix = f"fw_eval_{time.time_ns()}_"
+        argv, env = triton.triton_command(
+            repo, http_port=http, grpc_port=grpc, metrics_port=metrics, shm_prefix=prefix
+        )
+        log = open(Path(d) / "triton.log", "wb")  # noqa: SIM115 (closed below)
+        proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # fmt: skip
+        url = f"http://127.0.0.1:{http}"
+        try:
+            deadline = time.monotonic() + 180
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(
+                        f"Triton exited: {(Path(d) / 'triton.log').read_text()[-800:]}"
+                    )
+                with (
+                    contextlib.suppress(OSError),
+                    urllib.request.urlopen(f"{url}/v2/health/ready", timeout=1) as r,
+                ):
+                    if r.status == 200:
+                        break
+                if time.monotonic() > deadline:
+                    raise RuntimeError("Triton not ready after 180 s")
+                time.sleep(0.2)
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            log.close()
+            triton.remove_shm_regions(prefix)
+
+
+def run(path: Path, threshold: float, triton_url: str | None, model: str) -> dict[str, Any]:
+    pairs = read_pairs(path)
+    texts = [t for p in pairs for t in (p.a, p.b)]
+    with contextlib.ExitStack() as stack:
+        url = triton_url or stack.enter_context(private_embedder(model))
+        vectors = embed_all(texts, url, model)
+    result = report(judge(pairs, vectors), threshold)
+    result["pairs_file"] = str(path)
+    return result
+
+
+def main(args: Any) -> int:
+    from filters.cache.params import RECOMMENDED_THRESHOLD
+
+    threshold = args.threshold if args.threshold is not None else RECOMMENDED_THRESHOLD
+    result = run(Path(args.pairs), threshold, args.triton_url, args.model)
+    print(json.dumps(result, indent=2))
+    return 0

@@ -1,0 +1,561 @@
+"""Answers repeated and paraphrased requests from Redis: exact, then semantic.
+
+Request body: parse, canonicalise (``canon``), look up the exact id, then (chat with a last
+user message, or a configured text) embed the prompt with Triton's embedder and ask the
+process's ``SemanticIndex`` for a guarded match. A hit answers at once (``Respond``) with the
+stored body, ``x-floodwall-cache: hit-exact|hit-semantic`` and ``Age``; a miss goes on and,
+when the response is a cacheable 200, is stored after it has been sent (a background task:
+the client never waits for the store). Every failure of Redis or the embedder is a miss,
+counted, never an error for the client.
+
+Place it after ``auth`` (entries are per tenant) and before ``openai``: it must see the
+client's OpenAI request, and (responses run in reverse order) the translated answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import orjson
+from prometheus_client import Counter, Gauge, Histogram
+from redis.exceptions import RedisClusterException, RedisError
+
+from filters.cache import canon
+from filters.cache.embedder import Embedder, EmbedderError, TritonEmbedder
+from filters.cache.params import CacheParams, RouteCache
+from filters.cache.semantic import SemanticIndex
+from filters.cache.store import CacheStore, Entry, Indexed
+from proxy.api import (
+    CONTINUE,
+    AdminHandler,
+    Decision,
+    Deps,
+    Filter,
+    Headers,
+    Mutate,
+    Outcome,
+    Phase,
+    RequestContext,
+    Respond,
+)
+from proxy.config import RouteConfig
+
+LOOKUPS = Counter(
+    "floodwall_cache_lookups",
+    "Cache look-ups by route and result (hit_exact, hit_semantic, miss, bypass)",
+    ["route", "result"],
+)
+BYPASS = Counter(
+    "floodwall_cache_bypass",
+    "Requests the cache did not look up or store, by reason",
+    ["route", "reason"],
+)
+VETOES = Counter(
+    "floodwall_cache_vetoes",
+    "Semantic candidates above the threshold refused by a guard, by guard",
+    ["guard"],
+)
+STORES = Counter(
+    "floodwall_cache_stores", "Responses stored, or not stored and why", ["route", "result"]
+)
+ERRORS = Counter(
+    "floodwall_cache_errors", "Failed cache calls by dependency (redis, embedder)", ["kind"]
+)
+LOOKUP_SECONDS = Histogram(
+    "floodwall_cache_lookup_duration_seconds",
+    "Time to decide hit or miss, by level reached (exact, semantic)",
+    ["level"],
+    buckets=(0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 1.0),
+)
+ENTRIES = Gauge("floodwall_cache_semantic_entries", "Semantic entries in this process's index")
+
+log = logging.getLogger("floodwall.cache")
+_REDIS_FAULTS = (RedisError, RedisClusterException, OSError, TimeoutError)
+HEADER = "x-floodwall-cache"
+# Response headers stored with an entry and replayed on a hit.
+_KEPT_HEADERS = ("content-type",)
+
+
+@dataclass(slots=True)
+class _Pending:
+    """A miss to store once its response is known to be cacheable."""
+
+    scope: str
+    scope_meta: dict[str, str]
+    entry_id: str
+    partition: str
+    text: str
+    vector: np.ndarray[Any, Any] | None
+    ttl_ms: int
+    headers: dict[str, str] | None = None
+
+
+class _State:
+    __slots__ = ("no_lookup", "no_store", "pending")
+
+    def __init__(self) -> None:
+        self.no_store = False
+        self.no_lookup = False
+        self.pending: _Pending | None = None
+
+
+class CacheFilter(Filter):
+    Params = CacheParams
+
+    def __init__(self, params: CacheParams, deps: Deps, embedder: Embedder | None = None) -> None:
+        super().__init__(params, deps)
+        self.p = params
+        sem = params.semantic
+        self.store = CacheStore(deps.redis) if deps.redis is not None else None
+        if embedder is None and any(r.semantic for r in params.routes.values()):
+            base = deps.upstreams.get(sem.upstream)
+            if base is None:
+                raise ValueError(
+                    f"cache.semantic.upstream {sem.upstream!r} is not an upstream "
+                    f"(known: {', '.join(sorted(deps.upstreams)) or 'none'})"
+                )
+            embedder = TritonEmbedder(
+                base, sem.model, input_name=sem.input_name, output_name=sem.output_name,
+                timeout_s=sem.timeout_ms / 1000,
+            )  # fmt: skip
+        self.embedder = embedder
+        self.index = SemanticIndex(
+            sem.dimensions, threshold=sem.threshold, candidates=sem.candidates,
+            guards=sem.guards, flat_max=sem.flat_max,
+        )  # fmt: skip
+        # Triton model -> its newest READY version; scopes include it (see _version).
+        self.versions: dict[str, str] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._writes: set[asyncio.Task[None]] = set()
+        self._clustering = False
+        self._feed_id = "0-0"
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def phases(self, route: RouteConfig) -> frozenset[Phase]:
+        if route.name not in self.p.routes or route.grpc:
+            return frozenset()
+        return frozenset(Phase)
+
+    async def start(self) -> None:
+        if self.store is None:
+            log.warning("cache: no Redis configured; every request is a miss")
+            return
+        if self.p.versions_upstream is not None:
+            await self._poll_versions_once()
+            self._tasks.append(asyncio.create_task(self._poll_versions()))
+        self._tasks.append(asyncio.create_task(self._follow()))
+        self._tasks.append(asyncio.create_task(self._housekeeping()))
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        if self._writes:
+            await asyncio.wait(self._writes, timeout=2)
+        if self.embedder is not None:
+            await self.embedder.close()
+
+    async def settle(self) -> None:
+        """Waits for the stores already started (tests; shutdown does it too)."""
+        while self._writes:
+            await asyncio.gather(*self._writes, return_exceptions=True)
+
+    # --- request path ----------------------------------------------------------------------
+
+    async def on_request_headers(self, ctx: RequestContext, headers: Headers) -> Decision:
+        st = ctx.state(_State)
+        directives = _cache_control(headers.get("cache-control", ""))
+        if "no-store" in directives:
+            st.no_store = st.no_lookup = True
+        elif "no-cache" in directives or "max-age=0" in directives:
+            st.no_lookup = True  # revalidate: ask the model, refresh the entry
+        return CONTINUE
+
+    async def on_request_body(self, ctx: RequestContext, body: bytes) -> Decision:
+        st = ctx.state(_State)
+        route = self.p.routes[ctx.route_name]
+        reason = self._bypass_reason(ctx, st, route, body)
+        if reason is not None:
+            return self._bypass(ctx, reason)
+        assert self.store is not None
+        try:
+            key = canon.lookup(
+                orjson.loads(body), api=ctx.route.api if ctx.route else "", model=ctx.model,
+                max_temperature=route.max_temperature, text_pointer=route.text_pointer,
+            )  # fmt: skip
+        except orjson.JSONDecodeError:
+            return self._bypass(ctx, "bad_json")  # the API filter answers 400
+        except canon.NotCacheable as nc:
+            return self._bypass(ctx, nc.reason)
+        tenant = "*" if route.public else (ctx.tenant or "")
+        meta = {"tenant": tenant, "route": ctx.route_name, "model": key.model,
+                "version": self._version(key.model)}  # fmt: skip
+        scope = _scope_id(meta)
+        text = key.text if route.semantic and key.text else ""
+        if len(text) > self.p.semantic.max_text_chars:
+            text = ""
+        t0 = time.perf_counter()
+        now_ms = self._now_ms()
+        if not st.no_lookup:
+            entry = await self._get(scope, key.exact_id, now_ms)
+            if entry is not None:
+                LOOKUP_SECONDS.labels("exact").observe(time.perf_counter() - t0)
+                return self._hit(ctx, entry, "hit-exact", now_ms)
+        vector = None
+        if text and self.embedder is not None:
+            vector = await self._embed(text)
+            if vector is not None and not st.no_lookup:
+                verdict = self.index.judge(scope, key.partition, text, vector, now_ms)
+                if verdict.veto is not None:
+                    VETOES.labels(verdict.veto).inc()
+                if verdict.entry_id is not None:
+                    entry = await self._get(scope, verdict.entry_id, now_ms)
+                    if entry is not None:
+                        LOOKUP_SECONDS.labels("semantic").observe(time.perf_counter() - t0)
+                        return self._hit(ctx, entry, "hit-semantic", now_ms)
+                    self.index.remove(scope, verdict.entry_id)  # gone from Redis
+        LOOKUP_SECONDS.labels("semantic" if text else "exact").observe(time.perf_counter() - t0)
+        LOOKUPS.labels(ctx.route_name, "miss").inc()
+        if not st.no_store:
+            st.pending = _Pending(scope, meta, key.exact_id, key.partition, text, vector,
+                                  int(route.ttl_s * 1000))  # fmt: skip
+        return CONTINUE
+
+    async def on_response_headers(self, ctx: RequestContext, headers: Headers) -> Decision:
+        st = ctx.state(_State)
+        pending, st.pending = st.pending, None
+        if pending is not None:
+            why = _uncacheable_response(headers)
+            if why is not None:
+                STORES.labels(ctx.route_name, why).inc()
+            else:
+                max_age = _max_age(headers.get("cache-control", ""))
+                if max_age is not None:
+                    pending.ttl_ms = min(pending.ttl_ms, max_age * 1000)
+                if pending.ttl_ms > 0:
+                    pending.headers = {h: headers[h] for h in _KEPT_HEADERS if h in headers}
+                    st.pending = pending
+        return Mutate(set_headers={HEADER: "miss"})
+
+    async def on_response_body(self, ctx: RequestContext, body: bytes) -> Decision:
+        st = ctx.state(_State)
+        pending, st.pending = st.pending, None
+        if pending is None or not ctx.end_of_stream:
+            return CONTINUE
+        if len(body) > self.p.max_entry_bytes:
+            STORES.labels(ctx.route_name, "too_large").inc()
+            return CONTINUE
+        task = asyncio.create_task(self._put(ctx.route_name, pending, bytes(body)))
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
+        return CONTINUE
+
+    async def on_complete(self, ctx: RequestContext, outcome: Outcome) -> None:
+        ctx.state(_State).pending = None
+
+    # --- pieces ----------------------------------------------------------------------------
+
+    def _bypass_reason(
+        self, ctx: RequestContext, st: _State, route: RouteCache, body: bytes
+    ) -> str | None:
+        if self.store is None:
+            return "no_redis"
+        if st.no_store:
+            return "no_store"
+        if len(body) > self.p.max_request_bytes:
+            return "too_large"
+        if not route.public and not ctx.tenant:
+            return "no_tenant"  # without an identity there is no isolation to keep
+        return None
+
+    def _bypass(self, ctx: RequestContext, reason: str) -> Decision:
+        BYPASS.labels(ctx.route_name, reason).inc()
+        LOOKUPS.labels(ctx.route_name, "bypass").inc()
+        ctx.state(_State).pending = None
+        return CONTINUE
+
+    def _hit(self, ctx: RequestContext, entry: Entry, kind: str, now_ms: int) -> Respond:
+        LOOKUPS.labels(ctx.route_name, kind.replace("-", "_")).inc()
+        headers = dict(entry.headers)
+        headers.setdefault("content-type", "application/json")
+        headers[HEADER] = kind
+        headers["age"] = str(max(0, (now_ms - entry.created_ms) // 1000))
+        return Respond(200, entry.body, headers)
+
+    def _now_ms(self) -> int:
+        return int(self.deps.clock.time() * 1000)
+
+    def _version(self, model: str) -> str:
+        backend = self.deps.signals.backend_models.get(model, model)
+        return self.versions.get(backend, "")
+
+    async def _get(self, scope: str, entry_id: str, now_ms: int) -> Entry | None:
+        assert self.store is not None
+        try:
+            return await asyncio.wait_for(
+                self.store.get(scope, entry_id, now_ms), self.p.redis_timeout_ms / 1000
+            )
+        except _REDIS_FAULTS as exc:
+            ERRORS.labels("redis").inc()
+            log.warning("cache look-up failed (a miss): %r", exc)
+            return None
+
+    async def _embed(self, text: str) -> np.ndarray[Any, Any] | None:
+        assert self.embedder is not None
+        try:
+            vec = await self.embedder.embed(text)
+        except EmbedderError as exc:
+            ERRORS.labels("embedder").inc()
+            log.warning("cache embedding failed (a miss): %s", exc)
+            return None
+        if vec.shape != (self.index.dim,):
+            ERRORS.labels("embedder").inc()
+            log.warning("embedder returned %s values, expected %d", vec.shape, self.index.dim)
+            return None
+        return vec
+
+    async def _put(self, route: str, pending: _Pending, body: bytes) -> None:
+        assert self.store is not None
+        now_ms = self._now_ms()
+        vector = b"" if pending.vector is None else pending.vector.astype("<f4").tobytes()
+        try:
+            evicted = await asyncio.wait_for(
+                self.store.put(
+                    scope=pending.scope, scope_meta=pending.scope_meta,
+                    entry_id=pending.entry_id, body=body, headers=pending.headers or {},
+                    partition=pending.partition, text=pending.text if vector else "",
+                    vector=vector, now_ms=now_ms, ttl_ms=pending.ttl_ms,
+                    max_entries=self.p.max_entries_per_scope,
+                ),
+                max(1.0, self.p.redis_timeout_ms / 1000),
+            )  # fmt: skip
+        except _REDIS_FAULTS as exc:
+            ERRORS.labels("redis").inc()
+            STORES.labels(route, "redis_error").inc()
+            log.warning("cache store failed: %r", exc)
+            return
+        STORES.labels(route, "stored").inc()
+        for gone in evicted:
+            self.index.remove(pending.scope, gone)
+        if pending.vector is not None:
+            expires = now_ms + pending.ttl_ms
+            self.index.add(Indexed(pending.scope, pending.entry_id, pending.partition,
+                                   pending.text, pending.vector, expires))  # fmt: skip
+            ENTRIES.set(len(self.index))
+
+    # --- background: the feed, versions, expiry, clustering --------------------------------
+
+    async def rebuild(self) -> int:
+        """Loads every live semantic entry from Redis into the index; returns how many."""
+        assert self.store is not None
+        self._feed_id = await self.store.feed_tail()  # events after this are replayed
+        now_ms = self._now_ms()
+        n = 0
+        for scope in await self.store.scopes():
+            ids = await self.store.live_ids(scope, now_ms)
+            for start in range(0, len(ids), 500):
+                for item in await self.store.load(scope, ids[start : start + 500]):
+                    self.index.add(item)
+                    n += 1
+        ENTRIES.set(len(self.index))
+        return n
+
+    async def apply(self, op: str, scope: str, entry_id: str) -> None:
+        """One feed event (another process's change, or our own echoed back)."""
+        assert self.store is not None
+        if op == "add":
+            for item in await self.store.load(scope, [entry_id]):
+                self.index.add(item)
+        elif op == "del":
+            self.index.remove(scope, entry_id)
+        elif op == "drop":
+            self.index.drop_scope(scope)
+        ENTRIES.set(len(self.index))
+
+    async def _follow(self) -> None:
+        assert self.store is not None
+        # XREAD BLOCK must return before the client's socket timeout declares Redis dead.
+        kwargs = getattr(getattr(self.deps.redis, "connection_pool", None), "connection_kwargs", {})
+        block_ms = int(min(0.5, 0.5 * (kwargs.get("socket_timeout") or 0.5)) * 1000)
+        rebuilt = False
+        while True:
+            try:
+                if not rebuilt:
+                    n = await self.rebuild()
+                    rebuilt = True
+                    log.info("cache index rebuilt from Redis: %d semantic entries", n)
+                self._feed_id = await self.store.follow(self._feed_id, self.apply, block_ms)
+            except asyncio.CancelledError:
+                raise
+            except _REDIS_FAULTS as exc:
+                ERRORS.labels("redis").inc()
+                log.warning("cache feed: %r; retrying (full rebuild)", exc)
+                rebuilt = False  # events may have been missed
+                await asyncio.sleep(1.0)
+
+    async def _poll_versions_once(self) -> None:
+        assert self.p.versions_upstream is not None
+        base = self.deps.upstreams.get(self.p.versions_upstream)
+        if base is None:
+            return
+        changed = await _triton_versions(base)
+        if changed is None:
+            return
+        old, self.versions = self.versions, changed
+        for model, version in changed.items():
+            if model in old and old[model] != version:
+                log.info("model %s now at version %s: its old cache entries are dropped",
+                         model, version)  # fmt: skip
+                await self._drop_versions(model, version)
+
+    async def _drop_versions(self, backend_model: str, current: str) -> None:
+        assert self.store is not None
+        names = {k for k, v in self.deps.signals.backend_models.items() if v == backend_model}
+        names.add(backend_model)
+        for scope, meta in (await self.store.scopes()).items():
+            if meta.get("model") in names and meta.get("version") != current:
+                await self.store.drop_scope(scope)
+                self.index.drop_scope(scope)
+
+    async def _poll_versions(self) -> None:
+        while True:
+            await asyncio.sleep(self.p.version_poll_s)
+            try:
+                await self._poll_versions_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a poll failure keeps the last known versions
+                log.warning("model version poll failed: %r", exc)
+
+    async def _housekeeping(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            if self.index.expire(self._now_ms()):
+                ENTRIES.set(len(self.index))
+            if not self._clustering:
+                for ix in self.index.needing_clustering()[:1]:
+                    self._clustering = True
+                    try:
+                        gen, vecs, live = ix.snapshot()
+                        centroids, assign = await asyncio.to_thread(ix.cluster, vecs, live)
+                        ix.install(gen, live, centroids, assign)
+                    finally:
+                        self._clustering = False
+
+    # --- invalidation (admin endpoint) -----------------------------------------------------
+
+    def admin_routes(self) -> dict[str, AdminHandler]:
+        if self.p.admin_token_sha256 is None:
+            return {}
+        return {"/cache/invalidate": self._admin_invalidate}
+
+    async def _admin_invalidate(
+        self, query: dict[str, str], headers: dict[str, str]
+    ) -> tuple[int, Any]:
+        """POST /cache/invalidate?tenant=T&model=M&route=R (any combination) or ?all=1,
+        with ``Authorization: Bearer <token>``; answers what was dropped."""
+        assert self.p.admin_token_sha256 is not None
+        token = headers.get("authorization", "").removeprefix("Bearer ").strip()
+        digest = hashlib.sha256(token.encode()).hexdigest()
+        if not token or not hmac.compare_digest(digest, self.p.admin_token_sha256):
+            return 401, _admin_error("unauthorized", "a valid admin bearer token is required")
+        fields = {k: query[k] for k in ("tenant", "model", "route") if query.get(k)}
+        if not fields and query.get("all") not in ("1", "true"):
+            return 400, _admin_error(
+                "invalid_request", "name tenant, model and/or route, or all=1 for everything"
+            )
+        try:
+            dropped = await self.invalidate(**fields)
+        except _REDIS_FAULTS as exc:
+            ERRORS.labels("redis").inc()
+            return 503, _admin_error("unavailable", f"Redis: {type(exc).__name__}")
+        log.info("cache invalidated (%s): %s", fields or "all", dropped)
+        return 200, {"invalidated": fields or "all", **dropped}
+
+    async def invalidate(
+        self, tenant: str | None = None, model: str | None = None, route: str | None = None
+    ) -> dict[str, int]:
+        """Drops every scope matching all given fields (none given: everything)."""
+        if self.store is None:
+            raise RuntimeError("the cache has no Redis")
+        scopes = entries = 0
+        for scope, meta in (await self.store.scopes()).items():
+            if (
+                (tenant is None or meta.get("tenant") == tenant)
+                and (model is None or meta.get("model") == model)
+                and (route is None or meta.get("route") == route)
+            ):
+                entries += await self.store.drop_scope(scope)
+                self.index.drop_scope(scope)
+                scopes += 1
+        ENTRIES.set(len(self.index))
+        return {"scopes": scopes, "entries": entries}
+
+
+def _admin_error(kind: str, message: str) -> dict[str, Any]:
+    return {"error": {"type": kind, "message": message}}
+
+
+def _scope_id(meta: dict[str, str]) -> str:
+    raw = "\x00".join(meta[k] for k in ("tenant", "route", "model", "version"))
+    return hashlib.blake2b(raw.encode(), digest_size=12).hexdigest()
+
+
+def _cache_control(value: str) -> set[str]:
+    return {d.strip().lower().replace(" ", "") for d in value.split(",") if d.strip()}
+
+
+def _max_age(value: str) -> int | None:
+    for d in _cache_control(value):
+        if d.startswith(("s-maxage=", "max-age=")):
+            with contextlib.suppress(ValueError):
+                return max(0, int(d.split("=", 1)[1].strip('"')))
+    return None
+
+
+def _uncacheable_response(headers: Headers) -> str | None:
+    if headers.get(":status") != "200":
+        return "not_200"
+    if "x-floodwall-degraded" in headers:
+        return "degraded"  # a lighter model's answer must not outlive the overload
+    directives = _cache_control(headers.get("cache-control", ""))
+    if directives & {"no-store", "private", "no-cache"}:
+        return "upstream_no_store"
+    return None
+
+
+async def _triton_versions(base_url: str) -> dict[str, str] | None:
+    """Triton's repository index: model -> newest READY version; None when unreachable."""
+    import aiohttp
+
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as s,
+            s.post(f"{base_url.rstrip('/')}/v2/repository/index", json={"ready": True}) as r,
+        ):
+            if r.status != 200:
+                return None
+            models = await r.json(content_type=None)
+    except (aiohttp.ClientError, TimeoutError, ValueError):
+        return None
+    out: dict[str, str] = {}
+    for m in models if isinstance(models, list) else []:
+        name, version = m.get("name"), str(m.get("version", ""))
+        if isinstance(name, str) and (m.get("state") in (None, "READY")):
+            prev = out.get(name)
+            if prev is None or (
+                version.isdigit() and (not prev.isdigit() or int(version) > int(prev))
+            ):
+                out[name] = version
+    return out

@@ -1,0 +1,88 @@
+from __future__ import annotations
+
+import re
+from typing import Annotated
+
+from pydantic import Field, field_validator
+
+from filters.rate_limit.params import parse_duration
+from proxy.api import FilterParams
+
+# Derived from the shipped evaluation set (`floodwall cache eval`, README "Choosing a
+# threshold"): the lowest cosine at which the guarded cache kept wrong answers under 2%.
+RECOMMENDED_THRESHOLD = 0.75
+
+
+class RouteCache(FilterParams):
+    """How one route is cached. Routes not listed are never cached."""
+
+    ttl_s: Annotated[float, Field(gt=0, le=30 * 86400)] = 3600.0
+    # Semantic matching on top of exact matching (chat: the last user message; completions:
+    # `prompt`; other APIs: the text at `text_pointer`). Embeddings routes are exact-only.
+    semantic: bool = True
+    # A JSON pointer (RFC 6901) to the text to match semantically on non-OpenAI routes.
+    text_pointer: str | None = None
+    # Entries are shared by all tenants only on public routes.
+    public: bool = False
+    # Chat answers are cached only when sampling is deterministic: temperature at most this
+    # (OpenAI's default temperature is 1, so a request must ask for 0 explicitly).
+    max_temperature: Annotated[float, Field(ge=0, le=2)] = 0.0
+
+    @field_validator("ttl_s", mode="before")
+    @classmethod
+    def _ttl(cls, v: str | float) -> float:
+        return parse_duration(v)
+
+    @field_validator("text_pointer")
+    @classmethod
+    def _pointer(cls, v: str | None) -> str | None:
+        if v is not None and v != "" and not v.startswith("/"):
+            raise ValueError(f"{v!r} is not a JSON pointer (it must start with '/')")
+        return v
+
+
+class SemanticParams(FilterParams):
+    # Cosine similarity a cached prompt needs to be considered at all.
+    threshold: Annotated[float, Field(gt=0, le=1)] = RECOMMENDED_THRESHOLD
+    # Lexical guards against look-alike questions (negation, numbers, entities ...).
+    guards: bool = True
+    # Nearest neighbours judged per look-up (best first; the first that passes is served).
+    candidates: Annotated[int, Field(ge=1, le=32)] = 4
+    # Triton embedder: the upstream (by name) serving it and the model.
+    upstream: str = "triton_http"
+    model: str = "embedder"
+    input_name: str = "TEXT"
+    output_name: str = "EMBEDDING"
+    dimensions: Annotated[int, Field(ge=1)] = 384
+    # Look-up budget for the embedding; slower answers count as misses.
+    timeout_ms: Annotated[float, Field(gt=0, le=10_000)] = 250.0
+    # Longer prompt texts are matched exactly only.
+    max_text_chars: Annotated[int, Field(ge=1)] = 2000
+    # Scopes with more entries than this are searched approximately (IVF).
+    flat_max: Annotated[int, Field(ge=100)] = 20_000
+
+
+class CacheParams(FilterParams):
+    routes: dict[str, RouteCache]
+    semantic: SemanticParams = Field(default_factory=SemanticParams)
+    # Bodies above these sizes are neither looked up nor stored.
+    max_request_bytes: Annotated[int, Field(ge=1)] = 256 * 1024
+    max_entry_bytes: Annotated[int, Field(ge=1)] = 1024 * 1024
+    # Per scope (tenant, route, model, model version): the soonest-expiring go first.
+    max_entries_per_scope: Annotated[int, Field(ge=1)] = 10_000
+    # Budget of one Redis call on the request path; slower is a miss (and a skipped store).
+    redis_timeout_ms: Annotated[float, Field(gt=0, le=10_000)] = 100.0
+    # Where model versions come from: Triton's repository index on this upstream, polled.
+    # A new version starts new scopes and drops the old ones. None: versions are not tracked.
+    versions_upstream: str | None = "triton_http"
+    version_poll_s: Annotated[float, Field(gt=0)] = 2.0
+    # SHA-256 (hex) of the bearer token the processor's admin endpoint
+    # POST /cache/invalidate requires; None disables the endpoint.
+    admin_token_sha256: str | None = None
+
+    @field_validator("admin_token_sha256")
+    @classmethod
+    def _digest(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[0-9a-f]{64}", v):
+            raise ValueError("admin_token_sha256 must be 64 lower-case hex digits")
+        return v

@@ -1,0 +1,127 @@
+"""The semantic decision, shared by the live filter and ``floodwall cache eval``: which cached
+prompt (if any) may answer a new one. Candidates come from the vector index of the request's
+partition, best first; each must reach the threshold and pass every guard."""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from filters.cache.guards import veto
+from filters.cache.index import VectorIndex
+from filters.cache.store import Indexed
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    entry_id: str | None  # the entry to serve, or None
+    score: float  # similarity of the best candidate seen (0 when none)
+    veto: str | None = None  # why the best candidate above the threshold was refused
+
+
+@dataclass(slots=True)
+class _Meta:
+    partition: str
+    text: str
+    expires_ms: int
+
+
+class SemanticIndex:
+    """Every semantic entry this process knows, indexed per (scope, partition)."""
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        threshold: float,
+        candidates: int = 4,
+        guards: bool = True,
+        flat_max: int = 20_000,
+    ) -> None:
+        self.dim = dim
+        self.threshold = threshold
+        self.candidates = candidates
+        self.guards = guards
+        self.flat_max = flat_max
+        self._parts: dict[tuple[str, str], VectorIndex] = {}
+        self._scopes: dict[str, set[str]] = {}
+        self._meta: dict[tuple[str, str], _Meta] = {}
+        self._expiry: list[tuple[int, str, str]] = []
+
+    def __len__(self) -> int:
+        return len(self._meta)
+
+    def add(self, item: Indexed) -> None:
+        key = (item.scope, item.entry_id)
+        old = self._meta.get(key)
+        if old is not None and old.partition != item.partition:
+            self.remove(item.scope, item.entry_id)
+        part = (item.scope, item.partition)
+        index = self._parts.get(part)
+        if index is None:
+            index = self._parts[part] = VectorIndex(self.dim, flat_max=self.flat_max)
+            self._scopes.setdefault(item.scope, set()).add(item.partition)
+        index.add(item.entry_id, item.vector)
+        self._meta[key] = _Meta(item.partition, item.text, item.expires_ms)
+        heapq.heappush(self._expiry, (item.expires_ms, item.scope, item.entry_id))
+
+    def remove(self, scope: str, entry_id: str) -> None:
+        meta = self._meta.pop((scope, entry_id), None)
+        if meta is None:
+            return
+        part = (scope, meta.partition)
+        index = self._parts.get(part)
+        if index is not None:
+            index.remove(entry_id)
+            if not len(index):
+                del self._parts[part]
+                partitions = self._scopes.get(scope)
+                if partitions is not None:
+                    partitions.discard(meta.partition)
+                    if not partitions:
+                        del self._scopes[scope]
+
+    def drop_scope(self, scope: str) -> None:
+        for partition in self._scopes.pop(scope, set()):
+            self._parts.pop((scope, partition), None)
+        for key in [k for k in self._meta if k[0] == scope]:
+            del self._meta[key]
+
+    def expire(self, now_ms: int) -> int:
+        """Forgets entries past their expiry; returns how many."""
+        n = 0
+        while self._expiry and self._expiry[0][0] <= now_ms:
+            expires, scope, entry_id = heapq.heappop(self._expiry)
+            meta = self._meta.get((scope, entry_id))
+            if meta is not None and meta.expires_ms == expires:  # not replaced since
+                self.remove(scope, entry_id)
+                n += 1
+        return n
+
+    def judge(
+        self, scope: str, partition: str, text: str, vector: np.ndarray[Any, Any], now_ms: int
+    ) -> Verdict:
+        index = self._parts.get((scope, partition))
+        if index is None:
+            return Verdict(None, 0.0)
+        hits = index.search(vector, self.candidates, min_score=-1.0)
+        if not hits:
+            return Verdict(None, 0.0)
+        refused: str | None = None
+        for hit in hits:
+            if hit.score < self.threshold:
+                break
+            meta = self._meta.get((scope, hit.key))
+            if meta is None or meta.expires_ms <= now_ms:
+                continue
+            reason = veto(text, meta.text) if self.guards else None
+            if reason is None:
+                return Verdict(hit.key, hit.score)
+            refused = refused or reason
+        return Verdict(None, hits[0].score, refused)
+
+    def needing_clustering(self) -> list[VectorIndex]:
+        return [ix for ix in self._parts.values() if ix.wants_clustering()]

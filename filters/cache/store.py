@@ -1,0 +1,208 @@
+"""Cache entries in Redis (the source of truth) and the change feed replicas follow.
+
+Layout (``{S}`` is the scope id as a hash tag: a scope's keys share one cluster slot):
+
+    fw:cache:{S}:e:<id>   HASH  r body, h headers (JSON), c created (ms), x expires (ms),
+                                p partition (conversation prefix and parameters digest),
+                                t prompt text, v vector (float32 bytes; both empty when the
+                                entry is exact-only); PEXPIREs with the entry
+    fw:cache:{S}:z        ZSET  id -> expiry (ms): the scope's entries, for rebuilds, the
+                                entry cap (soonest-expiring evicted first) and invalidation
+    fw:cache:scopes       HASH  S -> JSON {tenant, route, model, version}: what to drop when
+                                a tenant's or a model's entries are invalidated
+    fw:cache:feed         STREAM  op=add|del|drop, s=S, id: every change, so each process's
+                                in-memory index follows the others' within a feed poll
+
+``<id>`` is the exact-match digest: storing the same request twice replaces one entry, so
+concurrent identical misses cannot leave duplicates or a half-written entry (the store is
+one Lua script: delete, write, expire, index, evict, atomically).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import orjson
+
+log = logging.getLogger("floodwall.cache")
+
+PREFIX = "fw:cache:"
+SCOPES = PREFIX + "scopes"
+FEED = PREFIX + "feed"
+FEED_MAXLEN = 100_000
+
+_STORE = """
+local entry, zset = KEYS[1], KEYS[2]
+local id, expires, ttl, cap, now = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]),
+    tonumber(ARGV[4]), tonumber(ARGV[5])
+local prefix = ARGV[6]
+redis.call('DEL', entry)
+redis.call('HSET', entry, unpack(ARGV, 7))
+redis.call('PEXPIRE', entry, ttl)
+redis.call('ZREMRANGEBYSCORE', zset, '-inf', now)
+redis.call('ZADD', zset, expires, id)
+local evicted = {}
+local n = redis.call('ZCARD', zset)
+if n > cap then
+  local popped = redis.call('ZPOPMIN', zset, n - cap)
+  for i = 1, #popped, 2 do
+    redis.call('DEL', prefix .. popped[i])
+    evicted[#evicted + 1] = popped[i]
+  end
+end
+local longest = redis.call('ZRANGE', zset, -1, -1, 'WITHSCORES')
+-- Relative to the caller's clock (ARGV now), not Redis's: the set outlives its last entry.
+if longest[2] then redis.call('PEXPIRE', zset, math.floor(tonumber(longest[2])) - now + 1000) end
+return evicted
+"""
+
+
+def entry_key(scope: str, entry_id: str) -> str:
+    return f"{PREFIX}{{{scope}}}:e:{entry_id}"
+
+
+def zset_key(scope: str) -> str:
+    return f"{PREFIX}{{{scope}}}:z"
+
+
+@dataclass(slots=True)
+class Entry:
+    body: bytes
+    headers: dict[str, str]
+    created_ms: int
+    expires_ms: int
+
+
+@dataclass(slots=True)
+class Indexed:
+    """What a process keeps in memory per semantic entry (the body stays in Redis)."""
+
+    scope: str
+    entry_id: str
+    partition: str
+    text: str
+    vector: np.ndarray[Any, Any]
+    expires_ms: int
+
+
+class CacheStore:
+    def __init__(self, redis: Any) -> None:
+        self.redis = redis
+        self._store = redis.register_script(_STORE)
+
+    async def get(self, scope: str, entry_id: str, now_ms: int) -> Entry | None:
+        raw = await self.redis.hmget(entry_key(scope, entry_id), "r", "h", "c", "x")
+        body, headers, created, expires = raw
+        if body is None or expires is None or int(expires) <= now_ms:
+            return None
+        return Entry(body, orjson.loads(headers or b"{}"), int(created or 0), int(expires))
+
+    async def put(
+        self,
+        *,
+        scope: str,
+        scope_meta: dict[str, str],
+        entry_id: str,
+        body: bytes,
+        headers: dict[str, str],
+        partition: str,
+        text: str,
+        vector: bytes,
+        now_ms: int,
+        ttl_ms: int,
+        max_entries: int,
+    ) -> list[str]:
+        """Writes one entry (replacing one with the same id); returns the ids evicted."""
+        expires = now_ms + ttl_ms
+        fields = [
+            "r", body, "h", orjson.dumps(headers), "c", now_ms, "x", expires, "p", partition,
+            "t", text, "v", vector,
+        ]  # fmt: skip
+        evicted = await self._store(
+            keys=[entry_key(scope, entry_id), zset_key(scope)],
+            args=[entry_id, expires, ttl_ms, max_entries, now_ms, entry_key(scope, ""), *fields],
+        )
+        ids = [e.decode() if isinstance(e, bytes) else str(e) for e in evicted]
+        # Not atomic with the entry (the scope registry and the feed live in other slots in a
+        # cluster); a lost feed event only delays a replica's index until its next rebuild.
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hset(SCOPES, scope, orjson.dumps(scope_meta))
+        pipe.xadd(FEED, {"op": "add", "s": scope, "id": entry_id}, maxlen=FEED_MAXLEN)
+        for gone in ids:
+            pipe.xadd(FEED, {"op": "del", "s": scope, "id": gone}, maxlen=FEED_MAXLEN)
+        await pipe.execute()
+        return ids
+
+    async def delete(self, scope: str, entry_id: str) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.delete(entry_key(scope, entry_id))
+        pipe.zrem(zset_key(scope), entry_id)
+        pipe.xadd(FEED, {"op": "del", "s": scope, "id": entry_id}, maxlen=FEED_MAXLEN)
+        await pipe.execute()
+
+    async def load(self, scope: str, ids: list[str]) -> list[Indexed]:
+        """The semantic part of entries (for the in-memory index); skips gone or exact-only."""
+        if not ids:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        for i in ids:
+            pipe.hmget(entry_key(scope, i), "p", "t", "v", "x")
+        out: list[Indexed] = []
+        for i, (p, t, v, x) in zip(ids, await pipe.execute(), strict=True):
+            if not v or x is None:
+                continue
+            out.append(
+                Indexed(scope, i, p.decode(), t.decode(), np.frombuffer(v, dtype=np.float32),
+                        int(x))
+            )  # fmt: skip
+        return out
+
+    async def scopes(self) -> dict[str, dict[str, str]]:
+        raw = await self.redis.hgetall(SCOPES)
+        return {k.decode(): orjson.loads(v) for k, v in raw.items()}
+
+    async def live_ids(self, scope: str, now_ms: int) -> list[str]:
+        raw = await self.redis.zrangebyscore(zset_key(scope), now_ms, "+inf")
+        return [r.decode() for r in raw]
+
+    async def drop_scope(self, scope: str) -> int:
+        """Deletes every entry of a scope; returns how many there were."""
+        ids = [r.decode() for r in await self.redis.zrange(zset_key(scope), 0, -1)]
+        for start in range(0, len(ids), 500):
+            await self.redis.delete(*(entry_key(scope, i) for i in ids[start : start + 500]))
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.delete(zset_key(scope))
+        pipe.hdel(SCOPES, scope)
+        pipe.xadd(FEED, {"op": "drop", "s": scope, "id": ""}, maxlen=FEED_MAXLEN)
+        await pipe.execute()
+        return len(ids)
+
+    async def feed_tail(self) -> str:
+        last = await self.redis.xrevrange(FEED, count=1)
+        return last[0][0].decode() if last else "0-0"
+
+    async def follow(
+        self,
+        since: str,
+        apply: Callable[[str, str, str], Awaitable[None]],
+        block_ms: int = 500,
+    ) -> str:
+        """Applies the feed events after ``since`` (waiting up to ``block_ms`` for some);
+        returns the last id seen."""
+        got = await self.redis.xread({FEED: since}, count=1000, block=block_ms)
+        for _stream, events in got or []:
+            for event_id, fields in events:
+                since = event_id.decode()
+                f = {k.decode(): v.decode() for k, v in fields.items()}
+                try:
+                    await apply(f.get("op", ""), f.get("s", ""), f.get("id", ""))
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # one bad event must not stop the follower
+                    log.warning("cache feed event %s not applied: %r", event_id, exc)
+        return since

@@ -1,0 +1,432 @@
+"""The cache filter against a real redis-server: exact and semantic hits, what must never hit
+(other tenants, other conversations, traps, no-store), expiry and eviction on a fake clock,
+replicas following each other through the feed, invalidation, model versions, Redis and
+embedder outages, and concurrent identical misses.
+
+The embedder here is a deterministic bag-of-words stand-in (this file tests the filter and
+its Redis store, not the model); tests/e2e/test_cache.py runs the real one through Triton.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import numpy as np
+import orjson
+import pytest
+import redis.asyncio as aioredis
+
+from filters.cache.embedder import EmbedderError
+from filters.cache.filter import ERRORS, VETOES, CacheFilter, _scope_id
+from filters.cache.store import zset_key
+from proxy.api import CONTINUE, Deps, Filter, NoParams, RequestContext
+from proxy.testing import FakeClock, Harness, UpstreamReply, default_config
+from tests.helpers import RedisServer
+
+pytestmark = pytest.mark.integration
+
+ROUTES = [
+    {"name": "chat", "match": {"path": "/v1/chat/completions"}, "api": "openai_chat",
+     "upstream": "up"},
+    {"name": "public_chat", "match": {"path": "/public/chat"}, "api": "openai_chat",
+     "upstream": "up"},
+    {"name": "embeddings", "match": {"path": "/v1/embeddings"}, "api": "openai_embeddings",
+     "upstream": "up"},
+]  # fmt: skip
+TOKEN = "admin-secret"
+
+
+class WordsEmbedder:
+    """Texts sharing words get close vectors; ``down`` makes it fail like a dead Triton."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.down = False
+
+    async def embed(self, text: str) -> np.ndarray[Any, Any]:
+        self.calls += 1
+        if self.down:
+            raise EmbedderError("embedder unreachable (test)")
+        v = np.zeros(64, dtype=np.float32)
+        for w in text.lower().replace("?", " ").replace("'", " ").split():
+            v[int(hashlib.md5(w.encode()).hexdigest(), 16) % 64] += 1.0
+        return v
+
+    async def close(self) -> None:
+        pass
+
+
+class _Identify(Filter):
+    async def on_request_headers(self, ctx: RequestContext, headers: dict[str, str]) -> Any:
+        ctx.tenant = headers.get("x-test-tenant")
+        return CONTINUE
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+async def rc(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
+    if redis_server.proc.poll() is not None:
+        redis_server.start()
+    client = aioredis.Redis.from_url(
+        redis_server.url, socket_timeout=0.5, socket_connect_timeout=0.5
+    )
+    await client.flushall()
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+def cache(rc: Any, clock: Any = None, embedder: Any = None, **params: Any) -> CacheFilter:
+    p = CacheFilter.Params.model_validate(
+        {
+            "routes": {"chat": {"ttl_s": 60}, "public_chat": {"public": True},
+                       "embeddings": {}},
+            "semantic": {"threshold": 0.7, "dimensions": 64},
+            "versions_upstream": None,
+            "admin_token_sha256": hashlib.sha256(TOKEN.encode()).hexdigest(),
+            **params,
+        }
+    )  # fmt: skip
+    f = CacheFilter(p, Deps(redis=rc, clock=clock or FakeClock()), embedder or WordsEmbedder())
+    f.name = "cache"
+    return f
+
+
+def harness(f: CacheFilter) -> Harness:
+    ident = _Identify(NoParams(), Deps())
+    ident.name = "identify"
+    return Harness.for_filters([ident, f], default_config(ROUTES))
+
+
+def chat(question: str, history: list[dict[str, str]] | None = None, **extra: Any) -> bytes:
+    messages = [*(history or []), {"role": "user", "content": question}]
+    return orjson.dumps({"model": "sim-llm", "messages": messages, "temperature": 0, **extra})
+
+
+class Upstream:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, headers: dict[str, str], body: bytes) -> UpstreamReply:
+        self.calls += 1
+        return UpstreamReply(
+            200, {"content-type": "application/json"},
+            orjson.dumps({"answer": self.calls, "asked": orjson.loads(body)["messages"][-1]}),
+        )  # fmt: skip
+
+
+async def ask(
+    h: Harness, f: CacheFilter, up: Upstream, body: bytes, tenant: str = "a",
+    path: str = "/v1/chat/completions", headers: dict[str, str] | None = None,
+) -> Any:  # fmt: skip
+    r = await h.request("POST", path, headers={"x-test-tenant": tenant, **(headers or {})},
+                        body=body, upstream=up)  # fmt: skip
+    await f.settle()
+    return r
+
+
+async def test_exact_hit_replays_the_answer_with_age(rc: aioredis.Redis) -> None:
+    clock = FakeClock()
+    f = cache(rc, clock)
+    h, up = harness(f), Upstream()
+    first = await ask(h, f, up, chat("How do I reset my password?"))
+    assert first.status == 200 and first.headers["x-floodwall-cache"] == "miss"
+    clock.advance(7)
+    again = await ask(h, f, up, chat("How do I reset my password?", user="someone-else"))
+    assert again.headers["x-floodwall-cache"] == "hit-exact"
+    assert again.headers["age"] == "7"
+    assert again.body == first.body and not again.upstream_called and up.calls == 1
+
+
+async def test_canonical_form_ignores_key_order_but_not_parameters(rc: aioredis.Redis) -> None:
+    f = cache(rc)
+    h, up = harness(f), Upstream()
+    await ask(h, f, up, b'{"model":"sim-llm","temperature":0,"messages":[{"role":"user",'
+                        b'"content":"What is GCRA?"}],"max_tokens":5}')  # fmt: skip
+    same = b'{"max_tokens":5,"messages":[{"content":"What is GCRA?","role":"user"}],' \
+        b'"temperature":0,"model":"sim-llm"}'  # fmt: skip
+    assert (await ask(h, f, up, same)).headers["x-floodwall-cache"] == "hit-exact"
+    other = chat("What is GCRA?", max_tokens=6)
+    assert (await ask(h, f, up, other)).headers["x-floodwall-cache"] == "miss"
+
+
+async def test_semantic_hit_on_paraphrase_and_guarded_miss_on_trap(rc: aioredis.Redis) -> None:
+    f = cache(rc)
+    h, up = harness(f), Upstream()
+    await ask(h, f, up, chat("How do I cancel my subscription?"))
+    hit = await ask(h, f, up, chat("how can I cancel my subscription"))
+    assert hit.headers["x-floodwall-cache"] == "hit-semantic"
+    before = VETOES.labels("negation")._value.get()
+    trap = await ask(h, f, up, chat("How do I not cancel my subscription?"))
+    assert trap.headers["x-floodwall-cache"] == "miss" and trap.upstream_called
+    assert VETOES.labels("negation")._value.get() == before + 1
+
+
+async def test_tenants_never_share_entries_unless_the_route_is_public(rc: aioredis.Redis) -> None:
+    f = cache(rc)
+    h, up = harness(f), Upstream()
+    await ask(h, f, up, chat("What is the refund policy?"), tenant="a")
+    for tenant, q in (("b", "What is the refund policy?"), ("c", "what is the refund policy")):
+        r = await ask(h, f, up, chat(q), tenant=tenant)
+        assert r.headers["x-floodwall-cache"] == "miss", q
+    r = await ask(h, f, up, chat("what is the refund policy"), tenant="a")
+    assert r.headers["x-floodwall-cache"] == "hit-semantic"
+    await ask(h, f, up, chat("Shared question here"), tenant="a", path="/public/chat")
+    r = await ask(h, f, up, chat("Shared question here"), tenant="b", path="/public/chat")
+    assert r.headers["x-floodwall-cache"] == "hit-exact"
+
+
+async def test_no_tenant_no_cache(rc: aioredis.Redis) -> None:
+    f = cache(rc)
+    h, up = harness(f), Upstream()
+    for _ in range(2):
+        r = await h.request("POST", "/v1/chat/completions", body=chat("hi there"), upstream=up)
+        assert r.headers["x-floodwall-cache"] == "miss"
+    assert up.calls == 2
+
+
+async def test_earlier_turns_are_part_of_the_key(rc: aioredis.Redis) -> None:
+    f = cache(rc)
+    h, up = harness(f), Upstream()
+    one = [{"role": "user", "content": "I use Postgres."}, {"role": "assistant", "content": "OK"}]
+    two = [{"role": "user", "content": "I use MySQL."}, {"role": "assistant", "content": "OK"}]
+    three = [{"role": "system", "content": "Be brief."}]
+    await ask(h, f, up, chat("How do I back up my database?", one))
+    r = await ask(h, f, up, chat("How do I back up my database?", two))
+    assert r.headers["x-floodwall-cache"] == "miss"
+    r = await ask(h, f, up, chat("how can I back up my database", three))
+    assert r.headers["x-floodwall-cache"] == "miss"  # the paraphrase, other conversation
+    r = await ask(h, f, up, chat("how can I back up my database", one))
+    assert r.headers["x-floodwall-cache"] == "hit-semantic"
+
+
+async def test_entries_expire_on_the_injected_clock(rc: aioredis.Redis) -> None:
+    clock = FakeClock()
+    f = cache(rc, clock)
+    h, up = harness(f), Upstream()
+    await ask(h, f, up, chat("What time zone is Lisbon in?"))
+    clock.advance(59)
+    assert (await ask(h, f, up, chat("What time zone is Lisbon in?"))).headers[
+        "x-floodwall-cache"
+    ] == "hit-exact"
+    clock.advance(2)  # past the route's 60 s
+    assert f.index.expire(int(clock.time() * 1000)) == 1 and len(f.index) == 0
+    r = await ask(h, f, up, chat("What time zone is Lisbon in?"))
+    assert r.headers["x-floodwall-cache"] == "miss" and r.upstream_called
+
+
+async def test_entries_per_scope_are_capped_oldest_first(rc: aioredis.Redis) -> None:
+    clock = FakeClock()
+    f = cache(rc, clock, max_entries_per_scope=3)
+    h, up = harness(f), Upstream()
+    questions = [f"Question number {w} about billing" for w in "ABCDE"]
+    for q in questions:
+        await ask(h, f, up, chat(q))
+        clock.advance(1)
+    assert await rc.zcard(zset_key(next(iter(f.index._scopes)))) == 3
+    assert len(f.index) == 3
+    calls = up.calls
+    for q in questions[2:]:
+        assert (await ask(h, f, up, chat(q))).headers["x-floodwall-cache"] == "hit-exact"
+    assert up.calls == calls
+    assert (await ask(h, f, up, chat(questions[0]))).headers["x-floodwall-cache"] == "miss"
+
+
+async def test_a_replica_sees_new_entries_within_a_second(rc: aioredis.Redis) -> None:
+    a, b = cache(rc), cache(rc)
+    await b.start()
+    try:
+        ha, hb, up = harness(a), harness(b), Upstream()
+        await ask(ha, a, up, chat("Where is my invoice for March?"))
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 1.0:
+            r = await ask(hb, b, up, chat("where is my invoice for march"), headers={})
+            if r.headers["x-floodwall-cache"] == "hit-semantic":
+                break
+            await asyncio.sleep(0.05)
+        assert r.headers["x-floodwall-cache"] == "hit-semantic"
+        # A fresh process rebuilds its index from Redis.
+        assert await cache(rc).rebuild() == 1
+    finally:
+        await b.stop()
+
+
+async def test_invalidation_endpoint_needs_the_token_and_reaches_replicas(
+    rc: aioredis.Redis,
+) -> None:
+    a, b = cache(rc), cache(rc)
+    await b.start()
+    try:
+        h, up = harness(a), Upstream()
+        await ask(h, a, up, chat("How do I export my data?"), tenant="a")
+        await ask(h, a, up, chat("How do I export my data?"), tenant="b")
+        scope_a = _scope_id({"tenant": "a", "route": "chat", "model": "sim-llm", "version": ""})
+        await wait_for(lambda: scope_a in b.index._scopes)
+        route = a.admin_routes()["/cache/invalidate"]
+        assert (await route({"tenant": "a"}, {"authorization": "Bearer nope"}))[0] == 401
+        assert (await route({}, {"authorization": f"Bearer {TOKEN}"}))[0] == 400
+        status, out = await route({"tenant": "a"}, {"authorization": f"Bearer {TOKEN}"})
+        assert status == 200 and out["entries"] == 1
+        await wait_for(lambda: scope_a not in b.index._scopes)  # b follows the feed
+        assert len(b.index) == 1
+        assert (await ask(h, a, up, chat("How do I export my data?"), tenant="a")).headers[
+            "x-floodwall-cache"
+        ] == "miss"
+        assert (await ask(h, a, up, chat("How do I export my data?"), tenant="b")).headers[
+            "x-floodwall-cache"
+        ] == "hit-exact"
+    finally:
+        await b.stop()
+
+
+async def wait_for(cond: Any, timeout: float = 2.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.02)
+
+
+async def test_a_new_model_version_starts_new_scopes_and_drops_old(rc: aioredis.Redis) -> None:
+    f = cache(rc)
+    f.versions = {"sim-llm": "1"}
+    h, up = harness(f), Upstream()
+    await ask(h, f, up, chat("Explain GCRA"))
+    assert (await ask(h, f, up, chat("Explain GCRA"))).headers["x-floodwall-cache"] == "hit-exact"
+    f.versions = {"sim-llm": "2"}
+    await f._drop_versions("sim-llm", "2")
+    assert (await ask(h, f, up, chat("Explain GCRA"))).headers["x-floodwall-cache"] == "miss"
+    assert len(await f.store.scopes()) == 1  # type: ignore[union-attr]
+
+
+async def test_cache_control_no_store_and_no_cache(rc: aioredis.Redis) -> None:
+    f = cache(rc)
+    h, up = harness(f), Upstream()
+    q = chat("What is the speed of light?")
+    await ask(h, f, up, q, headers={"cache-control": "no-store"})
+    assert (await ask(h, f, up, q)).headers["x-floodwall-cache"] == "miss"  # nothing stored
+    r = await ask(h, f, up, q, headers={"cache-control": "no-cache"})
+    assert r.upstream_called and r.headers["x-floodwall-cache"] == "miss"
+    r2 = await ask(h, f, up, q)
+    assert r2.headers["x-floodwall-cache"] == "hit-exact" and r2.body == r.body  # refreshed
+
+
+async def test_what_is_never_stored(rc: aioredis.Redis) -> None:
+    f = cache(rc, max_request_bytes=2000, max_entry_bytes=500)
+    h, up = harness(f), Upstream()
+
+    async def twice(body: bytes, reply: Any = None) -> str:
+        for _ in range(2):
+            r = await h.request("POST", "/v1/chat/completions", headers={"x-test-tenant": "a"},
+                                body=body, upstream=reply or up)  # fmt: skip
+            await f.settle()
+        return str(r.headers["x-floodwall-cache"])
+
+    assert await twice(chat("x " * 1500)) == "miss"  # request too large
+    assert await twice(chat("hot", temperature=0.7)) == "miss"  # not deterministic
+    assert await twice(chat("stream me", stream=True)) == "miss"
+    big = UpstreamReply(200, {"content-type": "application/json"}, b"[" + b"1," * 400 + b"1]")
+    assert await twice(chat("big answer"), big) == "miss"
+    for reply in (
+        UpstreamReply(503, {}, b'{"error":{}}'),
+        UpstreamReply(200, {"cache-control": "no-store"}, b"{}"),
+        UpstreamReply(200, {"x-floodwall-degraded": "embedder_int8"}, b"{}"),
+    ):
+        assert await twice(chat(f"q {reply.status} {sorted(reply.headers)}"), reply) == "miss"
+    assert await twice(b"{not json", UpstreamReply(400, {}, b"{}")) == "miss"
+
+
+async def test_redis_down_is_a_miss_not_an_error(
+    rc: aioredis.Redis, redis_server: RedisServer
+) -> None:
+    f = cache(rc)
+    h, up = harness(f), Upstream()
+    await ask(h, f, up, chat("Is Redis up?"))
+    before = ERRORS.labels("redis")._value.get()
+    redis_server.kill()
+    try:
+        r = await ask(h, f, up, chat("Is Redis up?"))
+        assert r.status == 200 and r.upstream_called
+        assert r.headers["x-floodwall-cache"] == "miss"
+        assert ERRORS.labels("redis")._value.get() > before
+    finally:
+        redis_server.start()
+
+
+async def test_frozen_redis_costs_at_most_the_budget(
+    rc: aioredis.Redis, redis_server: RedisServer
+) -> None:
+    f = cache(rc, redis_timeout_ms=100)
+    h, up = harness(f), Upstream()
+    redis_server.freeze()
+    try:
+        t0 = time.monotonic()
+        r = await h.request("POST", "/v1/chat/completions", headers={"x-test-tenant": "a"},
+                            body=chat("frozen?"), upstream=up)  # fmt: skip
+        assert r.status == 200 and r.upstream_called
+        assert time.monotonic() - t0 < 0.5
+    finally:
+        redis_server.freeze(False)
+    await f.settle()
+
+
+async def test_embedder_down_keeps_exact_hits_and_skips_semantic(rc: aioredis.Redis) -> None:
+    emb = WordsEmbedder()
+    f = cache(rc, embedder=emb)
+    h, up = harness(f), Upstream()
+    await ask(h, f, up, chat("How do I change my email address?"))
+    emb.down = True
+    before = ERRORS.labels("embedder")._value.get()
+    assert (await ask(h, f, up, chat("How do I change my email address?"))).headers[
+        "x-floodwall-cache"
+    ] == "hit-exact"
+    r = await ask(h, f, up, chat("how can I change my email address"))
+    assert r.headers["x-floodwall-cache"] == "miss" and r.status == 200
+    assert ERRORS.labels("embedder")._value.get() == before + 1
+
+
+async def test_concurrent_identical_misses_leave_one_whole_entry(rc: aioredis.Redis) -> None:
+    f = cache(rc)
+    h = harness(f)
+    bodies = [orjson.dumps({"answer": i, "pad": "x" * (100 + i)}) for i in range(12)]
+
+    async def slow(i: int) -> UpstreamReply:
+        await asyncio.sleep(0.01 * (i % 4))
+        return UpstreamReply(200, {"content-type": "application/json"}, bodies[i])
+
+    await asyncio.gather(*(
+        h.request("POST", "/v1/chat/completions", headers={"x-test-tenant": "a"},
+                  body=chat("Same question at once"), upstream=lambda _h, _b, i=i: slow(i))
+        for i in range(12)
+    ))  # fmt: skip
+    await f.settle()
+    (scope,) = f.index._scopes
+    assert await rc.zcard(zset_key(scope)) == 1
+    assert len(f.index) == 1
+    r = await ask(h, f, Upstream(), chat("Same question at once"))
+    assert r.headers["x-floodwall-cache"] == "hit-exact" and r.body in bodies
+
+
+async def test_embeddings_route_is_exact_only(rc: aioredis.Redis) -> None:
+    emb = WordsEmbedder()
+    f = cache(rc, embedder=emb)
+    h = harness(f)
+    reply = UpstreamReply(200, {"content-type": "application/json"}, b'{"data":[]}')
+    for text in ("hello world", "hello world", "Hello world!"):
+        r = await h.request("POST", "/v1/embeddings", headers={"x-test-tenant": "a"},
+                            body=orjson.dumps({"model": "e", "input": text}), upstream=reply)  # fmt: skip
+        await f.settle()
+    assert r.headers["x-floodwall-cache"] == "miss"  # not semantic: exact text only
+    assert emb.calls == 0
