@@ -164,6 +164,17 @@ def cmd_up(args: argparse.Namespace) -> int:
     return code
 
 
+def cmd_cache_eval(args: argparse.Namespace) -> int:
+    from filters.cache import evaluate
+
+    if args.pairs is None:
+        args.pairs = str(evaluate.SHIPPED_PAIRS)
+    try:
+        return evaluate.main(args)
+    except (OSError, ValueError, RuntimeError) as e:
+        return _fail(str(e))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="floodwall", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -200,6 +211,31 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp32")
     b.add_argument("--force", action="store_true")
     b.set_defaults(func=cmd_models_build)
+
+    p = sub.add_parser("cache", help="semantic cache tasks")
+    csub = p.add_subparsers(dest="cache_cmd", required=True)
+    e = csub.add_parser(
+        "eval",
+        help="hit rate on true pairs and wrong-answer rate on traps, per threshold (JSON)",
+    )
+    e.add_argument(
+        "--pairs",
+        default=None,
+        help="JSONL of {a, b, same_answer[, category]} (default: the shipped set)",
+    )
+    e.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="similarity threshold to report (default: the recommended one)",
+    )
+    e.add_argument(
+        "--triton-url",
+        default=None,
+        help="a running Triton with the embedder (default: start a private one)",
+    )
+    e.add_argument("--model", default="embedder", help="the Triton embedding model")
+    e.set_defaults(func=cmd_cache_eval)  # fmt: skip
 
     args = ap.parse_args(argv)
     try:

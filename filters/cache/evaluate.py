@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import orjson
 
+from filters.cache.guards import GUARDS, veto
 from filters.cache.semantic import SemanticIndex
 from filters.cache.store import Indexed
 
@@ -49,6 +50,7 @@ class Judged:
     pair: Pair
     score: float
     veto: str | None  # the guard that refused serving a's answer to b, if any
+    fired: tuple[str, ...] = ()  # every guard that would refuse it on its own
 
 
 def read_pairs(path: Path) -> list[Pair]:
@@ -81,7 +83,8 @@ def judge(pairs: list[Pair], vectors: dict[str, np.ndarray[Any, Any]]) -> list[J
         v = index.judge(scope, partition, p.b, vectors[p.b], now_ms=0)
         # The unguarded score of the same candidate: what a threshold-only cache would do.
         score = float(np.dot(_unit(vectors[p.a]), _unit(vectors[p.b])))
-        out.append(Judged(p, score, None if v.entry_id else (v.veto or "none")))
+        fired = tuple(g for g in GUARDS if veto(p.b, p.a, (g,)))
+        out.append(Judged(p, score, None if v.entry_id else (v.veto or "none"), fired))
     return out
 
 
@@ -126,6 +129,12 @@ def report(judged: list[Judged], threshold: float) -> dict[str, Any]:
             "served_unguarded": sum(1 for j in items if j.score >= threshold),
             "vetoes": dict(Counter(j.veto for j in items if j.score >= threshold and j.veto)),
         }
+    above = [j for j in judged if j.score >= threshold]
+    per_guard = {
+        g: {"true_pairs_refused": sum(1 for j in above if j.pair.same and g in j.fired),
+            "false_pairs_refused": sum(1 for j in above if not j.pair.same and g in j.fired)}
+        for g in GUARDS
+    }  # fmt: skip
     out: dict[str, Any] = {
         "pairs": len(judged),
         "threshold": threshold,
@@ -134,6 +143,9 @@ def report(judged: list[Judged], threshold: float) -> dict[str, Any]:
         "hit_rate": _r(hit),
         "wrong_hit_rate": _r(wrong),
         "by_category": by_category,
+        # Each guard on its own, among pairs above the threshold: paraphrases it costs,
+        # traps it catches (a pair may be refused by several).
+        "guards": per_guard,
         "thresholds": table,
         "recommended_threshold": best["threshold"] if best else None,
         "recommendation_rule": f"highest hit rate with wrong_hit_rate <= {MAX_WRONG_RATE}",

@@ -129,7 +129,7 @@ class CacheFilter(Filter):
         self.embedder = embedder
         self.index = SemanticIndex(
             sem.dimensions, threshold=sem.threshold, candidates=sem.candidates,
-            guards=sem.guards, flat_max=sem.flat_max,
+            guards=tuple(sem.guards), flat_max=sem.flat_max,
         )  # fmt: skip
         # Triton model -> its newest READY version; scopes include it (see _version).
         self.versions: dict[str, str] = {}

@@ -24,8 +24,10 @@ answer. ``cache eval`` measures both rates on a labelled set.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Literal
 
 _CONTRACTIONS = (
     (re.compile(r"\bcan['’]t\b"), "can not"),
@@ -267,10 +269,11 @@ class Features:
     numbers: tuple[str, ...]  # canonical, sorted
     times: frozenset[str]
     names: frozenset[str]  # lower-cased names (see module doc)
-    order: tuple[str, ...]  # content stems and directional words, in order
+    order: tuple[str, ...]  # stems of non-stopwords and directional words, in order
     initials: frozenset[str]  # acronyms the text could be abbreviated to
     qualifiers: frozenset[str]  # population words (QUALIFIERS), stemmed
     tense: str | None  # "past" or "future" when the text is clearly one of them
+    abbrevs: frozenset[tuple[str, str]]  # (name, its CamelCase initials): javascript, js
     frequency: frozenset[str]  # daily, weekly, monthly ...
     particles: frozenset[tuple[str, str]]  # (verb, particle): zoom in, sign out
 
@@ -283,7 +286,7 @@ def _normalise(text: str) -> str:
 
 
 def _canon(x: float) -> str:
-    return f"{x:.6g}"
+    return str(int(x)) if float(x).is_integer() else f"{x:.12g}"
 
 
 def _number(token: str) -> str | None:
@@ -374,12 +377,13 @@ def features(text: str) -> Features:
     order = tuple(
         w if w in _DIRECTIONAL else _stem(w)
         for w in words
-        if w in _DIRECTIONAL or (w not in skip and _number(w) is None)
+        if w in _DIRECTIONAL or (w not in STOPWORDS and w not in NEGATIONS and _number(w) is None)
     )
     return Features(
         words, stems, content, negations, tuple(sorted(numbers)), frozenset(times),
         frozenset(names), order, frozenset(_initials(original)),
         frozenset(_stem(w) for w in split if w in QUALIFIERS), tense,
+        frozenset((t.lower(), i) for t in original if t[:1].isupper() for i in _initials([t])),
         frozenset(_FREQUENCY[w] for w in words if w in _FREQUENCY),
         frozenset((words[i - 1], w) for i, w in enumerate(words) if i and w in _PARTICLES),
     )  # fmt: skip
@@ -407,8 +411,10 @@ def _unmatched_names(a: Features, b: Features) -> bool:
     """A name on one side that the other does not mention in any form."""
     for x, y in ((a, b), (b, a)):
         for name in x.names - y.names:
-            if name in y.words or name in y.initials or _initials([name]) & set(y.words):
+            if name in y.words or name in y.initials:
                 continue
+            if any(n == name and i in y.words for n, i in x.abbrevs):
+                continue  # JavaScript / JS
             if any(len(w) >= 4 and (w.startswith(name) or name.startswith(w)) for w in y.words):
                 continue  # Brazil / Brazilians, Canada / Canada's
             return True
@@ -425,8 +431,10 @@ def _substituted(a: Features, b: Features) -> bool:
     if len(diff) != 1:
         return False
     x, y = diff[0]
-    if x in STOPWORDS or y in STOPWORDS:
+    if x in STOPWORDS or y in STOPWORDS or {x, y} & _UNITS.keys():
         return False
+    if _number(x) is not None or _number(y) is not None:
+        return False  # the number guard's business
     sx, sy = _stem(x), _stem(y)
     return not (sx.startswith(sy) or sy.startswith(sx) or sy in SYNONYMS.get(sx, ()))
 
@@ -435,11 +443,11 @@ def _swapped(a: Features, b: Features) -> bool:
     """The same things in other roles: two words trading places ("can dogs eat cat food" /
     "can cats eat dog food"), or the same words on both sides of the same directional word
     in opposite orders ("from savings to checking" / "from checking to savings")."""
-    sa = [w for w in a.order if w not in _DIRECTIONAL]
-    sb = [w for w in b.order if w not in _DIRECTIONAL]
+    sa, sb = list(a.order), list(b.order)
     if sorted(sa) == sorted(sb) and sa != sb:
         diff = [i for i, (x, y) in enumerate(zip(sa, sb, strict=True)) if x != y]
-        if len(diff) == 2 and (len(sa) >= 3 or {sa[diff[0]], sa[diff[1]]} <= a.names):
+        swapped = {sa[diff[0]], sa[diff[1]]} if len(diff) == 2 else set()
+        if swapped and not swapped & _DIRECTIONAL and (len(sa) >= 3 or swapped <= a.names):
             return True  # a transposition (of two words alone: only of two names)
         pos_a = {w: i for i, w in enumerate(sa) if sa.count(w) == 1}
         pos_b = {w: i for i, w in enumerate(sb) if sb.count(w) == 1}
@@ -492,28 +500,45 @@ def _scope(a: Features, b: Features) -> bool:
     return (not missing and len(extra) >= SCOPE_MIN_EXTRA) or len(extra) >= 2 * len(missing) + 3
 
 
-def veto(query: str, cached: str) -> str | None:
-    """The first guard that refuses serving ``cached``'s answer to ``query``, or None."""
+Guard = Literal["negation", "number", "date_time", "antonym", "entity", "swap", "scope"]
+GUARDS: tuple[Guard, ...] = ("negation", "number", "date_time", "antonym", "entity", "swap",
+                             "scope")  # fmt: skip
+
+_CHECKS: dict[str, Callable[[Features, Features], bool]] = {
+    "negation": lambda a, b: (
+        (a.negations > 0) != (b.negations > 0) or abs(a.negations - b.negations) == 1
+    ),
+    "number": lambda a, b: a.numbers != b.numbers and not _one_as_article(a, b),
+    "date_time": lambda a, b: (
+        a.times != b.times
+        or bool(a.tense and b.tense and a.tense != b.tense)
+        or bool(a.frequency and b.frequency and a.frequency != b.frequency)
+    ),
+    "antonym": lambda a, b: _antonym(a, b),
+    "entity": lambda a, b: _unmatched_names(a, b) or _substituted(a, b),
+    "swap": lambda a, b: _swapped(a, b),
+    "scope": lambda a, b: _scope(a, b),
+}
+
+
+def _one_as_article(a: Features, b: Features) -> bool:
+    """ "1 cup" and "a cup" are the same amount: a lone extra 1 against an article."""
+    for x, y in ((a, b), (b, a)):
+        extra = list(x.numbers)
+        for n in y.numbers:
+            if n in extra:
+                extra.remove(n)
+        if extra == ["1"] and len(x.numbers) == len(y.numbers) + 1:
+            return bool({"a", "an", "per", "each", "every"} & set(y.words))
+    return False
+
+
+def veto(query: str, cached: str, guards: Iterable[str] = GUARDS) -> str | None:
+    """The first of ``guards`` that refuses serving ``cached``'s answer to ``query``."""
     a, b = features(query), features(cached)
     if a.words == b.words:
         return None
-    if (a.negations > 0) != (b.negations > 0) or abs(a.negations - b.negations) == 1:
-        return "negation"
-    if a.numbers != b.numbers:
-        return "number"
-    if a.times != b.times or (a.tense and b.tense and a.tense != b.tense):
-        return "date_time"
-    if a.frequency and b.frequency and a.frequency != b.frequency:
-        return "date_time"
-    if _antonym(a, b):
-        return "antonym"
-    if _unmatched_names(a, b) or _substituted(a, b):
-        return "entity"
-    if _swapped(a, b):
-        return "swap"
-    if _scope(a, b):
-        return "scope"
+    for name in guards:
+        if _CHECKS[name](a, b):
+            return name
     return None
-
-
-GUARDS = ("negation", "number", "date_time", "antonym", "entity", "swap", "scope")

@@ -5,6 +5,7 @@ from typing import Annotated
 
 from pydantic import Field, field_validator
 
+from filters.cache.guards import GUARDS, Guard
 from filters.rate_limit.params import parse_duration
 from proxy.api import FilterParams
 
@@ -44,8 +45,9 @@ class RouteCache(FilterParams):
 class SemanticParams(FilterParams):
     # Cosine similarity a cached prompt needs to be considered at all.
     threshold: Annotated[float, Field(gt=0, le=1)] = RECOMMENDED_THRESHOLD
-    # Lexical guards against look-alike questions (negation, numbers, entities ...).
-    guards: bool = True
+    # Lexical guards against look-alike questions, applied in this order (README: what each
+    # catches and costs; `floodwall cache eval` measures both on your own pairs). [] is none.
+    guards: list[Guard] = Field(default_factory=lambda: list(GUARDS))
     # Nearest neighbours judged per look-up (best first; the first that passes is served).
     candidates: Annotated[int, Field(ge=1, le=32)] = 4
     # Triton embedder: the upstream (by name) serving it and the model.

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from filters.cache.guards import veto
+from filters.cache.guards import GUARDS, veto
 from filters.cache.index import VectorIndex
 from filters.cache.store import Indexed
 
@@ -38,7 +38,7 @@ class SemanticIndex:
         *,
         threshold: float,
         candidates: int = 4,
-        guards: bool = True,
+        guards: tuple[str, ...] = GUARDS,
         flat_max: int = 20_000,
     ) -> None:
         self.dim = dim
@@ -117,7 +117,7 @@ class SemanticIndex:
             meta = self._meta.get((scope, hit.key))
             if meta is None or meta.expires_ms <= now_ms:
                 continue
-            reason = veto(text, meta.text) if self.guards else None
+            reason = veto(text, meta.text, self.guards) if self.guards else None
             if reason is None:
                 return Verdict(hit.key, hit.score)
             refused = refused or reason

@@ -292,8 +292,8 @@ async def test_invalidation_endpoint_needs_the_token_and_reaches_replicas(
         await b.stop()
 
 
-async def wait_for(cond: Any, timeout: float = 2.0) -> None:
-    deadline = time.monotonic() + timeout
+async def wait_for(cond: Any, within_s: float = 2.0) -> None:
+    deadline = time.monotonic() + within_s
     while not cond():
         assert time.monotonic() < deadline, "condition not reached in time"
         await asyncio.sleep(0.02)
@@ -425,8 +425,9 @@ async def test_embeddings_route_is_exact_only(rc: aioredis.Redis) -> None:
     h = harness(f)
     reply = UpstreamReply(200, {"content-type": "application/json"}, b'{"data":[]}')
     for text in ("hello world", "hello world", "Hello world!"):
+        body = orjson.dumps({"model": "e", "input": text})
         r = await h.request("POST", "/v1/embeddings", headers={"x-test-tenant": "a"},
-                            body=orjson.dumps({"model": "e", "input": text}), upstream=reply)  # fmt: skip
+                            body=body, upstream=reply)  # fmt: skip
         await f.settle()
     assert r.headers["x-floodwall-cache"] == "miss"  # not semantic: exact text only
     assert emb.calls == 0

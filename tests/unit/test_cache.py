@@ -1,0 +1,259 @@
+"""Units of the cache: canonical keys, guards, the vector index, the eval report, params."""
+
+from __future__ import annotations
+
+import numpy as np
+import orjson
+import pytest
+from pydantic import ValidationError
+
+from filters.cache import canon
+from filters.cache.evaluate import Judged, Pair, report
+from filters.cache.filter import CacheFilter, _cache_control, _max_age, _uncacheable_response
+from filters.cache.guards import veto
+from filters.cache.index import VectorIndex
+from filters.cache.semantic import SemanticIndex
+from filters.cache.store import Indexed
+from proxy.api import Deps
+
+# --- canonical keys ----------------------------------------------------------------------------
+
+
+def key(req: object, api: str = "openai_chat", max_temperature: float = 0.0) -> canon.Lookup:
+    return canon.lookup(req, api=api, model=None, max_temperature=max_temperature)
+
+
+def chat(q: str, history: list[dict[str, str]] | None = None, **extra: object) -> dict[str, object]:
+    return {"model": "m", "temperature": 0,
+            "messages": [*(history or []), {"role": "user", "content": q}], **extra}  # fmt: skip
+
+
+def test_exact_id_ignores_order_and_output_neutral_fields() -> None:
+    a = key(chat("hi", max_tokens=5))
+    b = key(orjson.loads(b'{"max_tokens":5,"temperature":0,"user":"u1","stream":false,'
+                         b'"messages":[{"content":"hi","role":"user"}],"model":"m"}'))  # fmt: skip
+    assert a.exact_id == b.exact_id
+    assert key(chat("hi", max_tokens=6)).exact_id != a.exact_id
+    assert key(chat("hi", seed=1)).exact_id != a.exact_id
+
+
+def test_partition_holds_everything_but_the_last_question() -> None:
+    one = key(chat("What now?", [{"role": "system", "content": "Be brief."}]))
+    two = key(chat("What next?", [{"role": "system", "content": "Be brief."}]))
+    other = key(chat("What now?", [{"role": "system", "content": "Be verbose."}]))
+    assert one.partition == two.partition != other.partition
+    assert one.exact_id != two.exact_id
+    assert (one.text, two.text) == ("What now?", "What next?")
+    assert key(chat("x", max_tokens=9)).partition != key(chat("x")).partition
+
+
+def test_what_is_not_cacheable() -> None:
+    for req, reason in (
+        (chat("q", temperature=0.7), "nondeterministic"),
+        ({"model": "m", "messages": [{"role": "user", "content": "q"}]}, "nondeterministic"),
+        (chat("q", stream=True), "streamed"),
+        ({"messages": []}, "no_model"),
+        ([1, 2], "not_json_object"),
+    ):
+        with pytest.raises(canon.NotCacheable) as e:
+            key(req)  # type: ignore[arg-type]
+        assert e.value.reason == reason
+    assert key(chat("q", temperature=0.5), max_temperature=0.5).text == "q"
+
+
+def test_text_sources_per_api() -> None:
+    assert key({"model": "e", "input": "hello"}, api="openai_embeddings").text is None
+    last_is_assistant = chat("q", [])
+    last_is_assistant["messages"] = [{"role": "user", "content": "q"},  # type: ignore[index]
+                                     {"role": "assistant", "content": "a"}]  # fmt: skip
+    assert key(last_is_assistant).text is None
+    parts = chat("")
+    parts["messages"] = [{"role": "user", "content": [{"type": "text", "text": "a"},  # type: ignore[index]
+                                                      {"type": "text", "text": "b"}]}]  # fmt: skip
+    assert key(parts).text == "ab"
+    k = canon.lookup({"inputs": [{"data": ["what is x"]}], "id": 1}, api="kserve_http",
+                     model="m", max_temperature=0, text_pointer="/inputs/0/data/0")  # fmt: skip
+    k2 = canon.lookup({"inputs": [{"data": ["what's x"]}], "id": 1}, api="kserve_http",
+                      model="m", max_temperature=0, text_pointer="/inputs/0/data/0")  # fmt: skip
+    assert k.text == "what is x" and k.partition == k2.partition and k.exact_id != k2.exact_id
+
+
+# --- guards --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "guard"),
+    [
+        ("Cancel my subscription", "Don't cancel my subscription", "negation"),
+        ("Can I fly with a cold?", "Can I fly without a cold?", "negation"),
+        ("convert 5 miles to km", "convert 50 miles to km", "number"),
+        ("Is Python 3.11 faster than 3.10?", "Is Python 3.12 faster than 3.10?", "number"),
+        ("weather in Oslo today", "weather in Oslo tomorrow", "date_time"),
+        ("Did it rain last Sunday?", "Will it rain this Sunday?", "date_time"),
+        ("how to increase the volume", "how to decrease the volume", "antonym"),
+        ("How do I enable 2FA?", "How do I disable 2FA?", "antonym"),
+        ("How do I zoom in on a Mac?", "How do I zoom out on a Mac?", "antonym"),
+        ("What is the capital of Australia?", "What is the capital of Austria?", "entity"),
+        ("What is the chemical symbol for gold?", "What is the chemical symbol for silver?",
+         "entity"),
+        ("flights from Paris to London", "flights from London to Paris", "swap"),
+        ("Can dogs eat cat food?", "Can cats eat dog food?", "swap"),
+        ("How do I reset my password?",
+         "How do I reset my password in the mobile app?", "scope"),
+        ("Symptoms of a heart attack in women", "Symptoms of a heart attack", "scope"),
+    ],
+)  # fmt: skip
+def test_each_guard_refuses_its_trap(a: str, b: str, guard: str) -> None:
+    assert veto(b, a) == guard
+    assert veto(a, b) == guard  # symmetric
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        ("How do I reset my password?", "How can I reset my password?"),
+        ("What are the steps to cancel my subscription?", "How do I cancel my subscription?"),
+        ("How many tablespoons are in a cup?", "1 cup = how many tablespoons?"),
+        ("three apples", "3 apples"),
+        ("How do I reverse a list in Python?", "python: how to reverse a list"),
+        ("flights from Paris to London", "flights to London from Paris"),
+        ("What is the length of an array in JavaScript?", "length of a JS array"),
+        ("What's the difference between TCP and UDP?", "TCP vs UDP"),
+    ],
+)
+def test_guards_let_paraphrases_through(a: str, b: str) -> None:
+    assert veto(b, a) is None
+
+
+def test_guards_can_be_chosen() -> None:
+    assert veto("Don't cancel it", "Cancel it", ("number",)) is None
+    assert veto("Don't cancel it", "Cancel it", ()) is None
+
+
+# --- vector index ------------------------------------------------------------------------------
+
+
+def unit(v: np.ndarray) -> np.ndarray:  # type: ignore[type-arg]
+    return (v / np.linalg.norm(v)).astype(np.float32)
+
+
+def test_flat_index_finds_best_and_honours_removal() -> None:
+    rng = np.random.default_rng(0)
+    ix = VectorIndex(16)
+    vecs = {f"k{i}": unit(rng.standard_normal(16)) for i in range(50)}
+    for k, v in vecs.items():
+        ix.add(k, v)
+    hits = ix.search(vecs["k7"], k=3)
+    assert hits[0].key == "k7" and hits[0].score == pytest.approx(1.0, abs=1e-5)
+    assert ix.remove("k7") and not ix.remove("k7")
+    assert all(h.key != "k7" for h in ix.search(vecs["k7"], k=5))
+    assert ix.search(vecs["k8"], k=3, min_score=0.999)[0].key == "k8"
+    with pytest.raises(ValueError):
+        ix.add("bad", np.zeros(16, dtype=np.float32))
+    with pytest.raises(ValueError):
+        ix.add("bad", np.ones(3, dtype=np.float32))
+
+
+def test_ivf_recall_on_near_duplicates_and_compaction() -> None:
+    rng = np.random.default_rng(1)
+    n, dim = 6000, 32
+    topics = rng.standard_normal((200, dim))
+    x = np.stack([unit(topics[rng.integers(200)] + 0.5 * rng.standard_normal(dim))
+                  for _ in range(n)])  # fmt: skip
+    ix = VectorIndex(dim, flat_max=1000, nprobe=8)
+    for i in range(n):
+        ix.add(str(i), x[i])
+    assert ix.wants_clustering()
+    ix.cluster_now()
+    assert ix.clustered and not ix.wants_clustering()
+    found = 0
+    for i in rng.choice(n, 200, replace=False):
+        q = unit(x[i] + 0.15 * rng.standard_normal(dim) / np.sqrt(dim))
+        hits = ix.search(q, k=1)
+        found += bool(hits) and hits[0].key == str(i)
+    assert found >= 194  # >= 97% recall of the planted near-duplicate
+    for i in range(0, 3000):  # a quarter dead -> compaction renumbers rows
+        ix.remove(str(i))
+    assert len(ix) == 3000
+    assert ix.search(x[4000], k=1)[0].key == "4000"
+    ix.add("new", x[10])
+    assert ix.search(x[10], k=1)[0].key == "new"
+
+
+def test_clustering_result_is_dropped_if_rows_moved_meanwhile() -> None:
+    rng = np.random.default_rng(2)
+    ix = VectorIndex(8, flat_max=100)
+    for i in range(2500):
+        ix.add(str(i), unit(rng.standard_normal(8)))
+    gen, vecs, live = ix.snapshot()
+    result = ix.cluster(vecs, live)
+    for i in range(1500):
+        ix.remove(str(i))  # compaction in between
+    assert not ix.install(gen, live, *result)
+    assert not ix.clustered
+
+
+def test_semantic_index_scopes_partitions_and_expiry() -> None:
+    si = SemanticIndex(4, threshold=0.9)
+    v = unit(np.array([1, 0, 0, 0.0]))
+    si.add(Indexed("s1", "e1", "p", "How do I reset my password?", v, expires_ms=1000))
+    assert si.judge("s1", "p", "how can I reset my password", v, 0).entry_id == "e1"
+    assert si.judge("s2", "p", "how can I reset my password", v, 0).entry_id is None
+    assert si.judge("s1", "q", "how can I reset my password", v, 0).entry_id is None
+    trap = si.judge("s1", "p", "How do I not reset my password?", v, 0)
+    assert trap.entry_id is None and trap.veto == "negation"
+    far = si.judge("s1", "p", "x", unit(np.array([0, 1, 0, 0.0])), 0)
+    assert far.entry_id is None and far.veto is None
+    assert si.judge("s1", "p", "how can I reset my password", v, 1000).entry_id is None
+    assert si.expire(1000) == 1 and len(si) == 0
+    si.add(Indexed("s1", "e1", "p", "t", v, 5000))
+    si.drop_scope("s1")
+    assert len(si) == 0 and si.judge("s1", "p", "t", v, 0).entry_id is None
+
+
+# --- eval report -------------------------------------------------------------------------------
+
+
+def test_report_rates_table_and_recommendation() -> None:
+    def j(same: bool, score: float, veto: str | None, cat: str) -> Judged:
+        return Judged(Pair("a", "b", same, cat, None), score, veto)
+
+    judged = [j(True, 0.95, None, "paraphrase"), j(True, 0.8, None, "paraphrase"),
+              j(True, 0.7, "scope", "paraphrase"), j(False, 0.9, None, "negation"),
+              j(False, 0.85, "negation", "negation"), j(False, 0.5, None, "number")]  # fmt: skip
+    r = report(judged, 0.75)
+    assert (r["hit_rate"], r["wrong_hit_rate"]) == (round(2 / 3, 4), round(1 / 3, 4))
+    row = {x["threshold"]: x for x in r["thresholds"]}
+    assert row[0.925]["wrong_hit_rate"] == 0 and row[0.925]["hit_rate"] == round(1 / 3, 4)
+    assert row[0.6]["wrong_hit_rate_unguarded"] == round(2 / 3, 4)
+    assert r["recommended_threshold"] == 0.925
+    assert r["by_category"]["negation"]["served"] == 1
+
+
+# --- params and HTTP semantics -----------------------------------------------------------------
+
+
+def test_params_fail_loudly() -> None:
+    with pytest.raises(ValidationError, match="routes"):
+        CacheFilter.Params.model_validate({})
+    with pytest.raises(ValidationError, match="JSON pointer"):
+        CacheFilter.Params.model_validate({"routes": {"r": {"text_pointer": "inputs/0"}}})
+    with pytest.raises(ValidationError, match="hex"):
+        CacheFilter.Params.model_validate({"routes": {}, "admin_token_sha256": "secret"})
+    with pytest.raises(ValidationError):
+        CacheFilter.Params.model_validate({"routes": {}, "semantic": {"guards": ["vibes"]}})
+    with pytest.raises(ValueError, match="upstream"):
+        CacheFilter(CacheFilter.Params.model_validate({"routes": {"r": {}}}), Deps())
+    p = CacheFilter.Params.model_validate({"routes": {"r": {"ttl_s": "10m"}}})
+    assert p.routes["r"].ttl_s == 600
+
+
+def test_cache_control_parsing() -> None:
+    assert _cache_control("No-Cache, max-age=0") == {"no-cache", "max-age=0"}
+    assert _max_age("public, max-age=30") == 30 and _max_age("s-maxage=5") == 5
+    assert _max_age("max-age=oops") is None
+    assert _uncacheable_response({":status": "200"}) is None
+    assert _uncacheable_response({":status": "201"}) == "not_200"
+    assert _uncacheable_response({":status": "200", "cache-control": "private"}) == (
+        "upstream_no_store"
+    )
