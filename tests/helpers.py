@@ -18,6 +18,9 @@ from proxy.runtime import Stack
 
 DEMO_KEY = "fw-demo-key"
 AUTH = {"authorization": f"Bearer {DEMO_KEY}"}
+# The demo key, asking for the model's own answer: load and fault tests must reach Triton,
+# not the cache in front of it.
+NO_CACHE = {**AUTH, "cache-control": "no-store"}
 
 
 def self_signed_cert(directory: Path) -> tuple[Path, Path]:

@@ -29,7 +29,8 @@ def test_overload_sheds_batch_before_interactive(gateway: Gateway) -> None:
         with httpx.Client(timeout=30) as c:
             while time.monotonic() < stop:
                 t0 = time.monotonic()
-                r = c.post(url, headers=headers, json={"model": "embedder", "input": TEXTS})
+                r = c.post(url, headers={**headers, "cache-control": "no-store"},
+                           json={"model": "embedder", "input": TEXTS})  # fmt: skip
                 kind = r.json()["error"]["type"] if r.status_code != 200 else ""
                 out.append((r.status_code, time.monotonic() - t0, kind,
                             r.headers.get("retry-after", "")))  # fmt: skip

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from tests.e2e.conftest import Gateway
-from tests.helpers import AUTH
+from tests.helpers import AUTH, NO_CACHE
 
 pytestmark = pytest.mark.e2e
 
@@ -27,7 +27,7 @@ def test_saturated_embedder_degrades_to_int8(gateway: Gateway) -> None:
         out = []
         with httpx.Client(timeout=30) as c:
             while time.monotonic() < stop:
-                out.append(c.post(url, headers=AUTH, json=body))
+                out.append(c.post(url, headers=NO_CACHE, json=body))
         return out
 
     with ThreadPoolExecutor(24) as pool:

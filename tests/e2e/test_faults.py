@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from proxy.runtime import Child, Stack
-from tests.helpers import AUTH, echo_server, self_signed_cert, stack_config, start_stack
+from tests.helpers import AUTH, NO_CACHE, echo_server, self_signed_cert, stack_config, start_stack
 
 pytestmark = pytest.mark.e2e
 
@@ -103,14 +103,16 @@ def test_triton_down_and_back(tmp_path: Path, echo_port: int) -> None:
     s = _stack(tmp_path, echo_port, triton=True)
     body = {"model": "embedder", "input": "still there?"}
     try:
-        assert httpx.post(f"{_url(s)}/v1/embeddings", json=body, headers=AUTH).status_code == 200
+        assert (
+            httpx.post(f"{_url(s)}/v1/embeddings", json=body, headers=NO_CACHE).status_code == 200
+        )
         triton = _child(s, "triton")
         os.killpg(triton.proc.pid, signal.SIGKILL)
         triton.proc.wait(10)
         s.children.remove(triton)
 
         t0 = time.monotonic()
-        r = httpx.post(f"{_url(s)}/v1/embeddings", json=body, headers=AUTH, timeout=30)
+        r = httpx.post(f"{_url(s)}/v1/embeddings", json=body, headers=NO_CACHE, timeout=30)
         assert time.monotonic() - t0 < 5
         assert r.status_code == 503, r.text
         assert r.json()["error"]["type"] == "upstream_unavailable"
@@ -132,7 +134,7 @@ def test_triton_down_and_back(tmp_path: Path, echo_port: int) -> None:
         # calls through every open_s and closes once they succeed.
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            r = httpx.post(f"{_url(s)}/v1/embeddings", json=body, headers=AUTH, timeout=30)
+            r = httpx.post(f"{_url(s)}/v1/embeddings", json=body, headers=NO_CACHE, timeout=30)
             if r.status_code == 200:
                 break
             assert r.json()["error"]["type"] in ("upstream_unavailable", "circuit_open")

@@ -6,6 +6,7 @@ import pytest
 
 from proxy.api import Deps
 from proxy.config import DEFAULT_CONFIG, ConfigError, load_config, parse_config
+from proxy.process import make_deps
 from proxy.registry import build_filters
 
 BASE = {
@@ -19,7 +20,7 @@ def test_shipped_local_config_loads() -> None:
     assert cfg.listener.address == "127.0.0.1" and cfg.listener.port == 8080
     assert cfg.triton is not None and cfg.triton.model_repository.is_dir()
     assert [f.type for f in cfg.filters][:1] == ["auth"]
-    build_filters(cfg.filters, Deps())
+    build_filters(cfg.filters, make_deps(cfg))
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,241 @@
+"""The cache: hit latency through Envoy, index look-up time, and the evaluation tables.
+
+1. Through the gateway (the shipped local stack: Envoy, processor, Redis, Triton), side by
+   side in one open loop (the four kinds interleaved, latency from the scheduled send time):
+   - ``gateway``: the gateway's own overhead, an authenticated JSON POST through Envoy and
+     the processor to a trivial echo upstream;
+   - ``exact``: a repeated chat request, answered from Redis;
+   - ``semantic``: a paraphrase of a cached question (embedding by Triton, index, guards,
+     Redis);
+   - ``miss``: the same chat request with ``Cache-Control: no-cache`` (embedding, the model
+     call, the store; only the look-up itself is skipped).
+   At a low rate and at a fixed higher rate. Targets: exact hit p99 <= 2 ms and semantic
+   hit p99 <= 15 ms above the gateway's own p99.
+2. ``VectorIndex`` look-up at 10k and 100k entries in one scope (clustered synthetic
+   384-d vectors; flat scan below 20k, IVF above), p50/p99 and recall of a near-duplicate.
+   Target: 100k <= 5 ms.
+3. ``cache eval`` on the shipped sets: pairs.jsonl (written with the guards: a development
+   set) and holdout.jsonl (written apart and not used to tune them).
+
+    .venv/bin/python -m bench.cache            # ~2 minutes
+    .venv/bin/python -m bench.cache --quick
+
+Writes bench/results/cache.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.loadgen import HttpRequest, open_loop_mix
+from filters.cache import evaluate
+from filters.cache.index import VectorIndex
+from proxy.config import REPO_ROOT
+from tests.helpers import DEMO_KEY, echo_server, stack_config, start_stack
+
+RESULTS = REPO_ROOT / "bench" / "results"
+CACHED = "How do I rotate the API keys of my account without downtime?"
+PARAPHRASE = "how can I rotate my account's API keys with no downtime"
+HEADERS = {"content-type": "application/json", "authorization": f"Bearer {DEMO_KEY}"}
+
+
+def _chat(question: str, **headers: str) -> HttpRequest:
+    body = {"model": "sim-llm", "max_tokens": 16, "temperature": 0,
+            "messages": [{"role": "user", "content": question}]}  # fmt: skip
+    return HttpRequest("POST", "/v1/chat/completions", {**HEADERS, **headers},
+                       json.dumps(body).encode())  # fmt: skip
+
+
+def gateway_points(quick: bool) -> dict[str, Any]:
+    from proxy import models
+
+    models.build()
+    seconds = 5.0 if quick else 15.0
+    out: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="fw-cache-", dir="/tmp") as d, echo_server() as echo:
+        cfg = stack_config(Path(d) / "run", echo)
+        cfg["listener"]["access_log"] = False
+        stack = start_stack(cfg, Path(d) / "floodwall.yaml")
+        try:
+            host, port = stack.cfg.listener.address, stack.cfg.listener.port
+            mix = [
+                ("gateway", HttpRequest("POST", "/echo", HEADERS, b'{"x": 1}'), 1.0),
+                ("exact", _chat(CACHED), 1.0),
+                ("semantic", _chat(PARAPHRASE), 1.0),
+                ("miss", _chat(CACHED, **{"cache-control": "no-cache"}), 1.0),
+            ]
+            # Store the entry, check both hits answer as they should, warm everything up.
+            warm = open_loop_mix(host, port, [mix[3]], rate=5, seconds=1, mark=None)
+            assert warm["miss"]["statuses"] == {"200": 5}, warm
+            time.sleep(0.5)
+            check = open_loop_mix(host, port, mix[1:3], rate=20, seconds=1,
+                                  mark=b"x-floodwall-cache: hit")  # fmt: skip
+            for kind in ("exact", "semantic"):
+                if check[kind]["marked"] != check[kind]["requests"]:
+                    raise RuntimeError(f"{kind} requests were not all hits: {check[kind]}")
+            for name, rate in (("low_load", 40.0), ("fixed_rate", 160.0)):
+                time.sleep(1)
+                per = open_loop_mix(host, port, mix, rate=rate, seconds=seconds,
+                                    mark=b"x-floodwall-cache: hit")  # fmt: skip
+                out[name] = {"rate_total": rate, "seconds": seconds, "kinds": per}
+                line = "  ".join(
+                    f"{k} p50 {v['p50_ms']:.2f} p99 {v['p99_ms']:.2f} ms ({v['marked']} hits)"
+                    for k, v in per.items()
+                )
+                print(f"   {name} ({rate:.0f}/s total): {line}", flush=True)
+        finally:
+            stack.stop()
+    return out
+
+
+def index_points(quick: bool) -> dict[str, Any]:
+    rng = np.random.default_rng(3)
+    out: dict[str, Any] = {}
+    for n in (10_000, 100_000):
+        topics = rng.standard_normal((max(200, n // 50), 384)).astype(np.float32)
+        x = topics[rng.integers(0, topics.shape[0], n)]
+        x += 0.6 * rng.standard_normal((n, 384)).astype(np.float32)
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        ix = VectorIndex(384)
+        for i in range(n):
+            ix.add(str(i), x[i])
+        t0 = time.perf_counter()
+        if ix.wants_clustering():
+            ix.cluster_now()
+        cluster_s = time.perf_counter() - t0
+        queries = 200 if quick else 1000
+        times, found = [], 0
+        for i in rng.choice(n, queries, replace=False):
+            q = x[i] + 0.02 * rng.standard_normal(384).astype(np.float32)
+            t = time.perf_counter()
+            hits = ix.search(q, 4)
+            times.append((time.perf_counter() - t) * 1000)
+            found += bool(hits) and hits[0].key == str(i)
+        flat = []
+        for i in rng.choice(n, 50, replace=False):
+            t = time.perf_counter()
+            s = x @ x[i]
+            np.argpartition(s, -4)[-4:]
+            flat.append((time.perf_counter() - t) * 1000)
+        out[str(n)] = {
+            "entries": n, "mode": "ivf" if ix.clustered else "flat",
+            "clustering_s": round(cluster_s, 2),
+            "p50_ms": float(np.percentile(times, 50)), "p99_ms": float(np.percentile(times, 99)),
+            "recall_at_1": found / queries,
+            "flat_scan_p50_ms": float(np.percentile(flat, 50)),
+        }  # fmt: skip
+        r = out[str(n)]
+        print(f"   index {n:>6}: {r['mode']} p50 {r['p50_ms']:.2f} ms p99 {r['p99_ms']:.2f} ms "
+              f"recall {r['recall_at_1']:.3f} (flat scan p50 {r['flat_scan_p50_ms']:.2f} ms)",
+              flush=True)  # fmt: skip
+    return out
+
+
+def eval_points() -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    with evaluate.private_embedder() as url:
+        for name in ("pairs", "holdout"):
+            path = evaluate.SHIPPED_PAIRS.with_name(f"{name}.jsonl")
+            r = evaluate.run(path, evaluate_threshold(), url, "embedder")
+            out[name] = {k: r[k] for k in ("pairs", "threshold", "hit_rate", "wrong_hit_rate",
+                                           "thresholds", "guards", "by_category",
+                                           "recommended_threshold")}  # fmt: skip
+            print(f"   eval {name}: hit {r['hit_rate']:.1%} wrong {r['wrong_hit_rate']:.1%} "
+                  f"at {r['threshold']}", flush=True)  # fmt: skip
+    return out
+
+
+def evaluate_threshold() -> float:
+    from filters.cache.params import RECOMMENDED_THRESHOLD
+
+    return RECOMMENDED_THRESHOLD
+
+
+def summary(res: dict[str, Any]) -> dict[str, Any]:
+    s: dict[str, Any] = {}
+    for name, point in res["gateway"].items():
+        k = point["kinds"]
+        base = k["gateway"]["p99_ms"]
+        s[name] = {
+            "exact_added_p99_ms": k["exact"]["p99_ms"] - base,
+            "semantic_added_p99_ms": k["semantic"]["p99_ms"] - base,
+            "miss_p99_ms": k["miss"]["p99_ms"],
+        }
+    worst = lambda key: max(v[key] for v in s.values())  # noqa: E731
+    s["targets"] = {
+        "exact_hit_added_p99_le_2ms": worst("exact_added_p99_ms") <= 2.0,
+        "semantic_hit_added_p99_le_15ms": worst("semantic_added_p99_ms") <= 15.0,
+        "index_100k_p99_le_5ms": res["index"]["100000"]["p99_ms"] <= 5.0,
+        "holdout_hit_ge_70pct": res["eval"]["holdout"]["hit_rate"] >= 0.70,
+        "holdout_wrong_le_2pct": res["eval"]["holdout"]["wrong_hit_rate"] <= 0.02,
+    }
+    return s
+
+
+def markdown(res: dict[str, Any]) -> str:
+    lines = [f"Cache ({res['machine']['cpus']} CPUs; through Envoy with the shipped local "
+             "stack; the four kinds interleaved in one open loop)", "",
+             "| load | kind | p50 | p99 | p99 added over gateway | answered by cache |",
+             "|---|---|---:|---:|---:|---:|"]  # fmt: skip
+    for name, point in res["gateway"].items():
+        base = point["kinds"]["gateway"]["p99_ms"]
+        for kind, v in point["kinds"].items():
+            added = "" if kind == "gateway" else f"{v['p99_ms'] - base:+.2f} ms"
+            lines.append(f"| {name} ({point['rate_total'] / 4:.0f}/s each) | {kind} | "
+                         f"{v['p50_ms']:.2f} ms | {v['p99_ms']:.2f} ms | {added} | "
+                         f"{v['marked']}/{v['requests']} |")  # fmt: skip
+    lines += ["", "| index entries | mode | p50 | p99 | recall@1 | flat scan p50 | clustering |",
+              "|---:|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for v in res["index"].values():
+        lines.append(f"| {v['entries']} | {v['mode']} | {v['p50_ms']:.2f} ms | "
+                     f"{v['p99_ms']:.2f} ms | {v['recall_at_1']:.3f} | "
+                     f"{v['flat_scan_p50_ms']:.2f} ms | {v['clustering_s']} s |")  # fmt: skip
+    lines += ["", "| threshold | dev hit | dev wrong | holdout hit | holdout wrong | "
+              "holdout hit, no guards | holdout wrong, no guards |",
+              "|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    dev, ho = res["eval"]["pairs"]["thresholds"], res["eval"]["holdout"]["thresholds"]
+    for a, b in zip(dev, ho, strict=True):
+        if a["threshold"] > 0.95:
+            continue
+        lines.append(f"| {a['threshold']:.3f} | {a['hit_rate']:.1%} | {a['wrong_hit_rate']:.1%}"
+                     f" | {b['hit_rate']:.1%} | {b['wrong_hit_rate']:.1%} | "
+                     f"{b['hit_rate_unguarded']:.1%} | "
+                     f"{b['wrong_hit_rate_unguarded']:.1%} |")  # fmt: skip
+    t = res["summary"]["targets"]
+    lines += ["", "Targets: " + ", ".join(f"{k}: {'met' if v else 'NOT met'}"
+                                          for k, v in t.items())]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", default=str(RESULTS / "cache"))
+    args = ap.parse_args()
+    res: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version()}}
+    print("== through the gateway", flush=True)
+    res["gateway"] = gateway_points(args.quick)
+    print("== index look-up", flush=True)
+    res["index"] = index_points(args.quick)
+    print("== evaluation sets", flush=True)
+    res["eval"] = eval_points()
+    res["summary"] = summary(res)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(res, indent=2))
+    md = markdown(res)
+    out.with_suffix(".md").write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""The cache through the real stack: Envoy, the processor, Redis and Triton's embedder.
+
+An exact repeat and a paraphrase are answered by the gateway (the model is not called); a
+look-alike with the opposite meaning is not; the operator can invalidate a tenant's answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from typing import Any
+
+import httpx
+import pytest
+
+from filters.cache.filter import _triton_versions
+from tests.e2e.conftest import Gateway
+from tests.helpers import AUTH
+
+pytestmark = pytest.mark.e2e
+
+ADMIN = {"authorization": "Bearer fw-demo-admin"}
+
+
+def chat(question: str, **extra: Any) -> dict[str, Any]:
+    return {"model": "sim-llm", "max_tokens": 8, "temperature": 0,
+            "messages": [{"role": "user", "content": question}], **extra}  # fmt: skip
+
+
+def metric(gateway: Gateway, name: str, **labels: str) -> float:
+    text = httpx.get(gateway.metrics_url, timeout=5).text
+    for line in text.splitlines():
+        if line.startswith(f"{name}{{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_exact_repeat_and_paraphrase_are_served_by_the_gateway(gateway: Gateway) -> None:
+    with httpx.Client(base_url=gateway.url, headers=AUTH, timeout=30) as c:
+        first = c.post("/v1/chat/completions", json=chat("How do I rotate my API keys safely?"))
+        assert first.status_code == 200, first.text
+        assert first.headers["x-floodwall-cache"] == "miss"
+        # The store happens after the answer went out: give it a moment.
+        for _ in range(50):
+            again = c.post("/v1/chat/completions",
+                           json=chat("How do I rotate my API keys safely?"))  # fmt: skip
+            if again.headers["x-floodwall-cache"] != "miss":
+                break
+        assert again.headers["x-floodwall-cache"] == "hit-exact"
+        assert again.json() == first.json() and "age" in again.headers
+        para = c.post("/v1/chat/completions", json=chat("how can I safely rotate my API keys"))
+        assert para.headers["x-floodwall-cache"] == "hit-semantic"
+        assert para.json() == first.json()
+        trap = c.post("/v1/chat/completions",
+                      json=chat("How do I not rotate my API keys safely?"))  # fmt: skip
+        assert trap.headers["x-floodwall-cache"] == "miss"
+        assert trap.json()["choices"][0]["message"] != first.json()["choices"][0]["message"]
+    assert metric(gateway, "floodwall_cache_lookups_total", route="chat",
+                  result="hit_semantic") >= 1  # fmt: skip
+    assert metric(gateway, "floodwall_cache_vetoes_total", guard="negation") >= 1
+
+
+def test_embeddings_are_cached_exactly_and_no_store_is_honoured(gateway: Gateway) -> None:
+    body = {"model": "embedder", "input": "Floodwall caches embeddings of exact texts."}
+    with httpx.Client(base_url=gateway.url, headers=AUTH, timeout=30) as c:
+        first = c.post("/v1/embeddings", json=body)
+        assert first.status_code == 200
+        seen = set()
+        for _ in range(50):
+            r = c.post("/v1/embeddings", json=body)
+            seen.add(r.headers["x-floodwall-cache"])
+            if "hit-exact" in seen:
+                break
+        assert "hit-exact" in seen and r.json() == first.json()
+        fresh = c.post("/v1/embeddings", json=body, headers={"cache-control": "no-store"})
+        assert fresh.headers["x-floodwall-cache"] == "miss"
+
+
+def test_invalidation_by_tenant_through_the_admin_endpoint(gateway: Gateway) -> None:
+    q = chat("What is the warranty period for refurbished laptops?")
+    admin = gateway.metrics_url.replace("/metrics", "/cache/invalidate")
+    with httpx.Client(base_url=gateway.url, headers=AUTH, timeout=30) as c:
+        c.post("/v1/chat/completions", json=q)
+        for _ in range(50):
+            if c.post("/v1/chat/completions", json=q).headers["x-floodwall-cache"] == "hit-exact":
+                break
+        else:
+            pytest.fail("never cached")
+        assert httpx.post(admin, params={"tenant": "demo"}).status_code == 401
+        wrong = {"authorization": "Bearer " + hashlib.sha256(b"x").hexdigest()}
+        assert httpx.post(admin, params={"tenant": "demo"}, headers=wrong).status_code == 401
+        r = httpx.post(admin, params={"tenant": "demo"}, headers=ADMIN)
+        assert r.status_code == 200 and r.json()["entries"] >= 1
+        assert c.post("/v1/chat/completions", json=q).headers["x-floodwall-cache"] == "miss"
+
+
+def test_model_versions_come_from_triton(gateway: Gateway) -> None:
+    versions = asyncio.run(_triton_versions(gateway.triton_url))
+    assert versions is not None
+    assert versions.get("embedder") == "1" and versions.get("sim_llm") == "1"
