@@ -112,11 +112,12 @@ async def _open_loop(
     mix: list[tuple[str, HttpRequest, float]],
     rate: float,
     seconds: float,
-    mark: bytes | None,
+    mark: bytes | dict[str, bytes] | None,
 ) -> dict[str, dict[str, Any]]:
     """Sends at ``rate`` for ``seconds``, each slot's request drawn from ``mix`` (label,
     request, share) in a fixed interleaving. Per label: latency of every answer counted from
-    its scheduled time, statuses, and how many answers carried the header ``mark``."""
+    its scheduled time, statuses, and how many answers carried the header ``mark`` (one for
+    all labels, or one per label)."""
     wires = {label: req.wire(host, port) for label, req, _ in mix}
     idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
     lat: dict[str, list[float]] = {label: [] for label in wires}
@@ -125,7 +126,12 @@ async def _open_loop(
     failures = dict.fromkeys(wires, 0)
     sent = dict.fromkeys(wires, 0)
     marked = dict.fromkeys(wires, 0)
-    needle = b"\r\n" + mark.lower() + b":" if mark else None
+    # A mark is a header name ("x-floodwall-degraded") or a name and value prefix
+    # ("x-floodwall-cache: hit").
+    marks = mark if isinstance(mark, dict) else dict.fromkeys(wires, mark)
+    needles = {
+        label: b"\r\n" + m.lower() + (b"" if b":" in m else b":") for label, m in marks.items() if m
+    }
 
     async def one(label: str, scheduled: float) -> None:
         conn = idle.pop() if idle else await asyncio.open_connection(host, port)
@@ -141,6 +147,7 @@ async def _open_loop(
         if status == 200:
             ok_lat[label].append(took)
         statuses[label][status] = statuses[label].get(status, 0) + 1
+        needle = needles.get(label)
         if needle is not None and needle in head.lower():
             marked[label] += 1
         idle.append(conn)
@@ -181,7 +188,7 @@ def open_loop_mix(
     *,
     rate: float,
     seconds: float,
-    mark: bytes | None = None,
+    mark: bytes | dict[str, bytes] | None = None,
 ) -> dict[str, dict[str, Any]]:
     import uvloop
 
