@@ -50,7 +50,7 @@ from proxy.config import RouteConfig
 
 LOOKUPS = Counter(
     "floodwall_cache_lookups",
-    "Cache look-ups by route and result (hit_exact, hit_semantic, miss, bypass)",
+    "Cache look-ups by route and result (hit_exact, hit_semantic, stale, miss, bypass)",
     ["route", "result"],
 )
 BYPASS = Counter(
@@ -95,16 +95,20 @@ class _Pending:
     text: str
     vector: np.ndarray[Any, Any] | None
     ttl_ms: int
+    stale_ms: int
     headers: dict[str, str] | None = None
 
 
 class _State:
-    __slots__ = ("no_lookup", "no_store", "pending")
+    __slots__ = ("no_lookup", "no_store", "pending", "stale")
 
     def __init__(self) -> None:
         self.no_store = False
         self.no_lookup = False
         self.pending: _Pending | None = None
+        # An expired exact entry still inside its stale-if-error window: the answer if the
+        # model fails.
+        self.stale: Entry | None = None
 
 
 class CacheFilter(Filter):
@@ -209,11 +213,18 @@ class CacheFilter(Filter):
         now_ms = self._now_ms()
         if not st.no_lookup:
             entry = await self._get(scope, key.exact_id, now_ms)
-            if entry is not None:
+            if entry is not None and entry.fresh:
                 LOOKUP_SECONDS.labels("exact").observe(time.perf_counter() - t0)
                 return self._hit(ctx, entry, "hit-exact", now_ms)
+            st.stale = entry
+            if entry is not None and self.deps.signals.refusing(
+                key.model, self.deps.clock.monotonic()
+            ):
+                return self._hit(ctx, entry, "stale", now_ms)  # the model's breaker is open
         vector = None
-        if text and self.embedder is not None:
+        # Embed now only if there is something to compare with; a miss in an empty partition
+        # is embedded after its answer went out, when it is stored (off the request path).
+        if text and self.embedder is not None and self.index.has_partition(scope, key.partition):
             vector = await self._embed(text)
             if vector is not None and not st.no_lookup:
                 verdict = self.index.judge(scope, key.partition, text, vector, now_ms)
@@ -228,8 +239,9 @@ class CacheFilter(Filter):
         LOOKUP_SECONDS.labels("semantic" if text else "exact").observe(time.perf_counter() - t0)
         LOOKUPS.labels(ctx.route_name, "miss").inc()
         if not st.no_store:
+            ttl_ms, stale_ms = int(route.ttl_s * 1000), int(route.stale_if_error_s * 1000)
             st.pending = _Pending(scope, meta, key.exact_id, key.partition, text, vector,
-                                  int(route.ttl_s * 1000))  # fmt: skip
+                                  ttl_ms, stale_ms)  # fmt: skip
         return CONTINUE
 
     async def on_response_headers(self, ctx: RequestContext, headers: Headers) -> Decision:
@@ -250,6 +262,14 @@ class CacheFilter(Filter):
 
     async def on_response_body(self, ctx: RequestContext, body: bytes) -> Decision:
         st = ctx.state(_State)
+        if st.stale is not None and (ctx.response_status or 0) >= 500:
+            # stale-if-error: the model failed (or Envoy could not reach it); the last good
+            # answer, marked, beats an error.
+            entry, st.stale, st.pending = st.stale, None, None
+            hit = self._hit(ctx, entry, "stale", self._now_ms())
+            length = str(len(hit.body))
+            return Mutate(set_headers={":status": "200", **hit.headers, "content-length": length},
+                          body=hit.body)  # fmt: skip
         pending, st.pending = st.pending, None
         if pending is None or not ctx.end_of_stream:
             return CONTINUE
@@ -291,6 +311,8 @@ class CacheFilter(Filter):
         headers.setdefault("content-type", "application/json")
         headers[HEADER] = kind
         headers["age"] = str(max(0, (now_ms - entry.created_ms) // 1000))
+        if not entry.fresh:
+            headers["warning"] = '110 - "Response is Stale"'
         return Respond(200, entry.body, headers)
 
     def _now_ms(self) -> int:
@@ -327,6 +349,8 @@ class CacheFilter(Filter):
 
     async def _put(self, route: str, pending: _Pending, body: bytes) -> None:
         assert self.store is not None
+        if pending.text and pending.vector is None and self.embedder is not None:
+            pending.vector = await self._embed(pending.text)  # None: stored exact-only
         now_ms = self._now_ms()
         vector = b"" if pending.vector is None else pending.vector.astype("<f4").tobytes()
         try:
@@ -336,7 +360,7 @@ class CacheFilter(Filter):
                     entry_id=pending.entry_id, body=body, headers=pending.headers or {},
                     partition=pending.partition, text=pending.text if vector else "",
                     vector=vector, now_ms=now_ms, ttl_ms=pending.ttl_ms,
-                    max_entries=self.p.max_entries_per_scope,
+                    max_entries=self.p.max_entries_per_scope, stale_ms=pending.stale_ms,
                 ),
                 max(1.0, self.p.redis_timeout_ms / 1000),
             )  # fmt: skip

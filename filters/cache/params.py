@@ -25,11 +25,14 @@ class RouteCache(FilterParams):
     text_pointer: str | None = None
     # Entries are shared by all tenants only on public routes.
     public: bool = False
+    # Keep entries this long past their TTL to answer when the model fails (5xx, Triton down)
+    # or its breaker is open (RFC 5861 stale-if-error): exact matches only, marked "stale".
+    stale_if_error_s: Annotated[float, Field(ge=0, le=30 * 86400)] = 0.0
     # Chat answers are cached only when sampling is deterministic: temperature at most this
     # (OpenAI's default temperature is 1, so a request must ask for 0 explicitly).
     max_temperature: Annotated[float, Field(ge=0, le=2)] = 0.0
 
-    @field_validator("ttl_s", mode="before")
+    @field_validator("ttl_s", "stale_if_error_s", mode="before")
     @classmethod
     def _ttl(cls, v: str | float) -> float:
         return parse_duration(v)

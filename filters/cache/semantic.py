@@ -123,5 +123,8 @@ class SemanticIndex:
             refused = refused or reason
         return Verdict(None, hits[0].score, refused)
 
+    def has_partition(self, scope: str, partition: str) -> bool:
+        return (scope, partition) in self._parts
+
     def needing_clustering(self) -> list[VectorIndex]:
         return [ix for ix in self._parts.values() if ix.wants_clustering()]

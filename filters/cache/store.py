@@ -3,11 +3,13 @@
 Layout (``{S}`` is the scope id as a hash tag: a scope's keys share one cluster slot):
 
     fw:cache:{S}:e:<id>   HASH  r body, h headers (JSON), c created (ms), x expires (ms),
+                                s stale-if-error window after x (ms),
                                 p partition (conversation prefix and parameters digest),
                                 t prompt text, v vector (float32 bytes; both empty when the
                                 entry is exact-only); PEXPIREs with the entry
-    fw:cache:{S}:z        ZSET  id -> expiry (ms): the scope's entries, for rebuilds, the
-                                entry cap (soonest-expiring evicted first) and invalidation
+    fw:cache:{S}:z        ZSET  id -> end of life (x + s, ms): the scope's entries, for
+                                rebuilds, the entry cap (soonest-ending evicted first) and
+                                invalidation
     fw:cache:scopes       HASH  S -> JSON {tenant, route, model, version}: what to drop when
                                 a tenant's or a model's entries are invalidated
     fw:cache:feed         STREAM  op=add|del|drop, s=S, id: every change, so each process's
@@ -76,6 +78,7 @@ class Entry:
     headers: dict[str, str]
     created_ms: int
     expires_ms: int
+    fresh: bool = True  # False: past its expiry, inside its stale-if-error window
 
 
 @dataclass(slots=True)
@@ -96,11 +99,15 @@ class CacheStore:
         self._store = redis.register_script(_STORE)
 
     async def get(self, scope: str, entry_id: str, now_ms: int) -> Entry | None:
-        raw = await self.redis.hmget(entry_key(scope, entry_id), "r", "h", "c", "x")
-        body, headers, created, expires = raw
-        if body is None or expires is None or int(expires) <= now_ms:
+        """The entry if it is fresh, or stale but inside its stale-if-error window."""
+        raw = await self.redis.hmget(entry_key(scope, entry_id), "r", "h", "c", "x", "s")
+        body, headers, created, expires, stale = raw
+        if body is None or expires is None:
             return None
-        return Entry(body, orjson.loads(headers or b"{}"), int(created or 0), int(expires))
+        x = int(expires)
+        if x + int(stale or 0) <= now_ms:
+            return None
+        return Entry(body, orjson.loads(headers or b"{}"), int(created or 0), x, x > now_ms)
 
     async def put(
         self,
@@ -116,17 +123,21 @@ class CacheStore:
         now_ms: int,
         ttl_ms: int,
         max_entries: int,
+        stale_ms: int = 0,
     ) -> list[str]:
-        """Writes one entry (replacing one with the same id); returns the ids evicted."""
+        """Writes one entry (replacing one with the same id); returns the ids evicted. The
+        entry is fresh for ``ttl_ms`` and kept ``stale_ms`` longer for stale-if-error."""
         expires = now_ms + ttl_ms
         fields = [
-            "r", body, "h", orjson.dumps(headers), "c", now_ms, "x", expires, "p", partition,
-            "t", text, "v", vector,
+            "r", body, "h", orjson.dumps(headers), "c", now_ms, "x", expires, "s", stale_ms,
+            "p", partition, "t", text, "v", vector,
         ]  # fmt: skip
+        keep = ttl_ms + stale_ms
         evicted = await self._store(
             keys=[entry_key(scope, entry_id), zset_key(scope)],
-            args=[entry_id, expires, ttl_ms, max_entries, now_ms, entry_key(scope, ""), *fields],
-        )
+            args=[entry_id, now_ms + keep, keep, max_entries, now_ms, entry_key(scope, ""),
+                  *fields],
+        )  # fmt: skip
         ids = [e.decode() if isinstance(e, bytes) else str(e) for e in evicted]
         # Not atomic with the entry (the scope registry and the feed live in other slots in a
         # cluster); a lost feed event only delays a replica's index until its next rebuild.
@@ -155,7 +166,7 @@ class CacheStore:
         out: list[Indexed] = []
         for i, (p, t, v, x) in zip(ids, await pipe.execute(), strict=True):
             if not v or x is None:
-                continue
+                continue  # gone, or exact-only (stale-window entries are dropped by expiry)
             out.append(
                 Indexed(scope, i, p.decode(), t.decode(), np.frombuffer(v, dtype=np.float32),
                         int(x))

@@ -100,12 +100,19 @@ def test_triton_down_and_back(tmp_path: Path, echo_port: int) -> None:
     from proxy import models
 
     models.build()
-    s = _stack(tmp_path, echo_port, triton=True)
+    cfg = stack_config(tmp_path / "run", echo_port, triton=True, message_timeout_ms=300)
+    cache = next(f for f in cfg["filters"] if f["type"] == "cache")
+    cache["params"]["routes"]["embeddings"].update(ttl_s=1, stale_if_error_s=3600)
+    s = start_stack(cfg, tmp_path / "fw.yaml")
     body = {"model": "embedder", "input": "still there?"}
+    kept = {"model": "embedder", "input": "an answer worth keeping"}
     try:
         assert (
             httpx.post(f"{_url(s)}/v1/embeddings", json=body, headers=NO_CACHE).status_code == 200
         )
+        good = httpx.post(f"{_url(s)}/v1/embeddings", json=kept, headers=AUTH)
+        assert good.status_code == 200
+        time.sleep(1.2)  # past its 1 s TTL, inside its stale-if-error window
         triton = _child(s, "triton")
         os.killpg(triton.proc.pid, signal.SIGKILL)
         triton.proc.wait(10)
@@ -117,6 +124,11 @@ def test_triton_down_and_back(tmp_path: Path, echo_port: int) -> None:
         assert r.status_code == 503, r.text
         assert r.json()["error"]["type"] == "upstream_unavailable"
         assert int(r.headers["retry-after"]) >= 1
+
+        # The cache's stale-if-error: an answer it kept beats the error.
+        r = httpx.post(f"{_url(s)}/v1/embeddings", json=kept, headers=AUTH, timeout=30)
+        assert r.status_code == 200 and r.headers["x-floodwall-cache"] == "stale", r.text
+        assert r.json() == good.json()
 
         r = httpx.get(f"{_url(s)}/v2/models/embedder", headers=AUTH, timeout=30)
         assert r.status_code == 503 and r.json()["error"]["type"] == "upstream_unavailable"

@@ -394,7 +394,12 @@ async def test_embedder_down_keeps_exact_hits_and_skips_semantic(rc: aioredis.Re
     ] == "hit-exact"
     r = await ask(h, f, up, chat("how can I change my email address"))
     assert r.headers["x-floodwall-cache"] == "miss" and r.status == 200
-    assert ERRORS.labels("embedder")._value.get() == before + 1
+    # The look-up failed, then the store's embedding: the answer is kept for exact repeats.
+    assert ERRORS.labels("embedder")._value.get() == before + 2
+    assert len(f.index) == 1
+    assert (await ask(h, f, up, chat("how can I change my email address"))).headers[
+        "x-floodwall-cache"
+    ] == "hit-exact"
 
 
 async def test_concurrent_identical_misses_leave_one_whole_entry(rc: aioredis.Redis) -> None:
@@ -431,3 +436,43 @@ async def test_embeddings_route_is_exact_only(rc: aioredis.Redis) -> None:
         await f.settle()
     assert r.headers["x-floodwall-cache"] == "miss"  # not semantic: exact text only
     assert emb.calls == 0
+
+
+class _Open:
+    """A breaker gate that refuses (the model's breaker is open)."""
+
+    def would_refuse(self, now: float) -> bool:
+        return True
+
+
+async def test_stale_if_error_serves_the_last_answer_when_the_model_fails(
+    rc: aioredis.Redis,
+) -> None:
+    clock = FakeClock()
+    f = cache(rc, clock, routes={"chat": {"ttl_s": 60, "stale_if_error_s": 600}})
+    h, up = harness(f), Upstream()
+    first = await ask(h, f, up, chat("What are your support hours?"))
+    clock.advance(120)  # expired, inside the stale window
+    failing = UpstreamReply(503, {"content-type": "application/json"}, b'{"error":"down"}')
+    r = await ask(h, f, failing, chat("What are your support hours?"))  # type: ignore[arg-type]
+    assert r.status == 200 and r.body == first.body
+    assert r.headers["x-floodwall-cache"] == "stale" and r.headers["age"] == "120"
+    assert "stale" in r.headers["warning"].lower()
+    # A working model refreshes the entry; stale answers are never served fresh.
+    r = await ask(h, f, up, chat("What are your support hours?"))
+    assert r.headers["x-floodwall-cache"] == "miss" and r.upstream_called
+    clock.advance(60 + 600 + 1)  # past the window: the error goes through
+    r = await ask(h, f, failing, chat("What are your support hours?"))  # type: ignore[arg-type]
+    assert r.status == 503
+
+
+async def test_stale_answer_while_the_breaker_is_open_skips_the_model(rc: aioredis.Redis) -> None:
+    clock = FakeClock()
+    f = cache(rc, clock, routes={"chat": {"ttl_s": 60, "stale_if_error_s": 600}})
+    h, up = harness(f), Upstream()
+    await ask(h, f, up, chat("Is the status page up?"))
+    clock.advance(61)
+    f.deps.signals.gates["sim-llm"] = _Open()
+    r = await ask(h, f, up, chat("Is the status page up?"))
+    assert r.headers["x-floodwall-cache"] == "stale" and not r.upstream_called
+    assert up.calls == 1
