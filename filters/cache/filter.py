@@ -212,7 +212,7 @@ class CacheFilter(Filter):
         t0 = time.perf_counter()
         now_ms = self._now_ms()
         if not st.no_lookup:
-            entry = await self._get(scope, key.exact_id, now_ms)
+            entry, _ = await self._get(scope, key.exact_id, now_ms)
             if entry is not None and entry.fresh:
                 LOOKUP_SECONDS.labels("exact").observe(time.perf_counter() - t0)
                 return self._hit(ctx, entry, "hit-exact", now_ms)
@@ -231,11 +231,12 @@ class CacheFilter(Filter):
                 if verdict.veto is not None:
                     VETOES.labels(verdict.veto).inc()
                 if verdict.entry_id is not None:
-                    entry = await self._get(scope, verdict.entry_id, now_ms)
-                    if entry is not None:
+                    entry, answered = await self._get(scope, verdict.entry_id, now_ms)
+                    if entry is not None and entry.fresh:
                         LOOKUP_SECONDS.labels("semantic").observe(time.perf_counter() - t0)
                         return self._hit(ctx, entry, "hit-semantic", now_ms)
-                    self.index.remove(scope, verdict.entry_id)  # gone from Redis
+                    if answered and entry is None:
+                        self.index.remove(scope, verdict.entry_id)  # gone from Redis
         LOOKUP_SECONDS.labels("semantic" if text else "exact").observe(time.perf_counter() - t0)
         LOOKUPS.labels(ctx.route_name, "miss").inc()
         if not st.no_store:
@@ -322,16 +323,19 @@ class CacheFilter(Filter):
         backend = self.deps.signals.backend_models.get(model, model)
         return self.versions.get(backend, "")
 
-    async def _get(self, scope: str, entry_id: str, now_ms: int) -> Entry | None:
+    async def _get(self, scope: str, entry_id: str, now_ms: int) -> tuple[Entry | None, bool]:
+        """The entry (None: absent or Redis failed) and whether Redis answered at all: a slow
+        Redis must not make the index forget entries that exist."""
         assert self.store is not None
         try:
-            return await asyncio.wait_for(
+            entry = await asyncio.wait_for(
                 self.store.get(scope, entry_id, now_ms), self.p.redis_timeout_ms / 1000
             )
         except _REDIS_FAULTS as exc:
             ERRORS.labels("redis").inc()
             log.warning("cache look-up failed (a miss): %r", exc)
-            return None
+            return None, False
+        return entry, True
 
     async def _embed(self, text: str) -> np.ndarray[Any, Any] | None:
         assert self.embedder is not None

@@ -476,3 +476,22 @@ async def test_stale_answer_while_the_breaker_is_open_skips_the_model(rc: aiored
     r = await ask(h, f, up, chat("Is the status page up?"))
     assert r.headers["x-floodwall-cache"] == "stale" and not r.upstream_called
     assert up.calls == 1
+
+
+async def test_a_slow_redis_does_not_make_the_index_forget(
+    rc: aioredis.Redis, redis_server: RedisServer
+) -> None:
+    f = cache(rc, redis_timeout_ms=100)
+    h, up = harness(f), Upstream()
+    await ask(h, f, up, chat("How do I rename my workspace?"))
+    # Answers the cache must not store, so only look-ups touch Redis below.
+    uncacheable = UpstreamReply(200, {"cache-control": "no-store"}, b"{}")
+    para = chat("how can I rename my workspace")
+    redis_server.freeze()
+    try:
+        r = await ask(h, f, uncacheable, para)  # type: ignore[arg-type]
+        assert r.headers["x-floodwall-cache"] == "miss" and r.status == 200
+    finally:
+        redis_server.freeze(False)
+    r = await ask(h, f, uncacheable, para)  # type: ignore[arg-type]
+    assert r.headers["x-floodwall-cache"] == "hit-semantic"
