@@ -16,8 +16,8 @@
    384-d vectors; flat scan below 20k, IVF above), p50/p99 and recall of a near-duplicate.
    Target: 100k <= 5 ms.
 3. ``cache eval`` on the shipped sets: pairs.jsonl (the guards were developed against it),
-   holdout.jsonl (written apart; consulted in aggregate while tuning) and holdout2.jsonl
-   (written apart, measured once the guards were frozen).
+   holdout.jsonl (written apart; consulted in aggregate while tuning), holdout2.jsonl and
+   holdout3.jsonl (written apart, first measured after the guards were frozen).
 
     .venv/bin/python -m bench.cache            # ~2 minutes
     .venv/bin/python -m bench.cache --quick
@@ -47,6 +47,8 @@ from tests.helpers import DEMO_KEY, echo_server, stack_config, start_stack
 RESULTS = REPO_ROOT / "bench" / "results"
 CACHED = "How do I rotate the API keys of my account without downtime?"
 PARAPHRASE = "how can I rotate my account's API keys with no downtime"
+FRESH = ("holdout2", "holdout3")  # first measured with the guards frozen
+PROBE = "what is the way to rotate the API keys of my account without any downtime"
 HEADERS = {"content-type": "application/json", "authorization": f"Bearer {DEMO_KEY}"}
 
 
@@ -100,12 +102,14 @@ def gateway_points(quick: bool) -> dict[str, Any]:
             for name, rate in (("low_load", 39.0), ("fixed_rate", 97.5)):
                 _reset(admin)
                 open_loop_mix(host, port, [mix[3]], rate=5, seconds=1)
-                time.sleep(1)
+                _until_semantic(host, port)
                 before = _buckets(admin + "/metrics")
                 per = open_loop_mix(host, port, mix, rate=rate, seconds=seconds, mark=marks)
                 decide = _quantiles(before, _buckets(admin + "/metrics"))
+                counters = _counters(admin + "/metrics")
                 out[name] = {"rate_total": rate, "seconds": seconds, "kinds": per,
-                             "processor_lookup_ms": decide}  # fmt: skip
+                             "processor_lookup_ms": decide, "cache_counters": counters}  # fmt: skip
+                print(f"   counters so far: {counters}", flush=True)
                 line = "  ".join(
                     f"{k} p50 {v['p50_ms']:.2f} p99 {v['p99_ms']:.2f} ms ({v['marked']} hits)"
                     for k, v in per.items()
@@ -116,6 +120,19 @@ def gateway_points(quick: bool) -> dict[str, Any]:
     return out
 
 
+def _until_semantic(host: str, port: int) -> None:
+    """Waits until this process's index serves the base entry again (the invalidation and
+    the re-stores reach it through the change feed), probing with a paraphrase of its own:
+    a probe that misses is stored under its own text and never asked again."""
+    for i in range(50):
+        probe = _chat(f"{PROBE} {'please ' * i}".strip())
+        got = open_loop_mix(host, port, [("probe", probe, 1.0)], rate=1, seconds=1,
+                            mark=b"x-floodwall-cache: hit-semantic")["probe"]  # fmt: skip
+        if got["marked"]:
+            return
+    raise RuntimeError("the base entry never became a semantic hit after the reset")
+
+
 def _reset(admin: str) -> None:
     """Drops every cached answer (the local config's demo admin token)."""
     import urllib.request
@@ -124,6 +141,26 @@ def _reset(admin: str) -> None:
                                  headers={"authorization": "Bearer fw-demo-admin"})  # fmt: skip
     with urllib.request.urlopen(req, timeout=10) as r:
         assert r.status == 200
+
+
+def _counters(url: str) -> dict[str, float]:
+    """The cache's error, veto and store counters (totals since start)."""
+    import urllib.request
+
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line.startswith(
+            (
+                "floodwall_cache_errors_total",
+                "floodwall_cache_vetoes_total",
+                "floodwall_cache_stores_total",
+                "floodwall_cache_lookups_total",
+            )
+        ):
+            name, value = line.rsplit(" ", 1)
+            out[name.replace("floodwall_cache_", "")] = float(value)
+    return out
 
 
 def _buckets(url: str) -> dict[str, list[tuple[float, float]]]:
@@ -204,7 +241,7 @@ def index_points(quick: bool) -> dict[str, Any]:
 def eval_points() -> dict[str, Any]:
     out: dict[str, Any] = {}
     with evaluate.private_embedder() as url:
-        for name in ("pairs", "holdout", "holdout2"):
+        for name in ("pairs", "holdout", "holdout2", "holdout3"):
             path = evaluate.SHIPPED_PAIRS.with_name(f"{name}.jsonl")
             r = evaluate.run(path, evaluate_threshold(), url, "embedder")
             out[name] = {k: r[k] for k in ("pairs", "threshold", "hit_rate", "wrong_hit_rate",
@@ -236,8 +273,8 @@ def summary(res: dict[str, Any]) -> dict[str, Any]:
         "exact_hit_added_p99_le_2ms": worst("exact_added_p99_ms") <= 2.0,
         "semantic_hit_added_p99_le_15ms": worst("semantic_added_p99_ms") <= 15.0,
         "index_100k_p99_le_5ms": res["index"]["100000"]["p99_ms"] <= 5.0,
-        "holdout2_hit_ge_70pct": res["eval"]["holdout2"]["hit_rate"] >= 0.70,
-        "holdout2_wrong_le_2pct": res["eval"]["holdout2"]["wrong_hit_rate"] <= 0.02,
+        "held_out_hit_ge_70pct": min(res["eval"][n]["hit_rate"] for n in FRESH) >= 0.70,
+        "held_out_wrong_le_2pct": max(res["eval"][n]["wrong_hit_rate"] for n in FRESH) <= 0.02,
     }
     return s
 
@@ -275,17 +312,18 @@ def markdown(res: dict[str, Any]) -> str:
                      f"{v['p99_ms']:.2f} ms | {v['recall_at_1']:.3f} | "
                      f"{v['flat_scan_p50_ms']:.2f} ms | {v['clustering_s']} s |")  # fmt: skip
     lines += ["", "Hit rate on paraphrases / wrong answers on traps, per threshold (guards on; "
-              "last columns: holdout2 with the threshold alone):", "",
-              "| threshold | pairs (dev) | holdout | holdout2 | holdout2, no guards |",
-              "|---:|---:|---:|---:|---:|"]  # fmt: skip
+              "last column: holdout3 with the threshold alone):", "",
+              "| threshold | pairs (dev) | holdout | holdout2 | holdout3 | holdout3, no guards |",
+              "|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     ev = res["eval"]
-    for a, b, c in zip(*(ev[n]["thresholds"] for n in ("pairs", "holdout", "holdout2")),
-                       strict=True):  # fmt: skip
-        if a["threshold"] > 0.95:
+    names = ("pairs", "holdout", "holdout2", "holdout3")
+    for rows in zip(*(ev[n]["thresholds"] for n in names), strict=True):
+        if rows[0]["threshold"] > 0.95:
             continue
-        cells = [f"{x['hit_rate']:.1%} / {x['wrong_hit_rate']:.1%}" for x in (a, b, c)]
-        cells.append(f"{c['hit_rate_unguarded']:.1%} / {c['wrong_hit_rate_unguarded']:.1%}")
-        lines.append(f"| {a['threshold']:.3f} | " + " | ".join(cells) + " |")
+        cells = [f"{x['hit_rate']:.1%} / {x['wrong_hit_rate']:.1%}" for x in rows]
+        last = rows[-1]
+        cells.append(f"{last['hit_rate_unguarded']:.1%} / {last['wrong_hit_rate_unguarded']:.1%}")
+        lines.append(f"| {rows[0]['threshold']:.3f} | " + " | ".join(cells) + " |")
     t = res["summary"]["targets"]
     lines += ["", "Targets: " + ", ".join(f"{k}: {'met' if v else 'NOT met'}"
                                           for k, v in t.items())]  # fmt: skip

@@ -92,7 +92,8 @@ async def rc(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
 def cache(rc: Any, clock: Any = None, embedder: Any = None, **params: Any) -> CacheFilter:
     p = CacheFilter.Params.model_validate(
         {
-            "routes": {"chat": {"ttl_s": 60}, "public_chat": {"public": True},
+            "routes": {"chat": {"ttl_s": 60, "semantic": True},
+                       "public_chat": {"public": True, "semantic": True},
                        "embeddings": {}},
             "semantic": {"threshold": 0.7, "dimensions": 64},
             "versions_upstream": None,
@@ -449,7 +450,7 @@ async def test_stale_if_error_serves_the_last_answer_when_the_model_fails(
     rc: aioredis.Redis,
 ) -> None:
     clock = FakeClock()
-    f = cache(rc, clock, routes={"chat": {"ttl_s": 60, "stale_if_error_s": 600}})
+    f = cache(rc, clock, routes={"chat": {"ttl_s": 60, "stale_if_error_s": 600, "semantic": True}})
     h, up = harness(f), Upstream()
     first = await ask(h, f, up, chat("What are your support hours?"))
     clock.advance(120)  # expired, inside the stale window
@@ -468,7 +469,7 @@ async def test_stale_if_error_serves_the_last_answer_when_the_model_fails(
 
 async def test_stale_answer_while_the_breaker_is_open_skips_the_model(rc: aioredis.Redis) -> None:
     clock = FakeClock()
-    f = cache(rc, clock, routes={"chat": {"ttl_s": 60, "stale_if_error_s": 600}})
+    f = cache(rc, clock, routes={"chat": {"ttl_s": 60, "stale_if_error_s": 600, "semantic": True}})
     h, up = harness(f), Upstream()
     await ask(h, f, up, chat("Is the status page up?"))
     clock.advance(61)

@@ -243,7 +243,9 @@ def test_params_fail_loudly() -> None:
     with pytest.raises(ValidationError):
         CacheFilter.Params.model_validate({"routes": {}, "semantic": {"guards": ["vibes"]}})
     with pytest.raises(ValueError, match="upstream"):
-        CacheFilter(CacheFilter.Params.model_validate({"routes": {"r": {}}}), Deps())
+        CacheFilter(
+            CacheFilter.Params.model_validate({"routes": {"r": {"semantic": True}}}), Deps()
+        )
     p = CacheFilter.Params.model_validate({"routes": {"r": {"ttl_s": "10m"}}})
     assert p.routes["r"].ttl_s == 600
 
