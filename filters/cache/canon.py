@@ -17,6 +17,8 @@ from typing import Any
 
 import orjson
 
+from filters.openai.chat import content_text
+
 # Fields that never change the answer (streaming is decided before caching).
 IGNORED = frozenset({"stream", "stream_options", "user", "metadata", "store", "service_tier"})
 
@@ -47,17 +49,6 @@ def _digest(*parts: bytes) -> str:
 
 def _dumps(obj: Any) -> bytes:
     return orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)
-
-
-def _text(content: Any) -> str | None:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list) and all(
-        isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-        for p in content
-    ):
-        return "".join(p["text"] for p in content)
-    return None
 
 
 def pointer(doc: Any, ptr: str) -> Any:
@@ -105,7 +96,7 @@ def lookup(
         if isinstance(messages, list) and messages:
             last = messages[-1]
             if isinstance(last, dict) and last.get("role") == "user":
-                text = _text(last.get("content"))
+                text = content_text(last.get("content"))
                 if text is not None:
                     rest = dict(body, messages=[*messages[:-1], {"role": "user"}])
     elif api == "openai_completions":

@@ -35,7 +35,8 @@ class ChatCall:
     include_usage: bool = False
 
 
-def _content_text(content: Any) -> str | None:
+def content_text(content: Any) -> str | None:
+    """The text of a message's content: a string, or text parts joined; None otherwise."""
     if isinstance(content, str):
         return content
     # The array form: [{"type": "text", "text": ...}, ...]; other part types are not supported.
@@ -71,7 +72,7 @@ def parse(
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ROLES:
             return bad(f"'messages'[{i}] needs a 'role' among {sorted(ROLES)}")
-        text = _content_text(m.get("content"))
+        text = content_text(m.get("content"))
         if text is None:
             return bad(f"'messages'[{i}].content must be a string or text parts")
         lines.append(f"{m['role']}: {text}")

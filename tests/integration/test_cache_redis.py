@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import numpy as np
@@ -64,29 +63,6 @@ class _Identify(Filter):
     async def on_request_headers(self, ctx: RequestContext, headers: dict[str, str]) -> Any:
         ctx.tenant = headers.get("x-test-tenant")
         return CONTINUE
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-async def rc(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
-    if redis_server.proc.poll() is not None:
-        redis_server.start()
-    client = aioredis.Redis.from_url(
-        redis_server.url, socket_timeout=0.5, socket_connect_timeout=0.5
-    )
-    await client.flushall()
-    try:
-        yield client
-    finally:
-        await client.aclose()
 
 
 def cache(rc: Any, clock: Any = None, embedder: Any = None, **params: Any) -> CacheFilter:

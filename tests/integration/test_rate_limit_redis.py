@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import orjson
@@ -23,30 +22,6 @@ from proxy.testing import FakeClock, Harness, UpstreamReply, default_config
 from tests.helpers import RedisServer
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-async def rc(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
-    if redis_server.proc.poll() is not None:
-        redis_server.start()
-    client = aioredis.Redis.from_url(
-        redis_server.url, socket_timeout=0.5, socket_connect_timeout=0.5
-    )
-    await client.flushall()
-    await client.config_resetstat()
-    try:
-        yield client
-    finally:
-        await client.aclose()
 
 
 def limiter(rc: Any, *limits: dict[str, Any], clock: Any = None, **params: Any) -> RateLimitFilter:
