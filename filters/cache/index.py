@@ -10,8 +10,8 @@ never a wrong answer (the threshold and the guards still judge every candidate),
 near-duplicates a cache looks for sit in the query's own list almost always (tests measure
 the recall).
 
-Rows are never moved on delete: a tombstone masks them, and the storage is compacted when
-more than a quarter is dead. Rows added after the last clustering are assigned to their
+Rows are never moved on delete: a tombstone (the key dropped, the vector zeroed) masks them,
+and the storage is compacted when more than a quarter is dead. Rows added after the last clustering are assigned to their
 nearest centroid; the index re-clusters when it has doubled since.
 """
 
@@ -90,6 +90,9 @@ class VectorIndex:
         if row is None:
             return False
         self._keys[row] = None
+        # A tombstone scores 0: replacing one entry many times (refreshes, replicas' echoes)
+        # must not leave copies of its vector that crowd the live row out of the top k.
+        self._vecs[row] = 0.0
         self._dead += 1
         if self._dead > 1024 and self._dead > len(self._keys) // 4:
             self._compact()
@@ -112,7 +115,7 @@ class VectorIndex:
             if rows.size == 0:
                 return []
             scores = self._vecs[rows] @ q
-        take = min(scores.shape[0], k + 8)  # spares for tombstones
+        take = min(scores.shape[0], k + 8)  # spares for tombstones (they score 0)
         top = np.argpartition(scores, -take)[-take:]
         top = top[np.argsort(scores[top])[::-1]]
         out: list[Hit] = []
@@ -134,8 +137,9 @@ class VectorIndex:
         return live > self.flat_max and live >= 2 * max(self._trained_at, 1)
 
     def snapshot(self) -> tuple[int, F32, npt.NDArray[np.int64]]:
-        """What ``cluster`` needs; safe to hand to a thread (rows below the count are never
-        written again, and a compaction replaces the array rather than changing it)."""
+        """What ``cluster`` needs; safe to hand to a thread: live rows are never rewritten
+        (only zeroed once dead, which at worst adds a zero to the k-means sample), and a
+        compaction replaces the array rather than changing it."""
         live = np.fromiter((i for i, k in enumerate(self._keys) if k is not None), dtype=np.int64)
         return self._generation, self._vecs, live
 

@@ -259,3 +259,15 @@ def test_cache_control_parsing() -> None:
     assert _uncacheable_response({":status": "200", "cache-control": "private"}) == (
         "upstream_no_store"
     )
+
+
+def test_replacing_an_entry_many_times_keeps_it_findable() -> None:
+    """Regression: each replacement left a tombstone with the same vector, and 12 of them
+    crowded the live row out of the candidates (a silent semantic miss under refreshes)."""
+    ix = VectorIndex(8)
+    v = unit(np.arange(1, 9, dtype=np.float64))
+    ix.add("other", unit(np.ones(8)))
+    for _ in range(50):
+        ix.add("entry", v)
+    hits = ix.search(v, k=1)
+    assert len(ix) == 2 and hits and hits[0].key == "entry"
