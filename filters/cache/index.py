@@ -11,8 +11,9 @@ near-duplicates a cache looks for sit in the query's own list almost always (tes
 the recall).
 
 Rows are never moved on delete: a tombstone (the key dropped, the vector zeroed) masks them,
-and the storage is compacted when more than a quarter is dead. Rows added after the last clustering are assigned to their
-nearest centroid; the index re-clusters when it has doubled since.
+and the storage is compacted when more than a quarter is dead. Rows added after the last
+clustering are assigned to their nearest centroid; the index re-clusters when it has
+doubled since.
 """
 
 from __future__ import annotations
