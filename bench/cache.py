@@ -282,18 +282,17 @@ def summary(res: dict[str, Any]) -> dict[str, Any]:
 def markdown(res: dict[str, Any]) -> str:
     lines = [f"Cache ({res['machine']['cpus']} CPUs; through Envoy with the shipped local "
              "stack; the four kinds interleaved in one open loop)", "",
-             "| load | kind | p50 | p90 | p99 | p99 added over gateway | answered at its level |",
-             "|---|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+             "| load | kind | p50 | p90 | p99 | p99 added over gateway | answered at its level "
+             "| statuses |", "|---|---|---:|---:|---:|---:|---:|---|"]  # fmt: skip
     for name, point in res["gateway"].items():
         base = point["kinds"]["gateway"]["p99_ms"]
         for kind, v in point["kinds"].items():
-            assert kind == "gateway" or v["statuses"] == {"200": v["requests"]}, v
             added = "" if kind == "gateway" else f"{v['p99_ms'] - base:+.2f} ms"
             each = point["kinds"][kind]["target_rps"]
             lines.append(f"| {name} | {kind} ({each:.0f}/s) | "
                          f"{v['p50_ms']:.2f} ms | {v['p90_ms']:.2f} ms | {v['p99_ms']:.2f} ms | "
                          f"{added} | "
-                         f"{v['marked']}/{v['requests']} |")  # fmt: skip
+                         f"{v['marked']}/{v['requests']} | {v['statuses']} |")  # fmt: skip
     lines += [
         "",
         "Time the cache itself takes in the processor (its histogram, bucket bounds):",

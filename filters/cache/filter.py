@@ -170,6 +170,41 @@ class CacheFilter(Filter):
         if self.embedder is not None:
             await self.embedder.close()
 
+    async def _lookup(
+        self,
+        ctx: RequestContext,
+        st: _State,
+        scope: str,
+        key: canon.Lookup,
+        text: str,
+        now_ms: int,
+    ) -> Respond | np.ndarray[Any, Any] | None:
+        """A hit to answer with, else the prompt's vector if it was computed (kept for the
+        store), else None."""
+        entry, _ = await self._get(scope, key.exact_id, now_ms)
+        if entry is not None and entry.fresh:
+            return self._hit(ctx, entry, "hit-exact", now_ms)
+        st.stale = entry
+        if entry is not None and self.deps.signals.refusing(key.model, self.deps.clock.monotonic()):
+            return self._hit(ctx, entry, "stale", now_ms)  # the model's breaker is open
+        # Embed now only if there is something to compare with; a miss in an empty partition
+        # is embedded after its answer went out, when it is stored (off the request path).
+        if not text or self.embedder is None or not self.index.has_partition(scope, key.partition):
+            return None
+        vector = await self._embed(text)
+        if vector is None:
+            return None
+        verdict = self.index.judge(scope, key.partition, text, vector, now_ms)
+        if verdict.veto is not None:
+            VETOES.labels(verdict.veto).inc()
+        if verdict.entry_id is not None:
+            entry, answered = await self._get(scope, verdict.entry_id, now_ms)
+            if entry is not None and entry.fresh:
+                return self._hit(ctx, entry, "hit-semantic", now_ms)
+            if answered and entry is None:
+                self.index.remove(scope, verdict.entry_id)  # gone from Redis
+        return vector
+
     async def settle(self) -> None:
         """Waits for the stores already started (tests; shutdown does it too)."""
         while self._writes:
@@ -211,32 +246,21 @@ class CacheFilter(Filter):
             text = ""
         t0 = time.perf_counter()
         now_ms = self._now_ms()
-        if not st.no_lookup:
-            entry, _ = await self._get(scope, key.exact_id, now_ms)
-            if entry is not None and entry.fresh:
-                LOOKUP_SECONDS.labels("exact").observe(time.perf_counter() - t0)
-                return self._hit(ctx, entry, "hit-exact", now_ms)
-            st.stale = entry
-            if entry is not None and self.deps.signals.refusing(
-                key.model, self.deps.clock.monotonic()
-            ):
-                return self._hit(ctx, entry, "stale", now_ms)  # the model's breaker is open
         vector = None
-        # Embed now only if there is something to compare with; a miss in an empty partition
-        # is embedded after its answer went out, when it is stored (off the request path).
-        if text and self.embedder is not None and self.index.has_partition(scope, key.partition):
-            vector = await self._embed(text)
-            if vector is not None and not st.no_lookup:
-                verdict = self.index.judge(scope, key.partition, text, vector, now_ms)
-                if verdict.veto is not None:
-                    VETOES.labels(verdict.veto).inc()
-                if verdict.entry_id is not None:
-                    entry, answered = await self._get(scope, verdict.entry_id, now_ms)
-                    if entry is not None and entry.fresh:
-                        LOOKUP_SECONDS.labels("semantic").observe(time.perf_counter() - t0)
-                        return self._hit(ctx, entry, "hit-semantic", now_ms)
-                    if answered and entry is None:
-                        self.index.remove(scope, verdict.entry_id)  # gone from Redis
+        if not st.no_lookup:
+            try:
+                # One budget for the whole look-up: it must end well inside Envoy's message
+                # timeout, whatever Redis and the embedder do; past it, the request is a miss.
+                async with asyncio.timeout(self.p.lookup_budget_ms / 1000):
+                    found = await self._lookup(ctx, st, scope, key, text, now_ms)
+            except TimeoutError:
+                ERRORS.labels("budget").inc()
+                found = None
+            if isinstance(found, Respond):
+                level = "exact" if found.headers[HEADER] != "hit-semantic" else "semantic"
+                LOOKUP_SECONDS.labels(level).observe(time.perf_counter() - t0)
+                return found
+            vector = found
         LOOKUP_SECONDS.labels("semantic" if text else "exact").observe(time.perf_counter() - t0)
         LOOKUPS.labels(ctx.route_name, "miss").inc()
         if not st.no_store:

@@ -45,9 +45,11 @@ class WordsEmbedder:
     def __init__(self) -> None:
         self.calls = 0
         self.down = False
+        self.delay_s = 0.0
 
     async def embed(self, text: str) -> np.ndarray[Any, Any]:
         self.calls += 1
+        await asyncio.sleep(self.delay_s)
         if self.down:
             raise EmbedderError("embedder unreachable (test)")
         v = np.zeros(64, dtype=np.float32)
@@ -472,3 +474,20 @@ async def test_a_slow_redis_does_not_make_the_index_forget(
         redis_server.freeze(False)
     r = await ask(h, f, uncacheable, para)  # type: ignore[arg-type]
     assert r.headers["x-floodwall-cache"] == "hit-semantic"
+
+
+async def test_a_look_up_never_outlasts_its_budget(rc: aioredis.Redis) -> None:
+    emb = WordsEmbedder()
+    f = cache(rc, embedder=emb, lookup_budget_ms=100)
+    h, up = harness(f), Upstream()
+    await ask(h, f, up, chat("How do I export invoices as CSV?"))
+    emb.delay_s = 2.0  # an embedder stuck far beyond the budget
+    before = ERRORS.labels("budget")._value.get()
+    t0 = time.monotonic()
+    r = await h.request("POST", "/v1/chat/completions", headers={"x-test-tenant": "a"},
+                        body=chat("how can I export invoices as CSV"), upstream=up)  # fmt: skip
+    assert time.monotonic() - t0 < 0.5
+    assert r.status == 200 and r.headers["x-floodwall-cache"] == "miss" and r.upstream_called
+    assert ERRORS.labels("budget")._value.get() == before + 1
+    emb.delay_s = 0.0
+    await f.settle()
