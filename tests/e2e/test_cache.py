@@ -46,11 +46,14 @@ def test_exact_repeat_and_paraphrase_are_served_by_the_gateway(gateway: Gateway)
                            json=chat("How do I rotate my API keys safely?"))  # fmt: skip
             if again.headers["x-floodwall-cache"] != "miss":
                 break
-        assert again.headers["x-floodwall-cache"] == "hit-exact"
-        assert again.json() == first.json() and "age" in again.headers
+        assert again.headers["x-floodwall-cache"] == "hit-exact" and "age" in again.headers
+        # The stored answer (a repeat that came before the first store finished was a miss
+        # too, and its answer replaced the first: same text, another completion id).
+        stored = again.json()
+        assert stored["choices"] == first.json()["choices"]
         para = c.post("/v1/chat/completions", json=chat("how can I safely rotate my API keys"))
         assert para.headers["x-floodwall-cache"] == "hit-semantic"
-        assert para.json() == first.json()
+        assert para.json() == stored
         trap = c.post("/v1/chat/completions",
                       json=chat("How do I not rotate my API keys safely?"))  # fmt: skip
         assert trap.headers["x-floodwall-cache"] == "miss"
