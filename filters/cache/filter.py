@@ -170,41 +170,6 @@ class CacheFilter(Filter):
         if self.embedder is not None:
             await self.embedder.close()
 
-    async def _lookup(
-        self,
-        ctx: RequestContext,
-        st: _State,
-        scope: str,
-        key: canon.Lookup,
-        text: str,
-        now_ms: int,
-    ) -> Respond | np.ndarray[Any, Any] | None:
-        """A hit to answer with, else the prompt's vector if it was computed (kept for the
-        store), else None."""
-        entry, _ = await self._get(scope, key.exact_id, now_ms)
-        if entry is not None and entry.fresh:
-            return self._hit(ctx, entry, "hit-exact", now_ms)
-        st.stale = entry
-        if entry is not None and self.deps.signals.refusing(key.model, self.deps.clock.monotonic()):
-            return self._hit(ctx, entry, "stale", now_ms)  # the model's breaker is open
-        # Embed now only if there is something to compare with; a miss in an empty partition
-        # is embedded after its answer went out, when it is stored (off the request path).
-        if not text or self.embedder is None or not self.index.has_partition(scope, key.partition):
-            return None
-        vector = await self._embed(text)
-        if vector is None:
-            return None
-        verdict = self.index.judge(scope, key.partition, text, vector, now_ms)
-        if verdict.veto is not None:
-            VETOES.labels(verdict.veto).inc()
-        if verdict.entry_id is not None:
-            entry, answered = await self._get(scope, verdict.entry_id, now_ms)
-            if entry is not None and entry.fresh:
-                return self._hit(ctx, entry, "hit-semantic", now_ms)
-            if answered and entry is None:
-                self.index.remove(scope, verdict.entry_id)  # gone from Redis
-        return vector
-
     async def settle(self) -> None:
         """Waits for the stores already started (tests; shutdown does it too)."""
         while self._writes:
@@ -268,6 +233,41 @@ class CacheFilter(Filter):
             st.pending = _Pending(scope, meta, key.exact_id, key.partition, text, vector,
                                   ttl_ms, stale_ms)  # fmt: skip
         return CONTINUE
+
+    async def _lookup(
+        self,
+        ctx: RequestContext,
+        st: _State,
+        scope: str,
+        key: canon.Lookup,
+        text: str,
+        now_ms: int,
+    ) -> Respond | np.ndarray[Any, Any] | None:
+        """A hit to answer with, else the prompt's vector if it was computed (kept for the
+        store), else None."""
+        entry, _ = await self._get(scope, key.exact_id, now_ms)
+        if entry is not None and entry.fresh:
+            return self._hit(ctx, entry, "hit-exact", now_ms)
+        st.stale = entry
+        if entry is not None and self.deps.signals.refusing(key.model, self.deps.clock.monotonic()):
+            return self._hit(ctx, entry, "stale", now_ms)  # the model's breaker is open
+        # Embed now only if there is something to compare with; a miss in an empty partition
+        # is embedded after its answer went out, when it is stored (off the request path).
+        if not text or self.embedder is None or not self.index.has_partition(scope, key.partition):
+            return None
+        vector = await self._embed(text)
+        if vector is None:
+            return None
+        verdict = self.index.judge(scope, key.partition, text, vector, now_ms)
+        if verdict.veto is not None:
+            VETOES.labels(verdict.veto).inc()
+        if verdict.entry_id is not None:
+            entry, answered = await self._get(scope, verdict.entry_id, now_ms)
+            if entry is not None and entry.fresh:
+                return self._hit(ctx, entry, "hit-semantic", now_ms)
+            if answered and entry is None:
+                self.index.remove(scope, verdict.entry_id)  # gone from Redis
+        return vector
 
     async def on_response_headers(self, ctx: RequestContext, headers: Headers) -> Decision:
         st = ctx.state(_State)
