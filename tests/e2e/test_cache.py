@@ -47,13 +47,15 @@ def test_exact_repeat_and_paraphrase_are_served_by_the_gateway(gateway: Gateway)
             if again.headers["x-floodwall-cache"] != "miss":
                 break
         assert again.headers["x-floodwall-cache"] == "hit-exact" and "age" in again.headers
-        # The stored answer (a repeat that came before the first store finished was a miss
-        # too, and its answer replaced the first: same text, another completion id).
-        stored = again.json()
-        assert stored["choices"] == first.json()["choices"]
+        # Repeats that came before the first store landed were misses too, and their stores
+        # replace the entry: same answer text, another completion id. So compare the text:
+        # the stand-in model words its answer after the prompt, so the paraphrase's own
+        # answer would differ.
+        answer = first.json()["choices"]
+        assert again.json()["choices"] == answer
         para = c.post("/v1/chat/completions", json=chat("how can I safely rotate my API keys"))
         assert para.headers["x-floodwall-cache"] == "hit-semantic"
-        assert para.json() == stored
+        assert para.json()["choices"] == answer
         trap = c.post("/v1/chat/completions",
                       json=chat("How do I not rotate my API keys safely?"))  # fmt: skip
         assert trap.headers["x-floodwall-cache"] == "miss"
