@@ -1,0 +1,65 @@
+"""The cache unchanged against a local 3-master Redis Cluster: an entry's keys share its
+scope's hash slot (one atomic store script), while the scope registry and the change feed
+live in slots of their own; exact and semantic hits, a replica following the feed,
+invalidation and a rebuild all work across the nodes."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from redis.crc import key_slot
+
+from filters.cache.store import FEED, SCOPES, entry_key, zset_key
+from proxy.process import make_redis
+from tests.helpers import RedisServer
+from tests.integration.test_cache_redis import Upstream, ask, cache, chat, harness
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+async def crc(cluster: list[RedisServer]) -> AsyncIterator[Any]:
+    client = make_redis(cluster[0].url, 500, cluster=True)
+    await client.flushall(target_nodes=aioredis.RedisCluster.PRIMARIES)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+async def test_cache_on_a_cluster(crc: Any) -> None:
+    a, b = cache(crc), cache(crc)
+    await b.start()
+    try:
+        h, up = harness(a), Upstream()
+        await ask(h, a, up, chat("How do I add a teammate to my workspace?"))
+        (scope,) = a.index._scopes
+        assert key_slot(entry_key(scope, "x").encode()) == key_slot(zset_key(scope).encode())
+        slots = {key_slot(k.encode()) for k in (zset_key(scope), SCOPES, FEED)}
+        assert len(slots) > 1  # the test spans slots, as a real deployment does
+
+        r = await ask(h, a, up, chat("How do I add a teammate to my workspace?"))
+        assert r.headers["x-floodwall-cache"] == "hit-exact"
+        r = await ask(h, a, up, chat("how can I add a teammate to my workspace"))
+        assert r.headers["x-floodwall-cache"] == "hit-semantic"
+
+        hb = harness(b)
+        deadline = time.monotonic() + 1.0
+        while scope not in b.index._scopes:
+            assert time.monotonic() < deadline, "the replica did not follow the feed"
+            await asyncio.sleep(0.05)
+        r = await ask(hb, b, up, chat("how can I add a teammate to my workspace"))
+        assert r.headers["x-floodwall-cache"] == "hit-semantic"
+
+        assert await cache(crc).rebuild() == 1
+        dropped = await a.invalidate(tenant="a")
+        assert dropped == {"scopes": 1, "entries": 1}
+        r = await ask(h, a, up, chat("How do I add a teammate to my workspace?"))
+        assert r.headers["x-floodwall-cache"] == "miss"
+    finally:
+        await b.stop()
