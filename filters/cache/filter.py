@@ -409,19 +409,23 @@ class CacheFilter(Filter):
     # --- background: the feed, versions, expiry, clustering --------------------------------
 
     async def rebuild(self) -> int:
-        """Loads every live semantic entry from Redis into the index; returns how many."""
+        """Replaces the index with every live semantic entry in Redis; returns how many.
+
+        Built aside and swapped in whole, so entries that vanished from Redis meanwhile (a
+        restarted Redis without persistence, say) leave with the old index; changes made
+        while it loads are replayed from the feed, read from its tail taken first."""
         assert self.store is not None
-        self._feed_id = await self.store.feed_tail()  # events after this are replayed
+        self._feed_id = await self.store.feed_tail()
         now_ms = self._now_ms()
-        n = 0
+        fresh = self.index.empty_copy()
         for scope in await self.store.scopes():
             ids = await self.store.live_ids(scope, now_ms)
             for start in range(0, len(ids), 500):
                 for item in await self.store.load(scope, ids[start : start + 500]):
-                    self.index.add(item)
-                    n += 1
+                    fresh.add(item)
+        self.index = fresh
         ENTRIES.set(len(self.index))
-        return n
+        return len(fresh)
 
     async def apply(self, op: str, scope: str, entry_id: str) -> None:
         """One feed event (another process's change, or our own echoed back)."""

@@ -54,6 +54,10 @@ class SemanticIndex:
     def __len__(self) -> int:
         return len(self._meta)
 
+    def empty_copy(self) -> SemanticIndex:
+        return SemanticIndex(self.dim, threshold=self.threshold, candidates=self.candidates,
+                             guards=self.guards, flat_max=self.flat_max)  # fmt: skip
+
     def add(self, item: Indexed) -> None:
         key = (item.scope, item.entry_id)
         old = self._meta.get(key)

@@ -491,3 +491,16 @@ async def test_a_look_up_never_outlasts_its_budget(rc: aioredis.Redis) -> None:
     assert ERRORS.labels("budget")._value.get() == before + 1
     emb.delay_s = 0.0
     await f.settle()
+
+
+async def test_a_rebuild_forgets_what_redis_lost(rc: aioredis.Redis) -> None:
+    """A Redis restarted without persistence comes back empty: the next rebuild (the feed
+    follower runs one after any Redis error) must not keep serving from the old index."""
+    f = cache(rc)
+    h, up = harness(f), Upstream()
+    await ask(h, f, up, chat("What is the cancellation policy?"))
+    assert len(f.index) == 1
+    await rc.flushall()
+    assert await f.rebuild() == 0 and len(f.index) == 0
+    r = await ask(h, f, up, chat("what is the cancellation policy"))
+    assert r.headers["x-floodwall-cache"] == "miss"
