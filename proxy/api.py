@@ -301,8 +301,9 @@ class Filter:
         return frozenset(p for p in Phase if _overrides(type(self), p))
 
     def hold_ms(self) -> float:
-        """The longest this filter may hold one phase on purpose (a smoothing wait): the
-        rendered Envoy message timeout adds it, so Envoy does not give up on the processor."""
+        """The longest this filter may hold one phase on purpose (a smoothing wait, a queue):
+        the rendered Envoy message timeout adds the sum over the chain, so Envoy does not give
+        up on a processor that is waiting as configured."""
         return 0.0
 
     def admin_routes(self) -> Mapping[str, AdminHandler]:

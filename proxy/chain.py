@@ -145,7 +145,8 @@ class Chain:
         return self._plans[route.name].phases
 
     def max_hold_ms(self) -> int:
-        return int(max((f.hold_ms() for f in self.filters), default=0.0) + 0.999)
+        # Filters run one after another within a phase, so their deliberate waits add up.
+        return int(sum(f.hold_ms() for f in self.filters) + 0.999)
 
     def context(
         self, headers: Headers, *, started: float | None = None

@@ -88,6 +88,10 @@ class AdmissionFilter(Filter):
             out.add(Phase.REQUEST_BODY)
         return frozenset(out)
 
+    def hold_ms(self) -> float:
+        # The fair queue holds a request's phase up to max_queue_ms: Envoy must wait that long.
+        return self.p.max_queue_ms
+
     async def on_request_headers(self, ctx: RequestContext, headers: Headers) -> Decision:
         st = ctx.state(_State)
         st.tenant = ctx.tenant or "-"

@@ -218,3 +218,13 @@ def test_max_wait_extends_envoys_message_timeout() -> None:
     hcm = b["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     ext = next(f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.ext_proc")
     assert ext["typed_config"]["message_timeout"] == f"{(500 + 2000) / 1000:.3f}s"
+
+    # Waits in one phase add up: smoothing here, then admission's queue (max_queue_ms 250).
+    from filters.admission.filter import AdmissionFilter
+    from filters.admission.params import AdmissionParams
+
+    adm = AdmissionFilter(AdmissionParams.model_validate({"max_queue_ms": 250}), Deps())
+    b = render(cfg, Chain(cfg, [RateLimitFilter(p, Deps()), adm]), Path("/tmp/fw"))
+    hcm = b["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    ext = next(f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.ext_proc")
+    assert ext["typed_config"]["message_timeout"] == f"{(500 + 2000 + 250) / 1000:.3f}s"
