@@ -8,4 +8,5 @@ BUILTIN: dict[str, str] = {
     "breaker": "filters.breaker.filter:BreakerFilter",
     "degrade": "filters.degrade.filter:DegradeFilter",
     "cache": "filters.cache.filter:CacheFilter",
+    "jobs": "filters.jobs.filter:JobsFilter",
 }

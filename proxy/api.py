@@ -194,6 +194,7 @@ class RequestContext:
         "model",
         "path",
         "priority",
+        "request_body",
         "request_id",
         "response_status",
         "response_streamed",
@@ -235,6 +236,9 @@ class RequestContext:
         self.upstream_path = path
         self.token_estimate: Usage | None = None
         self.usage: Usage | None = None
+        # The request body as the client sent it (set before the body phase's first filter;
+        # filters may rewrite the body Envoy forwards, this stays the original).
+        self.request_body: bytes | None = None
         # False when the headers ended the message (Envoy then sends no body phase).
         self.has_request_body = True
         self.has_response_body = True

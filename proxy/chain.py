@@ -192,6 +192,8 @@ class Chain:
                     ),
                     None,
                 )
+        elif phase is Phase.REQUEST_BODY:
+            ctx.request_body = data
         elif phase is Phase.RESPONSE_HEADERS:
             status = data.get(":status")
             if status and status.isdigit():

@@ -84,6 +84,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_worker(args: argparse.Namespace) -> int:
+    import uvloop
+
+    from filters.jobs.worker import serve
+
+    _setup_logging(args.log_level)
+    cfg = load_config(args.config)
+    url = args.redis_url or (cfg.redis.url if cfg.redis is not None else None)
+    if url is None or url == "local":
+        return _fail("the worker needs the queue's Redis: pass --redis-url "
+                     "(floodwall up does) or set redis.url in the config")  # fmt: skip
+    uvloop.run(serve(cfg, redis_url=url, concurrency=args.concurrency, consumer=args.consumer,
+                     admin_port=args.admin_port))  # fmt: skip
+    return 0
+
+
 def cmd_models_build(args: argparse.Namespace) -> int:
     from proxy import models
 
@@ -203,6 +219,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--redis-url", default=None)
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("worker", help="run an async-job worker (the config's jobs filter)")
+    p.add_argument("-c", "--config", required=False)
+    p.add_argument("--redis-url", default=None, help="default: the config's redis.url")
+    p.add_argument("--concurrency", type=int, default=None, help="default: jobs.worker")
+    p.add_argument("--consumer", default=None, help="consumer name (default: host-pid)")
+    p.add_argument("--admin-port", type=int, default=None, help="default: jobs.worker")
+    p.add_argument("--log-level", default="info")
+    p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("models", help="model repository tasks")
     msub = p.add_subparsers(dest="models_cmd", required=True)

@@ -80,6 +80,9 @@ class RedisConfig(Model):
     # The URL names one node of a Redis Cluster; the client discovers the others. Filters keep
     # each request's keys in one hash slot (hash tags).
     cluster: bool = False
+    # The private local Redis (url: local) only: "aof" keeps an append-only file in the
+    # runtime dir (accepted async jobs survive a Redis restart); "none" keeps nothing.
+    persistence: Literal["none", "aof"] = "none"
 
     @model_validator(mode="after")
     def _cluster_needs_url(self) -> RedisConfig:
@@ -188,7 +191,10 @@ class RouteConfig(Model):
     match: RouteMatch
     upstream: str
     # Which API the route speaks; filters decide from it whether they apply.
-    api: Literal["openai_embeddings", "openai_chat", "kserve_http", "kserve_grpc"] = "kserve_http"
+    # "jobs": the async-job API, answered by the jobs filter (never forwarded).
+    api: Literal["openai_embeddings", "openai_chat", "kserve_http", "kserve_grpc", "jobs"] = (
+        "kserve_http"
+    )
     methods: list[str] | None = None
     timeout_ms: Millis = 30000
     retries: RetryConfig | None = Field(default_factory=RetryConfig)

@@ -18,6 +18,8 @@ from proxy.server import ProcessorServer
 
 log = logging.getLogger("floodwall.process")
 
+_MAX_CONNECTIONS = 128
+
 
 def processor_address(cfg: FloodwallConfig, index: int, runtime_dir: Path) -> str:
     """gRPC listen address of processor ``index`` (the Envoy renderer uses the same)."""
@@ -39,7 +41,13 @@ def make_redis(url: str | None, timeout_ms: int, cluster: bool = False) -> Any:
     t = timeout_ms / 1000
     if cluster:
         return aioredis.RedisCluster.from_url(url, socket_timeout=t, socket_connect_timeout=t)
-    return aioredis.Redis.from_url(url, socket_timeout=t, socket_connect_timeout=t)
+    # A burst beyond the pool's connections waits for one (bounded by each filter's own
+    # budget) instead of failing at once with MaxConnectionsError, the plain pool's answer.
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url, max_connections=_MAX_CONNECTIONS, timeout=t, socket_timeout=t,
+        socket_connect_timeout=t,
+    )  # fmt: skip
+    return aioredis.Redis.from_pool(pool)  # owns the pool: aclose() closes its connections
 
 
 def make_deps(cfg: FloodwallConfig, redis_url: str | None = None) -> Deps:

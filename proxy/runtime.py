@@ -141,6 +141,12 @@ class Stack:
                 ("127.0.0.1", t.grpc_port, "triton.grpc_port"),
                 ("127.0.0.1", t.metrics_port, "triton.metrics_port"),
             ]
+        from filters.jobs.worker import jobs_params
+
+        jobs = jobs_params(cfg)
+        if jobs is not None:
+            wanted.append((jobs.worker.admin_address, jobs.worker.admin_port,
+                           "jobs params worker.admin_port"))  # fmt: skip
         for host, port, key in wanted:
             if not port_free(host, port):
                 raise StartupError(
@@ -167,7 +173,7 @@ class Stack:
                 "--unixsocketperm", "700",
                 "--dir", str(self.runtime_dir),
                 "--save", "",
-                "--appendonly", "no",
+                *self._persistence(),
             ],
         )  # fmt: skip
 
@@ -185,6 +191,15 @@ class Stack:
 
         self._wait(child, ping, 10, "PING on its unix socket")
         self.redis_url = f"unix://{sock}"
+
+    def _persistence(self) -> list[str]:
+        assert self.cfg.redis is not None
+        if self.cfg.redis.persistence == "aof":
+            # Every write reaches the OS before Redis answers; fsync once a second. Survives a
+            # crash of Redis itself; a power cut may cost the last second (appendfsync always
+            # closes that too, at a write-latency cost).
+            return ["--appendonly", "yes", "--appendfsync", "everysec"]
+        return ["--appendonly", "no"]
 
     def start_triton(self) -> None:
         t = self.cfg.triton
@@ -250,6 +265,19 @@ class Stack:
         a = self.cfg.admin
         self._wait(child, lambda: http_ok(f"http://{a.address}:{a.port}/ready"), 30, "admin /ready")
 
+    def start_worker(self) -> None:
+        """One async-job worker when the config has a job queue (filter ``jobs``)."""
+        from filters.jobs.worker import jobs_params
+
+        p = jobs_params(self.cfg)
+        if p is None or not self.redis_url:
+            return
+        argv = [sys.executable, "-m", "proxy.cli", "worker", "-c", str(self.config_path),
+                "--redis-url", self.redis_url]  # fmt: skip
+        child = self._spawn("worker", argv)
+        url = f"http://{p.worker.admin_address}:{p.worker.admin_port}/readyz"
+        self._wait(child, lambda: http_ok(url), 30, f"GET {url}")
+
     def start_all(self) -> None:
         self.check_ports()
         steps = [
@@ -257,6 +285,7 @@ class Stack:
             ("triton", self.start_triton),
             ("processor", self.start_processors),
             ("envoy", self.start_envoy),
+            ("worker", self.start_worker),
         ]
         for name, step in steps:
             t0 = time.monotonic()
@@ -282,6 +311,12 @@ class Stack:
                 ("Triton gRPC", f"127.0.0.1:{t.grpc_port}"),
                 ("Triton metrics", f"http://127.0.0.1:{t.metrics_port}/metrics"),
             ]
+        from filters.jobs.worker import jobs_params
+
+        jobs = jobs_params(cfg)
+        if jobs is not None:
+            w = jobs.worker
+            rows.append(("job worker admin", f"http://{w.admin_address}:{w.admin_port}/metrics"))
         if self.redis_url:
             rows.append(("Redis", self.redis_url))
         rows.append(("logs", str(self.runtime_dir)))

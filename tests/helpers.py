@@ -162,6 +162,10 @@ def stack_config(
          "metrics_port": tm, "enabled": triton}
     )  # fmt: skip
     for f in cfg["filters"]:
+        if f["type"] == "jobs":  # the stack's worker: its own admin port; lost jobs move fast
+            f["params"]["worker"].update(
+                {"admin_port": free_ports(1)[0], "visibility_timeout_s": 3, "backoff_s": 0.2}
+            )
         sat = f.get("params", {}).get("saturation")
         if sat is not None:
             sat["triton_metrics_url"] = f"http://127.0.0.1:{tm}/metrics"

@@ -183,7 +183,9 @@ def test_dynamic_batching_through_the_gateway(gateway: Gateway) -> None:
     # and degradation may send some to embedder_int8; the rest reach the embedder batched.
     ok = [r for r in rs if r.status_code == 200]
     refused = [(r.status_code, r.text[:200]) for r in rs if r.status_code != 200]
-    assert all(r.status_code == 200 or r.json()["error"]["type"] == "overloaded" for r in rs), refused
+    assert all(r.status_code == 200 or r.json()["error"]["type"] == "overloaded" for r in rs), (
+        refused
+    )
     full = [r for r in ok if "x-floodwall-degraded" not in r.headers]
     inf1, exe1 = stats()
     assert inf1 - inf0 == len(full) >= 16

@@ -1,0 +1,333 @@
+"""Filter ``jobs``: long or bulk work answered ``202 Accepted`` at once and run later by
+``floodwall worker`` from a Redis Streams queue.
+
+Two ways in:
+
+- ``Prefer: respond-async`` on a model route this filter runs on. Place it after ``auth`` and
+  ``rate_limit`` (so identity, limits and token quotas apply at submission) and before
+  ``admission`` (a queued job does not load the model now). The job keeps the request exactly
+  as the client sent it (``ctx.request_body``) and its priority class (set by admission from
+  the headers).
+- ``POST /v1/jobs`` with ``{"url": "/v1/embeddings", "body": {...}}`` or
+  ``{"requests": [{"url": ..., "body": ...}, ...]}`` (a batch: progress counts its requests).
+
+Then ``GET /v1/jobs/{id}`` (the owning tenant only; anyone else gets 404) and
+``DELETE /v1/jobs/{id}`` (cancel). An ``Idempotency-Key`` header makes a retried submission
+return the first job instead of queueing a second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import orjson
+from prometheus_client import Counter
+from redis.exceptions import RedisError
+
+from filters.jobs.params import PRIORITIES, JobsParams
+from filters.jobs.store import JobStore, view
+from proxy import errors
+from proxy.api import CONTINUE, Decision, Deps, Filter, Headers, Phase, RequestContext, Respond
+from proxy.config import RouteConfig
+
+SUBMITTED = Counter(
+    "floodwall_jobs_submitted",
+    "Jobs accepted (202), by route and priority class",
+    ["route", "priority"],
+)
+REFUSED = Counter(
+    "floodwall_jobs_refused",
+    "Job submissions refused: queue_full, tenant_queue_full, bad_request, unavailable",
+    ["reason"],
+)
+API_CALLS = Counter(
+    "floodwall_jobs_api", "GET/DELETE calls of the job API, by outcome", ["method", "outcome"]
+)
+
+_IDEMPOTENCY_MAX = 255
+T = TypeVar("T")
+_REDIS_FAULTS = (RedisError, OSError, TimeoutError)
+
+
+@dataclass(slots=True)
+class _State:
+    mode: str = ""  # "prefer" (a model route) or "api" (POST /v1/jobs)
+    idempotency: str | None = None
+    webhook: str | None = None
+
+
+class JobsFilter(Filter):
+    Params = JobsParams
+
+    def __init__(self, params: JobsParams, deps: Deps) -> None:
+        super().__init__(params, deps)
+        self.p = params
+        self.store = JobStore(deps.redis, params.prefix) if deps.redis is not None else None
+        self._prefix = params.api_path + "/"
+
+    async def _redis(self, call: Awaitable[T]) -> T:
+        async with asyncio.timeout(self.p.redis_timeout_ms / 1000):
+            return await call
+
+    def phases(self, route: RouteConfig) -> frozenset[Phase]:
+        return frozenset({Phase.REQUEST_HEADERS, Phase.REQUEST_BODY})
+
+    # --- request phases ----------------------------------------------------------------------
+
+    async def on_request_headers(self, ctx: RequestContext, headers: Headers) -> Decision:
+        path = ctx.path.split("?", 1)[0]
+        st = ctx.state(_State)
+        if path == self.p.api_path or path.startswith(self._prefix):
+            return await self._api(ctx, headers, path, st)
+        if not _prefers_async(headers.get("prefer", "")):
+            return CONTINUE
+        bad = self._read_options(headers, st)
+        if bad is not None:
+            return bad
+        st.mode = "prefer"
+        if not ctx.has_request_body:
+            return await self._submit(ctx, st, [(ctx.method, path, b"")])
+        return CONTINUE
+
+    async def on_request_body(self, ctx: RequestContext, body: bytes) -> Decision:
+        st = ctx.state(_State)
+        if st.mode == "prefer":
+            # The body as the client sent it, not as the API filter rewrote it for Triton.
+            raw = ctx.request_body if ctx.request_body is not None else body
+            return await self._submit(ctx, st, [(ctx.method, ctx.path.split("?", 1)[0], raw)])
+        if st.mode == "api":
+            parsed = self._envelope(ctx.request_body if ctx.request_body is not None else body)
+            if isinstance(parsed, Respond):
+                REFUSED.labels("bad_request").inc()
+                return parsed
+            return await self._submit(ctx, st, parsed)
+        return CONTINUE
+
+    # --- the job API -------------------------------------------------------------------------
+
+    async def _api(self, ctx: RequestContext, headers: Headers, path: str, st: _State) -> Decision:
+        if ctx.tenant is None:
+            # Jobs belong to tenants: without auth in front nobody could own one.
+            return errors.error(401, "unauthenticated", "the job API needs an authenticated caller")
+        if path == self.p.api_path:
+            if ctx.method != "POST":
+                return _not_allowed("POST")
+            bad = self._read_options(headers, st)
+            if bad is not None:
+                return bad
+            st.mode = "api"
+            if not ctx.has_request_body:
+                REFUSED.labels("bad_request").inc()
+                return errors.error(400, "invalid_request", "POST /v1/jobs needs a JSON body")
+            return CONTINUE
+        job_id = path[len(self._prefix) :]
+        if not _valid_id(job_id):
+            return _no_job(job_id)
+        if ctx.method == "GET":
+            return await self._show(ctx.tenant, job_id)
+        if ctx.method == "DELETE":
+            return await self._cancel(ctx.tenant, job_id)
+        return _not_allowed("GET, DELETE")
+
+    async def _show(self, tenant: str, job_id: str) -> Decision:
+        if self.store is None:
+            return _unavailable("no Redis configured")
+        try:
+            fields = await self._redis(self.store.get(job_id))
+        except _REDIS_FAULTS as exc:
+            API_CALLS.labels("GET", "unavailable").inc()
+            return _unavailable(type(exc).__name__)
+        if fields.get("tenant") != tenant.encode():
+            API_CALLS.labels("GET", "not_found").inc()
+            return _no_job(job_id)  # someone else's job does not exist, as far as you know
+        API_CALLS.labels("GET", "ok").inc()
+        headers = {**errors.JSON_HEADERS, "cache-control": "no-store"}
+        if fields.get("status") in (b"queued", b"running"):
+            headers["retry-after"] = _seconds(self.p.poll_after_s)
+        return Respond(200, view(job_id, fields, self.p.api_path), headers)
+
+    async def _cancel(self, tenant: str, job_id: str) -> Decision:
+        if self.store is None:
+            return _unavailable("no Redis configured")
+        try:
+            outcome, was = await self._redis(self.store.cancel(job_id, tenant, self.p.result_ttl_s))
+        except _REDIS_FAULTS as exc:
+            API_CALLS.labels("DELETE", "unavailable").inc()
+            return _unavailable(type(exc).__name__)
+        API_CALLS.labels("DELETE", outcome).inc()
+        if outcome == "missing":
+            return _no_job(job_id)
+        if outcome == "conflict":
+            return errors.error(409, "job_finished", f"job {job_id} is already {was}")
+        return await self._show(tenant, job_id)
+
+    # --- submission --------------------------------------------------------------------------
+
+    def _read_options(self, headers: Headers, st: _State) -> Respond | None:
+        key = headers.get("idempotency-key")
+        if key is not None:
+            if not key or len(key) > _IDEMPOTENCY_MAX:
+                return errors.error(
+                    400,
+                    "invalid_request",
+                    f"Idempotency-Key must be 1 to {_IDEMPOTENCY_MAX} characters",
+                )
+            st.idempotency = key
+        hook = headers.get("floodwall-webhook")
+        if hook is not None:
+            bad = self._check_webhook(hook)
+            if bad is not None:
+                return bad
+            st.webhook = hook
+        return None
+
+    def _check_webhook(self, url: Any) -> Respond | None:
+        w = self.p.webhook
+        if w is None:
+            return errors.error(400, "invalid_request", "webhooks are not enabled here")
+        if not isinstance(url, str) or not any(url.startswith(p) for p in w.allowed_prefixes):
+            return errors.error(400, "invalid_request", "webhook URL is not an allowed one")
+        return None
+
+    def _envelope(self, body: bytes) -> list[tuple[str, str, bytes]] | Respond:
+        try:
+            doc = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            return errors.error(400, "invalid_json", f"request body is not JSON: {exc}")
+        if not isinstance(doc, dict):
+            return errors.error(400, "invalid_request", "the body must be a JSON object")
+        items = doc.get("requests")
+        if items is None:
+            items = [doc]
+        elif not isinstance(items, list) or not items:
+            return errors.error(400, "invalid_request", "'requests' must be a non-empty list")
+        if len(items) > self.p.max_requests:
+            return errors.error(
+                400, "invalid_request", f"at most {self.p.max_requests} requests per job"
+            )
+        out = []
+        for i, item in enumerate(items):
+            where = f"requests[{i}]" if "requests" in doc else "job"
+            if not isinstance(item, dict):
+                return errors.error(400, "invalid_request", f"{where} must be an object")
+            url, inner = item.get("url"), item.get("body")
+            if url not in self.p.urls:
+                return errors.error(
+                    400, "invalid_request", f"{where}.url must be one of {self.p.urls}"
+                )
+            if not isinstance(inner, dict):
+                return errors.error(400, "invalid_request", f"{where}.body must be an object")
+            method = item.get("method", "POST")
+            if method != "POST":
+                return errors.error(400, "invalid_request", f"{where}.method must be POST")
+            out.append((method, url, orjson.dumps(inner)))
+        return out
+
+    async def _submit(
+        self, ctx: RequestContext, st: _State, requests: list[tuple[str, str, bytes]]
+    ) -> Decision:
+        if self.store is None:
+            REFUSED.labels("unavailable").inc()
+            return _unavailable("no Redis configured")
+        tenant = ctx.tenant or "-"
+        priority = ctx.priority if ctx.priority in PRIORITIES else "standard"
+        fields: dict[str, bytes | str | int | float] = {
+            "key_id": ctx.key_id or "-",
+            "route": ctx.route_name,
+            "total": len(requests),
+            "request_id": ctx.request_id,
+        }
+        for i, (method, url, body) in enumerate(requests):
+            fields[f"m:{i}"], fields[f"u:{i}"], fields[f"b:{i}"] = method, url, body
+        if st.webhook is not None:
+            fields["webhook"] = st.webhook
+        job_id = uuid.uuid4().hex
+        try:
+            sub = await self._redis(
+                self.store.submit(
+                    job_id,
+                    tenant,
+                    priority,
+                    fields,
+                    max_depth=self.p.max_depth,
+                    max_tenant=self.p.max_depth_per_tenant,
+                    idempotency=(st.idempotency, self.p.idempotency_ttl_s)
+                    if st.idempotency
+                    else None,
+                )
+            )
+        except _REDIS_FAULTS as exc:
+            REFUSED.labels("unavailable").inc()
+            ctx.log.warning("job submission failed: %r", exc)
+            return _unavailable(type(exc).__name__)
+        if sub.outcome == "full":
+            REFUSED.labels("queue_full").inc()
+            return errors.error(
+                503,
+                "queue_full",
+                "the job queue is full; retry later",
+                retry_after_s=self.p.retry_after_s,
+            )
+        if sub.outcome == "tenant_full":
+            REFUSED.labels("tenant_queue_full").inc()
+            return errors.error(
+                429,
+                "queue_quota_exceeded",
+                f"this tenant has {self.p.max_depth_per_tenant} unfinished jobs; retry later",
+                retry_after_s=self.p.retry_after_s,
+            )
+        if sub.outcome == "ok":
+            SUBMITTED.labels(ctx.route_name, priority).inc()
+            # The tokens are spent later, by the worker: charge the reservation now (limits
+            # settle a forwarded request with ctx.usage; nothing better is known here).
+            if ctx.token_estimate is not None:
+                ctx.usage = ctx.token_estimate
+        body = orjson.dumps(
+            {
+                "id": sub.job_id,
+                "object": "job",
+                "status": "queued",
+                "url": f"{self.p.api_path}/{sub.job_id}",
+            }
+        )
+        headers = {
+            **errors.JSON_HEADERS,
+            "location": f"{self.p.api_path}/{sub.job_id}",
+            "retry-after": _seconds(self.p.poll_after_s),
+        }
+        if st.mode == "prefer":
+            headers["preference-applied"] = "respond-async"
+        if sub.outcome == "dup":
+            headers["idempotent-replayed"] = "true"
+        return Respond(202, body, headers)
+
+
+def _prefers_async(prefer: str) -> bool:
+    # RFC 7240: a comma-separated list of preferences, each maybe with parameters.
+    return any(p.split(";", 1)[0].strip().lower() == "respond-async" for p in prefer.split(","))
+
+
+def _valid_id(job_id: str) -> bool:
+    return len(job_id) == 32 and all(c in "0123456789abcdef" for c in job_id)
+
+
+def _seconds(s: float) -> str:
+    return str(max(1, int(s + 0.999)))
+
+
+def _no_job(job_id: str) -> Respond:
+    return errors.error(404, "job_not_found", f"no job {job_id[:64]!r}")
+
+
+def _not_allowed(allow: str) -> Respond:
+    return errors.error(405, "method_not_allowed", f"use {allow}", headers={"allow": allow})
+
+
+def _unavailable(why: str) -> Respond:
+    return errors.error(
+        503, "jobs_unavailable", f"the job store is unavailable ({why})", retry_after_s=1
+    )

@@ -1,0 +1,101 @@
+"""Typed params of the ``jobs`` filter and of ``floodwall worker`` (one config for both, so the
+processor and the workers agree on the queue)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from filters.rate_limit.params import parse_duration
+from proxy.api import FilterParams
+
+Priority = Literal["critical", "standard", "sheddable"]
+PRIORITIES: tuple[Priority, ...] = ("critical", "standard", "sheddable")
+
+
+class WebhookParams(FilterParams):
+    # Completion callbacks go only to URLs starting with one of these (no SSRF into the
+    # network the workers sit in). Required: no list, no webhooks.
+    allowed_prefixes: Annotated[list[str], Field(min_length=1)]
+    # Name of the environment variable holding the HMAC-SHA256 signing secret (of the worker).
+    secret_env: str = "FLOODWALL_WEBHOOK_SECRET"
+    timeout_s: Annotated[float, Field(gt=0, le=60)] = 5.0
+    attempts: Annotated[int, Field(ge=1, le=10)] = 3
+
+
+class WorkerParams(FilterParams):
+    # envoy: call the model through the gateway (auth as the worker key, admission, breakers,
+    # degradation all apply; the job's class goes along as the trusted priority header).
+    # triton: call Triton straight, translating OpenAI requests in process (no policies).
+    via: Literal["envoy", "triton"] = "envoy"
+    # Base URL of the gateway; default: the config's listener.
+    gateway_url: str | None = None
+    # The worker's own API key (via: envoy): read from this environment variable ...
+    key_env: str = "FLOODWALL_WORKER_KEY"
+    # ... or given here (local demos only: a key in a file is a key in git).
+    key: str | None = None
+    # Header the gateway's admission filter trusts from the worker key (see its params).
+    priority_header: str = "x-priority"
+    concurrency: Annotated[int, Field(ge=1, le=1024)] = 4
+    # A job whose worker stopped heartbeating this long is taken over by another worker.
+    visibility_timeout_s: Annotated[float, Field(ge=1, le=86_400)] = 30.0
+    # Attempts per job (a lost worker counts); then the job fails into the dead-letter stream.
+    max_attempts: Annotated[int, Field(ge=1, le=100)] = 3
+    backoff_s: Annotated[float, Field(gt=0)] = 1.0
+    backoff_max_s: Annotated[float, Field(gt=0)] = 60.0
+    request_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 120.0
+    # On SIGTERM: finish in-flight jobs for up to this long, then hand the rest back.
+    drain_s: Annotated[float, Field(ge=0, le=600)] = 10.0
+    # /metrics, /healthz, /readyz of the worker.
+    admin_address: str = "127.0.0.1"
+    admin_port: Annotated[int, Field(ge=0, le=65535)] = 9190
+
+    @model_validator(mode="after")
+    def _backoff(self) -> WorkerParams:
+        if self.backoff_max_s < self.backoff_s:
+            raise ValueError("backoff_max_s must be >= backoff_s")
+        return self
+
+
+class JobsParams(FilterParams):
+    # Key prefix in Redis. The {hash tag} keeps every job key in one Redis Cluster slot (the
+    # Lua scripts touch a job, its queue and the counters atomically).
+    prefix: str = "fw:{jobs}"
+    # Path of the job API (POST to submit, GET/DELETE {prefix}/{id}).
+    api_path: str = "/v1/jobs"
+    # Paths a POST /v1/jobs envelope may name as its "url".
+    urls: Annotated[list[str], Field(min_length=1)] = Field(
+        default_factory=lambda: ["/v1/embeddings", "/v1/chat/completions"]
+    )
+    # Unfinished jobs (queued, waiting to retry or running) at most: beyond, 503 + Retry-After.
+    max_depth: Annotated[int, Field(ge=1)] = 10_000
+    # ... and per tenant (0: no per-tenant cap): beyond, 429 + Retry-After.
+    max_depth_per_tenant: Annotated[int, Field(ge=0)] = 1_000
+    # Requests in one POST /v1/jobs envelope.
+    max_requests: Annotated[int, Field(ge=1, le=10_000)] = 100
+    # A finished job (its result) is kept this long, then forgotten.
+    result_ttl_s: Annotated[float, Field(gt=0)] = 86_400.0
+    # A model answer bigger than this ends its job as failed (result_too_large).
+    max_result_bytes: Annotated[int, Field(ge=1024)] = 16 << 20
+    # An Idempotency-Key maps to its job for this long.
+    idempotency_ttl_s: Annotated[float, Field(gt=0)] = 86_400.0
+    # Retry-After of a refusal for a full queue, and the polling hint of a 202.
+    retry_after_s: Annotated[float, Field(gt=0)] = 5.0
+    poll_after_s: Annotated[float, Field(gt=0)] = 1.0
+    # Budget of one Redis call of the filter; past it the submission is refused (503).
+    redis_timeout_ms: Annotated[float, Field(gt=0, le=10_000)] = 200.0
+    worker: WorkerParams = Field(default_factory=WorkerParams)
+    webhook: WebhookParams | None = None
+
+    @field_validator("result_ttl_s", "idempotency_ttl_s", mode="before")
+    @classmethod
+    def _duration(cls, v: str | float) -> float:
+        return parse_duration(v)
+
+    @field_validator("api_path")
+    @classmethod
+    def _path(cls, v: str) -> str:
+        if not v.startswith("/") or v.endswith("/"):
+            raise ValueError(f"{v!r}: a path starting with '/' and not ending with one")
+        return v

@@ -1,0 +1,399 @@
+"""The job queue in Redis: what the processor (submit, read, cancel) and the workers (take,
+run, finish, retry) share. Every state change is one Lua script, so a job, its queue entry and
+the depth counters never disagree, whoever crashes when.
+
+Layout (``P`` = the configured prefix; its {hash tag} puts everything in one cluster slot):
+
+- ``P:job:{id}``  hash: tenant, key_id, priority, status, attempts, created/updated/finished,
+  ``total``/``done`` (progress), per request ``m:i``/``u:i``/``b:i`` (method, url, body) and,
+  once answered, ``rs:i``/``rb:i``/``rj:i`` (status, body, body-is-JSON); ``error`` (JSON).
+  No TTL while unfinished; ``result_ttl`` once finished.
+- ``P:q:{class}`` one stream per priority class, consumer group ``workers``; an entry carries
+  the job id and is deleted when acknowledged.
+- ``P:delayed``   sorted set of jobs waiting to retry (score: due time in ms), as
+  ``{class}:{id}``; any worker moves due ones back into their stream.
+- ``P:dead``      stream of jobs that failed for good (dead letters), for operators.
+- ``P:depth`` / ``P:tdepth`` unfinished jobs in all / per tenant (hash): the queue caps.
+- ``P:idem:{digest}`` Idempotency-Key (per tenant) -> job id.
+
+Times come from Redis (``TIME``): one clock for every processor and worker.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+
+from filters.jobs.params import PRIORITIES
+
+GROUP = "workers"
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+_NOW = """
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function terminal(st)
+  return st == 'succeeded' or st == 'failed' or st == 'cancelled'
+end
+local function hset_pairs(key, argv, from)
+  for i = from, #argv, 200 do
+    redis.call('HSET', key, unpack(argv, i, math.min(i + 199, #argv)))
+  end
+end
+local function unfinished_less(depth, tdepth, tenant)
+  redis.call('DECR', depth)
+  redis.call('HINCRBY', tdepth, tenant, -1)
+end
+"""
+
+# KEYS: job, queue, depth, tdepth, idem  ARGV: id, tenant, max_depth, max_tenant, idem_ttl_ms,
+# then field/value pairs of the job.
+_SUBMIT = (
+    _NOW
+    + """
+if ARGV[5] ~= '0' then
+  local got = redis.call('GET', KEYS[5])
+  if got then return {'dup', got} end
+end
+local d = tonumber(redis.call('GET', KEYS[3]) or '0')
+if d >= tonumber(ARGV[3]) then return {'full', tostring(d)} end
+local mt = tonumber(ARGV[4])
+if mt > 0 and tonumber(redis.call('HGET', KEYS[4], ARGV[2]) or '0') >= mt then
+  return {'tenant_full', '0'}
+end
+local now = now_ms()
+redis.call('HSET', KEYS[1], 'status', 'queued', 'created', now, 'updated', now, 'attempts', 0,
+           'done', 0)
+hset_pairs(KEYS[1], ARGV, 6)
+redis.call('INCR', KEYS[3])
+redis.call('HINCRBY', KEYS[4], ARGV[2], 1)
+redis.call('XADD', KEYS[2], '*', 'id', ARGV[1])
+if ARGV[5] ~= '0' then redis.call('SET', KEYS[5], ARGV[1], 'PX', ARGV[5]) end
+return {'ok', ARGV[1]}
+"""
+)
+
+# KEYS: job  ARGV: consumer
+_START = (
+    _NOW
+    + """
+local st = redis.call('HGET', KEYS[1], 'status')
+if not st then return {'missing', '0'} end
+if terminal(st) then return {st, '0'} end
+local a = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+local now = now_ms()
+redis.call('HSET', KEYS[1], 'status', 'running', 'worker', ARGV[1], 'updated', now)
+redis.call('HSETNX', KEYS[1], 'started', now)
+return {'run', tostring(a)}
+"""
+)
+
+# KEYS: job  ARGV: index, status, body, is_json
+_SAVE = (
+    _NOW
+    + """
+local st = redis.call('HGET', KEYS[1], 'status')
+if not st or terminal(st) then return 0 end
+local i = ARGV[1]
+if redis.call('HEXISTS', KEYS[1], 'rs:' .. i) == 0 then
+  redis.call('HINCRBY', KEYS[1], 'done', 1)
+end
+redis.call('HSET', KEYS[1], 'rs:' .. i, ARGV[2], 'rb:' .. i, ARGV[3], 'rj:' .. i, ARGV[4],
+           'updated', now_ms())
+return 1
+"""
+)
+
+# KEYS: job, queue, depth, tdepth, dead  ARGV: entry, status, ttl_ms, to_dead, id, pairs...
+_FINISH = (
+    _NOW
+    + """
+if ARGV[1] ~= '' then
+  redis.call('XACK', KEYS[2], '"""
+    + GROUP
+    + """', ARGV[1])
+  redis.call('XDEL', KEYS[2], ARGV[1])
+end
+local st = redis.call('HGET', KEYS[1], 'status')
+if not st then return 'missing' end
+if terminal(st) then return st end
+local now = now_ms()
+redis.call('HSET', KEYS[1], 'status', ARGV[2], 'updated', now, 'finished', now)
+hset_pairs(KEYS[1], ARGV, 6)
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+unfinished_less(KEYS[3], KEYS[4], redis.call('HGET', KEYS[1], 'tenant'))
+if ARGV[4] == '1' then redis.call('XADD', KEYS[5], 'MAXLEN', '~', 100000, '*', 'id', ARGV[5]) end
+return 'ok'
+"""
+)
+
+# KEYS: job, queue, delayed  ARGV: entry, delay_ms, member, error, refund_attempt
+_RETRY = (
+    _NOW
+    + """
+if ARGV[1] ~= '' then
+  redis.call('XACK', KEYS[2], '"""
+    + GROUP
+    + """', ARGV[1])
+  redis.call('XDEL', KEYS[2], ARGV[1])
+end
+local st = redis.call('HGET', KEYS[1], 'status')
+if not st then return 'missing' end
+if terminal(st) then return st end
+local now = now_ms()
+local due = now + tonumber(ARGV[2])
+redis.call('HSET', KEYS[1], 'status', 'queued', 'updated', now, 'next_attempt', due)
+if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'error', ARGV[4]) end
+if ARGV[5] == '1' then redis.call('HINCRBY', KEYS[1], 'attempts', -1) end
+redis.call('ZADD', KEYS[3], due, ARGV[3])
+return 'ok'
+"""
+)
+
+# KEYS: delayed, then one queue per class in PRIORITIES order  ARGV: limit
+_PROMOTE = (
+    _NOW
+    + """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now_ms(), 'LIMIT', 0, ARGV[1])
+local queues = {critical = KEYS[2], standard = KEYS[3], sheddable = KEYS[4]}
+for _, m in ipairs(due) do
+  local cls, id = string.match(m, '^(%a+):(.+)$')
+  local q = queues[cls]
+  if q then redis.call('XADD', q, '*', 'id', id) end
+  redis.call('ZREM', KEYS[1], m)
+end
+return #due
+"""
+)
+
+# KEYS: job, depth, tdepth  ARGV: tenant, ttl_ms
+_CANCEL = (
+    _NOW
+    + """
+local t = redis.call('HGET', KEYS[1], 'tenant')
+if not t or t ~= ARGV[1] then return {'missing', ''} end
+local st = redis.call('HGET', KEYS[1], 'status')
+if terminal(st) then return {'conflict', st} end
+local now = now_ms()
+redis.call('HSET', KEYS[1], 'status', 'cancelled', 'updated', now, 'finished', now)
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+unfinished_less(KEYS[2], KEYS[3], t)
+return {'ok', st}
+"""
+)
+
+
+class Submitted:
+    """What a submission came to: ``ok`` (new job), ``dup`` (the Idempotency-Key's job),
+    ``full`` (the queue is at max_depth) or ``tenant_full`` (the tenant's share is)."""
+
+    __slots__ = ("job_id", "outcome")
+
+    def __init__(self, outcome: str, job_id: str) -> None:
+        self.outcome, self.job_id = outcome, job_id
+
+
+class JobStore:
+    def __init__(self, redis: Any, prefix: str) -> None:
+        self.r = redis
+        self.prefix = prefix
+        self.depth_key = f"{prefix}:depth"
+        self.tdepth_key = f"{prefix}:tdepth"
+        self.delayed_key = f"{prefix}:delayed"
+        self.dead_key = f"{prefix}:dead"
+        self.queues: dict[str, str] = {cls: f"{prefix}:q:{cls}" for cls in PRIORITIES}
+        self._submit = redis.register_script(_SUBMIT)
+        self._start = redis.register_script(_START)
+        self._save = redis.register_script(_SAVE)
+        self._finish = redis.register_script(_FINISH)
+        self._retry = redis.register_script(_RETRY)
+        self._promote = redis.register_script(_PROMOTE)
+        self._cancel = redis.register_script(_CANCEL)
+
+    def job_key(self, job_id: str) -> str:
+        return f"{self.prefix}:job:{job_id}"
+
+    def idem_key(self, tenant: str, key: str) -> str:
+        digest = hashlib.blake2b(f"{tenant}\0{key}".encode(), digest_size=16).hexdigest()
+        return f"{self.prefix}:idem:{digest}"
+
+    # --- the processor's side ----------------------------------------------------------------
+
+    async def submit(
+        self,
+        job_id: str,
+        tenant: str,
+        priority: str,
+        fields: Mapping[str, bytes | str | int | float],
+        *,
+        max_depth: int,
+        max_tenant: int,
+        idempotency: tuple[str, float] | None,
+    ) -> Submitted:
+        idem_key, idem_ttl = (
+            (self.idem_key(tenant, idempotency[0]), int(idempotency[1] * 1000))
+            if idempotency
+            else (f"{self.prefix}:idem:-", 0)
+        )
+        argv: list[Any] = [job_id, tenant, max_depth, max_tenant, idem_ttl]
+        for k, v in {"tenant": tenant, "priority": priority, **fields}.items():
+            argv += [k, v]
+        keys = [
+            self.job_key(job_id),
+            self.queues[priority],
+            self.depth_key,
+            self.tdepth_key,
+            idem_key,
+        ]
+        out = await self._submit(keys=keys, args=argv)
+        return Submitted(_s(out[0]), _s(out[1]))
+
+    async def get(self, job_id: str) -> dict[str, bytes]:
+        raw = await self.r.hgetall(self.job_key(job_id))
+        return {_s(k): v for k, v in raw.items()}
+
+    async def cancel(self, job_id: str, tenant: str, ttl_s: float) -> tuple[str, str]:
+        out = await self._cancel(
+            keys=[self.job_key(job_id), self.depth_key, self.tdepth_key],
+            args=[tenant, int(ttl_s * 1000)],
+        )
+        return _s(out[0]), _s(out[1])
+
+    # --- the workers' side -------------------------------------------------------------------
+
+    async def ensure_groups(self) -> None:
+        for q in self.queues.values():
+            try:
+                await self.r.xgroup_create(q, GROUP, id="0", mkstream=True)
+            except Exception as exc:  # BUSYGROUP: it exists already
+                if "BUSYGROUP" not in str(exc):
+                    raise
+
+    async def start(self, job_id: str, consumer: str) -> tuple[str, int]:
+        out = await self._start(keys=[self.job_key(job_id)], args=[consumer])
+        return _s(out[0]), int(out[1])
+
+    async def save(self, job_id: str, index: int, status: int, body: bytes, is_json: bool) -> bool:
+        out = await self._save(
+            keys=[self.job_key(job_id)], args=[index, status, body, "1" if is_json else "0"]
+        )
+        return bool(out)
+
+    async def finish(
+        self,
+        job_id: str,
+        priority: str,
+        entry: str,
+        status: str,
+        ttl_s: float,
+        *,
+        dead: bool = False,
+        fields: Mapping[str, bytes | str | int] | None = None,
+    ) -> str:
+        argv: list[Any] = [entry, status, int(ttl_s * 1000), "1" if dead else "0", job_id]
+        for k, v in (fields or {}).items():
+            argv += [k, v]
+        keys = [
+            self.job_key(job_id),
+            self.queues[priority],
+            self.depth_key,
+            self.tdepth_key,
+            self.dead_key,
+        ]
+        return _s(await self._finish(keys=keys, args=argv))
+
+    async def retry(
+        self,
+        job_id: str,
+        priority: str,
+        entry: str,
+        delay_s: float,
+        error: bytes,
+        *,
+        refund_attempt: bool = False,
+    ) -> str:
+        keys = [self.job_key(job_id), self.queues[priority], self.delayed_key]
+        args = [
+            entry,
+            int(delay_s * 1000),
+            f"{priority}:{job_id}",
+            error,
+            "1" if refund_attempt else "0",
+        ]
+        return _s(await self._retry(keys=keys, args=args))
+
+    async def promote_due(self, limit: int = 1000) -> int:
+        keys = [self.delayed_key, *(self.queues[c] for c in PRIORITIES)]
+        return int(await self._promote(keys=keys, args=[limit]))
+
+    async def depth(self) -> int:
+        return int(await self.r.get(self.depth_key) or 0)
+
+
+def _s(v: bytes | str) -> str:
+    return v.decode() if isinstance(v, bytes) else v
+
+
+# --- the job as the API shows it ---------------------------------------------------------------
+
+
+def _int(fields: Mapping[str, bytes], name: str, default: int = 0) -> int:
+    v = fields.get(name)
+    return int(v) if v is not None else default
+
+
+def _result(fields: Mapping[str, bytes], i: int) -> dict[str, Any] | None:
+    status = fields.get(f"rs:{i}")
+    if status is None:
+        return None
+    body = fields.get(f"rb:{i}", b"")
+    shown: Any = (
+        orjson.Fragment(body) if fields.get(f"rj:{i}") == b"1" else body.decode("utf-8", "replace")
+    )
+    return {"status": int(status), "body": shown}
+
+
+def view(job_id: str, fields: Mapping[str, bytes], api_path: str) -> bytes:
+    """The job as ``GET /v1/jobs/{id}`` and the webhook show it. Model answers are spliced in
+    as they are (``orjson.Fragment``): no parse of a possibly large body on the way out."""
+    total = _int(fields, "total", 1)
+    out: dict[str, Any] = {
+        "id": job_id,
+        "object": "job",
+        "status": _s(fields.get("status", b"unknown")),
+        "priority": _s(fields.get("priority", b"standard")),
+        "created_at": _int(fields, "created") / 1000,
+        "updated_at": _int(fields, "updated") / 1000,
+        "attempts": _int(fields, "attempts"),
+        "progress": {"completed": _int(fields, "done"), "total": total},
+        "url": f"{api_path}/{job_id}",
+    }
+    if "finished" in fields:
+        out["finished_at"] = _int(fields, "finished") / 1000
+    if total == 1:
+        out["request"] = {
+            "method": _s(fields.get("m:0", b"POST")),
+            "url": _s(fields.get("u:0", b"")),
+        }
+        res = _result(fields, 0)
+        if res is not None:
+            out["result"] = res
+    else:
+        out["results"] = [_result(fields, i) for i in range(total)]
+    if "error" in fields:
+        out["error"] = orjson.Fragment(fields["error"])
+    return orjson.dumps(out)
+
+
+def requests_of(fields: Mapping[str, bytes]) -> list[tuple[str, str, bytes]]:
+    """(method, url, body) of each request of a job, in order."""
+    total = _int(fields, "total", 1)
+    return [
+        (_s(fields[f"m:{i}"]), _s(fields[f"u:{i}"]), fields.get(f"b:{i}", b""))
+        for i in range(total)
+    ]

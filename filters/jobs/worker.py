@@ -1,0 +1,611 @@
+"""``floodwall worker``: takes jobs from the Redis streams in priority order, runs them against
+the model (through Envoy or straight to Triton), stores the answers and acknowledges.
+
+Delivery: at least once. A job's stream entry stays pending until its worker acknowledges it;
+a worker that dies (or stalls past ``visibility_timeout_s`` without heartbeating) loses its
+jobs to the others (XAUTOCLAIM) and they run again, resuming after the requests already
+answered. Whoever finishes first writes the result; a later finisher finds the job finished
+and only acknowledges, so the client sees one result. Retryable failures (429, 5xx, timeouts,
+connection errors) wait in a delayed set with exponential backoff (or the upstream's
+Retry-After, whichever is longer); after ``max_attempts`` the job fails into the dead-letter
+stream. SIGTERM stops taking jobs, lets in-flight ones finish for ``drain_s`` and hands the
+rest back without spending an attempt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import logging
+import os
+import random
+import socket
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import aiohttp
+import orjson
+from prometheus_client import Counter, Gauge, Histogram
+from redis.exceptions import RedisError
+
+from filters.jobs.params import PRIORITIES, JobsParams
+from filters.jobs.store import GROUP, JobStore, requests_of, view
+from proxy.config import ConfigError, FloodwallConfig
+
+log = logging.getLogger("floodwall.worker")
+
+FINISHED = Counter("floodwall_jobs_finished", "Jobs finished, by final status", ["status"])
+ATTEMPTS = Counter(
+    "floodwall_jobs_attempts",
+    "Job runs by outcome: finished, retry, handed_back, skipped (already finished or gone)",
+    ["outcome"],
+)
+RECLAIMED = Counter("floodwall_jobs_reclaimed", "Jobs taken over from a lost worker")
+DEAD = Counter("floodwall_jobs_dead_lettered", "Jobs that failed for good (dead-letter stream)")
+CALLS = Counter(
+    "floodwall_jobs_model_calls", "Model calls of the workers, by status class", ["status"]
+)
+WEBHOOKS = Counter("floodwall_jobs_webhooks", "Completion webhooks, by outcome", ["outcome"])
+REDIS_ERRORS = Counter("floodwall_jobs_worker_redis_errors", "Worker loop Redis failures")
+DEPTH = Gauge("floodwall_jobs_depth", "Unfinished jobs (queued, waiting to retry or running)")
+QUEUED = Gauge("floodwall_jobs_stream_entries", "Entries in each priority stream", ["priority"])
+INFLIGHT = Gauge("floodwall_jobs_inflight", "Jobs this worker is running")
+RUN_SECONDS = Histogram(
+    "floodwall_job_run_seconds",
+    "One run of a job (all its model calls)",
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+)
+
+RETRYABLE = frozenset({408, 425, 429, 500, 502, 503, 504})
+_REDIS_FAULTS = (RedisError, OSError, TimeoutError)
+
+
+@dataclass(slots=True)
+class Reply:
+    status: int
+    content_type: str
+    body: bytes
+    retry_after_s: float = 0.0
+
+
+class Caller(Protocol):
+    async def call(self, method: str, url: str, body: bytes, priority: str, tag: str) -> Reply: ...
+
+    async def close(self) -> None: ...
+
+
+def _retry_after(v: str | None) -> float:
+    try:
+        return max(0.0, float(v)) if v else 0.0
+    except ValueError:
+        return 0.0
+
+
+class EnvoyCaller:
+    """Through the gateway, as the worker key: admission, breakers and degradation apply; the
+    job's class rides along in the priority header admission trusts from this key."""
+
+    def __init__(self, base_url: str, key: str, priority_header: str, timeout_s: float) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.headers = {
+            "authorization": f"Bearer {key}",
+            "content-type": "application/json",
+            "x-request-type": "batch",
+        }
+        self.priority_header = priority_header
+        self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s))
+
+    async def call(self, method: str, url: str, body: bytes, priority: str, tag: str) -> Reply:
+        headers = {**self.headers, self.priority_header: priority, "x-request-id": tag}
+        async with self.session.request(
+            method, self.base_url + url, data=body, headers=headers
+        ) as r:
+            return Reply(
+                r.status,
+                r.headers.get("content-type", ""),
+                await r.read(),
+                _retry_after(r.headers.get("retry-after")),
+            )
+
+    async def close(self) -> None:
+        await self.session.close()
+
+
+class TritonCaller:
+    """Straight to Triton: the route's API filter (openai) translates in process, played
+    through the shipped harness (``proxy.testing.Harness`` does Envoy's part); no policies."""
+
+    def __init__(self, cfg: FloodwallConfig, timeout_s: float) -> None:
+        from proxy.api import Deps
+        from proxy.registry import build_filters
+        from proxy.testing import Harness
+
+        self.cfg = cfg
+        api = [fc for fc in cfg.filters if fc.type == "openai"]
+        deps = Deps(upstreams={n: u.base_url for n, u in cfg.upstreams.items()})
+        self.harness = Harness(cfg, build_filters(api, deps))
+        self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s))
+
+    async def call(self, method: str, url: str, body: bytes, priority: str, tag: str) -> Reply:
+        from proxy.testing import UpstreamReply
+
+        route = self.cfg.route_for(url)
+        if route is None:
+            return Reply(404, "application/json", b'{"error":{"type":"not_found"}}')
+        base = self.cfg.upstreams[route.upstream].base_url.rstrip("/")
+
+        async def upstream(h: Mapping[str, str], b: bytes) -> UpstreamReply:
+            headers = {"content-type": h.get("content-type", "application/json")}
+            if "inference-header-content-length" in h:
+                headers["inference-header-content-length"] = h["inference-header-content-length"]
+            async with self.session.request(
+                h[":method"], base + h[":path"], data=b, headers=headers
+            ) as r:
+                return UpstreamReply(
+                    r.status, {"content-type": r.headers.get("content-type", "")}, await r.read()
+                )
+
+        res = await self.harness.request(
+            method,
+            url,
+            headers={"content-type": "application/json", "x-request-id": tag},
+            body=body,
+            upstream=upstream,
+        )
+        return Reply(res.status, res.headers.get("content-type", ""), res.body)
+
+    async def close(self) -> None:
+        await self.session.close()
+
+
+def sign(secret: bytes, body: bytes, ts: int) -> str:
+    """``Floodwall-Signature`` value: ``t=<unix seconds>,v1=<hex HMAC-SHA256(secret, "t." + body)>``
+    (the timestamp inside the MAC lets receivers refuse replays of old deliveries)."""
+    mac = hmac.new(secret, f"{ts}.".encode() + body, hashlib.sha256).hexdigest()
+    return f"t={ts},v1={mac}"
+
+
+def verify(
+    secret: bytes, body: bytes, header: str, *, now: float, tolerance_s: float = 300
+) -> bool:
+    """What a webhook receiver runs: the MAC matches and the timestamp is recent."""
+    parts = dict(p.split("=", 1) for p in header.split(",") if "=" in p)
+    try:
+        ts = int(parts["t"])
+    except (KeyError, ValueError):
+        return False
+    if abs(now - ts) > tolerance_s:
+        return False
+    return hmac.compare_digest(sign(secret, body, ts), header)
+
+
+class Worker:
+    def __init__(
+        self,
+        params: JobsParams,
+        store: JobStore,
+        caller: Caller,
+        *,
+        consumer: str | None = None,
+        concurrency: int | None = None,
+        webhook_secret: bytes | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.p = params
+        self.w = params.worker
+        self.store = store
+        self.r = store.r
+        self.caller = caller
+        self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}"
+        self.concurrency = concurrency or self.w.concurrency
+        self.webhook_secret = webhook_secret
+        self.rng = rng or random.Random()
+        self.ready = False
+        self.tasks: dict[asyncio.Task[None], tuple[str, str, str]] = {}
+        self._hooks: set[asyncio.Task[None]] = set()
+        self._webhook_session: aiohttp.ClientSession | None = None
+
+    # --- the loop ----------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await self.store.ensure_groups()
+        self.ready = True
+        vis = self.w.visibility_timeout_s
+        last_promote = last_reclaim = last_gauge = 0.0
+        while not stop.is_set():
+            now = time.monotonic()
+            try:
+                if now - last_promote >= 0.25:
+                    await self.store.promote_due()
+                    last_promote = now
+                if now - last_gauge >= 1.0:
+                    await self._gauges()
+                    last_gauge = now
+                if self._free() and now - last_reclaim >= min(vis / 4, 5.0):
+                    await self._reclaim()
+                    last_reclaim = now
+                if not self._free():
+                    await asyncio.wait(
+                        list(self.tasks), timeout=0.25, return_when=asyncio.FIRST_COMPLETED
+                    )
+                    continue
+                await self._take()
+            except _REDIS_FAULTS as exc:
+                REDIS_ERRORS.inc()
+                log.warning("worker loop: Redis failed (%r); retrying in 1s", exc)
+                await asyncio.sleep(1.0)
+        self.ready = False
+        await self._drain()
+
+    def _free(self) -> int:
+        return self.concurrency - len(self.tasks)
+
+    async def _take(self) -> None:
+        """Highest class first; when every stream is empty, block briefly on all of them."""
+        for cls in PRIORITIES:
+            free = self._free()
+            if free <= 0:
+                return
+            got = await self.r.xreadgroup(
+                GROUP, self.consumer, {self.store.queues[cls]: ">"}, count=free
+            )
+            if self._spawn_from(got):
+                return
+        streams = {self.store.queues[c]: ">" for c in PRIORITIES}
+        self._spawn_from(await self.r.xreadgroup(GROUP, self.consumer, streams, count=1, block=250))
+
+    def _spawn_from(self, got: Any) -> int:
+        by_stream = {v: k for k, v in self.store.queues.items()}
+        n = 0
+        for stream, entries in got or []:
+            cls = by_stream[stream.decode() if isinstance(stream, bytes) else stream]
+            for entry_id, fields in entries:
+                self._spawn(cls, entry_id, fields)
+                n += 1
+        return n
+
+    def _spawn(self, cls: str, entry_id: bytes | str, fields: Mapping[bytes, bytes]) -> None:
+        entry = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+        raw = (fields or {}).get(b"id")
+        job_id = raw.decode() if raw else ""
+        task = asyncio.get_running_loop().create_task(self._job(cls, entry, job_id))
+        self.tasks[task] = (cls, entry, job_id)
+        INFLIGHT.set(len(self.tasks))
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self.tasks.pop(task, None)
+        INFLIGHT.set(len(self.tasks))
+        if not task.cancelled() and task.exception() is not None:
+            log.error("job task failed: %r", task.exception())
+
+    async def _reclaim(self) -> None:
+        min_idle = int(self.w.visibility_timeout_s * 1000)
+        for cls in PRIORITIES:
+            free = self._free()
+            if free <= 0:
+                return
+            out = await self.r.xautoclaim(
+                self.store.queues[cls], GROUP, self.consumer, min_idle, start_id="0-0", count=free
+            )
+            for entry_id, fields in out[1]:
+                RECLAIMED.inc()
+                self._spawn(cls, entry_id, fields)
+
+    async def _gauges(self) -> None:
+        DEPTH.set(await self.store.depth())
+        for cls, q in self.store.queues.items():
+            QUEUED.labels(cls).set(await self.r.xlen(q))
+
+    async def _drain(self) -> None:
+        if self.tasks:
+            log.info("worker draining %d job(s) for up to %.0fs", len(self.tasks), self.w.drain_s)
+            await asyncio.wait(list(self.tasks), timeout=self.w.drain_s)
+        for task, (cls, entry, job_id) in list(self.tasks.items()):
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            try:  # hand it back at once, without spending one of its attempts
+                await self.store.retry(job_id, cls, entry, 0.0, b"", refund_attempt=True)
+                ATTEMPTS.labels("handed_back").inc()
+            except _REDIS_FAULTS as exc:
+                log.warning("could not hand back job %s (%r): it is reclaimed later", job_id, exc)
+        if self._hooks:
+            await asyncio.wait(list(self._hooks), timeout=self.w.drain_s)
+        await self.caller.close()
+        if self._webhook_session is not None:
+            await self._webhook_session.close()
+
+    # --- one job -----------------------------------------------------------------------------
+
+    async def _job(self, cls: str, entry: str, job_id: str) -> None:
+        if not job_id:  # not an entry we wrote: drop it rather than loop on it
+            await self.r.xack(self.store.queues[cls], GROUP, entry)
+            await self.r.xdel(self.store.queues[cls], entry)
+            ATTEMPTS.labels("skipped").inc()
+            return
+        outcome, attempts = await self.store.start(job_id, self.consumer)
+        if outcome != "run":  # finished, cancelled or expired meanwhile: just acknowledge
+            await self.store.finish(job_id, cls, entry, "failed", self.p.result_ttl_s)
+            ATTEMPTS.labels("skipped").inc()
+            return
+        if attempts > self.w.max_attempts:
+            await self._fail(
+                job_id,
+                cls,
+                entry,
+                "attempts_exhausted",
+                f"gave up after {attempts - 1} attempts",
+                dead=True,
+            )
+            return
+        fields = await self.store.get(job_id)
+        try:
+            requests = requests_of(fields)
+        except (KeyError, ValueError, UnicodeDecodeError):
+            await self._fail(job_id, cls, entry, "malformed_job", "the stored job is malformed")
+            return
+        beat = asyncio.get_running_loop().create_task(self._heartbeat(cls, entry))
+        t0 = time.monotonic()
+        try:
+            await self._run(cls, entry, job_id, attempts, fields, requests)
+        finally:
+            beat.cancel()
+            RUN_SECONDS.observe(time.monotonic() - t0)
+
+    async def _run(
+        self,
+        cls: str,
+        entry: str,
+        job_id: str,
+        attempts: int,
+        fields: Mapping[str, bytes],
+        requests: list[tuple[str, str, bytes]],
+    ) -> None:
+        statuses: list[int] = []
+        for i, (method, url, body) in enumerate(requests):
+            done = fields.get(f"rs:{i}")
+            if done is not None:  # answered in an earlier attempt
+                statuses.append(int(done))
+                continue
+            if i and await self.r.hget(self.store.job_key(job_id), "status") == b"cancelled":
+                await self.store.finish(job_id, cls, entry, "cancelled", self.p.result_ttl_s)
+                ATTEMPTS.labels("skipped").inc()
+                return
+            try:
+                reply = await self.caller.call(
+                    method, url, body, cls, f"job-{job_id}-{i}-{attempts}"
+                )
+            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                CALLS.labels("error").inc()
+                reply = Reply(503, "", b"", 0.0)
+                why = f"the model call failed ({type(exc).__name__})"
+            else:
+                CALLS.labels(f"{reply.status // 100}xx").inc()
+                why = f"the model answered {reply.status}"
+            if reply.status in RETRYABLE:
+                await self._retry_or_fail(job_id, cls, entry, attempts, reply, why)
+                return
+            if len(reply.body) > self.p.max_result_bytes:
+                reply = Reply(
+                    502,
+                    "application/json",
+                    orjson.dumps(
+                        {
+                            "error": {
+                                "type": "result_too_large",
+                                "message": f"the answer exceeds {self.p.max_result_bytes} bytes",
+                            }
+                        }
+                    ),
+                )
+            await self.store.save(job_id, i, reply.status, reply.body, _is_json(reply))
+            statuses.append(reply.status)
+        bad = [s for s in statuses if not 200 <= s < 300]
+        if bad:
+            await self._fail(
+                job_id,
+                cls,
+                entry,
+                "request_failed",
+                f"{len(bad)} of {len(statuses)} request(s) failed (first: {bad[0]})",
+            )
+        else:
+            await self._finished(job_id, cls, entry, "succeeded")
+
+    async def _retry_or_fail(
+        self, job_id: str, cls: str, entry: str, attempts: int, reply: Reply, why: str
+    ) -> None:
+        if attempts >= self.w.max_attempts:
+            await self._fail(
+                job_id,
+                cls,
+                entry,
+                "attempts_exhausted",
+                f"gave up after {attempts} attempts: {why}",
+                dead=True,
+            )
+            return
+        backoff = min(self.w.backoff_max_s, self.w.backoff_s * 2 ** (attempts - 1))
+        delay = max(backoff * (0.5 + self.rng.random() / 2), reply.retry_after_s)
+        err = _error("retrying", f"attempt {attempts}: {why}; next in {delay:.1f}s")
+        await self.store.retry(job_id, cls, entry, delay, err)
+        ATTEMPTS.labels("retry").inc()
+
+    async def _fail(
+        self, job_id: str, cls: str, entry: str, kind: str, message: str, *, dead: bool = False
+    ) -> None:
+        await self._finished(job_id, cls, entry, "failed", error=_error(kind, message), dead=dead)
+
+    async def _finished(
+        self,
+        job_id: str,
+        cls: str,
+        entry: str,
+        status: str,
+        *,
+        error: bytes | None = None,
+        dead: bool = False,
+    ) -> None:
+        fields = {"error": error} if error is not None else None
+        out = await self.store.finish(
+            job_id, cls, entry, status, self.p.result_ttl_s, dead=dead, fields=fields
+        )
+        ATTEMPTS.labels("finished" if out == "ok" else "skipped").inc()
+        if out != "ok":
+            return  # someone else finished it (or the client cancelled): theirs is the result
+        FINISHED.labels(status).inc()
+        if dead:
+            DEAD.inc()
+        hook = await self.r.hget(self.store.job_key(job_id), "webhook")
+        if hook:
+            t = asyncio.get_running_loop().create_task(self._webhook(job_id, hook.decode()))
+            self._hooks.add(t)
+            t.add_done_callback(self._hooks.discard)
+
+    async def _heartbeat(self, cls: str, entry: str) -> None:
+        """Keeps the entry's idle time low while the job runs, so nobody takes it over."""
+        period = self.w.visibility_timeout_s / 3
+        while True:
+            await asyncio.sleep(period)
+            try:
+                await self.r.xclaim(
+                    self.store.queues[cls], GROUP, self.consumer, 0, [entry], justid=True
+                )
+            except _REDIS_FAULTS as exc:
+                log.warning("heartbeat failed (%r)", exc)
+
+    async def _webhook(self, job_id: str, url: str) -> None:
+        wp = self.p.webhook
+        if wp is None or self.webhook_secret is None:
+            WEBHOOKS.labels("not_configured").inc()
+            return
+        if self._webhook_session is None:
+            timeout = aiohttp.ClientTimeout(total=wp.timeout_s)
+            self._webhook_session = aiohttp.ClientSession(timeout=timeout)
+        fields = await self.store.get(job_id)
+        body = view(job_id, fields, self.p.api_path)
+        outcome = "failed"
+        for attempt in range(wp.attempts):
+            headers = {
+                "content-type": "application/json",
+                "floodwall-job-id": job_id,
+                "floodwall-signature": sign(self.webhook_secret, body, int(time.time())),
+            }
+            try:
+                async with self._webhook_session.post(url, data=body, headers=headers) as r:
+                    if 200 <= r.status < 300:
+                        outcome = "delivered"
+                        break
+            except (aiohttp.ClientError, TimeoutError, OSError):
+                pass
+            await asyncio.sleep(0.5 * 2**attempt)
+        WEBHOOKS.labels(outcome).inc()
+        with contextlib.suppress(*_REDIS_FAULTS):  # a record only; the delivery happened
+            await self.r.hset(self.store.job_key(job_id), "webhook_status", outcome)
+
+
+def _is_json(reply: Reply) -> bool:
+    if "json" not in reply.content_type:
+        return False
+    try:
+        orjson.loads(reply.body)
+    except orjson.JSONDecodeError:
+        return False
+    return True
+
+
+def _error(kind: str, message: str) -> bytes:
+    return orjson.dumps({"type": kind, "message": message})
+
+
+# --- the command -------------------------------------------------------------------------------
+
+
+def jobs_params(cfg: FloodwallConfig) -> JobsParams | None:
+    """The params of the config's ``jobs`` filter (None: the config has no job queue)."""
+    found = [fc for fc in cfg.filters if fc.type == "jobs"]
+    if not found:
+        return None
+    if len(found) > 1:
+        raise ConfigError("more than one filter of type jobs: the worker cannot tell which")
+    return JobsParams.model_validate(found[0].params)
+
+
+def make_caller(cfg: FloodwallConfig, p: JobsParams) -> Caller:
+    w = p.worker
+    if w.via == "triton":
+        return TritonCaller(cfg, w.request_timeout_s)
+    key = w.key or os.environ.get(w.key_env)
+    if not key:
+        raise ConfigError(f"the worker needs its API key: set {w.key_env} (jobs.worker.key_env)")
+    scheme = "https" if cfg.listener.tls else "http"
+    base = w.gateway_url or f"{scheme}://{cfg.listener.address}:{cfg.listener.port}"
+    return EnvoyCaller(base, key, w.priority_header, w.request_timeout_s)
+
+
+def worker_redis(url: str, concurrency: int) -> Any:
+    """A client with room for every job's calls and heartbeat plus the loop's own; a job
+    waits for a connection rather than failing when they are all busy."""
+    import redis.asyncio as aioredis
+
+    # Blocking reads wait up to 250 ms: the socket timeout must be well above that.
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url,
+        max_connections=2 * concurrency + 4,
+        timeout=10,
+        socket_timeout=10,
+        socket_connect_timeout=5,
+    )
+    return aioredis.Redis.from_pool(pool)  # owns the pool: aclose() closes its connections
+
+
+async def serve(
+    cfg: FloodwallConfig,
+    *,
+    redis_url: str,
+    concurrency: int | None = None,
+    consumer: str | None = None,
+    admin_port: int | None = None,
+    on_ready: Callable[[Worker], Awaitable[None]] | None = None,
+) -> None:
+    import signal
+
+    from proxy.admin import AdminServer
+
+    p = jobs_params(cfg)
+    if p is None:
+        raise ConfigError("the config has no filter of type jobs: nothing to work on")
+    r = worker_redis(redis_url, concurrency or p.worker.concurrency)
+    secret = None
+    if p.webhook is not None:
+        raw = os.environ.get(p.webhook.secret_env)
+        secret = raw.encode() if raw else None
+        if secret is None:
+            log.warning("webhooks enabled but %s is unset: none will be sent", p.webhook.secret_env)
+    worker = Worker(
+        p,
+        JobStore(r, p.prefix),
+        make_caller(cfg, p),
+        consumer=consumer,
+        concurrency=concurrency,
+        webhook_secret=secret,
+    )
+    port = p.worker.admin_port if admin_port is None else admin_port
+    admin = AdminServer(p.worker.admin_address, port, lambda: worker.ready)
+    await admin.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("worker %s: %d slot(s), via %s", worker.consumer, worker.concurrency, p.worker.via)
+    if on_ready is not None:
+        await on_ready(worker)
+    try:
+        await worker.run(stop)
+    finally:
+        await admin.stop()
+        await r.aclose()

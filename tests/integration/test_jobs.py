@@ -1,0 +1,593 @@
+"""Async jobs against a real Redis: submission through the filter (played by the shipped
+harness), workers draining into a real HTTP upstream that stands in for the gateway, and the
+failures the queue must survive (a worker killed or frozen mid-job, Redis restarted with AOF,
+an upstream that keeps failing, malformed entries, shutdown mid-job)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import redis.asyncio as aioredis
+import yaml
+from aiohttp import web
+
+from filters.auth.filter import AuthFilter
+from filters.jobs.filter import JobsFilter
+from filters.jobs.params import JobsParams
+from filters.jobs.store import JobStore
+from filters.jobs.worker import EnvoyCaller, Worker, verify, worker_redis
+from proxy.api import Deps
+from proxy.testing import Harness, Result, default_config
+from tests.helpers import RedisServer, free_ports
+
+pytestmark = pytest.mark.integration
+
+KEYS = {"alice-key": "alice", "bob-key": "bob"}
+URLS = ["/ok", "/slow", "/flaky", "/down", "/bad", "/big"]
+SECRET = b"test-webhook-secret"
+
+
+def _params(**kw: Any) -> JobsParams:
+    worker = {
+        "key": "worker-key",
+        "visibility_timeout_s": 2,
+        "backoff_s": 0.05,
+        "backoff_max_s": 0.2,
+        "drain_s": 0.5,
+        **kw.pop("worker", {}),
+    }
+    return JobsParams.model_validate({"urls": URLS, "worker": worker, **kw})
+
+
+# --- a real HTTP upstream standing in for the gateway ------------------------------------------
+
+
+@dataclass
+class Upstream:
+    url: str = ""
+    calls: dict[str, int] = field(default_factory=dict)  # path -> count
+    by_key: dict[str, int] = field(default_factory=dict)  # body "key" -> count
+    hooks: list[tuple[bytes, str]] = field(default_factory=list)
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[Upstream]:
+    up = Upstream()
+
+    async def handle(req: web.Request) -> web.Response:
+        body = await req.read()
+        up.calls[req.path] = up.calls.get(req.path, 0) + 1
+        doc = orjson.loads(body) if body else {}
+        key = str(doc.get("key", ""))
+        up.by_key[key] = up.by_key.get(key, 0) + 1
+        if req.path == "/hook":
+            up.hooks.append((body, req.headers.get("floodwall-signature", "")))
+            return web.json_response({})
+        if req.path == "/slow":
+            await asyncio.sleep(float(doc.get("sleep", 2.0)))
+        if req.path == "/down" or (req.path == "/flaky" and up.by_key[key] == 1):
+            return web.json_response({"error": "busy"}, status=503, headers={"retry-after": "0"})
+        if req.path == "/bad":
+            return web.json_response({"error": {"type": "invalid"}}, status=400)
+        if req.path == "/big":
+            return web.json_response({"pad": "x" * 4096})
+        return web.json_response(
+            {
+                "key": key,
+                "priority": req.headers.get("x-priority"),
+                "auth": req.headers.get("authorization"),
+            }
+        )
+
+    app = web.Application(client_max_size=64 << 20)
+    app.router.add_route("*", "/{tail:.*}", handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    up.url = f"http://127.0.0.1:{port}"
+    try:
+        yield up
+    finally:
+        await runner.cleanup()
+
+
+# --- submission through the filter ---------------------------------------------------------------
+
+
+def _gateway(rc: aioredis.Redis, p: JobsParams) -> Harness:
+    keys = [
+        {"id": f"id-{t}", "sha256": hashlib.sha256(k.encode()).hexdigest(), "tenant": t}
+        for k, t in KEYS.items()
+    ]
+    auth = AuthFilter(AuthFilter.Params.model_validate({"keys": keys}), Deps())
+    auth.name = "auth"
+    jobs = JobsFilter(p, Deps(redis=rc))
+    jobs.name = "jobs"
+    cfg = default_config(
+        [
+            {"name": "jobs", "match": {"prefix": "/v1/jobs"}, "api": "jobs", "upstream": "up"},
+            {"name": "ok", "match": {"prefix": "/ok"}, "upstream": "up"},
+        ]
+    )
+    return Harness(cfg, [auth, jobs])
+
+
+async def _submit(
+    h: Harness,
+    url: str = "/ok",
+    body: dict[str, Any] | None = None,
+    *,
+    key: str = "alice-key",
+    headers: dict[str, str] | None = None,
+) -> Result:
+    env = {"url": url, "body": body or {}}
+    return await h.request(
+        "POST",
+        "/v1/jobs",
+        body=orjson.dumps(env),
+        headers={"authorization": f"Bearer {key}", **(headers or {})},
+    )
+
+
+async def _show(h: Harness, job_id: str, key: str = "alice-key") -> Result:
+    return await h.request("GET", f"/v1/jobs/{job_id}", headers={"authorization": f"Bearer {key}"})
+
+
+def _worker(rc: aioredis.Redis, p: JobsParams, up: Upstream, **kw: Any) -> Worker:
+    caller = EnvoyCaller(up.url, p.worker.key or "", "x-priority", 10)
+    return Worker(p, JobStore(rc, p.prefix), caller, webhook_secret=SECRET, **kw)
+
+
+async def _until(cond: Callable[[], Any], timeout: float = 20.0) -> None:  # noqa: ASYNC109
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if await cond():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("condition not met in time")
+
+
+class Running:
+    """Workers on the test's event loop, stopped (drained) on exit."""
+
+    def __init__(self, *workers: Worker) -> None:
+        self.stop = asyncio.Event()
+        self.workers = workers
+        self.tasks: list[asyncio.Task[None]] = []
+
+    async def __aenter__(self) -> Running:
+        self.tasks = [asyncio.create_task(w.run(self.stop)) for w in self.workers]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.stop.set()
+        await asyncio.gather(*self.tasks)
+
+
+async def _status(h: Harness, job_id: str) -> str:
+    return str((await _show(h, job_id)).json()["status"])
+
+
+async def test_submit_show_and_run_a_job(rc: aioredis.Redis, upstream: Upstream) -> None:
+    p = _params()
+    h = _gateway(rc, p)
+    r = await _submit(h, body={"key": "k1"})
+    assert r.status == 202 and not r.upstream_called
+    job_id = r.json()["id"]
+    assert r.headers["location"] == f"/v1/jobs/{job_id}" and r.headers["retry-after"] == "1"
+    shown = await _show(h, job_id)
+    assert shown.status == 200 and shown.json()["status"] == "queued"
+    assert shown.headers["cache-control"] == "no-store"
+    # Someone else's job does not exist for them; a job id that is not one either.
+    assert (await _show(h, job_id, key="bob-key")).status == 404
+    assert (await _show(h, "0" * 32)).status == 404
+    assert (await h.request("GET", f"/v1/jobs/{job_id}")).status == 401
+    async with Running(_worker(rc, p, upstream)):
+        await _until(lambda: _is(h, job_id, "succeeded"))
+    done = (await _show(h, job_id)).json()
+    assert done["attempts"] == 1 and done["progress"] == {"completed": 1, "total": 1}
+    # The worker called as its own key, with the job's class in the trusted header.
+    assert done["result"]["status"] == 200
+    assert done["result"]["body"] == {
+        "key": "k1",
+        "priority": "standard",
+        "auth": "Bearer worker-key",
+    }
+    assert await rc.get(f"{p.prefix}:depth") == b"0"
+
+
+async def _is(h: Harness, job_id: str, status: str) -> bool:
+    return await _status(h, job_id) == status
+
+
+async def test_a_batch_job_reports_progress_and_every_answer(
+    rc: aioredis.Redis, upstream: Upstream
+) -> None:
+    p = _params()
+    h = _gateway(rc, p)
+    items = [{"url": "/ok", "body": {"key": f"b{i}"}} for i in range(5)]
+    items.append({"url": "/bad", "body": {"key": "bad"}})
+    r = await h.request(
+        "POST",
+        "/v1/jobs",
+        body=orjson.dumps({"requests": items}),
+        headers={"authorization": "Bearer alice-key"},
+    )
+    job_id = r.json()["id"]
+    async with Running(_worker(rc, p, upstream)):
+        await _until(lambda: _is(h, job_id, "failed"))
+    job = (await _show(h, job_id)).json()
+    assert job["progress"] == {"completed": 6, "total": 6}
+    assert [x["status"] for x in job["results"]] == [200] * 5 + [400]
+    assert [x["body"]["key"] for x in job["results"][:5]] == [f"b{i}" for i in range(5)]
+    assert job["error"]["type"] == "request_failed"
+
+
+async def test_bad_submissions_are_refused_with_json_errors(rc: aioredis.Redis) -> None:
+    h = _gateway(rc, _params(max_requests=3))
+    auth = {"authorization": "Bearer alice-key"}
+    cases = [
+        (b"{not json", 400, "invalid_json"),
+        (b"[1, 2]", 400, "invalid_request"),
+        (orjson.dumps({"url": "/v2/models/x/infer", "body": {}}), 400, "invalid_request"),
+        (orjson.dumps({"url": "/ok", "body": "text"}), 400, "invalid_request"),
+        (orjson.dumps({"requests": [{"url": "/ok", "body": {}}] * 4}), 400, "invalid_request"),
+        (orjson.dumps({"requests": []}), 400, "invalid_request"),
+    ]
+    for body, status, kind in cases:
+        r = await h.request("POST", "/v1/jobs", body=body, headers=auth)
+        assert (r.status, r.json()["error"]["type"]) == (status, kind), body
+    r = await h.request("PUT", "/v1/jobs", body=b"{}", headers=auth)
+    assert r.status == 405
+    r = await _submit(h, headers={"idempotency-key": "x" * 300})
+    assert r.status == 400
+    r = await _submit(h, headers={"floodwall-webhook": "http://127.0.0.1:1/hook"})
+    assert r.status == 400 and "not enabled" in r.json()["error"]["message"]
+    assert await rc.dbsize() == 0  # nothing half-written
+
+
+async def test_idempotency_key_never_makes_a_second_job(rc: aioredis.Redis) -> None:
+    p = _params()
+    h = _gateway(rc, p)
+    first = await _submit(h, headers={"idempotency-key": "order-7"})
+    again = await _submit(h, headers={"idempotency-key": "order-7"})
+    assert first.status == again.status == 202
+    assert first.json()["id"] == again.json()["id"]
+    assert again.headers["idempotent-replayed"] == "true"
+    # The key is per tenant: bob's "order-7" is his own job.
+    bobs = await _submit(h, key="bob-key", headers={"idempotency-key": "order-7"})
+    assert bobs.json()["id"] != first.json()["id"]
+    assert await rc.get(f"{p.prefix}:depth") == b"2"
+    assert await rc.xlen(f"{p.prefix}:q:standard") == 2
+
+
+async def test_queue_caps_refuse_with_retry_after(rc: aioredis.Redis) -> None:
+    h = _gateway(rc, _params(max_depth=3, max_depth_per_tenant=2))
+    assert [(await _submit(h)).status for _ in range(3)] == [202, 202, 429]
+    r = await _submit(h)
+    assert r.json()["error"]["type"] == "queue_quota_exceeded" and r.headers["retry-after"] == "5"
+    assert (await _submit(h, key="bob-key")).status == 202
+    r = await _submit(h, key="bob-key")
+    assert r.status == 503 and r.json()["error"]["type"] == "queue_full"
+    assert "retry-after" in r.headers
+
+
+async def test_cancel_a_queued_job(rc: aioredis.Redis, upstream: Upstream) -> None:
+    p = _params()
+    h = _gateway(rc, p)
+    job_id = (await _submit(h, body={"key": "c"})).json()["id"]
+    auth = {"authorization": "Bearer alice-key"}
+    assert (
+        await h.request("DELETE", f"/v1/jobs/{job_id}", headers={"authorization": "Bearer bob-key"})
+    ).status == 404
+    r = await h.request("DELETE", f"/v1/jobs/{job_id}", headers=auth)
+    assert r.status == 200 and r.json()["status"] == "cancelled"
+    r = await h.request("DELETE", f"/v1/jobs/{job_id}", headers=auth)
+    assert r.status == 409 and r.json()["error"]["type"] == "job_finished"
+    assert await rc.get(f"{p.prefix}:depth") == b"0"
+    async with Running(_worker(rc, p, upstream)):
+        await _until(lambda: _stream_empty(rc, p))
+    assert upstream.by_key.get("c") is None  # the worker dropped it without calling the model
+    assert await _status(h, job_id) == "cancelled"
+
+
+async def _stream_empty(rc: aioredis.Redis, p: JobsParams) -> bool:
+    return all([await rc.xlen(f"{p.prefix}:q:{c}") == 0 for c in ("critical", "standard")])
+
+
+async def test_retries_with_backoff_then_dead_letter(
+    rc: aioredis.Redis, upstream: Upstream
+) -> None:
+    p = _params()
+    h = _gateway(rc, p)
+    flaky = (await _submit(h, "/flaky", {"key": "f"})).json()["id"]
+    down = (await _submit(h, "/down", {"key": "d"})).json()["id"]
+    async with Running(_worker(rc, p, upstream)):
+        await _until(lambda: _is(h, flaky, "succeeded"))
+        await _until(lambda: _is(h, down, "failed"))
+    assert (await _show(h, flaky)).json()["attempts"] == 2
+    job = (await _show(h, down)).json()
+    assert job["attempts"] == 3 and upstream.by_key["d"] == 3
+    assert job["error"]["type"] == "attempts_exhausted" and "503" in job["error"]["message"]
+    dead = await rc.xrange(f"{p.prefix}:dead")
+    assert [e[1][b"id"].decode() for e in dead] == [down]
+    assert await rc.get(f"{p.prefix}:depth") == b"0"
+
+
+async def test_malformed_entries_end_instead_of_looping(
+    rc: aioredis.Redis, upstream: Upstream
+) -> None:
+    p = _params()
+    h = _gateway(rc, p)
+    store = JobStore(rc, p.prefix)
+    await store.ensure_groups()
+    q = store.queues["standard"]
+    await rc.xadd(q, {"junk": "1"})  # an entry without a job id
+    await rc.xadd(q, {"id": "f" * 32})  # a job that does not exist (expired, say)
+    broken = (await _submit(h)).json()["id"]
+    await rc.hdel(store.job_key(broken), "u:0")  # a job whose request is damaged
+    big = (await _submit(h, "/big")).json()["id"]
+    w = _worker(rc, _params(max_result_bytes=1024), upstream)
+    async with Running(w):
+        await _until(lambda: _is(h, big, "failed"))
+        await _until(lambda: _is(h, broken, "failed"))
+        await _until(lambda: _stream_empty(rc, p))
+    assert (await _show(h, broken)).json()["error"]["type"] == "malformed_job"
+    big_job = (await _show(h, big)).json()
+    assert big_job["result"]["body"]["error"]["type"] == "result_too_large"
+    assert await rc.xpending(q, "workers") == {
+        "pending": 0,
+        "min": None,
+        "max": None,
+        "consumers": [],
+    }
+
+
+async def test_priority_order_and_the_class_sent_on(rc: aioredis.Redis, upstream: Upstream) -> None:
+    p = _params()
+    store = JobStore(rc, p.prefix)
+    ids = {}
+    for cls in ("sheddable", "standard", "critical"):
+        sub = await store.submit(
+            f"{cls[:4]:0<32}",
+            "alice",
+            cls,
+            {"total": 1, "m:0": "POST", "u:0": "/ok", "b:0": orjson.dumps({"key": cls})},
+            max_depth=10,
+            max_tenant=0,
+            idempotency=None,
+        )
+        ids[cls] = sub.job_id
+    async with Running(_worker(rc, p, upstream, concurrency=1)):
+        await _until(lambda: _all_done(rc, p, ids.values()))
+    order = [k for k in upstream.by_key if k]
+    assert order == ["critical", "standard", "sheddable"]
+
+
+async def _all_done(rc: aioredis.Redis, p: JobsParams, ids: Any) -> bool:
+    store = JobStore(rc, p.prefix)
+    return all([(await store.get(i)).get("status") == b"succeeded" for i in ids])
+
+
+async def test_webhook_is_signed(rc: aioredis.Redis, upstream: Upstream) -> None:
+    p = _params(webhook={"allowed_prefixes": [upstream.url + "/hook"]})
+    h = _gateway(rc, p)
+    refused = await _submit(h, headers={"floodwall-webhook": "http://10.0.0.1/steal"})
+    assert refused.status == 400
+    r = await _submit(h, body={"key": "w"}, headers={"floodwall-webhook": upstream.url + "/hook"})
+    job_id = r.json()["id"]
+    async with Running(_worker(rc, p, upstream)):
+        await _until(lambda: _hooked(upstream))
+    body, sig = upstream.hooks[0]
+    assert orjson.loads(body)["id"] == job_id and orjson.loads(body)["status"] == "succeeded"
+    assert verify(SECRET, body, sig, now=time.time())
+    assert not verify(b"other secret", body, sig, now=time.time())
+    assert not verify(SECRET, body + b" ", sig, now=time.time())
+    assert not verify(SECRET, body, sig, now=time.time() + 3600)  # a replay, an hour later
+
+
+async def _hooked(up: Upstream) -> bool:
+    return bool(up.hooks)
+
+
+async def test_shutdown_hands_running_jobs_back(rc: aioredis.Redis, upstream: Upstream) -> None:
+    p = _params()
+    h = _gateway(rc, p)
+    job_id = (await _submit(h, "/slow", {"key": "s", "sleep": 3})).json()["id"]
+    run = Running(_worker(rc, p, upstream))
+    async with run:
+        await _until(lambda: _is(h, job_id, "running"))
+    job = (await _show(h, job_id)).json()  # drain_s 0.5 < 3 s: handed back, attempt refunded
+    assert job["status"] == "queued" and job["attempts"] == 0
+    async with Running(_worker(rc, p, upstream)):
+        await _until(lambda: _is(h, job_id, "succeeded"), timeout=30)
+    assert (await _show(h, job_id)).json()["attempts"] == 1
+
+
+async def test_filter_answers_503_when_redis_is_gone(redis_server: RedisServer) -> None:
+    (port,) = free_ports(1)  # nothing listens there
+    dead = aioredis.Redis.from_url(f"redis://127.0.0.1:{port}", socket_connect_timeout=0.2)
+    h = _gateway(dead, _params())
+    r = await _submit(h)
+    assert r.status == 503 and r.json()["error"]["type"] == "jobs_unavailable"
+    assert "retry-after" in r.headers
+    r = await _show(h, "a" * 32)
+    assert r.status == 503
+    await dead.aclose()
+
+
+# --- thousands of jobs, exact counts ---------------------------------------------------------
+
+
+async def test_ten_thousand_jobs_drain_with_exact_counts(
+    rc: aioredis.Redis, redis_server: RedisServer, upstream: Upstream
+) -> None:
+    n = 10_000
+    # Counts under test, not latency: a generous Redis budget for the bursts on a slow host.
+    p = _params(max_depth=n, max_depth_per_tenant=0, redis_timeout_ms=5000)
+    h = _gateway(rc, p)
+    ids: set[str] = set()
+    for start in range(0, n, 64):  # 64 concurrent: within the client's connection pool
+        rs = await asyncio.gather(
+            *(_submit(h, body={"key": f"j{i}"}) for i in range(start, min(n, start + 64)))
+        )
+        assert {r.status for r in rs} == {202}
+        ids.update(r.json()["id"] for r in rs)
+    assert len(ids) == n and await rc.get(f"{p.prefix}:depth") == str(n).encode()
+    clients = [worker_redis(redis_server.url, 32) for _ in range(4)]
+    workers = [
+        _worker(c, p, upstream, concurrency=32, consumer=f"w{i}") for i, c in enumerate(clients)
+    ]
+    async with Running(*workers):
+        await _until(lambda: _depth_zero(rc, p), timeout=300)
+    for c in clients:
+        await c.aclose()
+    store = JobStore(rc, p.prefix)
+    statuses: dict[bytes, int] = {}
+    pipe = rc.pipeline(transaction=False)
+    for i in ids:
+        pipe.hmget(store.job_key(i), ["status", "attempts"])
+    for status, attempts in await pipe.execute():
+        statuses[status] = statuses.get(status, 0) + 1
+        assert attempts == b"1"
+    assert statuses == {b"succeeded": n}
+    # Each job ran exactly once: every key reached the upstream once.
+    assert sum(1 for k, c in upstream.by_key.items() if k.startswith("j") and c == 1) == n
+    assert await rc.xlen(f"{p.prefix}:q:standard") == 0
+
+
+async def _depth_zero(rc: aioredis.Redis, p: JobsParams) -> bool:
+    return await rc.get(f"{p.prefix}:depth") == b"0"
+
+
+# --- processes: kill -9, SIGSTOP, Redis restarted ------------------------------------------------
+
+
+def _worker_process(tmp: Path, redis_url: str, p: JobsParams, name: str) -> subprocess.Popen[bytes]:
+    cfg = {
+        "upstreams": {"up": {"endpoints": [{"address": "127.0.0.1", "port": 1}]}},
+        "routes": [
+            {"name": "jobs", "match": {"prefix": "/v1/jobs"}, "api": "jobs", "upstream": "up"}
+        ],
+        "filters": [{"name": "jobs", "type": "jobs", "params": p.model_dump(mode="json")}],
+    }
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    (admin,) = free_ports(1)
+    with (tmp / f"{name}.log").open("wb") as log:
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "proxy.cli",
+                "worker",
+                "-c",
+                str(path),
+                "--redis-url",
+                redis_url,
+                "--consumer",
+                name,
+                "--admin-port",
+                str(admin),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
+async def test_kill_9_mid_job_still_completes_once(
+    rc: aioredis.Redis, redis_server: RedisServer, upstream: Upstream, tmp_path: Path
+) -> None:
+    p = _params(worker={"gateway_url": upstream.url})
+    h = _gateway(rc, p)
+    job_id = (await _submit(h, "/slow", {"key": "k9", "sleep": 1.5})).json()["id"]
+    a = _worker_process(tmp_path, redis_server.url, p, "a")
+    try:
+        await _until(lambda: _is(h, job_id, "running"))
+        os.killpg(a.pid, signal.SIGKILL)  # mid-job: no ack, no goodbye
+        a.wait(timeout=10)
+    finally:
+        _stop(a)
+    b = _worker_process(tmp_path, redis_server.url, p, "b")
+    try:  # after visibility_timeout_s (2 s) b takes it over and runs it again
+        await _until(lambda: _is(h, job_id, "succeeded"), timeout=30)
+    finally:
+        _stop(b)
+    job = (await _show(h, job_id)).json()
+    assert job["attempts"] == 2 and job["result"]["body"]["key"] == "k9"
+    assert await rc.get(f"{p.prefix}:depth") == b"0"
+
+
+async def test_a_frozen_worker_cannot_overwrite_the_result(
+    rc: aioredis.Redis, redis_server: RedisServer, upstream: Upstream, tmp_path: Path
+) -> None:
+    p = _params(worker={"gateway_url": upstream.url})
+    h = _gateway(rc, p)
+    job_id = (await _submit(h, "/slow", {"key": "fz", "sleep": 1.0})).json()["id"]
+    a = _worker_process(tmp_path, redis_server.url, p, "a")
+    b = None
+    try:
+        await _until(lambda: _is(h, job_id, "running"))
+        os.killpg(a.pid, signal.SIGSTOP)  # stalls past the visibility timeout
+        b = _worker_process(tmp_path, redis_server.url, p, "b")
+        await _until(lambda: _is(h, job_id, "succeeded"), timeout=30)
+        first = (await _show(h, job_id)).json()
+        os.killpg(a.pid, signal.SIGCONT)  # a wakes up, finishes its call, tries to finish
+        await _until(lambda: _called_twice(upstream, "fz"), timeout=15)
+        await asyncio.sleep(1.0)
+        assert (await _show(h, job_id)).json() == first  # one visible result
+    finally:
+        _stop(a)
+        if b is not None:
+            _stop(b)
+    assert await rc.get(f"{p.prefix}:depth") == b"0"
+
+
+async def _called_twice(up: Upstream, key: str) -> bool:
+    return up.by_key.get(key, 0) >= 2
+
+
+async def test_accepted_jobs_survive_a_redis_restart_with_aof(
+    tmp_path: Path, upstream: Upstream
+) -> None:
+    server = RedisServer(tmp_path / "aof", "--appendonly", "yes", "--appendfsync", "everysec")
+    server.start()
+    try:
+        r = aioredis.Redis.from_url(server.url, socket_timeout=2)
+        p = _params()
+        h = _gateway(r, p)
+        ids = [(await _submit(h, body={"key": f"a{i}"})).json()["id"] for i in range(300)]
+        server.kill()  # SIGKILL right after the last 202: no shutdown, no final fsync
+        server.start()
+        await r.aclose()
+        r = aioredis.Redis.from_url(server.url, socket_timeout=2)
+        h = _gateway(r, p)
+        assert await r.get(f"{p.prefix}:depth") == b"300"
+        assert await r.xlen(f"{p.prefix}:q:standard") == 300
+        async with Running(_worker(r, p, upstream, concurrency=16)):
+            await _until(lambda: _depth_zero(r, p), timeout=60)
+        assert await _all_done(r, p, ids)
+        await r.aclose()
+    finally:
+        server.stop()
