@@ -103,9 +103,22 @@ def drain(stack: Stack, config: Path, n: int, workers: int) -> dict[str, Any]:
     procs = []
     for i in range(workers):
         (admin,) = free_ports(1)
-        argv = [sys.executable, "-m", "proxy.cli", "worker", "-c", str(config),
-                "--redis-url", stack.redis_url, "--consumer", f"bench-{workers}-{i}",
-                "--admin-port", str(admin), "--log-level", "warning"]  # fmt: skip
+        argv = [
+            sys.executable,
+            "-m",
+            "proxy.cli",
+            "worker",
+            "-c",
+            str(config),
+            "--redis-url",
+            stack.redis_url,
+            "--consumer",
+            f"bench-{workers}-{i}",
+            "--admin-port",
+            str(admin),
+            "--log-level",
+            "warning",
+        ]
         procs.append(subprocess.Popen(argv, start_new_session=True))
     try:
         deadline = time.monotonic() + 600
@@ -123,8 +136,14 @@ def drain(stack: Stack, config: Path, n: int, workers: int) -> dict[str, Any]:
         started.append(int(s0))
         finished.append(int(f1))
     span = (max(finished) - min(started)) / 1000
-    return {"workers": workers, "slots": workers * p.worker.concurrency, "jobs": n,
-            "statuses": states, "span_s": span, "jobs_per_s": n / span}  # fmt: skip
+    return {
+        "workers": workers,
+        "slots": workers * p.worker.concurrency,
+        "jobs": n,
+        "statuses": states,
+        "span_s": span,
+        "jobs_per_s": n / span,
+    }
 
 
 def sync_reference(stack: Stack, n: int, concurrency: int) -> dict[str, Any]:
@@ -132,8 +151,13 @@ def sync_reference(stack: Stack, n: int, concurrency: int) -> dict[str, Any]:
     t0 = time.perf_counter()
     statuses = asyncio.run(_send(base, n, concurrency, "sync", job=False))
     span = time.perf_counter() - t0
-    return {"concurrency": concurrency, "requests": n, "ok": statuses.count(200),
-            "span_s": span, "requests_per_s": n / span}  # fmt: skip
+    return {
+        "concurrency": concurrency,
+        "requests": n,
+        "ok": statuses.count(200),
+        "span_s": span,
+        "requests_per_s": n / span,
+    }
 
 
 def run(quick: bool) -> dict[str, Any]:
@@ -177,8 +201,10 @@ def markdown(res: dict[str, Any]) -> str:
     ]
     for kind in ("submit", "sync", "gateway"):
         k = s[kind]
-        lines.append(f"| {kind} | {k['target_rps']:.0f} | {k['p50_ms']:.2f} | {k['p99_ms']:.2f} | "
-                     f"{k['statuses']} |")  # fmt: skip
+        lines.append(
+            f"| {kind} | {k['target_rps']:.0f} | {k['p50_ms']:.2f} | {k['p99_ms']:.2f} | "
+            f"{k['statuses']} |"
+        )
     lines += [
         "",
         f"Submission p50 is {s['submit']['p50_ms'] / s['gateway']['p50_ms']:.2f}x the gateway's "
@@ -190,8 +216,10 @@ def markdown(res: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|",
     ]
     for row in res["drain"]:
-        lines.append(f"| {row['workers']} | {row['slots']} | {row['jobs']} | "
-                     f"{row['jobs_per_s']:.1f} | {row['span_s']:.2f} | {row['statuses']} |")  # fmt: skip
+        lines.append(
+            f"| {row['workers']} | {row['slots']} | {row['jobs']} | "
+            f"{row['jobs_per_s']:.1f} | {row['span_s']:.2f} | {row['statuses']} |"
+        )
     ref = res["sync_reference"]
     one = res["drain"][0]["jobs_per_s"]
     lines += [

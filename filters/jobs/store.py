@@ -32,7 +32,8 @@ from filters.jobs.params import PRIORITIES
 GROUP = "workers"
 TERMINAL = ("succeeded", "failed", "cancelled")
 
-_NOW = """
+# Helpers every script starts with (prepended at registration).
+_LIB = """
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -45,17 +46,21 @@ local function hset_pairs(key, argv, from)
     redis.call('HSET', key, unpack(argv, i, math.min(i + 199, #argv)))
   end
 end
+local function ack(queue, entry)
+  if entry ~= '' then
+    redis.call('XACK', queue, '$GROUP', entry)
+    redis.call('XDEL', queue, entry)
+  end
+end
 local function unfinished_less(depth, tdepth, tenant)
   redis.call('DECR', depth)
   redis.call('HINCRBY', tdepth, tenant, -1)
 end
-"""
+""".replace("$GROUP", GROUP)
 
 # KEYS: job, queue, depth, tdepth, idem  ARGV: id, tenant, max_depth, max_tenant, idem_ttl_ms,
 # then field/value pairs of the job.
-_SUBMIT = (
-    _NOW
-    + """
+_SUBMIT = """
 if ARGV[5] ~= '0' then
   local got = redis.call('GET', KEYS[5])
   if got then return {'dup', got} end
@@ -76,12 +81,9 @@ redis.call('XADD', KEYS[2], '*', 'id', ARGV[1])
 if ARGV[5] ~= '0' then redis.call('SET', KEYS[5], ARGV[1], 'PX', ARGV[5]) end
 return {'ok', ARGV[1]}
 """
-)
 
 # KEYS: job  ARGV: consumer
-_START = (
-    _NOW
-    + """
+_START = """
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then return {'missing', '0'} end
 if terminal(st) then return {st, '0'} end
@@ -91,12 +93,9 @@ redis.call('HSET', KEYS[1], 'status', 'running', 'worker', ARGV[1], 'updated', n
 redis.call('HSETNX', KEYS[1], 'started', now)
 return {'run', tostring(a)}
 """
-)
 
 # KEYS: job  ARGV: index, status, body, is_json
-_SAVE = (
-    _NOW
-    + """
+_SAVE = """
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st or terminal(st) then return 0 end
 local i = ARGV[1]
@@ -107,18 +106,10 @@ redis.call('HSET', KEYS[1], 'rs:' .. i, ARGV[2], 'rb:' .. i, ARGV[3], 'rj:' .. i
            'updated', now_ms())
 return 1
 """
-)
 
 # KEYS: job, queue, depth, tdepth, dead  ARGV: entry, status, ttl_ms, to_dead, id, pairs...
-_FINISH = (
-    _NOW
-    + """
-if ARGV[1] ~= '' then
-  redis.call('XACK', KEYS[2], '"""
-    + GROUP
-    + """', ARGV[1])
-  redis.call('XDEL', KEYS[2], ARGV[1])
-end
+_FINISH = """
+ack(KEYS[2], ARGV[1])
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then return 'missing' end
 if terminal(st) then return st end
@@ -130,18 +121,10 @@ unfinished_less(KEYS[3], KEYS[4], redis.call('HGET', KEYS[1], 'tenant'))
 if ARGV[4] == '1' then redis.call('XADD', KEYS[5], 'MAXLEN', '~', 100000, '*', 'id', ARGV[5]) end
 return 'ok'
 """
-)
 
 # KEYS: job, queue, delayed  ARGV: entry, delay_ms, member, error, refund_attempt
-_RETRY = (
-    _NOW
-    + """
-if ARGV[1] ~= '' then
-  redis.call('XACK', KEYS[2], '"""
-    + GROUP
-    + """', ARGV[1])
-  redis.call('XDEL', KEYS[2], ARGV[1])
-end
+_RETRY = """
+ack(KEYS[2], ARGV[1])
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then return 'missing' end
 if terminal(st) then return st end
@@ -153,12 +136,9 @@ if ARGV[5] == '1' then redis.call('HINCRBY', KEYS[1], 'attempts', -1) end
 redis.call('ZADD', KEYS[3], due, ARGV[3])
 return 'ok'
 """
-)
 
 # KEYS: delayed, then one queue per class in PRIORITIES order  ARGV: limit
-_PROMOTE = (
-    _NOW
-    + """
+_PROMOTE = """
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now_ms(), 'LIMIT', 0, ARGV[1])
 local queues = {critical = KEYS[2], standard = KEYS[3], sheddable = KEYS[4]}
 for _, m in ipairs(due) do
@@ -169,12 +149,9 @@ for _, m in ipairs(due) do
 end
 return #due
 """
-)
 
 # KEYS: job, depth, tdepth  ARGV: tenant, ttl_ms
-_CANCEL = (
-    _NOW
-    + """
+_CANCEL = """
 local t = redis.call('HGET', KEYS[1], 'tenant')
 if not t or t ~= ARGV[1] then return {'missing', ''} end
 local st = redis.call('HGET', KEYS[1], 'status')
@@ -185,7 +162,6 @@ redis.call('PEXPIRE', KEYS[1], ARGV[2])
 unfinished_less(KEYS[2], KEYS[3], t)
 return {'ok', st}
 """
-)
 
 
 class Submitted:
@@ -207,13 +183,13 @@ class JobStore:
         self.delayed_key = f"{prefix}:delayed"
         self.dead_key = f"{prefix}:dead"
         self.queues: dict[str, str] = {cls: f"{prefix}:q:{cls}" for cls in PRIORITIES}
-        self._submit = redis.register_script(_SUBMIT)
-        self._start = redis.register_script(_START)
-        self._save = redis.register_script(_SAVE)
-        self._finish = redis.register_script(_FINISH)
-        self._retry = redis.register_script(_RETRY)
-        self._promote = redis.register_script(_PROMOTE)
-        self._cancel = redis.register_script(_CANCEL)
+        self._submit = redis.register_script(_LIB + _SUBMIT)
+        self._start = redis.register_script(_LIB + _START)
+        self._save = redis.register_script(_LIB + _SAVE)
+        self._finish = redis.register_script(_LIB + _FINISH)
+        self._retry = redis.register_script(_LIB + _RETRY)
+        self._promote = redis.register_script(_LIB + _PROMOTE)
+        self._cancel = redis.register_script(_LIB + _CANCEL)
 
     def job_key(self, job_id: str) -> str:
         return f"{self.prefix}:job:{job_id}"
