@@ -17,6 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from proxy.api import AdminHandler
 
 log = logging.getLogger("floodwall.admin")
+audit = logging.getLogger("floodwall.audit")
 
 
 def _response(status: str, body: bytes, ctype: str = "text/plain; charset=utf-8") -> bytes:
@@ -97,5 +98,8 @@ class AdminServer:
             except Exception as exc:  # the admin plane answers, whatever a handler does
                 log.exception("admin route %s failed", path)
                 status, body = 500, {"error": {"type": "internal", "message": type(exc).__name__}}
+            # Who did what is the handler's business (it authenticates); the audit log keeps
+            # what was asked and the answer, never the credentials in the headers.
+            audit.info("admin_action", extra={"path": path, "query": query, "status": status})
         return _response(_STATUS.get(status, f"{status} Status"), orjson.dumps(body),
                          "application/json")  # fmt: skip

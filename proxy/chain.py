@@ -106,6 +106,8 @@ class Chain:
     def __init__(self, config: FloodwallConfig, filters: Sequence[Filter]) -> None:
         self.config = config
         self.filters = list(filters)
+        # Streams running on this chain (a reloaded-away chain retires when this reaches 0).
+        self.streams = 0
         self._background: set[asyncio.Task[None]] = set()
         fconf: dict[str, FilterConfig] = {fc.name: fc for fc in config.filters}
         self._plans: dict[str | None, RoutePlan] = {}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import signal
 import subprocess
 import sys
@@ -24,11 +23,9 @@ def _fail(msg: str, code: int = 2) -> int:
 
 
 def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format='{"time":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s",'
-        '"message":"%(message)s"}',
-    )
+    from proxy import logs
+
+    logs.setup(level)
 
 
 def cmd_envoy_config(args: argparse.Namespace) -> int:
@@ -80,7 +77,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     runtime = Path(args.runtime_dir)
     runtime.mkdir(parents=True, exist_ok=True)
-    run(cfg, index=args.index, runtime_dir=runtime, redis_url=args.redis_url)
+    path = Path(args.config) if args.config else DEFAULT_CONFIG
+    run(cfg, index=args.index, runtime_dir=runtime, redis_url=args.redis_url,
+        config_path=path.resolve())  # fmt: skip
     return 0
 
 
@@ -145,6 +144,8 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    # SIGHUP: the processors reload the policy config (filters) from the file.
+    signal.signal(signal.SIGHUP, lambda signum, frame: stack.reload())
     print(f"floodwall up: {config_path}")
     try:
         stack.start_all()

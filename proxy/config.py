@@ -67,6 +67,9 @@ class ProcessorConfig(Model):
     # later than this (smoothed): CPU starvation would turn them into 504s after spending
     # the CPU anyway. None: off. Keep it well below message_timeout_ms.
     shed_lag_ms: Annotated[float, Field(gt=0)] | None = None
+    # Reload the policy config (filters) when the file changes, checked this often; None: on
+    # SIGHUP only (`kill -HUP` a processor, or `floodwall up`, which passes it on).
+    watch_config_s: Annotated[float, Field(gt=0, le=3600)] | None = None
 
 
 class RedisConfig(Model):

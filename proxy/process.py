@@ -14,6 +14,7 @@ from proxy.chain import Chain
 from proxy.config import FloodwallConfig
 from proxy.guard import LagGuard
 from proxy.registry import build_filters
+from proxy.reload import Reloader
 from proxy.server import ProcessorServer
 
 log = logging.getLogger("floodwall.process")
@@ -63,7 +64,12 @@ def build_chain(cfg: FloodwallConfig, deps: Deps | None = None) -> Chain:
 
 
 async def serve(
-    cfg: FloodwallConfig, *, index: int, runtime_dir: Path, redis_url: str | None
+    cfg: FloodwallConfig,
+    *,
+    index: int,
+    runtime_dir: Path,
+    redis_url: str | None,
+    config_path: Path | None = None,
 ) -> None:
     deps = make_deps(cfg, redis_url)
     chain = build_chain(cfg, deps)
@@ -73,13 +79,18 @@ async def serve(
     lag = cfg.processor.shed_lag_ms
     guard = LagGuard(lag / 1000) if lag is not None else None
     server = ProcessorServer(chain, address, guard)
-    routes = {path: h for f in chain.filters for path, h in f.admin_routes().items()}
     admin = AdminServer(
         cfg.processor.admin_address,
         cfg.processor.admin_port + index,
         lambda: server.ready,
-        routes,
+        _admin_routes(chain),
     )
+
+    def swap(new: Chain) -> None:
+        server.swap_chain(new)
+        admin.routes = _admin_routes(new)
+
+    reloader = Reloader(config_path, cfg, chain, deps, swap) if config_path else None
     await admin.start()
     await server.start()
     log.info("processor %d listening on %s", index, address)
@@ -88,7 +99,19 @@ async def serve(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    background: list[asyncio.Task[Any]] = []
+    if reloader is not None:
+        r = reloader
+        loop.add_signal_handler(
+            signal.SIGHUP, lambda: background.append(loop.create_task(r.reload("SIGHUP")))
+        )
+        if cfg.processor.watch_config_s is not None:
+            background.append(loop.create_task(r.watch(cfg.processor.watch_config_s)))
     await stop.wait()
+    for t in background:
+        t.cancel()
+    if reloader is not None:
+        await reloader.stop()
     log.info("processor %d draining", index)
     # Envoy checks processor health every second: wait two checks before refusing streams.
     await server.drain_and_stop(cfg.processor.drain_seconds, health_wait_s=2.0)
@@ -99,7 +122,18 @@ async def serve(
         await deps.redis.aclose()
 
 
-def run(cfg: FloodwallConfig, *, index: int, runtime_dir: Path, redis_url: str | None) -> None:
+def _admin_routes(chain: Chain) -> dict[str, Any]:
+    return {path: h for f in chain.filters for path, h in f.admin_routes().items()}
+
+
+def run(
+    cfg: FloodwallConfig,
+    *,
+    index: int,
+    runtime_dir: Path,
+    redis_url: str | None,
+    config_path: Path | None = None,
+) -> None:
     import gc
 
     import uvloop
@@ -110,4 +144,7 @@ def run(cfg: FloodwallConfig, *, index: int, runtime_dir: Path, redis_url: str |
     gc.freeze()
     gc.set_threshold(20_000, 20, 50)
 
-    uvloop.run(serve(cfg, index=index, runtime_dir=runtime_dir, redis_url=redis_url))
+    uvloop.run(
+        serve(cfg, index=index, runtime_dir=runtime_dir, redis_url=redis_url,
+              config_path=config_path)
+    )  # fmt: skip

@@ -322,6 +322,12 @@ class Stack:
         rows.append(("logs", str(self.runtime_dir)))
         return rows
 
+    def reload(self) -> None:
+        """Asks every processor to reload the policy config from the file (SIGHUP)."""
+        for c in self.children:
+            if c.name.startswith("processor-") and c.proc.poll() is None:
+                c.proc.send_signal(signal.SIGHUP)
+
     def dead_child(self) -> Child | None:
         for c in self.children:
             if c.proc.poll() is not None:

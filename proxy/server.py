@@ -36,6 +36,10 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
     async def Process(self, request_iterator: object, context: grpc.aio.ServicerContext) -> None:
         # Explicit read()/write() instead of an async generator: measurably fewer event-loop
         # hops per message in grpc.aio (the stream loop is the processor's hot path).
+        # The chain this stream started on, kept to its end (a config reload swaps
+        # self.chain for new streams only).
+        chain = self.chain
+        chain.streams += 1
         ctx: RequestContext | None = None
         plan: RoutePlan | None = None
         responded_by: str | None = None
@@ -60,7 +64,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
                 if phase is Phase.REQUEST_HEADERS:
                     msg = req.request_headers
                     headers = translate.headers_to_dict(msg)
-                    ctx, plan = self.chain.context(headers)
+                    ctx, plan = chain.context(headers)
                     ctx.has_request_body = not msg.end_of_stream
                     if self.guard is not None and self.guard.overloaded():
                         r = _OVERLOADED
@@ -83,7 +87,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
                 else:
                     data = req.response_body.body
                     ctx.end_of_stream = req.response_body.end_of_stream
-                decision, by = await self.chain.run(plan, phase, ctx, data)
+                decision, by = await chain.run(plan, phase, ctx, data)
                 if isinstance(decision, Respond):
                     responded_by, status = by or "chain", decision.status
                     metrics.RESPONSES.labels(ctx.route_name, responded_by, str(status)).inc()
@@ -108,8 +112,9 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
                 await write(translate.immediate(r, grpc=ctx.grpc if ctx else False))
         finally:
             metrics.STREAMS_ACTIVE.dec()
+            chain.streams -= 1
             if ctx is not None and plan is not None:
-                self.chain.finish(ctx, plan, responded_by, status, reached_end)
+                chain.finish(ctx, plan, responded_by, status, reached_end)
 
 
 _OVERLOADED = errors.error(
@@ -166,6 +171,11 @@ class ProcessorServer:
     @property
     def ready(self) -> bool:
         return self._health.serving
+
+    def swap_chain(self, chain: Chain) -> None:
+        """New streams run on ``chain`` from now on (config reload)."""
+        self.chain = chain
+        self.processor.chain = chain
 
     async def drain_and_stop(self, drain_s: float, health_wait_s: float) -> None:
         self._health.serving = False

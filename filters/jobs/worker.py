@@ -207,6 +207,7 @@ class Worker:
         self.ready = False
         self.tasks: dict[asyncio.Task[None], tuple[str, str, str]] = {}
         self._hooks: set[asyncio.Task[None]] = set()
+        self._claim_from: dict[str, str] = {}
         self._webhook_session: aiohttp.ClientSession | None = None
 
     # --- the loop ----------------------------------------------------------------------------
@@ -289,9 +290,14 @@ class Worker:
             free = self._free()
             if free <= 0:
                 return
+            # Page through the pending list across calls (each call scans a bounded part of it),
+            # so idle entries behind many running ones are found too.
             out = await self.r.xautoclaim(
-                self.store.queues[cls], GROUP, self.consumer, min_idle, start_id="0-0", count=free
-            )
+                self.store.queues[cls], GROUP, self.consumer, min_idle,
+                start_id=self._claim_from.get(cls, "0-0"), count=free,
+            )  # fmt: skip
+            nxt = out[0]
+            self._claim_from[cls] = nxt.decode() if isinstance(nxt, bytes) else nxt
             for entry_id, fields in out[1]:
                 RECLAIMED.inc()
                 self._spawn(cls, entry_id, fields)

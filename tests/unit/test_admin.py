@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 import orjson
+import pytest
 
 from proxy.admin import AdminServer
 from tests.helpers import free_ports
@@ -21,7 +23,10 @@ async def _call(port: int, request: bytes) -> tuple[int, bytes]:
     return int(head.split()[1]), body
 
 
-async def test_filter_routes_get_query_and_headers_and_fail_soft() -> None:
+async def test_filter_routes_get_query_and_headers_and_fail_soft(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="floodwall.audit")
     seen: list[tuple[dict[str, str], dict[str, str]]] = []
 
     async def ok(query: dict[str, str], headers: dict[str, str]) -> tuple[int, Any]:
@@ -40,6 +45,10 @@ async def test_filter_routes_get_query_and_headers_and_fail_soft() -> None:
         )
         assert status == 200 and orjson.loads(body) == {"done": True}
         assert seen == [({"tenant": "t1", "all": "1"}, {"authorization": "Bearer k"})]
+        # Audited: what was asked and the answer, never the credentials.
+        rec = next(r for r in caplog.records if r.name == "floodwall.audit")
+        assert (rec.path, rec.query, rec.status) == ("/x/do", {"tenant": "t1", "all": "1"}, 200)  # type: ignore[attr-defined]
+        assert "Bearer k" not in caplog.text
         status, body = await _call(port, b"GET /x/do HTTP/1.1\r\n\r\n")
         assert status == 405 and orjson.loads(body)["error"]["type"] == "method_not_allowed"
         status, body = await _call(port, b"POST /x/broken HTTP/1.1\r\n\r\n")

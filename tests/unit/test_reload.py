@@ -1,0 +1,154 @@
+"""Hot reload of the policy config: what is applied, what is rejected (and that the running
+chain then stays), filters carried over with their state, dropped ones stopped only after the
+streams on the old chain ended."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from proxy.api import Deps, Phase
+from proxy.chain import Chain
+from proxy.config import load_config
+from proxy.process import build_chain
+from proxy.reload import Reloader
+
+
+def _key(k: str, i: str) -> dict[str, str]:
+    return {"id": i, "sha256": hashlib.sha256(k.encode()).hexdigest(), "tenant": i}
+
+
+def _cfg(keys: list[dict[str, str]], **extra: Any) -> dict[str, Any]:
+    cfg: dict[str, Any] = {
+        "upstreams": {"up": {"endpoints": [{"address": "127.0.0.1", "port": 1}]}},
+        "routes": [
+            {"name": "kserve_http", "match": {"prefix": "/v2"}, "upstream": "up"},
+            {
+                "name": "embeddings",
+                "match": {"path": "/v1/embeddings"},
+                "api": "openai_embeddings",
+                "upstream": "up",
+            },
+        ],
+        "filters": [
+            {"name": "auth", "type": "auth", "params": {"keys": keys}},
+            {
+                "name": "openai",
+                "type": "openai",
+                "routes": ["embeddings"],
+                "params": {"embedding_models": {"m": {"triton_model": "m"}}},
+            },
+            {"name": "breaker", "type": "breaker", "params": {"models": ["m"]}},
+        ],
+    }
+    cfg.update(extra)
+    return cfg
+
+
+class Setup:
+    def __init__(self, tmp: Path) -> None:
+        self.path = tmp / "fw.yaml"
+        self.write(_cfg([_key("k1", "one")]))
+        self.cfg = load_config(self.path)
+        self.chain = build_chain(self.cfg, Deps())
+        self.swapped: list[Chain] = []
+        self.reloader = Reloader(self.path, self.cfg, self.chain, Deps(), self.swapped.append)
+
+    def write(self, cfg: dict[str, Any] | str) -> None:
+        self.path.write_text(cfg if isinstance(cfg, str) else yaml.safe_dump(cfg))
+
+
+async def test_applied_keeps_unchanged_filters_and_their_state(tmp_path: Path) -> None:
+    s = Setup(tmp_path)
+    old = s.chain
+    s.write(_cfg([_key("k1", "one"), _key("k2", "two")]))
+    assert await s.reloader.reload("test")
+    (new,) = s.swapped
+    assert s.reloader.chain is new and s.reloader.generation == 1
+    assert new.filters[0] is not old.filters[0]  # auth changed: rebuilt
+    assert new.filters[1:] == old.filters[1:]  # openai and breaker: the same instances
+    await s.reloader.stop()
+
+
+@pytest.mark.parametrize(
+    ("change", "why"),
+    [
+        ("filters: [", "not valid YAML"),
+        (_cfg([{"id": "x", "sha256": "nothex", "tenant": "x"}]), "sha256"),
+        (_cfg([_key("k1", "one")], listener={"port": 9999}), "listener changed"),
+        (
+            {
+                **_cfg([_key("k1", "one")]),
+                "filters": [
+                    {"name": "auth", "type": "auth", "params": {"keys": [_key("k1", "one")]}},
+                    {"name": "jobs", "type": "jobs"},  # reads bodies, on every route
+                ],
+            },
+            "kserve_http would need request_body",
+        ),
+        (
+            {
+                **_cfg([_key("k1", "one")]),
+                "filters": [
+                    {"name": "auth", "type": "auth", "params": {"keys": [_key("k1", "one")]}},
+                    {"name": "slow", "type": "admission", "params": {"max_queue_ms": 5000}},
+                ],
+            },
+            "message timeout",
+        ),
+    ],
+)
+async def test_rejected_and_the_running_chain_stays(
+    tmp_path: Path, change: Any, why: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    s = Setup(tmp_path)
+    s.write(change)
+    assert not await s.reloader.reload("test")
+    assert s.swapped == [] and s.reloader.chain is s.chain
+    assert why in caplog.text
+    # ... and a good config afterwards still applies.
+    s.write(_cfg([_key("k1", "one"), _key("k2", "two")]))
+    assert await s.reloader.reload("test")
+
+
+async def test_dropped_filters_stop_after_the_old_streams(tmp_path: Path) -> None:
+    s = Setup(tmp_path)
+    breaker = s.chain.filters[2]
+    stopped: list[str] = []
+
+    async def stop() -> None:
+        stopped.append("breaker")
+
+    breaker.stop = stop  # type: ignore[method-assign]
+    s.chain.streams = 1  # a request still running on the old chain
+    cfg = _cfg([_key("k1", "one")])
+    cfg["filters"] = cfg["filters"][:2]
+    s.write(cfg)
+    assert await s.reloader.reload("test")
+    await asyncio.sleep(0.2)
+    assert stopped == []
+    s.chain.streams = 0
+    await s.reloader.stop()
+    assert stopped == ["breaker"]
+    route = s.reloader.cfg.routes[1]
+    assert Phase.REQUEST_BODY in s.reloader.chain.phases_for(route)
+
+
+async def test_watch_reloads_on_file_change(tmp_path: Path) -> None:
+    s = Setup(tmp_path)
+    task = asyncio.create_task(s.reloader.watch(0.05))
+    try:
+        s.write(_cfg([_key("k1", "one"), _key("k3", "three")]))
+        for _ in range(100):
+            if s.swapped:
+                break
+            await asyncio.sleep(0.02)
+        assert s.swapped
+    finally:
+        task.cancel()
+        await s.reloader.stop()
