@@ -32,6 +32,8 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 if [ "$MODELS" = 1 ]; then
   .venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/pip install -q torch==2.13.0
   .venv/bin/pip install -q -e '.[export,dev]'
+  # The example third-party policy (docs/writing-a-filter.md): its tests run with the suite.
+  .venv/bin/pip install -q -e examples/model-allowlist
   HF_HUB_OFFLINE=1 .venv/bin/floodwall models build
   echo "setup: done (.venv ready, models built)"
 else
