@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
+from prometheus_client import Counter, Histogram
 
 from filters.openai import chat, embeddings
 from filters.openai.params import OpenAIParams
@@ -26,6 +27,7 @@ from proxy.api import (
     Filter,
     Headers,
     Mutate,
+    Outcome,
     Phase,
     RequestContext,
     Usage,
@@ -34,11 +36,38 @@ from proxy.config import RouteConfig
 
 _APIS = frozenset({"openai_embeddings", "openai_chat"})
 
+# OpenTelemetry GenAI semantic conventions (metric and attribute names with dots as
+# underscores, as Prometheus needs them; the spec's recommended buckets).
+TOKEN_USAGE = Histogram(
+    "gen_ai_client_token_usage",
+    "Tokens per call (OTel gen_ai.client.token.usage)",
+    ["gen_ai_operation_name", "gen_ai_request_model", "gen_ai_token_type"],
+    buckets=(1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304),
+)
+REQUEST_SECONDS = Histogram(
+    "gen_ai_server_request_duration_seconds",
+    "Duration of answered model calls (OTel gen_ai.server.request.duration)",
+    ["gen_ai_operation_name", "gen_ai_request_model"],
+    buckets=(0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96),
+)
+FIRST_TOKEN_SECONDS = Histogram(
+    "gen_ai_server_time_to_first_token_seconds",
+    "Time to the first streamed chunk (OTel gen_ai.server.time_to_first_token)",
+    ["gen_ai_request_model"],
+    buckets=(0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0),
+)
+TOKENS = Counter(
+    "floodwall_tokens",
+    'Tokens of answered calls by tenant ("all" unless tenant_metrics), model and type',
+    ["tenant", "model", "type"],
+)
+
 
 @dataclass(slots=True)
 class _State:
     call: embeddings.EmbeddingsCall | chat.ChatCall | None = None
     stream: chat.StreamTranslator | None = None
+    first_chunk: bool = True
 
 
 class OpenAIFilter(Filter):
@@ -138,6 +167,9 @@ class OpenAIFilter(Filter):
     async def on_response_body(self, ctx: RequestContext, body: bytes) -> Decision:
         st = ctx.state(_State)
         if st.stream is not None and ctx.response_streamed:
+            if st.first_chunk and body:
+                st.first_chunk = False
+                FIRST_TOKEN_SECONDS.labels(ctx.model or "-").observe(time.monotonic() - ctx.started)
             out = st.stream.feed(body, ctx.end_of_stream)
             if ctx.end_of_stream:
                 ctx.usage = st.stream.usage
@@ -162,6 +194,23 @@ class OpenAIFilter(Filter):
             set_headers={"content-type": "application/json", "content-length": str(len(out))},
             body=out,
         )
+
+    async def on_complete(self, ctx: RequestContext, outcome: Outcome) -> None:
+        call = ctx.state(_State).call
+        if call is None or outcome.status != 200 or outcome.responded_by is not None:
+            return
+        op = "chat" if isinstance(call, chat.ChatCall) else "embeddings"
+        model = ctx.model or "-"
+        REQUEST_SECONDS.labels(op, model).observe(outcome.duration_s)
+        u = ctx.usage
+        if u is None:
+            return
+        tenant = (ctx.tenant or "-") if self.p.tenant_metrics else "all"
+        for kind, n in (("input", u.prompt_tokens), ("output", u.completion_tokens)):
+            if kind == "output" and op == "embeddings":
+                continue
+            TOKEN_USAGE.labels(op, model, kind).observe(n)
+            TOKENS.labels(tenant, model, kind).inc(n)
 
 
 def _upstream_error(ctx: RequestContext, status: int, body: bytes) -> Decision:

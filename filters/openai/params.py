@@ -38,6 +38,9 @@ class OpenAIParams(FilterParams):
     # Token counts before the model answers are estimates: ceil(characters / this) per text
     # (OpenAI's rule of thumb for English). The model's own counts replace them afterwards.
     chars_per_token: Annotated[float, Field(gt=0, le=100)] = 4.0
+    # Label floodwall_tokens_total with the tenant id (token use per tenant). Off: "all", for
+    # deployments with more tenants than a metrics backend should hold series for.
+    tenant_metrics: bool = False
     # Request priority class (ctx.priority) -> Triton priority level (1 is served first).
     # Unset classes use the model's default level.
     triton_priority: dict[str, Annotated[int, Field(ge=1)]] = Field(
