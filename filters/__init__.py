@@ -9,4 +9,5 @@ BUILTIN: dict[str, str] = {
     "degrade": "filters.degrade.filter:DegradeFilter",
     "cache": "filters.cache.filter:CacheFilter",
     "jobs": "filters.jobs.filter:JobsFilter",
+    "canary": "filters.canary.filter:CanaryFilter",
 }

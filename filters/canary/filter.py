@@ -1,0 +1,121 @@
+"""Canary: a weighted split of one model's traffic between versions (or models), say 95/5,
+with per-target metrics so a bad version shows before it takes all the traffic.
+
+The split is a policy: change the weights in the config and reload (SIGHUP or the file
+watch) to move traffic, no restart. Place it after ``openai`` (it reads ``ctx.model``) and
+before ``degrade`` and ``breaker``, which then judge the chosen target. The answer says which
+target served it (``x-floodwall-canary``); ``floodwall_canary_requests_total{model,target,
+status}`` counts outcomes per target.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+
+from prometheus_client import Counter
+
+from filters.canary.params import CanaryParams, Split
+from proxy.api import (
+    CONTINUE,
+    Decision,
+    Deps,
+    Filter,
+    Headers,
+    Mutate,
+    Outcome,
+    Phase,
+    RequestContext,
+)
+from proxy.config import RouteConfig
+
+REQUESTS = Counter(
+    "floodwall_canary_requests",
+    "Calls of a split model by the target that served them and the status class",
+    ["model", "target", "status"],
+)
+
+_MODEL_IN_PATH = re.compile(r"^/v2/models/([^/?]+)")
+
+
+@dataclass(slots=True)
+class _State:
+    model: str = ""
+    target: str | None = None
+
+
+class CanaryFilter(Filter):
+    Params = CanaryParams
+
+    def __init__(self, params: CanaryParams, deps: Deps) -> None:
+        super().__init__(params, deps)
+        self.p = params
+        # Cumulative weights per split, normalised to [0, 1).
+        self._cuts = {model: _cuts(split) for model, split in params.splits.items()}
+
+    def phases(self, route: RouteConfig) -> frozenset[Phase]:
+        if route.api == "kserve_grpc":
+            return frozenset()  # the model is inside the protobuf body: not rewritable here
+        step = Phase.REQUEST_BODY if route.model_in_body else Phase.REQUEST_HEADERS
+        return frozenset({Phase.REQUEST_HEADERS, step, Phase.RESPONSE_HEADERS})
+
+    async def on_request_headers(self, ctx: RequestContext, headers: Headers) -> Decision:
+        if ctx.route is not None and ctx.route.model_in_body:
+            return CONTINUE  # the model is known once the openai filter parsed the body
+        return self._split(ctx)
+
+    async def on_request_body(self, ctx: RequestContext, body: bytes) -> Decision:
+        return self._split(ctx)
+
+    def _split(self, ctx: RequestContext) -> Decision:
+        model = ctx.model
+        split = self.p.splits.get(model or "")
+        if model is None or split is None:
+            return CONTINUE
+        m = _MODEL_IN_PATH.match(ctx.upstream_path)
+        if m is None:
+            return CONTINUE
+        target = self._pick(model, split, ctx)
+        st = ctx.state(_State)
+        st.model, st.target = model, target
+        ctx.model = target
+        if target == m.group(1):
+            return CONTINUE
+        return Mutate(set_headers={":path": f"/v2/models/{target}" + ctx.upstream_path[m.end() :]})
+
+    def _pick(self, model: str, split: Split, ctx: RequestContext) -> str:
+        who = {"key": ctx.key_id, "tenant": ctx.tenant}.get(split.sticky)
+        if who is None:
+            x = self.deps.rng.random()
+        else:  # the same caller, the same point in [0, 1): the same target until weights move
+            digest = hashlib.blake2b(f"{model}\0{who}".encode(), digest_size=8).digest()
+            x = int.from_bytes(digest, "big") / 2**64
+        for cut, target in self._cuts[model]:
+            if x < cut:
+                return target
+        return self._cuts[model][-1][1]
+
+    async def on_response_headers(self, ctx: RequestContext, headers: Headers) -> Decision:
+        target = ctx.state(_State).target
+        if target is None:
+            return CONTINUE
+        return Mutate(set_headers={"x-floodwall-canary": target})
+
+    async def on_complete(self, ctx: RequestContext, outcome: Outcome) -> None:
+        st = ctx.state(_State)
+        if st.target is None:
+            return
+        status = f"{outcome.status // 100}xx" if outcome.status else "aborted"
+        REQUESTS.labels(st.model, st.target, status).inc()
+
+
+def _cuts(split: Split) -> list[tuple[float, str]]:
+    total = sum(t.weight for t in split.targets)
+    out, acc = [], 0.0
+    for t in split.targets:
+        if t.weight <= 0:
+            continue
+        acc += t.weight / total
+        out.append((acc, t.model))
+    return out
