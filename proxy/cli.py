@@ -78,7 +78,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     runtime = Path(args.runtime_dir)
     runtime.mkdir(parents=True, exist_ok=True)
     path = Path(args.config) if args.config else DEFAULT_CONFIG
-    run(cfg, index=args.index, runtime_dir=runtime, redis_url=args.redis_url,
+    # Without --redis-url (which `up` passes for its private Redis): the config's own URL.
+    redis_url = args.redis_url
+    if redis_url is None and cfg.redis is not None and cfg.redis.url != "local":
+        redis_url = cfg.redis.url
+    run(cfg, index=args.index, runtime_dir=runtime, redis_url=redis_url,
         config_path=path.resolve())  # fmt: skip
     return 0
 
@@ -217,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-c", "--config", required=False)
     p.add_argument("--index", type=int, default=0)
     p.add_argument("--runtime-dir", default="/tmp/floodwall")
-    p.add_argument("--redis-url", default=None)
+    p.add_argument("--redis-url", default=None, help="default: the config's redis.url")
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=cmd_serve)
 
