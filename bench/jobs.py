@@ -232,6 +232,41 @@ def markdown(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def plot(res: dict[str, Any], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("no plot: pip install -e '.[bench]' for matplotlib")
+        return
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    kinds = ["submit", "sync", "gateway"]
+    s = res["submission"]
+    x = range(len(kinds))
+    a.bar([i - 0.2 for i in x], [s[k]["p50_ms"] for k in kinds], 0.4, label="p50")
+    a.bar([i + 0.2 for i in x], [s[k]["p99_ms"] for k in kinds], 0.4, label="p99")
+    a.set_xticks(list(x), kinds)
+    a.set_ylabel("ms")
+    a.set_title("Through Envoy, interleaved")
+    a.legend()
+    rows = res["drain"]
+    b.bar([str(r["workers"]) for r in rows], [r["jobs_per_s"] for r in rows])
+    b.axhline(
+        res["sync_reference"]["requests_per_s"],
+        color="k",
+        ls="--",
+        label="synchronous, concurrency 4",
+    )
+    b.set_xlabel("workers (4 slots each)")
+    b.set_ylabel("jobs/s")
+    b.set_title(f"Drain of {rows[0]['jobs']} embedding jobs")
+    b.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--quick", action="store_true")
@@ -244,6 +279,7 @@ def main() -> None:
     out.with_suffix(".json").write_text(json.dumps(res, indent=2))
     md = markdown(res)
     out.with_suffix(".md").write_text(md)
+    plot(res, out.with_suffix(".png"))
     print(md)
 
 

@@ -103,6 +103,19 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(rest: list[str]) -> int:
+    """``floodwall bench ...``: its options belong to bench/run.py, passed on untouched."""
+    import importlib
+
+    from proxy.config import REPO_ROOT
+
+    if not (REPO_ROOT / "bench" / "run.py").exists():
+        return _fail("the benchmark suites live in a checkout's bench/: run from a clone")
+    sys.path.insert(0, str(REPO_ROOT))
+    code: int = importlib.import_module("bench.run").main(rest)
+    return code
+
+
 def cmd_models_build(args: argparse.Namespace) -> int:
     from proxy import models
 
@@ -234,6 +247,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=cmd_worker)
 
+    p = sub.add_parser(
+        "bench", help="run the benchmark suites; JSON, plots, a Markdown summary", add_help=False
+    )
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="see floodwall bench --help")
+
     p = sub.add_parser("models", help="model repository tasks")
     msub = p.add_subparsers(dest="models_cmd", required=True)
     b = msub.add_parser("build", help="export the embedder to ONNX into the cache dir")
@@ -267,6 +285,9 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--model", default="embedder", help="the Triton embedding model")
     e.set_defaults(func=cmd_cache_eval)  # fmt: skip
 
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # its options are bench/run.py's (argparse would eat them)
+        return cmd_bench(argv[1:])
     args = ap.parse_args(argv)
     try:
         code: int = args.func(args)

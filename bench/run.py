@@ -1,0 +1,134 @@
+"""``floodwall bench``: runs the benchmark suites one after another with a progress bar, then
+writes one summary: each suite's JSON, Markdown and plots stay in the output folder, and
+``summary.md`` gathers their tables (with the machine and the time taken per suite).
+
+    .venv/bin/floodwall bench                       # every suite, full length (~25 minutes)
+    .venv/bin/floodwall bench --quick               # shorter runs (~8 minutes)
+    .venv/bin/floodwall bench --suites jobs cache   # some of them
+    .venv/bin/floodwall bench --summary-only        # rebuild summary.md from existing results
+
+Each suite is ``python -m bench.<suite> [--quick] --out <out>/<suite>`` in its own process
+(so one suite's stack or crash cannot skew the next); its output goes to ``<out>/<suite>.log``.
+Run it from a checkout (the suites live in ``bench/``, not in the installed package) on an
+otherwise idle machine: the suites measure ratios side by side, but CPU contention from
+outside still shows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from proxy.config import REPO_ROOT
+
+RESULTS = REPO_ROOT / "bench" / "results"
+# In the order they run; the name is the module in bench/ and the stem of its results.
+SUITES = ("gateway_overhead", "embedder_batching", "rate_limit", "cache", "overload", "jobs")
+
+
+def _progress(total: int) -> Any:
+    try:
+        from tqdm import tqdm
+    except ImportError:  # the plain fallback: one line per suite
+        return None
+    return tqdm(total=total, unit="suite", bar_format="{l_bar}{bar}| {n}/{total} [{elapsed}]")
+
+
+def run(suites: list[str], out: Path, quick: bool) -> dict[str, dict[str, Any]]:
+    out.mkdir(parents=True, exist_ok=True)
+    bar = _progress(len(suites))
+    ran: dict[str, dict[str, Any]] = {}
+    for suite in suites:
+        if bar is not None:
+            bar.set_description(suite)
+        else:
+            print(f"== {suite}", flush=True)
+        argv = [sys.executable, "-m", f"bench.{suite}", "--out", str(out / suite)]
+        if quick:
+            argv.append("--quick")
+        t0 = time.monotonic()
+        with (out / f"{suite}.log").open("wb") as log:
+            code = subprocess.run(
+                argv, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT
+            ).returncode
+        ran[suite] = {"exit": code, "seconds": round(time.monotonic() - t0, 1)}
+        if bar is not None:
+            bar.update(1)
+        elif code:
+            print(f"   {suite} failed (exit {code}); see {out / suite}.log", flush=True)
+    if bar is not None:
+        bar.close()
+    return ran
+
+
+def summary(out: Path, ran: dict[str, dict[str, Any]] | None = None) -> str:
+    lines = [
+        "# Floodwall benchmarks",
+        "",
+        f"Machine: {os.cpu_count()} CPUs, Python {platform.python_version()}; "
+        f"written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Every suite runs the "
+        "gateway, its upstreams and the load generator on this one machine; compare ratios "
+        "measured within one suite, not absolute numbers across machines.",
+        "",
+        "| suite | result | time | plot |",
+        "|---|---|---|---|",
+    ]
+    bodies = []
+    for suite in SUITES:
+        md, js = out / f"{suite}.md", out / f"{suite}.json"
+        if not md.exists():
+            if ran and suite in ran:
+                lines.append(
+                    f"| {suite} | failed (exit {ran[suite]['exit']}; see {suite}.log) | "
+                    f"{ran[suite]['seconds']} s | |"
+                )
+            continue
+        png = out / f"{suite}.png"
+        took = f"{ran[suite]['seconds']} s" if ran and suite in ran else "earlier run"
+        status = "ok" if not ran or ran.get(suite, {}).get("exit", 0) == 0 else "failed"
+        lines.append(
+            f"| {suite} | {status}: {js.name}, {md.name} | {took} | "
+            f"{png.name if png.exists() else '-'} |"
+        )
+        body = md.read_text().strip()
+        # Demote the suite's own headings one level under this summary's.
+        body = "\n".join("#" + ln if ln.startswith("#") else ln for ln in body.splitlines())
+        bodies.append(body + ("\n\n![" + suite + "](" + png.name + ")" if png.exists() else ""))
+    text = "\n".join(lines) + "\n\n" + "\n\n".join(bodies) + "\n"
+    (out / "summary.md").write_text(text)
+    if ran is not None:
+        (out / "summary.json").write_text(json.dumps(ran, indent=2))
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="floodwall bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument("--suites", nargs="+", choices=SUITES, default=list(SUITES))
+    ap.add_argument("--quick", action="store_true", help="shorter runs")
+    ap.add_argument("--out", default=str(RESULTS), help=f"default: {RESULTS}")
+    ap.add_argument(
+        "--summary-only",
+        action="store_true",
+        help="only rebuild summary.md from the results in --out",
+    )
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    ran = None if args.summary_only else run(args.suites, out, args.quick)
+    summary(out, ran)
+    print(f"summary: {out / 'summary.md'}")
+    return 1 if ran and any(r["exit"] for r in ran.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,32 @@
+"""`floodwall bench`: the summary gathers every suite's results and plots, and a suite that
+fails is reported as failed (with its log), never silently dropped."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from bench import run
+from proxy.cli import main
+from proxy.config import REPO_ROOT
+
+
+def test_summary_from_the_committed_results(tmp_path: Path) -> None:
+    for f in (REPO_ROOT / "bench" / "results").iterdir():
+        if f.suffix in (".json", ".md", ".png") and f.stem != "summary":
+            shutil.copy(f, tmp_path / f.name)
+    assert main(["bench", "--summary-only", "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "summary.md").read_text()
+    for suite in run.SUITES:
+        assert f"| {suite} | ok" in text
+    assert "![jobs](jobs.png)" in text and "\n## Drain" not in text  # headings demoted
+    assert "### Drain" in text
+
+
+def test_a_failing_suite_is_reported(tmp_path: Path) -> None:
+    ran = run.run(["no_such_suite"], tmp_path, quick=True)
+    assert ran["no_such_suite"]["exit"] != 0
+    assert "No module named" in (tmp_path / "no_such_suite.log").read_text()
+    shutil.copy(REPO_ROOT / "bench" / "results" / "jobs.md", tmp_path / "jobs.md")
+    text = run.summary(tmp_path, {**ran, "jobs": {"exit": 3, "seconds": 1.0}})
+    assert "| jobs | failed" in text
