@@ -116,6 +116,13 @@ def cmd_bench(rest: list[str]) -> int:
     return code
 
 
+def cmd_config_reference(args: argparse.Namespace) -> int:
+    from proxy.reference import reference
+
+    print(reference(), end="")
+    return 0
+
+
 def cmd_models_build(args: argparse.Namespace) -> int:
     from proxy import models
 
@@ -251,6 +258,9 @@ def main(argv: list[str] | None = None) -> int:
         "bench", help="run the benchmark suites; JSON, plots, a Markdown summary", add_help=False
     )
     p.add_argument("rest", nargs=argparse.REMAINDER, help="see floodwall bench --help")
+
+    p = sub.add_parser("config-reference", help="print the configuration reference (Markdown)")
+    p.set_defaults(func=cmd_config_reference)
 
     p = sub.add_parser("models", help="model repository tasks")
     msub = p.add_subparsers(dest="models_cmd", required=True)
