@@ -199,6 +199,7 @@ class RequestContext:
         "response_status",
         "response_streamed",
         "route",
+        "span",
         "started",
         "tenant",
         "tier",
@@ -248,6 +249,8 @@ class RequestContext:
         self.end_of_stream = True
         self._state: dict[type[Any], Any] = {}
         self._log: logging.LoggerAdapter[logging.Logger] | None = None
+        # The request's trace span when tracing is on and the trace sampled (proxy.tracing).
+        self.span: Any = None
 
     @property
     def route_name(self) -> str:

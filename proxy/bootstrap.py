@@ -14,7 +14,7 @@ from typing import Any
 
 from proxy.api import Phase
 from proxy.chain import Chain
-from proxy.config import FloodwallConfig, RouteConfig, UpstreamConfig
+from proxy.config import FloodwallConfig, RouteConfig, TracingConfig, UpstreamConfig
 from proxy.process import processor_address
 
 PROCESSOR_CLUSTER = "floodwall_processor"
@@ -82,6 +82,39 @@ def _http2_options() -> dict[str, Any]:
             "@type": T + "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
             "explicit_http_config": {"http2_protocol_options": {"max_concurrent_streams": 1024}},
         }
+    }
+
+
+OTEL_CLUSTER = "floodwall_otel_collector"
+
+
+def _tracing(t: TracingConfig) -> dict[str, Any]:
+    """Envoy's own spans (the request, the ext_proc call, the upstream call) to the collector;
+    Envoy passes the trace on to the processor (ext_proc gRPC metadata) and upstream."""
+    return {
+        "random_sampling": {"value": t.sample_ratio * 100},
+        "provider": {
+            "name": "envoy.tracers.opentelemetry",
+            "typed_config": {
+                "@type": T + "envoy.config.trace.v3.OpenTelemetryConfig",
+                "grpc_service": {"envoy_grpc": {"cluster_name": OTEL_CLUSTER}, "timeout": "1s"},
+                "service_name": f"{t.service_name}-envoy",
+            },
+        },
+    }
+
+
+def _collector_cluster(t: TracingConfig) -> dict[str, Any]:
+    host, _, port = t.otlp_endpoint.rpartition(":")
+    return {
+        "name": OTEL_CLUSTER,
+        "type": "STATIC" if _is_ip(host) else "STRICT_DNS",
+        "connect_timeout": "1s",
+        "typed_extension_protocol_options": _http2_options(),
+        "load_assignment": {
+            "cluster_name": OTEL_CLUSTER,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _socket(host, int(port))}}]}],
+        },
     }
 
 
@@ -434,6 +467,8 @@ def render(cfg: FloodwallConfig, chain: Chain, runtime_dir: Path) -> dict[str, A
     }
     if cfg.listener.access_log:
         hcm["access_log"] = _access_log()
+    if cfg.tracing is not None:
+        hcm["tracing"] = _tracing(cfg.tracing)
     chain_cfg: dict[str, Any] = {
         "filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]
     }
@@ -456,6 +491,8 @@ def render(cfg: FloodwallConfig, chain: Chain, runtime_dir: Path) -> dict[str, A
         }
     clusters = [_processor_cluster(cfg, runtime_dir)]
     clusters += [_upstream_cluster(n, u) for n, u in cfg.upstreams.items()]
+    if cfg.tracing is not None:
+        clusters.append(_collector_cluster(cfg.tracing))
     return {
         "admin": {"address": _socket(cfg.admin.address, cfg.admin.port)},
         "static_resources": {

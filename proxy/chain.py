@@ -106,6 +106,8 @@ class Chain:
     def __init__(self, config: FloodwallConfig, filters: Sequence[Filter]) -> None:
         self.config = config
         self.filters = list(filters)
+        # Set by the process when tracing is configured (proxy.tracing.Tracer).
+        self.tracer: Any = None
         # Streams running on this chain (a reloaded-away chain retires when this reaches 0).
         self.streams = 0
         self._background: set[asyncio.Task[None]] = set()
@@ -151,7 +153,7 @@ class Chain:
         return int(sum(f.hold_ms() for f in self.filters) + 0.999)
 
     def context(
-        self, headers: Headers, *, started: float | None = None
+        self, headers: Headers, *, started: float | None = None, traceparent: str | None = None
     ) -> tuple[RequestContext, RoutePlan]:
         path = headers.get(":path", "")
         route = self.config.route_for(path)
@@ -169,6 +171,10 @@ class Chain:
         if route is not None and not route.grpc:
             # Envoy gives up at the route timeout: no upstream work is useful after it.
             ctx.deadline = t0 + route.timeout_ms / 1000
+        if self.tracer is not None:
+            ctx.span = self.tracer.start_request(
+                f"floodwall {ctx.route_name}", traceparent or headers.get("traceparent")
+            )
         return ctx, self.plan(route)
 
     async def run(
@@ -179,8 +185,11 @@ class Chain:
         Returns the merged decision and, for a Respond, the name of the filter that answered.
         """
         acc = _Accumulator()
+        span = ctx.span
         if phase is Phase.REQUEST_HEADERS:
             _sanitize(data, acc)
+            if span is not None:  # the trace goes on upstream (to Triton) from our span
+                acc.set["traceparent"] = span.traceparent()
             route = plan.route
             if route is None:
                 return errors.error(404, "not_found", f"no route for {ctx.path!r}"), None
@@ -204,6 +213,7 @@ class Chain:
         for b in plan.by_phase[phase]:
             f = b.filter
             t0 = time.perf_counter()
+            child = None if span is None else self.tracer.child(span, f"{f.name} {phase.value}")
             try:
                 if phase is Phase.REQUEST_HEADERS:
                     d = await f.on_request_headers(ctx, data)
@@ -216,6 +226,10 @@ class Chain:
             except Exception as exc:
                 b.timers[phase].observe(time.perf_counter() - t0)
                 kind = errors.fault_kind(exc)
+                if child is not None:
+                    child.error = True
+                    child.attrs["floodwall.fault"] = kind
+                    self.tracer.end(child)
                 metrics.FILTER_FAULTS.labels(f.name, kind).inc()
                 if b.on_error == "open":
                     ctx.log.warning("filter %s failed open (%s): %r", f.name, kind, exc)
@@ -223,6 +237,9 @@ class Chain:
                 ctx.log.error("filter %s failed closed (%s): %r", f.name, kind, exc)
                 return errors.fault_response(exc), f.name
             b.timers[phase].observe(time.perf_counter() - t0)
+            if child is not None:
+                child.attrs["floodwall.decision"] = type(d).__name__.lower()
+                self.tracer.end(child)
             if d.__class__ is Continue:
                 continue
             if isinstance(d, Respond):
@@ -255,6 +272,8 @@ class Chain:
         stream (client abort) cannot skip it. Returns the task, if there is one."""
         final = status if status is not None else ctx.response_status
         metrics.REQUESTS.labels(ctx.route_name, _status_class(final)).inc()
+        if ctx.span is not None:
+            self._end_span(ctx, final, responded_by, reached_end)
         if not reached_end:
             metrics.ABORTED.labels(ctx.route_name).inc()
         if not plan.complete:
@@ -269,6 +288,27 @@ class Chain:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
         return task
+
+    def _end_span(
+        self, ctx: RequestContext, status: int | None, by: str | None, reached_end: bool
+    ) -> None:
+        span = ctx.span
+        a = span.attrs
+        a["floodwall.request"] = 1
+        a["floodwall.route"] = ctx.route_name
+        a["floodwall.request_id"] = ctx.request_id
+        if status is not None:
+            a["http.response.status_code"] = status
+        if ctx.tenant:
+            a["floodwall.tenant"] = ctx.tenant  # an id, never the key
+        if ctx.model:
+            a["gen_ai.request.model"] = ctx.model
+        if by:
+            a["floodwall.responded_by"] = by
+        if not reached_end:
+            a["floodwall.aborted"] = 1
+        span.error = status is not None and status >= 500
+        self.tracer.end(span)
 
     async def wait_background(self) -> None:
         if self._background:

@@ -12,7 +12,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "examples" / "local.yaml"
@@ -46,6 +53,23 @@ class ListenerConfig(Model):
 class AdminConfig(Model):
     address: str = "127.0.0.1"
     port: Port = 9901
+
+
+class TracingConfig(Model):
+    # OTLP/gRPC collector (host:port) both Envoy and the processors export spans to.
+    otlp_endpoint: str
+    # Service names in the traces: "<name>" for the processors, "<name>-envoy" for Envoy.
+    service_name: str = "floodwall"
+    # Share of new traces recorded (a caller's sampled traceparent is always followed).
+    sample_ratio: Annotated[float, Field(ge=0, le=1)] = 1.0
+
+    @field_validator("otlp_endpoint")
+    @classmethod
+    def _host_port(cls, v: str) -> str:
+        host, _, port = v.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"{v!r}: host:port of an OTLP/gRPC collector (say 127.0.0.1:4317)")
+        return v
 
 
 class ProcessorConfig(Model):
@@ -233,6 +257,8 @@ class FloodwallConfig(Model):
     filters: list[FilterConfig] = Field(default_factory=list)
     # Where sockets, logs and rendered files go for `floodwall up`; None: a fresh temp dir.
     runtime_dir: Path | None = None
+    # OpenTelemetry tracing (Envoy and the processors); None: off.
+    tracing: TracingConfig | None = None
 
     @model_validator(mode="after")
     def _cross_refs(self) -> FloodwallConfig:

@@ -73,6 +73,16 @@ async def serve(
 ) -> None:
     deps = make_deps(cfg, redis_url)
     chain = build_chain(cfg, deps)
+    tracer = None
+    if cfg.tracing is not None:
+        from proxy.tracing import Tracer, require_otlp
+
+        require_otlp()
+
+        tc = cfg.tracing
+        tracer = Tracer(tc.otlp_endpoint, tc.service_name, tc.sample_ratio)
+        tracer.start()
+        chain.tracer = tracer
     address = processor_address(cfg, index, runtime_dir)
     if cfg.processor.transport == "uds":
         processor_socket(runtime_dir, index).unlink(missing_ok=True)
@@ -116,6 +126,8 @@ async def serve(
     # Envoy checks processor health every second: wait two checks before refusing streams.
     await server.drain_and_stop(cfg.processor.drain_seconds, health_wait_s=2.0)
     await admin.stop()
+    if tracer is not None:
+        await tracer.stop()
     if guard is not None:
         await guard.stop()
     if deps.redis is not None:

@@ -116,6 +116,7 @@ class Reloader:
                 filters.append(f)
                 fresh.append(f)
         chain = Chain(new_cfg, filters)
+        chain.tracer = self.chain.tracer
         for route in new_cfg.routes:
             extra = chain.phases_for(route) - self._phases[route.name]
             if extra:

@@ -64,7 +64,8 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
                 if phase is Phase.REQUEST_HEADERS:
                     msg = req.request_headers
                     headers = translate.headers_to_dict(msg)
-                    ctx, plan = chain.context(headers)
+                    tp = _traceparent(context) if chain.tracer is not None else None
+                    ctx, plan = chain.context(headers, traceparent=tp)
                     ctx.has_request_body = not msg.end_of_stream
                     if self.guard is not None and self.guard.overloaded():
                         r = _OVERLOADED
@@ -115,6 +116,14 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
             chain.streams -= 1
             if ctx is not None and plan is not None:
                 chain.finish(ctx, plan, responded_by, status, reached_end)
+
+
+def _traceparent(context: grpc.aio.ServicerContext) -> str | None:
+    """The trace context Envoy sends with the ext_proc call (gRPC metadata), if any."""
+    for key, value in context.invocation_metadata() or ():
+        if key == "traceparent":
+            return str(value)
+    return None
 
 
 _OVERLOADED = errors.error(
