@@ -68,6 +68,52 @@ def run(suites: list[str], out: Path, quick: bool) -> dict[str, dict[str, Any]]:
     return ran
 
 
+def plot_summary(suite: str, res: dict[str, Any], path: Path) -> bool:
+    """For a suite without a plot of its own: bar charts of its ``summary`` numbers, one
+    panel per group (a group's key names its unit: ``..._ms``, ``..._rps``, ``..._ratio``)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    groups = []
+    for key, value in (res.get("summary") or {}).items():
+        if not isinstance(value, dict):
+            continue
+        bars: dict[str, dict[str, float]] = {}
+        for name, v in value.items():
+            if isinstance(v, dict):  # grouped: series name -> {x: y}
+                bars[name] = {str(x): float(y) for x, y in v.items() if _number(y)}
+            elif _number(v):
+                bars.setdefault("", {})[name] = float(v)
+        if any(bars.values()):
+            groups.append((key, bars))
+    if not groups:
+        return False
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.6), squeeze=False)
+    for ax, (key, bars) in zip(axes[0], groups, strict=True):
+        xs = list(dict.fromkeys(x for series in bars.values() for x in series))
+        width = 0.8 / len(bars)
+        for i, (series, ys) in enumerate(bars.items()):
+            pos = [j + i * width - 0.4 + width / 2 for j in range(len(xs))]
+            ax.bar(pos, [ys.get(x, 0.0) for x in xs], width, label=series or None)
+        ax.set_xticks(range(len(xs)), xs, rotation=20, fontsize=8)
+        ax.set_title(key, fontsize=9)
+        if any(bars):
+            ax.legend(fontsize=7)
+    fig.suptitle(f"{suite}: summary", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
 def summary(out: Path, ran: dict[str, dict[str, Any]] | None = None) -> str:
     lines = [
         "# Floodwall benchmarks",
@@ -91,6 +137,8 @@ def summary(out: Path, ran: dict[str, dict[str, Any]] | None = None) -> str:
                 )
             continue
         png = out / f"{suite}.png"
+        if not png.exists() and js.exists():
+            plot_summary(suite, json.loads(js.read_text()), png)
         took = f"{ran[suite]['seconds']} s" if ran and suite in ran else "earlier run"
         status = "ok" if not ran or ran.get(suite, {}).get("exit", 0) == 0 else "failed"
         lines.append(

@@ -16,6 +16,8 @@ from proxy.config import REPO_ROOT
 from tests.e2e.conftest import Gateway
 from tests.helpers import AUTH
 
+DEMO_SHA256 = "4faac7e9147a184d6a3e359b0468bfdfd4279a190835f81da514ac041ec212f2"
+
 pytestmark = pytest.mark.e2e
 
 NAME = re.compile(r"\b((?:floodwall|envoy|nv|gen_ai|process)_[a-z0-9_]+)\b")
@@ -62,7 +64,11 @@ def _scrape(g: Gateway) -> tuple[set[str], set[str]]:
     exposed: set[str] = set()
     sampled: set[str] = set()
     for url in urls:
-        for line in httpx.get(url, timeout=10).text.splitlines():
+        text = httpx.get(url, timeout=10).text
+        # No API key, nor its digest, in any label of any target.
+        for secret in ("fw-demo-key", "fw-demo-limited", "fw-demo-worker", DEMO_SHA256):
+            assert secret not in text, f"{secret} exposed by {url}"
+        for line in text.splitlines():
             if line.startswith("# TYPE "):
                 exposed.add(_family(line.split()[2]))
             elif line and not line.startswith("#"):
