@@ -78,7 +78,6 @@ async def serve(
         from proxy.tracing import Tracer, require_otlp
 
         require_otlp()
-
         tc = cfg.tracing
         tracer = Tracer(tc.otlp_endpoint, tc.service_name, tc.sample_ratio)
         tracer.start()
@@ -120,11 +119,11 @@ async def serve(
     await stop.wait()
     for t in background:
         t.cancel()
-    if reloader is not None:
-        await reloader.stop()
     log.info("processor %d draining", index)
     # Envoy checks processor health every second: wait two checks before refusing streams.
     await server.drain_and_stop(cfg.processor.drain_seconds, health_wait_s=2.0)
+    if reloader is not None:  # after the drain: no stream holds a reloaded-away chain now
+        await reloader.stop()
     await admin.stop()
     if tracer is not None:
         await tracer.stop()
