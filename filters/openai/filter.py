@@ -82,6 +82,8 @@ class OpenAIFilter(Filter):
             deps.signals.backend_models[name] = c.triton_model
 
     def phases(self, route: RouteConfig) -> frozenset[Phase]:
+        if route.api == "jobs":  # a batch envelope: its token estimate, nothing rewritten
+            return frozenset({Phase.REQUEST_BODY})
         return frozenset(Phase) if route.api in _APIS else frozenset()
 
     async def on_request_headers(self, ctx: RequestContext, headers: Headers) -> Decision:
@@ -92,6 +94,9 @@ class OpenAIFilter(Filter):
         return CONTINUE
 
     async def on_request_body(self, ctx: RequestContext, body: bytes) -> Decision:
+        if ctx.route is not None and ctx.route.api == "jobs":
+            self._estimate_envelope(ctx, body)
+            return CONTINUE
         try:
             req = orjson.loads(body)
         except orjson.JSONDecodeError:
@@ -130,6 +135,39 @@ class OpenAIFilter(Filter):
             remove_headers=("accept-encoding",),
             body=out,
         )
+
+    def _estimate_envelope(self, ctx: RequestContext, body: bytes) -> None:
+        """A ``POST /v1/jobs`` envelope: the tokens its requests may use, summed, so token
+        limits charge the job at submission like any call (the jobs filter refuses a bad
+        envelope; requests that do not parse here are refused when they run)."""
+        try:
+            doc = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return
+        items = doc.get("requests", [doc]) if isinstance(doc, dict) else None
+        if not isinstance(items, list):
+            return
+        total, models = Usage(0, 0), set()
+        for item in items:
+            inner = item.get("body") if isinstance(item, dict) else None
+            if not isinstance(inner, dict):
+                continue
+            url = item.get("url")
+            parsed = (
+                chat.parse(inner, self.p.chat_models) if url == "/v1/chat/completions"
+                else embeddings.parse(inner, self.p.embedding_models) if url == "/v1/embeddings"
+                else None
+            )  # fmt: skip
+            if not isinstance(parsed, tuple):
+                continue
+            u = self._estimate(parsed[0])
+            total.prompt_tokens += u.prompt_tokens
+            total.completion_tokens += u.completion_tokens
+            models.add(parsed[0].model)
+        if models:
+            ctx.token_estimate = total
+            # Limits keyed by model see the job's model; a job mixing models has none.
+            ctx.model = models.pop() if len(models) == 1 else None
 
     def _estimate(self, call: embeddings.EmbeddingsCall | chat.ChatCall) -> Usage:
         """Most tokens the call can use: the prompt estimated from its length (never below

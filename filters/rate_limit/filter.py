@@ -176,11 +176,12 @@ class RateLimitFilter(Filter):
         return frozenset(out)
 
     def _after_body(self, route: RouteConfig) -> bool:
-        """On OpenAI routes the model and the token estimate come from the body (the openai
-        filter, placed before this one, sets them): limits that use either wait for it."""
+        """On OpenAI routes (and for job envelopes) the model and the token estimate come
+        from the body (the openai filter, placed before this one, sets them): limits that use
+        either wait for it."""
         found = self._body_routes.get(route.name)
         if found is None:
-            found = route.model_in_body and any(
+            found = (route.model_in_body or route.api == "jobs") and any(
                 lim.spec.unit == "tokens" or "model" in lim.spec.key or bool(lim.spec.when.models)
                 for lim in self._limits_for(route.name)
             )
@@ -204,8 +205,8 @@ class RateLimitFilter(Filter):
     async def on_request_headers(self, ctx: RequestContext, headers: Headers) -> Decision:
         st = ctx.state(_State)
         st.headers = headers
-        if ctx.route is not None and self._after_body(ctx.route):
-            return CONTINUE
+        if ctx.route is not None and ctx.has_request_body and self._after_body(ctx.route):
+            return CONTINUE  # checked once the body is in (a bodiless request: now)
         return await self._check(ctx, st)
 
     async def on_request_body(self, ctx: RequestContext, body: bytes) -> Decision:

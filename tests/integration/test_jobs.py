@@ -591,3 +591,34 @@ async def test_accepted_jobs_survive_a_redis_restart_with_aof(
         await r.aclose()
     finally:
         server.stop()
+
+
+# --- token limits at submission --------------------------------------------------------------
+
+
+async def test_token_limits_charge_a_batch_envelope_at_submission(rc: aioredis.Redis) -> None:
+    from filters.openai.filter import OpenAIFilter
+    from filters.rate_limit.filter import RateLimitFilter
+
+    p = _params(urls=["/v1/chat/completions"])
+    h = _gateway(rc, p)
+    api = OpenAIFilter(OpenAIFilter.Params.model_validate(
+        {"chat_models": {"sim-llm": {"triton_model": "sim_llm"}}}), Deps())  # fmt: skip
+    api.name = "openai"
+    limits = RateLimitFilter(RateLimitFilter.Params.model_validate({"limits": [
+        {"name": "tokens", "key": ["tenant", "model"], "unit": "tokens", "rate": 1000,
+         "period": "1m", "when": {"routes": ["jobs"]}},
+    ]}), Deps(redis=rc))  # fmt: skip
+    limits.name = "rate_limit"
+    auth, jobs = h.chain.filters[0], h.chain.filters[1]
+    h = Harness(h.chain.config, [auth, api, limits, jobs])
+    chat = {"model": "sim-llm", "max_tokens": 300, "messages": [{"role": "user", "content": "hi"}]}
+    env = orjson.dumps({"requests": [{"url": "/v1/chat/completions", "body": chat}] * 2})
+    auth_h = {"authorization": "Bearer alice-key"}
+    first = await h.request("POST", "/v1/jobs", body=env, headers=auth_h)
+    assert first.status == 202  # ~602 of the 1,000 tokens reserved, and kept
+    second = await h.request("POST", "/v1/jobs", body=env, headers=auth_h)
+    assert second.status == 429 and second.json()["error"]["type"] == "rate_limited"
+    assert await rc.get(f"{p.prefix}:depth") == b"1"  # the refused one was never queued
+    # Polling is not a model call: no token limit gets in its way.
+    assert (await _show(h, first.json()["id"])).status == 200
