@@ -11,32 +11,19 @@ status}`` counts outcomes per target.
 from __future__ import annotations
 
 import hashlib
-import re
 from dataclasses import dataclass
 
 from prometheus_client import Counter
 
 from filters.canary.params import CanaryParams, Split
-from proxy.api import (
-    CONTINUE,
-    Decision,
-    Deps,
-    Filter,
-    Headers,
-    Mutate,
-    Outcome,
-    Phase,
-    RequestContext,
-)
-from proxy.config import RouteConfig
+from proxy.api import CONTINUE, Decision, Deps, Headers, Mutate, Outcome, RequestContext
+from proxy.steering import ModelSteeringFilter, send_to, upstream_model
 
 REQUESTS = Counter(
     "floodwall_canary_requests",
     "Calls of a split model by the target that served them and the status class",
     ["model", "target", "status"],
 )
-
-_MODEL_IN_PATH = re.compile(r"^/v2/models/([^/?]+)")
 
 
 @dataclass(slots=True)
@@ -45,7 +32,7 @@ class _State:
     target: str | None = None
 
 
-class CanaryFilter(Filter):
+class CanaryFilter(ModelSteeringFilter):
     Params = CanaryParams
 
     def __init__(self, params: CanaryParams, deps: Deps) -> None:
@@ -54,35 +41,15 @@ class CanaryFilter(Filter):
         # Cumulative weights per split, normalised to [0, 1).
         self._cuts = {model: _cuts(split) for model, split in params.splits.items()}
 
-    def phases(self, route: RouteConfig) -> frozenset[Phase]:
-        if route.api == "kserve_grpc":
-            return frozenset()  # the model is inside the protobuf body: not rewritable here
-        step = Phase.REQUEST_BODY if route.model_in_body else Phase.REQUEST_HEADERS
-        return frozenset({Phase.REQUEST_HEADERS, step, Phase.RESPONSE_HEADERS})
-
-    async def on_request_headers(self, ctx: RequestContext, headers: Headers) -> Decision:
-        if ctx.route is not None and ctx.route.model_in_body:
-            return CONTINUE  # the model is known once the openai filter parsed the body
-        return self._split(ctx)
-
-    async def on_request_body(self, ctx: RequestContext, body: bytes) -> Decision:
-        return self._split(ctx)
-
-    def _split(self, ctx: RequestContext) -> Decision:
+    def steer(self, ctx: RequestContext) -> Decision:
         model = ctx.model
         split = self.p.splits.get(model or "")
-        if model is None or split is None:
-            return CONTINUE
-        m = _MODEL_IN_PATH.match(ctx.upstream_path)
-        if m is None:
+        if model is None or split is None or upstream_model(ctx) is None:
             return CONTINUE
         target = self._pick(model, split, ctx)
         st = ctx.state(_State)
         st.model, st.target = model, target
-        ctx.model = target
-        if target == m.group(1):
-            return CONTINUE
-        return Mutate(set_headers={":path": f"/v2/models/{target}" + ctx.upstream_path[m.end() :]})
+        return send_to(ctx, target)
 
     def _pick(self, model: str, split: Split, ctx: RequestContext) -> str:
         who = {"key": ctx.key_id, "tenant": ctx.tenant}.get(split.sticky)

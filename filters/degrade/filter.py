@@ -12,14 +12,13 @@ lighter model's own health).
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from prometheus_client import Counter
 
 from filters.degrade.params import DegradeParams
-from proxy.api import CONTINUE, Decision, Deps, Filter, Headers, Mutate, Phase, RequestContext
-from proxy.config import RouteConfig
+from proxy.api import CONTINUE, Decision, Deps, Headers, Mutate, RequestContext
+from proxy.steering import ModelSteeringFilter, send_to, upstream_model
 from proxy.triton_load import TritonLoad
 
 DEGRADED = Counter(
@@ -27,15 +26,13 @@ DEGRADED = Counter(
     ["model", "to"],
 )  # fmt: skip
 
-_MODEL_IN_PATH = re.compile(r"^/v2/models/([^/?]+)")
-
 
 @dataclass(slots=True)
 class _State:
     to: str | None = None
 
 
-class DegradeFilter(Filter):
+class DegradeFilter(ModelSteeringFilter):
     Params = DegradeParams
 
     def __init__(self, params: DegradeParams, deps: Deps) -> None:
@@ -51,21 +48,7 @@ class DegradeFilter(Filter):
         if self.p.saturation is not None:
             await self.deps.signals.unwatch_triton(self.p.saturation.triton_metrics_url)
 
-    def phases(self, route: RouteConfig) -> frozenset[Phase]:
-        if route.api == "kserve_grpc":
-            return frozenset()  # the model is inside the protobuf body: not rewritable here
-        step = Phase.REQUEST_BODY if route.model_in_body else Phase.REQUEST_HEADERS
-        return frozenset({Phase.REQUEST_HEADERS, step, Phase.RESPONSE_HEADERS})
-
-    async def on_request_headers(self, ctx: RequestContext, headers: Headers) -> Decision:
-        if ctx.route is not None and ctx.route.model_in_body:
-            return CONTINUE  # the model is known once the openai filter parsed the body
-        return self._steer(ctx)
-
-    async def on_request_body(self, ctx: RequestContext, body: bytes) -> Decision:
-        return self._steer(ctx)
-
-    def _steer(self, ctx: RequestContext) -> Decision:
+    def steer(self, ctx: RequestContext) -> Decision:
         model = ctx.model
         if model is None or model not in self.p.lighter:
             return CONTINUE
@@ -73,18 +56,16 @@ class DegradeFilter(Filter):
             ctx.tier in self.p.exempt_tiers
         ):
             return CONTINUE
-        m = _MODEL_IN_PATH.match(ctx.upstream_path)
-        if m is None:
+        current = upstream_model(ctx)
+        if current is None:
             return CONTINUE
         now = self.deps.clock.monotonic()
-        if not (self.deps.signals.refusing(model, now) or self._saturated(m.group(1), now)):
+        if not (self.deps.signals.refusing(model, now) or self._saturated(current, now)):
             return CONTINUE
         to = self.p.lighter[model]
-        path = f"/v2/models/{to}" + ctx.upstream_path[m.end() :]
         ctx.state(_State).to = to
-        ctx.model = to
         DEGRADED.labels(model, to).inc()
-        return Mutate(set_headers={":path": path})
+        return send_to(ctx, to)
 
     def _saturated(self, triton_model: str, now: float) -> bool:
         sat = self.p.saturation
