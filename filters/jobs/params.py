@@ -23,6 +23,15 @@ class WebhookParams(FilterParams):
     timeout_s: Annotated[float, Field(gt=0, le=60)] = 5.0
     attempts: Annotated[int, Field(ge=1, le=10)] = 3
 
+    @field_validator("allowed_prefixes")
+    @classmethod
+    def _prefixes(cls, v: list[str]) -> list[str]:
+        for p in v:
+            # "https://hooks.example.com" would also admit "https://hooks.example.com.evil.net".
+            if not p.startswith(("http://", "https://")) or not p.endswith("/"):
+                raise ValueError(f"{p!r}: an http(s) URL prefix ending with '/'")
+        return v
+
 
 class WorkerParams(FilterParams):
     # envoy: call the model through the gateway (auth as the worker key, admission, breakers,

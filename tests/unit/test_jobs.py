@@ -40,6 +40,8 @@ def test_prefer_header(header: str, wanted: bool) -> None:
         {"worker": {"via": "carrier-pigeon"}},
         {"worker": {"backoff_s": 10, "backoff_max_s": 1}},
         {"webhook": {"allowed_prefixes": []}},
+        {"webhook": {"allowed_prefixes": ["https://hooks.example.com"]}},  # no trailing /
+        {"webhook": {"allowed_prefixes": ["ftp://hooks.example.com/"]}},
         {"unknown": 1},
     ],
 )
