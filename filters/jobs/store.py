@@ -30,7 +30,6 @@ import orjson
 from filters.jobs.params import PRIORITIES
 
 GROUP = "workers"
-TERMINAL = ("succeeded", "failed", "cancelled")
 
 # Helpers every script starts with (prepended at registration).
 _LIB = """
@@ -249,6 +248,15 @@ class JobStore:
             except Exception as exc:  # BUSYGROUP: it exists already
                 if "BUSYGROUP" not in str(exc):
                     raise
+
+    async def ack(self, priority: str, entry: str) -> None:
+        """Drops a stream entry that needs no run (its job finished, was cancelled or is
+        gone, or the entry is not ours)."""
+        q = self.queues[priority]
+        pipe = self.r.pipeline(transaction=True)
+        pipe.xack(q, GROUP, entry)
+        pipe.xdel(q, entry)
+        await pipe.execute()
 
     async def start(self, job_id: str, consumer: str) -> tuple[str, int]:
         out = await self._start(keys=[self.job_key(job_id)], args=[consumer])

@@ -328,14 +328,11 @@ class Worker:
     # --- one job -----------------------------------------------------------------------------
 
     async def _job(self, cls: str, entry: str, job_id: str) -> None:
-        if not job_id:  # not an entry we wrote: drop it rather than loop on it
-            await self.r.xack(self.store.queues[cls], GROUP, entry)
-            await self.r.xdel(self.store.queues[cls], entry)
-            ATTEMPTS.labels("skipped").inc()
-            return
-        outcome, attempts = await self.store.start(job_id, self.consumer)
-        if outcome != "run":  # finished, cancelled or expired meanwhile: just acknowledge
-            await self.store.finish(job_id, cls, entry, "failed", self.p.result_ttl_s)
+        # An entry we did not write, or a job finished, cancelled or expired meanwhile: drop
+        # the entry rather than loop on it.
+        outcome, attempts = await self.store.start(job_id, self.consumer) if job_id else ("", 0)
+        if outcome != "run":
+            await self.store.ack(cls, entry)
             ATTEMPTS.labels("skipped").inc()
             return
         if attempts > self.w.max_attempts:
@@ -378,7 +375,7 @@ class Worker:
                 statuses.append(int(done))
                 continue
             if i and await self.r.hget(self.store.job_key(job_id), "status") == b"cancelled":
-                await self.store.finish(job_id, cls, entry, "cancelled", self.p.result_ttl_s)
+                await self.store.ack(cls, entry)  # cancelled between two of its requests
                 ATTEMPTS.labels("skipped").inc()
                 return
             try:

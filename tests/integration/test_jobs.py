@@ -622,3 +622,33 @@ async def test_token_limits_charge_a_batch_envelope_at_submission(rc: aioredis.R
     assert await rc.get(f"{p.prefix}:depth") == b"1"  # the refused one was never queued
     # Polling is not a model call: no token limit gets in its way.
     assert (await _show(h, first.json()["id"])).status == 200
+
+
+async def test_redis_gone_mid_job_the_worker_survives_and_the_job_completes(
+    tmp_path: Path, upstream: Upstream
+) -> None:
+    from filters.jobs.worker import REDIS_ERRORS
+
+    server = RedisServer(tmp_path / "gone", "--appendonly", "yes", "--appendfsync", "always")
+    server.start()
+    try:
+        r = aioredis.Redis.from_url(server.url, socket_timeout=1, socket_connect_timeout=0.5)
+        p = _params()
+        h = _gateway(r, p)
+        job_id = (await _submit(h, "/slow", {"key": "rg", "sleep": 1.0})).json()["id"]
+        errors_before = REDIS_ERRORS._value.get()
+        async with Running(_worker(r, p, upstream)):
+            await _until(lambda: _is(h, job_id, "running"))
+            server.kill()  # the job's answer has nowhere to go; the loop's reads fail too
+            await asyncio.sleep(2.0)
+            server.start()  # AOF: the job and its pending entry are back
+            # The run whose save failed left the entry pending: it is taken over after the
+            # visibility timeout and run again.
+            await _until(lambda: _is(h, job_id, "succeeded"), timeout=30)
+        assert REDIS_ERRORS._value.get() > errors_before
+        job = (await _show(h, job_id)).json()
+        assert job["attempts"] == 2 and job["result"]["body"]["key"] == "rg"
+        assert await r.get(f"{p.prefix}:depth") == b"0"
+        await r.aclose()
+    finally:
+        server.stop()
