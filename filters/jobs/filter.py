@@ -85,6 +85,10 @@ class JobsFilter(Filter):
             return await self._api(ctx, headers, path, st)
         if not _prefers_async(headers.get("prefer", "")):
             return CONTINUE
+        if ctx.tenant is None:  # a job nobody could read back: refuse rather than queue it
+            return errors.error(
+                401, "unauthenticated", "async requests need an authenticated caller"
+            )
         bad = self._read_options(headers, st)
         if bad is not None:
             return bad

@@ -83,9 +83,17 @@ async def test_the_job_api_needs_an_authenticated_caller() -> None:
     f = JobsFilter(JobsParams(), Deps())
     f.name = "jobs"
     cfg = default_config(
-        [{"name": "jobs", "match": {"prefix": "/v1/jobs"}, "api": "jobs", "upstream": "up"}]
+        [
+            {"name": "jobs", "match": {"prefix": "/v1/jobs"}, "api": "jobs", "upstream": "up"},
+            {"name": "kserve_http", "match": {"prefix": "/v2"}, "upstream": "up"},
+        ]
     )
     h = Harness(cfg, [f])
     # No auth in front: nobody could own a job.
     r = await h.request("GET", "/v1/jobs/" + "0" * 32)
     assert r.status == 401 and r.json()["error"]["type"] == "unauthenticated"
+    # Nor can anyone queue a job through Prefer without a tenant to own it.
+    r = await h.request(
+        "POST", "/v2/models/m/infer", headers={"prefer": "respond-async"}, body="{}"
+    )
+    assert r.status == 401
