@@ -271,23 +271,32 @@ def redis_cluster(directory: Path, masters: int = 3) -> Iterator[list[RedisServe
              "--cluster-replicas", "0", "--cluster-yes"],
             check=True, capture_output=True, timeout=60,
         )  # fmt: skip
-        _wait_cluster_ok(nodes[0].port)
+        _wait_cluster_ok([n.port for n in nodes])
         yield nodes
     finally:
         for n in nodes:
             n.stop()
 
 
-def _wait_cluster_ok(port: int) -> None:
+def _wait_cluster_ok(ports: list[int]) -> None:
+    """Until every node says the cluster is up and knows every other node: ``redis-cli
+    --cluster create`` returns once node 0 agrees, while the others may still answer
+    CLUSTERDOWN for a moment, which a limiter would take for Redis being gone."""
     import subprocess
     import time
 
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        out = subprocess.run(
-            ["redis-cli", "-p", str(port), "cluster", "info"], capture_output=True, text=True
-        ).stdout
-        if "cluster_state:ok" in out:
+        infos = [
+            subprocess.run(
+                ["redis-cli", "-p", str(p), "cluster", "info"], capture_output=True, text=True
+            ).stdout
+            for p in ports
+        ]
+        if all(
+            "cluster_state:ok" in out and f"cluster_known_nodes:{len(ports)}" in out
+            for out in infos
+        ):
             return
         time.sleep(0.1)
-    raise RuntimeError("redis cluster did not reach cluster_state:ok")
+    raise RuntimeError("redis cluster did not reach cluster_state:ok on every node")
