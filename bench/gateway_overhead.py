@@ -32,7 +32,7 @@ from typing import Any
 
 import yaml
 
-from bench.loadgen import HttpRequest, closed_loop, open_loop
+from bench.loadgen import HttpRequest, closed_loop, cpu_seconds, open_loop
 from proxy.bootstrap import render
 from proxy.config import REPO_ROOT, load_config
 from proxy.process import build_chain
@@ -157,12 +157,6 @@ class Procs:
         self.procs.clear()
 
 
-def _cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (all its threads), from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def _wait(url: str, what: str, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -255,9 +249,9 @@ def _measure(
         closed_loop(url, REQUEST, connections=16, seconds=2)  # warm-up
         entry: dict[str, Any] = {"label": label, "closed_loop": [], "open_loop": []}
         for c in (1, 16, 64):
-            cpu0 = [_cpu_seconds(p) for p in [envoy_pid, *pids]]
+            cpu0 = [cpu_seconds(p) for p in [envoy_pid, *pids]]
             r = closed_loop(url, REQUEST, connections=c, seconds=seconds)
-            cpu = [_cpu_seconds(p) - c0 for p, c0 in zip([envoy_pid, *pids], cpu0, strict=True)]
+            cpu = [cpu_seconds(p) - c0 for p, c0 in zip([envoy_pid, *pids], cpu0, strict=True)]
             n = r["rps"] * seconds
             # CPU per request: what one core's worth of each process would serve.
             r["envoy_cpu_us_per_req"] = round(cpu[0] / n * 1e6, 1)

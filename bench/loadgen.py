@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import subprocess
 import tempfile
@@ -203,3 +204,48 @@ def open_loop(
     for k in ("marked", "ok", "ok_p50_ms", "ok_p99_ms", "elapsed_s"):
         del r[k]
     return r
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (all its threads), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# What each process of a stack is, from its command line (first match wins).
+_COMPONENTS = (
+    ("proxy.cli serve", "processor"),
+    ("proxy.cli worker", "worker"),
+    ("envoy", "envoy"),
+    ("triton", "triton"),
+    ("redis-server", "redis"),
+)
+
+
+def cpu_by_component() -> dict[str, float]:
+    """CPU seconds so far of this process (the load generator) and of every process it started,
+    summed per component (envoy, processor, triton, redis, worker, other)."""
+    parent: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            parent[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
+    me = os.getpid()
+    out = {"loadgen": cpu_seconds(me)}
+    family, frontier = set(), [me]
+    while frontier:
+        kids = [p for p, pp in parent.items() if pp in frontier and p not in family]
+        family.update(kids)
+        frontier = kids
+    for pid in family:
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            used = cpu_seconds(pid)
+        except OSError:
+            continue
+        name = next((n for needle, n in _COMPONENTS if needle in cmd), "other")
+        out[name] = out.get(name, 0.0) + used
+    return out

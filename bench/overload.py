@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.loadgen import HttpRequest, closed_loop, open_loop_mix
+from bench.loadgen import HttpRequest, closed_loop, cpu_by_component, open_loop_mix
 from proxy.config import REPO_ROOT
 from tests.helpers import DEMO_KEY, echo_server, stack_config, start_stack
 
@@ -68,8 +68,10 @@ def _config(run: Path, echo_port: int, policies: bool) -> dict[str, Any]:
 
 def _point(url_host: str, port: int, rate: float, seconds: float) -> dict[str, Any]:
     mix = [(cls, _request(KEYS[cls]), share) for cls, share in MIX]
+    cpu0, t0 = cpu_by_component(), time.perf_counter()
     per = open_loop_mix(url_host, port, mix, rate=rate, seconds=seconds,
                         mark=b"x-floodwall-degraded")  # fmt: skip
+    cpu1, took = cpu_by_component(), time.perf_counter() - t0
     total_ok = sum(r["ok"] for r in per.values())
     # Until the last answer: a backlog drained after the sending stopped is not extra goodput.
     elapsed = max(r["elapsed_s"] for r in per.values())
@@ -84,6 +86,8 @@ def _point(url_host: str, port: int, rate: float, seconds: float) -> dict[str, A
         "statuses": statuses,
         "failures": sum(r["failures"] for r in per.values()),
         "degraded": sum(r["marked"] for r in per.values()),
+        # Cores each component kept busy during the point: where the 2 CPUs went.
+        "cores": {k: round((cpu1[k] - cpu0.get(k, 0.0)) / took, 3) for k in sorted(cpu1)},
         "classes": {
             cls: {
                 "requests": r["requests"],

@@ -7,7 +7,11 @@ tenant's tier plus the weight of the request type (``x-request-type: batch`` or
 interactive); callers listed as trusted may name their class in ``x-priority``. It is set on
 ``ctx.priority`` at the request headers, so the ``openai`` filter passes it to Triton as the
 request's priority level along with the remaining deadline. The admission itself waits for
-the model to be known (after ``openai`` on translated routes).
+the model to be known (after ``openai`` on translated routes), except a refusal: when every
+model seen on the route would refuse the class at once, the request is shed at its headers,
+before Envoy sends the body and before later filters (a rate-limit check in Redis) spend
+anything on it. Under overload most requests are refused, so what a refusal costs decides
+how much CPU is left to the requests that are served.
 """
 
 from __future__ import annotations
@@ -38,8 +42,14 @@ LIMIT = Gauge("floodwall_admission_limit", "Adaptive concurrency limit per model
 INFLIGHT = Gauge("floodwall_admission_inflight", "Admitted calls in flight per model", ["model"])
 DECISIONS = Counter(
     "floodwall_admission_decisions",
-    "Admission decisions by model, class and decision (admitted, queued, shed_full, shed_timeout)",
+    "Admission decisions by model, class and decision (admitted, queued, shed_full, "
+    "shed_timeout, shed_preempted)",
     ["model", "class", "decision"],
+)
+EARLY = Counter(
+    "floodwall_admission_shed_at_headers",
+    "Requests shed at their headers, before the body was read, by route and class",
+    ["route", "class"],
 )
 QUEUE_SECONDS = Histogram(
     "floodwall_admission_queue_seconds",
@@ -47,6 +57,8 @@ QUEUE_SECONDS = Histogram(
     ["model"],
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
 )
+# While refusing at the headers, one request per route this often still reaches the body.
+PROBE_S = 0.05
 
 
 @dataclass(slots=True)
@@ -73,6 +85,8 @@ class AdmissionFilter(Filter):
         self.limiters: dict[str, Limiter] = {}
         self.load: TritonLoad | None = None
         self._shrunk_at: dict[str, float] = {}
+        self._route_models: dict[str, set[str]] = {}  # models seen per route
+        self._probe_at: dict[str, float] = {}  # per route: when a refusal may pass as a probe
 
     async def start(self) -> None:
         if self.p.saturation is not None:
@@ -97,7 +111,7 @@ class AdmissionFilter(Filter):
         st.tenant = ctx.tenant or "-"
         ctx.priority = self._classify(ctx, headers)
         if ctx.route is not None and ctx.route.model_in_body and self.p.models:
-            return CONTINUE
+            return self._shed_early(ctx, ctx.priority) if self.p.shed_at_headers else CONTINUE
         return await self._admit(ctx, st)
 
     async def on_request_body(self, ctx: RequestContext, body: bytes) -> Decision:
@@ -122,6 +136,30 @@ class AdmissionFilter(Filter):
             return "critical"
         return "standard" if score >= pr.standard_at else "sheddable"
 
+    def _shed_early(self, ctx: RequestContext, cls: str) -> Decision:
+        """Shed at the headers when every model seen on the route would refuse ``cls`` now.
+
+        The model is in the body, so a request for a model not seen yet on the route would be
+        refused too: one request per route every ``PROBE_S`` goes on to the body regardless,
+        and a new model is seen (and its room known) within moments."""
+        models = self._route_models.get(ctx.route_name, ())
+        lims = [self.limiters[m] for m in models]
+        if not lims or any(lim.refusal(cls, self._max_wait(ctx, lim)) is None for lim in lims):
+            return CONTINUE
+        now = self.deps.clock.monotonic()
+        if now >= self._probe_at.get(ctx.route_name, 0.0):
+            self._probe_at[ctx.route_name] = now + PROBE_S
+            return CONTINUE
+        EARLY.labels(ctx.route_name, cls).inc()
+        return _overloaded(ctx.route_name, cls, max(lim.retry_after_s() for lim in lims))
+
+    def _max_wait(self, ctx: RequestContext, lim: Limiter) -> float:
+        max_wait = self.p.max_queue_ms / 1000
+        if ctx.deadline is not None:
+            # Never wait past the point where the call could still finish in time.
+            max_wait = min(max_wait, ctx.deadline - time.monotonic() - (lim.base_rtt or 0.0))
+        return max_wait
+
     async def _admit(self, ctx: RequestContext, st: _State) -> Decision:
         name = ctx.route_name if not self.p.models else ctx.model
         if name is None or (self.p.models and name not in self.p.models):
@@ -129,28 +167,20 @@ class AdmissionFilter(Filter):
         lim = self.limiters.get(name)
         if lim is None:
             lim = self.limiters[name] = Limiter(self.p)
+        seen = self._route_models.setdefault(ctx.route_name, set())
+        if name not in seen:
+            seen.add(name)
+            self._probe_at[ctx.route_name] = self.deps.clock.monotonic() + PROBE_S
         self._follow_triton(name, lim, ctx.upstream_path)
         cls = ctx.priority or "standard"
         now = self.deps.clock.monotonic()
-        max_wait = self.p.max_queue_ms / 1000
-        if ctx.deadline is not None:
-            # Never wait past the point where the call could still finish in time.
-            max_wait = min(max_wait, ctx.deadline - time.monotonic() - (lim.base_rtt or 0.0))
         load = lim.inflight
-        if lim.try_acquire(cls):
-            decision = "admitted"
-        elif await lim.acquire(cls, st.tenant, max_wait):
-            decision = "queued"
-            QUEUE_SECONDS.labels(name).observe(self.deps.clock.monotonic() - now)
-        else:
-            full = lim.waiting >= self.p.max_queue or max_wait <= 0
-            DECISIONS.labels(name, cls, "shed_full" if full else "shed_timeout").inc()
-            return errors.error(
-                503, "overloaded",
-                f"{name} is at capacity for {cls} requests; retry shortly",
-                retry_after_s=lim.retry_after_s(),
-            )  # fmt: skip
+        decision = await lim.acquire(cls, st.tenant, self._max_wait(ctx, lim))
         DECISIONS.labels(name, cls, decision).inc()
+        if decision == "queued":
+            QUEUE_SECONDS.labels(name).observe(self.deps.clock.monotonic() - now)
+        elif decision != "admitted":
+            return _overloaded(name, cls, lim.retry_after_s())
         st.ticket = _Ticket(name, lim, self.deps.clock.monotonic(), load)
         LIMIT.labels(name).set(lim.limit)
         INFLIGHT.labels(name).set(lim.inflight)
@@ -180,3 +210,10 @@ class AdmissionFilter(Filter):
             t.limiter.release(rtt, failed=outcome.status >= 500, now=now, load=t.load)
         LIMIT.labels(t.name).set(t.limiter.limit)
         INFLIGHT.labels(t.name).set(t.limiter.inflight)
+
+
+def _overloaded(what: str, cls: str, retry_after_s: float) -> Decision:
+    return errors.error(
+        503, "overloaded", f"{what} is at capacity for {cls} requests; retry shortly",
+        retry_after_s=retry_after_s,
+    )  # fmt: skip

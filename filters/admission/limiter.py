@@ -12,7 +12,11 @@ its last value rather than drifting.
 Classes: critical may use the whole limit, standard all but ``reserve_critical`` of it,
 sheddable all but both reserves; so lower classes are shed first and critical keeps room.
 Waiters are served highest class first, round robin across tenants within a class, so one
-noisy tenant cannot starve the others.
+noisy tenant cannot starve the others. A full queue makes room for a higher class by shedding
+the newest waiter of the lowest class queued (from its tenant with the most waiters): lower
+classes never keep a critical request out. A request whose predicted wait (the waiters of its
+class and above, drained at the pace calls now finish) exceeds what it may wait is refused at
+once rather than after its wait runs out.
 """
 
 from __future__ import annotations
@@ -20,11 +24,13 @@ from __future__ import annotations
 import asyncio
 import math
 from collections import deque
-from typing import Any
+from typing import Any, Literal
 
 from filters.admission.params import AdmissionParams
 
 CLASSES = ("critical", "standard", "sheddable")
+Shed = Literal["shed_full", "shed_timeout", "shed_preempted"]
+Outcome = Literal["admitted", "queued", "shed_full", "shed_timeout", "shed_preempted"]
 
 
 class Limiter:
@@ -36,6 +42,7 @@ class Limiter:
         # class -> tenant -> its waiters; dict order is the round-robin order of tenants
         self.queues: dict[str, dict[str, deque[asyncio.Future[bool]]]] = {c: {} for c in CLASSES}
         self.base_rtt: float | None = None
+        self.rtt: float | None = None  # smoothed time a permit is held: the queue's pace
         self._low_load: deque[tuple[float, float]] = deque()  # (time, rtt), rtt increasing
         self._share = {
             "critical": 1.0,
@@ -48,35 +55,83 @@ class Limiter:
 
     def try_acquire(self, cls: str) -> bool:
         """A permit now, if the class has room and nobody of its class or above waits."""
-        ahead = any(self.queues[c] for c in CLASSES[: CLASSES.index(cls) + 1])
-        if not ahead and self.inflight < self.cap(cls):
+        if self._has_room(cls):
             self.inflight += 1
             return True
         return False
 
-    async def acquire(self, cls: str, tenant: str, max_wait_s: float) -> bool:
-        """A permit within ``max_wait_s``, or False (the caller sheds the request)."""
+    def refusal(self, cls: str, max_wait_s: float) -> Shed | None:
+        """Why a request of ``cls`` arriving now would be shed without waiting, or None when
+        it would be admitted or queued."""
+        if self._has_room(cls):
+            return None
+        if max_wait_s <= 0 or (self.waiting >= self.p.max_queue and self._victim(cls) is None):
+            return "shed_full"
+        if self.predicted_wait_s(cls) > max_wait_s:
+            return "shed_timeout"
+        return None
+
+    def predicted_wait_s(self, cls: str) -> float:
+        """The wait of a new ``cls`` waiter: those of its class and above go first, and
+        permits come free at about ``cap / rtt`` per second."""
+        if self.rtt is None:
+            return 0.0
+        above = CLASSES[: CLASSES.index(cls) + 1]
+        ahead = sum(len(q) for c in above for q in self.queues[c].values())
+        return (ahead + 1) * self.rtt / self.cap(cls)
+
+    async def acquire(self, cls: str, tenant: str, max_wait_s: float) -> Outcome:
+        """A permit now ("admitted"), after a wait of at most ``max_wait_s`` ("queued"), or
+        the reason the caller must shed the request."""
         if self.try_acquire(cls):
-            return True
-        if max_wait_s <= 0 or self.waiting >= self.p.max_queue:
-            return False
+            return "admitted"
+        why = self.refusal(cls, max_wait_s)
+        if why is not None:
+            return why
+        if self.waiting >= self.p.max_queue:
+            self._preempt(cls)
         fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self.queues[cls].setdefault(tenant, deque()).append(fut)
         self.waiting += 1
         try:
             async with asyncio.timeout(max_wait_s):
-                return await asyncio.shield(fut)
+                granted = await asyncio.shield(fut)
         except TimeoutError:
-            if fut.done():  # granted in the same instant the wait ran out: keep it
-                return True
-            self._forget(cls, tenant, fut)
-            return False
+            if not fut.done():
+                self._forget(cls, tenant, fut)
+                return "shed_timeout"
+            granted = fut.result()  # decided in the same instant the wait ran out
         except asyncio.CancelledError:
-            if fut.done() and not fut.cancelled():
+            if fut.done() and not fut.cancelled() and fut.result():
                 self.release(None, failed=False, now=0.0)  # granted, then the client left
-            else:
+            elif not fut.done():
                 self._forget(cls, tenant, fut)
             raise
+        return "queued" if granted else "shed_preempted"
+
+    def _has_room(self, cls: str) -> bool:
+        ahead = any(self.queues[c] for c in CLASSES[: CLASSES.index(cls) + 1])
+        return not ahead and self.inflight < self.cap(cls)
+
+    def _victim(self, cls: str) -> str | None:
+        """The lowest class below ``cls`` with waiters, if any."""
+        for c in reversed(CLASSES[CLASSES.index(cls) + 1 :]):
+            if self.queues[c]:
+                return c
+        return None
+
+    def _preempt(self, cls: str) -> None:
+        victim = self._victim(cls)
+        if victim is None:
+            return
+        tenants = self.queues[victim]
+        tenant = max(tenants, key=lambda t: len(tenants[t]))  # the noisiest pays
+        fut = tenants[tenant].pop()  # its newest: the one that has waited least
+        if not tenants[tenant]:
+            del tenants[tenant]
+        self.waiting -= 1
+        if not fut.done():
+            fut.set_result(False)
 
     def release(self, rtt: float | None, *, failed: bool, now: float, load: int = 0) -> None:
         """A call ended: ``rtt`` is its time to first byte (None: no verdict), ``load`` the
@@ -98,6 +153,7 @@ class Limiter:
         return min(30.0, max(1.0, (self.waiting + 1) * rtt / max(1.0, self.limit)))
 
     def _sample(self, rtt: float, load: int, now: float) -> None:
+        self.rtt = rtt if self.rtt is None else self.rtt + 0.1 * (rtt - self.rtt)
         window = self._low_load
         if load <= self.limit / 2:
             while window and window[-1][1] >= rtt:

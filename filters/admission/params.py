@@ -53,6 +53,12 @@ class AdmissionParams(FilterParams):
     # never past its deadline), up to `max_queue` waiting per model; fair across tenants.
     max_queue: Annotated[int, Field(ge=0)] = 64
     max_queue_ms: Annotated[float, Field(ge=0)] = 100.0
+    # On routes where the model is in the body: shed at the request headers when every model
+    # seen on the route would refuse the class at once (queue full, or its predicted wait
+    # longer than max_queue_ms), so a refusal costs neither the body nor later filters' work.
+    # Such a request never reaches the cache: turn off where cache hits under overload matter
+    # more than the CPU a refusal costs.
+    shed_at_headers: bool = True
     priority: Priority = Field(default_factory=Priority)
     # Triton's own load for the model: while saturated, the limit shrinks (once per poll).
     saturation: SaturationParams | None = None

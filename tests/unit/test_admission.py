@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from filters.admission.filter import AdmissionFilter
+from filters.admission.filter import PROBE_S, AdmissionFilter
 from filters.admission.limiter import Limiter
 from filters.admission.params import AdmissionParams
 from proxy.api import CONTINUE, Deps, Filter, Headers, RequestContext
@@ -79,7 +79,7 @@ async def test_queue_is_fair_across_tenants_and_by_class() -> None:
     order: list[str] = []
 
     async def wait(cls: str, tenant: str) -> None:
-        assert await lim.acquire(cls, tenant, 5.0)
+        assert await lim.acquire(cls, tenant, 5.0) == "queued"
         order.append(f"{cls}:{tenant}")
         await asyncio.sleep(0)
         lim.release(None, failed=False, now=0.0)
@@ -99,8 +99,55 @@ async def test_queue_is_fair_across_tenants_and_by_class() -> None:
 async def test_a_waiter_that_times_out_is_forgotten() -> None:
     lim = _limiter(initial_limit=1, min_limit=1, reserve_critical=0, reserve_standard=0)
     assert lim.try_acquire("standard")
-    assert not await lim.acquire("standard", "t", 0.01)
+    assert await lim.acquire("standard", "t", 0.01) == "shed_timeout"
     assert lim.waiting == 0 and not lim.queues["standard"]
+
+
+async def test_a_full_queue_makes_room_for_a_higher_class() -> None:
+    lim = _limiter(initial_limit=1, min_limit=1, max_queue=3, reserve_critical=0,
+                   reserve_standard=0)  # fmt: skip
+    assert lim.try_acquire("standard")
+    waits = {
+        name: asyncio.ensure_future(lim.acquire(cls, tenant, 5.0))
+        for name, cls, tenant in [("noisy1", "sheddable", "noisy"),
+                                  ("noisy2", "sheddable", "noisy"), ("quiet", "sheddable", "quiet")]
+    }  # fmt: skip
+    await asyncio.sleep(0)
+    assert lim.waiting == 3
+    # Full: a critical request takes the place of the noisiest tenant's newest sheddable one.
+    vip = asyncio.ensure_future(lim.acquire("critical", "vip", 5.0))
+    await asyncio.sleep(0)
+    assert await waits["noisy2"] == "shed_preempted"
+    assert lim.waiting == 3 and not waits["noisy1"].done()
+    # Nobody below it to push out: a sheddable arrival is refused at once.
+    assert lim.refusal("sheddable", 5.0) == "shed_full"
+    assert await lim.acquire("sheddable", "late", 5.0) == "shed_full"
+    lim.release(None, failed=False, now=0.0)
+    assert await vip == "queued"  # the freed permit went to the critical waiter first
+    for w in ("noisy1", "quiet"):
+        lim.release(None, failed=False, now=0.0)
+        assert await waits[w] == "queued"
+    assert lim.waiting == 0 and lim.inflight == 1
+
+
+async def test_a_wait_predicted_too_long_is_refused_at_once() -> None:
+    lim = _limiter(initial_limit=1, min_limit=1, max_limit=1, reserve_critical=0,
+                   reserve_standard=0)  # fmt: skip
+    lim.inflight = 1
+    lim.release(0.1, failed=False, now=0.0, load=1)  # calls hold a permit ~100 ms
+    assert lim.rtt == pytest.approx(0.1)
+    assert lim.try_acquire("standard")
+    first = asyncio.ensure_future(lim.acquire("standard", "t", 1.0))
+    await asyncio.sleep(0)
+    # One waiter ahead, one permit, 100 ms a call: a second waiter would need ~200 ms.
+    assert lim.predicted_wait_s("standard") == pytest.approx(0.2)
+    assert lim.refusal("standard", 0.15) == "shed_timeout"
+    assert lim.refusal("standard", 0.25) is None
+    assert lim.refusal("critical", 0.15) is None  # critical goes ahead of standard waiters
+    assert await lim.acquire("standard", "t", 0.15) == "shed_timeout"
+    assert lim.waiting == 1
+    lim.release(None, failed=False, now=0.0)
+    assert await first == "queued"
 
 
 # --- the filter ------------------------------------------------------------------------------
@@ -177,6 +224,62 @@ async def test_saturated_gateway_sheds_sheddable_first_with_retry_after() -> Non
     gate.set()
     assert [(await t).status for t in [*busy, vip]] == [200] * 4
     assert f.limiters["kserve_http"].inflight == 0
+
+
+class _ModelInBody(_Identity):
+    """Identity at the headers; the model from the body, as ``openai`` sets it."""
+
+    bodies = 0
+
+    async def on_request_body(self, ctx: RequestContext, body: bytes) -> Any:
+        type(self).bodies += 1
+        ctx.model = body.decode()
+        return CONTINUE
+
+
+async def test_refusal_at_the_headers_when_every_model_of_the_route_is_full() -> None:
+    clock = FakeClock()
+    deps = Deps(clock=clock)
+    ident = _ModelInBody(_ModelInBody.Params(), deps)
+    ident.name = "ident"
+    f = AdmissionFilter(AdmissionFilter.Params.model_validate({
+        "models": ["m", "n"], "initial_limit": 1, "min_limit": 1, "max_queue": 1,
+        "reserve_critical": 0, "reserve_standard": 0}), deps)  # fmt: skip
+    f.name = "admission"
+    h = Harness.for_filters([ident, f])
+    gate = asyncio.Event()
+
+    async def slow(headers: dict[str, str], body: bytes) -> UpstreamReply:
+        await gate.wait()
+        return UpstreamReply(200)
+
+    def call(tier: str, model: str = "m", upstream: Any = slow) -> Any:
+        return asyncio.ensure_future(h.request("POST", "/v1/embeddings", headers={"x-tier": tier},
+                                               body=model, upstream=upstream))  # fmt: skip
+
+    busy = call("standard")
+    await asyncio.sleep(0.01)
+    waiter = call("free")  # sheddable, queued: the queue (1) is full
+    await asyncio.sleep(0.01)
+    bodies = _ModelInBody.bodies
+    shed = await call("free")
+    assert shed.status == 503 and shed.json()["error"]["type"] == "overloaded"
+    assert _ModelInBody.bodies == bodies  # refused before the body was read
+    # A critical request still has a way in (it may push the sheddable waiter out): its
+    # body is read and admission decides there.
+    vip = call("premium")
+    await asyncio.sleep(0.01)
+    assert _ModelInBody.bodies == bodies + 1
+    assert (await waiter).status == 503
+    # A model not seen yet on the route is refused with the rest, until a probe (one request
+    # per route every PROBE_S) reaches the body; from then on its room is known.
+    assert (await call("free", model="n", upstream=UpstreamReply(200))).status == 503
+    clock.advance(PROBE_S)
+    for _ in range(2):
+        assert (await call("free", model="n", upstream=UpstreamReply(200))).status == 200
+    gate.set()
+    assert [(await t).status for t in (busy, vip)] == [200, 200]
+    assert f.limiters["m"].inflight == 0 and f.limiters["m"].waiting == 0
 
 
 def test_bad_admission_config_fails_at_start() -> None:
