@@ -221,6 +221,24 @@ def _markdown(results: dict[str, Any]) -> str:
         f"- at 4x with policies off: goodput {off['goodput_share_of_capacity']:.0%} of capacity,"
         f" critical success {off['critical_success']:.1%}, p99 {off['p99_ms']:.0f} ms",
     ]
+    if all("cores" in p for mode in ("off", "on") for p in results["runs"][mode]):
+        names = ["triton", "processor", "envoy", "loadgen", "redis"]
+        lines += [
+            "",
+            "Where the CPUs went (cores busy during each point):",
+            "",
+            "| policies | offered | " + " | ".join(names) + " | processor CPU per request |",
+            "|---|---:|" + "---:|" * len(names) + "---:|",
+        ]
+        for mode in ("off", "on"):
+            for p in results["runs"][mode]:
+                c = p["cores"]
+                per_req = c.get("processor", 0.0) / p["offered_rps"] * 1e6
+                lines.append(
+                    f"| {mode} | {p['multiple']:.1f}x | "
+                    + " | ".join(f"{c.get(n, 0.0):.2f}" for n in names)
+                    + f" | {per_req:.0f} µs |"
+                )
     return "\n".join(lines) + "\n"
 
 
