@@ -68,15 +68,20 @@ def test_exact_repeat_and_paraphrase_are_served_by_the_gateway(gateway: Gateway)
 def test_embeddings_are_cached_exactly_and_no_store_is_honoured(gateway: Gateway) -> None:
     body = {"model": "embedder", "input": "Floodwall caches embeddings of exact texts."}
     with httpx.Client(base_url=gateway.url, headers=AUTH, timeout=30) as c:
-        first = c.post("/v1/embeddings", json=body)
-        assert first.status_code == 200
-        seen = set()
+        # Misses the full model answered: one of them is what gets stored. A miss degraded to
+        # the lighter model (Triton still busy from an earlier test) is never stored.
+        stored, degraded, r = [], 0, None
         for _ in range(50):
             r = c.post("/v1/embeddings", json=body)
-            seen.add(r.headers["x-floodwall-cache"])
-            if "hit-exact" in seen:
+            assert r.status_code == 200
+            if r.headers["x-floodwall-cache"] == "hit-exact":
                 break
-        assert "hit-exact" in seen and r.json() == first.json()
+            if "x-floodwall-degraded" in r.headers:
+                degraded += 1
+            else:
+                stored.append(r.json())
+        assert r is not None and r.headers["x-floodwall-cache"] == "hit-exact", degraded
+        assert "x-floodwall-degraded" not in r.headers and r.json() in stored
         fresh = c.post("/v1/embeddings", json=body, headers={"cache-control": "no-store"})
         assert fresh.headers["x-floodwall-cache"] == "miss"
 
