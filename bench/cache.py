@@ -239,16 +239,23 @@ def index_points(quick: bool) -> dict[str, Any]:
 
 
 def eval_points() -> dict[str, Any]:
+    """The shipped sets judged by the guards (at the recommended threshold) and by the shipped
+    verifier (trained on pairs and holdout only)."""
+    from filters.cache.params import load_verifier
+
+    verifier = load_verifier("shipped")
     out: dict[str, Any] = {}
     with evaluate.private_embedder() as url:
         for name in ("pairs", "holdout", "holdout2", "holdout3"):
             path = evaluate.SHIPPED_PAIRS.with_name(f"{name}.jsonl")
-            r = evaluate.run(path, evaluate_threshold(), url, "embedder")
+            r = evaluate.run(path, evaluate_threshold(), url, "embedder", verifier)
             out[name] = {k: r[k] for k in ("pairs", "threshold", "hit_rate", "wrong_hit_rate",
                                            "thresholds", "guards", "by_category",
-                                           "recommended_threshold")}  # fmt: skip
-            print(f"   eval {name}: hit {r['hit_rate']:.1%} wrong {r['wrong_hit_rate']:.1%} "
-                  f"at {r['threshold']}", flush=True)  # fmt: skip
+                                           "recommended_threshold", "verifier")}  # fmt: skip
+            v = r["verifier"]
+            print(f"   eval {name}: guards hit {r['hit_rate']:.1%} wrong "
+                  f"{r['wrong_hit_rate']:.1%} at {r['threshold']}; verifier hit "
+                  f"{v['hit_rate']:.1%} wrong {v['wrong_hit_rate']:.1%}", flush=True)  # fmt: skip
     return out
 
 
@@ -276,6 +283,12 @@ def summary(res: dict[str, Any]) -> dict[str, Any]:
         "held_out_hit_ge_70pct": min(res["eval"][n]["hit_rate"] for n in FRESH) >= 0.70,
         "held_out_wrong_le_2pct": max(res["eval"][n]["wrong_hit_rate"] for n in FRESH) <= 0.02,
     }
+    if all("verifier" in res["eval"][n] for n in FRESH):
+        ver = [res["eval"][n]["verifier"] for n in FRESH]
+        s["targets"]["verifier_held_out_hit_ge_70pct"] = min(v["hit_rate"] for v in ver) >= 0.70
+        s["targets"]["verifier_held_out_wrong_le_2pct"] = (
+            max(v["wrong_hit_rate"] for v in ver) <= 0.02
+        )
     return s
 
 
@@ -323,6 +336,12 @@ def markdown(res: dict[str, Any]) -> str:
         last = rows[-1]
         cells.append(f"{last['hit_rate_unguarded']:.1%} / {last['wrong_hit_rate_unguarded']:.1%}")
         lines.append(f"| {rows[0]['threshold']:.3f} | " + " | ".join(cells) + " |")
+    if all("verifier" in ev[n] for n in names):
+        v0 = ev[names[0]]["verifier"]
+        cells = [f"{ev[n]['verifier']['hit_rate']:.1%} / {ev[n]['verifier']['wrong_hit_rate']:.1%}"
+                 for n in names]  # fmt: skip
+        lines.append(f"| verifier (≥ {v0['threshold']}, p ≥ {v0['cut']}; trained on pairs + "
+                     "holdout) | " + " | ".join(cells) + " | |")  # fmt: skip
     t = res["summary"]["targets"]
     lines += ["", "Targets: " + ", ".join(f"{k}: {'met' if v else 'NOT met'}"
                                           for k, v in t.items())]  # fmt: skip

@@ -216,6 +216,15 @@ def cmd_cache_eval(args: argparse.Namespace) -> int:
         return _fail(str(e))
 
 
+def cmd_cache_train(args: argparse.Namespace) -> int:
+    from filters.cache import evaluate
+
+    try:
+        return evaluate.train_main(args)
+    except (OSError, ValueError, RuntimeError) as e:
+        return _fail(str(e))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="floodwall", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -293,7 +302,36 @@ def main(argv: list[str] | None = None) -> int:
         help="a running Triton with the embedder (default: start a private one)",
     )
     e.add_argument("--model", default="embedder", help="the Triton embedding model")
+    e.add_argument(
+        "--verifier",
+        default=None,
+        help='also judge with a trained verifier: "shipped" or the path of one',
+    )
     e.set_defaults(func=cmd_cache_eval)  # fmt: skip
+    t = csub.add_parser(
+        "train",
+        help="train a verifier (a learned paraphrase check) on labelled pairs",
+    )
+    t.add_argument(
+        "--pairs",
+        action="append",
+        required=True,
+        help="JSONL of {a, b, same_answer[, category]}; repeat for several files",
+    )
+    t.add_argument("--out", required=True, help="where to write the verifier (JSON)")
+    t.add_argument(
+        "--max-wrong",
+        type=float,
+        default=0.015,
+        help="wrong-answer rate the cross-validated setting must stay under",
+    )
+    t.add_argument(
+        "--triton-url",
+        default=None,
+        help="a running Triton with the embedder (default: start a private one)",
+    )
+    t.add_argument("--model", default="embedder", help="the Triton embedding model")
+    t.set_defaults(func=cmd_cache_train)  # fmt: skip
 
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:  # its options are bench/run.py's (argparse would eat them)

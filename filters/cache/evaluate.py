@@ -30,6 +30,7 @@ import orjson
 from filters.cache.guards import GUARDS, veto
 from filters.cache.semantic import SemanticIndex
 from filters.cache.store import Indexed
+from filters.cache.verifier import Labelled, Verifier, train
 
 MAX_WRONG_RATE = 0.02
 THRESHOLDS = tuple(round(0.60 + 0.025 * i, 3) for i in range(17))  # 0.60 .. 1.00
@@ -239,21 +240,75 @@ def private_embedder(model: str = "embedder") -> Iterator[str]:
             triton.remove_shm_regions(prefix)
 
 
-def run(path: Path, threshold: float, triton_url: str | None, model: str) -> dict[str, Any]:
-    pairs = read_pairs(path)
+def verifier_report(
+    pairs: list[Pair], vectors: dict[str, np.ndarray[Any, Any]], verifier: Verifier
+) -> dict[str, Any]:
+    """The pairs judged by the live decision code with ``verifier`` instead of the guards."""
+    served: dict[str, list[bool]] = defaultdict(list)
+    for i, p in enumerate(pairs):
+        index = SemanticIndex(len(vectors[p.a]), threshold=-1.0, candidates=1, verifier=verifier)
+        index.add(Indexed(f"eval{i}", "a", "p", p.a, vectors[p.a], 2**62))
+        v = index.judge(f"eval{i}", "p", p.b, vectors[p.b], now_ms=0)
+        served[("true" if p.same else "false")].append(v.entry_id is not None)
+        served["category:" + p.category].append(v.entry_id is not None)
+
+    def rate(xs: list[bool]) -> float | None:
+        return _r(sum(xs) / len(xs)) if xs else None
+
+    return {
+        "threshold": verifier.threshold,
+        "cut": verifier.cut,
+        "hit_rate": rate(served["true"]),
+        "wrong_hit_rate": rate(served["false"]),
+        "by_category": {k.split(":", 1)[1]: {"pairs": len(v), "served": sum(v), "rate": rate(v)}
+                        for k, v in sorted(served.items()) if k.startswith("category:")},
+        "trained": verifier.about,
+    }  # fmt: skip
+
+
+def _vectors(pairs: list[Pair], triton_url: str | None, model: str) -> dict[str, Any]:
     texts = [t for p in pairs for t in (p.a, p.b)]
     with contextlib.ExitStack() as stack:
         url = triton_url or stack.enter_context(private_embedder(model))
-        vectors = embed_all(texts, url, model)
+        return embed_all(texts, url, model)
+
+
+def run(
+    path: Path,
+    threshold: float,
+    triton_url: str | None,
+    model: str,
+    verifier: Verifier | None = None,
+) -> dict[str, Any]:
+    pairs = read_pairs(path)
+    vectors = _vectors(pairs, triton_url, model)
     result = report(judge(pairs, vectors), threshold)
+    if verifier is not None:
+        result["verifier"] = verifier_report(pairs, vectors, verifier)
     result["pairs_file"] = str(path)
     return result
 
 
 def main(args: Any) -> int:
-    from filters.cache.params import RECOMMENDED_THRESHOLD
+    from filters.cache.params import RECOMMENDED_THRESHOLD, load_verifier
 
     threshold = args.threshold if args.threshold is not None else RECOMMENDED_THRESHOLD
-    result = run(Path(args.pairs), threshold, args.triton_url, args.model)
+    verifier = load_verifier(args.verifier)
+    result = run(Path(args.pairs), threshold, args.triton_url, args.model, verifier)
     print(json.dumps(result, indent=2))
+    return 0
+
+
+def train_main(args: Any) -> int:
+    """``floodwall cache train``: a verifier from labelled pairs, written to ``--out``."""
+    pairs = [p for path in args.pairs for p in read_pairs(Path(path))]
+    vectors = _vectors(pairs, args.triton_url, args.model)
+    labelled = [Labelled(p.b, p.a, p.same, p.category) for p in pairs]
+    verifier = train(labelled, vectors, max_wrong=args.max_wrong)
+    about = {**verifier.about, "trained_on": [Path(p).name for p in args.pairs]}
+    verifier = Verifier(verifier.threshold, verifier.cut, verifier.weights, verifier.bias,
+                        verifier.guards, about)  # fmt: skip
+    verifier.save(Path(args.out))
+    print(json.dumps({"out": args.out, "threshold": verifier.threshold, "cut": verifier.cut,
+                      **about}, indent=2))  # fmt: skip
     return 0

@@ -30,7 +30,7 @@ from redis.exceptions import RedisClusterException, RedisError
 
 from filters.cache import canon
 from filters.cache.embedder import Embedder, EmbedderError, TritonEmbedder
-from filters.cache.params import CacheParams, RouteCache
+from filters.cache.params import CacheParams, RouteCache, load_verifier
 from filters.cache.semantic import SemanticIndex
 from filters.cache.store import CacheStore, Entry, Indexed
 from proxy.api import (
@@ -133,7 +133,7 @@ class CacheFilter(Filter):
         self.embedder = embedder
         self.index = SemanticIndex(
             sem.dimensions, threshold=sem.threshold, candidates=sem.candidates,
-            guards=tuple(sem.guards), flat_max=sem.flat_max,
+            guards=tuple(sem.guards), flat_max=sem.flat_max, verifier=load_verifier(sem.verifier),
         )  # fmt: skip
         # Triton model -> its newest READY version; scopes include it (see _version).
         self.versions: dict[str, str] = {}

@@ -86,6 +86,11 @@ class VectorIndex:
         if self._centroids is not None:
             self._place(n)
 
+    def vector(self, key: str) -> F32 | None:
+        """``key``'s (normalised) vector, or None."""
+        row = self._row.get(key)
+        return None if row is None else self._vecs[row]
+
     def remove(self, key: str) -> bool:
         row = self._row.pop(key, None)
         if row is None:

@@ -1,11 +1,13 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from filters.cache.guards import GUARDS, Guard
+from filters.cache.verifier import SHIPPED, Verifier
 from filters.rate_limit.params import parse_duration
 from proxy.api import FilterParams
 
@@ -53,6 +55,12 @@ class SemanticParams(FilterParams):
     # Lexical guards against look-alike questions, applied in this order (README: what each
     # catches and costs; `floodwall cache eval` measures both on your own pairs). [] is none.
     guards: list[Guard] = Field(default_factory=lambda: list(GUARDS))
+    # A trained verifier (`floodwall cache train`) judges each candidate instead of the rules
+    # above: "shipped" (trained on the project's labelled sets) or the path of your own
+    # model. It brings its own threshold, so `threshold` and `guards` then go unused; on the
+    # project's held-out sets it serves more paraphrases and fewer look-alikes than the
+    # guards (README "Semantic cache"). None: the threshold and the guards decide.
+    verifier: str | None = None
     # Nearest neighbours judged per look-up (best first; the first that passes is served).
     candidates: Annotated[int, Field(ge=1, le=32)] = 4
     # Triton embedder: the upstream (by name) serving it and the model.
@@ -67,6 +75,21 @@ class SemanticParams(FilterParams):
     max_text_chars: Annotated[int, Field(ge=1)] = 2000
     # Scopes with more entries than this are searched approximately (IVF).
     flat_max: Annotated[int, Field(ge=100)] = 20_000
+
+    @model_validator(mode="after")
+    def _verifier_fits(self) -> SemanticParams:
+        v = load_verifier(self.verifier)
+        if v is not None and v.dimensions != self.dimensions:
+            raise ValueError(f"verifier {self.verifier!r} was trained on {v.dimensions}-d "
+                             f"vectors, the embedder gives {self.dimensions}")  # fmt: skip
+        return self
+
+
+def load_verifier(spec: str | None) -> Verifier | None:
+    """``"shipped"``, a path to a verifier model, or None."""
+    if spec is None:
+        return None
+    return Verifier.load(SHIPPED if spec == "shipped" else Path(spec))
 
 
 class CacheParams(FilterParams):

@@ -1,6 +1,7 @@
 """The semantic decision, shared by the live filter and ``floodwall cache eval``: which cached
 prompt (if any) may answer a new one. Candidates come from the vector index of the request's
-partition, best first; each must reach the threshold and pass every guard."""
+partition, best first; each must reach the threshold and pass every guard, or, with a trained
+verifier (``verifier.py``), reach its threshold and be judged a paraphrase by it."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import numpy as np
 from filters.cache.guards import GUARDS, veto
 from filters.cache.index import VectorIndex
 from filters.cache.store import Indexed
+from filters.cache.verifier import Verifier
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,12 +42,15 @@ class SemanticIndex:
         candidates: int = 4,
         guards: tuple[str, ...] = GUARDS,
         flat_max: int = 20_000,
+        verifier: Verifier | None = None,
     ) -> None:
         self.dim = dim
-        self.threshold = threshold
+        # A verifier brings its own threshold and weighs the guards' findings itself.
+        self.threshold = verifier.threshold if verifier is not None else threshold
         self.candidates = candidates
         self.guards = guards
         self.flat_max = flat_max
+        self.verifier = verifier
         self._parts: dict[tuple[str, str], VectorIndex] = {}
         self._scopes: dict[str, set[str]] = {}
         self._meta: dict[tuple[str, str], _Meta] = {}
@@ -56,7 +61,8 @@ class SemanticIndex:
 
     def empty_copy(self) -> SemanticIndex:
         return SemanticIndex(self.dim, threshold=self.threshold, candidates=self.candidates,
-                             guards=self.guards, flat_max=self.flat_max)  # fmt: skip
+                             guards=self.guards, flat_max=self.flat_max,
+                             verifier=self.verifier)  # fmt: skip
 
     def add(self, item: Indexed) -> None:
         key = (item.scope, item.entry_id)
@@ -121,7 +127,12 @@ class SemanticIndex:
             meta = self._meta.get((scope, hit.key))
             if meta is None or meta.expires_ms <= now_ms:
                 continue
-            reason = veto(text, meta.text, self.guards) if self.guards else None
+            if self.verifier is not None:
+                cached = index.vector(hit.key)
+                ok = cached is not None and self.verifier.accepts(text, vector, meta.text, cached)
+                reason = None if ok else "verifier"
+            else:
+                reason = veto(text, meta.text, self.guards) if self.guards else None
             if reason is None:
                 return Verdict(hit.key, hit.score)
             refused = refused or reason

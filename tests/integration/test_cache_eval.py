@@ -1,0 +1,60 @@
+"""`floodwall cache eval` and `cache train` against the real embedder: the report's shape, and
+the shipped verifier reproduced from the shipped pairs (so a change to its features or to the
+training code cannot ship with a stale model file)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from filters.cache import evaluate
+from filters.cache.verifier import SHIPPED, Verifier
+from tests.integration.conftest import TritonServer
+
+pytestmark = pytest.mark.integration
+
+EVAL = Path(evaluate.__file__).parent / "eval"
+
+
+def test_cache_eval_reports_guards_and_the_verifier(triton: TritonServer) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "proxy.cli", "cache", "eval", "--pairs",
+         str(EVAL / "holdout3.jsonl"), "--triton-url", triton.http_url, "--verifier", "shipped"],
+        capture_output=True, text=True, timeout=300, check=True,
+    ).stdout  # fmt: skip
+    r = json.loads(out)
+    assert r["pairs"] == r["true_pairs"] + r["false_pairs"] == 300
+    assert {row["threshold"] for row in r["thresholds"]} >= {0.6, 0.75, 0.9}
+    assert set(r["guards"]) == {"negation", "number", "date_time", "antonym", "entity", "swap",
+                                "scope"}  # fmt: skip
+    v = r["verifier"]
+    assert 0 <= v["hit_rate"] <= 1 and 0 <= v["wrong_hit_rate"] <= 1
+    assert sum(c["pairs"] for c in v["by_category"].values()) == 300
+    assert v["by_category"]["negation"]["served"] == 0
+
+
+def test_the_shipped_verifier_is_reproduced_from_the_shipped_pairs(
+    triton: TritonServer, tmp_path: Path
+) -> None:
+    subprocess.run(
+        [sys.executable, "-m", "proxy.cli", "cache", "train", "--pairs",
+         str(EVAL / "pairs.jsonl"), "--pairs", str(EVAL / "holdout.jsonl"), "--out",
+         str(tmp_path / "v.json"), "--triton-url", triton.http_url],
+        capture_output=True, text=True, timeout=300, check=True,
+    )  # fmt: skip
+    again, shipped = Verifier.load(tmp_path / "v.json"), Verifier.load(SHIPPED)
+    assert again.threshold == shipped.threshold and abs(again.cut - shipped.cut) <= 0.02
+    # Same decisions on pairs it never saw (the embedder's last bits vary between machines).
+    pairs = [p for f in ("holdout2.jsonl", "holdout3.jsonl")
+             for p in evaluate.read_pairs(EVAL / f)]  # fmt: skip
+    vectors = evaluate.embed_all([t for p in pairs for t in (p.a, p.b)], triton.http_url)
+    agree = sum(
+        again.accepts(p.b, vectors[p.b], p.a, vectors[p.a])
+        == shipped.accepts(p.b, vectors[p.b], p.a, vectors[p.a])
+        for p in pairs
+    )
+    assert agree >= 0.99 * len(pairs), f"{agree}/{len(pairs)} decisions agree"

@@ -1,0 +1,110 @@
+"""The semantic cache's learned verifier: the fit, the cross-validated choice of threshold and
+cut, the model file, the params that load it, and its place in the live decision."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from filters.cache.filter import CacheFilter
+from filters.cache.guards import GUARDS
+from filters.cache.semantic import SemanticIndex
+from filters.cache.store import Indexed
+from filters.cache.verifier import SHIPPED, Labelled, Verifier, features, fit, train
+
+
+def test_fit_reaches_the_regularised_optimum() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((400, 5))
+    y = (x @ np.array([2.0, -1.0, 0.0, 0.5, 0.0]) + 0.3 + 0.5 * rng.standard_normal(400)) > 0
+    w, b = fit(x, y, c=1.0)
+    # At the optimum the gradient of 0.5|w|^2 + C * log loss vanishes (intercept unpenalised).
+    p = 1 / (1 + np.exp(-(x @ w + b)))
+    assert np.abs(x.T @ (p - y) + w).max() < 1e-6 and abs(float((p - y).sum())) < 1e-6
+    assert w[0] > 1 and w[1] < -0.5 and abs(w[2]) < abs(w[1]) / 2  # signs and sizes as drawn
+
+
+def _toy(n: int = 120) -> tuple[list[Labelled], dict[str, np.ndarray]]:
+    """Paraphrases: the cached vector nudged. Look-alikes: nudged along one fixed direction
+    (what a negation does to an embedding), so |u - v| tells them apart and cosine does not."""
+    rng = np.random.default_rng(1)
+    trap_dir = np.zeros(384)
+    trap_dir[7] = 1.0
+    pairs, vectors = [], {}
+    for i in range(n):
+        base = rng.standard_normal(384)
+        base /= np.linalg.norm(base)
+        same = i % 2 == 0
+        nudge = 0.25 * rng.standard_normal(384) / np.sqrt(384)
+        other = base + nudge + (0.0 if same else 0.35 * trap_dir)
+        a, b = f"cached question {i}", f"new question {i}"
+        vectors[a], vectors[b] = base, other / np.linalg.norm(other)
+        pairs.append(Labelled(b, a, same, "paraphrase" if same else "negation"))
+    return pairs, vectors
+
+
+def test_training_picks_a_setting_that_refuses_look_alikes_out_of_fold() -> None:
+    pairs, vectors = _toy()
+    v = train(pairs, vectors, cs=(1.0, 10.0), thresholds=(0.5,), max_wrong=0.02)
+    assert v.threshold == 0.5 and 0.5 <= v.cut < 1
+    assert v.about["cross_validated"]["wrong_hit_rate"] <= 0.02
+    served = [v.accepts(p.text, vectors[p.text], p.cached_text, vectors[p.cached_text])
+              for p in pairs]  # fmt: skip
+    same = [p.same_answer for p in pairs]
+    assert sum(s and t for s, t in zip(served, same, strict=True)) >= 0.8 * sum(same)
+    assert sum(s and not t for s, t in zip(served, same, strict=True)) <= 1
+    with pytest.raises(ValueError, match="both"):
+        train([p for p in pairs if p.same_answer], vectors)
+
+
+def test_model_file_round_trip_and_bad_files(tmp_path: Path) -> None:
+    pairs, vectors = _toy(60)
+    v = train(pairs, vectors, cs=(1.0,), thresholds=(0.5,), max_wrong=0.05)
+    v.save(tmp_path / "v.json")
+    back = Verifier.load(tmp_path / "v.json")
+    row = features("q", vectors[pairs[0].text], "c", vectors[pairs[0].cached_text], GUARDS)
+    assert back.dimensions == 384 and back.probability(row) == pytest.approx(v.probability(row))
+    (tmp_path / "bad.json").write_text(json.dumps({"threshold": 0.5}))
+    with pytest.raises(ValueError, match="not a verifier"):
+        Verifier.load(tmp_path / "bad.json")
+    d = json.loads((tmp_path / "v.json").read_text())
+    d["guards"] = ["vibes"]
+    (tmp_path / "bad.json").write_text(json.dumps(d))
+    with pytest.raises(ValueError, match="unknown guards"):
+        Verifier.load(tmp_path / "bad.json")
+
+
+def test_the_shipped_verifier_loads_and_params_check_it(tmp_path: Path) -> None:
+    shipped = Verifier.load(SHIPPED)
+    assert shipped.dimensions == 384 and shipped.guards == GUARDS
+    assert shipped.about["trained_on"] == ["pairs.jsonl", "holdout.jsonl"]
+    p = CacheFilter.Params.model_validate({"routes": {}, "semantic": {"verifier": "shipped"}})
+    assert p.semantic.verifier == "shipped"
+    with pytest.raises(ValidationError, match="384-d"):
+        CacheFilter.Params.model_validate(
+            {"routes": {}, "semantic": {"verifier": "shipped", "dimensions": 768}}
+        )
+    with pytest.raises(ValidationError, match="not a verifier"):
+        CacheFilter.Params.model_validate(
+            {"routes": {}, "semantic": {"verifier": str(tmp_path / "missing.json")}}
+        )
+
+
+def test_the_live_decision_asks_the_verifier() -> None:
+    # A hand-made verifier: "same answer" unless dimension 0 differs (|u0 - v0| is feature 1).
+    w = np.zeros(1 + 2 * 4 + len(GUARDS))
+    w[1] = -50.0
+    v = Verifier(threshold=0.5, cut=0.5, weights=w, bias=5.0)
+    si = SemanticIndex(4, threshold=0.99, verifier=v)
+    assert si.threshold == 0.5  # the verifier's own
+    cached = np.array([0.6, 0.8, 0.0, 0.0])
+    si.add(Indexed("s", "e1", "p", "How do I reset my password?", cached, 10**12))
+    near = np.array([0.62, 0.78, 0.1, 0.0])
+    assert si.judge("s", "p", "how can I reset my password", near, 0).entry_id == "e1"
+    moved = np.array([0.0, 0.8, 0.6, 0.0])  # cosine 0.64: above its threshold, dim 0 differs
+    refused = si.judge("s", "p", "how can I reset my password", moved, 0)
+    assert refused.entry_id is None and refused.veto == "verifier"
