@@ -178,6 +178,12 @@ class Outcome:
     duration_s: float
 
 
+def prefers_async(headers: Headers) -> bool:
+    """The client asked for an asynchronous answer (RFC 7240 ``Prefer: respond-async``)."""
+    prefer = headers.get("prefer", "")
+    return any(p.split(";", 1)[0].strip().lower() == "respond-async" for p in prefer.split(","))
+
+
 class RequestContext:
     """One per ext_proc stream (one HTTP request). Filters read and annotate it."""
 
@@ -185,6 +191,7 @@ class RequestContext:
         "_log",
         "_state",
         "deadline",
+        "deferred",
         "end_of_stream",
         "grpc",
         "has_request_body",
@@ -240,6 +247,10 @@ class RequestContext:
         # The request body as the client sent it (set before the body phase's first filter;
         # filters may rewrite the body Envoy forwards, this stays the original).
         self.request_body: bytes | None = None
+        # Set (at the request headers) by a filter that will answer the request itself and
+        # hand the work on for later (jobs: an async submission answered 202): the model is
+        # not called now, so policies that protect it (admission) let the request pass.
+        self.deferred = False
         # False when the headers ended the message (Envoy then sends no body phase).
         self.has_request_body = True
         self.has_response_body = True

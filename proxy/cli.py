@@ -225,6 +225,15 @@ def cmd_cache_train(args: argparse.Namespace) -> int:
         return _fail(str(e))
 
 
+def _embedder_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--triton-url",
+        default=None,
+        help="a running Triton with the embedder (default: start a private one)",
+    )
+    p.add_argument("--model", default="embedder", help="the Triton embedding model")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="floodwall", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -296,12 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="similarity threshold to report (default: the recommended one)",
     )
-    e.add_argument(
-        "--triton-url",
-        default=None,
-        help="a running Triton with the embedder (default: start a private one)",
-    )
-    e.add_argument("--model", default="embedder", help="the Triton embedding model")
+    _embedder_args(e)
     e.add_argument(
         "--verifier",
         default=None,
@@ -325,12 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         default=0.015,
         help="wrong-answer rate the cross-validated setting must stay under",
     )
-    t.add_argument(
-        "--triton-url",
-        default=None,
-        help="a running Triton with the embedder (default: start a private one)",
-    )
-    t.add_argument("--model", default="embedder", help="the Triton embedding model")
+    _embedder_args(t)
     t.set_defaults(func=cmd_cache_train)  # fmt: skip
 
     argv = sys.argv[1:] if argv is None else argv

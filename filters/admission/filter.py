@@ -33,6 +33,7 @@ from proxy.api import (
     Outcome,
     Phase,
     RequestContext,
+    prefers_async,
 )
 from proxy.chain import kserve_model
 from proxy.config import RouteConfig
@@ -111,7 +112,11 @@ class AdmissionFilter(Filter):
         st.tenant = ctx.tenant or "-"
         ctx.priority = self._classify(ctx, headers)
         if ctx.route is not None and ctx.route.model_in_body and self.p.models:
-            return self._shed_early(ctx, ctx.priority) if self.p.shed_at_headers else CONTINUE
+            # An async submission may be taken by `jobs` (which says so in ctx.deferred, at its
+            # own headers phase, after this one): decide at the body, where that is known.
+            if not self.p.shed_at_headers or prefers_async(headers):
+                return CONTINUE
+            return self._shed_early(ctx, ctx.priority)
         return await self._admit(ctx, st)
 
     async def on_request_body(self, ctx: RequestContext, body: bytes) -> Decision:
@@ -162,8 +167,8 @@ class AdmissionFilter(Filter):
 
     async def _admit(self, ctx: RequestContext, st: _State) -> Decision:
         name = ctx.route_name if not self.p.models else ctx.model
-        if name is None or (self.p.models and name not in self.p.models):
-            return CONTINUE
+        if ctx.deferred or name is None or (self.p.models and name not in self.p.models):
+            return CONTINUE  # deferred: queued for later, the model is not called now
         lim = self.limiters.get(name)
         if lim is None:
             lim = self.limiters[name] = Limiter(self.p)

@@ -31,7 +31,17 @@ from redis.exceptions import RedisError
 from filters.jobs.params import PRIORITIES, JobsParams
 from filters.jobs.store import JobStore, view
 from proxy import errors
-from proxy.api import CONTINUE, Decision, Deps, Filter, Headers, Phase, RequestContext, Respond
+from proxy.api import (
+    CONTINUE,
+    Decision,
+    Deps,
+    Filter,
+    Headers,
+    Phase,
+    RequestContext,
+    Respond,
+    prefers_async,
+)
 from proxy.config import RouteConfig
 
 SUBMITTED = Counter(
@@ -83,7 +93,7 @@ class JobsFilter(Filter):
         st = ctx.state(_State)
         if path == self.p.api_path or path.startswith(self._prefix):
             return await self._api(ctx, headers, path, st)
-        if not _prefers_async(headers.get("prefer", "")):
+        if not prefers_async(headers):
             return CONTINUE
         if ctx.tenant is None:  # a job nobody could read back: refuse rather than queue it
             return errors.error(
@@ -93,6 +103,7 @@ class JobsFilter(Filter):
         if bad is not None:
             return bad
         st.mode = "prefer"
+        ctx.deferred = True
         if not ctx.has_request_body:
             return await self._submit(ctx, st, [(ctx.method, path, b"")])
         return CONTINUE
@@ -308,11 +319,6 @@ class JobsFilter(Filter):
         if sub.outcome == "dup":
             headers["idempotent-replayed"] = "true"
         return Respond(202, body, headers)
-
-
-def _prefers_async(prefer: str) -> bool:
-    # RFC 7240: a comma-separated list of preferences, each maybe with parameters.
-    return any(p.split(";", 1)[0].strip().lower() == "respond-async" for p in prefer.split(","))
 
 
 def _valid_id(job_id: str) -> bool:

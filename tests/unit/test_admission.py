@@ -12,6 +12,7 @@ import pytest
 from filters.admission.filter import PROBE_S, AdmissionFilter
 from filters.admission.limiter import Limiter
 from filters.admission.params import AdmissionParams
+from proxy import errors
 from proxy.api import CONTINUE, Deps, Filter, Headers, RequestContext
 from proxy.config import ConfigError, FilterConfig
 from proxy.registry import build_filters
@@ -280,6 +281,45 @@ async def test_refusal_at_the_headers_when_every_model_of_the_route_is_full() ->
     gate.set()
     assert [(await t).status for t in (busy, vip)] == [200, 200]
     assert f.limiters["m"].inflight == 0 and f.limiters["m"].waiting == 0
+
+
+class _Deferring(Filter):
+    """Takes async submissions the way ``jobs`` does: says so at its headers phase, answers
+    202 at the body."""
+
+    async def on_request_headers(self, ctx: RequestContext, headers: Headers) -> Any:
+        ctx.deferred = "respond-async" in headers.get("prefer", "")
+        return CONTINUE
+
+    async def on_request_body(self, ctx: RequestContext, body: bytes) -> Any:
+        return errors.error(202, "accepted", "queued") if ctx.deferred else CONTINUE
+
+
+async def test_an_async_submission_is_neither_shed_nor_holds_a_permit() -> None:
+    deps = Deps(clock=FakeClock())
+    ident = _ModelInBody(_ModelInBody.Params(), deps)
+    f = AdmissionFilter(AdmissionFilter.Params.model_validate({
+        "models": ["m"], "initial_limit": 1, "min_limit": 1, "max_queue": 0,
+        "reserve_critical": 0, "reserve_standard": 0}), deps)  # fmt: skip
+    jobs = _Deferring(_Deferring.Params(), deps)
+    for flt, name in ((ident, "ident"), (f, "admission"), (jobs, "jobs")):  # admission first
+        flt.name = name
+    h = Harness.for_filters([ident, f, jobs])
+    gate = asyncio.Event()
+
+    async def slow(headers: dict[str, str], body: bytes) -> UpstreamReply:
+        await gate.wait()
+        return UpstreamReply(200)
+
+    busy = asyncio.ensure_future(h.request("POST", "/v1/embeddings", body="m", upstream=slow))
+    await asyncio.sleep(0.01)
+    assert (await h.request("POST", "/v1/embeddings", body="m")).status == 503  # saturated
+    queued = await h.request("POST", "/v1/embeddings", headers={"prefer": "respond-async"},
+                             body="m")  # fmt: skip
+    assert queued.status == 202
+    assert f.limiters["m"].inflight == 1  # only the synchronous call holds a permit
+    gate.set()
+    assert (await busy).status == 200
 
 
 def test_bad_admission_config_fails_at_start() -> None:

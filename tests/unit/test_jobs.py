@@ -7,11 +7,11 @@ import orjson
 import pytest
 from pydantic import ValidationError
 
-from filters.jobs.filter import JobsFilter, _prefers_async
+from filters.jobs.filter import JobsFilter
 from filters.jobs.params import JobsParams
 from filters.jobs.store import view
 from filters.jobs.worker import sign, verify
-from proxy.api import Deps
+from proxy.api import Deps, prefers_async
 from proxy.testing import Harness, default_config
 
 
@@ -27,7 +27,7 @@ from proxy.testing import Harness, default_config
     ],
 )
 def test_prefer_header(header: str, wanted: bool) -> None:
-    assert _prefers_async(header) is wanted
+    assert prefers_async({"prefer": header} if header else {}) is wanted
 
 
 @pytest.mark.parametrize(
