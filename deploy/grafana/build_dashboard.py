@@ -58,6 +58,10 @@ PANELS: list[tuple[str, str, list[tuple[str, str]]]] = [
                 "shed {{class}}",
                 'sum by (class) (rate(floodwall_admission_decisions_total{decision=~"shed.*"}[1m]))',
             ),
+            (
+                "shed at the headers {{class}}",
+                "sum by (class) (rate(floodwall_admission_shed_at_headers_total[1m]))",
+            ),
             ("degraded", "sum(rate(floodwall_degraded_total[1m]))"),
             (
                 "rate limited",

@@ -30,6 +30,7 @@ EVENT_DRIVEN = {
     "floodwall_ratelimit_redis_errors_total",
     "floodwall_config_reloads_total",
     "floodwall_admission_decisions_total",
+    "floodwall_admission_shed_at_headers_total",
 }
 
 
