@@ -47,6 +47,10 @@ def features(
     return np.concatenate([[float(u @ v)], np.abs(u - v), u * v, flags])
 
 
+def _sigmoid(z: Any) -> Any:
+    return 0.5 * (1.0 + np.tanh(0.5 * z))  # = 1 / (1 + e^-z), without overflow for large |z|
+
+
 def _unit(x: Any) -> F64:
     a = np.asarray(x, dtype=np.float64).reshape(-1)
     n = float(np.linalg.norm(a))
@@ -67,7 +71,7 @@ class Verifier:
         return (len(self.weights) - 1 - len(self.guards)) // 2
 
     def probability(self, row: F64) -> float:
-        return float(1.0 / (1.0 + np.exp(-(row @ self.weights + self.bias))))
+        return float(_sigmoid(row @ self.weights + self.bias))
 
     def accepts(self, text: str, vector: Any, cached_text: str, cached_vector: Any) -> bool:
         row = features(text, vector, cached_text, cached_vector, self.guards)
@@ -104,7 +108,7 @@ def fit(x: F64, y: npt.NDArray[np.bool_], c: float, iterations: int = 50) -> tup
     w = np.zeros(d + 1)
     t = y.astype(np.float64)
     for _ in range(iterations):
-        p = 1.0 / (1.0 + np.exp(-(xb @ w)))
+        p = _sigmoid(xb @ w)
         grad = xb.T @ (p - t) + reg * w
         hess = (xb * (p * (1 - p))[:, None]).T @ xb + np.diag(reg) + 1e-9 * np.eye(d + 1)
         step = np.linalg.solve(hess, grad)
@@ -149,8 +153,9 @@ def train(
         oof = np.zeros(len(pairs))
         for k in range(folds):
             w, b = fit(x[fold != k], y[fold != k], c)
-            oof[fold == k] = 1.0 / (1.0 + np.exp(-(x[fold == k] @ w + b)))
+            oof[fold == k] = _sigmoid(x[fold == k] @ w + b)
         for t in thresholds:
+            # Hits only fall as the cut rises: the lowest cut within max_wrong is the best.
             for cut in np.arange(0.5, 0.995, 0.01):
                 served = (oof >= cut) & (x[:, 0] >= t)
                 hit, wrong = float(served[y].mean()), float(served[~y].mean())
