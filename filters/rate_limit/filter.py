@@ -9,6 +9,7 @@ called and settle with the real usage when the request completes (aborted ones i
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import math
@@ -21,6 +22,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from redis.exceptions import RedisClusterException, RedisError
 
 from filters.rate_limit import gcra
+from filters.rate_limit.lease import Expired, Leases
 from filters.rate_limit.params import Limit, RateLimitParams
 from filters.rate_limit.store import GcraStore, Overloaded, Reply
 from proxy import errors
@@ -56,6 +58,12 @@ REDIS_ERRORS = Counter(
     "floodwall_ratelimit_redis_errors", "Failed rate-limit calls to Redis, by kind", ["kind"]
 )
 REDIS_UP = Gauge("floodwall_ratelimit_redis_up", "1 while the limiter reaches Redis, 0 in fallback")
+LEASE_UNITS = Counter(
+    "floodwall_ratelimit_lease_units",
+    "Units of leased limits granted to this process by Redis, and expired unused (used: "
+    'floodwall_ratelimit_decisions{decision="leased"})',
+    ["limit", "kind"],
+)
 WAIT_SECONDS = Histogram(
     "floodwall_ratelimit_wait_seconds",
     "How long smoothed requests were held for their turn",
@@ -65,8 +73,9 @@ WAIT_SECONDS = Histogram(
 _log = logging.getLogger("floodwall.rate_limit")
 _DECISIONS = (
     "allowed", "delayed", "denied", "denied_cached", "fallback_allowed", "fallback_denied",
-    "unavailable", "overloaded", "too_large",
+    "unavailable", "overloaded", "too_large", "leased",
 )  # fmt: skip
+_LEASE_KINDS = ("granted", "expired")
 # RedisClusterException is not a RedisError (a cluster with no reachable node raises it).
 _REDIS_FAULTS = (RedisError, RedisClusterException, OSError, TimeoutError)
 
@@ -87,9 +96,13 @@ class _Limit:
     max_wait: str
     cost: str
     counters: dict[str, Any]
+    # Leases of this limit in this process (None: every check goes to Redis), and the
+    # script's max_wait for a top-up: negative, so a lease needs half the burst free.
+    leases: Leases | None
+    headroom: str
 
     @classmethod
-    def of(cls, spec: Limit) -> _Limit:
+    def of(cls, spec: Limit, lease_s: float) -> _Limit:
         rule = gcra.Rule.of(spec.rate, spec.period, spec.burst_units)
         window = max(1, round(spec.period))
         quota = max(1, round(spec.rate * window / spec.period))
@@ -105,7 +118,12 @@ class _Limit:
             (_num(rule.interval_us), _num(rule.tolerance_us)),
             _num(spec.max_wait_ms * 1000.0),
             _num(spec.cost),
-            {d: DECISIONS.labels(spec.name, d) for d in _DECISIONS},
+            {d: DECISIONS.labels(spec.name, d) for d in _DECISIONS}
+            | {f"lease_{k}": LEASE_UNITS.labels(spec.name, k) for k in _LEASE_KINDS},
+            Leases(spec.lease_share * spec.burst_units, spec.cost, lease_s)
+            if spec.lease_share
+            else None,
+            _num(-rule.tolerance_us / 2),
         )
 
     def count(self, decision: str) -> None:
@@ -124,6 +142,7 @@ class _Hold:
     keys: list[str]
     costs: list[float]
     local: bool  # taken from the in-process fallback, not Redis
+    leased: list[int]  # indexes of the limits served from this process' leases
     forwarded: bool = False
     headers: dict[str, str] = field(default_factory=dict)
 
@@ -140,7 +159,10 @@ class RateLimitFilter(Filter):
     def __init__(self, params: RateLimitParams, deps: Deps) -> None:
         super().__init__(params, deps)
         self.p = params
-        self.limits = [_Limit.of(spec) for spec in params.limits]
+        self.limits = [_Limit.of(spec, params.lease_ms / 1000) for spec in params.limits]
+        # Redis' clock minus this process' monotonic clock, in microseconds, from the last
+        # reply: dates lease state for the RateLimit headers of requests served from leases.
+        self._redis_offset_us = 0.0
         self.cluster = _is_cluster(deps.redis)
         self.store = (
             GcraStore(
@@ -152,7 +174,8 @@ class RateLimitFilter(Filter):
             if deps.redis is not None
             else None
         )
-        self._keys: dict[tuple[str, tuple[str, ...]], str] = {}
+        self.leasing = self.store is not None and any(lim.leases for lim in self.limits)
+        self._keys: dict[tuple[str, str, tuple[str, ...]], str] = {}
         self.local = gcra.LocalLimiter()
         # key -> monotonic instant before which no request can pass it (see gcra.blocked_until)
         self.deny_cache: dict[str, float] = {}
@@ -252,21 +275,34 @@ class RateLimitFilter(Filter):
             if refused is not None:
                 return refused
 
-        takes = [
-            gcra.Take(lim.rule, c, lim.max_wait_us) for lim, c in zip(limits, costs, strict=True)
-        ]
         verdict: gcra.Verdict | None = None
+        leased: list[int] = []
         if now >= self.redis_down_until:
+            if self.leasing:
+                leased = self._from_leases(limits, keys, costs, now)
+                if len(leased) == len(limits):
+                    return self._admit_leased(st, limits, keys, costs, now)
+            takes = [
+                gcra.Take(lim.rule, c, lim.max_wait_us)
+                for lim, c in zip(limits, costs, strict=True)
+            ]
             try:
-                verdict = await self._take_redis(limits, keys, takes, costs)
+                verdict = await self._shared(limits, keys, takes, costs, leased, now)
             except Overloaded:
                 # Redis is fine; this process could not get its answer in max_check_ms.
+                self._unlease(limits, keys, costs, leased, now)
                 for lim in limits:
                     lim.count("overloaded")
                 return errors.error(
                     503, "overloaded", "the gateway is overloaded; retry shortly",
                     retry_after_s=1,
                 )  # fmt: skip
+            except asyncio.CancelledError:
+                self._unlease(limits, keys, costs, leased, now)
+                raise
+            if verdict is None or not verdict.allowed:
+                self._unlease(limits, keys, costs, leased, now)
+                leased = []
         local = verdict is None
         if verdict is None:
             closed = [lim for lim in limits if lim.spec.on_redis_error == "closed"]
@@ -292,12 +328,11 @@ class RateLimitFilter(Filter):
         kind = "fallback_allowed" if local else "allowed"
         if verdict.wait_us > 0:
             kind = "delayed"
-        for lim in limits:
-            lim.count(kind)
-        for lim, c in zip(limits, costs, strict=True):
+        for i, lim in enumerate(limits):
+            lim.count("leased" if i in leased else kind)
             if lim.spec.unit == "tokens":
-                TOKENS.labels(lim.spec.name, "reserved").inc(c)
-        hold = _Hold(limits, keys, costs, local)
+                TOKENS.labels(lim.spec.name, "reserved").inc(costs[i])
+        hold = _Hold(limits, keys, costs, local, leased)
         if self.p.response_headers:
             hold.headers = _headers(limits, rules, verdict)
         st.hold = hold
@@ -309,10 +344,46 @@ class RateLimitFilter(Filter):
         hold.forwarded = True
         return CONTINUE
 
-    async def _take_redis(
-        self, limits: list[_Limit], keys: list[str], takes: list[gcra.Take], costs: list[float]
+    async def _shared(
+        self,
+        limits: list[_Limit],
+        keys: list[str],
+        takes: list[gcra.Take],
+        costs: list[float],
+        leased: list[int],
+        now: float,
     ) -> gcra.Verdict | None:
-        """All-or-nothing take in Redis; None when Redis failed or went silent."""
+        """The verdict of the shared limits: those in ``leased`` were served from this
+        process' leases, the others are taken in Redis (the leases' top-ups ride along in the
+        same round trip). None when Redis failed or went silent."""
+        top_up = (lambda: self._top_up(limits, keys, now)) if self.leasing else None
+        if not leased:
+            return await self._take_redis(limits, keys, takes, costs, top_up)
+        rest = [i for i in range(len(limits)) if i not in leased]
+        v = await self._take_redis(
+            [limits[i] for i in rest], [keys[i] for i in rest], [takes[i] for i in rest],
+            [costs[i] for i in rest], top_up,
+        )  # fmt: skip
+        if v is None:
+            return None
+        tats = [0.0] * len(limits)
+        waits = [0.0] * len(limits)
+        for j, i in enumerate(rest):
+            tats[i], waits[i] = v.tats[j], v.waits_us[j]
+        for i in leased:
+            tats[i] = self._lease_tat(limits[i], keys[i], v.now_us)
+        return gcra.Verdict(v.allowed, v.now_us, tuple(tats), tuple(waits))
+
+    async def _take_redis(
+        self,
+        limits: list[_Limit],
+        keys: list[str],
+        takes: list[gcra.Take],
+        costs: list[float],
+        queued: Callable[[], None] | None = None,
+    ) -> gcra.Verdict | None:
+        """All-or-nothing take in Redis; None when Redis failed or went silent. ``queued``
+        runs once the calls are queued: what it queues goes in the same round trip."""
         assert self.store is not None
         groups = self._groups(keys)
         t0 = time.perf_counter()
@@ -326,6 +397,8 @@ class RateLimitFilter(Filter):
                          lim.max_wait]  # fmt: skip
             orphan = self._give_back(gkeys, [limits[i] for i in idx], [costs[i] for i in idx])
             futures.append(self.store.call("take", gkeys, nums, orphan))
+        if queued is not None:
+            queued()
         try:
             replies = [await f for f in futures]  # sent together: one wait
         except _REDIS_FAULTS as exc:
@@ -338,6 +411,7 @@ class RateLimitFilter(Filter):
             raise
         REDIS_SECONDS.observe(time.perf_counter() - t0)
         self._redis_ok()
+        self._redis_offset_us = replies[0][1] - self.deps.clock.monotonic() * 1e6
         verdicts = [
             gcra.from_reply(r[0] == 1, r[1], r[2:], [takes[i] for i in idx])
             for r, idx in zip(replies, groups, strict=True)
@@ -379,6 +453,83 @@ class RateLimitFilter(Filter):
                 self._adjust_redis(keys, limits, [-c for c in costs])
 
         return orphan
+
+    # --- leases ------------------------------------------------------------------------------
+
+    def _from_leases(
+        self, limits: list[_Limit], keys: list[str], costs: list[float], now: float
+    ) -> list[int]:
+        """The limits this request can take from this process' leases (taken)."""
+        out: list[int] = []
+        for i, lim in enumerate(limits):
+            if lim.leases is None:
+                continue
+            ok, expired = lim.leases.take(keys[i], costs[i], now)
+            if expired is not None:
+                lim.counters["lease_expired"].inc(expired.units)
+            if ok:
+                out.append(i)
+        return out
+
+    def _admit_leased(
+        self, st: _State, limits: list[_Limit], keys: list[str], costs: list[float], now: float
+    ) -> Decision:
+        """Every limit of the request was served from this process' leases: no round trip."""
+        self._top_up(limits, keys, now)
+        for lim in limits:
+            lim.count("leased")
+        hold = _Hold(limits, keys, costs, False, list(range(len(limits))), forwarded=True)
+        if self.p.response_headers:
+            now_us = now * 1e6 + self._redis_offset_us
+            pairs = zip(limits, keys, strict=True)
+            tats = tuple(self._lease_tat(lim, k, now_us) for lim, k in pairs)
+            verdict = gcra.Verdict(True, now_us, tats, (0.0,) * len(limits))
+            hold.headers = _headers(limits, [lim.rule for lim in limits], verdict)
+        st.hold = hold
+        return CONTINUE
+
+    def _unlease(
+        self, limits: list[_Limit], keys: list[str], costs: list[float], leased: list[int],
+        now: float,
+    ) -> None:  # fmt: skip
+        """A request that took leased units and was then refused, shed or cancelled."""
+        for i in leased:
+            leases = limits[i].leases
+            assert leases is not None
+            leases.give_back(keys[i], costs[i], now)
+
+    def _lease_tat(self, lim: _Limit, key: str, now_us: float) -> float:
+        lease = lim.leases.get(key) if lim.leases is not None else None
+        return max(lease.tat_us, now_us) if lease is not None else now_us
+
+    def _top_up(self, limits: list[_Limit], keys: list[str], now: float) -> None:
+        """Asks Redis for more units for the leases that run low (no waiting: the reply
+        tops the lease up when it comes)."""
+        assert self.store is not None
+        for lim, key in zip(limits, keys, strict=True):
+            if lim.leases is None:
+                continue
+            size = lim.leases.want(key, now)
+            if size:
+                fut = self.store.call("take", [key], [*lim.nums, _num(size), lim.headroom])
+                fut.add_done_callback(functools.partial(self._leased, lim, key, size))
+
+    def _leased(self, lim: _Limit, key: str, size: float, fut: asyncio.Future[Reply]) -> None:
+        leases = lim.leases
+        assert leases is not None
+        if fut.cancelled() or fut.exception() is not None:
+            leases.refused(key)  # the request path counts and reports Redis failures
+            return
+        reply = fut.result()
+        if reply[0] != 1:
+            leases.refused(key)  # past half its burst: this key is checked per request
+            return
+        now = self.deps.clock.monotonic()
+        self._redis_offset_us = reply[1] - now * 1e6
+        expired: Expired | None = leases.granted(key, size, reply[2], now)
+        lim.counters["lease_granted"].inc(size)
+        if expired is not None:
+            lim.counters["lease_expired"].inc(expired.units)
 
     # --- refusals ----------------------------------------------------------------------------
 
@@ -444,8 +595,10 @@ class RateLimitFilter(Filter):
 
     async def on_complete(self, ctx: RequestContext, outcome: Outcome) -> None:
         hold = ctx.state(_State).hold
-        if hold is None:
-            return
+        if hold is None or (
+            hold.forwarded and all(lim.spec.unit == "requests" for lim in hold.limits)
+        ):
+            return  # nothing to settle
         deltas: list[float] = []
         for lim, cost in zip(hold.limits, hold.costs, strict=True):
             if not hold.forwarded:
@@ -455,6 +608,11 @@ class RateLimitFilter(Filter):
                 deltas.append(0.0)
             else:
                 deltas.append(_settle(cost, ctx, outcome) - cost)
+        for i in hold.leased:
+            if deltas[i] < 0:  # never went upstream: back to the lease, not to Redis
+                self._unlease(hold.limits, hold.keys, hold.costs, [i],
+                              self.deps.clock.monotonic())  # fmt: skip
+                deltas[i] = 0.0
         for lim, d in zip(hold.limits, deltas, strict=True):
             if lim.spec.unit == "tokens" and d:
                 TOKENS.labels(lim.spec.name, "charged" if d > 0 else "refunded").inc(abs(d))
@@ -523,9 +681,16 @@ class RateLimitFilter(Filter):
     # --- keys --------------------------------------------------------------------------------
 
     def _key(self, lim: _Limit, ctx: RequestContext, headers: Headers) -> str:
-        values = tuple(self._part(p, ctx, headers) for p in lim.spec.key)
+        # The hot path: one memo lookup (no generator: this runs per limit per request).
+        parts = lim.spec.key
         tenant = (ctx.tenant or "-") if lim.by_tenant else ""
-        memo = (lim.spec.name, (tenant, *values))
+        if not parts:
+            values: tuple[str, ...] = ()
+        elif len(parts) == 1:
+            values = (self._part(parts[0], ctx, headers),)
+        else:
+            values = tuple([self._part(p, ctx, headers) for p in parts])
+        memo = (lim.spec.name, tenant, values)
         key = self._keys.get(memo)
         if key is None:
             digest = hashlib.blake2b("\x1f".join(values).encode(), digest_size=12).hexdigest()

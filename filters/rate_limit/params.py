@@ -51,6 +51,11 @@ class Limit(FilterParams):
     # `local_share` of the rate (say 1/replicas); "closed" refuses with 503.
     on_redis_error: Literal["open", "closed"] = "open"
     local_share: Annotated[float, Field(gt=0, le=1)] = 1.0
+    # Leases (see lease.py): each replica may take up to this share of the burst from Redis
+    # ahead of use and admit from it in memory. 0: every check goes to Redis. For busy limits
+    # far above any one caller's rate (global or per-route limits); a key past half its burst
+    # gets no leases and is checked per request again.
+    lease_share: Annotated[float, Field(ge=0, le=0.1)] = 0.0
     when: When = Field(default_factory=When)
 
     @field_validator("period", mode="before")
@@ -74,6 +79,17 @@ class Limit(FilterParams):
                 f"burst x local_share = {fallback_burst:g} is below one request's cost: "
                 "the fallback would refuse everything"
             )
+        if self.lease_share:
+            if self.unit != "requests" or self.max_wait_ms:
+                raise ValueError(
+                    "lease_share applies to request limits without max_wait_ms (token "
+                    "limits settle per request; smoothing needs each request's exact turn)"
+                )
+            if self.lease_share * burst < 2 * self.cost:
+                raise ValueError(
+                    f"lease_share x burst = {self.lease_share * burst:g} holds fewer than two "
+                    "requests: nothing to lease"
+                )
         if len(set(self.key)) != len(self.key):
             raise ValueError("key lists a part twice")
         return self
@@ -104,6 +120,9 @@ class RateLimitParams(FilterParams):
     response_headers: bool = False
     # Remember "over limit until T" per key and refuse locally until then.
     local_deny_cache: bool = True
+    # How long leased units stay usable (limits with lease_share > 0); also how far ahead of
+    # its use a unit can be counted.
+    lease_ms: Annotated[float, Field(gt=0, le=10_000)] = 100.0
 
     @model_validator(mode="after")
     def _unique(self) -> RateLimitParams:

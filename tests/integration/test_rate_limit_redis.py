@@ -195,6 +195,106 @@ async def test_concurrent_checks_share_round_trips(rc: aioredis.Redis) -> None:
     assert f.store.round_trips == calls <= 10, f"200 checks took {calls} round trips"
 
 
+# --- leases ----------------------------------------------------------------------------------
+
+
+def everyone(burst: float = 400, share: float = 0.05, **kw: Any) -> dict[str, Any]:
+    """One limit across all callers, leased: each replica may hold ``share`` of the burst."""
+    return {"name": "everyone", "key": [], "rate": 1, "period": "1h", "burst": burst,
+            "lease_share": share, **kw}  # fmt: skip
+
+
+async def _units_in_redis(rc: aioredis.Redis, f: RateLimitFilter, name: str) -> float:
+    """Units a limit's (only) key holds in Redis: (TAT - now) / T."""
+    keys = await rc.keys(f"fw:rl:*:{name}:*")
+    assert len(keys) == 1
+    tat = int(await rc.get(keys[0]))
+    sec, usec = await rc.time()
+    lim = next(lim for lim in f.limits if lim.spec.name == name)
+    return (tat - (sec * 1_000_000 + usec)) / lim.rule.interval_us
+
+
+def _lease(f: RateLimitFilter, name: str = "everyone") -> Any:
+    lim = next(lim for lim in f.limits if lim.spec.name == name)
+    assert lim.leases is not None
+    return lim.leases
+
+
+async def test_leases_spare_redis_and_every_admission_is_counted_there(
+    rc: aioredis.Redis,
+) -> None:
+    f = limiter(rc, everyone(burst=100_000, share=0.01))
+    assert f.store is not None
+    h = harness(f)
+    statuses = [(await call(h, key=f"k{i % 7}")).status for i in range(1000)]
+    assert statuses == [200] * 1000
+    assert f.store.round_trips <= 40, f"1000 checks took {f.store.round_trips} round trips"
+    # Redis counted every admitted request (most as part of a lease), and besides them at
+    # most what this replica holds, never above its cap (1% of 100,000).
+    in_redis = await _units_in_redis(rc, f, "everyone")
+    held = _lease(f).held()
+    assert in_redis - held == _Between(999.9, 1000.01)
+    assert held <= 1000
+
+
+async def test_leased_limit_stays_exact_across_three_replicas(rc: aioredis.Redis) -> None:
+    """A limit of 400 (per hour) leased by three replicas, 30 clients, 900 calls: never more
+    than 400 admitted, and the shortfall at most the three replicas' lease caps (20 each).
+    Past half the burst no lease is granted: the rest is checked per request."""
+    from filters.rate_limit.filter import DECISIONS
+
+    used = DECISIONS.labels("everyone", "leased")
+    used_before = used._value.get()
+    filters = [limiter(rc, everyone(burst=400, share=0.05)) for _ in range(3)]
+    hs = [harness(f) for f in filters]
+
+    async def client(h: Harness) -> list[Any]:  # 10 per replica, 30 calls each
+        return [await call(h, key=f"k{i}") for i in range(30)]
+
+    per_client = await asyncio.gather(*(client(h) for h in hs for _ in range(10)))
+    results = [r for rs in per_client for r in rs]
+    admitted = sum(r.status == 200 for r in results)
+    assert 400 - 3 * 20 <= admitted <= 400
+    assert used._value.get() - used_before >= 20  # leases did serve some of them
+    assert all(r.status in (200, 429) for r in results)
+    assert sum(_lease(f).held() for f in filters) <= 3 * 20
+    assert await _units_in_redis(rc, filters[0], "everyone") <= 400.01
+
+
+async def test_expired_lease_units_are_lost_never_given_back(rc: aioredis.Redis) -> None:
+    clock = FakeClock()
+    f = limiter(rc, everyone(), clock=clock)
+    h = harness(f)
+    assert (await call(h)).status == 200  # checked in Redis; a first lease of 4 rides along
+    await asyncio.sleep(0.01)
+    assert _lease(f).held() == 4
+    in_redis = await _units_in_redis(rc, f, "everyone")
+    assert in_redis == _Between(4.99, 5.01)
+    clock.advance(0.2)  # past lease_ms (100 ms)
+    assert (await call(h)).status == 200
+    await asyncio.sleep(0.01)
+    # The 4 unused units expired here; Redis still counts them (a later refund could re-grant
+    # capacity that already drained): 5 + this request + its new lease of 4.
+    assert await _units_in_redis(rc, f, "everyone") == _Between(9.99, 10.01)
+
+
+async def test_a_refused_request_gives_its_leased_units_back(rc: aioredis.Redis) -> None:
+    f = limiter(rc, everyone(), per_key(rate=1, burst=2, period="1h"), local_deny_cache=False,
+                response_headers=True)  # fmt: skip
+    h = harness(f)
+    first = await call(h)
+    await asyncio.sleep(0.01)
+    second = await call(h)  # "everyone" from the lease, per_key in Redis
+    assert (first.status, second.status) == (200, 200)
+    assert _lease(f).held() == 3
+    # Served from the lease, the response still carries both limits' state.
+    assert '"everyone";r=' in second.headers["ratelimit"]
+    assert '"per_key";r=0;' in second.headers["ratelimit"]
+    refused = await call(h)
+    assert refused.status == 429
+    assert _lease(f).held() == 3  # per_key refused: the leased unit came back
+
+
 # --- smoothing -------------------------------------------------------------------------------
 
 

@@ -10,6 +10,7 @@ import pytest
 
 from filters.rate_limit import gcra
 from filters.rate_limit.filter import RateLimitFilter, client_ip
+from filters.rate_limit.lease import Leases
 from proxy.api import Deps
 from proxy.config import ConfigError, FilterConfig
 from proxy.registry import build_filters
@@ -147,6 +148,10 @@ def _build(params: dict[str, Any]) -> Any:
         ({"key": ["tenant", "tenant"]}, "part twice"),
         ({"max_wait_ms": -1}, "limits[0].max_wait_ms"),
         ({"surprise": 1}, "limits[0].surprise"),
+        ({"lease_share": 0.01}, "nothing to lease"),
+        ({"lease_share": 0.1, "unit": "tokens"}, "applies to request limits"),
+        ({"lease_share": 0.1, "max_wait_ms": 100}, "applies to request limits"),
+        ({"lease_share": 0.2}, "limits[0].lease_share"),
     ],
 )
 def test_bad_limit_configs_fail_at_start_naming_the_field(
@@ -228,3 +233,62 @@ def test_max_wait_extends_envoys_message_timeout() -> None:
     hcm = b["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     ext = next(f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.ext_proc")
     assert ext["typed_config"]["message_timeout"] == f"{(500 + 2000 + 250) / 1000:.3f}s"
+
+
+# --- leases (the bookkeeping; against Redis: tests/integration/test_rate_limit_redis.py) ------
+
+
+def test_lease_slow_start_doubles_to_the_cap_while_the_key_is_busy() -> None:
+    leases = Leases(cap=40, cost=1, ttl_s=0.1)
+    ask = leases.want("k", now=0.0)
+    asks = []
+    for _ in range(8):
+        asks.append(ask)
+        leases.granted("k", ask, tat_us=0, now=0.0)
+        assert leases.held() <= 40  # never above the cap
+        ask = 0.0
+        while not ask:  # a busy key: the next top-up is due once half is used
+            assert leases.take("k", 1, now=0.0)[0]
+            ask = leases.want("k", now=0.0)
+    assert asks[:4] == [4, 4, 8, 16]  # then at the cap: topped up to 40 once half is used
+    assert all(a >= 20 for a in asks[4:])
+
+
+def test_lease_units_expire_unused_and_the_next_lease_is_smaller() -> None:
+    leases = Leases(cap=64, cost=1, ttl_s=0.1)
+    lease = leases.get("k")
+    assert lease is None and not leases.take("k", 1, now=0.0)[0]
+    leases.granted("k", leases.want("k", 0.0), tat_us=0, now=0.0)
+    leases.get("k").size = 32  # type: ignore[union-attr]
+    leases.get("k").units = 32  # type: ignore[union-attr]
+    assert leases.take("k", 1, now=0.05) == (True, None)
+    ok, expired = leases.take("k", 1, now=0.2)  # past its lifetime: void, never given back
+    assert not ok and expired is not None and expired.units == 31
+    assert leases.get("k").size == 16  # type: ignore[union-attr]
+    leases.give_back("k", 1, now=0.2)  # an expired lease takes nothing back
+    assert leases.get("k").units == 0  # type: ignore[union-attr]
+
+
+def test_one_top_up_at_a_time_and_only_once_half_is_used() -> None:
+    leases = Leases(cap=100, cost=1, ttl_s=1.0)
+    assert leases.want("k", 0.0) == 4
+    assert leases.want("k", 0.0) == 0  # in flight
+    leases.granted("k", 4, tat_us=0, now=0.0)
+    assert leases.want("k", 0.0) == 0  # 4 of 4 left
+    leases.take("k", 1, 0.0)
+    leases.take("k", 1, 0.0)
+    leases.take("k", 1, 0.0)
+    assert leases.want("k", 0.0) == 4  # 1 left: due
+    leases.granted("k", 4, tat_us=0, now=0.0)  # 5 held: the last went within its lifetime
+    leases.take("k", 1, 0.0)
+    leases.take("k", 1, 0.0)
+    assert leases.want("k", 0.0) == 8  # so the next is twice the size
+    leases.refused("k")  # the key is past half its burst in Redis: back to the first size
+    assert leases.want("k", 0.0) == 0  # 3 held: more than half of 4
+    leases.take("k", 2, 0.0)
+    assert leases.want("k", 0.0) == 4
+
+
+def test_a_lease_cap_below_two_requests_is_refused() -> None:
+    with pytest.raises(ValueError, match="fewer than two"):
+        Leases(cap=3, cost=2, ttl_s=0.1)
