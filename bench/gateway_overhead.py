@@ -1,5 +1,6 @@
-"""What the gateway costs: Envoy alone vs Envoy + processor (empty chain) vs Envoy + processor
-(auth + OpenAI translation), side by side in one run on the same machine.
+"""What the gateway costs: Envoy alone vs Envoy + processor (empty chain; also on grpc.aio
+instead of the default h2 server) vs Envoy + processor (auth + OpenAI translation), side by
+side in one run on the same machine.
 
 The upstream is a second Envoy answering every request with a canned KServe v2 embedding
 response (direct_response), so the model's cost is out of the picture and the three setups
@@ -66,6 +67,7 @@ CANNED = json.dumps(
 SETUPS = {
     "envoy_alone": "Envoy alone (no ext_proc filter)",
     "empty_chain": "Envoy + processor, empty chain (request headers only)",
+    "empty_chain_grpcio": "the same on grpc.aio (processor.server: grpcio)",
     "auth_translate": "Envoy + processor, auth + OpenAI translation (headers + bodies both ways)",
 }
 
@@ -109,10 +111,21 @@ RATE_LIMITS = [
 
 
 def _gateway_config(setup: str, ports: dict[str, int], runtime: Path, processes: int) -> Path:
+    """The config of a setup; a name ending in ``_grpcio`` runs the processor on grpc.aio
+    instead of the default server (proxy/h2server.py)."""
+    name = setup
+    processor: dict[str, Any] = {"processes": processes, "admin_port": ports["processor_admin"]}
+    if setup.endswith("_grpcio"):
+        setup = setup.removesuffix("_grpcio")
+        processor["server"] = "grpcio"
     filters: list[dict[str, Any]] = []
-    if setup == "rate_limit":
+    if setup.startswith("rate_limit"):
+        limits = RATE_LIMITS
+        if setup == "rate_limit_leased":
+            # The same limits, leased: each replica may hold 1% of a limit's burst.
+            limits = [{**lim, "lease_share": 0.01} for lim in RATE_LIMITS]
         filters = [{"name": "rate_limit", "type": "rate_limit",
-                    "params": {"limits": RATE_LIMITS, "local_deny_cache": False}}]  # fmt: skip
+                    "params": {"limits": limits, "local_deny_cache": False}}]  # fmt: skip
     if setup == "auth_translate":
         filters = [
             {"name": "auth", "type": "auth", "params": {"keys": [
@@ -123,14 +136,14 @@ def _gateway_config(setup: str, ports: dict[str, int], runtime: Path, processes:
     cfg = {
         "listener": {"port": ports["listener"], "access_log": False},
         "admin": {"port": ports["admin"]},
-        "processor": {"processes": processes, "admin_port": ports["processor_admin"]},
+        "processor": processor,
         "upstreams": {"up": {"endpoints": [{"address": "127.0.0.1", "port": ports["upstream"]}],
                              "health_check": None}},
         "routes": [{"name": "embeddings", "match": {"path": "/v1/embeddings"},
                     "api": "openai_embeddings", "upstream": "up"}],
         "filters": filters,
     }  # fmt: skip
-    path = runtime / f"{setup}.yaml"
+    path = runtime / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
 
@@ -375,6 +388,15 @@ def _summary(results: dict[str, Any]) -> dict[str, Any]:
     def rps(setup: str, c: int) -> float:
         return float(next(r["rps"] for r in s[setup]["closed_loop"] if r["connections"] == c))
 
+    def cpu(setup: str) -> float:
+        return float(
+            next(
+                r["processor_cpu_us_per_req"]
+                for r in s[setup]["closed_loop"]
+                if r["connections"] == 16
+            )
+        )
+
     def added_p99(setup: str) -> dict[str, float]:
         return {
             f"{o['target_rps']:.0f}": round(o["p99_ms"] - base["p99_ms"], 3)
@@ -389,11 +411,16 @@ def _summary(results: dict[str, Any]) -> dict[str, Any]:
         # Requests/s one processor process would serve with a whole core to itself.
         "processor_capacity_rps": {
             k: round(1e6 / min(r["processor_cpu_us_per_req"] for r in s[k]["closed_loop"]))
-            for k in ("empty_chain", "auth_translate")
+            for k in ("empty_chain", "empty_chain_grpcio", "auth_translate")
         },
         "rps_ratio_vs_envoy_c16": {
             k: round(rps(k, 16) / rps("envoy_alone", 16), 3)
-            for k in ("empty_chain", "auth_translate")
+            for k in ("empty_chain", "empty_chain_grpcio", "auth_translate")
+        },
+        # The default server against grpc.aio, same chain, same run.
+        "h2_vs_grpcio": {
+            "rps_c16": round(rps("empty_chain", 16) / rps("empty_chain_grpcio", 16), 3),
+            "processor_cpu_per_req": round(cpu("empty_chain") / cpu("empty_chain_grpcio"), 3),
         },
         "added_p99_ms": {"empty_chain": added, "auth_translate": added_p99("auth_translate")},
         "targets": {
@@ -441,6 +468,10 @@ def _markdown(results: dict[str, Any]) -> str:
         f"- throughput vs Envoy alone at c=16: empty chain "
         f"{s['rps_ratio_vs_envoy_c16']['empty_chain']:.2f}, auth + translation "
         f"{s['rps_ratio_vs_envoy_c16']['auth_translate']:.2f}",
+        f"- the default server (h2) vs grpc.aio, empty chain: "
+        f"{s['h2_vs_grpcio']['rps_c16']:.2f}x the throughput at c=16, "
+        f"{s['h2_vs_grpcio']['processor_cpu_per_req']:.2f}x the processor CPU per request "
+        f"(grpc.aio alone would serve {cap['empty_chain_grpcio']} req/s with a core)",
         "- targets: "
         + ", ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in s["targets"].items()),
     ]

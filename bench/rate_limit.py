@@ -5,12 +5,13 @@
    concurrent requests in one uvloop process, as the processor runs it. Also the number of
    Redis round trips (pipelines) they took.
 2. The filter in the gateway: Envoy + processor with an empty chain vs with rate_limit (three
-   limits, each checked in Redis, none refusing), interleaved rounds in one run; closed-loop
-   throughput and open-loop p50/p99 of both at half the capacity of the gateway with the
-   filter.
+   limits, none refusing), each checked in Redis per request, and the same limits leased
+   (``lease_share``), interleaved rounds in one run; closed-loop throughput, then open-loop
+   p50/p99 and processor CPU of each filter setup and the empty chain back to back at half
+   the capacity of the gateway with that filter.
 
-    .venv/bin/python -m bench.rate_limit            # ~4 minutes
-    .venv/bin/python -m bench.rate_limit --quick    # ~1.5 minutes
+    .venv/bin/python -m bench.rate_limit            # ~8 minutes
+    .venv/bin/python -m bench.rate_limit --quick    # ~3 minutes
 
 Writes bench/results/rate_limit.json and .md.
 """
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import gateway_overhead as gw
+from bench.loadgen import cpu_seconds
 from proxy.config import REPO_ROOT
 from proxy.runtime import find_binary
 from tests.helpers import free_port_block, free_ports
@@ -117,8 +119,28 @@ def checks_per_second(seconds: float) -> list[dict[str, Any]]:
 
 SETUPS = {
     "empty_chain": "Envoy + processor, empty chain",
-    "rate_limit": "Envoy + processor, rate_limit (3 limits checked in Redis, none refusing)",
+    "rate_limit": "Envoy + processor, rate_limit (3 limits, each checked in Redis per request)",
+    "rate_limit_leased": "Envoy + processor, rate_limit (the same 3 limits, leased: "
+    "lease_share 0.01)",
 }
+# The setups with the filter; each is compared with the empty chain at half its own peak.
+FILTERED = ("rate_limit", "rate_limit_leased")
+
+
+def _open_loop(setup: str, rate: float, ports: dict[str, int], runtime: Path, envoy: str,
+               seconds: float) -> dict[str, Any]:  # fmt: skip
+    with gw.gateway(setup, ports, runtime, envoy, 1) as (_, *pids):
+        gw.closed_loop(f"http://127.0.0.1:{ports['listener']}", gw.REQUEST, connections=16,
+                       seconds=1)  # fmt: skip
+        cpu0 = sum(cpu_seconds(p) for p in pids)
+        o = gw.open_loop("127.0.0.1", ports["listener"], gw.REQUEST, rate=rate, seconds=seconds)
+        cpu = sum(cpu_seconds(p) for p in pids) - cpu0
+    o["processor_cpu_us_per_req"] = round(cpu / max(1, o["achieved_rps"] * seconds) * 1e6, 1)
+    print(f"   {setup} open loop {o['achieved_rps']:.0f}/{o['target_rps']:.0f} req/s  "
+          f"p50 {o['p50_ms']:.2f} ms  p99 {o['p99_ms']:.2f} ms  processor "
+          f"{o['processor_cpu_us_per_req']:.0f} µs/req  statuses {o['statuses']}",
+          flush=True)  # fmt: skip
+    return o
 
 
 def main() -> None:
@@ -148,70 +170,67 @@ def main() -> None:
         time.sleep(0.5)
         try:
             for rnd in range(args.rounds):
-                done: dict[str, Any] = {}
-                # Capacity first (closed loop), then latency of both at half of the capacity of
-                # the gateway with the filter (the system a user runs).
+                done: dict[str, Any] = {"open_loop": {}}
+                # Capacity first (closed loop), then the latency of each filter setup and of
+                # the empty chain at the same rate: half the capacity of the gateway with
+                # that filter (the system a user runs), back to back.
                 for setup, label in SETUPS.items():
                     print(f"== round {rnd + 1}/{args.rounds} {setup}: {label}", flush=True)
                     done[setup] = gw._measure(setup, label, ports, runtime, envoy, ns, seconds,
                                               open_seconds, False)  # fmt: skip
-                half = max(r["rps"] for r in done["rate_limit"]["closed_loop"]) / 2
-                ns_half = argparse.Namespace(processes=1, rates=[round(half, -1)])
-                for setup in SETUPS:
-                    with gw.gateway(setup, ports, runtime, envoy, 1):
-                        gw.closed_loop(f"http://127.0.0.1:{ports['listener']}", gw.REQUEST,
-                                       connections=16, seconds=1)  # fmt: skip
-                        o = gw.open_loop("127.0.0.1", ports["listener"], gw.REQUEST,
-                                         rate=ns_half.rates[0], seconds=open_seconds)  # fmt: skip
-                    print(f"   {setup} open loop {o['achieved_rps']:.0f}/{o['target_rps']:.0f}"
-                          f" req/s  p50 {o['p50_ms']:.2f} ms  p99 {o['p99_ms']:.2f} ms  "
-                          f"statuses {o['statuses']}", flush=True)  # fmt: skip
-                    done[setup]["open_loop"] = [o]
+                for f in FILTERED:
+                    half = round(max(r["rps"] for r in done[f]["closed_loop"]) / 2, -1)
+                    done["open_loop"][f] = {
+                        setup: _open_loop(setup, half, ports, runtime, envoy, open_seconds)
+                        for setup in ("empty_chain", f)
+                    }
                 rounds.append(done)
         finally:
             upstream.stop_all()
 
-    def med(setup: str, pick: Any) -> float:
-        return float(statistics.median(pick(r[setup]) for r in rounds))
+    def med(pick: Any) -> float:
+        return float(statistics.median(pick(r) for r in rounds))
 
     def peak(e: dict[str, Any]) -> float:
         return float(max(r["rps"] for r in e["closed_loop"]))
 
-    summary = {
+    def pair(f: str, key: str) -> dict[str, float]:
+        return {
+            "empty chain": med(lambda r: r["open_loop"][f]["empty_chain"][key]),
+            "with the filter": med(lambda r: r["open_loop"][f][f][key]),
+        }
+
+    def by_series(key: str) -> dict[str, dict[str, float]]:
+        per = {f: pair(f, key) for f in FILTERED}
+        return {s: {f: per[f][s] for f in FILTERED} for s in ("empty chain", "with the filter")}
+
+    summary: dict[str, Any] = {
         "checks_per_s_peak": max(c["checks_per_s"] for c in checks),
-        "peak_rps": {s: med(s, peak) for s in SETUPS},
-        "half_capacity_rps": med("rate_limit", lambda e: e["open_loop"][0]["target_rps"]),
-        "p50_ms": {s: med(s, lambda e: e["open_loop"][0]["p50_ms"]) for s in SETUPS},
-        "p99_ms": {s: med(s, lambda e: e["open_loop"][0]["p99_ms"]) for s in SETUPS},
-        # Per round, then the median: both setups of a round share the machine's mood.
-        "added_p99_ms": float(
-            statistics.median(
-                r["rate_limit"]["open_loop"][0]["p99_ms"]
-                - r["empty_chain"]["open_loop"][0]["p99_ms"]
-                for r in rounds
-            )
-        ),
-        "rps_ratio": float(
-            statistics.median(peak(r["rate_limit"]) / peak(r["empty_chain"]) for r in rounds)
-        ),
-        "processor_cpu_us_per_req_c16": {
-            s: med(
-                s,
-                lambda e: next(
-                    r["processor_cpu_us_per_req"]
-                    for r in e["closed_loop"]
-                    if r["connections"] == 16
-                ),
-            )
-            for s in SETUPS
+        "peak_rps": {s: med(lambda r, s=s: peak(r[s])) for s in SETUPS},
+        "half_capacity_rps": {
+            f: med(lambda r, f=f: r["open_loop"][f][f]["target_rps"]) for f in FILTERED
         },
+        "p50_ms": by_series("p50_ms"),
+        "p99_ms": by_series("p99_ms"),
+        "processor_cpu_us_per_req": by_series("processor_cpu_us_per_req"),
+        # Per round, then the median: both runs of a pair share the machine's mood.
+        "added_p99_ms": {
+            f: med(
+                lambda r, f=f: (
+                    r["open_loop"][f][f]["p99_ms"] - r["open_loop"][f]["empty_chain"]["p99_ms"]
+                )
+            )
+            for f in FILTERED
+        },
+        "rps_ratio": {f: med(lambda r, f=f: peak(r[f]) / peak(r["empty_chain"])) for f in FILTERED},
     }
-    summary["target_added_p99_le_0_5ms"] = summary["added_p99_ms"] <= 0.5
+    summary["target_added_p99_le_0_5ms"] = {f: summary["added_p99_ms"][f] <= 0.5 for f in FILTERED}
     results = {
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                     "platform": platform.platform()},
         "params": {"rounds": args.rounds, "closed_loop_seconds": seconds,
-                   "open_loop_seconds": open_seconds, "limits": gw.RATE_LIMITS},
+                   "open_loop_seconds": open_seconds, "limits": gw.RATE_LIMITS,
+                   "leased": "the same limits with lease_share 0.01"},
         "checks": checks, "rounds": rounds, "summary": summary,
     }  # fmt: skip
     out = Path(args.out)
@@ -224,6 +243,15 @@ def main() -> None:
 
 def _markdown(results: dict[str, Any]) -> str:
     s = results["summary"]
+    rows = []
+    for f in FILTERED:
+        for label, series, setup in (("empty chain", "empty chain", "empty_chain"),
+                                     (f, "with the filter", f)):  # fmt: skip
+            rows.append(
+                f"| {s['half_capacity_rps'][f]:.0f} | {label} | {s['peak_rps'][setup]:.0f} "
+                f"| {s['p50_ms'][series][f]:.2f} ms | {s['p99_ms'][series][f]:.2f} ms "
+                f"| {s['processor_cpu_us_per_req'][series][f]:.0f} µs |"
+            )
     lines = [
         f"rate_limit filter ({results['machine']['cpus']} CPUs; medians of "
         f"{results['params']['rounds']} interleaved rounds; one processor process)",
@@ -237,20 +265,20 @@ def _markdown(results: dict[str, Any]) -> str:
             for c in results["checks"]
         ),
         "",
-        f"In the gateway (open loop at {s['half_capacity_rps']:.0f} req/s for both: half the "
-        "peak of the gateway with the filter):",
+        "In the gateway: each filter setup and the empty chain back to back at the same open-loop "
+        "rate, half the peak of the gateway with that filter (`rate_limit`: every check in "
+        "Redis; `rate_limit_leased`: the same limits with `lease_share: 0.01`):",
         "",
-        "| setup | peak req/s | p50 | p99 | processor CPU/req (c=16) |",
-        "|---|---:|---:|---:|---:|",
+        "| open loop req/s | setup | peak req/s | p50 | p99 | processor CPU/req |",
+        "|---:|---|---:|---:|---:|---:|",
+        *rows,
+        "",
         *(
-            f"| {k} | {s['peak_rps'][k]:.0f} | {s['p50_ms'][k]:.2f} ms | {s['p99_ms'][k]:.2f} ms "
-            f"| {s['processor_cpu_us_per_req_c16'][k]:.0f} µs |"
-            for k in SETUPS
+            f"- {f}: p99 added at half capacity {s['added_p99_ms'][f]:+.2f} ms (target <= 0.5 ms: "
+            f"{'met' if s['target_added_p99_le_0_5ms'][f] else 'NOT met'}); peak throughput "
+            f"{s['rps_ratio'][f]:.2f}x the empty chain's"
+            for f in FILTERED
         ),
-        "",
-        f"- p99 added by the filter at half capacity: {s['added_p99_ms']:+.2f} ms (target "
-        f"<= 0.5 ms: {'met' if s['target_added_p99_le_0_5ms'] else 'NOT met'})",
-        f"- throughput with the filter: {s['rps_ratio']:.2f}x the empty chain's",
     ]
     return "\n".join(lines) + "\n"
 

@@ -94,6 +94,10 @@ class ProcessorConfig(Model):
     # Reload the policy config (filters) when the file changes, checked this often; None: on
     # SIGHUP only (`kill -HUP` a processor, or `floodwall up`, which passes it on).
     watch_config_s: Annotated[float, Field(gt=0, le=3600)] | None = None
+    # The gRPC server Envoy talks to: "grpcio" (grpc.aio) or "h2" (proxy/h2server.py, a
+    # small HTTP/2 server for the two methods Envoy calls, on the event loop itself: a
+    # fraction of grpc.aio's CPU per stream; see the README's gateway benchmark).
+    server: Literal["grpcio", "h2"] = "h2"
 
 
 class RedisConfig(Model):

@@ -87,7 +87,7 @@ async def serve(
         processor_socket(runtime_dir, index).unlink(missing_ok=True)
     lag = cfg.processor.shed_lag_ms
     guard = LagGuard(lag / 1000) if lag is not None else None
-    server = ProcessorServer(chain, address, guard)
+    server = ProcessorServer(chain, address, guard, kind=cfg.processor.server)
     admin = AdminServer(
         cfg.processor.admin_address,
         cfg.processor.admin_port + index,

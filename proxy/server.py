@@ -17,6 +17,7 @@ from proxy import errors, metrics, translate
 from proxy.api import CONTINUE, Phase, RequestContext, Respond
 from proxy.chain import Chain, RoutePlan
 from proxy.guard import LagGuard
+from proxy.h2server import H2Server
 
 log = logging.getLogger("floodwall.server")
 
@@ -149,11 +150,19 @@ class ProcessorServer:
     """The grpc.aio server plus a standard gRPC health service Envoy checks; on drain the
     health turns NOT_SERVING first so Envoy moves new streams elsewhere before we stop."""
 
-    def __init__(self, chain: Chain, address: str, guard: LagGuard | None = None) -> None:
+    def __init__(
+        self, chain: Chain, address: str, guard: LagGuard | None = None, kind: str = "grpcio"
+    ) -> None:
         self.chain = chain
         self.address = address
         self.guard = guard
         self.processor = ExternalProcessor(chain, guard)
+        self._health = _Health()
+        self._h2: H2Server | None = None
+        self._h2_stopped = asyncio.Event()
+        if kind == "h2":
+            self._h2 = H2Server(address, self.processor.Process, self._health.status)
+            return
         self._server = grpc.aio.server(
             options=[
                 ("grpc.max_concurrent_streams", 10000),
@@ -164,13 +173,16 @@ class ProcessorServer:
             ]
         )
         pb_grpc.add_ExternalProcessorServicer_to_server(self.processor, self._server)
-        self._health = _Health()
         self._server.add_generic_rpc_handlers((self._health.handler(),))
 
     async def start(self) -> None:
         if self.guard is not None:
             self.guard.start()
         await self.chain.start()
+        if self._h2 is not None:
+            await self._h2.start()
+            self._health.serving = True
+            return
         port = self._server.add_insecure_port(self.address)
         if port == 0:
             raise OSError(f"cannot listen on {self.address} (in use?)")
@@ -191,12 +203,19 @@ class ProcessorServer:
         metrics.DRAINING.set(1)
         # Give Envoy's health check time to see NOT_SERVING before refusing streams.
         await asyncio.sleep(min(health_wait_s, drain_s))
-        await self._server.stop(grace=max(0.0, drain_s - health_wait_s))
+        if self._h2 is not None:
+            await self._h2.stop(grace=max(0.0, drain_s - health_wait_s))
+            self._h2_stopped.set()
+        else:
+            await self._server.stop(grace=max(0.0, drain_s - health_wait_s))
         await self.chain.wait_background()
         await self.chain.stop()
 
     async def wait(self) -> None:
-        await self._server.wait_for_termination()
+        if self._h2 is not None:
+            await self._h2_stopped.wait()
+        else:
+            await self._server.wait_for_termination()
 
 
 class _Health:
@@ -212,8 +231,11 @@ class _Health:
     def __init__(self) -> None:
         self.serving = False
 
-    async def check(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    def status(self) -> bytes:
         return self.SERVING if self.serving else self.NOT_SERVING
+
+    async def check(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        return self.status()
 
     def handler(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(

@@ -1,4 +1,5 @@
-"""The gRPC stream loop and the proto translation, with a real grpc.aio client (no Envoy)."""
+"""The gRPC stream loop and the proto translation, with a real grpc.aio client (no Envoy),
+against both servers (``processor.server``: grpc.aio and the h2 server)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import asyncio
 from pathlib import Path
 
 import grpc
+import pytest
 from envoy.config.core.v3.base_pb2 import HeaderMap, HeaderValue
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
@@ -88,16 +90,21 @@ class Slow(Filter):
         self.outcomes.append(outcome)
 
 
-async def _server(tmp_path: Path, f: Filter) -> tuple[ProcessorServer, str]:
+@pytest.fixture(params=["grpcio", "h2"])
+def kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+async def _server(tmp_path: Path, f: Filter, kind: str) -> tuple[ProcessorServer, str]:
     addr = f"unix:{tmp_path}/p.sock"
-    server = ProcessorServer(Chain(default_config(), [f]), addr)
+    server = ProcessorServer(Chain(default_config(), [f]), addr, kind=kind)
     await server.start()
     return server, addr
 
 
-async def test_stream_round_trip_and_complete(tmp_path: Path) -> None:
+async def test_stream_round_trip_and_complete(tmp_path: Path, kind: str) -> None:
     f = Slow()
-    server, addr = await _server(tmp_path, f)
+    server, addr = await _server(tmp_path, f, kind)
     try:
         async with grpc.aio.insecure_channel(addr) as ch:
             stub = pb_grpc.ExternalProcessorStub(ch)
@@ -120,9 +127,9 @@ async def test_stream_round_trip_and_complete(tmp_path: Path) -> None:
         await server.drain_and_stop(0.1, 0)
 
 
-async def test_client_abort_still_runs_on_complete(tmp_path: Path) -> None:
+async def test_client_abort_still_runs_on_complete(tmp_path: Path, kind: str) -> None:
     f = Slow()
-    server, addr = await _server(tmp_path, f)
+    server, addr = await _server(tmp_path, f, kind)
     try:
         async with grpc.aio.insecure_channel(addr) as ch:
             stub = pb_grpc.ExternalProcessorStub(ch)
@@ -138,9 +145,11 @@ async def test_client_abort_still_runs_on_complete(tmp_path: Path) -> None:
         await server.drain_and_stop(0.1, 0)
 
 
-async def test_body_before_headers_passes_through_and_health_check(tmp_path: Path) -> None:
+async def test_body_before_headers_passes_through_and_health_check(
+    tmp_path: Path, kind: str
+) -> None:
     f = Slow()
-    server, addr = await _server(tmp_path, f)
+    server, addr = await _server(tmp_path, f, kind)
     try:
         async with grpc.aio.insecure_channel(addr) as ch:
             stub = pb_grpc.ExternalProcessorStub(ch)
@@ -156,9 +165,11 @@ async def test_body_before_headers_passes_through_and_health_check(tmp_path: Pat
         await server.drain_and_stop(0.1, 0)
 
 
-async def test_drain_turns_not_serving_and_finishes_in_flight_streams(tmp_path: Path) -> None:
+async def test_drain_turns_not_serving_and_finishes_in_flight_streams(
+    tmp_path: Path, kind: str
+) -> None:
     f = Slow()
-    server, addr = await _server(tmp_path, f)
+    server, addr = await _server(tmp_path, f, kind)
     async with grpc.aio.insecure_channel(addr) as ch:
         stub = pb_grpc.ExternalProcessorStub(ch)
         msg = headers_msg({":path": "/v2/x", "x-slow": "0.5"}, eos=True)
@@ -176,7 +187,9 @@ async def test_drain_turns_not_serving_and_finishes_in_flight_streams(tmp_path: 
     assert f.outcomes, "on_complete ran before the server stopped"
 
 
-async def test_lag_guard_refuses_new_requests_while_the_loop_runs_late(tmp_path: Path) -> None:
+async def test_lag_guard_refuses_new_requests_while_the_loop_runs_late(
+    tmp_path: Path, kind: str
+) -> None:
     import time
 
     from proxy.guard import LagGuard
@@ -184,7 +197,7 @@ async def test_lag_guard_refuses_new_requests_while_the_loop_runs_late(tmp_path:
     guard = LagGuard(max_lag_s=0.05, interval_s=0.01)
     f = Slow()
     addr = f"unix:{tmp_path}/g.sock"
-    server = ProcessorServer(Chain(default_config(), [f]), addr, guard)
+    server = ProcessorServer(Chain(default_config(), [f]), addr, guard, kind=kind)
     await server.start()
     try:
         for _ in range(10):  # CPU-bound stretches: the loop runs ~80 ms late, again and again
