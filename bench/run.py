@@ -30,7 +30,15 @@ from proxy.config import REPO_ROOT
 
 RESULTS = REPO_ROOT / "bench" / "results"
 # In the order they run; the name is the module in bench/ and the stem of its results.
-SUITES = ("gateway_overhead", "embedder_batching", "rate_limit", "cache", "overload", "jobs")
+SUITES = (
+    "gateway_overhead",
+    "embedder_batching",
+    "rate_limit",
+    "cache",
+    "overload",
+    "server_ab",
+    "jobs",
+)
 
 
 def _progress(total: int) -> Any:

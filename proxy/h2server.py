@@ -104,6 +104,9 @@ def _percent(text: str) -> bytes:
 _OK_TRAILERS = _trailers(0)
 
 
+_HUFFMAN_MEMO: dict[bytes, str] = {}
+
+
 class HpackError(Exception):
     pass
 
@@ -152,7 +155,15 @@ class HpackDecoder:
 
     @staticmethod
     def value(raw: bytes, huff: bool) -> str:
-        return (decode_huffman(raw) if huff else raw).decode("latin-1")
+        if not huff:
+            return raw.decode("latin-1")
+        # Short values recur on every stream (the :path): decode each once.
+        v = _HUFFMAN_MEMO.get(raw)
+        if v is None:
+            v = decode_huffman(raw).decode("latin-1")
+            if len(raw) <= 128 and len(_HUFFMAN_MEMO) < 4096:
+                _HUFFMAN_MEMO[raw] = v
+        return v
 
     def _name(self, block: bytes, i: int, idx: int) -> tuple[bytes, int]:
         if idx:
