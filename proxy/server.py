@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Literal
 
 import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
@@ -147,11 +148,16 @@ def _is_last(plan: RoutePlan, phase: Phase, ctx: RequestContext) -> bool:
 
 
 class ProcessorServer:
-    """The grpc.aio server plus a standard gRPC health service Envoy checks; on drain the
-    health turns NOT_SERVING first so Envoy moves new streams elsewhere before we stop."""
+    """The server Envoy calls (``kind``: "h2", proxy/h2server.py, or "grpcio", grpc.aio) with
+    a standard gRPC health service; on drain the health turns NOT_SERVING first so Envoy
+    moves new streams elsewhere before we stop."""
 
     def __init__(
-        self, chain: Chain, address: str, guard: LagGuard | None = None, kind: str = "grpcio"
+        self,
+        chain: Chain,
+        address: str,
+        guard: LagGuard | None = None,
+        kind: Literal["grpcio", "h2"] = "grpcio",
     ) -> None:
         self.chain = chain
         self.address = address
