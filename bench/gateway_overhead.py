@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import platform
 import shutil
@@ -34,7 +35,7 @@ from typing import Any
 
 import yaml
 
-from bench.loadgen import HttpRequest, closed_loop, cpu_seconds, open_loop
+from bench.loadgen import HttpRequest, Steal, closed_loop, cpu_seconds, open_loop
 from proxy.bootstrap import render
 from proxy.config import REPO_ROOT, load_config
 from proxy.process import build_chain
@@ -314,6 +315,7 @@ def paired_open_loop(
             _, *pids = stack.enter_context(gateway(setup, p, rt, envoy, 1))
             where[setup] = (p["listener"], pids)
             closed_loop(f"http://127.0.0.1:{p['listener']}", REQUEST, connections=16, seconds=1)
+        steal = Steal()
         for i in range(segments):
             for setup in pair if i % 2 == 0 else pair[::-1]:
                 port, pids = where[setup]
@@ -322,7 +324,8 @@ def paired_open_loop(
                 cpu = sum(cpu_seconds(p) for p in pids) - cpu0
                 o["processor_cpu_us_per_req"] = cpu / max(1, o["achieved_rps"] * seconds) * 1e6
                 seg[setup].append(o)
-    out: dict[str, Any] = {"rate": rate, "segments": segments, "segment_seconds": seconds}
+    out: dict[str, Any] = {"rate": rate, "segments": segments, "segment_seconds": seconds,
+                           "steal_share": steal.share()}  # fmt: skip
     for setup, key in ((base, "base"), (other, "other")):
         out[key] = {
             m: float(statistics.median(o[m] for o in seg[setup]))
@@ -330,14 +333,37 @@ def paired_open_loop(
         }
         out[key]["statuses"] = sorted({c for o in seg[setup] for c in o["statuses"]})
     for m in ("p50_ms", "p99_ms"):
-        out[f"added_{m}"] = float(
-            statistics.median(a[m] - b[m] for a, b in zip(seg[other], seg[base], strict=True))
-        )
+        diffs = [a[m] - b[m] for a, b in zip(seg[other], seg[base], strict=True)]
+        out[f"added_{m}"] = float(statistics.median(diffs))
+        out[f"added_{m}_ci"] = median_ci(diffs)
+        out[f"{m}_segments"] = {"base": [b[m] for b in seg[base]],
+                                "other": [a[m] for a in seg[other]]}  # fmt: skip
+    lo, hi = out["added_p99_ms_ci"]
     print(f"   {other} vs {base} at {rate:.0f} req/s, {segments} alternating segments: "
           f"p50 {out['other']['p50_ms']:.2f} vs {out['base']['p50_ms']:.2f} ms, "
           f"p99 {out['other']['p99_ms']:.2f} vs {out['base']['p99_ms']:.2f} ms, "
-          f"added p99 (median of pairs) {out['added_p99_ms']:+.2f} ms", flush=True)  # fmt: skip
+          f"added p99 (median of pairs) {out['added_p99_ms']:+.2f} ms "
+          f"[{lo:+.2f}, {hi:+.2f}]", flush=True)  # fmt: skip
     return out
+
+
+def median_ci(values: list[float], coverage: float = 0.9) -> tuple[float, float]:
+    """A distribution-free interval for the median (order statistics, binomial): the
+    narrowest [x_(k), x_(n+1-k)] that holds the median with at least ``coverage``. On this
+    VM a target counts as met only when the whole interval meets it; an interval across the
+    target says the run cannot tell."""
+    xs = sorted(values)
+    n = len(xs)
+    k = 0
+    for j in range(1, n // 2 + 1):
+        # P(median outside [x_(j), x_(n+1-j)]) = 2 P(Bin(n, 1/2) <= j - 1)
+        miss = 2 * sum(math.comb(n, i) for i in range(j)) / 2**n
+        if 1 - miss < coverage:
+            break
+        k = j
+    if k == 0:
+        return (xs[0], xs[-1]) if xs else (math.nan, math.nan)
+    return xs[k - 1], xs[n - k]
 
 
 def _median_entry(entries: list[dict[str, Any]]) -> dict[str, Any]:
@@ -398,6 +424,7 @@ def main() -> None:
         "setups": {},
     }  # fmt: skip
     closed_only = argparse.Namespace(**{**vars(args), "rates": []})
+    steal = Steal()
     upstream = Procs()
     with tempfile.TemporaryDirectory(prefix="fw-bench-", dir="/tmp") as d:
         runtime = Path(d)
@@ -432,6 +459,7 @@ def main() -> None:
         finally:
             upstream.stop_all()
 
+    results["machine"]["steal_share"] = steal.share()
     results["summary"] = _summary(results)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -457,14 +485,15 @@ def _summary(results: dict[str, Any]) -> dict[str, Any]:
             )
         )
 
-    def added_p99(setup: str) -> dict[str, float]:
+    def added_p99(setup: str, key: str = "added_p99_ms") -> dict[str, Any]:
         return {
-            f"{rate:.0f}": round(results["latency"][f"{setup}@{rate:.0f}"]["added_p99_ms"], 3)
+            f"{rate:.0f}": results["latency"][f"{setup}@{rate:.0f}"][key]
             for rate in results["params"]["open_loop_rates"]
         }
 
     peak = max(r["rps"] for r in s["empty_chain"]["closed_loop"])
     added = added_p99("empty_chain")
+    interval = added_p99("empty_chain", "added_p99_ms_ci")
     half = f"{min(results['params']['open_loop_rates'], key=lambda r: abs(r - 1000)):.0f}"
     return {
         "empty_chain_peak_rps": peak,
@@ -483,9 +512,12 @@ def _summary(results: dict[str, Any]) -> dict[str, Any]:
             "processor_cpu_per_req": round(cpu("empty_chain") / cpu("empty_chain_grpcio"), 3),
         },
         "added_p99_ms": {"empty_chain": added, "auth_translate": added_p99("auth_translate")},
+        # 90% interval of the median of the segment pairs (median_ci)
+        "added_p99_ms_ci": {"empty_chain": interval},
         "targets": {
             "empty_chain_rps_per_process_ge_2000": peak / procs >= 2000,
-            f"empty_chain_added_p99_le_2ms_at_{half}": added.get(half, 1e9) <= 2.0,
+            # Met only when the whole interval is within 2 ms: one lucky median is not enough.
+            f"empty_chain_added_p99_le_2ms_at_{half}": max(interval.get(half, (1e9,))) <= 2.0,
         },
     }
 
@@ -497,7 +529,8 @@ def _markdown(results: dict[str, Any]) -> str:
         f"{p['rounds']} interleaved rounds; latency: medians of {p['open_loop_segments']} "
         f"alternating open-loop segments of {p['open_loop_segment_seconds']:.0f} s against "
         f"Envoy alone; processor processes: {p['processor_processes']}; Envoy --concurrency 1; "
-        "upstream: canned KServe v2 answer)",
+        "upstream: canned KServe v2 answer; CPU taken by the VM's host (steal) during the run: "
+        f"{results['machine'].get('steal_share', math.nan):.0%})",
         "",
         "| setup | req/s c=1 | req/s c=16 | req/s c=64 | p99 c=16 | Envoy CPU/req "
         "| processor CPU/req |",
@@ -513,8 +546,8 @@ def _markdown(results: dict[str, Any]) -> str:
     lines += [
         "",
         "| open loop | setup | p50 | p99 | Envoy alone p50 | Envoy alone p99 | added p50 "
-        "| added p99 |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| added p99 | its 90% interval |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for key, lat in results["latency"].items():
         setup = key.split("@")[0]
@@ -522,7 +555,8 @@ def _markdown(results: dict[str, Any]) -> str:
             f"| {lat['rate']:.0f}/s | {setup} | {lat['other']['p50_ms']:.2f} ms | "
             f"{lat['other']['p99_ms']:.2f} ms | {lat['base']['p50_ms']:.2f} ms | "
             f"{lat['base']['p99_ms']:.2f} ms | {lat['added_p50_ms']:+.2f} ms | "
-            f"{lat['added_p99_ms']:+.2f} ms |"
+            f"{lat['added_p99_ms']:+.2f} ms | {lat['added_p99_ms_ci'][0]:+.2f} to "
+            f"{lat['added_p99_ms_ci'][1]:+.2f} ms |"
         )
     s = results["summary"]
     cap = s["processor_capacity_rps"]
@@ -532,7 +566,8 @@ def _markdown(results: dict[str, Any]) -> str:
         f"machine; one processor process with a core to itself would serve "
         f"{cap['empty_chain']} req/s (empty chain) / {cap['auth_translate']} req/s (auth + "
         "translation), from its measured CPU time per request",
-        "- p99 added over Envoy alone (open loop, median of the segment pairs): empty chain "
+        "- p99 added over Envoy alone (open loop, median of the segment pairs; a target "
+        "counts as met when its whole 90% interval is): empty chain "
         + ", ".join(f"{v:+.2f} ms at {k}/s" for k, v in s["added_p99_ms"]["empty_chain"].items())
         + "; auth + translation "
         + ", ".join(

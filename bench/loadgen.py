@@ -212,6 +212,27 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+class Steal:
+    """The share of this VM's CPU time its hypervisor gave to other guests (``steal`` in
+    /proc/stat) since construction. Shared hosts make a run's latencies swing by several
+    times; a benchmark records this so a reader can tell a slow run from a slow gateway."""
+
+    def __init__(self) -> None:
+        self._start = _cpu_ticks()
+
+    def share(self) -> float:
+        steal0, total0 = self._start
+        steal1, total1 = _cpu_ticks()
+        return (steal1 - steal0) / max(1, total1 - total0)
+
+
+def _cpu_ticks() -> tuple[int, int]:
+    """(steal, all) ticks of all CPUs so far."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    # user nice system idle iowait irq softirq steal (guest time is inside user already)
+    return fields[7] if len(fields) > 7 else 0, sum(fields[:8])
+
+
 # What each process of a stack is, from its command line (first match wins).
 _COMPONENTS = (
     ("proxy.cli serve", "processor"),

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.loadgen import HttpRequest, closed_loop, cpu_by_component, open_loop_mix
+from bench.loadgen import HttpRequest, Steal, closed_loop, cpu_by_component, open_loop_mix
 from proxy.config import REPO_ROOT
 from tests.helpers import DEMO_KEY, echo_server, stack_config, start_stack
 
@@ -68,7 +68,7 @@ def _config(run: Path, echo_port: int, policies: bool) -> dict[str, Any]:
 
 def _point(url_host: str, port: int, rate: float, seconds: float) -> dict[str, Any]:
     mix = [(cls, _request(KEYS[cls]), share) for cls, share in MIX]
-    cpu0, t0 = cpu_by_component(), time.perf_counter()
+    cpu0, t0, steal = cpu_by_component(), time.perf_counter(), Steal()
     per = open_loop_mix(url_host, port, mix, rate=rate, seconds=seconds,
                         mark=b"x-floodwall-degraded")  # fmt: skip
     cpu1, took = cpu_by_component(), time.perf_counter() - t0
@@ -83,6 +83,7 @@ def _point(url_host: str, port: int, rate: float, seconds: float) -> dict[str, A
         "offered_rps": rate,
         "goodput_rps": total_ok / elapsed,
         "elapsed_s": elapsed,
+        "steal_share": steal.share(),
         "statuses": statuses,
         "failures": sum(r["failures"] for r in per.values()),
         "degraded": sum(r["marked"] for r in per.values()),
@@ -110,6 +111,7 @@ def main() -> None:
     from proxy import models
 
     models.build()
+    steal = Steal()
     results: dict[str, Any] = {
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
         "params": {"seconds_per_point": seconds, "mix": dict(MIX), "request": BODY},
@@ -148,6 +150,7 @@ def main() -> None:
                 results["runs"][mode] = points
             finally:
                 stack.stop()
+    results["machine"]["steal_share"] = steal.share()
     results["summary"] = _summary(results)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -190,7 +193,9 @@ def _markdown(results: dict[str, Any]) -> str:
     lines = [
         f"Overload ({results['machine']['cpus']} CPUs; embedder through the gateway; capacity "
         f"{results['capacity_rps']:.0f} req/s; unloaded p99 {results['unloaded_p99_ms']:.0f} ms;"
-        f" {results['params']['seconds_per_point']:.0f} s per point; mix 20/50/30)",
+        f" {results['params']['seconds_per_point']:.0f} s per point; mix 20/50/30; CPU taken by"
+        f" the VM's host (steal) during the run: "
+        f"{results['machine'].get('steal_share', float('nan')):.0%})",
         "",
         "| policies | offered | goodput | critical ok | standard ok | sheddable ok | p99 ok "
         "critical | p99 ok standard | shed (503) | degraded | other errors |",
@@ -227,8 +232,9 @@ def _markdown(results: dict[str, Any]) -> str:
             "",
             "Where the CPUs went (cores busy during each point):",
             "",
-            "| policies | offered | " + " | ".join(names) + " | processor CPU per request |",
-            "|---|---:|" + "---:|" * len(names) + "---:|",
+            "| policies | offered | " + " | ".join(names) + " | processor CPU per request "
+            "| steal |",
+            "|---|---:|" + "---:|" * len(names) + "---:|---:|",
         ]
         for mode in ("off", "on"):
             for p in results["runs"][mode]:
@@ -237,7 +243,7 @@ def _markdown(results: dict[str, Any]) -> str:
                 lines.append(
                     f"| {mode} | {p['multiple']:.1f}x | "
                     + " | ".join(f"{c.get(n, 0.0):.2f}" for n in names)
-                    + f" | {per_req:.0f} µs |"
+                    + f" | {per_req:.0f} µs | {p.get('steal_share', float('nan')):.0%} |"
                 )
     return "\n".join(lines) + "\n"
 

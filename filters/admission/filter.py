@@ -123,9 +123,19 @@ class AdmissionFilter(Filter):
         return await self._admit(ctx, ctx.state(_State))
 
     async def on_response_headers(self, ctx: RequestContext, headers: Headers) -> Decision:
-        t = ctx.state(_State).ticket
-        if t is not None and t.rtt is None:
-            t.rtt = self.deps.clock.monotonic() - t.admitted  # time to first byte
+        st = ctx.state(_State)
+        t = st.ticket
+        if t is None:
+            return CONTINUE
+        now = self.deps.clock.monotonic()
+        if t.rtt is None:
+            t.rtt = now - t.admitted  # time to first byte
+        if not ctx.grpc and not headers.get("content-type", "").startswith("text/event-stream"):
+            # A unary HTTP answer is complete at the model once its headers are sent: the
+            # permit goes back now, not after the gateway has also handled the body (with the
+            # gateway short of CPU, permits held there would leave the model idle).
+            st.ticket = None
+            self._release(t, t.rtt, (ctx.response_status or 0) >= 500, now)
         return CONTINUE
 
     def _classify(self, ctx: RequestContext, headers: Headers) -> str:
@@ -171,7 +181,7 @@ class AdmissionFilter(Filter):
             return CONTINUE  # deferred: queued for later, the model is not called now
         lim = self.limiters.get(name)
         if lim is None:
-            lim = self.limiters[name] = Limiter(self.p)
+            lim = self.limiters[name] = Limiter(self.p, self.deps.clock.monotonic)
         seen = self._route_models.setdefault(ctx.route_name, set())
         if name not in seen:
             seen.add(name)
@@ -209,10 +219,13 @@ class AdmissionFilter(Filter):
             return
         now = self.deps.clock.monotonic()
         if outcome.aborted or outcome.responded_by is not None or outcome.status is None:
-            t.limiter.release(None, failed=False, now=now)
+            self._release(t, None, False, now)
         else:
             rtt = t.rtt if t.rtt is not None else now - t.admitted
-            t.limiter.release(rtt, failed=outcome.status >= 500, now=now, load=t.load)
+            self._release(t, rtt, outcome.status >= 500, now)
+
+    def _release(self, t: _Ticket, rtt: float | None, failed: bool, now: float) -> None:
+        t.limiter.release(rtt, failed=failed, now=now, load=t.load)
         LIMIT.labels(t.name).set(t.limiter.limit)
         INFLIGHT.labels(t.name).set(t.limiter.inflight)
 

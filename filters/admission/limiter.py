@@ -14,16 +14,22 @@ sheddable all but both reserves; so lower classes are shed first and critical ke
 Waiters are served highest class first, round robin across tenants within a class, so one
 noisy tenant cannot starve the others. A full queue makes room for a higher class by shedding
 the newest waiter of the lowest class queued (from its tenant with the most waiters): lower
-classes never keep a critical request out. A request whose predicted wait (the waiters of its
-class and above, drained at the pace calls now finish) exceeds what it may wait is refused at
-once rather than after its wait runs out.
+classes never keep a critical request out. A request whose predicted wait exceeds what it may
+wait is refused at once rather than after its wait runs out. The prediction counts the waiters
+of its class and above, drained at the pace permits come free less the pace at which the
+classes above are taking them (a decayed rate of their grants): a class above that takes most
+permits will also overtake every waiter queued now, so while critical calls alone fill the
+model, standard ones are refused at once (at their headers, see the filter) instead of each
+holding a body and a queue slot until its wait runs out.
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
+import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any, Literal
 
 from filters.admission.params import AdmissionParams
@@ -31,11 +37,14 @@ from filters.admission.params import AdmissionParams
 CLASSES = ("critical", "standard", "sheddable")
 Shed = Literal["shed_full", "shed_timeout", "shed_preempted"]
 Outcome = Literal["admitted", "queued", "shed_full", "shed_timeout", "shed_preempted"]
+# Grant rates per class decay with this time constant: about the last second of grants.
+RATE_TAU_S = 1.0
 
 
 class Limiter:
-    def __init__(self, p: AdmissionParams) -> None:
+    def __init__(self, p: AdmissionParams, clock: Callable[[], float] = time.monotonic) -> None:
         self.p = p
+        self.clock = clock
         self.limit = float(p.initial_limit)
         self.inflight = 0
         self.waiting = 0
@@ -49,6 +58,9 @@ class Limiter:
             "standard": 1.0 - p.reserve_critical,
             "sheddable": 1.0 - p.reserve_critical - p.reserve_standard,
         }
+        # Permits granted per second, per class (exponentially decayed; see _granted).
+        self._rates = dict.fromkeys(CLASSES, 0.0)
+        self._rates_at = 0.0
 
     def cap(self, cls: str) -> int:
         return max(1, math.floor(self.limit * self._share[cls]))
@@ -57,6 +69,7 @@ class Limiter:
         """A permit now, if the class has room and nobody of its class or above waits."""
         if self._has_room(cls):
             self.inflight += 1
+            self._granted(cls)
             return True
         return False
 
@@ -72,13 +85,34 @@ class Limiter:
         return None
 
     def predicted_wait_s(self, cls: str) -> float:
-        """The wait of a new ``cls`` waiter: those of its class and above go first, and
-        permits come free at about ``cap / rtt`` per second."""
+        """The wait of a new ``cls`` waiter: those of its class and above go first; permits
+        come free at about ``limit / rtt`` per second (``cap / rtt`` of them usable by the
+        class), of which the classes above keep taking what they took lately."""
         if self.rtt is None:
             return 0.0
-        above = CLASSES[: CLASSES.index(cls) + 1]
-        ahead = sum(len(q) for c in above for q in self.queues[c].values())
-        return (ahead + 1) * self.rtt / self.cap(cls)
+        i = CLASSES.index(cls)
+        ahead = sum(len(q) for c in CLASSES[: i + 1] for q in self.queues[c].values())
+        if i == 0:
+            return (ahead + 1) * self.rtt / self.cap(cls)
+        rates = self.grant_rates()
+        taken_above = sum(rates[c] for c in CLASSES[:i])
+        free = min(self.cap(cls), self.limit - taken_above * self.rtt) / self.rtt
+        if free <= 0:
+            return math.inf
+        return (ahead + 1) / free
+
+    def grant_rates(self) -> dict[str, float]:
+        """Permits granted per second lately, per class."""
+        now = self.clock()
+        decay = math.exp(-(now - self._rates_at) / RATE_TAU_S)
+        if decay < 1.0:
+            for c in CLASSES:
+                self._rates[c] *= decay
+            self._rates_at = now
+        return self._rates
+
+    def _granted(self, cls: str) -> None:
+        self.grant_rates()[cls] += 1.0 / RATE_TAU_S
 
     async def acquire(self, cls: str, tenant: str, max_wait_s: float) -> Outcome:
         """A permit now ("admitted"), after a wait of at most ``max_wait_s`` ("queued"), or
@@ -184,6 +218,7 @@ class Limiter:
                 if fut.done():
                     continue  # gave up meanwhile
                 self.inflight += 1
+                self._granted(cls)
                 fut.set_result(True)
             if tenants:
                 return  # this class is still waiting: lower classes wait behind it

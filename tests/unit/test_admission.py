@@ -151,6 +151,32 @@ async def test_a_wait_predicted_too_long_is_refused_at_once() -> None:
     assert await first == "queued"
 
 
+async def test_lower_classes_are_refused_at_once_while_a_higher_class_takes_every_permit() -> None:
+    clock = FakeClock()
+    lim = Limiter(AdmissionParams.model_validate({"initial_limit": 10, "min_limit": 10,
+                                                  "max_limit": 10}), clock.monotonic)  # fmt: skip
+    lim.inflight = 1
+    lim.release(0.1, failed=False, now=clock.now, load=1)  # a permit is held ~100 ms
+    # Critical calls take a permit each as one frees: 100 grants a second, the model's pace.
+    for _ in range(600):
+        clock.advance(0.01)
+        assert lim.try_acquire("critical")
+        if lim.inflight == 10:
+            lim.inflight -= 1
+    assert lim.grant_rates()["critical"] == pytest.approx(100, rel=0.01)
+    lim.inflight = 10
+    # Nobody waits, yet a standard waiter would be overtaken by every critical arrival.
+    assert lim.predicted_wait_s("standard") > 1.0
+    assert lim.refusal("standard", 0.25) == "shed_timeout"
+    assert await lim.acquire("standard", "t", 0.25) == "shed_timeout"
+    assert lim.refusal("critical", 0.25) is None  # critical itself still queues
+    # Critical traffic stops: within a few seconds its grant rate has decayed and standard
+    # calls queue again for the permits that come free.
+    clock.advance(5.0)
+    assert lim.predicted_wait_s("standard") == pytest.approx(0.1 / 8, rel=0.1)  # 1 of 8
+    assert lim.refusal("standard", 0.25) is None
+
+
 # --- the filter ------------------------------------------------------------------------------
 
 
@@ -225,6 +251,37 @@ async def test_saturated_gateway_sheds_sheddable_first_with_retry_after() -> Non
     gate.set()
     assert [(await t).status for t in [*busy, vip]] == [200] * 4
     assert f.limiters["kserve_http"].inflight == 0
+
+
+class _BodyWatcher(_Identity):
+    """First in the chain, so last at the response: sees admission's permits at the body."""
+
+    admission: AdmissionFilter
+    inflight: list[int]
+
+    async def on_response_body(self, ctx: RequestContext, body: bytes) -> Any:
+        self.inflight.append(self.admission.limiters["kserve_http"].inflight)
+        return CONTINUE
+
+
+@pytest.mark.parametrize(("content_type", "held"), [("application/json", 0),
+                                                     ("text/event-stream", 1)])  # fmt: skip
+async def test_a_unary_answer_gives_its_permit_back_at_its_headers(
+    content_type: str, held: int
+) -> None:
+    deps = Deps(clock=FakeClock())
+    watcher = _BodyWatcher(_BodyWatcher.Params(), deps)
+    watcher.name = "watcher"
+    f = AdmissionFilter(AdmissionFilter.Params(), deps)
+    f.name = "admission"
+    watcher.admission, watcher.inflight = f, []
+    h = Harness.for_filters([watcher, f])
+    reply = UpstreamReply(200, {"content-type": content_type}, b"data")
+    assert (await h.request("GET", "/v2/models/m/infer", upstream=reply)).status == 200
+    # The model is done with a unary call once it answers; a stream goes on until its end.
+    assert watcher.inflight == [held]
+    assert f.limiters["kserve_http"].inflight == 0
+    assert f.limiters["kserve_http"].rtt is not None  # the call still counted for the limit
 
 
 class _ModelInBody(_Identity):

@@ -33,3 +33,12 @@ def test_a_failing_suite_is_reported(tmp_path: Path) -> None:
     shutil.copy(REPO_ROOT / "bench" / "results" / "jobs.md", tmp_path / "jobs.md")
     text = run.summary(tmp_path, {**ran, "jobs": {"exit": 3, "seconds": 1.0}})
     assert "| jobs | failed" in text
+
+
+def test_the_interval_of_a_paired_median() -> None:
+    from bench.gateway_overhead import median_ci
+
+    # 12 pairs: x_(3)..x_(10) holds the median with 96% (x_(4)..x_(9): only 85%).
+    assert median_ci([float(x) for x in range(12, 0, -1)]) == (3.0, 10.0)
+    assert median_ci([float(x) for x in range(1, 21)]) == (6.0, 15.0)
+    assert median_ci([2.0, 1.0, 3.0]) == (1.0, 3.0)  # too few pairs: the whole range
