@@ -164,10 +164,17 @@ def main() -> None:
 def _summary(results: dict[str, Any]) -> dict[str, Any]:
     at4 = next(p for p in results["runs"]["on"] if p["multiple"] == 4.0)
     off4 = next(p for p in results["runs"]["off"] if p["multiple"] == 4.0)
-    cap = results["capacity_rps"]
+    # The capacity measured before the points (wrk, c=32) sets the offered rates; a point
+    # may still serve more (with the policies off a deep queue gives Triton bigger batches),
+    # and then that goodput is the capacity the targets are judged against.
+    cap = max(
+        results["capacity_rps"],
+        max(p["goodput_rps"] for mode in ("off", "on") for p in results["runs"][mode]),
+    )
     p99 = max(c["ok_p99_ms"] for c in at4["classes"].values())
     other_5xx = sum(v for k, v in at4["statuses"].items() if k.startswith("5") and k != "503")
     return {
+        "capacity_judged_rps": cap,
         "on_4x": {
             "goodput_share_of_capacity": at4["goodput_rps"] / cap,
             "critical_success": at4["classes"]["critical"]["success"],
@@ -217,6 +224,8 @@ def _markdown(results: dict[str, Any]) -> str:
     on, off, t = s["on_4x"], s["off_4x"], s["targets_on_4x"]
     lines += [
         "",
+        f"- capacity for the targets: {s['capacity_judged_rps']:.0f} req/s (the most served at "
+        f"any point of this run, or the capacity measured first if higher)",
         f"- at 4x with policies on: goodput {on['goodput_share_of_capacity']:.0%} of capacity "
         f"(target >= 90%: {_met(t['goodput_ge_90pct'])}), critical success "
         f"{on['critical_success']:.2%} (>= 99.9%: {_met(t['critical_success_ge_99_9pct'])}), "
