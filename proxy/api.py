@@ -13,7 +13,7 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, TypeVar
 
@@ -350,6 +350,30 @@ class Filter:
 
     async def on_complete(self, ctx: RequestContext, outcome: Outcome) -> None:
         """Always runs once per request, also when the client aborted or a filter answered."""
+
+
+async def cancel_and_wait(tasks: Iterable[asyncio.Task[Any]], *, retry_s: float = 0.2) -> None:
+    """Cancels ``tasks`` and waits until every one has finished.
+
+    A single ``cancel()`` is not enough for loops around client libraries: redis-py (like
+    others built on a read timeout) loses a cancellation that lands as its socket timeout
+    fires, and the task goes on looping (redis/redis-py#2028, #2551). So whatever is still
+    running after ``retry_s`` is cancelled again, until it stops.
+    """
+    tasks = list(tasks)
+    pending = {t for t in tasks if not t.done()}
+    for t in pending:
+        t.cancel()
+    while pending:
+        _done, pending = await asyncio.wait(pending, timeout=retry_s)
+        for t in pending:
+            logging.getLogger("floodwall").warning(
+                "task %s ignored its cancellation; cancelling it again", t.get_name()
+            )
+            t.cancel()
+    for t in tasks:  # retrieve results so no "exception never retrieved" is logged
+        if t.done() and not t.cancelled():
+            t.exception()
 
 
 def _overrides(cls: type[Filter], phase: Phase) -> bool:

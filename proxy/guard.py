@@ -13,6 +13,8 @@ import asyncio
 
 from prometheus_client import Counter, Gauge
 
+from proxy.api import cancel_and_wait
+
 LAG = Gauge("floodwall_event_loop_lag_seconds", "Smoothed lateness of the processor's event loop")
 REFUSED = Counter(
     "floodwall_guard_refused", "Requests refused by the processor's lag guard (overloaded)"
@@ -31,8 +33,7 @@ class LagGuard:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await cancel_and_wait([self._task])
 
     def overloaded(self) -> bool:
         if self.lag > self.max_lag_s:

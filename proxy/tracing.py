@@ -29,6 +29,8 @@ from typing import Any
 
 from prometheus_client import Counter
 
+from proxy.api import cancel_and_wait
+
 log = logging.getLogger("floodwall.tracing")
 
 DROPPED = Counter("floodwall_trace_spans_dropped", "Spans dropped (queue full or export failed)")
@@ -119,8 +121,7 @@ class Tracer:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await cancel_and_wait([self._task])
         await self._export()  # what is left
 
     async def _run(self) -> None:

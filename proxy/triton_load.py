@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 from pydantic import Field
 
-from proxy.api import FilterParams
+from proxy.api import FilterParams, cancel_and_wait
 
 log = logging.getLogger("floodwall.triton_load")
 
@@ -85,8 +85,7 @@ class TritonLoad:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await cancel_and_wait([self._task])
             self._task = None
 
     async def _run(self) -> None:

@@ -45,6 +45,7 @@ from proxy.api import (
     Phase,
     RequestContext,
     Respond,
+    cancel_and_wait,
 )
 from proxy.config import RouteConfig
 
@@ -160,11 +161,7 @@ class CacheFilter(Filter):
         self._tasks.append(asyncio.create_task(self._housekeeping()))
 
     async def stop(self) -> None:
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        await cancel_and_wait(self._tasks)
         if self._writes:
             await asyncio.wait(self._writes, timeout=2)
         if self.embedder is not None:

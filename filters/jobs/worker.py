@@ -34,6 +34,7 @@ from redis.exceptions import RedisError
 
 from filters.jobs.params import PRIORITIES, JobsParams
 from filters.jobs.store import GROUP, JobStore, requests_of, view
+from proxy.api import cancel_and_wait
 from proxy.config import ConfigError, FloodwallConfig
 
 log = logging.getLogger("floodwall.worker")
@@ -312,8 +313,7 @@ class Worker:
             log.info("worker draining %d job(s) for up to %.0fs", len(self.tasks), self.w.drain_s)
             await asyncio.wait(list(self.tasks), timeout=self.w.drain_s)
         for task, (cls, entry, job_id) in list(self.tasks.items()):
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+            await cancel_and_wait([task])
             try:  # hand it back at once, without spending one of its attempts
                 await self.store.retry(job_id, cls, entry, 0.0, b"", refund_attempt=True)
                 ATTEMPTS.labels("handed_back").inc()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -18,6 +19,7 @@ from proxy.api import (
     Outcome,
     RequestContext,
     Respond,
+    cancel_and_wait,
 )
 from proxy.config import parse_config
 from proxy.testing import Harness, UpstreamReply, default_config
@@ -229,3 +231,26 @@ async def test_outcome_reports_upstream_status(status: int) -> None:
     a = Recorder("a", log)
     await harness(a).request("GET", "/v2/x", upstream=UpstreamReply(status=status))
     assert a.outcome is not None and a.outcome.status == status and not a.outcome.aborted
+
+
+async def test_cancel_and_wait_stops_a_loop_that_swallowed_its_cancellation() -> None:
+    """What redis-py does when a cancel lands as its read timeout fires: the first
+    CancelledError is lost and the loop goes on."""
+    swallowed = 0
+
+    async def stubborn() -> None:
+        nonlocal swallowed
+        while True:
+            try:
+                await asyncio.sleep(0.01)
+            except asyncio.CancelledError:
+                if swallowed:
+                    raise
+                swallowed += 1
+                asyncio.current_task().uncancel()  # type: ignore[union-attr]
+
+    loop_task = asyncio.create_task(stubborn())
+    finished = asyncio.create_task(asyncio.sleep(0))
+    await asyncio.sleep(0.02)
+    await asyncio.wait_for(cancel_and_wait([loop_task, finished], retry_s=0.05), timeout=5)
+    assert swallowed == 1 and loop_task.cancelled() and finished.done()
