@@ -197,3 +197,32 @@ def test_missing_onnx_fails_load_naming_the_fix(launch_triton: Any, tmp_path: An
     log = log_path.read_text(errors="replace")
     assert process.returncode != 0, log
     assert "floodwall models build" in log, log
+
+
+def test_the_cpu_builds_are_fused(triton: Any) -> None:
+    """One fused attention node per layer in both builds (see proxy/models.py:_fuse_for_cpu):
+    the single-sentence latency of the semantic cache's look-up depends on it."""
+    import onnx
+
+    from proxy import models
+
+    def ops(directory: Any) -> list[str]:
+        graph = onnx.load(str(directory / models.ONNX_FILENAME), load_external_data=False).graph
+        return [n.op_type for n in graph.node if n.domain == "com.microsoft"]
+
+    fp32, int8 = ops(models.embedder_dir()), ops(models.embedder_int8_dir())
+    assert fp32.count("Attention") == 6 and "EmbedLayerNormalization" in fp32
+    assert int8.count("QAttention") == 6
+
+
+async def test_the_cache_embedder_reads_the_binary_answer(
+    triton: Any, served: dict[str, np.ndarray]
+) -> None:
+    from filters.cache.embedder import TritonEmbedder
+
+    embedder = TritonEmbedder(triton.http_url, "embedder")
+    try:
+        got = await embedder.embed(SENTENCES[2])
+    finally:
+        await embedder.close()
+    assert got.shape == (384,) and np.allclose(got, served["EMBEDDING"][2], atol=1e-5)

@@ -8,6 +8,7 @@ import pytest
 from pydantic import ValidationError
 
 from filters.cache import canon
+from filters.cache.embedder import _vector
 from filters.cache.evaluate import Judged, Pair, report
 from filters.cache.filter import CacheFilter, _cache_control, _max_age, _uncacheable_response
 from filters.cache.guards import veto
@@ -274,3 +275,22 @@ def test_replacing_an_entry_many_times_keeps_it_findable() -> None:
         ix.add("entry", unit(v + 1e-3 * rng.standard_normal(8)))
     hits = ix.search(v, k=1)
     assert len(ix) == 2 and hits and hits[0].key == "entry"
+
+
+def test_embedder_answers_binary_or_json_and_refuses_short_ones() -> None:
+    vec = np.arange(4, dtype="<f4")
+    other = np.ones(2, dtype="<f4").tobytes()
+    header = orjson.dumps({"outputs": [
+        {"name": "TOKENS", "datatype": "FP32", "shape": [1, 2],
+         "parameters": {"binary_data_size": len(other)}},
+        {"name": "EMBEDDING", "datatype": "FP32", "shape": [1, 4],
+         "parameters": {"binary_data_size": 16}},
+    ]})  # fmt: skip
+    raw = header + other + vec.tobytes()
+    assert _vector(raw, str(len(header)), "EMBEDDING").tolist() == [0, 1, 2, 3]
+    with pytest.raises(ValueError):  # cut short: never read past the end
+        _vector(raw[:-4], str(len(header)), "EMBEDDING")
+    with pytest.raises(KeyError):
+        _vector(raw, str(len(header)), "NOPE")
+    as_json = orjson.dumps({"outputs": [{"name": "EMBEDDING", "data": [0.5, 1.5]}]})
+    assert _vector(as_json, None, "EMBEDDING").tolist() == [0.5, 1.5]
