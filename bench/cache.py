@@ -251,11 +251,14 @@ def eval_points() -> dict[str, Any]:
             r = evaluate.run(path, evaluate_threshold(), url, "embedder", verifier)
             out[name] = {k: r[k] for k in ("pairs", "threshold", "hit_rate", "wrong_hit_rate",
                                            "thresholds", "guards", "by_category",
-                                           "recommended_threshold", "verifier")}  # fmt: skip
+                                           "recommended_threshold", "verifier",
+                                           "near_duplicates")}  # fmt: skip
             v = r["verifier"]
             print(f"   eval {name}: guards hit {r['hit_rate']:.1%} wrong "
                   f"{r['wrong_hit_rate']:.1%} at {r['threshold']}; verifier hit "
-                  f"{v['hit_rate']:.1%} wrong {v['wrong_hit_rate']:.1%}", flush=True)  # fmt: skip
+                  f"{v['hit_rate']:.1%} wrong {v['wrong_hit_rate']:.1%}; near-duplicates "
+                  f"{r['near_duplicates']['hit_rate']:.1%} / "
+                  f"{v['near_duplicates_hit_rate']:.1%}", flush=True)  # fmt: skip
     return out
 
 
@@ -342,6 +345,14 @@ def markdown(res: dict[str, Any]) -> str:
                  for n in names]  # fmt: skip
         lines.append(f"| verifier (≥ {v0['threshold']}, p ≥ {v0['cut']}; trained on pairs + "
                      "holdout) | " + " | ".join(cells) + " | |")  # fmt: skip
+    if all("near_duplicates" in ev[n] for n in names):
+        lines += ["", "Near-duplicates of each set's questions (re-cased, or with a filler "
+                  "word; all need the question's answer), served by the guards at the "
+                  "recommended threshold / by the verifier:", "",
+                  "| " + " | ".join(names) + " |", "|" + "---:|" * len(names),
+                  "| " + " | ".join(f"{ev[n]['near_duplicates']['hit_rate']:.1%} / "
+                                    f"{ev[n]['verifier']['near_duplicates_hit_rate']:.1%}"
+                                    for n in names) + " |"]  # fmt: skip
     t = res["summary"]["targets"]
     lines += ["", "Targets: " + ", ".join(f"{k}: {'met' if v else 'NOT met'}"
                                           for k, v in t.items())]  # fmt: skip

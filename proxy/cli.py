@@ -329,6 +329,17 @@ def main(argv: list[str] | None = None) -> int:
         default=0.015,
         help="wrong-answer rate the cross-validated setting must stay under",
     )
+    t.add_argument(
+        "--vectors-only",
+        action="store_true",
+        help="the older form over the sentence vectors alone (no token alignment)",
+    )
+    t.add_argument(
+        "--no-near-duplicates",
+        action="store_true",
+        help="train on the given pairs alone, without re-cased and filler-word copies of "
+        "their questions (see README: the verifier then refuses many of those)",
+    )
     _embedder_args(t)
     t.set_defaults(func=cmd_cache_train)  # fmt: skip
 

@@ -9,6 +9,8 @@ import aiohttp
 import numpy as np
 import orjson
 
+TOKEN_OUTPUT = "TOKEN_EMBEDDING"
+
 
 class EmbedderError(Exception):
     """The embedder did not answer usefully in time; the cache treats it as a miss."""
@@ -17,6 +19,14 @@ class EmbedderError(Exception):
 class Embedder(Protocol):
     async def embed(self, text: str) -> np.ndarray[Any, Any]: ...
     async def close(self) -> None: ...
+
+
+class TokenEmbedder(Embedder, Protocol):
+    """An embedder that also gives each token's vector (the align verifier needs them)."""
+
+    async def embed_tokens(
+        self, text: str
+    ) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]: ...
 
 
 class TritonEmbedder:
@@ -43,20 +53,36 @@ class TritonEmbedder:
         return self._session
 
     async def embed(self, text: str) -> np.ndarray[Any, Any]:
-        # The vector comes back as raw float32 (KServe's binary tensor extension) after a
-        # short JSON header: Triton neither prints nor the cache parses 384 decimal floats.
-        body = orjson.dumps(
-            {
-                "inputs": [
-                    {"name": self.input_name, "shape": [1, 1], "datatype": "BYTES",
-                     "data": [text]}
-                ],
-                "outputs": [{"name": self.output_name, "parameters": {"binary_data": True}}],
-            }
-        )  # fmt: skip
+        vec, _ = await self._infer(text, tokens=False)
+        return vec
+
+    async def embed_tokens(self, text: str) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
+        """The sentence vector and the last-layer vector of each word piece with a letter or
+        digit ([n, d] float16; see triton_models/embedder/1/model.py)."""
+        vec, tok = await self._infer(text, tokens=True)
+        if tok is None or tok.ndim != 3 or tok.shape[2] != vec.size:
+            raise EmbedderError("embedder returned no usable token vectors")
+        return vec, word_rows(tok[0])
+
+    async def _infer(
+        self, text: str, *, tokens: bool
+    ) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any] | None]:
+        # Tensors come back as raw bytes (KServe's binary tensor extension) after a short
+        # JSON header: Triton neither prints nor the cache parses 384 decimal floats.
+        binary = {"binary_data": True}
+        outputs = [{"name": self.output_name, "parameters": binary}]
+        request: dict[str, Any] = {
+            "inputs": [
+                {"name": self.input_name, "shape": [1, 1], "datatype": "BYTES", "data": [text]}
+            ],
+            "outputs": outputs,
+        }
+        if tokens:
+            outputs.append({"name": TOKEN_OUTPUT, "parameters": binary})
+            request["parameters"] = {"token_embeddings": True}
         try:
             async with self._client().post(
-                self.url, data=body, headers={"content-type": "application/json"}
+                self.url, data=orjson.dumps(request), headers={"content-type": "application/json"}
             ) as resp:
                 raw = await resp.read()
                 if resp.status != 200:
@@ -65,31 +91,43 @@ class TritonEmbedder:
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise EmbedderError(f"embedder unreachable or slow: {exc!r}") from None
         try:
-            vec = _vector(raw, header_length, self.output_name)
+            vec = _tensor(raw, header_length, self.output_name).reshape(-1)
+            tok = _tensor(raw, header_length, TOKEN_OUTPUT) if tokens else None
         except (ValueError, KeyError, StopIteration, TypeError) as exc:
             raise EmbedderError(f"embedder answer not understood: {exc!r}") from None
-        if vec.ndim != 1 or vec.size == 0 or not np.isfinite(vec).all():
+        if vec.size == 0 or not np.isfinite(vec).all():
             raise EmbedderError("embedder returned no usable vector")
-        return vec
+        return vec, tok
 
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
 
 
-def _vector(raw: bytes, header_length: str | None, name: str) -> np.ndarray[Any, Any]:
-    """The output ``name`` of a KServe v2 answer: binary (after a JSON header of
-    ``header_length`` bytes) or, from a server without the extension, JSON data."""
+def word_rows(rows: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    """One prompt's word-piece vectors without the zero rows that pad a batch."""
+    kept: np.ndarray[Any, Any] = rows[np.any(rows != 0, axis=1)]
+    return kept
+
+
+_DTYPES = {"FP32": "<f4", "FP16": "<f2", "INT32": "<i4"}
+
+
+def _tensor(raw: bytes, header_length: str | None, name: str) -> np.ndarray[Any, Any]:
+    """The output ``name`` of a KServe v2 answer, in its shape: binary (after a JSON header
+    of ``header_length`` bytes) or, from a server without the extension, JSON data."""
     if header_length is None:
         out = next(o for o in orjson.loads(raw)["outputs"] if o["name"] == name)
-        return np.asarray(out["data"], dtype=np.float32)
+        return np.asarray(out["data"], dtype=np.float32).reshape(out["shape"])
     start = int(header_length)
     offset = start
     for out in orjson.loads(raw[:start])["outputs"]:
         size = int(out.get("parameters", {}).get("binary_data_size", 0))
         if out["name"] == name:
-            if out["datatype"] != "FP32" or offset + size > len(raw):
-                raise ValueError(f"output {name}: {out['datatype']}, {size} bytes")
-            return np.frombuffer(raw, dtype="<f4", count=size // 4, offset=offset).copy()
+            dtype = np.dtype(_DTYPES[out["datatype"]])
+            if offset + size > len(raw) or size != dtype.itemsize * int(np.prod(out["shape"])):
+                raise ValueError(f"output {name}: {size} bytes for shape {out['shape']}")
+            data = np.frombuffer(raw, dtype=dtype, count=size // dtype.itemsize, offset=offset)
+            return data.reshape(out["shape"]).copy()
         offset += size
     raise KeyError(name)

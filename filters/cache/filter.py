@@ -21,7 +21,7 @@ import hmac
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import orjson
@@ -29,7 +29,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from redis.exceptions import RedisClusterException, RedisError
 
 from filters.cache import canon
-from filters.cache.embedder import Embedder, EmbedderError, TritonEmbedder
+from filters.cache.embedder import Embedder, EmbedderError, TokenEmbedder, TritonEmbedder
 from filters.cache.params import CacheParams, RouteCache, load_verifier
 from filters.cache.semantic import SemanticIndex
 from filters.cache.store import CacheStore, Entry, Indexed
@@ -98,10 +98,11 @@ class _Pending:
     ttl_ms: int
     stale_ms: int
     headers: dict[str, str] | None = None
+    tokens: np.ndarray[Any, Any] | None = None  # the align verifier's token vectors
 
 
 class _State:
-    __slots__ = ("no_lookup", "no_store", "pending", "stale")
+    __slots__ = ("no_lookup", "no_store", "pending", "stale", "tokens")
 
     def __init__(self) -> None:
         self.no_store = False
@@ -110,6 +111,7 @@ class _State:
         # An expired exact entry still inside its stale-if-error window: the answer if the
         # model fails.
         self.stale: Entry | None = None
+        self.tokens: np.ndarray[Any, Any] | None = None  # the prompt's, once embedded
 
 
 class CacheFilter(Filter):
@@ -228,7 +230,7 @@ class CacheFilter(Filter):
         if not st.no_store:
             ttl_ms, stale_ms = int(route.ttl_s * 1000), int(route.stale_if_error_s * 1000)
             st.pending = _Pending(scope, meta, key.exact_id, key.partition, text, vector,
-                                  ttl_ms, stale_ms)  # fmt: skip
+                                  ttl_ms, stale_ms, tokens=st.tokens)  # fmt: skip
         return CONTINUE
 
     async def _lookup(
@@ -252,10 +254,14 @@ class CacheFilter(Filter):
         # is embedded after its answer went out, when it is stored (off the request path).
         if not text or self.embedder is None or not self.index.has_partition(scope, key.partition):
             return None
-        vector = await self._embed(text)
+        vector, tokens = await self._embed(text)
         if vector is None:
             return None
-        verdict = self.index.judge(scope, key.partition, text, vector, now_ms)
+        st.tokens = tokens
+        verdict = await self.index.judge_fetching(
+            scope, key.partition, text, vector, now_ms, tokens,
+            lambda ids: self._cached_tokens(scope, ids),
+        )  # fmt: skip
         if verdict.veto is not None:
             VETOES.labels(verdict.veto).inc()
         if verdict.entry_id is not None:
@@ -358,33 +364,53 @@ class CacheFilter(Filter):
             return None, False
         return entry, True
 
-    async def _embed(self, text: str) -> np.ndarray[Any, Any] | None:
+    async def _embed(
+        self, text: str
+    ) -> tuple[np.ndarray[Any, Any] | None, np.ndarray[Any, Any] | None]:
+        """The prompt's vector (None: a miss), with its token vectors when the verifier
+        aligns tokens and the embedder gives them."""
         assert self.embedder is not None
+        tokens = None
         try:
-            vec = await self.embedder.embed(text)
+            if self.index.needs_tokens and hasattr(self.embedder, "embed_tokens"):
+                vec, tokens = await cast(TokenEmbedder, self.embedder).embed_tokens(text)
+            else:
+                vec = await self.embedder.embed(text)
         except EmbedderError as exc:
             ERRORS.labels("embedder").inc()
             log.warning("cache embedding failed (a miss): %s", exc)
-            return None
+            return None, None
         if vec.shape != (self.index.dim,):
             ERRORS.labels("embedder").inc()
             log.warning("embedder returned %s values, expected %d", vec.shape, self.index.dim)
-            return None
-        return vec
+            return None, None
+        return vec, tokens
+
+    async def _cached_tokens(self, scope: str, ids: list[str]) -> dict[str, np.ndarray[Any, Any]]:
+        """The stored token vectors of candidate entries; none (so no hit) if Redis fails."""
+        assert self.store is not None
+        try:
+            return await self.store.tokens(scope, ids, self.index.dim)
+        except _REDIS_FAULTS as exc:
+            ERRORS.labels("redis").inc()
+            log.warning("cache token look-up failed (a miss): %r", exc)
+            return {}
 
     async def _put(self, route: str, pending: _Pending, body: bytes) -> None:
         assert self.store is not None
         if pending.text and pending.vector is None and self.embedder is not None:
-            pending.vector = await self._embed(pending.text)  # None: stored exact-only
+            # None: stored exact-only
+            pending.vector, pending.tokens = await self._embed(pending.text)
         now_ms = self._now_ms()
         vector = b"" if pending.vector is None else pending.vector.astype("<f4").tobytes()
+        tokens = b"" if pending.tokens is None else pending.tokens.astype("<f2").tobytes()
         try:
             evicted = await asyncio.wait_for(
                 self.store.put(
                     scope=pending.scope, scope_meta=pending.scope_meta,
                     entry_id=pending.entry_id, body=body, headers=pending.headers or {},
                     partition=pending.partition, text=pending.text if vector else "",
-                    vector=vector, now_ms=now_ms, ttl_ms=pending.ttl_ms,
+                    vector=vector, tokens=tokens, now_ms=now_ms, ttl_ms=pending.ttl_ms,
                     max_entries=self.p.max_entries_per_scope, stale_ms=pending.stale_ms,
                 ),
                 max(1.0, self.p.redis_timeout_ms / 1000),

@@ -79,7 +79,7 @@ class SemanticParams(FilterParams):
     @model_validator(mode="after")
     def _verifier_fits(self) -> SemanticParams:
         v = load_verifier(self.verifier)
-        if v is not None and v.dimensions != self.dimensions:
+        if v is not None and v.dimensions not in (None, self.dimensions):
             raise ValueError(f"verifier {self.verifier!r} was trained on {v.dimensions}-d "
                              f"vectors, the embedder gives {self.dimensions}")  # fmt: skip
         return self

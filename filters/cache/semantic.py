@@ -6,13 +6,14 @@ verifier (``verifier.py``), reach its threshold and be judged a paraphrase by it
 from __future__ import annotations
 
 import heapq
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from filters.cache.guards import GUARDS, veto
-from filters.cache.index import VectorIndex
+from filters.cache.index import Hit, VectorIndex
 from filters.cache.store import Indexed
 from filters.cache.verifier import Verifier
 
@@ -111,15 +112,66 @@ class SemanticIndex:
                 n += 1
         return n
 
+    @property
+    def needs_tokens(self) -> bool:
+        """Whether judging needs both prompts' token vectors (the align verifier)."""
+        return self.verifier is not None and self.verifier.align
+
     def judge(
-        self, scope: str, partition: str, text: str, vector: np.ndarray[Any, Any], now_ms: int
+        self,
+        scope: str,
+        partition: str,
+        text: str,
+        vector: np.ndarray[Any, Any],
+        now_ms: int,
+        tokens: np.ndarray[Any, Any] | None = None,
+        cached_tokens: Mapping[str, np.ndarray[Any, Any]] | None = None,
     ) -> Verdict:
+        """The entry (if any) whose answer may serve ``text``; with the align verifier,
+        ``tokens`` are the new prompt's token vectors and ``cached_tokens`` the candidates'
+        by entry id (a candidate without them is refused)."""
+        hits = self._search(scope, partition, vector)
+        return self._decide(
+            scope, partition, hits, text, vector, now_ms, tokens, cached_tokens or {}
+        )
+
+    async def judge_fetching(
+        self,
+        scope: str,
+        partition: str,
+        text: str,
+        vector: np.ndarray[Any, Any],
+        now_ms: int,
+        tokens: np.ndarray[Any, Any] | None,
+        fetch: Callable[[list[str]], Awaitable[Mapping[str, np.ndarray[Any, Any]]]],
+    ) -> Verdict:
+        """``judge``, fetching the token vectors of the candidates above the threshold (they
+        live in Redis with the entries, not in this process) when the verifier needs them."""
+        hits = self._search(scope, partition, vector)
+        cached: Mapping[str, np.ndarray[Any, Any]] = {}
+        if self.needs_tokens:
+            ids = [h.key for h in hits if h.score >= self.threshold]
+            cached = await fetch(ids) if ids else {}
+        return self._decide(scope, partition, hits, text, vector, now_ms, tokens, cached)
+
+    def _search(self, scope: str, partition: str, vector: np.ndarray[Any, Any]) -> list[Hit]:
         index = self._parts.get((scope, partition))
-        if index is None:
-            return Verdict(None, 0.0)
-        hits = index.search(vector, self.candidates, min_score=-1.0)
+        return [] if index is None else index.search(vector, self.candidates, min_score=-1.0)
+
+    def _decide(
+        self,
+        scope: str,
+        partition: str,
+        hits: list[Hit],
+        text: str,
+        vector: np.ndarray[Any, Any],
+        now_ms: int,
+        tokens: np.ndarray[Any, Any] | None,
+        cached_tokens: Mapping[str, np.ndarray[Any, Any]],
+    ) -> Verdict:
         if not hits:
             return Verdict(None, 0.0)
+        index = self._parts.get((scope, partition))
         refused: str | None = None
         for hit in hits:
             if hit.score < self.threshold:
@@ -128,8 +180,10 @@ class SemanticIndex:
             if meta is None or meta.expires_ms <= now_ms:
                 continue
             if self.verifier is not None:
-                cached = index.vector(hit.key)
-                ok = cached is not None and self.verifier.accepts(text, vector, meta.text, cached)
+                cached = index.vector(hit.key) if index is not None else None
+                ok = cached is not None and self.verifier.accepts(
+                    text, vector, meta.text, cached, tokens, cached_tokens.get(hit.key)
+                )
                 reason = None if ok else "verifier"
             else:
                 reason = veto(text, meta.text, self.guards) if self.guards else None

@@ -6,7 +6,9 @@ Layout (``{S}`` is the scope id as a hash tag: a scope's keys share one cluster 
                                 s stale-if-error window after x (ms),
                                 p partition (conversation prefix and parameters digest),
                                 t prompt text, v vector (float32 bytes; both empty when the
-                                entry is exact-only); PEXPIREs with the entry
+                                entry is exact-only), k the prompt's token vectors (float16
+                                bytes, [n, d]; only for the align verifier); PEXPIREs with
+                                the entry
     fw:cache:{S}:z        ZSET  id -> end of life (x + s, ms): the scope's entries, for
                                 rebuilds, the entry cap (soonest-ending evicted first) and
                                 invalidation
@@ -124,6 +126,7 @@ class CacheStore:
         ttl_ms: int,
         max_entries: int,
         stale_ms: int = 0,
+        tokens: bytes = b"",
     ) -> list[str]:
         """Writes one entry (replacing one with the same id); returns the ids evicted. The
         entry is fresh for ``ttl_ms`` and kept ``stale_ms`` longer for stale-if-error."""
@@ -132,6 +135,8 @@ class CacheStore:
             "r", body, "h", orjson.dumps(headers), "c", now_ms, "x", expires, "s", stale_ms,
             "p", partition, "t", text, "v", vector,
         ]  # fmt: skip
+        if tokens:
+            fields += ["k", tokens]
         keep = ttl_ms + stale_ms
         evicted = await self._store(
             keys=[entry_key(scope, entry_id), zset_key(scope)],
@@ -148,6 +153,18 @@ class CacheStore:
             pipe.xadd(FEED, {"op": "del", "s": scope, "id": gone}, maxlen=FEED_MAXLEN)
         await pipe.execute()
         return ids
+
+    async def tokens(self, scope: str, ids: list[str], dim: int) -> dict[str, np.ndarray[Any, Any]]:
+        """The token vectors stored with entries (one pipelined round trip); entries without
+        them are left out."""
+        pipe = self.redis.pipeline(transaction=False)
+        for i in ids:
+            pipe.hget(entry_key(scope, i), "k")
+        out: dict[str, np.ndarray[Any, Any]] = {}
+        for i, raw in zip(ids, await pipe.execute(), strict=True):
+            if raw and len(raw) % (2 * dim) == 0:
+                out[i] = np.frombuffer(raw, dtype="<f2").reshape(-1, dim)
+        return out
 
     async def delete(self, scope: str, entry_id: str) -> None:
         pipe = self.redis.pipeline(transaction=False)

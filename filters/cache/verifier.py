@@ -10,11 +10,20 @@ verifier weighs the same evidence instead of obeying it: a logistic regression o
   sentence-pair classifiers put on top of sentence embeddings),
 - each guard's finding (0 or 1),
 
-trained on labelled pairs (``floodwall cache train``). A cached prompt answers a new one when
-their cosine reaches ``threshold`` and the predicted probability of "same answer" reaches
-``cut``. ``threshold`` and ``cut`` are chosen by cross-validation on the training pairs alone
-(the highest hit rate whose out-of-fold wrong-answer rate stays under ``max_wrong``), so the
-held-out sets measure it without having shaped it.
+or, in the ``align`` form (the shipped one), a regression over the cosine, each guard's finding
+and how well the two prompts' *tokens* line up: each token's last-layer vector (from the same
+MiniLM run that gives the sentence vector) is matched to its most similar token in the other
+prompt, as BERTScore does, and the features say how badly the worst-matched tokens fare (the
+lowest and second-lowest match on each side, the mean match, the share of tokens below 0.7,
+how many fall below 0.5, and the length difference). A changed entity, a negation or a new
+number is one token the other prompt has no counterpart for, while the sentence vectors stay
+close. Measured on the held-out sets in the README ("Semantic cache").
+
+Either is trained on labelled pairs (``floodwall cache train``). A cached prompt answers a
+new one when their cosine reaches ``threshold`` and the predicted probability of "same
+answer" reaches ``cut``. ``threshold`` and ``cut`` are chosen by cross-validation on the
+training pairs alone (the highest hit rate whose out-of-fold wrong-answer rate stays under
+``max_wrong``), so the held-out sets measure it without having shaped it.
 
 Pure numpy; the model is a JSON file (weights, threshold, cut, what it was trained on).
 """
@@ -37,14 +46,54 @@ F64 = npt.NDArray[np.float64]
 SHIPPED = Path(__file__).with_name("verifier.json")
 
 
+ALIGN_FEATURES = 11
+
+
 def features(
-    text: str, vector: Any, cached_text: str, cached_vector: Any, guards: Sequence[str]
+    text: str,
+    vector: Any,
+    cached_text: str,
+    cached_vector: Any,
+    guards: Sequence[str],
+    tokens: Any = None,
+    cached_tokens: Any = None,
 ) -> F64:
-    """The feature row of a new prompt (``text``) against a cached one."""
+    """The feature row of a new prompt (``text``) against a cached one: the vector form, or
+    the ``align`` form when both prompts' token vectors are given."""
     u = _unit(vector)
     v = _unit(cached_vector)
     flags = [float(veto(text, cached_text, (g,)) is not None) for g in guards]
+    if tokens is not None and cached_tokens is not None:
+        return np.concatenate([[float(u @ v)], flags, alignment(tokens, cached_tokens)])
     return np.concatenate([[float(u @ v)], np.abs(u - v), u * v, flags])
+
+
+def alignment(tokens: Any, cached_tokens: Any) -> F64:
+    """How well two prompts' tokens ([n, d] last-layer vectors, [CLS]/[SEP] left out) match
+    each other: see the module docstring."""
+    a = _rows(tokens)
+    b = _rows(cached_tokens)
+    if not len(a) or not len(b):
+        return np.zeros(ALIGN_FEATURES)
+    sim = a @ b.T
+    ra, rb = sim.max(axis=1), sim.max(axis=0)  # each token's best match on the other side
+
+    def second(x: F64) -> float:
+        return float(np.partition(x, 1)[1]) if len(x) > 1 else float(x.min())
+
+    return np.array([
+        ra.min(), rb.min(), second(ra), second(rb), ra.mean(), rb.mean(),
+        min(int((ra < 0.5).sum()), 3) / 3, min(int((rb < 0.5).sum()), 3) / 3,
+        (ra < 0.7).mean(), (rb < 0.7).mean(),
+        abs(len(a) - len(b)) / max(len(a), len(b)),
+    ], dtype=np.float64)  # fmt: skip
+
+
+def _rows(x: Any) -> F64:
+    a = np.asarray(x, dtype=np.float64)
+    a = a.reshape(-1, a.shape[-1]) if a.size else a.reshape(0, 0)
+    norms = np.linalg.norm(a, axis=1, keepdims=True)
+    return np.divide(a, norms, out=np.zeros_like(a), where=norms > 0)
 
 
 def _sigmoid(z: Any) -> Any:
@@ -65,22 +114,35 @@ class Verifier:
     bias: float
     guards: tuple[str, ...] = GUARDS
     about: dict[str, Any] = field(default_factory=dict)  # how it was trained and measured
+    align: bool = False  # the token-alignment form: needs both prompts' token vectors
 
     @property
-    def dimensions(self) -> int:
-        return (len(self.weights) - 1 - len(self.guards)) // 2
+    def dimensions(self) -> int | None:
+        """The sentence vectors' size it was trained on (None: the align form takes any)."""
+        return None if self.align else (len(self.weights) - 1 - len(self.guards)) // 2
 
     def probability(self, row: F64) -> float:
         return float(_sigmoid(row @ self.weights + self.bias))
 
-    def accepts(self, text: str, vector: Any, cached_text: str, cached_vector: Any) -> bool:
-        row = features(text, vector, cached_text, cached_vector, self.guards)
+    def accepts(
+        self,
+        text: str,
+        vector: Any,
+        cached_text: str,
+        cached_vector: Any,
+        tokens: Any = None,
+        cached_tokens: Any = None,
+    ) -> bool:
+        if self.align and (tokens is None or cached_tokens is None):
+            return False  # cannot judge without the tokens: a miss, never a guess
+        row = features(text, vector, cached_text, cached_vector, self.guards,
+                       *((tokens, cached_tokens) if self.align else (None, None)))  # fmt: skip
         return row[0] >= self.threshold and self.probability(row) >= self.cut
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps({
             "threshold": self.threshold, "cut": self.cut, "bias": self.bias,
-            "guards": list(self.guards), "about": self.about,
+            "guards": list(self.guards), "align": self.align, "about": self.about,
             "weights": [round(float(w), 7) for w in self.weights],
         }, indent=1) + "\n")  # fmt: skip
 
@@ -89,11 +151,13 @@ class Verifier:
         try:
             d = json.loads(path.read_text())
             v = cls(float(d["threshold"]), float(d["cut"]), np.asarray(d["weights"], np.float64),
-                    float(d["bias"]), tuple(d["guards"]), d.get("about", {}))  # fmt: skip
+                    float(d["bias"]), tuple(d["guards"]), d.get("about", {}),
+                    bool(d.get("align", False)))  # fmt: skip
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"{path}: not a verifier model ({exc})") from None
         unknown = set(v.guards) - set(GUARDS)
-        if unknown or (len(v.weights) - 1 - len(v.guards)) % 2:
+        rest = len(v.weights) - 1 - len(v.guards)
+        if unknown or (rest != ALIGN_FEATURES if v.align else rest % 2):
             raise ValueError(f"{path}: unknown guards {sorted(unknown)} or bad weight count")
         return v
 
@@ -130,6 +194,7 @@ def train(
     pairs: Sequence[Labelled],
     vectors: dict[str, Any],
     *,
+    tokens: dict[str, Any] | None = None,
     cs: Sequence[float] = (1.0, 3.0, 10.0, 30.0, 100.0),
     thresholds: Sequence[float] = (0.4, 0.5, 0.6, 0.7),
     max_wrong: float = 0.015,
@@ -137,9 +202,12 @@ def train(
     guards: tuple[str, ...] = GUARDS,
 ) -> Verifier:
     """Chooses the regularisation, threshold and cut by ``folds``-fold cross-validation
-    (folds stratified by category, deterministic), then fits on all ``pairs``."""
+    (folds stratified by category, deterministic), then fits on all ``pairs``. With
+    ``tokens`` (each text's token vectors) it trains the align form."""
     x = np.array([features(p.text, vectors[p.text], p.cached_text, vectors[p.cached_text],
-                           guards) for p in pairs])  # fmt: skip
+                           guards, *((tokens[p.text], tokens[p.cached_text]) if tokens is not None
+                                     else (None, None)))
+                  for p in pairs])  # fmt: skip
     y = np.array([p.same_answer for p in pairs])
     if y.all() or not y.any():
         raise ValueError("training needs both paraphrases and look-alikes")
@@ -169,4 +237,4 @@ def train(
     w, b = fit(x, y, c)
     cv = {"hit_rate": round(hit, 4), "wrong_hit_rate": round(wrong, 4)}
     about = {"pairs": len(pairs), "c": c, "max_wrong": max_wrong, "cross_validated": cv}
-    return Verifier(t, cut, w, b, guards, about)
+    return Verifier(t, cut, w, b, guards, about, align=tokens is not None)

@@ -18,10 +18,13 @@ import numpy as np
 import orjson
 import pytest
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from filters.cache.embedder import EmbedderError
 from filters.cache.filter import ERRORS, VETOES, CacheFilter, _scope_id
+from filters.cache.guards import GUARDS
 from filters.cache.store import zset_key
+from filters.cache.verifier import ALIGN_FEATURES, Verifier
 from proxy.api import CONTINUE, Deps, Filter, NoParams, RequestContext
 from proxy.testing import FakeClock, Harness, UpstreamReply, default_config
 from tests.helpers import RedisServer
@@ -53,12 +56,23 @@ class WordsEmbedder:
         if self.down:
             raise EmbedderError("embedder unreachable (test)")
         v = np.zeros(64, dtype=np.float32)
-        for w in text.lower().replace("?", " ").replace("'", " ").split():
+        for w in _words(text):
             v[int(hashlib.md5(w.encode()).hexdigest(), 16) % 64] += 1.0
         return v
 
+    async def embed_tokens(self, text: str) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
+        """Each word's token vector: a one-hot of its hash (the same word, the same vector)."""
+        rows = np.zeros((len(_words(text)), 64), dtype=np.float16)
+        for i, w in enumerate(_words(text)):
+            rows[i, int(hashlib.md5(w.encode()).hexdigest(), 16) % 64] = 1.0
+        return await self.embed(text), rows
+
     async def close(self) -> None:
         pass
+
+
+def _words(text: str) -> list[str]:
+    return text.lower().replace("?", " ").replace("'", " ").split()
 
 
 class _Identify(Filter):
@@ -502,3 +516,34 @@ async def test_a_rebuild_forgets_what_redis_lost(rc: aioredis.Redis) -> None:
     assert await f.rebuild() == 0 and len(f.index) == 0
     r = await ask(h, f, up, chat("what is the cancellation policy"))
     assert r.headers["x-floodwall-cache"] == "miss"
+
+
+async def test_the_align_verifier_stores_and_compares_token_vectors(
+    rc: aioredis.Redis, tmp_path: Any
+) -> None:
+    # Hand-made align verifier: serve only when every token on both sides has its match.
+    w = np.zeros(1 + len(GUARDS) + ALIGN_FEATURES)
+    w[1 + len(GUARDS)] = w[2 + len(GUARDS)] = 20.0
+    Verifier(threshold=0.5, cut=0.5, weights=w, bias=-19.0, align=True).save(tmp_path / "v.json")
+    f = cache(rc, semantic={"threshold": 0.7, "dimensions": 64,
+                            "verifier": str(tmp_path / "v.json")})  # fmt: skip
+    h, up = harness(f), Upstream()
+    await ask(h, f, up, chat("where is my march invoice"))
+    (key,) = [k async for k in rc.scan_iter("fw:cache:*:e:*")]
+    assert len(await rc.hget(key, "k")) == 5 * 64 * 2  # five words, float16
+    hit = await ask(h, f, up, chat("my march invoice is where"))
+    assert hit.headers["x-floodwall-cache"] == "hit-semantic"
+    before = VETOES.labels("verifier")._value.get()
+    other = await ask(h, f, up, chat("where is my april invoice"))
+    assert other.headers["x-floodwall-cache"] == "miss"
+    assert VETOES.labels("verifier")._value.get() == before + 1
+
+    async def broken(*_: Any) -> Any:
+        raise RedisConnectionError("gone (test)")
+
+    assert f.store is not None
+    f.store.tokens = broken  # type: ignore[method-assign]
+    errors = ERRORS.labels("redis")._value.get()
+    lost = await ask(h, f, up, chat("invoice march my where is"))
+    assert lost.status == 200 and lost.headers["x-floodwall-cache"] == "miss"
+    assert ERRORS.labels("redis")._value.get() == errors + 1

@@ -8,7 +8,7 @@ import pytest
 from pydantic import ValidationError
 
 from filters.cache import canon
-from filters.cache.embedder import _vector
+from filters.cache.embedder import _tensor
 from filters.cache.evaluate import Judged, Pair, report
 from filters.cache.filter import CacheFilter, _cache_control, _max_age, _uncacheable_response
 from filters.cache.guards import veto
@@ -287,10 +287,25 @@ def test_embedder_answers_binary_or_json_and_refuses_short_ones() -> None:
          "parameters": {"binary_data_size": 16}},
     ]})  # fmt: skip
     raw = header + other + vec.tobytes()
-    assert _vector(raw, str(len(header)), "EMBEDDING").tolist() == [0, 1, 2, 3]
+    assert _tensor(raw, str(len(header)), "EMBEDDING").tolist() == [[0, 1, 2, 3]]
+    half = np.ones((1, 3, 2), dtype="<f2").tobytes()
+    fp16 = orjson.dumps(
+        {
+            "outputs": [
+                {
+                    "name": "T",
+                    "datatype": "FP16",
+                    "shape": [1, 3, 2],
+                    "parameters": {"binary_data_size": len(half)},
+                }
+            ]
+        }
+    )
+    assert _tensor(fp16 + half, str(len(fp16)), "T").shape == (1, 3, 2)
     with pytest.raises(ValueError):  # cut short: never read past the end
-        _vector(raw[:-4], str(len(header)), "EMBEDDING")
+        _tensor(raw[:-4], str(len(header)), "EMBEDDING")
     with pytest.raises(KeyError):
-        _vector(raw, str(len(header)), "NOPE")
-    as_json = orjson.dumps({"outputs": [{"name": "EMBEDDING", "data": [0.5, 1.5]}]})
-    assert _vector(as_json, None, "EMBEDDING").tolist() == [0.5, 1.5]
+        _tensor(raw, str(len(header)), "NOPE")
+    as_json = orjson.dumps({"outputs": [{"name": "EMBEDDING", "shape": [1, 2],
+                                         "data": [0.5, 1.5]}]})  # fmt: skip
+    assert _tensor(as_json, None, "EMBEDDING").tolist() == [[0.5, 1.5]]

@@ -4,6 +4,7 @@ cut, the model file, the params that load it, and its place in the live decision
 from __future__ import annotations
 
 import json
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,16 @@ from filters.cache.filter import CacheFilter
 from filters.cache.guards import GUARDS
 from filters.cache.semantic import SemanticIndex
 from filters.cache.store import Indexed
-from filters.cache.verifier import SHIPPED, Labelled, Verifier, features, fit, train
+from filters.cache.verifier import (
+    ALIGN_FEATURES,
+    SHIPPED,
+    Labelled,
+    Verifier,
+    alignment,
+    features,
+    fit,
+    train,
+)
 
 
 def test_fit_reaches_the_regularised_optimum() -> None:
@@ -80,13 +90,16 @@ def test_model_file_round_trip_and_bad_files(tmp_path: Path) -> None:
 
 def test_the_shipped_verifier_loads_and_params_check_it(tmp_path: Path) -> None:
     shipped = Verifier.load(SHIPPED)
-    assert shipped.dimensions == 384 and shipped.guards == GUARDS
+    assert shipped.align and shipped.dimensions is None and shipped.guards == GUARDS
+    assert len(shipped.weights) == 1 + len(GUARDS) + ALIGN_FEATURES
     assert shipped.about["trained_on"] == ["pairs.jsonl", "holdout.jsonl"]
     p = CacheFilter.Params.model_validate({"routes": {}, "semantic": {"verifier": "shipped"}})
     assert p.semantic.verifier == "shipped"
-    with pytest.raises(ValidationError, match="384-d"):
+    pairs, vectors = _toy(60)
+    train(pairs, vectors, cs=(1.0,), thresholds=(0.5,), max_wrong=0.05).save(tmp_path / "v.json")
+    with pytest.raises(ValidationError, match="384-d"):  # the vector form is tied to its size
         CacheFilter.Params.model_validate(
-            {"routes": {}, "semantic": {"verifier": "shipped", "dimensions": 768}}
+            {"routes": {}, "semantic": {"verifier": str(tmp_path / "v.json"), "dimensions": 768}}
         )
     with pytest.raises(ValidationError, match="not a verifier"):
         CacheFilter.Params.model_validate(
@@ -108,3 +121,71 @@ def test_the_live_decision_asks_the_verifier() -> None:
     moved = np.array([0.0, 0.8, 0.6, 0.0])  # cosine 0.64: above its threshold, dim 0 differs
     refused = si.judge("s", "p", "how can I reset my password", moved, 0)
     assert refused.entry_id is None and refused.veto == "verifier"
+
+
+def _tokens(*words: str) -> np.ndarray:
+    """One made-up token vector per word: the same word, the same vector."""
+    rows = [np.random.default_rng(zlib.crc32(w.encode())).standard_normal(8) for w in words]
+    return np.array(rows)
+
+
+def test_alignment_finds_the_token_the_other_prompt_lacks() -> None:
+    same = alignment(_tokens("reset", "my", "password"), _tokens("my", "password", "reset"))
+    assert same[0] == pytest.approx(1.0) and same[1] == pytest.approx(1.0) and same[-1] == 0
+    swapped = alignment(_tokens("reset", "my", "iphone"), _tokens("reset", "my", "pixel"))
+    assert swapped[0] < 0.9 and swapped[1] < 0.9  # each side has one token unmatched
+    assert alignment(np.zeros((0, 8)), _tokens("a")).tolist() == [0.0] * ALIGN_FEATURES
+
+
+def _toy_tokens(pairs: list[Labelled]) -> dict[str, np.ndarray]:
+    """Paraphrases share their tokens; a look-alike has one token the cached prompt lacks."""
+    tokens = {}
+    for i, p in enumerate(pairs):
+        words = [f"w{i}", f"x{i}", f"y{i}", f"z{i}"]
+        tokens[p.cached_text] = _tokens(*words)
+        tokens[p.text] = _tokens(*words[:3], words[3] if p.same_answer else f"other{i}")
+    return tokens
+
+
+def test_the_align_form_trains_saves_and_refuses_without_tokens(tmp_path: Path) -> None:
+    pairs, vectors = _toy(80)
+    # Vectors that cannot tell the look-alikes apart: only the tokens can.
+    vectors = {k: vectors[f"cached question {k.split()[-1]}"] for k in vectors}
+    tokens = _toy_tokens(pairs)
+    v = train(pairs, vectors, tokens=tokens, cs=(10.0,), thresholds=(0.5,), max_wrong=0.02)
+    assert v.align and len(v.weights) == 1 + len(GUARDS) + ALIGN_FEATURES
+    served = [v.accepts(p.text, vectors[p.text], p.cached_text, vectors[p.cached_text],
+                        tokens[p.text], tokens[p.cached_text]) for p in pairs]  # fmt: skip
+    assert all(s == p.same_answer for s, p in zip(served, pairs, strict=True))
+    p = pairs[0]
+    assert not v.accepts(p.text, vectors[p.text], p.cached_text, vectors[p.cached_text])
+    v.save(tmp_path / "v.json")
+    assert Verifier.load(tmp_path / "v.json").align
+    d = json.loads((tmp_path / "v.json").read_text())
+    d["weights"] = d["weights"][:-1]
+    (tmp_path / "bad.json").write_text(json.dumps(d))
+    with pytest.raises(ValueError, match="bad weight count"):
+        Verifier.load(tmp_path / "bad.json")
+
+
+async def test_the_live_decision_fetches_the_candidates_tokens() -> None:
+    w = np.zeros(1 + len(GUARDS) + ALIGN_FEATURES)
+    w[1 + len(GUARDS)] = w[2 + len(GUARDS)] = 20.0  # the worst-matched token on each side
+    v = Verifier(threshold=0.5, cut=0.5, weights=w, bias=-30.0, align=True)
+    si = SemanticIndex(4, threshold=0.99, verifier=v)
+    si.add(Indexed("s", "e1", "p", "reset my password", np.array([1.0, 0, 0, 0]), 10**12))
+    si.add(Indexed("s", "e2", "p", "unrelated", np.array([0, 0, 0, 1.0]), 10**12))
+    asked: list[list[str]] = []
+    stored = {"e1": _tokens("reset", "my", "password"), "e2": _tokens("unrelated")}
+
+    async def fetch(ids: list[str]) -> dict[str, np.ndarray]:
+        asked.append(ids)
+        return {i: stored[i] for i in ids}
+
+    vec = np.array([0.9, 0.1, 0, 0])
+    hit = await si.judge_fetching("s", "p", "my password reset", vec, 0,
+                                  _tokens("my", "password", "reset"), fetch)  # fmt: skip
+    assert hit.entry_id == "e1" and asked == [["e1"]]  # only candidates above the threshold
+    lookalike = await si.judge_fetching("s", "p", "reset my pin", vec, 0,
+                                        _tokens("reset", "my", "pin"), fetch)  # fmt: skip
+    assert lookalike.entry_id is None and lookalike.veto == "verifier"

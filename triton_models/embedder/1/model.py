@@ -5,6 +5,12 @@ Output EMBEDDING  FP32 [384]  mean-pooled, L2-normalised (same as sentence-trans
                               `encode(normalize_embeddings=True)`)
        TOKENS     INT32 [1]   tokens the input used after truncation, incl. [CLS]/[SEP]
                               (feeds OpenAI `usage.prompt_tokens`)
+       TOKEN_EMBEDDING  FP16 [-1, 384]  the last layer's vector of each word piece that has
+                              a letter or digit ([CLS], [SEP] and punctuation left out),
+                              zero rows padding to the longest row of the request; only for
+                              a request with the parameter `token_embeddings: true` (the
+                              semantic cache's verifier aligns two prompts' words: a missing
+                              "?" must not count as a missing word)
 
 The ONNX graph (built by `floodwall models build`, see proxy/models.py) already does the
 pooling and normalisation; this file tokenises, pads and runs it. Every request of one
@@ -56,6 +62,24 @@ def _onnx_dir(args: dict[str, str]) -> Path:
     return Path(cache).expanduser() / "models" / Path(name).expanduser()
 
 
+def _asks_token_embeddings(request: pb_utils.InferenceRequest) -> bool:
+    # Opt-in by parameter, not by requested output: a client that lists no outputs gets all
+    # of them, and most never want a vector per token.
+    try:
+        return json.loads(request.parameters() or "{}").get("token_embeddings") is True
+    except (ValueError, AttributeError):
+        return False
+
+
+def _word_rows(hidden: np.ndarray, words: list[list[int]]) -> np.ndarray:
+    """[rows, longest, d] float16: each row's word-piece vectors, then zeros."""
+    longest = max(1, max(len(w) for w in words))
+    out = np.zeros((len(words), longest, hidden.shape[-1]), dtype=np.float16)
+    for row, positions in enumerate(words):
+        out[row, : len(positions)] = hidden[row, positions]
+    return out
+
+
 def _invalid(message: str) -> pb_utils.InferenceResponse:
     # INVALID_ARG maps to HTTP 400 / gRPC INVALID_ARGUMENT for the caller.
     return pb_utils.InferenceResponse(
@@ -99,6 +123,7 @@ class TritonPythonModel:
         responses: list[pb_utils.InferenceResponse | None] = [None] * len(requests)
         texts: list[str] = []
         spans: list[tuple[int, int, int]] = []  # (request index, first row, row count)
+        wants_tokens: set[int] = set()
 
         for index, request in enumerate(requests):
             try:
@@ -108,10 +133,12 @@ class TritonPythonModel:
                 continue
             spans.append((index, len(texts), len(rows)))
             texts.extend(rows)
+            if _asks_token_embeddings(request):
+                wants_tokens.add(index)
 
         if texts:
             try:
-                embeddings, counts = self._embed(texts)
+                embeddings, counts, hidden, words = self._embed(texts, bool(wants_tokens))
             except Exception as exc:  # one bad batch must not take the model down
                 logger.exception("%s: inference failed for %d texts", self.name, len(texts))
                 error = pb_utils.TritonError(f"{self.name}: inference failed: {exc}")
@@ -120,12 +147,14 @@ class TritonPythonModel:
             else:
                 for index, start, count in spans:
                     stop = start + count
-                    responses[index] = pb_utils.InferenceResponse(
-                        output_tensors=[
-                            pb_utils.Tensor("EMBEDDING", embeddings[start:stop]),
-                            pb_utils.Tensor("TOKENS", counts[start:stop]),
-                        ]
-                    )
+                    tensors = [
+                        pb_utils.Tensor("EMBEDDING", embeddings[start:stop]),
+                        pb_utils.Tensor("TOKENS", counts[start:stop]),
+                    ]
+                    if index in wants_tokens and hidden is not None:
+                        rows = _word_rows(hidden[start:stop], words[start:stop])
+                        tensors.append(pb_utils.Tensor("TOKEN_EMBEDDING", rows))
+                    responses[index] = pb_utils.InferenceResponse(output_tensors=tensors)
         return [r for r in responses if r is not None]
 
     def _decode(self, request: pb_utils.InferenceRequest) -> list[str]:
@@ -147,13 +176,16 @@ class TritonPythonModel:
             raise ValueError(f"{self.name}: TEXT has no elements")
         return rows
 
-    def _embed(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    def _embed(
+        self, texts: list[str], tokens: bool
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, list[list[int]]]:
         encodings = self.tokenizer.encode_batch(texts)
         input_ids = np.array([e.ids for e in encodings], dtype=np.int64)
         attention_mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
         token_type_ids = np.array([e.type_ids for e in encodings], dtype=np.int64)
-        (embeddings,) = self.session.run(
-            ["sentence_embedding"],
+        wanted = ["sentence_embedding", "last_hidden_state"] if tokens else ["sentence_embedding"]
+        outputs = self.session.run(
+            wanted,
             {
                 "input_ids": input_ids,
                 "attention_mask": attention_mask,
@@ -161,7 +193,14 @@ class TritonPythonModel:
             },
         )
         counts = attention_mask.sum(axis=1, dtype=np.int32).reshape(-1, 1)
-        return np.ascontiguousarray(embeddings, dtype=np.float32), counts
+        embeddings = np.ascontiguousarray(outputs[0], dtype=np.float32)
+        # Positions of the word pieces with a letter or digit, per row (for TOKEN_EMBEDDING).
+        words = [
+            [i for i, (t, special) in enumerate(zip(e.tokens, e.special_tokens_mask, strict=True))
+             if not special and any(c.isalnum() for c in t)]
+            for e in encodings
+        ] if tokens else []  # fmt: skip
+        return embeddings, counts, outputs[1] if tokens else None, words
 
     def finalize(self) -> None:
         self.session = None
