@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import shutil
 import socket
 import subprocess
@@ -133,15 +134,20 @@ def _rates(judged: list[Judged], threshold: float, guarded: bool) -> tuple[float
 
 def report(judged: list[Judged], threshold: float) -> dict[str, Any]:
     hit, wrong = _rates(judged, threshold, True)
-    table = []
+    table: list[dict[str, Any]] = []
     for t in THRESHOLDS:
         gh, gw = _rates(judged, t, True)
         uh, uw = _rates(judged, t, False)
         table.append({"threshold": t, "hit_rate": _r(gh), "wrong_hit_rate": _r(gw),
                       "hit_rate_unguarded": _r(uh),
                       "wrong_hit_rate_unguarded": _r(uw)})  # fmt: skip
-    ok = [row for row in table if row["wrong_hit_rate"] <= MAX_WRONG_RATE]
-    best = max(ok, key=lambda r: (r["hit_rate"], -r["threshold"])) if ok else None
+    # No traps in the file: no wrong-answer rate, so no threshold can be recommended.
+    ok = [
+        r
+        for r in table
+        if r["wrong_hit_rate"] is not None and r["wrong_hit_rate"] <= MAX_WRONG_RATE
+    ]
+    best = max(ok, key=lambda r: (r["hit_rate"] or 0.0, -r["threshold"])) if ok else None
     by_category: dict[str, dict[str, Any]] = {}
     cats: dict[str, list[Judged]] = defaultdict(list)
     for j in judged:
@@ -187,8 +193,10 @@ def report(judged: list[Judged], threshold: float) -> dict[str, Any]:
     return out
 
 
-def _r(x: float) -> float:
-    return round(x, 4)
+def _r(x: float) -> float | None:
+    """A rate for the JSON report: None where there was nothing to count (strict JSON has
+    no NaN)."""
+    return None if math.isnan(x) else round(x, 4)
 
 
 def embed_all(texts: list[str], base_url: str, model: str = "embedder") -> dict[str, Any]:

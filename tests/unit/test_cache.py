@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import orjson
 import pytest
@@ -229,6 +231,9 @@ def test_report_rates_table_and_recommendation() -> None:
     assert row[0.6]["wrong_hit_rate_unguarded"] == round(2 / 3, 4)
     assert r["recommended_threshold"] == 0.925
     assert r["by_category"]["negation"]["served"] == 1
+    only_true = report([x for x in judged if x.pair.same], 0.75)  # no traps: no wrong rate
+    assert only_true["wrong_hit_rate"] is None and only_true["recommended_threshold"] is None
+    assert "NaN" not in json.dumps(only_true)
 
 
 # --- params and HTTP semantics -----------------------------------------------------------------
