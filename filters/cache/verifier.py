@@ -11,13 +11,15 @@ verifier weighs the same evidence instead of obeying it: a logistic regression o
 - each guard's finding (0 or 1),
 
 or, in the ``align`` form (the shipped one), a regression over the cosine, each guard's finding
-and how well the two prompts' *tokens* line up: each token's last-layer vector (from the same
-MiniLM run that gives the sentence vector) is matched to its most similar token in the other
-prompt, as BERTScore does, and the features say how badly the worst-matched tokens fare (the
-lowest and second-lowest match on each side, the mean match, the share of tokens below 0.7,
-how many fall below 0.5, and the length difference). A changed entity, a negation or a new
-number is one token the other prompt has no counterpart for, while the sentence vectors stay
-close. Measured on the held-out sets in the README ("Semantic cache").
+and how well the two prompts' *words* line up: the last-layer vector of each word piece with a
+letter or digit (from the same MiniLM run that gives the sentence vector) is matched to its
+most similar one in the other prompt, as BERTScore does, and the features say how badly the
+worst-matched fare (the lowest and second-lowest match on each side, the mean match, the
+share below 0.7, how many fall below 0.5, and the length difference). A changed entity, a
+negation or a new number is a word the other prompt has no counterpart for, while the
+sentence vectors stay close. ``floodwall cache train`` adds re-cased and filler-word copies of
+each question to the pairs (``evaluate.near_duplicates``): without them the fit learned that
+prompts whose words all match are look-alikes. Measured in filters/cache/README.md.
 
 Either is trained on labelled pairs (``floodwall cache train``). A cached prompt answers a
 new one when their cosine reaches ``threshold`` and the predicted probability of "same
@@ -69,8 +71,8 @@ def features(
 
 
 def alignment(tokens: Any, cached_tokens: Any) -> F64:
-    """How well two prompts' tokens ([n, d] last-layer vectors, [CLS]/[SEP] left out) match
-    each other: see the module docstring."""
+    """How well two prompts' word pieces ([n, d] last-layer vectors, as the embedder's
+    ``embed_tokens`` gives them) match each other: see the module docstring."""
     a = _rows(tokens)
     b = _rows(cached_tokens)
     if not len(a) or not len(b):
