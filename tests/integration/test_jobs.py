@@ -615,13 +615,16 @@ async def test_token_limits_charge_a_batch_envelope_at_submission(rc: aioredis.R
     chat = {"model": "sim-llm", "max_tokens": 300, "messages": [{"role": "user", "content": "hi"}]}
     env = orjson.dumps({"requests": [{"url": "/v1/chat/completions", "body": chat}] * 2})
     auth_h = {"authorization": "Bearer alice-key"}
-    first = await h.request("POST", "/v1/jobs", body=env, headers=auth_h)
-    assert first.status == 202  # ~602 of the 1,000 tokens reserved, and kept
-    second = await h.request("POST", "/v1/jobs", body=env, headers=auth_h)
-    assert second.status == 429 and second.json()["error"]["type"] == "rate_limited"
-    assert await rc.get(f"{p.prefix}:depth") == b"1"  # the refused one was never queued
-    # Polling is not a model call: no token limit gets in its way.
-    assert (await _show(h, first.json()["id"])).status == 200
+    try:
+        first = await h.request("POST", "/v1/jobs", body=env, headers=auth_h)
+        assert first.status == 202  # ~602 of the 1,000 tokens reserved, and kept
+        second = await h.request("POST", "/v1/jobs", body=env, headers=auth_h)
+        assert second.status == 429 and second.json()["error"]["type"] == "rate_limited"
+        assert await rc.get(f"{p.prefix}:depth") == b"1"  # the refused one was never queued
+        # Polling is not a model call: no token limit gets in its way.
+        assert (await _show(h, first.json()["id"])).status == 200
+    finally:
+        await limits.stop()  # it holds its own connection to Redis
 
 
 async def test_redis_gone_mid_job_the_worker_survives_and_the_job_completes(

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
@@ -23,11 +24,22 @@ from tests.helpers import RedisServer
 
 pytestmark = pytest.mark.integration
 
+_made: list[RateLimitFilter] = []
+
+
+@pytest.fixture(autouse=True)
+async def _stop_limiters() -> AsyncIterator[None]:
+    """Stops the filters a test made: each holds its own connection to Redis."""
+    yield
+    while _made:
+        await _made.pop().stop()
+
 
 def limiter(rc: Any, *limits: dict[str, Any], clock: Any = None, **params: Any) -> RateLimitFilter:
     p = RateLimitFilter.Params.model_validate({"limits": list(limits), **params})
     f = RateLimitFilter(p, Deps(redis=rc, clock=clock or FakeClock()))
     f.name = "rate_limit"
+    _made.append(f)
     return f
 
 
