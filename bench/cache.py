@@ -16,8 +16,9 @@
    384-d vectors; flat scan below 20k, IVF above), p50/p99 and recall of a near-duplicate.
    Target: 100k <= 5 ms.
 3. ``cache eval`` on the shipped sets: pairs.jsonl (the guards were developed against it),
-   holdout.jsonl (written apart; consulted in aggregate while tuning), holdout2.jsonl and
-   holdout3.jsonl (written apart, first measured after the guards were frozen).
+   holdout.jsonl (written apart; consulted in aggregate while tuning), holdout2.jsonl to
+   holdout7.jsonl (written apart, first measured after the guards were frozen). The shipped
+   verifier is judged on the sets it was not trained on (its ``about.trained_on``).
 
     .venv/bin/python -m bench.cache            # ~2 minutes
     .venv/bin/python -m bench.cache --quick
@@ -47,7 +48,8 @@ from tests.helpers import DEMO_KEY, echo_server, stack_config, start_stack
 RESULTS = REPO_ROOT / "bench" / "results"
 CACHED = "How do I rotate the API keys of my account without downtime?"
 PARAPHRASE = "how can I rotate my account's API keys with no downtime"
-FRESH = ("holdout2", "holdout3")  # first measured with the guards frozen
+SETS = ("pairs", "holdout", *(f"holdout{i}" for i in range(2, 8)))
+FRESH = SETS[2:]  # first measured with the guards frozen
 PROBE = "what is the way to rotate the API keys of my account without any downtime"
 HEADERS = {"content-type": "application/json", "authorization": f"Bearer {DEMO_KEY}"}
 
@@ -240,13 +242,13 @@ def index_points(quick: bool) -> dict[str, Any]:
 
 def eval_points() -> dict[str, Any]:
     """The shipped sets judged by the guards (at the recommended threshold) and by the shipped
-    verifier (trained on pairs and holdout only)."""
+    verifier."""
     from filters.cache.params import load_verifier
 
     verifier = load_verifier("shipped")
     out: dict[str, Any] = {}
     with evaluate.private_embedder() as url:
-        for name in ("pairs", "holdout", "holdout2", "holdout3"):
+        for name in SETS:
             path = evaluate.SHIPPED_PAIRS.with_name(f"{name}.jsonl")
             r = evaluate.run(path, evaluate_threshold(), url, "embedder", verifier)
             out[name] = {k: r[k] for k in ("pairs", "threshold", "hit_rate", "wrong_hit_rate",
@@ -286,13 +288,20 @@ def summary(res: dict[str, Any]) -> dict[str, Any]:
         "held_out_hit_ge_70pct": min(res["eval"][n]["hit_rate"] for n in FRESH) >= 0.70,
         "held_out_wrong_le_2pct": max(res["eval"][n]["wrong_hit_rate"] for n in FRESH) <= 0.02,
     }
-    if all("verifier" in res["eval"][n] for n in FRESH):
-        ver = [res["eval"][n]["verifier"] for n in FRESH]
+    held_out = verifier_held_out(res)
+    if held_out:
+        ver = [res["eval"][n]["verifier"] for n in held_out]
         s["targets"]["verifier_held_out_hit_ge_70pct"] = min(v["hit_rate"] for v in ver) >= 0.70
         s["targets"]["verifier_held_out_wrong_le_2pct"] = (
             max(v["wrong_hit_rate"] for v in ver) <= 0.02
         )
     return s
+
+
+def verifier_held_out(res: dict[str, Any]) -> list[str]:
+    """The fresh sets the shipped verifier was not trained on."""
+    trained = set(res.get("verifier_trained_on", ["pairs.jsonl", "holdout.jsonl"]))
+    return [n for n in FRESH if f"{n}.jsonl" not in trained and "verifier" in res["eval"][n]]
 
 
 def markdown(res: dict[str, Any]) -> str:
@@ -326,12 +335,12 @@ def markdown(res: dict[str, Any]) -> str:
         lines.append(f"| {v['entries']} | {v['mode']} | {v['p50_ms']:.2f} ms | "
                      f"{v['p99_ms']:.2f} ms | {v['recall_at_1']:.3f} | "
                      f"{v['flat_scan_p50_ms']:.2f} ms | {v['clustering_s']} s |")  # fmt: skip
-    lines += ["", "Hit rate on paraphrases / wrong answers on traps, per threshold (guards on; "
-              "last column: holdout3 with the threshold alone):", "",
-              "| threshold | pairs (dev) | holdout | holdout2 | holdout3 | holdout3, no guards |",
-              "|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     ev = res["eval"]
-    names = ("pairs", "holdout", "holdout2", "holdout3")
+    names = [n for n in SETS if n in ev]
+    lines += ["", "Hit rate on paraphrases / wrong answers on traps, per threshold (guards on; "
+              f"last column: {names[-1]} with the threshold alone):", "",
+              "| threshold | pairs (dev) | " + " | ".join(names[1:]) + f" | {names[-1]}, no "
+              "guards |", "|---:|" + "---:|" * (len(names) + 1)]  # fmt: skip
     for rows in zip(*(ev[n]["thresholds"] for n in names), strict=True):
         if rows[0]["threshold"] > 0.95:
             continue
@@ -343,8 +352,9 @@ def markdown(res: dict[str, Any]) -> str:
         v0 = ev[names[0]]["verifier"]
         cells = [f"{ev[n]['verifier']['hit_rate']:.1%} / {ev[n]['verifier']['wrong_hit_rate']:.1%}"
                  for n in names]  # fmt: skip
-        lines.append(f"| verifier (≥ {v0['threshold']}, p ≥ {v0['cut']}; trained on pairs + "
-                     "holdout) | " + " | ".join(cells) + " | |")  # fmt: skip
+        trained = " + ".join(t.removesuffix(".jsonl") for t in res.get("verifier_trained_on", []))
+        lines.append(f"| verifier (≥ {v0['threshold']}, p ≥ {v0['cut']}; trained on "
+                     f"{trained or '?'}) | " + " | ".join(cells) + " | |")  # fmt: skip
     if all("near_duplicates" in ev[n] for n in names):
         lines += ["", "Near-duplicates of each set's questions (re-cased, or with a filler "
                   "word; all need the question's answer), served by the guards at the "
@@ -371,6 +381,10 @@ def main() -> None:
     res["index"] = index_points(args.quick)
     print("== evaluation sets", flush=True)
     res["eval"] = eval_points()
+    from filters.cache.params import load_verifier
+
+    shipped = load_verifier("shipped")
+    res["verifier_trained_on"] = shipped.about.get("trained_on", []) if shipped else []
     res["summary"] = summary(res)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

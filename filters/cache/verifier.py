@@ -15,9 +15,10 @@ and how well the two prompts' *words* line up: the last-layer vector of each wor
 letter or digit (from the same MiniLM run that gives the sentence vector) is matched to its
 most similar one in the other prompt, as BERTScore does, and the features say how badly the
 worst-matched fare (the lowest and second-lowest match on each side, the mean match, the
-share below 0.7, how many fall below 0.5, and the length difference). A changed entity, a
+share below 0.7, how many fall below 0.5, and the length difference) and whether the matched
+words come in the same order (the share of crossed pairs, each side). A changed entity, a
 negation or a new number is a word the other prompt has no counterpart for, while the
-sentence vectors stay close. ``floodwall cache train`` adds re-cased and filler-word copies of
+sentence vectors stay close; swapped entities have every word matched, but crossed. ``floodwall cache train`` adds re-cased and filler-word copies of
 each question to the pairs (``evaluate.near_duplicates``): without them the fit learned that
 prompts whose words all match are look-alikes. Measured in filters/cache/README.md.
 
@@ -48,7 +49,11 @@ F64 = npt.NDArray[np.float64]
 SHIPPED = Path(__file__).with_name("verifier.json")
 
 
-ALIGN_FEATURES = 11
+# The align form's features after the cosine and the guards: 11 of how well the words match,
+# then 2 of their order (see alignment()). Verifiers trained before the order features keep
+# working: a model's weight count says how many of them it uses.
+ALIGN_FEATURES = 13
+ALIGN_SIZES = (11, ALIGN_FEATURES)
 
 
 def features(
@@ -59,14 +64,17 @@ def features(
     guards: Sequence[str],
     tokens: Any = None,
     cached_tokens: Any = None,
+    n_align: int = ALIGN_FEATURES,
 ) -> F64:
     """The feature row of a new prompt (``text``) against a cached one: the vector form, or
-    the ``align`` form when both prompts' token vectors are given."""
+    the ``align`` form (its first ``n_align`` alignment features) when both prompts' token
+    vectors are given."""
     u = _unit(vector)
     v = _unit(cached_vector)
     flags = [float(veto(text, cached_text, (g,)) is not None) for g in guards]
     if tokens is not None and cached_tokens is not None:
-        return np.concatenate([[float(u @ v)], flags, alignment(tokens, cached_tokens)])
+        aligned = alignment(tokens, cached_tokens)[:n_align]
+        return np.concatenate([[float(u @ v)], flags, aligned])
     return np.concatenate([[float(u @ v)], np.abs(u - v), u * v, flags])
 
 
@@ -88,7 +96,21 @@ def alignment(tokens: Any, cached_tokens: Any) -> F64:
         min(int((ra < 0.5).sum()), 3) / 3, min(int((rb < 0.5).sum()), 3) / 3,
         (ra < 0.7).mean(), (rb < 0.7).mean(),
         abs(len(a) - len(b)) / max(len(a), len(b)),
+        _inversions(sim, ra), _inversions(sim.T, rb),
     ], dtype=np.float64)  # fmt: skip
+
+
+def _inversions(sim: F64, best: F64, matched: float = 0.6) -> float:
+    """Word order: of the pairs of well-matched word pieces of one prompt (best match at
+    least ``matched``), the share whose matches in the other prompt come in the opposite
+    order. "teaspoons in a tablespoon" against "tablespoons in a teaspoon" has every word
+    matched (so the match features above see nothing) but its two nouns crossed."""
+    keep = np.flatnonzero(best >= matched)
+    if len(keep) < 2:
+        return 0.0
+    pos = sim[keep].argmax(axis=1)
+    i, j = np.triu_indices(len(keep), 1)
+    return float((pos[i] > pos[j]).mean())
 
 
 def _rows(x: Any) -> F64:
@@ -138,7 +160,8 @@ class Verifier:
         if self.align and (tokens is None or cached_tokens is None):
             return False  # cannot judge without the tokens: a miss, never a guess
         row = features(text, vector, cached_text, cached_vector, self.guards,
-                       *((tokens, cached_tokens) if self.align else (None, None)))  # fmt: skip
+                       *((tokens, cached_tokens) if self.align else (None, None)),
+                       n_align=len(self.weights) - 1 - len(self.guards))  # fmt: skip
         return row[0] >= self.threshold and self.probability(row) >= self.cut
 
     def save(self, path: Path) -> None:
@@ -159,7 +182,7 @@ class Verifier:
             raise ValueError(f"{path}: not a verifier model ({exc})") from None
         unknown = set(v.guards) - set(GUARDS)
         rest = len(v.weights) - 1 - len(v.guards)
-        if unknown or (rest != ALIGN_FEATURES if v.align else rest % 2):
+        if unknown or (rest not in ALIGN_SIZES if v.align else rest % 2):
             raise ValueError(f"{path}: unknown guards {sorted(unknown)} or bad weight count")
         return v
 

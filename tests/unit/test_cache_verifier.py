@@ -130,11 +130,21 @@ def _tokens(*words: str) -> np.ndarray:
 
 
 def test_alignment_finds_the_token_the_other_prompt_lacks() -> None:
-    same = alignment(_tokens("reset", "my", "password"), _tokens("my", "password", "reset"))
-    assert same[0] == pytest.approx(1.0) and same[1] == pytest.approx(1.0) and same[-1] == 0
-    swapped = alignment(_tokens("reset", "my", "iphone"), _tokens("reset", "my", "pixel"))
-    assert swapped[0] < 0.9 and swapped[1] < 0.9  # each side has one token unmatched
+    same = alignment(_tokens("reset", "my", "password"), _tokens("reset", "my", "password"))
+    assert same[0] == pytest.approx(1.0) and same[1] == pytest.approx(1.0) and same[10] == 0
+    assert same[11:].tolist() == [0.0, 0.0]  # nothing crossed
+    changed = alignment(_tokens("reset", "my", "iphone"), _tokens("reset", "my", "pixel"))
+    assert changed[0] < 0.9 and changed[1] < 0.9  # each side has one token unmatched
     assert alignment(np.zeros((0, 8)), _tokens("a")).tolist() == [0.0] * ALIGN_FEATURES
+
+
+def test_alignment_sees_swapped_words_that_all_match() -> None:
+    a = _tokens("convert", "usd", "to", "eur")
+    swapped = alignment(a, _tokens("convert", "eur", "to", "usd"))
+    assert swapped[0] == pytest.approx(1.0) and swapped[1] == pytest.approx(1.0)
+    # Of the 6 pairs of words, 3 cross: (usd, to), (usd, eur), (to, eur).
+    assert swapped[11:].tolist() == [pytest.approx(0.5), pytest.approx(0.5)]
+    assert alignment(a, a)[11:].tolist() == [0.0, 0.0]
 
 
 def _toy_tokens(pairs: list[Labelled]) -> dict[str, np.ndarray]:
@@ -166,6 +176,16 @@ def test_the_align_form_trains_saves_and_refuses_without_tokens(tmp_path: Path) 
     (tmp_path / "bad.json").write_text(json.dumps(d))
     with pytest.raises(ValueError, match="bad weight count"):
         Verifier.load(tmp_path / "bad.json")
+    # A verifier trained before the two word-order features still loads and judges.
+    d["weights"] = d["weights"][:-1]
+    (tmp_path / "old.json").write_text(json.dumps(d))
+    old = Verifier.load(tmp_path / "old.json")
+    for q in pairs:
+        row = features(q.text, vectors[q.text], q.cached_text, vectors[q.cached_text], GUARDS,
+                       tokens[q.text], tokens[q.cached_text])[: len(old.weights)]  # fmt: skip
+        expected = row[0] >= old.threshold and old.probability(row) >= old.cut
+        assert old.accepts(q.text, vectors[q.text], q.cached_text, vectors[q.cached_text],
+                           tokens[q.text], tokens[q.cached_text]) == expected  # fmt: skip
 
 
 async def test_the_live_decision_fetches_the_candidates_tokens() -> None:
