@@ -17,8 +17,8 @@
    Target: 100k <= 5 ms.
 3. ``cache eval`` on the shipped sets: pairs.jsonl (the guards were developed against it),
    holdout.jsonl (written apart; consulted in aggregate while tuning), holdout2.jsonl to
-   holdout7.jsonl (written apart, first measured after the guards were frozen). The shipped
-   verifier is judged on the sets it was not trained on (its ``about.trained_on``).
+   holdout9.jsonl (written apart). The targets are judged on ``evaluate.HELD_OUT``: the sets
+   the shipped verifier was not trained on and no guard rule was written from.
 
     .venv/bin/python -m bench.cache            # ~2 minutes
     .venv/bin/python -m bench.cache --quick
@@ -48,8 +48,9 @@ from tests.helpers import DEMO_KEY, echo_server, stack_config, start_stack
 RESULTS = REPO_ROOT / "bench" / "results"
 CACHED = "How do I rotate the API keys of my account without downtime?"
 PARAPHRASE = "how can I rotate my account's API keys with no downtime"
-SETS = ("pairs", "holdout", *(f"holdout{i}" for i in range(2, 8)))
-FRESH = SETS[2:]  # first measured with the guards frozen
+SETS = ("pairs", "holdout", *(f"holdout{i}" for i in range(2, 10)))
+# The targets are judged on the sets neither the guards nor the verifier were shaped by.
+FRESH = evaluate.HELD_OUT
 PROBE = "what is the way to rotate the API keys of my account without any downtime"
 HEADERS = {"content-type": "application/json", "authorization": f"Bearer {DEMO_KEY}"}
 
@@ -295,6 +296,16 @@ def summary(res: dict[str, Any]) -> dict[str, Any]:
         s["targets"]["verifier_held_out_wrong_le_2pct"] = (
             max(v["wrong_hit_rate"] for v in ver) <= 0.02
         )
+        # All held-out sets as one: paraphrases served and traps served, over their counts.
+        cats = [(c, x) for v in ver for c, x in v["by_category"].items()]
+        para = [x for c, x in cats if c == "paraphrase"]
+        traps = [x for c, x in cats if c != "paraphrase"]
+        s["verifier_held_out_pooled"] = {
+            "sets": held_out,
+            "hit_rate": sum(x["served"] for x in para) / sum(x["pairs"] for x in para),
+            "wrong_hit_rate": sum(x["served"] for x in traps) / sum(x["pairs"] for x in traps),
+            "traps": sum(x["pairs"] for x in traps),
+        }
     return s
 
 
@@ -363,6 +374,11 @@ def markdown(res: dict[str, Any]) -> str:
                   "| " + " | ".join(f"{ev[n]['near_duplicates']['hit_rate']:.1%} / "
                                     f"{ev[n]['verifier']['near_duplicates_hit_rate']:.1%}"
                                     for n in names) + " |"]  # fmt: skip
+    pooled = res["summary"].get("verifier_held_out_pooled")
+    if pooled:
+        lines += ["", f"Verifier on the held-out sets ({', '.join(pooled['sets'])}) as one: "
+                  f"{pooled['hit_rate']:.1%} of paraphrases served, {pooled['wrong_hit_rate']:.2%}"
+                  f" of {pooled['traps']} traps served."]  # fmt: skip
     t = res["summary"]["targets"]
     lines += ["", "Targets: " + ", ".join(f"{k}: {'met' if v else 'NOT met'}"
                                           for k, v in t.items())]  # fmt: skip

@@ -326,8 +326,15 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument(
         "--max-wrong",
         type=float,
-        default=0.015,
+        default=0.02,
         help="wrong-answer rate the cross-validated setting must stay under",
+    )
+    t.add_argument(
+        "--min-near-duplicates",
+        type=float,
+        default=0.97,
+        help="share of near-duplicates (re-cased or filler-word copies of the questions) the "
+        "cross-validated setting must serve",
     )
     t.add_argument(
         "--vectors-only",

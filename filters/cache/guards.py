@@ -12,6 +12,7 @@ when they find one:
 - ``date_time`` the dates and times differ (weekdays, months, today/tomorrow, next/last ...);
 - ``swap``      the same two things on both sides with a directional word between them
                 (to, from, than, vs, into ...) in opposite order: Paris->London vs London->Paris;
+                or two words or numbers trading places ("2 to the power of 5" / "5 to ... 2");
 - ``entity``    a name (capitalised word, acronym, code-like token or a known proper name
                 such as a language, country or currency) on one side only;
 - ``scope``     one side has every content word of the other and more: an added qualifier
@@ -92,7 +93,7 @@ deposit withdraw; debit credit; asleep awake; past future; forward backward; fro
 top bottom; uppercase lowercase; upper lower; love hate; like dislike; agree disagree;
 always never; everything nothing; all none; remember forget; easy hard; easy difficult;
 simple complex; safe dangerous; safe unsafe; allowed forbidden; allowed prohibited;
-mandatory optional; required optional; public private; visible hidden; show hide;
+mandatory optional; required optional; public private; synonym antonym; visible hidden; show hide;
 online offline; synchronous asynchronous; sync async; client server; sender recipient;
 lender borrower; employer employee; landlord tenant; parent child; men women; male female;
 boy girl; day night; morning evening; summer winter; spring autumn; odd even;
@@ -269,7 +270,7 @@ class Features:
     numbers: tuple[str, ...]  # canonical, sorted
     times: frozenset[str]
     names: frozenset[str]  # lower-cased names (see module doc)
-    order: tuple[str, ...]  # stems of non-stopwords and directional words, in order
+    order: tuple[str, ...]  # stems of non-stopwords, directional words and numbers, in order
     initials: frozenset[str]  # acronyms the text could be abbreviated to
     qualifiers: frozenset[str]  # population words (QUALIFIERS), stemmed
     tense: str | None  # "past" or "future" when the text is clearly one of them
@@ -374,10 +375,12 @@ def features(text: str) -> Features:
         for w in split
         if w not in skip and w not in _NOT_CONTENT and _number(w) is None and w not in _UNITS
     )
+    # Numbers stay in the order (as "#n") so that trading them is a swap: "2 to the power of
+    # 5" / "5 to the power of 2", "a 12V charger on a 24V battery" / "a 24V ... a 12V".
     order = tuple(
-        w if w in _DIRECTIONAL else _stem(w)
+        w if w in _DIRECTIONAL else _stem(w) if (n := _number(w)) is None else "#" + n
         for w in words
-        if w in _DIRECTIONAL or (w not in STOPWORDS and w not in NEGATIONS and _number(w) is None)
+        if w in _DIRECTIONAL or (w not in STOPWORDS and w not in NEGATIONS)
     )
     return Features(
         words, stems, content, negations, tuple(sorted(numbers)), frozenset(times),

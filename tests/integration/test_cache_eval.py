@@ -40,17 +40,16 @@ def test_cache_eval_reports_guards_and_the_verifier(triton: TritonServer) -> Non
 def test_the_shipped_verifier_is_reproduced_from_the_shipped_pairs(
     triton: TritonServer, tmp_path: Path
 ) -> None:
+    files = [a for n in evaluate.VERIFIER_TRAINED_ON for a in ("--pairs", str(EVAL / f"{n}.jsonl"))]
     subprocess.run(
-        [sys.executable, "-m", "proxy.cli", "cache", "train", "--pairs",
-         str(EVAL / "pairs.jsonl"), "--pairs", str(EVAL / "holdout.jsonl"), "--out",
+        [sys.executable, "-m", "proxy.cli", "cache", "train", *files, "--out",
          str(tmp_path / "v.json"), "--triton-url", triton.http_url],
-        capture_output=True, text=True, timeout=300, check=True,
+        capture_output=True, text=True, timeout=600, check=True,
     )  # fmt: skip
     again, shipped = Verifier.load(tmp_path / "v.json"), Verifier.load(SHIPPED)
     assert again.threshold == shipped.threshold and abs(again.cut - shipped.cut) <= 0.02
     # Same decisions on pairs it never saw (the embedder's last bits vary between machines).
-    pairs = [p for f in ("holdout2.jsonl", "holdout3.jsonl")
-             for p in evaluate.read_pairs(EVAL / f)]  # fmt: skip
+    pairs = [p for n in evaluate.HELD_OUT for p in evaluate.read_pairs(EVAL / f"{n}.jsonl")]
     texts = [t for p in pairs for t in (p.a, p.b)]
     vectors, tokens = evaluate.embed_all_tokens(texts, triton.http_url)
     assert again.align and shipped.align

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
+from filters.cache import evaluate
 from filters.cache.filter import CacheFilter
 from filters.cache.guards import GUARDS
 from filters.cache.semantic import SemanticIndex
@@ -92,7 +93,8 @@ def test_the_shipped_verifier_loads_and_params_check_it(tmp_path: Path) -> None:
     shipped = Verifier.load(SHIPPED)
     assert shipped.align and shipped.dimensions is None and shipped.guards == GUARDS
     assert len(shipped.weights) == 1 + len(GUARDS) + ALIGN_FEATURES
-    assert shipped.about["trained_on"] == ["pairs.jsonl", "holdout.jsonl"]
+    assert shipped.about["trained_on"] == [f"{n}.jsonl" for n in evaluate.VERIFIER_TRAINED_ON]
+    assert not set(evaluate.HELD_OUT) & set(evaluate.VERIFIER_TRAINED_ON)
     p = CacheFilter.Params.model_validate({"routes": {}, "semantic": {"verifier": "shipped"}})
     assert p.semantic.verifier == "shipped"
     pairs, vectors = _toy(60)
