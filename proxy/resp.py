@@ -1,8 +1,8 @@
 """A lean pipelined Redis connection for hot paths that send one kind of command many times.
 
-redis-py spends about 140-160 µs of CPU per command on this machine (connection pool, retry
+redis-py spends about 90-160 µs of CPU per command on this machine (connection pool, retry
 wrapper, command packing, response callbacks); writing RESP directly to one connection and
-parsing replies with hiredis (the C parser redis-py uses too) costs 25-45 µs
+parsing replies with hiredis (the C parser redis-py uses too) costs 16-45 µs
 (`bench/rate_limit.py` reports both side by side). On a processor that also runs the gateway's
 other filters on the same core, that difference is CPU the model or the other requests need.
 
