@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import zlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -211,3 +212,32 @@ async def test_the_live_decision_fetches_the_candidates_tokens() -> None:
     lookalike = await si.judge_fetching("s", "p", "reset my pin", vec, 0,
                                         _tokens("reset", "my", "pin"), fetch)  # fmt: skip
     assert lookalike.entry_id is None and lookalike.veto == "verifier"
+
+
+def test_training_keeps_serving_near_duplicates_above_the_floor() -> None:
+    """Near-duplicates the higher threshold would refuse (here: a low cosine): without a
+    floor the fit takes that threshold, as it serves as many paraphrases; with one it must
+    keep serving them."""
+    pairs, vectors = _toy(160)
+    rng = np.random.default_rng(2)
+    for i in range(60):
+        a = f"cached question {i}"
+        away = rng.standard_normal(384)
+        other = vectors[a] + 1.2 * away / np.linalg.norm(away)  # cosine about 0.64
+        vectors[f"again {i}"] = other / np.linalg.norm(other)
+        pairs.append(Labelled(f"again {i}", a, True, "near_duplicate"))
+
+    def near_served(v: Verifier) -> float:
+        near = [p for p in pairs if p.category == "near_duplicate"]
+        return sum(v.accepts(p.text, vectors[p.text], p.cached_text, vectors[p.cached_text])
+                   for p in near) / len(near)  # fmt: skip
+
+    kw: dict[str, Any] = {"cs": (10.0,), "thresholds": (0.7, 0.5), "max_wrong": 0.05}
+    loose = train(pairs, vectors, min_near_duplicates=0.0, **kw)
+    floored = train(pairs, vectors, min_near_duplicates=0.9, **kw)
+    assert loose.threshold == 0.7 and near_served(loose) == 0.0
+    cv = floored.about["cross_validated"]
+    assert floored.threshold == 0.5 and cv["near_duplicates_hit_rate"] >= 0.9
+    assert cv["wrong_hit_rate"] <= 0.05 and near_served(floored) >= 0.9
+    with pytest.raises(ValueError, match="near-duplicates"):
+        train(pairs, vectors, min_near_duplicates=1.0, **{**kw, "thresholds": (0.7,)})
