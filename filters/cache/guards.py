@@ -536,10 +536,36 @@ def _one_as_article(a: Features, b: Features) -> bool:
     return False
 
 
+# Greetings and thanks around a question, never part of it: "Hi, how do I ...?",
+# "... thanks", "please ...". Only stripped at the ends, where they cannot be what is asked.
+_OPENERS = (("quick", "question"), ("hi",), ("hey",), ("hello",), ("please",), ("pls",))
+_CLOSERS = (("thank", "you"), ("thanks",), ("thx",), ("ty",), ("please",), ("pls",), ("plz",))
+
+
+def bare_words(words: tuple[str, ...]) -> tuple[str, ...]:
+    """``words`` without the greetings and thanks at either end."""
+    changed = True
+    while changed and words:
+        changed = False
+        for x in _OPENERS:
+            if words[: len(x)] == x and len(words) > len(x):
+                words, changed = words[len(x) :], True
+        for x in _CLOSERS:
+            if words[-len(x) :] == x and len(words) > len(x):
+                words, changed = words[: -len(x)], True
+    return words
+
+
+def same_question(query: str, cached: str) -> bool:
+    """The same words in the same order, ignoring case, punctuation, contractions and the
+    greetings and thanks around them: the question asked again, whatever any model says."""
+    return bare_words(features(query).words) == bare_words(features(cached).words)
+
+
 def veto(query: str, cached: str, guards: Iterable[str] = GUARDS) -> str | None:
     """The first of ``guards`` that refuses serving ``cached``'s answer to ``query``."""
     a, b = features(query), features(cached)
-    if a.words == b.words:
+    if bare_words(a.words) == bare_words(b.words):
         return None
     for name in guards:
         if _CHECKS[name](a, b):

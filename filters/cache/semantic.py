@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from filters.cache.guards import GUARDS, veto
+from filters.cache.guards import GUARDS, same_question, veto
 from filters.cache.index import Hit, VectorIndex
 from filters.cache.store import Indexed
 from filters.cache.verifier import Verifier
@@ -179,6 +179,8 @@ class SemanticIndex:
             meta = self._meta.get((scope, hit.key))
             if meta is None or meta.expires_ms <= now_ms:
                 continue
+            if same_question(text, meta.text):
+                return Verdict(hit.key, hit.score)  # asked again: no look-alike to fear
             if self.verifier is not None:
                 cached = index.vector(hit.key) if index is not None else None
                 ok = cached is not None and self.verifier.accepts(

@@ -13,7 +13,7 @@ from filters.cache import canon
 from filters.cache.embedder import _tensor
 from filters.cache.evaluate import Judged, Pair, report
 from filters.cache.filter import CacheFilter, _cache_control, _max_age, _uncacheable_response
-from filters.cache.guards import veto
+from filters.cache.guards import same_question, veto
 from filters.cache.index import VectorIndex
 from filters.cache.semantic import SemanticIndex
 from filters.cache.store import Indexed
@@ -126,6 +126,41 @@ def test_each_guard_refuses_its_trap(a: str, b: str, guard: str) -> None:
 )
 def test_guards_let_paraphrases_through(a: str, b: str) -> None:
     assert veto(b, a) is None
+
+
+def test_the_same_question_asked_again_is_recognised() -> None:
+    assert same_question("Hi, who invented the telephone", "Who invented the telephone?")
+    assert same_question("who invented the telephone?? thanks", "Who invented the telephone?")
+    assert same_question("Quick question: how do I undo a commit", "How do I undo a commit?")
+    assert same_question("Please explain TCP slow start. Thank you!", "explain tcp slow start")
+    assert not same_question("Who invented the radio?", "Who invented the telephone?")
+    assert not same_question("Convert USD to EUR", "Convert EUR to USD")  # order counts
+    # Greetings and thanks only at the ends: inside, a word is part of the question.
+    assert not same_question("Is it rude to say please twice", "Is it rude to say twice")
+    assert not same_question("thanks", "please")  # nothing is left of either: not the same
+
+
+def test_no_trap_of_the_shipped_sets_reads_as_the_same_question() -> None:
+    from filters.cache.evaluate import SHIPPED_PAIRS, read_pairs
+
+    traps = [p for f in sorted(SHIPPED_PAIRS.parent.glob("*.jsonl")) for p in read_pairs(f)
+             if not p.same]  # fmt: skip
+    assert len(traps) > 1000
+    assert [(p.a, p.b) for p in traps if same_question(p.a, p.b)] == []
+
+
+def test_a_question_asked_again_is_served_whatever_the_verifier_says() -> None:
+    from filters.cache.guards import GUARDS
+    from filters.cache.verifier import ALIGN_FEATURES, Verifier
+
+    never = Verifier(threshold=0.5, cut=0.99, weights=np.zeros(1 + len(GUARDS) + ALIGN_FEATURES),
+                     bias=-50.0, align=True)  # fmt: skip
+    si = SemanticIndex(4, threshold=0.8, verifier=never)
+    si.add(Indexed("s", "e1", "p", "How do I reset my password?", np.array([1.0, 0, 0, 0]), 10**12))
+    v = np.array([0.99, 0.14, 0, 0])
+    assert si.judge("s", "p", "hey, how do I reset my password thanks", v, 0).entry_id == "e1"
+    refused = si.judge("s", "p", "how can I reset my password", v, 0)
+    assert refused.entry_id is None and refused.veto == "verifier"
 
 
 def test_guards_can_be_chosen() -> None:
