@@ -37,6 +37,15 @@ _CONTRACTIONS = (
     (re.compile(r"\bain['’]t\b"), "is not"),
     (re.compile(r"n['’]t\b"), " not"),
     (re.compile(r"\bcannot\b"), "can not"),
+    # The same typed without the apostrophe ("which states dont border canada").
+    (re.compile(r"\bcant\b"), "can not"),
+    (re.compile(r"\bwont\b"), "will not"),
+    (
+        re.compile(
+            r"\b(do|does|did|is|are|was|were|has|have|had|should|would|could|must|need)nt\b"
+        ),
+        r"\1 not",
+    ),
     (re.compile(r"['’](s|re|ve|ll|d|m)\b"), " "),
 )
 _TOKEN = re.compile(r"\d+(?:[.,:]\d+)*(?:st|nd|rd|th|%|s)?|[^\W\d_]+(?:[-'][^\W\d_]+)*", re.UNICODE)

@@ -89,6 +89,7 @@ def test_text_sources_per_api() -> None:
     [
         ("Cancel my subscription", "Don't cancel my subscription", "negation"),
         ("Can I fly with a cold?", "Can I fly without a cold?", "negation"),
+        ("Which US states border Canada?", "which US states dont border canada", "negation"),
         ("convert 5 miles to km", "convert 50 miles to km", "number"),
         ("Is Python 3.11 faster than 3.10?", "Is Python 3.12 faster than 3.10?", "number"),
         ("weather in Oslo today", "weather in Oslo tomorrow", "date_time"),

@@ -214,6 +214,42 @@ async def test_the_live_decision_fetches_the_candidates_tokens() -> None:
     assert lookalike.entry_id is None and lookalike.veto == "verifier"
 
 
+def test_training_leaves_out_pairs_the_same_question_rule_decides() -> None:
+    """The live path serves a question asked again before the verifier is asked: such pairs
+    must not shape the fit, whatever their label or vectors say."""
+    pairs, vectors = _toy()
+    kw: dict[str, Any] = {"cs": (10.0,), "thresholds": (0.5,), "max_wrong": 0.02}
+    plain = train(pairs, vectors, **kw)
+    again = []
+    for i in range(40):  # re-cased copies, labelled and placed to pull the fit the wrong way
+        a, b = f"cached question {i}", f"Hi, Cached Question {i}? thanks"
+        vectors[b] = vectors[f"new question {i + (i % 2 == 0)}"]
+        again.append(Labelled(b, a, i % 2 == 1, "negation"))
+    mixed = train(pairs + again, vectors, **kw)
+    assert mixed.about["pairs"] == plain.about["pairs"] == len(pairs)
+    assert mixed.cut == plain.cut and np.allclose(mixed.weights, plain.weights)
+
+
+def test_near_duplicates_and_reasks_are_the_question_reworded_only_around_it() -> None:
+    from filters.cache.evaluate import Pair, near_duplicates, reasks
+    from filters.cache.guards import same_question
+
+    qs = [Pair(f"How do I rotate the {w} keys of my account?", "x", True, "paraphrase", None)
+          for w in ("API", "signing", "deploy", "backup", "session", "webhook")]  # fmt: skip
+    dups, again = near_duplicates(qs), reasks(qs)
+    assert len(dups) == 2 * len(qs) and len(again) == 4 * len(qs)
+    for p in dups + again:
+        assert p.same and p.b != p.a
+        words = set(p.b.lower().replace("?", "").split())
+        if p.category != "typo":
+            assert set(p.a.lower().replace("?", "").split()) <= words  # nothing taken away
+    # The re-cased copy is the question asked again; the framed ones the verifier judges.
+    assert sum(same_question(p.b, p.a) for p in dups) == len(qs)
+    assert not any(same_question(p.b, p.a) for p in again)
+    assert {p.category for p in again} == {"reask", "typo"}
+    assert not {p.b for p in dups} & {p.b for p in again}  # reasks were never trained on
+
+
 def test_training_keeps_serving_near_duplicates_above_the_floor() -> None:
     """Near-duplicates the higher threshold would refuse (here: a low cosine): without a
     floor the fit takes that threshold, as it serves as many paraphrases; with one it must
