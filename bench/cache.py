@@ -16,9 +16,9 @@
    384-d vectors; flat scan below 20k, IVF above), p50/p99 and recall of a near-duplicate.
    Target: 100k <= 5 ms.
 3. ``cache eval`` on the shipped sets: pairs.jsonl (the guards were developed against it),
-   holdout.jsonl (written apart; consulted in aggregate while tuning), holdout2.jsonl to
-   holdout9.jsonl (written apart). The targets are judged on ``evaluate.HELD_OUT``: the sets
-   the shipped verifier was not trained on and no guard rule was written from.
+   holdout.jsonl to holdout17.jsonl (each written apart; see filters/cache/README.md). The
+   targets are judged on ``evaluate.HELD_OUT``: the sets the shipped verifier was not
+   trained on and no guard rule was written from.
 
     .venv/bin/python -m bench.cache            # ~2 minutes
     .venv/bin/python -m bench.cache --quick
@@ -48,7 +48,7 @@ from tests.helpers import DEMO_KEY, echo_server, stack_config, start_stack
 RESULTS = REPO_ROOT / "bench" / "results"
 CACHED = "How do I rotate the API keys of my account without downtime?"
 PARAPHRASE = "how can I rotate my account's API keys with no downtime"
-SETS = ("pairs", "holdout", *(f"holdout{i}" for i in range(2, 10)))
+SETS = ("pairs", "holdout", *(f"holdout{i}" for i in range(2, 18)))
 # The targets are judged on the sets neither the guards nor the verifier were shaped by.
 FRESH = evaluate.HELD_OUT
 PROBE = "what is the way to rotate the API keys of my account without any downtime"
@@ -348,11 +348,13 @@ def markdown(res: dict[str, Any]) -> str:
                      f"{v['flat_scan_p50_ms']:.2f} ms | {v['clustering_s']} s |")  # fmt: skip
     ev = res["eval"]
     names = [n for n in SETS if n in ev]
-    lines += ["", "Hit rate on paraphrases / wrong answers on traps, per threshold (guards on; "
-              f"last column: {names[-1]} with the threshold alone):", "",
-              "| threshold | pairs (dev) | " + " | ".join(names[1:]) + f" | {names[-1]}, no "
-              "guards |", "|---:|" + "---:|" * (len(names) + 1)]  # fmt: skip
-    for rows in zip(*(ev[n]["thresholds"] for n in names), strict=True):
+    cols = [n for n in ("pairs", *FRESH) if n in ev]
+    lines += ["", "Hit rate on paraphrases / wrong answers on traps, per threshold, the guards "
+              f"alone (the development set and the held-out ones; last column: {cols[-1]} "
+              "with the threshold alone):", "",
+              "| threshold | pairs (dev) | " + " | ".join(cols[1:]) + f" | {cols[-1]}, no "
+              "guards |", "|---:|" + "---:|" * (len(cols) + 1)]  # fmt: skip
+    for rows in zip(*(ev[n]["thresholds"] for n in cols), strict=True):
         if rows[0]["threshold"] > 0.95:
             continue
         cells = [f"{x['hit_rate']:.1%} / {x['wrong_hit_rate']:.1%}" for x in rows]
@@ -361,19 +363,23 @@ def markdown(res: dict[str, Any]) -> str:
         lines.append(f"| {rows[0]['threshold']:.3f} | " + " | ".join(cells) + " |")
     if all("verifier" in ev[n] for n in names):
         v0 = ev[names[0]]["verifier"]
-        cells = [f"{ev[n]['verifier']['hit_rate']:.1%} / {ev[n]['verifier']['wrong_hit_rate']:.1%}"
-                 for n in names]  # fmt: skip
-        trained = " + ".join(t.removesuffix(".jsonl") for t in res.get("verifier_trained_on", []))
-        lines.append(f"| verifier (≥ {v0['threshold']}, p ≥ {v0['cut']}; trained on "
-                     f"{trained or '?'}) | " + " | ".join(cells) + " | |")  # fmt: skip
-    if all("near_duplicates" in ev[n] for n in names):
-        lines += ["", "Near-duplicates of each set's questions (re-cased, or with a filler "
-                  "word; all need the question's answer), served by the guards at the "
-                  "recommended threshold / by the verifier:", "",
-                  "| " + " | ".join(names) + " |", "|" + "---:|" * len(names),
-                  "| " + " | ".join(f"{ev[n]['near_duplicates']['hit_rate']:.1%} / "
-                                    f"{ev[n]['verifier']['near_duplicates_hit_rate']:.1%}"
-                                    for n in names) + " |"]  # fmt: skip
+        trained = {t.removesuffix(".jsonl") for t in res.get("verifier_trained_on", [])}
+        lines += ["", f"Each set: paraphrases served / traps served by the guards (threshold "
+                  f"{ev[names[0]]['threshold']}) and by the shipped verifier (cosine ≥ "
+                  f"{v0['threshold']}, p ≥ {v0['cut']}); the set's own questions asked again "
+                  "re-cased or framed (\"I was wondering, ...\"; trained on), in framing no "
+                  "training saw (\"Can you tell me ...\", \"Hello there! ...\", \"... Any help "
+                  "appreciated.\") and with a typo, served by the verifier:", "",
+                  "| set | verifier | guards | verifier | re-cased or framed | other framing "
+                  "| typo |", "|---|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+        for n in names:
+            v, r = ev[n]["verifier"], ev[n]
+            again = {k: f"{x['rate']:.1%}" for k, x in v.get("reasks", {}).items()}
+            lines.append(f"| {n} | {'trained on' if n in trained else '**held out**'} | "
+                         f"{r['hit_rate']:.1%} / {r['wrong_hit_rate']:.1%} | "
+                         f"{v['hit_rate']:.1%} / {v['wrong_hit_rate']:.1%} | "
+                         f"{v['near_duplicates_hit_rate']:.1%} | {again.get('reask', '')} | "
+                         f"{again.get('typo', '')} |")  # fmt: skip
     pooled = res["summary"].get("verifier_held_out_pooled")
     if pooled:
         lines += ["", f"Verifier on the held-out sets ({', '.join(pooled['sets'])}) as one: "

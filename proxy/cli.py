@@ -326,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument(
         "--max-wrong",
         type=float,
-        default=0.015,
+        default=0.01,
         help="wrong-answer rate the cross-validated setting must stay under (below the 2%% "
         "target: on sets it never saw a verifier serves more look-alikes than its "
         "cross-validation says)",
@@ -334,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument(
         "--min-near-duplicates",
         type=float,
-        default=0.8,
+        default=0.7,
         help="share of near-duplicates (framed copies of the questions) the "
         "cross-validated setting must serve",
     )

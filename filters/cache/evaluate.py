@@ -40,12 +40,11 @@ MAX_WRONG_RATE = 0.02
 THRESHOLDS = tuple(round(0.60 + 0.025 * i, 3) for i in range(17))  # 0.60 .. 1.00
 SHIPPED_PAIRS = Path(__file__).parent / "eval" / "pairs.jsonl"
 # The shipped verifier (verifier.json) was trained on these sets (``cache train``; a test
-# retrains it from them) and is judged on the others, which it never saw: holdout10 to
-# holdout13, written (session 10) while its design was chosen by leave-one-set-out runs over
-# the ten sets below, then measured once.
-VERIFIER_TRAINED_ON = ("pairs", "holdout", "holdout2", "holdout3", "holdout4", "holdout5",
-                       "holdout6", "holdout7", "holdout8", "holdout9")  # fmt: skip
-HELD_OUT = ("holdout10", "holdout11", "holdout12", "holdout13")
+# retrains it from them) and is judged on the others, which it never saw: holdout14 to
+# holdout17, written (session 10) while its design was chosen by leave-one-set-out runs over
+# the sets below, then measured once.
+VERIFIER_TRAINED_ON = ("pairs", "holdout", *(f"holdout{i}" for i in range(2, 14)))
+HELD_OUT = ("holdout14", "holdout15", "holdout16", "holdout17")
 
 
 @dataclass(frozen=True, slots=True)

@@ -226,8 +226,8 @@ def train(
     tokens: dict[str, Any] | None = None,
     cs: Sequence[float] = (1.0, 3.0, 10.0, 30.0, 100.0),
     thresholds: Sequence[float] = (0.4, 0.5, 0.6, 0.7),
-    max_wrong: float = 0.015,
-    min_near_duplicates: float = 0.8,
+    max_wrong: float = 0.01,
+    min_near_duplicates: float = 0.7,
     folds: int = 5,
     guards: tuple[str, ...] = GUARDS,
 ) -> Verifier:
