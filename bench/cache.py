@@ -48,7 +48,8 @@ from tests.helpers import DEMO_KEY, echo_server, stack_config, start_stack
 RESULTS = REPO_ROOT / "bench" / "results"
 CACHED = "How do I rotate the API keys of my account without downtime?"
 PARAPHRASE = "how can I rotate my account's API keys with no downtime"
-SETS = ("pairs", "holdout", *(f"holdout{i}" for i in range(2, 18)))
+SETS = ("pairs", "holdout", *(f"holdout{i}" for i in range(2, 18)),
+        *(f"everyday{i}" for i in range(1, 5)))  # fmt: skip
 # The targets are judged on the sets neither the guards nor the verifier were shaped by.
 FRESH = evaluate.HELD_OUT
 PROBE = "what is the way to rotate the API keys of my account without any downtime"

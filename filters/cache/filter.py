@@ -258,14 +258,22 @@ class CacheFilter(Filter):
         if vector is None:
             return None
         st.tokens = tokens
+        best: dict[str, Entry | None] = {}  # the top candidate, fetched with the tokens
+
+        async def fetch(ids: list[str]) -> dict[str, np.ndarray[Any, Any]]:
+            cached, best[ids[0]] = await self._cached_tokens(scope, ids, now_ms)
+            return cached
+
         verdict = await self.index.judge_fetching(
-            scope, key.partition, text, vector, now_ms, tokens,
-            lambda ids: self._cached_tokens(scope, ids),
-        )  # fmt: skip
+            scope, key.partition, text, vector, now_ms, tokens, fetch
+        )
         if verdict.veto is not None:
             VETOES.labels(verdict.veto).inc()
         if verdict.entry_id is not None:
-            entry, answered = await self._get(scope, verdict.entry_id, now_ms)
+            if verdict.entry_id in best:
+                entry, answered = best[verdict.entry_id], True
+            else:
+                entry, answered = await self._get(scope, verdict.entry_id, now_ms)
             if entry is not None and entry.fresh:
                 return self._hit(ctx, entry, "hit-semantic", now_ms)
             if answered and entry is None:
@@ -386,15 +394,21 @@ class CacheFilter(Filter):
             return None, None
         return vec, tokens
 
-    async def _cached_tokens(self, scope: str, ids: list[str]) -> dict[str, np.ndarray[Any, Any]]:
-        """The stored token vectors of candidate entries; none (so no hit) if Redis fails."""
+    async def _cached_tokens(
+        self, scope: str, ids: list[str], now_ms: int
+    ) -> tuple[dict[str, np.ndarray[Any, Any]], Entry | None]:
+        """The stored token vectors of candidate entries and the first candidate's entry;
+        none (so no hit) if Redis fails."""
         assert self.store is not None
         try:
-            return await self.store.tokens(scope, ids, self.index.dim)
+            return await asyncio.wait_for(
+                self.store.tokens(scope, ids, self.index.dim, now_ms),
+                self.p.redis_timeout_ms / 1000,
+            )
         except _REDIS_FAULTS as exc:
             ERRORS.labels("redis").inc()
             log.warning("cache token look-up failed (a miss): %r", exc)
-            return {}
+            return {}, None
 
     async def _put(self, route: str, pending: _Pending, body: bytes) -> None:
         assert self.store is not None

@@ -159,15 +159,16 @@ big large huge; biggest largest; small little tiny; smallest tiniest; buy purcha
 start begin commence; delete remove erase; fix repair; car vehicle automobile; phone cellphone
 mobile; quick fast rapid; quickly fast rapidly; cheap inexpensive affordable; cost price;
 film movie; sofa couch; doctor physician; kid child; kids children; mistake error;
-help assist; need require; get obtain; show display; change modify alter; make create;
-choose pick select; stop halt; end finish; correct right; wrong incorrect; job work;
+help assist; need require; get obtain; show display; change modify alter edit update;
+make create; choose pick select; stop halt; end finish; correct right; wrong incorrect; job work;
 salary pay wage; shop store; picture photo image; pc computer laptop; app application;
 world earth; mom mother; dad father; ok fine; happy glad; sad unhappy; rich wealthy;
 smart intelligent clever; hard difficult; easy simple; choose decide; learn study;
 reset restore; setup configure; install set; password passcode; email e-mail mail;
 refund reimbursement; cancel terminate; tv television; wifi wi-fi wireless; fridge
 refrigerator; icon symbol; clothes clothing; trip journey travel; hotel accommodation;
-teen teenager adolescent; meaning definition; answer reply; question query; couch sofa
+teen teenager adolescent; meaning definition; answer reply; question query; couch sofa;
+enable activate; disable deactivate; exit leave quit; view see; recover retrieve
 """
 SYNONYMS.update(_pairs(_SYNONYM_GROUPS))
 _NEG_PREFIXES = ("un", "dis", "de", "in", "im", "il", "ir", "non", "anti", "mis")
@@ -551,6 +552,20 @@ _OPENERS = (("quick", "question"), ("hi",), ("hey",), ("hello",), ("please",), (
 _CLOSERS = (("thank", "you"), ("thanks",), ("thx",), ("ty",), ("please",), ("pls",), ("plz",))
 
 
+# Question openings that ask the same thing ("How do I reset ..." / "How can I reset ..." /
+# "how to reset ..."), written as one, at the start only. "should" is left out: advice is
+# not always the how-to.
+_OPENINGS = {
+    ("how", "do", "i"): ("how", "to"), ("how", "can", "i"): ("how", "to"),
+    ("how", "do", "you"): ("how", "to"), ("how", "can", "you"): ("how", "to"),
+    ("how", "does", "one"): ("how", "to"), ("how", "would", "i"): ("how", "to"),
+    ("where", "do", "i"): ("where", "to"), ("where", "can", "i"): ("where", "to"),
+    ("is", "it", "possible", "to"): ("can", "i"), ("am", "i", "able", "to"): ("can", "i"),
+}  # fmt: skip
+# "what's" is "what is" here, never a possessive (contractions drop the "'s").
+_WH = frozenset("what where who how when why which".split())
+
+
 def bare_words(words: tuple[str, ...]) -> tuple[str, ...]:
     """``words`` without the greetings and thanks at either end."""
     changed = True
@@ -566,16 +581,28 @@ def bare_words(words: tuple[str, ...]) -> tuple[str, ...]:
 
 
 def same_question(query: str, cached: str) -> bool:
-    """The same words in the same order, ignoring case, punctuation, contractions and the
-    greetings and thanks around them: the question asked again, whatever any model says."""
-    return bare_words(features(query).words) == bare_words(features(cached).words)
+    """The same words in the same order, ignoring case, punctuation, contractions, the
+    greetings and thanks around them and how a how-to question opens ("How do I" / "How can
+    I" / "how to"): the question asked again, whatever any model says."""
+    return _question_words(query) == _question_words(cached)
+
+
+@lru_cache(maxsize=65536)
+def _question_words(text: str) -> tuple[str, ...]:
+    words = bare_words(features(text).words)
+    if len(words) > 1 and words[0] in _WH and words[1] in ("is", "s"):
+        words = (words[0], *words[2:])  # "what is" / "what's"
+    for opening, canonical in _OPENINGS.items():
+        if words[: len(opening)] == opening and len(words) > len(opening):
+            return canonical + words[len(opening) :]
+    return words
 
 
 def veto(query: str, cached: str, guards: Iterable[str] = GUARDS) -> str | None:
     """The first of ``guards`` that refuses serving ``cached``'s answer to ``query``."""
-    a, b = features(query), features(cached)
-    if bare_words(a.words) == bare_words(b.words):
+    if same_question(query, cached):
         return None
+    a, b = features(query), features(cached)
     for name in guards:
         if _CHECKS[name](a, b):
             return name

@@ -74,6 +74,21 @@ def zset_key(scope: str) -> str:
     return f"{PREFIX}{{{scope}}}:z"
 
 
+_ENTRY_FIELDS = ("r", "h", "c", "x", "s")  # body, headers, created, expires, stale window
+
+
+def _entry(raw: list[Any], now_ms: int) -> Entry | None:
+    """The entry from its HMGET of ``_ENTRY_FIELDS``, if fresh or stale but inside its
+    stale-if-error window."""
+    body, headers, created, expires, stale = raw
+    if body is None or expires is None:
+        return None
+    x = int(expires)
+    if x + int(stale or 0) <= now_ms:
+        return None
+    return Entry(body, orjson.loads(headers or b"{}"), int(created or 0), x, x > now_ms)
+
+
 @dataclass(slots=True)
 class Entry:
     body: bytes
@@ -102,14 +117,7 @@ class CacheStore:
 
     async def get(self, scope: str, entry_id: str, now_ms: int) -> Entry | None:
         """The entry if it is fresh, or stale but inside its stale-if-error window."""
-        raw = await self.redis.hmget(entry_key(scope, entry_id), "r", "h", "c", "x", "s")
-        body, headers, created, expires, stale = raw
-        if body is None or expires is None:
-            return None
-        x = int(expires)
-        if x + int(stale or 0) <= now_ms:
-            return None
-        return Entry(body, orjson.loads(headers or b"{}"), int(created or 0), x, x > now_ms)
+        return _entry(await self.redis.hmget(entry_key(scope, entry_id), *_ENTRY_FIELDS), now_ms)
 
     async def put(
         self,
@@ -154,17 +162,22 @@ class CacheStore:
         await pipe.execute()
         return ids
 
-    async def tokens(self, scope: str, ids: list[str], dim: int) -> dict[str, np.ndarray[Any, Any]]:
-        """The token vectors stored with entries (one pipelined round trip); entries without
-        them are left out."""
+    async def tokens(
+        self, scope: str, ids: list[str], dim: int, now_ms: int
+    ) -> tuple[dict[str, np.ndarray[Any, Any]], Entry | None]:
+        """The token vectors stored with entries (entries without them are left out) and,
+        in the same round trip, the first entry itself (as ``get``): the best candidate is
+        usually the answer, and fetching it now spares the hit a second round trip."""
         pipe = self.redis.pipeline(transaction=False)
         for i in ids:
             pipe.hget(entry_key(scope, i), "k")
+        pipe.hmget(entry_key(scope, ids[0]), *_ENTRY_FIELDS)
+        *raws, first = await pipe.execute()
         out: dict[str, np.ndarray[Any, Any]] = {}
-        for i, raw in zip(ids, await pipe.execute(), strict=True):
+        for i, raw in zip(ids, raws, strict=True):
             if raw and len(raw) % (2 * dim) == 0:
                 out[i] = np.frombuffer(raw, dtype="<f2").reshape(-1, dim)
-        return out
+        return out, _entry(first, now_ms)
 
     async def delete(self, scope: str, entry_id: str) -> None:
         pipe = self.redis.pipeline(transaction=False)

@@ -20,11 +20,11 @@ words come in the same order (the share of crossed pairs, each side). A changed 
 negation or a new number is a word the other prompt has no counterpart for, while the
 sentence vectors stay close; swapped entities have every word matched, but crossed.
 A question asked again in the same words never reaches the verifier (``guards.same_question``
-serves it first), so it is neither trained nor judged on those; ``floodwall cache train``
-adds a framed copy of each question to the pairs ("I was wondering, ...", see
-``evaluate.near_duplicates``): without them the fit learns that words on one side only mean
-a narrower question and refuses nine in ten such re-asks. Measured in
-filters/cache/README.md.
+serves it first). ``floodwall cache train`` adds two copies of each question to the pairs
+(``evaluate.near_duplicates``): re-cased, and framed ("I was wondering, ..."). Without the
+framed ones the fit learns that words on one side only mean a narrower question and refuses
+nine in ten such re-asks; without the re-cased ones, that one changed word means a
+look-alike. Measured in filters/cache/README.md.
 
 Either is trained on labelled pairs (``floodwall cache train``). A cached prompt answers a
 new one when their cosine reaches ``threshold`` and the predicted probability of "same
@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from filters.cache.guards import GUARDS, same_question, veto
+from filters.cache.guards import GUARDS, veto
 
 F64 = npt.NDArray[np.float64]
 SHIPPED = Path(__file__).with_name("verifier.json")
@@ -226,8 +226,8 @@ def train(
     tokens: dict[str, Any] | None = None,
     cs: Sequence[float] = (1.0, 3.0, 10.0, 30.0, 100.0),
     thresholds: Sequence[float] = (0.4, 0.5, 0.6, 0.7),
-    max_wrong: float = 0.01,
-    min_near_duplicates: float = 0.7,
+    max_wrong: float = 0.02,
+    min_near_duplicates: float = 0.9,
     folds: int = 5,
     guards: tuple[str, ...] = GUARDS,
 ) -> Verifier:
@@ -239,10 +239,11 @@ def train(
     fit trades them for look-alikes, which the labelled sets hold many more of). With
     ``tokens`` (each text's token vectors) it trains the align form.
 
-    Pairs that ``same_question`` decides are left out: the live path serves them before
-    the verifier is asked, and fitting them taught it that a pair whose words all match is
-    a paraphrase, which is what most look-alikes (one word changed) are not."""
-    pairs = [p for p in pairs if not same_question(p.text, p.cached_text)]
+    The re-cased copies stay in although the live path serves them before asking the
+    verifier (``same_question``): they anchor "nearly the same words" on the paraphrase
+    side. Left out (measured in session 10), the fit learns that one changed word means a
+    look-alike, as it does in most traps, and refuses half the everyday rewordings ("How do
+    I delete my account?" / "how do I remove my account")."""
     x = np.array([features(p.text, vectors[p.text], p.cached_text, vectors[p.cached_text],
                            guards, *((tokens[p.text], tokens[p.cached_text]) if tokens is not None
                                      else (None, None)))

@@ -531,8 +531,18 @@ async def test_the_align_verifier_stores_and_compares_token_vectors(
     await ask(h, f, up, chat("where is my march invoice"))
     (key,) = [k async for k in rc.scan_iter("fw:cache:*:e:*")]
     assert len(await rc.hget(key, "k")) == 5 * 64 * 2  # five words, float16
+    assert f.store is not None
+    gets, get = [], f.store.get
+
+    async def counted(*a: Any) -> Any:
+        gets.append(a)
+        return await get(*a)
+
+    f.store.get = counted  # type: ignore[method-assign]
     hit = await ask(h, f, up, chat("my march invoice is where"))
     assert hit.headers["x-floodwall-cache"] == "hit-semantic"
+    # One entry read, the exact look-up: the answer came with the candidates' token vectors.
+    assert len(gets) == 1
     before = VETOES.labels("verifier")._value.get()
     other = await ask(h, f, up, chat("where is my april invoice"))
     assert other.headers["x-floodwall-cache"] == "miss"
@@ -541,7 +551,6 @@ async def test_the_align_verifier_stores_and_compares_token_vectors(
     async def broken(*_: Any) -> Any:
         raise RedisConnectionError("gone (test)")
 
-    assert f.store is not None
     f.store.tokens = broken  # type: ignore[method-assign]
     errors = ERRORS.labels("redis")._value.get()
     lost = await ask(h, f, up, chat("invoice march my where is"))

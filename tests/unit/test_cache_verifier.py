@@ -120,9 +120,9 @@ def test_the_live_decision_asks_the_verifier() -> None:
     cached = np.array([0.6, 0.8, 0.0, 0.0])
     si.add(Indexed("s", "e1", "p", "How do I reset my password?", cached, 10**12))
     near = np.array([0.62, 0.78, 0.1, 0.0])
-    assert si.judge("s", "p", "how can I reset my password", near, 0).entry_id == "e1"
+    assert si.judge("s", "p", "what is the way to reset my password", near, 0).entry_id == "e1"
     moved = np.array([0.0, 0.8, 0.6, 0.0])  # cosine 0.64: above its threshold, dim 0 differs
-    refused = si.judge("s", "p", "how can I reset my password", moved, 0)
+    refused = si.judge("s", "p", "what is the way to reset my password", moved, 0)
     assert refused.entry_id is None and refused.veto == "verifier"
 
 
@@ -212,22 +212,6 @@ async def test_the_live_decision_fetches_the_candidates_tokens() -> None:
     lookalike = await si.judge_fetching("s", "p", "reset my pin", vec, 0,
                                         _tokens("reset", "my", "pin"), fetch)  # fmt: skip
     assert lookalike.entry_id is None and lookalike.veto == "verifier"
-
-
-def test_training_leaves_out_pairs_the_same_question_rule_decides() -> None:
-    """The live path serves a question asked again before the verifier is asked: such pairs
-    must not shape the fit, whatever their label or vectors say."""
-    pairs, vectors = _toy()
-    kw: dict[str, Any] = {"cs": (10.0,), "thresholds": (0.5,), "max_wrong": 0.02}
-    plain = train(pairs, vectors, **kw)
-    again = []
-    for i in range(40):  # re-cased copies, labelled and placed to pull the fit the wrong way
-        a, b = f"cached question {i}", f"Hi, Cached Question {i}? thanks"
-        vectors[b] = vectors[f"new question {i + (i % 2 == 0)}"]
-        again.append(Labelled(b, a, i % 2 == 1, "negation"))
-    mixed = train(pairs + again, vectors, **kw)
-    assert mixed.about["pairs"] == plain.about["pairs"] == len(pairs)
-    assert mixed.cut == plain.cut and np.allclose(mixed.weights, plain.weights)
 
 
 def test_near_duplicates_and_reasks_are_the_question_reworded_only_around_it() -> None:
