@@ -50,7 +50,17 @@ def test_overload_sheds_batch_before_interactive(gateway: Gateway) -> None:
     print(f"batch: {len(batch)} calls, {shed_batch:.0%} shed; interactive: "
           f"{len(interactive)} calls, {shed_interactive:.0%} shed")  # fmt: skip
     assert shed_batch > 0.2, "the overload never made admission shed"
-    assert shed_interactive < shed_batch / 2
+
+    # The order, not a capacity: the six interactive clients alone ask more than the
+    # embedder serves on 2 cores, so some of them are refused too, more when the VM's host
+    # takes CPU. What priority guarantees is that an interactive call is far likelier to be
+    # admitted than a batch one: odds of admission at least 4x (1 without priorities; 0.5
+    # added to each count so that no refusal at all still compares).
+    def odds(calls: list[tuple[int, float, str, str]]) -> float:
+        admitted = sum(s == 200 for s, *_ in calls)
+        return (admitted + 0.5) / (len(calls) - admitted + 0.5)
+
+    assert odds(interactive) >= 4 * odds(batch), (shed_interactive, shed_batch)
     # Refusals are quick: a shed call does not sit in a queue for seconds.
     shed_times = sorted(t for s, t, *_ in batch if s == 503)
     assert shed_times[len(shed_times) // 2] < 1.0
