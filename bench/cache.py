@@ -242,9 +242,9 @@ def index_points(quick: bool) -> dict[str, Any]:
     return out
 
 
-def eval_points() -> dict[str, Any]:
+def eval_points() -> tuple[dict[str, Any], dict[str, Any]]:
     """The shipped sets judged by the guards (at the recommended threshold) and by the shipped
-    verifier."""
+    verifier; then the held-out sets among every set's questions (``all_stored_points``)."""
     from filters.cache.params import load_verifier
 
     verifier = load_verifier("shipped")
@@ -257,12 +257,33 @@ def eval_points() -> dict[str, Any]:
                                            "thresholds", "guards", "by_category",
                                            "recommended_threshold", "verifier",
                                            "near_duplicates")}  # fmt: skip
+            out[name]["one_index"] = r["one_index"]
             v = r["verifier"]
             print(f"   eval {name}: guards hit {r['hit_rate']:.1%} wrong "
                   f"{r['wrong_hit_rate']:.1%} at {r['threshold']}; verifier hit "
                   f"{v['hit_rate']:.1%} wrong {v['wrong_hit_rate']:.1%}; near-duplicates "
                   f"{r['near_duplicates']['hit_rate']:.1%} / "
-                  f"{v['near_duplicates_hit_rate']:.1%}", flush=True)  # fmt: skip
+                  f"{v['near_duplicates_hit_rate']:.1%}; one index "
+                  f"{v['one_index']['hit_rate']:.1%} / {v['one_index']['wrong_hit_rate']:.1%}",
+                  flush=True)  # fmt: skip
+        return out, all_stored_points(url, verifier)
+
+
+def all_stored_points(url: str, verifier: Any) -> dict[str, Any]:
+    """Each held-out set looked up in one index holding the questions of every shipped set
+    (a cache of ~6,700 entries across many topics), by the shipped verifier: embedded once."""
+    sets = {n: evaluate.read_pairs(evaluate.SHIPPED_PAIRS.with_name(f"{n}.jsonl")) for n in SETS}
+    questions = list(dict.fromkeys(p.a for ps in sets.values() for p in ps))
+    texts = questions + [p.b for n in FRESH for p in sets[n]]
+    vectors, tokens = evaluate.embed_all_tokens(texts, url, "embedder", tokens=verifier.align)
+    out = {}
+    for n in FRESH:
+        out[n] = evaluate.one_index_report(
+            sets[n], vectors, threshold=verifier.threshold, verifier=verifier, tokens=tokens,
+            distractors=questions,
+        )  # fmt: skip
+        print(f"   all stored {n}: {out[n]['hit_rate']:.1%} / {out[n]['wrong_hit_rate']:.1%}",
+              flush=True)  # fmt: skip
     return out
 
 
@@ -296,6 +317,15 @@ def summary(res: dict[str, Any]) -> dict[str, Any]:
         s["targets"]["verifier_held_out_hit_ge_70pct"] = min(v["hit_rate"] for v in ver) >= 0.70
         s["targets"]["verifier_held_out_wrong_le_2pct"] = (
             max(v["wrong_hit_rate"] for v in ver) <= 0.02
+        )
+        # The same sets with all of a set's questions stored together, as a live cache holds
+        # them (a nearer other question can take a paraphrase's hit or serve a trap).
+        one = [v["one_index"] for v in ver]
+        s["targets"]["verifier_held_out_one_index_hit_ge_70pct"] = (
+            min(o["hit_rate"] for o in one) >= 0.70
+        )
+        s["targets"]["verifier_held_out_one_index_wrong_le_2pct"] = (
+            max(o["wrong_hit_rate"] for o in one) <= 0.02
         )
         # All held-out sets as one: paraphrases served and traps served, over their counts.
         cats = [(c, x) for v in ver for c, x in v["by_category"].items()]
@@ -371,16 +401,36 @@ def markdown(res: dict[str, Any]) -> str:
                   "re-cased or framed (\"I was wondering, ...\"; trained on), in framing no "
                   "training saw (\"Can you tell me ...\", \"Hello there! ...\", \"... Any help "
                   "appreciated.\") and with a typo, served by the verifier:", "",
-                  "| set | verifier | guards | verifier | re-cased or framed | other framing "
-                  "| typo |", "|---|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+                  "| set | verifier | guards | verifier | verifier, one index | re-cased or "
+                  "framed | other framing | typo |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
         for n in names:
             v, r = ev[n]["verifier"], ev[n]
             again = {k: f"{x['rate']:.1%}" for k, x in v.get("reasks", {}).items()}
             lines.append(f"| {n} | {'trained on' if n in trained else '**held out**'} | "
                          f"{r['hit_rate']:.1%} / {r['wrong_hit_rate']:.1%} | "
                          f"{v['hit_rate']:.1%} / {v['wrong_hit_rate']:.1%} | "
+                         f"{_rates(v['one_index'])} | "
                          f"{v['near_duplicates_hit_rate']:.1%} | {again.get('reask', '')} | "
                          f"{again.get('typo', '')} |")  # fmt: skip
+        lines += ["", "\"One index\": all of the set's questions stored together and each "
+                  "paraphrase or trap looked up among them, as a live cache meets it (a "
+                  "question nearer than its own can take a paraphrase's hit or serve a trap "
+                  "its answer)."]  # fmt: skip
+    every = res.get("eval_all_stored") or {}
+    if every:
+        first = next(iter(every.values()))
+        lines += ["", f"The held-out sets looked up among the questions of all {len(names)} "
+                  f"sets ({first['stored']} entries), by the shipped verifier: paraphrases "
+                  "served their own question's answer / traps served any answer; then the "
+                  "paraphrases served another question's answer, and every wrong answer "
+                  "(both kinds) over all pairs. Questions from different sets can be the "
+                  "same question, so part of these \"wrong\" answers are right.", "",
+                  "| set | served / traps served | paraphrases served another | "
+                  "wrong answers |", "|---|---:|---:|---:|"]  # fmt: skip
+        for n, o in every.items():
+            lines.append(f"| {n} | {_rates(o)} | {o['paraphrases_served_another']} | "
+                         f"{o['wrong_answers']} ({o['wrong_answer_rate']:.1%}) |")  # fmt: skip
     pooled = res["summary"].get("verifier_held_out_pooled")
     if pooled:
         lines += ["", f"Verifier on the held-out sets ({', '.join(pooled['sets'])}) as one: "
@@ -390,6 +440,10 @@ def markdown(res: dict[str, Any]) -> str:
     lines += ["", "Targets: " + ", ".join(f"{k}: {'met' if v else 'NOT met'}"
                                           for k, v in t.items())]  # fmt: skip
     return "\n".join(lines) + "\n"
+
+
+def _rates(o: dict[str, Any]) -> str:
+    return f"{o['hit_rate']:.1%} / {o['wrong_hit_rate']:.1%}"
 
 
 def main() -> None:
@@ -403,7 +457,7 @@ def main() -> None:
     print("== index look-up", flush=True)
     res["index"] = index_points(args.quick)
     print("== evaluation sets", flush=True)
-    res["eval"] = eval_points()
+    res["eval"], res["eval_all_stored"] = eval_points()
     from filters.cache.params import load_verifier
 
     shipped = load_verifier("shipped")

@@ -311,6 +311,19 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help='also judge with a trained verifier: "shipped" or the path of one',
     )
+    e.add_argument(
+        "--stored",
+        action="append",
+        help="JSONL pairs file whose questions (a) are also stored in the one-index measure, "
+        "as other entries of a full cache; repeat for several files",
+    )
+    e.add_argument(
+        "--candidates",
+        type=int,
+        default=4,
+        help="nearest entries looked at per question in the one-index measure (the filter's "
+        "semantic.candidates)",
+    )
     e.set_defaults(func=cmd_cache_eval)  # fmt: skip
     t = csub.add_parser(
         "train",

@@ -6,6 +6,9 @@ and ``split``). For each line, ``a`` is stored in a fresh partition and ``b`` is
 through ``SemanticIndex.judge``: the same embedder (Triton's), index, threshold and guards
 as the filter. Served means "b gets a's answer": a hit on a true pair, a wrong answer on a
 false one. The per-threshold table shows both rates with and without the guards.
+
+``one_index`` then judges the file as a live cache meets it: every ``a`` stored together
+(with the questions of the ``--stored`` files), each ``b`` looked up among all of them.
 """
 
 from __future__ import annotations
@@ -357,6 +360,75 @@ def verifier_report(
     }  # fmt: skip
 
 
+def one_index_report(
+    pairs: list[Pair],
+    vectors: dict[str, np.ndarray[Any, Any]],
+    *,
+    threshold: float,
+    verifier: Verifier | None = None,
+    tokens: dict[str, np.ndarray[Any, Any]] | None = None,
+    distractors: list[str] | tuple[str, ...] = (),
+    candidates: int = 4,
+) -> dict[str, Any]:
+    """The pairs judged the way a live cache meets them: every question ``a`` of the file
+    (and the ``distractors``, questions of other sets) stored in one partition, and each
+    ``b`` looked up among all of them, ``candidates`` nearest first as the filter does.
+
+    Judging ``b`` against its own ``a`` alone (``judge``) cannot see the commonest wrong
+    answer of a full cache: another stored question, close in words, served instead. Here
+    a served entry is right only if it is ``b``'s own ``a`` on a true pair (or another
+    question a pair labels as having ``b``'s answer); everything else served is a wrong
+    answer, which ``examples`` lists (an unlabelled stored question can still be a real
+    paraphrase of ``b``: read them before trusting the rate)."""
+    stored = list(dict.fromkeys([p.a for p in pairs] + list(distractors)))
+    ids = {text: str(i) for i, text in enumerate(stored)}
+    index = SemanticIndex(len(vectors[stored[0]]), threshold=threshold, candidates=candidates,
+                          verifier=verifier)  # fmt: skip
+    for text, entry in ids.items():
+        index.add(Indexed("eval", entry, "p", text, vectors[text], 2**62))
+    tok = tokens or {}
+    cached = {ids[t]: tok[t] for t in stored if t in tok}
+    right: dict[str, set[str]] = defaultdict(set)
+    for p in pairs:
+        if p.same:
+            right[p.b].add(ids[p.a])
+    outcomes: dict[str, Counter[str]] = {"true": Counter(), "false": Counter()}
+    examples: list[dict[str, str]] = []
+    for p in pairs:
+        v = index.judge("eval", "p", p.b, vectors[p.b], 0, tok.get(p.b), cached)
+        kind = "true" if p.same else "false"
+        if v.entry_id is None:
+            outcomes[kind]["missed"] += 1
+        elif v.entry_id == ids[p.a]:
+            outcomes[kind]["served_its_own"] += 1
+        elif v.entry_id in right[p.b]:
+            outcomes[kind]["served_another_right"] += 1
+        else:
+            outcomes[kind]["served_another"] += 1
+            if len(examples) < 20:
+                examples.append({"asked": p.b, "served": stored[int(v.entry_id)]})
+    t, f = outcomes["true"], outcomes["false"]
+    n_true, n_false = sum(t.values()), sum(f.values())
+    right_hits = t["served_its_own"] + t["served_another_right"]
+    wrong = t["served_another"] + f["served_its_own"] + f["served_another"]
+    return {
+        "stored": len(stored),
+        "candidates": candidates,
+        "hit_rate": _r(right_hits / n_true) if n_true else None,
+        # Traps served any stored answer (their own a's, or another question's).
+        "wrong_hit_rate": _r((f["served_its_own"] + f["served_another"]) / n_false)
+        if n_false
+        else None,
+        # Paraphrases served a different question's answer instead of their own.
+        "paraphrases_served_another": t["served_another"],
+        "wrong_answers": wrong,
+        "wrong_answer_rate": _r(wrong / len(pairs)),
+        "true_pairs": dict(t),
+        "false_pairs": dict(f),
+        "examples": examples,
+    }
+
+
 def _vectors(
     pairs: list[Pair], triton_url: str | None, model: str, tokens: bool
 ) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -372,12 +444,19 @@ def run(
     triton_url: str | None,
     model: str,
     verifier: Verifier | None = None,
+    stored: tuple[Path, ...] = (),
+    candidates: int = 4,
 ) -> dict[str, Any]:
     pairs = read_pairs(path)
     dups, again = near_duplicates(pairs), reasks(pairs)
+    # Questions of other files, stored beside this file's in the one-index measure.
+    others = list(dict.fromkeys(p.a for f in stored for p in read_pairs(f)))
+    extra = [Pair(q, q, True, "stored", None) for q in others]
     align = verifier is not None and verifier.align
-    vectors, tokens = _vectors(pairs + dups + again, triton_url, model, tokens=align)
+    vectors, tokens = _vectors(pairs + dups + again + extra, triton_url, model, tokens=align)
     result = report(judge(pairs, vectors), threshold)
+    result["one_index"] = one_index_report(pairs, vectors, threshold=threshold,
+                                           distractors=others, candidates=candidates)  # fmt: skip
     served = report(judge(dups, vectors), threshold)["hit_rate"]
     # Paraphrases a cache must serve: the set's own questions, re-cased or framed.
     result["near_duplicates"] = {"pairs": len(dups), "hit_rate": served}
@@ -388,6 +467,10 @@ def run(
         # Framing and typos no training saw.
         reasked = verifier_report(again, vectors, verifier, tokens)
         result["verifier"]["reasks"] = reasked["by_category"]
+        result["verifier"]["one_index"] = one_index_report(
+            pairs, vectors, threshold=threshold, verifier=verifier, tokens=tokens,
+            distractors=others, candidates=candidates,
+        )  # fmt: skip
     result["pairs_file"] = str(path)
     return result
 
@@ -397,7 +480,9 @@ def main(args: Any) -> int:
 
     threshold = args.threshold if args.threshold is not None else RECOMMENDED_THRESHOLD
     verifier = load_verifier(args.verifier)
-    result = run(Path(args.pairs), threshold, args.triton_url, args.model, verifier)
+    stored = tuple(Path(f) for f in args.stored or ())
+    result = run(Path(args.pairs), threshold, args.triton_url, args.model, verifier, stored,
+                 args.candidates)  # fmt: skip
     print(json.dumps(result, indent=2))
     return 0
 

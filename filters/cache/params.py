@@ -61,7 +61,8 @@ class SemanticParams(FilterParams):
     # project's held-out sets it serves more paraphrases and fewer look-alikes than the
     # guards (README "Semantic cache"). None: the threshold and the guards decide.
     verifier: str | None = None
-    # Nearest neighbours judged per look-up (best first; the first that passes is served).
+    # Nearest entries looked at per look-up: the nearest is judged (guards or verifier); the
+    # others are served only if they are the question asked again (same words).
     candidates: Annotated[int, Field(ge=1, le=32)] = 4
     # Triton embedder: the upstream (by name) serving it and the model.
     upstream: str = "triton_http"

@@ -23,7 +23,8 @@ EVAL = Path(evaluate.__file__).parent / "eval"
 def test_cache_eval_reports_guards_and_the_verifier(triton: TritonServer) -> None:
     out = subprocess.run(
         [sys.executable, "-m", "proxy.cli", "cache", "eval", "--pairs",
-         str(EVAL / "holdout3.jsonl"), "--triton-url", triton.http_url, "--verifier", "shipped"],
+         str(EVAL / "holdout3.jsonl"), "--triton-url", triton.http_url, "--verifier", "shipped",
+         "--stored", str(EVAL / "holdout2.jsonl")],
         capture_output=True, text=True, timeout=300, check=True,
     ).stdout  # fmt: skip
     r = json.loads(out)
@@ -35,6 +36,12 @@ def test_cache_eval_reports_guards_and_the_verifier(triton: TritonServer) -> Non
     assert 0 <= v["hit_rate"] <= 1 and 0 <= v["wrong_hit_rate"] <= 1
     assert sum(c["pairs"] for c in v["by_category"].values()) == 300
     assert v["by_category"]["negation"]["served"] == 0
+    # All 300 questions stored together, with holdout2's 238: each b among all of them.
+    one = v["one_index"]
+    assert one["stored"] == 300 + 238
+    assert sum(one["true_pairs"].values()) == r["true_pairs"]
+    assert sum(one["false_pairs"].values()) == r["false_pairs"]
+    assert one["hit_rate"] <= v["hit_rate"]  # a nearer other entry can only take hits away
 
 
 def test_the_shipped_verifier_is_reproduced_from_the_shipped_pairs(

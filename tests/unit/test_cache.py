@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from filters.cache import canon
 from filters.cache.embedder import _tensor
-from filters.cache.evaluate import Judged, Pair, report
+from filters.cache.evaluate import Judged, Pair, one_index_report, report
 from filters.cache.filter import CacheFilter, _cache_control, _max_age, _uncacheable_response
 from filters.cache.guards import same_question, veto
 from filters.cache.index import VectorIndex
@@ -255,6 +255,52 @@ def test_semantic_index_scopes_partitions_and_expiry() -> None:
     si.add(Indexed("s1", "e1", "p", "t", v, 5000))
     si.drop_scope("s1")
     assert len(si) == 0 and si.judge("s1", "p", "t", v, 0).entry_id is None
+
+
+def test_only_the_nearest_candidate_is_judged() -> None:
+    si = SemanticIndex(4, threshold=0.6)
+    asked = unit(np.array([1, 0, 0, 0.0]))
+    # The nearest is a look-alike (refused); the next, further away, passes every guard but
+    # asks something else: a full cache always holds such neighbours.
+    si.add(Indexed("s", "near", "p", "How do I not reset my password?", asked, 10**12))
+    si.add(Indexed("s", "next", "p", "How do I change my email address?",
+                   unit(np.array([0.8, 0.6, 0, 0])), 10**12))  # fmt: skip
+    v = si.judge("s", "p", "How do I reset my password?", asked, 0)
+    assert v.entry_id is None and v.veto == "negation"
+    # A neighbour that is the question asked again is still served.
+    si.add(Indexed("s", "again", "p", "how do I reset my password",
+                   unit(np.array([0.7, 0, 0.7, 0])), 10**12))  # fmt: skip
+    assert si.judge("s", "p", "How do I reset my password?", asked, 0).entry_id == "again"
+    # An expired nearest is skipped: the nearest live candidate is the one judged.
+    si.add(Indexed("s", "near", "p", "How do I not reset my password?", asked, 5))
+    si.remove("s", "again")
+    assert si.judge("s", "p", "How can I change my email address?", asked, 10).entry_id == "next"
+
+
+def test_one_index_report_counts_another_questions_answer_as_wrong() -> None:
+    vectors = {
+        "How do I reset my password?": unit(np.array([1, 0, 0, 0.0])),
+        "how can I reset my password": unit(np.array([0.95, 0.3, 0, 0])),
+        "How do I not reset my password?": unit(np.array([0.96, 0, 0.28, 0])),
+        "How do I change my email address?": unit(np.array([0, 1, 0, 0.0])),
+        "How do I change my email?": unit(np.array([0.1, 0.99, 0, 0])),
+        "Why do I not change my email address?": unit(np.array([0.5, 0.8, 0.33, 0])),
+    }
+    pairs = [Pair("How do I reset my password?", "how can I reset my password", True, "p", None),
+             Pair("How do I change my email address?", "How do I change my email?", True, "p",
+                  None),
+             Pair("How do I change my email address?", "Why do I not change my email address?",
+                  False, "negation", None)]  # fmt: skip
+    r = one_index_report(pairs, vectors, threshold=0.6)
+    assert r["stored"] == 2 and r["hit_rate"] == 1.0 and r["wrong_hit_rate"] == 0.0
+    # Store the trap's question too: asked again, the paraphrase of another entry is found,
+    # but a question nearer to the wrong entry is served its answer: counted as wrong.
+    vectors["What is my password?"] = unit(np.array([0.93, 0.37, 0, 0]))
+    r = one_index_report(pairs, vectors, threshold=0.6, distractors=["What is my password?"])
+    assert r["stored"] == 3 and r["paraphrases_served_another"] == 1
+    assert r["examples"] == [{"asked": "how can I reset my password",
+                              "served": "What is my password?"}]  # fmt: skip
+    assert r["wrong_answers"] == 1 and r["hit_rate"] == 0.5
 
 
 # --- eval report -------------------------------------------------------------------------------
