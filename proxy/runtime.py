@@ -195,9 +195,10 @@ class Stack:
     def _persistence(self) -> list[str]:
         assert self.cfg.redis is not None
         if self.cfg.redis.persistence == "aof":
-            # Every write reaches the OS before Redis answers; fsync once a second. Survives a
-            # crash of Redis itself; a power cut may cost the last second (appendfsync always
-            # closes that too, at a write-latency cost).
+            # A write normally reaches the OS before Redis answers; fsync once a second. While
+            # a background fsync runs long (slow disk) Redis holds writes up to 2 s and still
+            # answers, so a crash then or a power cut may cost the last 1-2 s (appendfsync
+            # always closes both, at a write-latency cost). filters/jobs/README.md says so.
             return ["--appendonly", "yes", "--appendfsync", "everysec"]
         return ["--appendonly", "no"]
 

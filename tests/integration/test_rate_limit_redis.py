@@ -514,9 +514,9 @@ async def test_frozen_redis_costs_the_timeout_not_a_hang(
         elapsed = time.monotonic() - t0
         assert r.status == 200  # fail open: the in-process share admits it
         assert elapsed < 1.0, f"check took {elapsed:.2f} s with a 100 ms budget"
-        t0 = time.monotonic()
+        sent = f.store.round_trips
         assert (await call(h)).status == 200
-        assert time.monotonic() - t0 < 0.05  # within retry_redis_ms: no new attempt
+        assert f.store.round_trips == sent  # within retry_redis_ms: no new attempt
     finally:
         redis_server.freeze(False)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -137,7 +138,14 @@ def test_dynamic_batching_merges_concurrent_requests(client: httpx.Client, trito
         statuses = list(pool.map(one, range(concurrency)))
     assert statuses == [200] * concurrency
 
+    # The python backend answers before Triton counts the batch: poll until it is counted.
+    deadline = time.monotonic() + 5.0
     after = model_stats(client, triton)
+    while after["inference_count"] - before["inference_count"] < concurrency:
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
+        after = model_stats(client, triton)
     inferences = after["inference_count"] - before["inference_count"]
     executions = after["execution_count"] - before["execution_count"]
     assert inferences == concurrency

@@ -137,7 +137,9 @@ def test_both_models_ready_with_batching_and_policy_off(client: httpx.Client, tr
 def test_policy_variant_loads_with_priorities_and_bounded_queue(
     launch_triton: Any, model_cache: Path, tmp_path: Path
 ) -> None:
-    http_url = _launch_ready(launch_triton, model_cache, _repository_copy(tmp_path, {}))
+    http_url, metrics_url = _launch_ready(
+        launch_triton, model_cache, _repository_copy(tmp_path, {})
+    )
     config = httpx.get(f"{http_url}/v2/models/embedder/config").json()
     batching = config["dynamic_batching"]
     assert batching["priority_levels"] == 2
@@ -156,7 +158,7 @@ def test_policy_variant_loads_with_priorities_and_bounded_queue(
         ThreadPoolExecutor(max_workers=4) as pool,
     ):
         busy_futures = [pool.submit(timed_post, c, url, busy) for _ in range(3)]
-        time.sleep(0.05)
+        _wait_pending(metrics_url, 2)  # one batch running, one queued
         # allow_timeout_override: a caller's own 1 ms deadline replaces the 2 s default.
         response = c.post(url, json=infer_body(["too late"], timeout_us=1_000))
         for future in busy_futures:
@@ -184,12 +186,13 @@ def test_int8_is_faster_than_fp32(client: httpx.Client, triton: Any) -> None:
     for model in MODELS:  # not timed: first run at this padded shape
         embed(client, triton.http_url, model, batch)
     # Interleaved, so a noisy neighbour on the shared cores slows both alike.
-    for _ in range(7):
+    for _ in range(11):
         for model in MODELS:
             started = time.perf_counter()
             embed(client, triton.http_url, model, batch)
             latencies[model].append(time.perf_counter() - started)
-    fp32, int8 = (statistics.median(latencies[m]) for m in MODELS)
+    # The fastest of each: noise on shared cores only ever adds time.
+    fp32, int8 = (min(latencies[m]) for m in MODELS)
     print(f"batch of 16: fp32 {fp32 * 1e3:.1f} ms, int8 {int8 * 1e3:.1f} ms")
     # Measured on the 2-core dev VM: fp32 ~90 ms, int8 ~65 ms for this batch.
     assert int8 < fp32, f"int8 {int8 * 1e3:.1f} ms vs fp32 {fp32 * 1e3:.1f} ms"
@@ -204,7 +207,7 @@ def test_priority_1_overtakes_queued_priority_2(
     repository = _repository_copy(
         tmp_path, {r"default_timeout_microseconds: \d+": "default_timeout_microseconds: 30000000"}
     )
-    http_url = _launch_ready(launch_triton, model_cache, repository)
+    http_url, metrics_url = _launch_ready(launch_triton, model_cache, repository)
     url = f"{http_url}/v2/models/embedder/infer"
     # Many short batches: a priority-1 request still waits for the batch executing when
     # it arrives, so the flood must be many batches long to show it overtaking.
@@ -223,7 +226,7 @@ def test_priority_1_overtakes_queued_priority_2(
         embed(client, http_url, "embedder", [SHORT_TEXT] * 16)  # connect, warm this shape
         flood_futures = [pool.submit(queued, i) for i in range(flood)]
         start.wait()
-        time.sleep(0.1)  # let the flood reach Triton's queue first
+        _wait_pending(metrics_url, flood - 1)  # the flood is in Triton's queue first
         # Sent together, behind the flood: only the priority differs.
         urgent_futures, late_futures = (
             [
@@ -269,32 +272,49 @@ def _repository_copy(tmp_path: Path, replacements: dict[str, str]) -> Path:
     return repository
 
 
-def _http_url_from_log(process: Any, log_path: Path) -> str:
+def _url_from_log(process: Any, log_path: Path, service: str) -> str:
     deadline = time.monotonic() + READY_TIMEOUT_S
     while time.monotonic() < deadline:
+        # Up to the end of the line only: the log may be part-way through writing it.
         match = re.search(
-            r"Started HTTPService at ([\d.]+:\d+)", log_path.read_text(errors="replace")
+            rf"Started {service} at ([\d.]+:\d+)\"?\n", log_path.read_text(errors="replace")
         )
         if match:
             return f"http://{match.group(1)}"
         if process.poll() is not None:
             break
         time.sleep(0.1)
-    pytest.fail("tritonserver never started HTTP; log:\n" + tail(log_path), pytrace=False)
+    pytest.fail(f"tritonserver never started {service}; log:\n" + tail(log_path), pytrace=False)
 
 
 def _launch_ready(
     launch_triton: Callable[..., tuple[Any, Path]], cache: Path, repository: Path
-) -> str:
+) -> tuple[str, str]:
+    """The server's HTTP base URL and its metrics URL, once ready."""
     process, log_path = launch_triton(cache, repository)
-    http_url = _http_url_from_log(process, log_path)
+    http_url = _url_from_log(process, log_path, "HTTPService")
     wait_ready(process, http_url, log_path)
-    return http_url
+    return http_url, _url_from_log(process, log_path, "Metrics Service") + "/metrics"
+
+
+def _wait_pending(metrics_url: str, at_least: int) -> None:
+    """Until Triton holds ``at_least`` embedder requests not yet finished (queued or
+    executing): sleeping a fixed time instead let slow client threads arrive late."""
+    deadline = time.monotonic() + 10.0
+    pending = 0
+    while time.monotonic() < deadline:
+        found = re.search(r'nv_inference_pending_request_count\{model="embedder"[^}]*\} (\d+)',
+                          httpx.get(metrics_url).text)  # fmt: skip
+        pending = int(found.group(1)) if found else 0
+        if pending >= at_least:
+            return
+        time.sleep(0.01)
+    pytest.fail(f"only {pending} embedder requests reached Triton, {at_least} expected")
 
 
 def test_full_queue_is_refused_fast(launch_triton: Any, model_cache: Path, tmp_path: Path) -> None:
     repository = _repository_copy(tmp_path, {r"max_queue_size: \d+": "max_queue_size: 4"})
-    http_url = _launch_ready(launch_triton, model_cache, repository)
+    http_url, _ = _launch_ready(launch_triton, model_cache, repository)
 
     body = infer_body([MEDIUM_TEXT] * 8)
     concurrency = 32
@@ -328,7 +348,7 @@ def test_full_queue_is_refused_fast(launch_triton: Any, model_cache: Path, tmp_p
 
 
 def test_first_request_after_start_is_warm(launch_triton: Any, model_cache: Path) -> None:
-    http_url = _launch_ready(launch_triton, model_cache, MODEL_REPOSITORY)
+    http_url, _ = _launch_ready(launch_triton, model_cache, MODEL_REPOSITORY)
     text = ["How long does the first request after a restart take?"]
     with httpx.Client(timeout=60.0) as client:
         client.get(f"{http_url}/v2/health/ready")  # connect before timing
@@ -340,8 +360,8 @@ def test_first_request_after_start_is_warm(launch_triton: Any, model_cache: Path
                 latencies.append(time.perf_counter() - started)
             steady = statistics.median(latencies[4:])
             print(f"{model}: first {latencies[0] * 1e3:.1f} ms, 5-15 {steady * 1e3:.1f} ms")
-            # +10 ms absorbs scheduler noise on shared cores at this ~10 ms scale; a cold
+            # +40 ms absorbs a preemption on shared cores at this ~10 ms scale; a cold
             # onnxruntime session costs far more on its first run.
-            assert latencies[0] <= 3 * steady + 0.010, (
+            assert latencies[0] <= 3 * steady + 0.040, (
                 f"{model}: first {latencies[0] * 1e3:.1f} ms, median of 5-15 {steady * 1e3:.1f} ms"
             )

@@ -194,15 +194,17 @@ async def test_lag_guard_refuses_new_requests_while_the_loop_runs_late(
 
     from proxy.guard import LagGuard
 
-    guard = LagGuard(max_lag_s=0.05, interval_s=0.01)
+    # Ticks of 50 ms and stretches of 300 ms: the smoothed lag ends far above the limit and
+    # takes ~0.35 s to decay below it, longer than a slow box needs to open the channel.
+    guard = LagGuard(max_lag_s=0.05, interval_s=0.05)
     f = Slow()
     addr = f"unix:{tmp_path}/g.sock"
     server = ProcessorServer(Chain(default_config(), [f]), addr, guard, kind=kind)
     await server.start()
     try:
-        for _ in range(10):  # CPU-bound stretches: the loop runs ~80 ms late, again and again
+        for _ in range(6):  # CPU-bound stretches: the loop runs ~300 ms late, again and again
             await asyncio.sleep(0)
-            time.sleep(0.08)  # noqa: ASYNC251 - blocking the loop on purpose
+            time.sleep(0.3)  # noqa: ASYNC251 - blocking the loop on purpose
         assert guard.lag > 0.05
         async with grpc.aio.insecure_channel(addr) as ch:
             stub = pb_grpc.ExternalProcessorStub(ch)
