@@ -21,10 +21,13 @@ import hashlib
 import json
 import os
 import platform
+import re
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+import httpx
 
 from bench.loadgen import HttpRequest, Steal, closed_loop, cpu_by_component, open_loop_mix
 from proxy.config import REPO_ROOT
@@ -66,12 +69,38 @@ def _config(run: Path, echo_port: int, policies: bool) -> dict[str, Any]:
     return cfg
 
 
-def _point(url_host: str, port: int, rate: float, seconds: float) -> dict[str, Any]:
+# The processor's refusals, by who refused and why: admission's decisions per class, the
+# requests it shed at their headers, and the lag guard's (before any filter, so classless).
+_SERIES = re.compile(r"^(floodwall_\w+_total)(?:\{([^}]*)\})? ([0-9.e+]+)$", re.M)
+
+
+def _refusals(admins: list[str]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for admin in admins:
+        for name, labels, value in _SERIES.findall(httpx.get(f"{admin}/metrics", timeout=5).text):
+            lab = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+            if name == "floodwall_admission_decisions_total" and lab["decision"].startswith("shed"):
+                key = f"{lab['class']}:{lab['decision']}"
+            elif name == "floodwall_admission_shed_at_headers_total":
+                key = f"{lab['class']}:shed_at_headers"
+            elif name == "floodwall_guard_refused_total":
+                key = "any:lag_guard"
+            else:
+                continue
+            out[key] = out.get(key, 0.0) + float(value)
+    return out
+
+
+def _point(
+    url_host: str, port: int, rate: float, seconds: float, admins: list[str]
+) -> dict[str, Any]:
     mix = [(cls, _request(KEYS[cls]), share) for cls, share in MIX]
+    refused0 = _refusals(admins)
     cpu0, t0, steal = cpu_by_component(), time.perf_counter(), Steal()
     per = open_loop_mix(url_host, port, mix, rate=rate, seconds=seconds,
                         mark=b"x-floodwall-degraded")  # fmt: skip
     cpu1, took = cpu_by_component(), time.perf_counter() - t0
+    refused1 = _refusals(admins)
     total_ok = sum(r["ok"] for r in per.values())
     # Until the last answer: a backlog drained after the sending stopped is not extra goodput.
     elapsed = max(r["elapsed_s"] for r in per.values())
@@ -89,6 +118,12 @@ def _point(url_host: str, port: int, rate: float, seconds: float) -> dict[str, A
         "degraded": sum(r["marked"] for r in per.values()),
         # Cores each component kept busy during the point: where the 2 CPUs went.
         "cores": {k: round((cpu1[k] - cpu0.get(k, 0.0)) / took, 3) for k in sorted(cpu1)},
+        # "class:reason" -> refusals during the point (the lag guard's carry no class).
+        "refusals": {
+            k: int(v - refused0.get(k, 0.0))
+            for k, v in sorted(refused1.items())
+            if v > refused0.get(k, 0.0)
+        },
         "classes": {
             cls: {
                 "requests": r["requests"],
@@ -125,6 +160,9 @@ def main() -> None:
             try:
                 host, port = stack.cfg.listener.address, stack.cfg.listener.port
                 url = f"http://{host}:{port}"
+                pc = stack.cfg.processor
+                admins = [f"http://{pc.admin_address}:{pc.admin_port + i}"
+                          for i in range(pc.processes)]  # fmt: skip
                 closed_loop(url, _request(DEMO_KEY), connections=16, seconds=3)  # warm up
                 if mode == "off":
                     cap = closed_loop(url, _request(DEMO_KEY), connections=32, seconds=8)
@@ -132,12 +170,12 @@ def main() -> None:
                     results["capacity_rps"] = capacity
                     print(f"== capacity (policies off, wrk c=32): {capacity:.0f} req/s",
                           flush=True)  # fmt: skip
-                    unloaded = _point(host, port, 0.1 * capacity, seconds)
+                    unloaded = _point(host, port, 0.1 * capacity, seconds, admins)
                     results["unloaded_p99_ms"] = unloaded["classes"]["standard"]["ok_p99_ms"]
                 points = []
                 for mult in (0.5, 1.0, 2.0, 4.0):
                     time.sleep(2)  # let the previous point's backlog drain
-                    p = _point(host, port, mult * results["capacity_rps"], seconds)
+                    p = _point(host, port, mult * results["capacity_rps"], seconds, admins)
                     p["multiple"] = mult
                     c = p["classes"]
                     print(f"   {mode:3} {mult:3.1f}x {p['offered_rps']:5.0f}/s goodput "
@@ -145,7 +183,8 @@ def main() -> None:
                           f"{c['critical']['success']:.1%}/{c['standard']['success']:.1%}/"
                           f"{c['sheddable']['success']:.1%}  p99 ok crit "
                           f"{c['critical']['ok_p99_ms']:.0f} ms  statuses {p['statuses']}  "
-                          f"degraded {p['degraded']}", flush=True)  # fmt: skip
+                          f"degraded {p['degraded']}  refusals {p['refusals']}",
+                          flush=True)  # fmt: skip
                     points.append(p)
                 results["runs"][mode] = points
             finally:
@@ -254,6 +293,17 @@ def _markdown(results: dict[str, Any]) -> str:
                     + " | ".join(f"{c.get(n, 0.0):.2f}" for n in names)
                     + f" | {per_req:.0f} µs | {p.get('steal_share', float('nan')):.0%} |"
                 )
+    on = results["runs"]["on"]
+    if all("refusals" in p for p in on):
+        lines += ["", "Who refused, policies on (processor metrics over each point): admission "
+                  "by class and reason (`shed_at_headers`: before the body was read; "
+                  "`shed_timeout`: the predicted wait was longer than the request could "
+                  "wait; `shed_full`, `shed_preempted`), and the lag guard (before any "
+                  "filter, so without a class):", "",
+                  "| offered | refusals |", "|---:|---|"]  # fmt: skip
+        for p in on:
+            shown = ", ".join(f"{k} {v}" for k, v in p["refusals"].items()) or "none"
+            lines.append(f"| {p['multiple']:.1f}x | {shown} |")
     return "\n".join(lines) + "\n"
 
 
