@@ -20,7 +20,7 @@
    targets are judged on ``evaluate.HELD_OUT``: the sets the shipped verifier was not
    trained on and no guard rule was written from.
 
-    .venv/bin/python -m bench.cache            # ~2 minutes
+    .venv/bin/python -m bench.cache            # ~9 minutes (most of it the labelled sets)
     .venv/bin/python -m bench.cache --quick
 
 Writes bench/results/cache.{json,md}.

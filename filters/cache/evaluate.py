@@ -430,9 +430,8 @@ def one_index_report(
 
 
 def _vectors(
-    pairs: list[Pair], triton_url: str | None, model: str, tokens: bool
+    texts: list[str], triton_url: str | None, model: str, tokens: bool
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    texts = [t for p in pairs for t in (p.a, p.b)]
     with contextlib.ExitStack() as stack:
         url = triton_url or stack.enter_context(private_embedder(model))
         return embed_all_tokens(texts, url, model, tokens=tokens)
@@ -451,9 +450,9 @@ def run(
     dups, again = near_duplicates(pairs), reasks(pairs)
     # Questions of other files, stored beside this file's in the one-index measure.
     others = list(dict.fromkeys(p.a for f in stored for p in read_pairs(f)))
-    extra = [Pair(q, q, True, "stored", None) for q in others]
     align = verifier is not None and verifier.align
-    vectors, tokens = _vectors(pairs + dups + again + extra, triton_url, model, tokens=align)
+    texts = [t for p in pairs + dups + again for t in (p.a, p.b)] + others
+    vectors, tokens = _vectors(texts, triton_url, model, tokens=align)
     result = report(judge(pairs, vectors), threshold)
     result["one_index"] = one_index_report(pairs, vectors, threshold=threshold,
                                            distractors=others, candidates=candidates)  # fmt: skip
@@ -493,7 +492,8 @@ def train_main(args: Any) -> int:
     if not args.no_near_duplicates:
         pairs += near_duplicates(pairs)
     align = not args.vectors_only
-    vectors, tokens = _vectors(pairs, args.triton_url, args.model, tokens=align)
+    texts = [t for p in pairs for t in (p.a, p.b)]
+    vectors, tokens = _vectors(texts, args.triton_url, args.model, tokens=align)
     labelled = [Labelled(p.b, p.a, p.same, p.category) for p in pairs]
     verifier = train(
         labelled, vectors, tokens=tokens if align else None, max_wrong=args.max_wrong,
