@@ -58,6 +58,10 @@ class _Echo(BaseHTTPRequestHandler):
         pass
 
     def _answer(self) -> None:
+        # Read the body first, whatever the answer: left unread it would be taken for the
+        # next request on this keep-alive connection.
+        n = int(self.headers.get("content-length") or 0)
+        body = self.rfile.read(n) if n else b""
         if "triton-queue-full" in self.path:  # what Triton says when its queue is full
             err = b'{"error":"[request id: <id_unknown>] Exceeds maximum queue size"}'
             self.send_response(503)
@@ -66,8 +70,6 @@ class _Echo(BaseHTTPRequestHandler):
             self.end_headers()
             self.wfile.write(err)
             return
-        n = int(self.headers.get("content-length") or 0)
-        body = self.rfile.read(n) if n else b""
         out = json.dumps(
             {"path": self.path, "headers": {k.lower(): v for k, v in self.headers.items()},
              "body_len": len(body)}
