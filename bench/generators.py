@@ -1,7 +1,8 @@
 """The open-loop load generators compared on the same stacks in one run: ``openloop.c`` (what
-the benchmarks use) against the Python + uvloop generator (``open_loop_mix``), both driving
-Envoy alone and Envoy + processor (empty chain) in alternating segments at one rate. Shows
-what a generator adds to the latencies it reports and what it costs the shared cores.
+the benchmarks use) against the Python + uvloop generator it replaced
+(``open_loop_mix_python``), both driving Envoy alone and Envoy + processor (empty chain) in
+alternating segments at one rate. Shows what a generator adds to the latencies it reports
+and what it costs the shared cores.
 
     .venv/bin/python -m bench.generators             # ~3 minutes
 """
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import gateway_overhead as gw
-from bench.loadgen import closed_loop, open_loop, open_loop_mix
+from bench.loadgen import closed_loop, open_loop, open_loop_mix_python
 from proxy.runtime import find_binary
 from tests.helpers import free_port_block, free_ports
 
@@ -70,8 +71,11 @@ def main() -> None:
                         o = open_loop("127.0.0.1", listeners[setup], gw.REQUEST, rate=args.rate,
                                       seconds=args.seconds)  # fmt: skip
                     else:
-                        o = open_loop_mix("127.0.0.1", listeners[setup], [("all", gw.REQUEST, 1.0)],
-                                          rate=args.rate, seconds=args.seconds)["all"]  # fmt: skip
+                        mix = [("all", gw.REQUEST, 1.0)]
+                        o = open_loop_mix_python(
+                            "127.0.0.1", listeners[setup], mix, rate=args.rate,
+                            seconds=args.seconds,
+                        )["all"]  # fmt: skip
                     seg.setdefault(f"{gen}/{setup}", []).append(
                         {"p50_ms": o["p50_ms"], "p99_ms": o["p99_ms"], "failures": o["failures"],
                          "generator_cpu_us_per_req": (_children_cpu() - cpu0) / n * 1e6}

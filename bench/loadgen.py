@@ -2,11 +2,12 @@
 
 - ``closed_loop``: wrk at a fixed concurrency (throughput); a C tool, so the generator costs
   little of the 2 cores the gateway also needs.
-- ``open_loop``: requests sent on a fixed schedule whatever the latency (no coordinated
-  omission): latency is measured from the *scheduled* send time, so a stall shows up in p99 the
-  way users would feel it. One kind of request: ``openloop.c`` (C, epoll; built on first use
-  with the machine's C compiler); ``open_loop_mix`` (several kinds, per-kind marks): Python +
-  uvloop with raw HTTP/1.1 keep-alive connections.
+- ``open_loop`` / ``open_loop_mix``: requests (one kind, or a weighted mix of kinds) sent on
+  a fixed schedule whatever the latency (no coordinated omission): latency is measured from
+  the *scheduled* send time, so a stall shows up in p99 the way users would feel it. Sent by
+  ``openloop.c`` (C, epoll; built on first use with the machine's C compiler).
+  ``open_loop_mix_python`` is the Python + uvloop generator it replaced, kept only as the
+  reference ``bench/generators.py`` compares it with.
 """
 
 from __future__ import annotations
@@ -184,7 +185,7 @@ async def _open_loop(
     return out
 
 
-def open_loop_mix(
+def open_loop_mix_python(
     host: str,
     port: int,
     mix: list[tuple[str, HttpRequest, float]],
@@ -193,6 +194,8 @@ def open_loop_mix(
     seconds: float,
     mark: bytes | dict[str, bytes] | None = None,
 ) -> dict[str, dict[str, Any]]:
+    """The Python + uvloop generator (see the module's docstring): the same schedule,
+    interleaving and results as ``open_loop_mix``."""
     import uvloop
 
     return uvloop.run(_open_loop(host, port, mix, rate, seconds, mark))
@@ -215,32 +218,65 @@ def openloop_binary() -> Path:
     return exe
 
 
+def open_loop_mix(
+    host: str,
+    port: int,
+    mix: list[tuple[str, HttpRequest, float]],
+    *,
+    rate: float,
+    seconds: float,
+    mark: bytes | dict[str, bytes] | None = None,
+    grace_s: float = 60.0,
+) -> dict[str, dict[str, Any]]:
+    """Sends at ``rate`` for ``seconds``, each slot's request drawn from ``mix`` (label,
+    request, share) in a fixed interleaving, with ``openloop.c``. Per label: latency of every
+    answer counted from its scheduled time, statuses, failures (no answer, or none within
+    ``grace_s`` of the last slot), and how many answers carried the header ``mark`` (one for
+    all labels, or one per label: a name, "x-floodwall-degraded", or a name and value prefix,
+    "x-floodwall-cache: hit")."""
+    marks = mark if isinstance(mark, dict) else {label: mark for label, *_ in mix}
+    with tempfile.TemporaryDirectory(prefix="fw-openloop-") as d:
+        argv = [str(openloop_binary()), host, str(port), str(rate), str(seconds), str(grace_s)]
+        for i, (label, req, share) in enumerate(mix):
+            wire = Path(d) / f"{i}.http"
+            wire.write_bytes(req.wire(host, port))
+            m = marks.get(label)
+            argv += [str(share), m.decode() if m else "-", str(wire)]
+        out = subprocess.run(
+            argv, capture_output=True, text=True, check=True, timeout=seconds + grace_s + 30
+        ).stdout
+    *rows, elapsed_line = out.splitlines()
+    elapsed = int(elapsed_line.split()[1]) / 1e9
+    total = sum(share for *_, share in mix)
+    n = int(rate * seconds)
+    # The same interleaving as openloop.c: how many slots each kind got.
+    sent = [0] * len(mix)
+    for i in range(n):
+        k = max(range(len(mix)), key=lambda j: mix[j][2] / total * (i + 1) - sent[j])
+        sent[k] += 1
+    cols = np.array([[int(x) for x in r.split()] for r in rows], dtype=np.int64).reshape(-1, 4)
+    result = {}
+    for k, (label, _, share) in enumerate(mix):
+        mine = cols[cols[:, 0] == k]
+        statuses: dict[int, int] = {}
+        for code in mine[:, 2]:
+            statuses[int(code)] = statuses.get(int(code), 0) + 1
+        r = _summary(list(mine[:, 1] / 1e9), statuses, sent[k] - len(mine), sent[k],
+                     rate * share / total, elapsed, int(mine[:, 3].sum()))  # fmt: skip
+        ok = mine[mine[:, 2] == 200][:, 1] / 1e6
+        r["ok"] = len(ok)
+        r["ok_p50_ms"] = float(np.percentile(ok, 50)) if len(ok) else 0.0
+        r["ok_p99_ms"] = float(np.percentile(ok, 99)) if len(ok) else 0.0
+        result[label] = r
+    return result
+
+
 def open_loop(
     host: str, port: int, req: HttpRequest, *, rate: float, seconds: float
 ) -> dict[str, Any]:
-    """One kind of request at a fixed rate, sent by ``openloop.c``: the same schedule and
-    latency definition as ``open_loop_mix`` at a fraction of its CPU (the C generator costs
-    ~10 us per request where the Python one costs ~110 us, on the cores the gateway needs)."""
-    with tempfile.NamedTemporaryFile("wb", suffix=".http", delete=False) as f:
-        f.write(req.wire(host, port))
-        wire = f.name
-    try:
-        out = subprocess.run(
-            [str(openloop_binary()), host, str(port), str(rate), str(seconds), wire],
-            capture_output=True, text=True, check=True, timeout=seconds + 30,
-        ).stdout  # fmt: skip
-    finally:
-        Path(wire).unlink()
-    *rows, _, elapsed_line = out.splitlines()
-    lat_ns = np.array([int(r.split()[0]) for r in rows], dtype=np.int64)
-    statuses: dict[int, int] = {}
-    for r in rows:
-        code = int(r.split()[1])
-        statuses[code] = statuses.get(code, 0) + 1
-    n = int(rate * seconds)
-    r = _summary(list(lat_ns / 1e9), statuses, n - len(rows), n, rate,
-                 int(elapsed_line.split()[1]) / 1e9, 0)  # fmt: skip
-    for k in ("marked", "elapsed_s"):
+    """One kind of request at a fixed rate (see ``open_loop_mix``)."""
+    r = open_loop_mix(host, port, [("all", req, 1.0)], rate=rate, seconds=seconds)["all"]
+    for k in ("marked", "ok", "ok_p50_ms", "ok_p99_ms", "elapsed_s"):
         del r[k]
     return r
 
@@ -276,7 +312,6 @@ def _cpu_ticks() -> tuple[int, int]:
 _COMPONENTS = (
     ("proxy.cli serve", "processor"),
     ("proxy.cli worker", "worker"),
-    ("bench/openloop-", "loadgen"),
     ("envoy", "envoy"),
     ("triton", "triton"),
     ("redis-server", "redis"),
@@ -284,8 +319,9 @@ _COMPONENTS = (
 
 
 def cpu_by_component() -> dict[str, float]:
-    """CPU seconds so far of this process (the load generator) and of every process it started,
-    summed per component (envoy, processor, triton, redis, worker, other)."""
+    """CPU seconds so far of this process and the load generators it ran ("loadgen"), and of
+    every process it started that still runs, summed per component (envoy, processor, triton,
+    redis, worker, other)."""
     parent: dict[int, int] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -295,7 +331,11 @@ def cpu_by_component() -> dict[str, float]:
                 continue
             parent[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
     me = os.getpid()
-    out = {"loadgen": cpu_seconds(me)}
+    # The generator runs as a child (openloop.c) and has exited by the time this is read:
+    # its CPU is in this process' waited-for children's time (the stack's processes are
+    # still running, so theirs is not).
+    t = os.times()
+    out = {"loadgen": t.user + t.system + t.children_user + t.children_system}
     family, frontier = set(), [me]
     while frontier:
         kids = [p for p, pp in parent.items() if pp in frontier and p not in family]

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from bench.loadgen import HttpRequest, open_loop
+from bench.loadgen import HttpRequest, open_loop, open_loop_mix
 from tests.helpers import echo_server, free_ports
 
 pytestmark = pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C compiler")
@@ -31,3 +31,18 @@ def test_a_server_that_is_not_there_counts_failures() -> None:
     (port,) = free_ports(1)
     r = open_loop("127.0.0.1", port, HttpRequest("GET", "/", {}), rate=100, seconds=0.3)
     assert r["requests"] == 30 and r["failures"] == 30 and r["statuses"] == {}
+
+
+def test_a_mix_keeps_its_shares_and_marks_per_kind() -> None:
+    get = HttpRequest("GET", "/a", {})
+    full = HttpRequest("POST", "/triton-queue-full", {}, b"{}")
+    with echo_server() as port:
+        per = open_loop_mix(
+            "127.0.0.1", port, [("ok", get, 3.0), ("refused", full, 1.0)], rate=200, seconds=1,
+            mark={"ok": b"Content-Type: application/json", "refused": b"x-not-sent"},
+        )  # fmt: skip
+    assert per["ok"]["requests"] == 150 and per["refused"]["requests"] == 50
+    assert per["ok"]["statuses"] == {"200": 150} and per["ok"]["ok"] == 150
+    assert per["ok"]["marked"] == 150  # a header name and value prefix, any case
+    assert per["refused"]["statuses"] == {"503": 50} and per["refused"]["ok"] == 0
+    assert per["refused"]["marked"] == 0
