@@ -437,9 +437,12 @@ async def test_ten_thousand_jobs_drain_with_exact_counts(
     rc: aioredis.Redis, redis_server: RedisServer, upstream: Upstream
 ) -> None:
     n = 10_000
-    # Counts under test, not latency: a generous Redis budget for the bursts on a slow host.
+    # Counts under test, not latency: a generous Redis budget for the bursts on a slow host,
+    # on a client of its own (the fixture's gives up after 0.5 s: a CI run saw a stall that
+    # long refuse a burst of submissions with 503).
     p = _params(max_depth=n, max_depth_per_tenant=0, redis_timeout_ms=5000)
-    h = _gateway(rc, p)
+    patient = aioredis.Redis.from_url(redis_server.url, socket_timeout=10)
+    h = _gateway(patient, p)
     ids: set[str] = set()
     for start in range(0, n, 64):  # 64 concurrent: within the client's connection pool
         rs = await asyncio.gather(
@@ -454,7 +457,7 @@ async def test_ten_thousand_jobs_drain_with_exact_counts(
     ]
     async with Running(*workers):
         await _until(lambda: _depth_zero(rc, p), timeout=300)
-    for c in clients:
+    for c in (*clients, patient):
         await c.aclose()
     store = JobStore(rc, p.prefix)
     statuses: dict[bytes, int] = {}
