@@ -411,13 +411,29 @@ class CacheFilter(Filter):
             return {}, None
 
     async def _put(self, route: str, pending: _Pending, body: bytes) -> None:
-        assert self.store is not None
         if pending.text and pending.vector is None and self.embedder is not None:
-            # None: stored exact-only
+            # The first entry of a partition was not embedded at look-up (nothing to compare
+            # with). Store it exact-only first, so the same request asked again at once is a
+            # hit, not a second model call while the embedding runs; then with its vector.
+            if not await self._write(route, pending, body, semantic=False):
+                return
             pending.vector, pending.tokens = await self._embed(pending.text)
+            if pending.vector is None:
+                STORES.labels(route, "stored").inc()  # exact-only: the embedder failed
+                return
+        if await self._write(route, pending, body, semantic=True):
+            STORES.labels(route, "stored").inc()
+
+    async def _write(self, route: str, pending: _Pending, body: bytes, *, semantic: bool) -> bool:
+        """One write of the entry (with its vector when ``semantic`` and there is one); False
+        when Redis failed (counted and logged)."""
+        assert self.store is not None
         now_ms = self._now_ms()
-        vector = b"" if pending.vector is None else pending.vector.astype("<f4").tobytes()
-        tokens = b"" if pending.tokens is None else pending.tokens.astype("<f2").tobytes()
+        vec = pending.vector if semantic else None
+        vector = b"" if vec is None else vec.astype("<f4").tobytes()
+        tokens = (
+            b"" if vec is None or pending.tokens is None else pending.tokens.astype("<f2").tobytes()
+        )
         try:
             evicted = await asyncio.wait_for(
                 self.store.put(
@@ -433,15 +449,15 @@ class CacheFilter(Filter):
             ERRORS.labels("redis").inc()
             STORES.labels(route, "redis_error").inc()
             log.warning("cache store failed: %r", exc)
-            return
-        STORES.labels(route, "stored").inc()
+            return False
         for gone in evicted:
             self.index.remove(pending.scope, gone)
-        if pending.vector is not None:
+        if vec is not None:
             expires = now_ms + pending.ttl_ms
             self.index.add(Indexed(pending.scope, pending.entry_id, pending.partition,
-                                   pending.text, pending.vector, expires))  # fmt: skip
+                                   pending.text, vec, expires))  # fmt: skip
             ENTRIES.set(len(self.index))
+        return True
 
     # --- background: the feed, versions, expiry, clustering --------------------------------
 

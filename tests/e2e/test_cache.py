@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import time
 from typing import Any
 
 import httpx
@@ -36,6 +37,7 @@ def metric(gateway: Gateway, name: str, **labels: str) -> float:
 
 
 def test_exact_repeat_and_paraphrase_are_served_by_the_gateway(gateway: Gateway) -> None:
+    stored = metric(gateway, "floodwall_cache_stores_total", route="chat", result="stored")
     with httpx.Client(base_url=gateway.url, headers=AUTH, timeout=30) as c:
         first = c.post("/v1/chat/completions", json=chat("How do I rotate my API keys safely?"))
         assert first.status_code == 200, first.text
@@ -53,6 +55,13 @@ def test_exact_repeat_and_paraphrase_are_served_by_the_gateway(gateway: Gateway)
         # answer would differ.
         answer = first.json()["choices"]
         assert again.json()["choices"] == answer
+        # The first entry of a partition is written exact-only, then again once embedded
+        # (counted as stored then): only then can a paraphrase find it.
+        deadline = time.monotonic() + 10
+        while metric(gateway, "floodwall_cache_stores_total", route="chat",
+                     result="stored") <= stored:  # fmt: skip
+            assert time.monotonic() < deadline, "the entry never reached the semantic index"
+            time.sleep(0.05)
         para = c.post("/v1/chat/completions", json=chat("how can I safely rotate my API keys"))
         assert para.headers["x-floodwall-cache"] == "hit-semantic"
         assert para.json()["choices"] == answer

@@ -131,6 +131,32 @@ async def ask(
     return r
 
 
+async def test_a_repeat_hits_while_the_first_entry_is_being_embedded(rc: aioredis.Redis) -> None:
+    """The first entry of a partition is embedded after its answer went out (a look-up had
+    nothing to compare it with); it is written exact-only first, so the same request asked
+    again meanwhile is a hit, not a second model call."""
+    emb = WordsEmbedder()
+    f = cache(rc, embedder=emb)
+    h, up = harness(f), Upstream()
+    emb.delay_s = 0.5
+    q = chat("How do I add a teammate to my workspace?")
+    headers = {"x-test-tenant": "a"}
+    r = await h.request("POST", "/v1/chat/completions", headers=headers, body=q, upstream=up)
+    assert r.headers["x-floodwall-cache"] == "miss"
+    deadline = time.monotonic() + 5
+    while emb.calls == 0:  # the embedding starts once the exact-only write is in Redis
+        assert time.monotonic() < deadline, "the entry was never embedded"
+        await asyncio.sleep(0.005)
+    r = await h.request("POST", "/v1/chat/completions", headers=headers, body=q, upstream=up)
+    assert r.headers["x-floodwall-cache"] == "hit-exact" and up.calls == 1
+    assert len(f.index) == 0  # not yet in the semantic index
+    await f.settle()
+    assert len(f.index) == 1
+    emb.delay_s = 0.0
+    r = await ask(h, f, up, chat("how can I add a teammate to my workspace"))
+    assert r.headers["x-floodwall-cache"] == "hit-semantic" and up.calls == 1
+
+
 async def test_exact_hit_replays_the_answer_with_age(rc: aioredis.Redis) -> None:
     clock = FakeClock()
     f = cache(rc, clock)
