@@ -90,6 +90,11 @@ def cache(rc: Any, clock: Any = None, embedder: Any = None, **params: Any) -> Ca
             "semantic": {"threshold": 0.7, "dimensions": 64},
             "versions_upstream": None,
             "admin_token_sha256": hashlib.sha256(TOKEN.encode()).hexdigest(),
+            # Budgets far above the defaults (100 / 250 ms): a stall of a busy CI machine
+            # made a look-up over its budget a silent miss where a hit was asserted. Tests
+            # of the budgets pass their own.
+            "redis_timeout_ms": 2000,
+            "lookup_budget_ms": 5000,
             **params,
         }
     )  # fmt: skip
