@@ -412,14 +412,19 @@ class CacheFilter(Filter):
 
     async def _put(self, route: str, pending: _Pending, body: bytes) -> None:
         if pending.text and pending.vector is None and self.embedder is not None:
-            # The first entry of a partition was not embedded at look-up (nothing to compare
-            # with). Store it exact-only first, so the same request asked again at once is a
-            # hit, not a second model call while the embedding runs; then with its vector.
-            if not await self._write(route, pending, body, semantic=False):
+            # Not embedded at look-up: the first entry of its partition (nothing to compare
+            # with), or a request that skipped the look-up (no-cache). The first is stored
+            # exact-only at once, so the same request asked again is a hit, not a second
+            # model call while the embedding runs; then with its vector. Not a replacement:
+            # a write replaces the whole entry, and an exact-only one would leave the
+            # paraphrases that hit it missing until the vector is back.
+            first = not self.index.has_partition(pending.scope, pending.partition)
+            if first and not await self._write(route, pending, body, semantic=False):
                 return
             pending.vector, pending.tokens = await self._embed(pending.text)
-            if pending.vector is None:
-                STORES.labels(route, "stored").inc()  # exact-only: the embedder failed
+            if pending.vector is None:  # the embedder failed: exact-only
+                if first or await self._write(route, pending, body, semantic=False):
+                    STORES.labels(route, "stored").inc()
                 return
         if await self._write(route, pending, body, semantic=True):
             STORES.labels(route, "stored").inc()

@@ -162,6 +162,41 @@ async def test_a_repeat_hits_while_the_first_entry_is_being_embedded(rc: aioredi
     assert r.headers["x-floodwall-cache"] == "hit-semantic" and up.calls == 1
 
 
+async def test_a_no_cache_restore_keeps_the_entry_a_semantic_hit(rc: aioredis.Redis) -> None:
+    """A request with no-cache replaces its entry once it has the answer and its vector; the
+    old entry serves paraphrases until then (an exact-only rewrite first would make them
+    miss meanwhile, and each miss would store the paraphrase as an entry of its own)."""
+    release = asyncio.Event()
+    original = "How do I add a teammate to my workspace?"
+
+    class HeldEmbedder(WordsEmbedder):
+        async def embed(self, text: str) -> np.ndarray[Any, Any]:
+            if text == original and self.calls > 0:
+                await release.wait()  # the re-store's embedding, held
+            return await super().embed(text)
+
+    emb = HeldEmbedder()
+    f = cache(rc, embedder=emb)
+    h, up = harness(f), Upstream()
+    await ask(h, f, up, chat(original))
+    assert len(f.index) == 1 and emb.calls == 1
+    headers = {"x-test-tenant": "a", "cache-control": "no-cache"}
+    r = await h.request("POST", "/v1/chat/completions", headers=headers, body=chat(original),
+                        upstream=up)  # fmt: skip
+    assert r.headers["x-floodwall-cache"] == "miss" and up.calls == 2
+    paraphrase = chat("how can I add a teammate to my workspace")
+    for _ in range(3):  # while the new answer is being embedded
+        r = await h.request("POST", "/v1/chat/completions", headers={"x-test-tenant": "a"},
+                            body=paraphrase, upstream=up)  # fmt: skip
+        assert r.headers["x-floodwall-cache"] == "hit-semantic"
+        assert orjson.loads(r.body)["answer"] == 1
+    release.set()
+    await f.settle()
+    r = await ask(h, f, up, paraphrase)
+    assert r.headers["x-floodwall-cache"] == "hit-semantic" and up.calls == 2
+    assert orjson.loads(r.body)["answer"] == 2  # the replacement, with its vector
+
+
 async def test_exact_hit_replays_the_answer_with_age(rc: aioredis.Redis) -> None:
     clock = FakeClock()
     f = cache(rc, clock)
