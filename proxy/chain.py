@@ -10,15 +10,19 @@ Semantics (the contract filter authors rely on):
   nobody can spoof tenant, priority or cache state.
 - A filter that raises is a fault: counted per filter and kind, then either skipped
   (``on_error: open``) or turned into an error answer by ``errors.fault_response`` (``closed``).
-- ``on_complete`` runs once per request for every filter on the route, whatever happened.
+- ``on_complete`` runs once per request for every filter on the route, whatever happened:
+  called when the exchange ends; an awaitable it returns (an ``async def`` returns one) is
+  awaited in a task of its own, so a client abort cannot cut it short. One that returns
+  None (a plain ``def``: metrics, a counter) costs no task.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -268,8 +272,9 @@ class Chain:
         status: int | None,
         reached_end: bool,
     ) -> asyncio.Task[None] | None:
-        """Counts the request and schedules ``on_complete`` in its own task, so a cancelled
-        stream (client abort) cannot skip it. Returns the task, if there is one."""
+        """Counts the request and calls each ``on_complete``; what they left to await runs in
+        one task of its own, so a cancelled stream (client abort) cannot skip it. Returns
+        the task, if there is one."""
         final = status if status is not None else ctx.response_status
         metrics.REQUESTS.labels(ctx.route_name, _status_class(final)).inc()
         if ctx.span is not None:
@@ -284,7 +289,18 @@ class Chain:
             responded_by=responded_by,
             duration_s=time.monotonic() - ctx.started,
         )
-        task = asyncio.get_running_loop().create_task(self.complete(plan, ctx, outcome))
+        left: list[tuple[_Bound, Awaitable[None]]] = []
+        for b in plan.complete:
+            try:
+                awaitable = b.filter.on_complete(ctx, outcome)
+            except Exception as exc:
+                self._complete_fault(b, ctx, exc)
+                continue
+            if awaitable is not None:
+                left.append((b, awaitable))
+        if not left:
+            return None
+        task = asyncio.get_running_loop().create_task(self.complete(left, ctx))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
         return task
@@ -314,13 +330,27 @@ class Chain:
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
 
-    async def complete(self, plan: RoutePlan, ctx: RequestContext, outcome: Outcome) -> None:
-        for b in plan.complete:
-            try:
-                await b.filter.on_complete(ctx, outcome)
-            except Exception as exc:
-                metrics.FILTER_FAULTS.labels(b.filter.name, errors.fault_kind(exc)).inc()
-                ctx.log.error("filter %s on_complete failed: %r", b.filter.name, exc)
+    async def complete(
+        self, left: list[tuple[_Bound, Awaitable[None]]], ctx: RequestContext
+    ) -> None:
+        """Awaits what the filters' ``on_complete`` returned, in chain order (``left`` is
+        consumed)."""
+        try:
+            while left:
+                b, awaitable = left.pop(0)
+                try:
+                    await awaitable
+                except Exception as exc:
+                    self._complete_fault(b, ctx, exc)
+        finally:
+            for _, rest in left:  # cancelled (shutdown): close what never ran
+                if inspect.iscoroutine(rest):
+                    rest.close()
+
+    @staticmethod
+    def _complete_fault(b: _Bound, ctx: RequestContext, exc: Exception) -> None:
+        metrics.FILTER_FAULTS.labels(b.filter.name, errors.fault_kind(exc)).inc()
+        ctx.log.error("filter %s on_complete failed: %r", b.filter.name, exc)
 
     async def start(self) -> None:
         for f in self.filters:

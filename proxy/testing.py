@@ -95,7 +95,7 @@ class _OutcomeRecorder(Filter):
         self.name = "_harness"
         self.last: Outcome | None = None
 
-    async def on_complete(self, ctx: Any, outcome: Outcome) -> None:
+    def on_complete(self, ctx: Any, outcome: Outcome) -> None:
         self.last = outcome
 
 

@@ -213,7 +213,7 @@ class AdmissionFilter(Filter):
             lim.shrink()
             self._shrunk_at[name] = load.at
 
-    async def on_complete(self, ctx: RequestContext, outcome: Outcome) -> None:
+    def on_complete(self, ctx: RequestContext, outcome: Outcome) -> None:
         t = ctx.state(_State).ticket
         if t is None:
             return

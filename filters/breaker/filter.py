@@ -208,7 +208,7 @@ class BreakerFilter(Filter):
             return ctx.route_name
         return ctx.model if ctx.model in self.p.models else None
 
-    async def on_complete(self, ctx: RequestContext, outcome: Outcome) -> None:
+    def on_complete(self, ctx: RequestContext, outcome: Outcome) -> None:
         for t in ctx.state(_Tickets).items:
             if outcome.responded_by is not None or outcome.aborted or outcome.status is None:
                 # No verdict on the upstream: a later filter answered, or the client left.

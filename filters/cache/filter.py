@@ -317,7 +317,7 @@ class CacheFilter(Filter):
         task.add_done_callback(self._writes.discard)
         return CONTINUE
 
-    async def on_complete(self, ctx: RequestContext, outcome: Outcome) -> None:
+    def on_complete(self, ctx: RequestContext, outcome: Outcome) -> None:
         ctx.state(_State).pending = None
 
     # --- pieces ----------------------------------------------------------------------------

@@ -69,7 +69,7 @@ class CanaryFilter(ModelSteeringFilter):
             return CONTINUE
         return Mutate(set_headers={"x-floodwall-canary": target})
 
-    async def on_complete(self, ctx: RequestContext, outcome: Outcome) -> None:
+    def on_complete(self, ctx: RequestContext, outcome: Outcome) -> None:
         st = ctx.state(_State)
         if st.target is None:
             return

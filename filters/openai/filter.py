@@ -233,7 +233,7 @@ class OpenAIFilter(Filter):
             body=out,
         )
 
-    async def on_complete(self, ctx: RequestContext, outcome: Outcome) -> None:
+    def on_complete(self, ctx: RequestContext, outcome: Outcome) -> None:
         call = ctx.state(_State).call
         if call is None or outcome.status != 200 or outcome.responded_by is not None:
             return

@@ -14,7 +14,7 @@ import hashlib
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -145,6 +145,11 @@ class _Hold:
     leased: list[int]  # indexes of the limits served from this process' leases
     forwarded: bool = False
     headers: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def requests_only(self) -> bool:
+        """No token limit: a forwarded request has nothing to settle."""
+        return all(lim.spec.unit == "requests" for lim in self.limits)
 
 
 @dataclass(slots=True)
@@ -593,12 +598,14 @@ class RateLimitFilter(Filter):
 
     # --- settlement --------------------------------------------------------------------------
 
-    async def on_complete(self, ctx: RequestContext, outcome: Outcome) -> None:
+    def on_complete(self, ctx: RequestContext, outcome: Outcome) -> Awaitable[None] | None:
+        # Most requests have nothing to settle (request limits, forwarded): no task for them.
         hold = ctx.state(_State).hold
-        if hold is None or (
-            hold.forwarded and all(lim.spec.unit == "requests" for lim in hold.limits)
-        ):
-            return  # nothing to settle
+        if hold is None or (hold.forwarded and hold.requests_only):
+            return None
+        return self._settle(ctx, outcome, hold)
+
+    async def _settle(self, ctx: RequestContext, outcome: Outcome, hold: _Hold) -> None:
         deltas: list[float] = []
         for lim, cost in zip(hold.limits, hold.costs, strict=True):
             if not hold.forwarded:

@@ -125,6 +125,63 @@ async def test_respond_stops_the_chain_but_complete_runs_for_all() -> None:
     assert b.outcome.status == 418
 
 
+class SyncComplete(Filter):
+    """A plain-def on_complete (metrics-style); ``fail`` makes it raise."""
+
+    def __init__(self, name: str, log: list[str], fail: bool = False) -> None:
+        super().__init__(NoParams(), Deps())
+        self.name, self.log, self.fail = name, log, fail
+
+    def on_complete(self, ctx: RequestContext, outcome: Outcome) -> None:
+        self.log.append(f"{self.name}.complete")
+        if self.fail:
+            raise RuntimeError("boom in on_complete")
+
+
+class AwaitsSometimes(Filter):
+    """Returns a coroutine only for requests with something to settle (like rate_limit)."""
+
+    def __init__(self, name: str, log: list[str]) -> None:
+        super().__init__(NoParams(), Deps())
+        self.name, self.log = name, log
+
+    def on_complete(self, ctx: RequestContext, outcome: Outcome) -> Any:
+        if outcome.status == 200:
+            return None
+        return self._settle()
+
+    async def _settle(self) -> None:
+        await asyncio.sleep(0)
+        self.log.append(f"{self.name}.settled")
+
+
+def _faults(name: str) -> float:
+    labels = {"filter": name, "kind": "exception"}
+    return REGISTRY.get_sample_value("floodwall_filter_faults_total", labels) or 0.0
+
+
+async def test_a_plain_def_on_complete_runs_inline_without_a_task() -> None:
+    log: list[str] = []
+    h = harness(SyncComplete("a", log), AwaitsSometimes("b", log))
+    ctx, plan = h.chain.context({":method": "GET", ":path": "/v2/models"})
+    assert h.chain.finish(ctx, plan, None, 200, True) is None  # nothing left to await
+    assert log == ["a.complete"]
+    task = h.chain.finish(ctx, plan, "a", 503, True)
+    assert task is not None and log == ["a.complete", "a.complete"]
+    await task
+    assert log[-1] == "b.settled"
+
+
+async def test_a_raising_plain_on_complete_is_counted_and_the_others_still_run() -> None:
+    log: list[str] = []
+    before = _faults("bad")
+    h = harness(SyncComplete("bad", log, fail=True), Recorder("c", log))
+    r = await h.request("GET", "/v2/models")
+    assert r.status == 200
+    assert log[-2:] == ["bad.complete", "c.complete"]
+    assert _faults("bad") == before + 1
+
+
 async def test_fault_closed_answers_500_json_and_is_counted() -> None:
     log: list[str] = []
     a = Recorder("a", log, raise_in="req_h")
