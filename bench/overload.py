@@ -3,6 +3,9 @@ capacity, with a priority mix (20% critical, 50% standard, 30% sheddable), polic
 shipped chain: auth, openai, rate_limit, admission, degrade, breaker, plus the processor's
 lag guard) and off (auth and the OpenAI translation only), in the same run.
 
+Triton gets a core of its own by default, as the accelerator it stands in for would be
+(see "CPU placement" below); ``--shared`` runs everything on every core.
+
 Capacity is what the embedder serves through the gateway with the policies off (wrk, 32
 connections, one sentence per request). Each point is an open loop (latency from the
 scheduled send time). Reported per class: success rate, p50/p99 of the successful calls; per
@@ -10,6 +13,7 @@ point: goodput (successful calls/s), shed (503 overloaded) and degraded counts, 
 
     .venv/bin/python -m bench.overload              # ~6 minutes
     .venv/bin/python -m bench.overload --quick      # ~3 minutes
+    .venv/bin/python -m bench.overload --shared     # Triton on the gateway's cores too
 
 Writes bench/results/overload.{json,md,png} (the plot needs the `bench` extra: matplotlib).
 """
@@ -17,6 +21,7 @@ Writes bench/results/overload.{json,md,png} (the plot needs the `bench` extra: m
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -137,27 +142,109 @@ def _point(
     }
 
 
+# --- CPU placement -------------------------------------------------------------------------
+# On a GPU host the model computes on its accelerator and the gateway's CPU work takes
+# nothing from it. On this CPU-only box both share two cores, and at 4x the refusals the
+# gateway answers take CPU the model needed: that measures co-location, not admission. So by
+# default Triton (the server and its python-backend stubs) runs on a core of its own, as
+# the accelerator it stands in for, and everything else (Envoy, processors, Redis, the load
+# generator) on the others; --shared runs all of them on every core.
+
+
+def _children() -> dict[int, list[int]]:
+    out: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue  # gone meanwhile
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])  # the name may hold spaces
+        out.setdefault(ppid, []).append(int(entry))
+    return out
+
+
+def _tree(root: int, children: dict[int, list[int]]) -> list[int]:
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(children.get(pid, []))
+    return out
+
+
+def _pin(pid: int, cpus: set[int]) -> None:
+    """Every thread of ``pid`` (sched_setaffinity on a pid moves its main thread only)."""
+    with contextlib.suppress(OSError):
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(int(tid), cpus)
+
+
+def _placement() -> tuple[set[int], set[int]] | None:
+    """(the model's CPUs, everyone else's): the upper half for the model; None on one CPU."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return None
+    half = len(cpus) // 2
+    return set(cpus[half:]), set(cpus[:half])
+
+
+def _place(model: set[int], rest: set[int]) -> None:
+    """After the stack started on the model's CPUs (so onnxruntime sized its thread pool for
+    them): Triton's process tree stays there, every other process of ours moves to ``rest``."""
+    children = _children()
+    mine = _tree(os.getpid(), children)
+    triton: set[int] = set()
+    for pid in mine:
+        with contextlib.suppress(OSError):
+            if Path(f"/proc/{pid}/comm").read_text().strip() == "tritonserver":
+                triton.update(_tree(pid, children))
+    if not triton:
+        raise RuntimeError("no tritonserver among this benchmark's processes to place")
+    for pid in mine:
+        _pin(pid, model if pid in triton else rest)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--out", default=str(RESULTS / "overload"))
+    ap.add_argument(
+        "--shared",
+        action="store_true",
+        help="Triton on every core, with the gateway (default: cores of its own)",
+    )
+    ap.add_argument("--out", help="default: bench/results/overload (--shared: overload_shared)")
     args = ap.parse_args()
+    args.out = args.out or str(RESULTS / ("overload_shared" if args.shared else "overload"))
     seconds = 6.0 if args.quick else 10.0
     from proxy import models
 
     models.build()
+    everywhere = os.sched_getaffinity(0)
+    placement = None if args.shared else _placement()
     steal = Steal()
     results: dict[str, Any] = {
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "placement": (
+            {"triton_cpus": sorted(placement[0]), "gateway_cpus": sorted(placement[1])}
+            if placement is not None
+            else "shared"
+        ),
         "params": {"seconds_per_point": seconds, "mix": dict(MIX), "request": BODY},
         "runs": {},
     }
     with tempfile.TemporaryDirectory(prefix="fw-overload-", dir="/tmp") as d, echo_server() as echo:
         for mode in ("off", "on"):
             policies = mode == "on"
+            if placement is not None:
+                _pin(os.getpid(), placement[0])  # the stack starts on the model's CPUs
             stack = start_stack(_config(Path(d) / mode / "run", echo, policies),
                                 Path(d) / f"{mode}.yaml")  # fmt: skip
             try:
+                if placement is not None:
+                    _place(*placement)
                 host, port = stack.cfg.listener.address, stack.cfg.listener.port
                 url = f"http://{host}:{port}"
                 pc = stack.cfg.processor
@@ -189,6 +276,7 @@ def main() -> None:
                 results["runs"][mode] = points
             finally:
                 stack.stop()
+                _pin(os.getpid(), everywhere)
     results["machine"]["steal_share"] = steal.share()
     results["summary"] = _summary(results)
     out = Path(args.out)
@@ -235,9 +323,19 @@ def _summary(results: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _placement_words(results: dict[str, Any]) -> str:
+    p = results.get("placement", "shared")
+    if not isinstance(p, dict):
+        return "Triton sharing every core with the gateway and the load generator"
+    return (f"Triton on CPU {','.join(map(str, p['triton_cpus']))} alone (standing in for an "
+            f"accelerator), the gateway and the load generator on CPU "
+            f"{','.join(map(str, p['gateway_cpus']))}")  # fmt: skip
+
+
 def _markdown(results: dict[str, Any]) -> str:
     lines = [
-        f"Overload ({results['machine']['cpus']} CPUs; embedder through the gateway; capacity "
+        f"Overload ({results['machine']['cpus']} CPUs, {_placement_words(results)}; embedder "
+        f"through the gateway; capacity "
         f"{results['capacity_rps']:.0f} req/s; unloaded p99 {results['unloaded_p99_ms']:.0f} ms;"
         f" {results['params']['seconds_per_point']:.0f} s per point; mix 20/50/30; CPU taken by"
         f" the VM's host (steal) during the run: "

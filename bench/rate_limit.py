@@ -164,6 +164,9 @@ SETUPS = {
 }
 # The setups with the filter; each is compared with the empty chain at half its own peak.
 FILTERED = ("rate_limit", "rate_limit_leased")
+# A second empty chain (any setup name without a filter prefix is one; see
+# gateway_overhead._gateway_config), compared with the first as the filters are.
+CONTROL = "empty_chain_control"
 
 
 def _peak(e: dict[str, Any]) -> float:
@@ -213,6 +216,13 @@ def main() -> None:
                 print(f"== {f} and the empty chain, alternating open-loop segments", flush=True)
                 paired[f] = gw.paired_open_loop("empty_chain", f, half, ports, runtime, envoy,
                                                 segments, open_seconds)  # fmt: skip
+            # The control: the empty chain against a second empty chain, the same way, at
+            # the leased setup's rate. What it "adds" is this VM's noise: the smallest
+            # difference the comparisons above can tell from nothing.
+            print("== control: the empty chain against a second one", flush=True)
+            rate = paired[FILTERED[-1]]["rate"]
+            control = gw.paired_open_loop("empty_chain", CONTROL, rate, ports, runtime, envoy,
+                                          segments, open_seconds)  # fmt: skip
         finally:
             upstream.stop_all()
 
@@ -252,6 +262,7 @@ def main() -> None:
                    "limits": gw.RATE_LIMITS,
                    "leased": "the same limits with lease_share 0.01"},
         "checks": checks, "clients": clients, "rounds": rounds, "paired": paired,
+        "control": control,
         "summary": summary,
     }  # fmt: skip
     out = Path(args.out)
@@ -319,8 +330,22 @@ def _markdown(results: dict[str, Any]) -> str:
             f"throughput {s['rps_ratio'][f]:.2f}x the empty chain's"
             for f in FILTERED
         ),
+        *_control_line(results.get("control")),
     ]
     return "\n".join(lines) + "\n"
+
+
+def _control_line(c: dict[str, Any] | None) -> list[str]:
+    if c is None:
+        return []
+    lo, hi = c["added_p99_ms_ci"]
+    return [
+        f"- control (the empty chain against a second, identical one at {c['rate']:.0f} req/s, "
+        f"the same way): 'added' p50 {c['added_p50_ms']:+.2f} ms, p99 "
+        f"{c['added_p99_ms']:+.2f} ms (90% interval {lo:+.2f} to {hi:+.2f} ms): what two "
+        "identical setups differ by in these comparisons (this VM's noise), against which "
+        "the filters' intervals above are to be read"
+    ]
 
 
 def _client_pairs(clients: list[dict[str, Any]]) -> list[tuple[int, Any, Any]]:

@@ -44,9 +44,15 @@ MAX_TOKENS = 256
 # Thread budget for one instance on a 2-core box: intra-op 2 lets one batch use both cores
 # (measured: batch 16 took 46 ms with 2 threads vs 80 ms with 1). One instance plus
 # dynamic batching beats two single-threaded instances, and inter-op parallelism buys
-# nothing for a sequential BERT graph.
-INTRA_OP_THREADS = 2
+# nothing for a sequential BERT graph. Fewer where Triton may run on fewer CPUs (taskset,
+# cpuset; bench/overload.py gives the model a core of its own): a second thread on the same
+# core only adds switches.
+MAX_INTRA_OP_THREADS = 2
 INTER_OP_THREADS = 1
+
+
+def _intra_op_threads() -> int:
+    return max(1, min(MAX_INTRA_OP_THREADS, len(os.sched_getaffinity(0))))
 
 # The stub's stderr is Triton's: tracebacks logged here land in Triton's log.
 logger = logging.getLogger("floodwall.triton.embedder")
@@ -106,7 +112,7 @@ class TritonPythonModel:
         self.tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")
 
         options = ort.SessionOptions()
-        options.intra_op_num_threads = INTRA_OP_THREADS
+        options.intra_op_num_threads = _intra_op_threads()
         options.inter_op_num_threads = INTER_OP_THREADS
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
