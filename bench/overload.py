@@ -4,7 +4,7 @@ shipped chain: auth, openai, rate_limit, admission, degrade, breaker, plus the p
 lag guard) and off (auth and the OpenAI translation only), in the same run.
 
 Triton gets a core of its own by default, as the accelerator it stands in for would be
-(see "CPU placement" below); ``--shared`` runs everything on every core.
+(``bench/placement.py``); ``--shared`` runs everything on every core.
 
 Capacity is what the embedder serves through the gateway with the policies off (wrk, 32
 connections, one sentence per request). Each point is an open loop (latency from the
@@ -21,7 +21,7 @@ Writes bench/results/overload.{json,md,png} (the plot needs the `bench` extra: m
 from __future__ import annotations
 
 import argparse
-import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -34,6 +34,7 @@ from typing import Any
 
 import httpx
 
+from bench import placement
 from bench.loadgen import HttpRequest, Steal, closed_loop, cpu_by_component, open_loop_mix
 from proxy.config import REPO_ROOT
 from tests.helpers import DEMO_KEY, echo_server, stack_config, start_stack
@@ -57,8 +58,13 @@ def _request(key: str) -> HttpRequest:
     )  # fmt: skip
 
 
-def _config(run: Path, echo_port: int, policies: bool) -> dict[str, Any]:
+def _config(
+    run: Path, echo_port: int, policies: bool, admission: dict[str, Any] | None = None
+) -> dict[str, Any]:
     cfg = stack_config(run, echo_port)
+    if admission:
+        adm = next(f for f in cfg["filters"] if f["type"] == "admission")
+        adm["params"] = {**adm["params"], **admission}
     cfg["listener"]["access_log"] = False
     auth = next(f for f in cfg["filters"] if f["type"] == "auth")
     auth["params"]["keys"].append({
@@ -142,69 +148,40 @@ def _point(
     }
 
 
-# --- CPU placement -------------------------------------------------------------------------
-# On a GPU host the model computes on its accelerator and the gateway's CPU work takes
-# nothing from it. On this CPU-only box both share two cores, and at 4x the refusals the
-# gateway answers take CPU the model needed: that measures co-location, not admission. So by
-# default Triton (the server and its python-backend stubs) runs on a core of its own, as
-# the accelerator it stands in for, and everything else (Envoy, processors, Redis, the load
-# generator) on the others; --shared runs all of them on every core.
-
-
-def _children() -> dict[int, list[int]]:
-    out: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue  # gone meanwhile
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])  # the name may hold spaces
-        out.setdefault(ppid, []).append(int(entry))
-    return out
-
-
-def _tree(root: int, children: dict[int, list[int]]) -> list[int]:
-    out, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        todo.extend(children.get(pid, []))
-    return out
-
-
-def _pin(pid: int, cpus: set[int]) -> None:
-    """Every thread of ``pid`` (sched_setaffinity on a pid moves its main thread only)."""
-    with contextlib.suppress(OSError):
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            with contextlib.suppress(OSError):
-                os.sched_setaffinity(int(tid), cpus)
-
-
-def _placement() -> tuple[set[int], set[int]] | None:
-    """(the model's CPUs, everyone else's): the upper half for the model; None on one CPU."""
-    cpus = sorted(os.sched_getaffinity(0))
-    if len(cpus) < 2:
-        return None
-    half = len(cpus) // 2
-    return set(cpus[half:]), set(cpus[:half])
-
-
-def _place(model: set[int], rest: set[int]) -> None:
-    """After the stack started on the model's CPUs (so onnxruntime sized its thread pool for
-    them): Triton's process tree stays there, every other process of ours moves to ``rest``."""
-    children = _children()
-    mine = _tree(os.getpid(), children)
-    triton: set[int] = set()
-    for pid in mine:
-        with contextlib.suppress(OSError):
-            if Path(f"/proc/{pid}/comm").read_text().strip() == "tritonserver":
-                triton.update(_tree(pid, children))
-    if not triton:
-        raise RuntimeError("no tritonserver among this benchmark's processes to place")
-    for pid in mine:
-        _pin(pid, model if pid in triton else rest)
+def _measure_mode(stack: Any, mode: str, seconds: float, results: dict[str, Any]) -> None:
+    """The capacity (policies off, first) and the four load points of one mode; stops the
+    stack."""
+    try:
+        host, port = stack.cfg.listener.address, stack.cfg.listener.port
+        url = f"http://{host}:{port}"
+        pc = stack.cfg.processor
+        admins = [f"http://{pc.admin_address}:{pc.admin_port + i}"
+                  for i in range(pc.processes)]  # fmt: skip
+        closed_loop(url, _request(DEMO_KEY), connections=16, seconds=3)  # warm up
+        if mode == "off":
+            cap = closed_loop(url, _request(DEMO_KEY), connections=32, seconds=8)
+            capacity = cap["rps"]
+            results["capacity_rps"] = capacity
+            print(f"== capacity (policies off, wrk c=32): {capacity:.0f} req/s", flush=True)
+            unloaded = _point(host, port, 0.1 * capacity, seconds, admins)
+            results["unloaded_p99_ms"] = unloaded["classes"]["standard"]["ok_p99_ms"]
+        points = []
+        for mult in (0.5, 1.0, 2.0, 4.0):
+            time.sleep(2)  # let the previous point's backlog drain
+            p = _point(host, port, mult * results["capacity_rps"], seconds, admins)
+            p["multiple"] = mult
+            c = p["classes"]
+            print(f"   {mode:3} {mult:3.1f}x {p['offered_rps']:5.0f}/s goodput "
+                  f"{p['goodput_rps']:5.0f}/s  success crit/std/shed "
+                  f"{c['critical']['success']:.1%}/{c['standard']['success']:.1%}/"
+                  f"{c['sheddable']['success']:.1%}  p99 ok crit "
+                  f"{c['critical']['ok_p99_ms']:.0f} ms  statuses {p['statuses']}  "
+                  f"degraded {p['degraded']}  refusals {p['refusals']}",
+                  flush=True)  # fmt: skip
+            points.append(p)
+        results["runs"][mode] = points
+    finally:
+        stack.stop()
 
 
 def main() -> None:
@@ -215,6 +192,10 @@ def main() -> None:
         action="store_true",
         help="Triton on every core, with the gateway (default: cores of its own)",
     )
+    ap.add_argument(
+        "--admission", type=json.loads, default=None, metavar="JSON",
+        help="admission params over the shipped ones, e.g. '{\"min_limit\": 4}'",
+    )  # fmt: skip
     ap.add_argument("--out", help="default: bench/results/overload (--shared: overload_shared)")
     args = ap.parse_args()
     args.out = args.out or str(RESULTS / ("overload_shared" if args.shared else "overload"))
@@ -222,61 +203,26 @@ def main() -> None:
     from proxy import models
 
     models.build()
-    everywhere = os.sched_getaffinity(0)
-    placement = None if args.shared else _placement()
+    split = placement.Split.choose(args.shared)
     steal = Steal()
     results: dict[str, Any] = {
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
-        "placement": (
-            {"triton_cpus": sorted(placement[0]), "gateway_cpus": sorted(placement[1])}
-            if placement is not None
-            else "shared"
-        ),
-        "params": {"seconds_per_point": seconds, "mix": dict(MIX), "request": BODY},
+        "placement": split.describe() if split is not None else "shared",
+        "params": {
+            "seconds_per_point": seconds,
+            "mix": dict(MIX),
+            "request": BODY,
+            "admission_overrides": args.admission or {},
+        },
         "runs": {},
     }
     with tempfile.TemporaryDirectory(prefix="fw-overload-", dir="/tmp") as d, echo_server() as echo:
         for mode in ("off", "on"):
             policies = mode == "on"
-            if placement is not None:
-                _pin(os.getpid(), placement[0])  # the stack starts on the model's CPUs
-            stack = start_stack(_config(Path(d) / mode / "run", echo, policies),
-                                Path(d) / f"{mode}.yaml")  # fmt: skip
-            try:
-                if placement is not None:
-                    _place(*placement)
-                host, port = stack.cfg.listener.address, stack.cfg.listener.port
-                url = f"http://{host}:{port}"
-                pc = stack.cfg.processor
-                admins = [f"http://{pc.admin_address}:{pc.admin_port + i}"
-                          for i in range(pc.processes)]  # fmt: skip
-                closed_loop(url, _request(DEMO_KEY), connections=16, seconds=3)  # warm up
-                if mode == "off":
-                    cap = closed_loop(url, _request(DEMO_KEY), connections=32, seconds=8)
-                    capacity = cap["rps"]
-                    results["capacity_rps"] = capacity
-                    print(f"== capacity (policies off, wrk c=32): {capacity:.0f} req/s",
-                          flush=True)  # fmt: skip
-                    unloaded = _point(host, port, 0.1 * capacity, seconds, admins)
-                    results["unloaded_p99_ms"] = unloaded["classes"]["standard"]["ok_p99_ms"]
-                points = []
-                for mult in (0.5, 1.0, 2.0, 4.0):
-                    time.sleep(2)  # let the previous point's backlog drain
-                    p = _point(host, port, mult * results["capacity_rps"], seconds, admins)
-                    p["multiple"] = mult
-                    c = p["classes"]
-                    print(f"   {mode:3} {mult:3.1f}x {p['offered_rps']:5.0f}/s goodput "
-                          f"{p['goodput_rps']:5.0f}/s  success crit/std/shed "
-                          f"{c['critical']['success']:.1%}/{c['standard']['success']:.1%}/"
-                          f"{c['sheddable']['success']:.1%}  p99 ok crit "
-                          f"{c['critical']['ok_p99_ms']:.0f} ms  statuses {p['statuses']}  "
-                          f"degraded {p['degraded']}  refusals {p['refusals']}",
-                          flush=True)  # fmt: skip
-                    points.append(p)
-                results["runs"][mode] = points
-            finally:
-                stack.stop()
-                _pin(os.getpid(), everywhere)
+            cfg = _config(Path(d) / mode / "run", echo, policies, args.admission)
+            start = functools.partial(start_stack, cfg, Path(d) / f"{mode}.yaml")
+            with placement.apart(split, start) as stack:
+                _measure_mode(stack, mode, seconds, results)
     results["machine"]["steal_share"] = steal.share()
     results["summary"] = _summary(results)
     out = Path(args.out)
@@ -323,19 +269,16 @@ def _summary(results: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _placement_words(results: dict[str, Any]) -> str:
-    p = results.get("placement", "shared")
-    if not isinstance(p, dict):
-        return "Triton sharing every core with the gateway and the load generator"
-    return (f"Triton on CPU {','.join(map(str, p['triton_cpus']))} alone (standing in for an "
-            f"accelerator), the gateway and the load generator on CPU "
-            f"{','.join(map(str, p['gateway_cpus']))}")  # fmt: skip
+def _overrides(results: dict[str, Any]) -> str:
+    o = results["params"].get("admission_overrides")
+    return f"; admission params over the shipped ones: {json.dumps(o)}" if o else ""
 
 
 def _markdown(results: dict[str, Any]) -> str:
     lines = [
-        f"Overload ({results['machine']['cpus']} CPUs, {_placement_words(results)}; embedder "
-        f"through the gateway; capacity "
+        f"Overload ({results['machine']['cpus']} CPUs, "
+        f"{placement.words(results.get('placement'))}; embedder through the gateway"
+        f"{_overrides(results)}; capacity "
         f"{results['capacity_rps']:.0f} req/s; unloaded p99 {results['unloaded_p99_ms']:.0f} ms;"
         f" {results['params']['seconds_per_point']:.0f} s per point; mix 20/50/30; CPU taken by"
         f" the VM's host (steal) during the run: "
