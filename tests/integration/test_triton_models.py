@@ -152,7 +152,9 @@ def test_policy_variant_loads_with_priorities_and_bounded_queue(
 
     # A request whose own deadline passes in the queue is refused, not run late.
     url = f"{http_url}/v2/models/embedder/infer"
-    busy = infer_body([MEDIUM_TEXT] * 16, timeout_us=30_000_000)
+    # Full batches (max_batch_size 64): each runs alone, so while one runs the others wait
+    # in the queue, whenever they arrive (16 rows each could all run as one batch).
+    busy = infer_body([MEDIUM_TEXT] * 64, timeout_us=30_000_000)
     with (
         httpx.Client(timeout=60.0) as c,
         ThreadPoolExecutor(max_workers=4) as pool,
@@ -221,12 +223,20 @@ def test_priority_1_overtakes_queued_priority_2(
 
     with (
         httpx.Client(timeout=60.0, limits=httpx.Limits(max_connections=64)) as client,
-        ThreadPoolExecutor(max_workers=flood + 2 * probes) as pool,
+        ThreadPoolExecutor(max_workers=1 + flood + 2 * probes) as pool,
     ):
         embed(client, http_url, "embedder", [SHORT_TEXT] * 16)  # connect, warm this shape
+        # A long batch first, a full one (max_batch_size 64) so no flood request joins it:
+        # the flood queues behind it however late its threads get to send. Without it, a
+        # flood whose requests arrived one by one was executed as it came and never all
+        # queued at once (a CI run saw 0 of 11 pending: the count is of requests waiting,
+        # not executing).
+        blocker_body = infer_body([MEDIUM_TEXT] * 64, priority=2)
+        blocker = pool.submit(timed_post, client, url, blocker_body)
+        time.sleep(0.3)  # sent and started: queued requests are all the metric shows
         flood_futures = [pool.submit(queued, i) for i in range(flood)]
         start.wait()
-        _wait_pending(metrics_url, flood - 1)  # the flood is in Triton's queue first
+        _wait_pending(metrics_url, flood)  # the flood is in Triton's queue first
         # Sent together, behind the flood: only the priority differs.
         urgent_futures, late_futures = (
             [
@@ -235,6 +245,7 @@ def test_priority_1_overtakes_queued_priority_2(
             ]
             for p in (1, 2)
         )
+        blocker.result()
         flood_results = [f.result() for f in flood_futures]
         urgent = [f.result() for f in urgent_futures]
         late = [f.result() for f in late_futures]
@@ -298,8 +309,9 @@ def _launch_ready(
 
 
 def _wait_pending(metrics_url: str, at_least: int) -> None:
-    """Until Triton holds ``at_least`` embedder requests not yet finished (queued or
-    executing): sleeping a fixed time instead let slow client threads arrive late."""
+    """Until Triton holds ``at_least`` embedder requests waiting in its queue (Triton's
+    pending count leaves out the executing batch): sleeping a fixed time instead let slow
+    client threads arrive late."""
     deadline = time.monotonic() + 10.0
     pending = 0
     while time.monotonic() < deadline:
