@@ -45,14 +45,15 @@ MAX_TOKENS = 256
 # (measured: batch 16 took 46 ms with 2 threads vs 80 ms with 1). One instance plus
 # dynamic batching beats two single-threaded instances, and inter-op parallelism buys
 # nothing for a sequential BERT graph. Fewer where Triton may run on fewer CPUs (taskset,
-# cpuset; bench/overload.py gives the model a core of its own): a second thread on the same
-# core only adds switches.
+# cpuset; the benchmarks give the model a core of its own, bench/placement.py): a second
+# thread on the same core only adds switches.
 MAX_INTRA_OP_THREADS = 2
 INTER_OP_THREADS = 1
 
 
 def _intra_op_threads() -> int:
     return max(1, min(MAX_INTRA_OP_THREADS, len(os.sched_getaffinity(0))))
+
 
 # The stub's stderr is Triton's: tracebacks logged here land in Triton's log.
 logger = logging.getLogger("floodwall.triton.embedder")
