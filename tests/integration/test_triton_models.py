@@ -137,8 +137,19 @@ def test_both_models_ready_with_batching_and_policy_off(client: httpx.Client, tr
 def test_policy_variant_loads_with_priorities_and_bounded_queue(
     launch_triton: Any, model_cache: Path, tmp_path: Path
 ) -> None:
+    shipped = _repository_copy(tmp_path / "shipped", {}) / "embedder" / "config.pbtxt"
+    shipped_timeout = re.search(r"default_timeout_microseconds: (\d+)", shipped.read_text())
+    assert shipped_timeout and 0 < int(shipped_timeout.group(1)) <= 10_000_000
+    # Served with a 30 s default: a request can only shorten its queue timeout, never extend
+    # it, and with the shipped 2 s the third busy batch below expired on a slow CI machine
+    # (two 64-row batches ahead of it took longer than 2 s on 2 shared cores).
     http_url, metrics_url = _launch_ready(
-        launch_triton, model_cache, _repository_copy(tmp_path, {})
+        launch_triton,
+        model_cache,
+        _repository_copy(
+            tmp_path,
+            {r"default_timeout_microseconds: \d+": "default_timeout_microseconds: 30000000"},
+        ),
     )
     config = httpx.get(f"{http_url}/v2/models/embedder/config").json()
     batching = config["dynamic_batching"]
@@ -148,20 +159,20 @@ def test_policy_variant_loads_with_priorities_and_bounded_queue(
     assert policy["timeout_action"] == "REJECT"
     assert policy["allow_timeout_override"] is True
     assert 0 < int(policy["max_queue_size"]) <= 1024
-    assert 0 < int(policy["default_timeout_microseconds"]) <= 10_000_000
+    assert int(policy["default_timeout_microseconds"]) == 30_000_000
 
     # A request whose own deadline passes in the queue is refused, not run late.
     url = f"{http_url}/v2/models/embedder/infer"
     # Full batches (max_batch_size 64): each runs alone, so while one runs the others wait
     # in the queue, whenever they arrive (16 rows each could all run as one batch).
-    busy = infer_body([MEDIUM_TEXT] * 64, timeout_us=30_000_000)
+    busy = infer_body([MEDIUM_TEXT] * 64)
     with (
         httpx.Client(timeout=60.0) as c,
         ThreadPoolExecutor(max_workers=4) as pool,
     ):
         busy_futures = [pool.submit(timed_post, c, url, busy) for _ in range(3)]
-        _wait_pending(metrics_url, 2)  # one batch running, one queued
-        # allow_timeout_override: a caller's own 1 ms deadline replaces the 2 s default.
+        _wait_pending(metrics_url, 2)  # one batch running, two queued
+        # allow_timeout_override: a caller's own 1 ms deadline replaces the 30 s default.
         response = c.post(url, json=infer_body(["too late"], timeout_us=1_000))
         for future in busy_futures:
             future.result()
@@ -325,7 +336,14 @@ def _wait_pending(metrics_url: str, at_least: int) -> None:
 
 
 def test_full_queue_is_refused_fast(launch_triton: Any, model_cache: Path, tmp_path: Path) -> None:
-    repository = _repository_copy(tmp_path, {r"max_queue_size: \d+": "max_queue_size: 4"})
+    # A 30 s queue timeout, so that only a full queue refuses (not a slow CI expiring one).
+    repository = _repository_copy(
+        tmp_path,
+        {
+            r"max_queue_size: \d+": "max_queue_size: 4",
+            r"default_timeout_microseconds: \d+": "default_timeout_microseconds: 30000000",
+        },
+    )
     http_url, _ = _launch_ready(launch_triton, model_cache, repository)
 
     body = infer_body([MEDIUM_TEXT] * 8)
