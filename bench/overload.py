@@ -7,9 +7,12 @@ Triton gets a core of its own by default, as the accelerator it stands in for wo
 (``bench/placement.py``); ``--shared`` runs everything on every core.
 
 Capacity is what the embedder serves through the gateway with the policies off (wrk, 32
-connections, one sentence per request). Each point is an open loop (latency from the
-scheduled send time). Reported per class: success rate, p50/p99 of the successful calls; per
-point: goodput (successful calls/s), shed (503 overloaded) and degraded counts, other errors.
+connections, one sentence per request). The same closed loop at fewer connections traces the
+backend's latency/throughput frontier: the most any admission policy could serve within a
+latency bound, since it can only choose how many requests are in flight (see `frontier`).
+Each load point is an open loop (latency from the scheduled send time). Reported per class:
+success rate, p50/p99 of the successful calls; per point: goodput (successful calls/s), shed
+(503 overloaded) and degraded counts, other errors.
 
     .venv/bin/python -m bench.overload              # ~6 minutes
     .venv/bin/python -m bench.overload --quick      # ~3 minutes
@@ -46,6 +49,8 @@ KEYS = {"critical": PREMIUM_KEY, "standard": DEMO_KEY, "sheddable": "fw-demo-bat
 # The processor's lag guard (processor.shed_lag_ms) is part of "policies on".
 SHED_LAG_MS = 100
 BODY = json.dumps({"model": "embedder", "input": "How do I keep a model server standing?"})
+# Requests in flight for the frontier (closed loop, policies off); 32 is the capacity point.
+FRONTIER_CONNECTIONS = (1, 2, 4, 6, 8, 12, 16)
 
 
 def _request(key: str) -> HttpRequest:
@@ -165,6 +170,13 @@ def _measure_mode(stack: Any, mode: str, seconds: float, results: dict[str, Any]
             print(f"== capacity (policies off, wrk c=32): {capacity:.0f} req/s", flush=True)
             unloaded = _point(host, port, 0.1 * capacity, seconds, admins)
             results["unloaded_p99_ms"] = unloaded["classes"]["standard"]["ok_p99_ms"]
+            results["frontier"] = [
+                closed_loop(url, _request(DEMO_KEY), connections=c, seconds=seconds * 0.6)
+                for c in FRONTIER_CONNECTIONS
+            ] + [cap]
+            for f in results["frontier"]:
+                print(f"   frontier c={f['connections']:2}: {f['rps']:5.0f} req/s, "
+                      f"p99 {f['p99_ms']:.0f} ms", flush=True)  # fmt: skip
         points = []
         for mult in (0.5, 1.0, 2.0, 4.0):
             time.sleep(2)  # let the previous point's backlog drain
@@ -248,6 +260,9 @@ def _summary(results: dict[str, Any]) -> dict[str, Any]:
     other_5xx = sum(v for k, v in at4["statuses"].items() if k.startswith("5") and k != "503")
     return {
         "capacity_judged_rps": cap,
+        "frontier": frontier(
+            results.get("frontier", []), cap, results["unloaded_p99_ms"], 4 * dict(MIX)["critical"]
+        ),
         "on_4x": {
             "goodput_share_of_capacity": at4["goodput_rps"] / cap,
             "critical_success": at4["classes"]["critical"]["success"],
@@ -266,6 +281,41 @@ def _summary(results: dict[str, Any]) -> dict[str, Any]:
             "admitted_p99_le_3x_unloaded": p99 <= 3 * results["unloaded_p99_ms"],
             "no_other_5xx": other_5xx == 0,
         },
+    }
+
+
+def frontier(
+    points: list[dict[str, Any]], capacity: float, unloaded_p99_ms: float, critical_load: float
+) -> dict[str, Any]:
+    """What the closed-loop points (policies off, ``connections`` in flight) say the targets
+    allow: an admission policy only chooses how many requests are in flight, so none serves
+    more within a latency bound than the best point under it (closed loop: an open loop at
+    the same rate queues more, so this bound is optimistic). ``critical_load``: the critical
+    class's offered load at 4x, as a share of capacity (0.8 for 20%), all of which must be
+    served; None where no point reaches a share."""
+    bound = 3 * unloaded_p99_ms
+    within = [p for p in points if p["p99_ms"] <= bound]
+    best = max(within, key=lambda p: p["rps"], default=None)
+
+    def p99_at(share: float) -> dict[str, Any] | None:
+        reach = [p for p in points if p["rps"] >= share * capacity]
+        first = min(reach, key=lambda p: p["connections"], default=None)
+        if first is None:
+            return None
+        return {"connections": first["connections"], "p99_ms": first["p99_ms"],
+                "p99_vs_unloaded": first["p99_ms"] / unloaded_p99_ms}  # fmt: skip
+
+    return {
+        "p99_bound_ms": bound,
+        "best_within_bound": None
+        if best is None
+        else {
+            "connections": best["connections"],
+            "rps": best["rps"],
+            "share_of_capacity": best["rps"] / capacity,
+        },
+        "at_90pct": p99_at(0.9),
+        "critical_at_4x": {"share_of_capacity": critical_load, "at": p99_at(critical_load)},
     }
 
 
@@ -315,6 +365,7 @@ def _markdown(results: dict[str, Any]) -> str:
         f"- at 4x with policies off: goodput {off['goodput_share_of_capacity']:.0%} of capacity,"
         f" critical success {off['critical_success']:.1%}, p99 {off['p99_ms']:.0f} ms",
     ]
+    lines += _frontier_lines(results)
     if all("cores" in p for mode in ("off", "on") for p in results["runs"][mode]):
         names = ["triton", "processor", "envoy", "loadgen", "redis"]
         lines += [
@@ -348,6 +399,55 @@ def _markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _frontier_lines(results: dict[str, Any]) -> list[str]:
+    if not results.get("frontier"):
+        return []
+    f = results["summary"]["frontier"]
+    lines = [
+        "",
+        "What any admission could do here: the backend's frontier, a closed loop through the "
+        "gateway with the policies off at each number of requests in flight (an admission "
+        "policy only chooses that number):",
+        "",
+        "| in flight | served | share of capacity | p50 | p99 | p99 / unloaded |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    cap, unloaded = results["summary"]["capacity_judged_rps"], results["unloaded_p99_ms"]
+    for p in results["frontier"]:
+        lines.append(
+            f"| {p['connections']} | {p['rps']:.0f}/s | {p['rps'] / cap:.0%} | "
+            f"{p['p50_ms']:.0f} ms | {p['p99_ms']:.0f} ms | {p['p99_ms'] / unloaded:.1f}x |"
+        )
+    best, at90 = f["best_within_bound"], f["at_90pct"]
+    crit = f["critical_at_4x"]
+    lines += [
+        "",
+        "- most served with p99 <= 3x unloaded ("
+        f"{f['p99_bound_ms']:.0f} ms): "
+        + (
+            f"{best['rps']:.0f}/s = {best['share_of_capacity']:.0%} of capacity "
+            f"({best['connections']} in flight)"
+            if best
+            else "no point"
+        ),
+        "- p99 where 90% of capacity is first served: "
+        + (
+            f"{at90['p99_ms']:.0f} ms = {at90['p99_vs_unloaded']:.1f}x unloaded "
+            f"({at90['connections']} in flight)"
+            if at90
+            else "no point reaches it"
+        ),
+        f"- the critical class alone at 4x offers {crit['share_of_capacity']:.0%} of capacity, "
+        "all of which must be served; p99 where that much is first served: "
+        + (
+            f"{crit['at']['p99_ms']:.0f} ms = {crit['at']['p99_vs_unloaded']:.1f}x unloaded"
+            if crit["at"]
+            else "no point reaches it"
+        ),
+    ]
+    return lines
+
+
 def _met(ok: bool) -> str:
     return "met" if ok else "NOT met"
 
@@ -361,7 +461,9 @@ def _plot(results: dict[str, Any], path: Path) -> None:
     except ImportError:
         print("no plot: pip install -e '.[bench]' for matplotlib")
         return
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    front = results.get("frontier") or []
+    fig, axes = plt.subplots(1, 3 if front else 2, figsize=(16 if front else 11, 4))
+    a, b = axes[0], axes[1]
     for mode, style in (("off", "--"), ("on", "-")):
         pts = results["runs"][mode]
         x = [p["multiple"] for p in pts]
@@ -375,6 +477,18 @@ def _plot(results: dict[str, Any], path: Path) -> None:
           yscale="log", title="Latency")  # fmt: skip
     a.legend()
     b.legend(fontsize=7)
+    if front:
+        c = axes[2]
+        c.plot([p["rps"] for p in front], [p["p99_ms"] for p in front], "k-o")
+        for p in front:
+            c.annotate(str(p["connections"]), (p["rps"], p["p99_ms"]), fontsize=7,
+                       textcoords="offset points", xytext=(4, -8))  # fmt: skip
+        c.axhline(3 * results["unloaded_p99_ms"], color="red", lw=0.8, label="3x unloaded p99")
+        c.axvline(0.9 * results["summary"]["capacity_judged_rps"], color="green", lw=0.8,
+                  label="90% of capacity")  # fmt: skip
+        c.set(xlabel="served (req/s)", ylabel="p99 (ms)", yscale="log",
+              title="Frontier: closed loop, policies off (labels: in flight)")  # fmt: skip
+        c.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable, Iterator
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -83,7 +84,7 @@ def place(split: Split) -> None:
         pin(pid, set(split.model if pid in triton else split.rest))
 
 
-def pin(pid: int, cpus: set[int]) -> None:
+def pin(pid: int, cpus: AbstractSet[int]) -> None:
     """Every thread of ``pid`` (sched_setaffinity on a pid moves its main thread only)."""
     with contextlib.suppress(OSError):
         for tid in os.listdir(f"/proc/{pid}/task"):
