@@ -43,12 +43,13 @@ from typing import Any
 import numpy as np
 
 from bench import placement
-from bench.loadgen import HttpRequest, open_loop_mix
+from bench.loadgen import HttpRequest, histogram, open_loop_mix, quantiles
 from filters.cache import evaluate
 from filters.cache.index import VectorIndex
 from proxy.config import REPO_ROOT
 from tests.helpers import DEMO_KEY, echo_server, stack_config, start_stack
 
+LOOKUP_SECONDS = "floodwall_cache_lookup_duration_seconds"
 RESULTS = REPO_ROOT / "bench" / "results"
 CACHED = "How do I rotate the API keys of my account without downtime?"
 PARAPHRASE = "how can I rotate my account's API keys with no downtime"
@@ -125,9 +126,9 @@ def _points(
             _reset(admin)
             open_loop_mix(host, port, [mix[3]], rate=5, seconds=1)
             _until_semantic(host, port)
-            before = _buckets(admin + "/metrics")
+            before = histogram(admin + "/metrics", LOOKUP_SECONDS, ("level",))
             per = open_loop_mix(host, port, mix, rate=rate, seconds=seconds, mark=marks)
-            decide = _quantiles(before, _buckets(admin + "/metrics"))
+            decide = quantiles(before, histogram(admin + "/metrics", LOOKUP_SECONDS, ("level",)))
             counters = _counters(admin + "/metrics")
             out[name] = {"rate_total": rate, "seconds": seconds, "kinds": per,
                          "placement": split.describe() if split else "shared",
@@ -182,38 +183,6 @@ def _counters(url: str) -> dict[str, float]:
         ):
             name, value = line.rsplit(" ", 1)
             out[name.replace("floodwall_cache_", "")] = float(value)
-    return out
-
-
-def _buckets(url: str) -> dict[str, list[tuple[float, float]]]:
-    """The processor's cache look-up histogram: level -> [(le, cumulative count)]."""
-    import urllib.request
-
-    text = urllib.request.urlopen(url, timeout=5).read().decode()
-    out: dict[str, list[tuple[float, float]]] = {}
-    for line in text.splitlines():
-        if line.startswith("floodwall_cache_lookup_duration_seconds_bucket{"):
-            labels, value = line.rsplit(" ", 1)
-            level = labels.split('level="')[1].split('"')[0]
-            le = labels.split('le="')[1].split('"')[0]
-            out.setdefault(level, []).append((float(le), float(value)))
-    return out
-
-
-def _quantiles(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
-    """p50/p99 (bucket upper bounds, ms) of the look-ups made between two scrapes: the time
-    the cache itself takes in the processor, without Envoy, the network or the client."""
-    out: dict[str, Any] = {}
-    for level, rows in after.items():
-        prev = dict(before.get(level, []))
-        counts = [(le, n - prev.get(le, 0.0)) for le, n in rows]
-        total = counts[-1][1]
-        if total <= 0:
-            continue
-        out[level] = {"lookups": int(total)}
-        for q in (0.5, 0.99):
-            le = next(le for le, n in counts if n >= q * total)
-            out[level][f"p{int(q * 100)}_le_ms"] = le * 1000
     return out
 
 
@@ -394,7 +363,7 @@ def markdown(res: dict[str, Any]) -> str:
     ]
     for name, point in res["gateway"].items():
         for level, q in point["processor_lookup_ms"].items():
-            lines.append(f"| {name} | {level} | {q['lookups']} | {q['p50_le_ms']:g} ms | "
+            lines.append(f"| {name} | {level} | {q['count']} | {q['p50_le_ms']:g} ms | "
                          f"{q['p99_le_ms']:g} ms |")  # fmt: skip
     lines += ["", "| index entries | mode | p50 | p99 | recall@1 | flat scan p50 | clustering |",
               "|---:|---|---:|---:|---:|---:|---:|"]  # fmt: skip

@@ -35,7 +35,15 @@ from typing import Any
 
 import yaml
 
-from bench.loadgen import HttpRequest, Steal, closed_loop, cpu_seconds, open_loop
+from bench.loadgen import (
+    HttpRequest,
+    Steal,
+    closed_loop,
+    cpu_seconds,
+    histogram,
+    open_loop,
+    quantiles,
+)
 from proxy.bootstrap import render
 from proxy.config import REPO_ROOT, load_config
 from proxy.process import build_chain
@@ -43,6 +51,7 @@ from proxy.runtime import find_binary, http_ok
 from tests.helpers import DEMO_KEY, free_port_block, free_ports
 
 RESULTS = REPO_ROOT / "bench" / "results"
+FILTER_SECONDS = "floodwall_filter_duration_seconds"
 DIGEST = "4faac7e9147a184d6a3e359b0468bfdfd4279a190835f81da514ac041ec212f2"  # sha256(demo key)
 
 REQUEST = HttpRequest(
@@ -314,6 +323,7 @@ def paired_open_loop(
     seg: dict[str, list[dict[str, Any]]] = {s: [] for s in pair}
     with contextlib.ExitStack() as stack:
         where: dict[str, tuple[int, list[int]]] = {}
+        metrics: dict[str, str] = {}
         for setup in pair:
             p = dict(zip(["listener", "admin"], free_ports(2), strict=True))
             p |= {"upstream": ports["upstream"], "processor_admin": free_port_block(1)}
@@ -321,7 +331,12 @@ def paired_open_loop(
             rt.mkdir(exist_ok=True)
             _, *pids = stack.enter_context(gateway(setup, p, rt, envoy, 1))
             where[setup] = (p["listener"], pids)
+            metrics[setup] = f"http://127.0.0.1:{p['processor_admin']}/metrics"
             closed_loop(f"http://127.0.0.1:{p['listener']}", REQUEST, connections=16, seconds=1)
+        # The filters' own time in the processor over the segments (no warm-up), from its
+        # per-filter histogram: what they add directly, without Envoy, the client or the VM's
+        # scheduling of the other processes.
+        before = histogram(metrics[other], FILTER_SECONDS, ("filter", "phase"))
         steal = Steal()
         for i in range(segments):
             for setup in pair if i % 2 == 0 else pair[::-1]:
@@ -331,8 +346,10 @@ def paired_open_loop(
                 cpu = sum(cpu_seconds(p) for p in pids) - cpu0
                 o["processor_cpu_us_per_req"] = cpu / max(1, o["achieved_rps"] * seconds) * 1e6
                 seg[setup].append(o)
+        after = histogram(metrics[other], FILTER_SECONDS, ("filter", "phase"))
     out: dict[str, Any] = {"rate": rate, "segments": segments, "segment_seconds": seconds,
-                           "steal_share": steal.share()}  # fmt: skip
+                           "steal_share": steal.share(),
+                           "other_filter_ms": quantiles(before, after, within_ms=0.5)}  # fmt: skip
     for setup, key in ((base, "base"), (other, "other")):
         out[key] = {
             m: float(statistics.median(o[m] for o in seg[setup]))

@@ -350,3 +350,49 @@ def cpu_by_component() -> dict[str, float]:
         name = next((n for needle, n in _COMPONENTS if needle in cmd), "other")
         out[name] = out.get(name, 0.0) + used
     return out
+
+
+def histogram(url: str, name: str, by: tuple[str, ...]) -> dict[str, list[tuple[float, float]]]:
+    """Histogram ``name``'s cumulative buckets on the Prometheus page at ``url``
+    (``parse_histogram``)."""
+    import urllib.request
+
+    return parse_histogram(urllib.request.urlopen(url, timeout=5).read().decode(), name, by)
+
+
+def parse_histogram(
+    text: str, name: str, by: tuple[str, ...]
+) -> dict[str, list[tuple[float, float]]]:
+    """Histogram ``name``'s cumulative buckets in a Prometheus page, per series: the values of
+    the labels ``by`` joined with "/" -> [(le, cumulative count)], in the page's order."""
+    out: dict[str, list[tuple[float, float]]] = {}
+    for labels, value in re.findall(rf"^{name}_bucket\{{([^}}]*)\}} (\S+)$", text, re.M):
+        lab = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+        key = "/".join(lab.get(b, "") for b in by)
+        out.setdefault(key, []).append((float(lab["le"]), float(value)))
+    return out
+
+
+def quantiles(
+    before: dict[str, list[tuple[float, float]]],
+    after: dict[str, list[tuple[float, float]]],
+    within_ms: float | None = None,
+) -> dict[str, Any]:
+    """Per series, of the observations made between two scrapes (``histogram``): their
+    count, p50 and p99 as bucket upper bounds in ms (the true quantile is at most that), and
+    with ``within_ms`` (a bucket bound) the share observed at or under it."""
+    out: dict[str, Any] = {}
+    for key, rows in after.items():
+        prev = dict(before.get(key, []))
+        counts = [(le, n - prev.get(le, 0.0)) for le, n in rows]
+        total = counts[-1][1]
+        if total <= 0:
+            continue
+        out[key] = {"count": int(total)}
+        for q in (0.5, 0.99):
+            le = next(le for le, n in counts if n >= q * total)
+            out[key][f"p{int(q * 100)}_le_ms"] = le * 1000
+        if within_ms is not None:
+            at = dict(counts)[within_ms / 1000]
+            out[key][f"share_within_{within_ms:g}_ms"] = at / total
+    return out
