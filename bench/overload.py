@@ -260,8 +260,12 @@ def _summary(results: dict[str, Any]) -> dict[str, Any]:
     other_5xx = sum(v for k, v in at4["statuses"].items() if k.startswith("5") and k != "503")
     return {
         "capacity_judged_rps": cap,
+        # The critical class's offered rate at 4x (a multiple of the capacity measured first).
         "frontier": frontier(
-            results.get("frontier", []), cap, results["unloaded_p99_ms"], 4 * dict(MIX)["critical"]
+            results.get("frontier", []),
+            cap,
+            results["unloaded_p99_ms"],
+            4 * dict(MIX)["critical"] * results["capacity_rps"] / cap,
         ),
         "on_4x": {
             "goodput_share_of_capacity": at4["goodput_rps"] / cap,
@@ -291,8 +295,8 @@ def frontier(
     allow: an admission policy only chooses how many requests are in flight, so none serves
     more within a latency bound than the best point under it (closed loop: an open loop at
     the same rate queues more, so this bound is optimistic). ``critical_load``: the critical
-    class's offered load at 4x, as a share of capacity (0.8 for 20%), all of which must be
-    served; None where no point reaches a share."""
+    class's offered load at 4x, as a share of ``capacity``, all of which must be served; None
+    where no point reaches a share."""
     bound = 3 * unloaded_p99_ms
     within = [p for p in points if p["p99_ms"] <= bound]
     best = max(within, key=lambda p: p["rps"], default=None)
