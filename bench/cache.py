@@ -292,7 +292,10 @@ def summary(res: dict[str, Any]) -> dict[str, Any]:
         }
     # Judged where Triton has cores of its own (an accelerator's stand-in), if it had.
     judged = [n for n, p in res["gateway"].items() if p.get("placement") != "shared"] or list(s)
-    worst = lambda key: max(s[n][key] for n in judged)  # noqa: E731
+
+    def worst(key: str) -> float:
+        return float(max(s[n][key] for n in judged))
+
     s["judged_points"] = judged
     s["targets"] = {
         "exact_hit_added_p99_le_2ms": worst("exact_added_p99_ms") <= 2.0,

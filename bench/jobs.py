@@ -129,12 +129,15 @@ def drain(stack: Stack, config: Path, n: int, workers: int) -> dict[str, Any]:
             os.killpg(proc.pid, signal.SIGTERM)
         for proc in procs:
             proc.wait(timeout=30)
-    started, finished, states = [], [], {}
+    started: list[int] = []
+    finished: list[int] = []
+    states: dict[str, int] = {}
     for key in r.scan_iter(match=f"{p.prefix}:job:*", count=1000):
         st, s0, f1 = r.hmget(key, ["status", "started", "finished"])
-        states[st.decode()] = states.get(st.decode(), 0) + 1
-        started.append(int(s0))
-        finished.append(int(f1))
+        status = st.decode() if isinstance(st, bytes) else str(st)
+        states[status] = states.get(status, 0) + 1
+        started.append(int(s0 or 0))
+        finished.append(int(f1 or 0))
     span = (max(finished) - min(started)) / 1000
     return {
         "workers": workers,

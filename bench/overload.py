@@ -107,6 +107,12 @@ def _refusals(admins: list[str]) -> dict[str, float]:
     return out
 
 
+def admin_urls(stack: Any) -> list[str]:
+    """The admin base URL of each processor process of a started stack."""
+    pc = stack.cfg.processor
+    return [f"http://{pc.admin_address}:{pc.admin_port + i}" for i in range(pc.processes)]
+
+
 def _point(
     url_host: str, port: int, rate: float, seconds: float, admins: list[str]
 ) -> dict[str, Any]:
@@ -159,9 +165,7 @@ def _measure_mode(stack: Any, mode: str, seconds: float, results: dict[str, Any]
     try:
         host, port = stack.cfg.listener.address, stack.cfg.listener.port
         url = f"http://{host}:{port}"
-        pc = stack.cfg.processor
-        admins = [f"http://{pc.admin_address}:{pc.admin_port + i}"
-                  for i in range(pc.processes)]  # fmt: skip
+        admins = admin_urls(stack)
         closed_loop(url, _request(DEMO_KEY), connections=16, seconds=3)  # warm up
         if mode == "off":
             cap = closed_loop(url, _request(DEMO_KEY), connections=32, seconds=8)

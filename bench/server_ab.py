@@ -47,7 +47,7 @@ def main() -> None:
                     closed_loop(f"http://{host}:{port}", ov._request(DEMO_KEY), connections=16,
                                 seconds=3)  # fmt: skip
                     time.sleep(1)
-                    p = ov._point(host, port, args.rate, args.seconds)
+                    p = ov._point(host, port, args.rate, args.seconds, ov.admin_urls(stack))
                 finally:
                     stack.stop()
                 c = p["classes"]

@@ -101,7 +101,9 @@ def infer_body(
     return body
 
 
-def embed(client: httpx.Client, http_url: str, model: str, texts: list[str]) -> np.ndarray:
+def embed(
+    client: httpx.Client, http_url: str, model: str, texts: list[str]
+) -> np.ndarray[Any, Any]:
     response = client.post(f"{http_url}/v2/models/{model}/infer", json=infer_body(texts))
     assert response.status_code == 200, response.text
     (out,) = [o for o in response.json()["outputs"] if o["name"] == "EMBEDDING"]
@@ -230,20 +232,20 @@ def test_priority_1_overtakes_queued_priority_2(
 
     def queued(_: int) -> tuple[float, float]:
         start.wait()
-        return timed_post(client, url, flood_body)
+        return timed_post(http, url, flood_body)
 
     with (
-        httpx.Client(timeout=60.0, limits=httpx.Limits(max_connections=64)) as client,
+        httpx.Client(timeout=60.0, limits=httpx.Limits(max_connections=64)) as http,
         ThreadPoolExecutor(max_workers=1 + flood + 2 * probes) as pool,
     ):
-        embed(client, http_url, "embedder", [SHORT_TEXT] * 16)  # connect, warm this shape
+        embed(http, http_url, "embedder", [SHORT_TEXT] * 16)  # connect, warm this shape
         # A long batch first, a full one (max_batch_size 64) so no flood request joins it:
         # the flood queues behind it however late its threads get to send. Without it, a
         # flood whose requests arrived one by one was executed as it came and never all
         # queued at once (a CI run saw 0 of 11 pending: the count is of requests waiting,
         # not executing).
         blocker_body = infer_body([MEDIUM_TEXT] * 64, priority=2)
-        blocker = pool.submit(timed_post, client, url, blocker_body)
+        blocker = pool.submit(timed_post, http, url, blocker_body)
         time.sleep(0.3)  # sent and started: queued requests are all the metric shows
         flood_futures = [pool.submit(queued, i) for i in range(flood)]
         start.wait()
@@ -251,7 +253,7 @@ def test_priority_1_overtakes_queued_priority_2(
         # Sent together, behind the flood: only the priority differs.
         urgent_futures, late_futures = (
             [
-                pool.submit(timed_post, client, url, infer_body([SHORT_TEXT], priority=p))
+                pool.submit(timed_post, http, url, infer_body([SHORT_TEXT], priority=p))
                 for _ in range(probes)
             ]
             for p in (1, 2)
@@ -353,11 +355,11 @@ def test_full_queue_is_refused_fast(launch_triton: Any, model_cache: Path, tmp_p
     def one(_: int) -> tuple[httpx.Response, float]:
         start.wait()
         started = time.perf_counter()
-        response = client.post(f"{http_url}/v2/models/embedder/infer", json=body)
+        response = http.post(f"{http_url}/v2/models/embedder/infer", json=body)
         return response, time.perf_counter() - started
 
     with (
-        httpx.Client(timeout=60.0, limits=httpx.Limits(max_connections=64)) as client,
+        httpx.Client(timeout=60.0, limits=httpx.Limits(max_connections=64)) as http,
         ThreadPoolExecutor(max_workers=concurrency) as pool,
     ):
         results = list(pool.map(one, range(concurrency)))
