@@ -334,8 +334,8 @@ def paired_open_loop(
             metrics[setup] = f"http://127.0.0.1:{p['processor_admin']}/metrics"
             closed_loop(f"http://127.0.0.1:{p['listener']}", REQUEST, connections=16, seconds=1)
         # The filters' own time in the processor over the segments (no warm-up), from its
-        # per-filter histogram: what they add directly, without Envoy, the client or the VM's
-        # scheduling of the other processes.
+        # per-filter histogram: each from its start to its decision, awaited calls (Redis)
+        # included, so what it adds to a request's path directly, without Envoy's share.
         before = histogram(metrics[other], FILTER_SECONDS, ("filter", "phase"))
         steal = Steal()
         for i in range(segments):

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import re
 import subprocess
@@ -393,6 +394,6 @@ def quantiles(
             le = next(le for le, n in counts if n >= q * total)
             out[key][f"p{int(q * 100)}_le_ms"] = le * 1000
         if within_ms is not None:
-            at = dict(counts)[within_ms / 1000]
+            at = next(n for le, n in counts if math.isclose(le, within_ms / 1000))
             out[key][f"share_within_{within_ms:g}_ms"] = at / total
     return out
