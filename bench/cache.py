@@ -6,8 +6,8 @@
      body through Envoy and the processor) with ``Cache-Control: no-store`` (the cache does
      nothing) for a model that does not exist, so the gateway answers it itself (404);
    - ``exact``: a repeated chat request, answered from Redis;
-   - ``semantic``: a paraphrase of a cached question (embedding by Triton, index, guards,
-     Redis);
+   - ``semantic``: a paraphrase of a cached question (embedding by Triton, index, the
+     judge by Triton, Redis);
    - ``miss``: the same chat request with ``Cache-Control: no-cache`` (embedding, the model
      call, the store; only the look-up itself is skipped).
    At a low rate and at a fixed higher rate, first with Triton on cores of its own (the
@@ -18,9 +18,10 @@
    384-d vectors; flat scan below 20k, IVF above), p50/p99 and recall of a near-duplicate.
    Target: 100k <= 5 ms.
 3. ``cache eval`` on the shipped sets: pairs.jsonl (the guards were developed against it),
-   holdout.jsonl to holdout17.jsonl (each written apart; see filters/cache/README.md). The
-   targets are judged on ``evaluate.HELD_OUT``: the sets the shipped verifier was not
-   trained on and no guard rule was written from.
+   holdout.jsonl to holdout17.jsonl (each written apart; see filters/cache/README.md), by the
+   guards, the shipped verifier and the judge (the local config's decider). The targets are
+   judged on ``evaluate.HELD_OUT``: the sets neither the verifier nor the judge was trained
+   on and no guard rule was written from.
 
     .venv/bin/python -m bench.cache            # ~11 minutes (most of it the labelled sets)
     .venv/bin/python -m bench.cache --quick
@@ -44,7 +45,7 @@ import numpy as np
 
 from bench import placement
 from bench.loadgen import HttpRequest, histogram, open_loop_mix, quantiles
-from filters.cache import evaluate
+from filters.cache import evaluate, judge
 from filters.cache.index import VectorIndex
 from proxy.config import REPO_ROOT
 from tests.helpers import DEMO_KEY, echo_server, stack_config, start_stack
@@ -231,18 +232,22 @@ def index_points(quick: bool) -> dict[str, Any]:
 
 def eval_points() -> tuple[dict[str, Any], dict[str, Any]]:
     """The shipped sets judged by the guards (at the recommended threshold) and by the shipped
-    verifier; then the held-out sets among every set's questions (``all_stored_points``)."""
-    from filters.cache.params import load_verifier
+    verifier and the judge; then the held-out sets among every set's questions
+    (``all_stored_points``)."""
+    from filters.cache.params import JUDGE_THRESHOLD, load_verifier
 
     verifier = load_verifier("shipped")
     out: dict[str, Any] = {}
-    with evaluate.private_embedder() as url:
+    with evaluate.private_embedder("embedder", judge.TRITON_MODEL) as url:
         for name in SETS:
             path = evaluate.SHIPPED_PAIRS.with_name(f"{name}.jsonl")
-            r = evaluate.run(path, evaluate_threshold(), url, "embedder", verifier)
+            r = evaluate.run(
+                path, evaluate_threshold(), url, "embedder", verifier,
+                judge_cut=judge.DEFAULT_CUT, judge_threshold=JUDGE_THRESHOLD,
+            )  # fmt: skip
             out[name] = {k: r[k] for k in ("pairs", "threshold", "hit_rate", "wrong_hit_rate",
                                            "thresholds", "guards", "by_category",
-                                           "recommended_threshold", "verifier",
+                                           "recommended_threshold", "verifier", "judge",
                                            "near_duplicates")}  # fmt: skip
             out[name]["one_index"] = r["one_index"]
             v = r["verifier"]
@@ -251,26 +256,34 @@ def eval_points() -> tuple[dict[str, Any], dict[str, Any]]:
                   f"{v['hit_rate']:.1%} wrong {v['wrong_hit_rate']:.1%}; near-duplicates "
                   f"{r['near_duplicates']['hit_rate']:.1%} / "
                   f"{v['near_duplicates_hit_rate']:.1%}; one index "
-                  f"{v['one_index']['hit_rate']:.1%} / {v['one_index']['wrong_hit_rate']:.1%}",
+                  f"{v['one_index']['hit_rate']:.1%} / {v['one_index']['wrong_hit_rate']:.1%}; "
+                  f"judge {_rates(r['judge'])}, one index {_rates(r['judge']['one_index'])}",
                   flush=True)  # fmt: skip
         return out, all_stored_points(url, verifier)
 
 
 def all_stored_points(url: str, verifier: Any) -> dict[str, Any]:
     """Each held-out set looked up in one index holding the questions of every shipped set
-    (a cache of ~6,700 entries across many topics), by the shipped verifier: embedded once."""
+    (a cache of ~6,700 entries across many topics), by the shipped verifier and by the
+    judge: embedded once."""
+    from filters.cache.params import JUDGE_THRESHOLD
+
     sets = {n: evaluate.read_pairs(evaluate.SHIPPED_PAIRS.with_name(f"{n}.jsonl")) for n in SETS}
     questions = list(dict.fromkeys(p.a for ps in sets.values() for p in ps))
     texts = questions + [p.b for n in FRESH for p in sets[n]]
     vectors, tokens = evaluate.embed_all_tokens(texts, url, "embedder", tokens=verifier.align)
-    out = {}
+    out: dict[str, Any] = {"verifier": {}, "judge": {}}
     for n in FRESH:
-        out[n] = evaluate.one_index_report(
+        out["verifier"][n] = evaluate.one_index_report(
             sets[n], vectors, threshold=verifier.threshold, verifier=verifier, tokens=tokens,
             distractors=questions,
         )  # fmt: skip
-        print(f"   all stored {n}: {out[n]['hit_rate']:.1%} / {out[n]['wrong_hit_rate']:.1%}",
-              flush=True)  # fmt: skip
+        out["judge"][n] = evaluate.one_index_report(
+            sets[n], vectors, threshold=JUDGE_THRESHOLD, distractors=questions,
+            judge_cut=judge.DEFAULT_CUT, ask_judge=lambda asks: evaluate.judge_all(asks, url),
+        )  # fmt: skip
+        print(f"   all stored {n}: verifier {_rates(out['verifier'][n])}, judge "
+              f"{_rates(out['judge'][n])}", flush=True)  # fmt: skip
     return out
 
 
@@ -304,6 +317,16 @@ def summary(res: dict[str, Any]) -> dict[str, Any]:
         "held_out_hit_ge_70pct": min(res["eval"][n]["hit_rate"] for n in FRESH) >= 0.70,
         "held_out_wrong_le_2pct": max(res["eval"][n]["wrong_hit_rate"] for n in FRESH) <= 0.02,
     }
+    judged_sets = [res["eval"][n]["judge"] for n in FRESH if "judge" in res["eval"][n]]
+    if judged_sets:
+        # The shipped decider (the local config's): the issue's target on each held-out set.
+        s["targets"]["judge_held_out_hit_ge_70pct"] = (
+            min(j["hit_rate"] for j in judged_sets) >= 0.70
+        )
+        s["targets"]["judge_held_out_wrong_le_2pct"] = (
+            max(j["wrong_hit_rate"] for j in judged_sets) <= 0.02
+        )
+        s["judge_held_out_pooled"] = _pooled(judged_sets, list(FRESH))
     held_out = verifier_held_out(res)
     if held_out:
         ver = [res["eval"][n]["verifier"] for n in held_out]
@@ -320,17 +343,21 @@ def summary(res: dict[str, Any]) -> dict[str, Any]:
         s["targets"]["verifier_held_out_one_index_wrong_le_2pct"] = (
             max(o["wrong_hit_rate"] for o in one) <= 0.02
         )
-        # All held-out sets as one: paraphrases served and traps served, over their counts.
-        cats = [(c, x) for v in ver for c, x in v["by_category"].items()]
-        para = [x for c, x in cats if c == "paraphrase"]
-        traps = [x for c, x in cats if c != "paraphrase"]
-        s["verifier_held_out_pooled"] = {
-            "sets": held_out,
-            "hit_rate": sum(x["served"] for x in para) / sum(x["pairs"] for x in para),
-            "wrong_hit_rate": sum(x["served"] for x in traps) / sum(x["pairs"] for x in traps),
-            "traps": sum(x["pairs"] for x in traps),
-        }
+        s["verifier_held_out_pooled"] = _pooled(ver, held_out)
     return s
+
+
+def _pooled(reports: list[dict[str, Any]], sets: list[str]) -> dict[str, Any]:
+    """Several sets as one: paraphrases served and traps served, over their counts."""
+    cats = [(c, x) for r in reports for c, x in r["by_category"].items()]
+    para = [x for c, x in cats if c == "paraphrase"]
+    traps = [x for c, x in cats if c != "paraphrase"]
+    return {
+        "sets": sets,
+        "hit_rate": sum(x["served"] for x in para) / sum(x["pairs"] for x in para),
+        "wrong_hit_rate": sum(x["served"] for x in traps) / sum(x["pairs"] for x in traps),
+        "traps": sum(x["pairs"] for x in traps),
+    }
 
 
 def verifier_held_out(res: dict[str, Any]) -> list[str]:
@@ -414,25 +441,45 @@ def markdown(res: dict[str, Any]) -> str:
                   "paraphrase or trap looked up among them, as a live cache meets it (a "
                   "question nearer than its own can take a paraphrase's hit or serve a trap "
                   "its answer)."]  # fmt: skip
+    if all("judge" in ev[n] for n in names):
+        j0 = ev[names[0]]["judge"]
+        lines += ["", f"Each set by the judge (the local config's decider; cosine ≥ "
+                  f"{j0['threshold']}, p ≥ {j0['cut']}): paraphrases served / traps served, "
+                  "pair by pair and with the set's questions stored together; its own "
+                  "questions re-cased or framed, in other framing and with a typo:", "",
+                  "| set | judge | judge | judge, one index | re-cased or framed | other "
+                  "framing | typo |", "|---|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+        for n in names:
+            j = ev[n]["judge"]
+            again = {k: f"{x['rate']:.1%}" for k, x in j.get("reasks", {}).items()}
+            seen = "**held out**" if n in FRESH else ("validation" if n in judge.VALIDATION
+                                                     else "trained on")  # fmt: skip
+            lines.append(f"| {n} | {seen} | {_rates(j)} | {_rates(j['one_index'])} | "
+                         f"{j['near_duplicates_hit_rate']:.1%} | {again.get('reask', '')} | "
+                         f"{again.get('typo', '')} |")  # fmt: skip
     every = res.get("eval_all_stored") or {}
-    if every:
-        first = next(iter(every.values()))
+    for decider, reports in every.items():
+        if not reports:
+            continue
+        first = next(iter(reports.values()))
         lines += ["", f"The held-out sets looked up among the questions of all {len(names)} "
-                  f"sets ({first['stored']} entries), by the shipped verifier: paraphrases "
+                  f"sets ({first['stored']} entries), by the {decider}: paraphrases "
                   "served their own question's answer / traps served any answer; then the "
                   "paraphrases served another question's answer, and every wrong answer "
                   "(both kinds) over all pairs. Questions from different sets can be the "
                   "same question, so part of these \"wrong\" answers are right.", "",
                   "| set | served / traps served | paraphrases served another | "
                   "wrong answers |", "|---|---:|---:|---:|"]  # fmt: skip
-        for n, o in every.items():
+        for n, o in reports.items():
             lines.append(f"| {n} | {_rates(o)} | {o['paraphrases_served_another']} | "
                          f"{o['wrong_answers']} ({o['wrong_answer_rate']:.1%}) |")  # fmt: skip
-    pooled = res["summary"].get("verifier_held_out_pooled")
-    if pooled:
-        lines += ["", f"Verifier on the held-out sets ({', '.join(pooled['sets'])}) as one: "
-                  f"{pooled['hit_rate']:.1%} of paraphrases served, {pooled['wrong_hit_rate']:.2%}"
-                  f" of {pooled['traps']} traps served."]  # fmt: skip
+    for decider in ("verifier", "judge"):
+        pooled = res["summary"].get(f"{decider}_held_out_pooled")
+        if pooled:
+            lines += ["", f"{decider.capitalize()} on the held-out sets "
+                      f"({', '.join(pooled['sets'])}) as one: {pooled['hit_rate']:.1%} of "
+                      f"paraphrases served, {pooled['wrong_hit_rate']:.2%} of {pooled['traps']} "
+                      "traps served."]  # fmt: skip
     t = res["summary"]["targets"]
     lines += ["", "Targets (latency judged on " + ", ".join(res["summary"]["judged_points"])
               + "): " + ", ".join(f"{k}: {'met' if v else 'NOT met'}"

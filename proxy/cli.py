@@ -205,11 +205,22 @@ def cmd_up(args: argparse.Namespace) -> int:
     return code
 
 
+def cmd_models_train_judge(args: argparse.Namespace) -> int:
+    from filters.cache import judge
+
+    try:
+        return judge.train_main(args)
+    except (OSError, ValueError, RuntimeError) as e:
+        return _fail(str(e))
+
+
 def cmd_cache_eval(args: argparse.Namespace) -> int:
-    from filters.cache import evaluate
+    from filters.cache import evaluate, judge
 
     if args.pairs is None:
         args.pairs = str(evaluate.SHIPPED_PAIRS)
+    if args.judge_cut is None:
+        args.judge_cut = judge.DEFAULT_CUT
     try:
         return evaluate.main(args)
     except (OSError, ValueError, RuntimeError) as e:
@@ -287,6 +298,13 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp32")
     b.add_argument("--force", action="store_true")
     b.set_defaults(func=cmd_models_build)
+    j = msub.add_parser(
+        "train-judge",
+        help="retrain the semantic cache's judge (~33 min on 2 cores; needs torch)",
+    )
+    j.add_argument("--out", required=True, help="folder for model.onnx and training.json")
+    j.add_argument("--epochs", type=int, default=3)
+    j.set_defaults(func=cmd_models_train_judge)
 
     p = sub.add_parser("cache", help="semantic cache tasks")
     csub = p.add_subparsers(dest="cache_cmd", required=True)
@@ -323,6 +341,18 @@ def main(argv: list[str] | None = None) -> int:
         default=4,
         help="nearest entries looked at per question in the one-index measure (the filter's "
         "semantic.candidates)",
+    )
+    e.add_argument(
+        "--judge",
+        action="store_true",
+        help="also judge with the cross-encoder (Triton's pair_judge), at --threshold "
+        "(default 0.5 with the judge)",
+    )
+    e.add_argument(
+        "--judge-cut",
+        type=float,
+        default=None,
+        help="the judge's probability needed to serve (default: semantic.judge.cut's)",
     )
     e.set_defaults(func=cmd_cache_eval)  # fmt: skip
     t = csub.add_parser(

@@ -1,5 +1,6 @@
-"""Prompt embeddings from Triton's embedder (KServe v2 HTTP), through its dynamic batcher:
-concurrent look-ups of all processes become one batch on the model."""
+"""The semantic cache's Triton models over KServe v2 HTTP: prompt embeddings from the
+embedder and pair verdicts from the judge, each through its model's dynamic batcher
+(concurrent look-ups of all processes become one batch)."""
 
 from __future__ import annotations
 
@@ -29,18 +30,20 @@ class TokenEmbedder(Embedder, Protocol):
     ) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]: ...
 
 
-class TritonEmbedder:
-    def __init__(
-        self,
-        base_url: str,
-        model: str,
-        *,
-        input_name: str = "TEXT",
-        output_name: str = "EMBEDDING",
-        timeout_s: float = 0.5,
-    ) -> None:
+class JudgeError(Exception):
+    """The judge did not answer usefully in time; the cache treats it as a miss."""
+
+
+class PairJudge(Protocol):
+    async def same_answer(self, cached: str, asked: str) -> float: ...
+    async def close(self) -> None: ...
+
+
+class _TritonHTTP:
+    """One Triton model's KServe v2 ``infer`` endpoint over a pooled aiohttp session."""
+
+    def __init__(self, base_url: str, model: str, timeout_s: float) -> None:
         self.url = f"{base_url.rstrip('/')}/v2/models/{model}/infer"
-        self.input_name, self.output_name = input_name, output_name
         self.timeout_s = timeout_s
         self._session: aiohttp.ClientSession | None = None
 
@@ -51,6 +54,38 @@ class TritonEmbedder:
                 timeout=aiohttp.ClientTimeout(total=self.timeout_s),
             )
         return self._session
+
+    async def _post(self, request: dict[str, Any]) -> tuple[bytes, str | None]:
+        """The raw answer and the length of its JSON header (binary tensors follow it);
+        ValueError saying what went wrong when there is no usable answer."""
+        try:
+            async with self._client().post(
+                self.url, data=orjson.dumps(request), headers={"content-type": "application/json"}
+            ) as resp:
+                raw = await resp.read()
+                if resp.status != 200:
+                    raise ValueError(f"answered {resp.status}: {raw[:200]!r}")
+                return raw, resp.headers.get("Inference-Header-Content-Length")
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise ValueError(f"unreachable or slow: {exc!r}") from None
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+
+class TritonEmbedder(_TritonHTTP):
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        *,
+        input_name: str = "TEXT",
+        output_name: str = "EMBEDDING",
+        timeout_s: float = 0.5,
+    ) -> None:
+        super().__init__(base_url, model, timeout_s)
+        self.input_name, self.output_name = input_name, output_name
 
     async def embed(self, text: str) -> np.ndarray[Any, Any]:
         vec, _ = await self._infer(text, tokens=False)
@@ -81,15 +116,9 @@ class TritonEmbedder:
             outputs.append({"name": TOKEN_OUTPUT, "parameters": binary})
             request["parameters"] = {"token_embeddings": True}
         try:
-            async with self._client().post(
-                self.url, data=orjson.dumps(request), headers={"content-type": "application/json"}
-            ) as resp:
-                raw = await resp.read()
-                if resp.status != 200:
-                    raise EmbedderError(f"embedder answered {resp.status}: {raw[:200]!r}")
-                header_length = resp.headers.get("Inference-Header-Content-Length")
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise EmbedderError(f"embedder unreachable or slow: {exc!r}") from None
+            raw, header_length = await self._post(request)
+        except ValueError as exc:
+            raise EmbedderError(f"embedder {exc}") from None
         try:
             vec = _tensor(raw, header_length, self.output_name).reshape(-1)
             tok = _tensor(raw, header_length, TOKEN_OUTPUT) if tokens else None
@@ -99,9 +128,34 @@ class TritonEmbedder:
             raise EmbedderError("embedder returned no usable vector")
         return vec, tok
 
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+
+class TritonPairJudge(_TritonHTTP):
+    """The ``pair_judge`` model (triton_models/pair_judge): one pair per call; Triton's
+    dynamic batcher joins concurrent look-ups."""
+
+    def __init__(self, base_url: str, model: str = "pair_judge", *, timeout_s: float = 0.5) -> None:
+        super().__init__(base_url, model, timeout_s)
+
+    async def same_answer(self, cached: str, asked: str) -> float:
+        """The probability that ``cached``'s answer serves ``asked``."""
+        request = {
+            "inputs": [
+                {"name": "CACHED", "shape": [1, 1], "datatype": "BYTES", "data": [cached]},
+                {"name": "ASKED", "shape": [1, 1], "datatype": "BYTES", "data": [asked]},
+            ],
+            "outputs": [{"name": "SAME_ANSWER", "parameters": {"binary_data": True}}],
+        }
+        try:
+            raw, header_length = await self._post(request)
+        except ValueError as exc:
+            raise JudgeError(f"judge {exc}") from None
+        try:
+            p = float(_tensor(raw, header_length, "SAME_ANSWER").reshape(-1)[0])
+        except (ValueError, KeyError, StopIteration, TypeError, IndexError) as exc:
+            raise JudgeError(f"judge answer not understood: {exc!r}") from None
+        if not 0.0 <= p <= 1.0:  # NaN fails both
+            raise JudgeError(f"judge returned {p!r}, not a probability")
+        return p
 
 
 def word_rows(rows: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:

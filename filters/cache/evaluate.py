@@ -9,6 +9,10 @@ false one. The per-threshold table shows both rates with and without the guards.
 
 ``one_index`` then judges the file as a live cache meets it: every ``a`` stored together
 (with the questions of the ``--stored`` files), each ``b`` looked up among all of them.
+
+With ``--judge`` the cross-encoder Triton serves (``pair_judge``, judge.py) decides as well,
+with its probabilities fetched from Triton the way the filter fetches them: ``judge``
+in the JSON, beside the guards' figures, with its own table over thresholds and cuts.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ import numpy as np
 import orjson
 
 from filters.cache.embedder import TOKEN_OUTPUT, _tensor, word_rows
-from filters.cache.guards import GUARDS, veto
+from filters.cache.guards import GUARDS, same_question, veto
 from filters.cache.semantic import SemanticIndex
 from filters.cache.store import Indexed
 from filters.cache.verifier import Labelled, Verifier, train
@@ -259,12 +263,7 @@ def embed_all_tokens(
         }  # fmt: skip
         if tokens:
             request["parameters"] = {"token_embeddings": True}
-        req = urllib.request.Request(
-            f"{base_url}/v2/models/{model}/infer", orjson.dumps(request),
-            {"content-type": "application/json"},
-        )  # fmt: skip
-        with urllib.request.urlopen(req, timeout=60) as resp:
-            raw, header_length = resp.read(), resp.headers.get("Inference-Header-Content-Length")
+        raw, header_length = _infer(base_url, model, request)
         emb = _tensor(raw, header_length, "EMBEDDING").reshape(len(batch), -1)
         vectors.update(zip(batch, emb, strict=True))
         if tokens:
@@ -274,15 +273,47 @@ def embed_all_tokens(
     return vectors, token_vectors
 
 
+def _infer(base_url: str, model: str, request: dict[str, Any]) -> tuple[bytes, str | None]:
+    """One blocking KServe v2 ``infer`` call: the raw answer and its JSON header's length."""
+    req = urllib.request.Request(
+        f"{base_url}/v2/models/{model}/infer", orjson.dumps(request),
+        {"content-type": "application/json"},
+    )  # fmt: skip
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        return resp.read(), resp.headers.get("Inference-Header-Content-Length")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
 
+def judge_all(
+    pairs: list[tuple[str, str]], base_url: str, model: str = "pair_judge"
+) -> dict[tuple[str, str], float]:
+    """The judge's probability for each (cached, asked) pair, through Triton's HTTP API in
+    batches of 32 (its max_batch_size)."""
+    out: dict[tuple[str, str], float] = {}
+    unique = list(dict.fromkeys(pairs))
+    for start in range(0, len(unique), 32):
+        batch = unique[start : start + 32]
+        request: dict[str, Any] = {
+            "inputs": [{"name": name, "shape": [len(batch), 1], "datatype": "BYTES",
+                        "data": [pair[i] for pair in batch]}
+                       for i, name in enumerate(("CACHED", "ASKED"))],
+            "outputs": [{"name": "SAME_ANSWER", "parameters": {"binary_data": True}}],
+        }  # fmt: skip
+        raw, header_length = _infer(base_url, model, request)
+        probs = _tensor(raw, header_length, "SAME_ANSWER").reshape(-1)
+        out.update(zip(batch, (float(x) for x in probs), strict=True))
+    return out
+
+
 @contextlib.contextmanager
-def private_embedder(model: str = "embedder") -> Iterator[str]:
-    """A Triton serving only the embedder on free loopback ports; yields its base URL."""
+def private_embedder(model: str = "embedder", *more: str) -> Iterator[str]:
+    """A Triton serving only the embedder (and the ``more`` models) on free loopback ports;
+    yields its base URL."""
     from proxy import models, triton
     from proxy.config import REPO_ROOT
 
@@ -291,7 +322,8 @@ def private_embedder(model: str = "embedder") -> Iterator[str]:
     with tempfile.TemporaryDirectory(prefix="fw-eval-") as d:
         repo = Path(d) / "models"
         repo.mkdir()
-        shutil.copytree(REPO_ROOT / "triton_models" / model, repo / model)
+        for name in (model, *more):
+            shutil.copytree(REPO_ROOT / "triton_models" / name, repo / name)
         http, grpc, metrics = _free_port(), _free_port(), _free_port()
         prefix = f"fw_eval_{time.time_ns()}_"
         argv, env = triton.triton_command(
@@ -360,6 +392,54 @@ def verifier_report(
     }  # fmt: skip
 
 
+def judge_report(
+    pairs: list[Pair],
+    vectors: dict[str, np.ndarray[Any, Any]],
+    probability: dict[tuple[str, str], float],
+    *,
+    threshold: float,
+    cut: float,
+) -> dict[str, Any]:
+    """The pairs judged by the live decision code with the judge deciding (its probability
+    for each (a, b) in ``probability``), at ``threshold`` and ``cut``, and a table over both:
+    how many paraphrases and traps each combination serves."""
+    served: dict[str, list[bool]] = defaultdict(list)
+    cosine: list[float] = []
+    for i, p in enumerate(pairs):
+        index = SemanticIndex(len(vectors[p.a]), threshold=threshold, candidates=1, judge_cut=cut)
+        index.add(Indexed(f"eval{i}", "a", "p", p.a, vectors[p.a], 2**62))
+        v = index.judge(f"eval{i}", "p", p.b, vectors[p.b], 0,
+                        same_answer={"a": probability[(p.a, p.b)]})  # fmt: skip
+        served[("true" if p.same else "false")].append(v.entry_id is not None)
+        served["category:" + p.category].append(v.entry_id is not None)
+        cosine.append(float(_unit(vectors[p.a]) @ _unit(vectors[p.b])))
+
+    def rate(xs: list[bool]) -> float | None:
+        return _r(sum(xs) / len(xs)) if xs else None
+
+    def serves(p: Pair, cos: float, t: float, c: float) -> bool:
+        return cos >= t and (same_question(p.b, p.a) or probability[(p.a, p.b)] >= c)
+
+    same = [p.same for p in pairs]
+    table = []
+    for t in (0.3, 0.4, 0.5, 0.6, 0.7, 0.8):
+        for c in (0.05, 0.25, 0.5, 0.75, 0.9):
+            got = [serves(p, cos, t, c) for p, cos in zip(pairs, cosine, strict=True)]
+            hits = [g for g, s in zip(got, same, strict=True) if s]
+            wrong = [g for g, s in zip(got, same, strict=True) if not s]
+            table.append({"threshold": t, "cut": c, "hit_rate": rate(hits),
+                          "wrong_hit_rate": rate(wrong)})  # fmt: skip
+    return {
+        "threshold": threshold,
+        "cut": cut,
+        "hit_rate": rate(served["true"]),
+        "wrong_hit_rate": rate(served["false"]),
+        "by_category": {k.split(":", 1)[1]: {"pairs": len(v), "served": sum(v), "rate": rate(v)}
+                        for k, v in sorted(served.items()) if k.startswith("category:")},
+        "by_threshold_and_cut": table,
+    }  # fmt: skip
+
+
 def one_index_report(
     pairs: list[Pair],
     vectors: dict[str, np.ndarray[Any, Any]],
@@ -369,6 +449,8 @@ def one_index_report(
     tokens: dict[str, np.ndarray[Any, Any]] | None = None,
     distractors: list[str] | tuple[str, ...] = (),
     candidates: int = 4,
+    judge_cut: float | None = None,
+    ask_judge: Any = None,
 ) -> dict[str, Any]:
     """The pairs judged the way a live cache meets them: every question ``a`` of the file
     (and the ``distractors``, questions of other sets) stored in one partition, and each
@@ -379,11 +461,15 @@ def one_index_report(
     a served entry is right only if it is ``b``'s own ``a`` on a true pair (or another
     question a pair labels as having ``b``'s answer); everything else served is a wrong
     answer, which ``examples`` lists (an unlabelled stored question can still be a real
-    paraphrase of ``b``: read them before trusting the rate)."""
+    paraphrase of ``b``: read them before trusting the rate).
+
+    With ``judge_cut``, the judge decides: ``ask_judge(list of (cached, asked))`` gives its
+    probabilities for the nearest candidate of each ``b`` (one batch, as Triton's batcher
+    would form them from concurrent look-ups)."""
     stored = list(dict.fromkeys([p.a for p in pairs] + list(distractors)))
     ids = {text: str(i) for i, text in enumerate(stored)}
     index = SemanticIndex(len(vectors[stored[0]]), threshold=threshold, candidates=candidates,
-                          verifier=verifier)  # fmt: skip
+                          verifier=verifier, judge_cut=judge_cut)  # fmt: skip
     for text, entry in ids.items():
         index.add(Indexed("eval", entry, "p", text, vectors[text], 2**62))
     tok = tokens or {}
@@ -392,10 +478,22 @@ def one_index_report(
     for p in pairs:
         if p.same:
             right[p.b].add(ids[p.a])
+    probability: dict[str, dict[str, float]] = defaultdict(dict)  # b -> entry -> p
+    if judge_cut is not None:
+        asks: dict[tuple[str, str], tuple[str, str]] = {}  # (cached, b) -> (b, entry)
+        for p in pairs:
+            hits = index._search("eval", "p", vectors[p.b])
+            nearest = index._nearest_live("eval", hits, 0)
+            if nearest is not None:
+                asks[(stored[int(nearest)], p.b)] = (p.b, nearest)
+        for pair, prob in ask_judge(list(asks)).items():
+            b, entry = asks[pair]
+            probability[b][entry] = prob
     outcomes: dict[str, Counter[str]] = {"true": Counter(), "false": Counter()}
     examples: list[dict[str, str]] = []
     for p in pairs:
-        v = index.judge("eval", "p", p.b, vectors[p.b], 0, tok.get(p.b), cached)
+        v = index.judge("eval", "p", p.b, vectors[p.b], 0, tok.get(p.b), cached,
+                        probability.get(p.b))  # fmt: skip
         kind = "true" if p.same else "false"
         if v.entry_id is None:
             outcomes[kind]["missed"] += 1
@@ -445,6 +543,29 @@ def run(
     verifier: Verifier | None = None,
     stored: tuple[Path, ...] = (),
     candidates: int = 4,
+    judge_cut: float | None = None,
+    judge_threshold: float | None = None,
+) -> dict[str, Any]:
+    """The report of ``path``'s pairs (module docstring); with ``judge_cut``, also the judge's
+    at ``judge_threshold`` (both from Triton: a private one unless ``triton_url``)."""
+    with contextlib.ExitStack() as stack:
+        if triton_url is None:
+            more = ("pair_judge",) if judge_cut is not None else ()
+            triton_url = stack.enter_context(private_embedder(model, *more))
+        return _run(path, threshold, triton_url, model, verifier, stored, candidates,
+                    judge_cut, judge_threshold)  # fmt: skip
+
+
+def _run(
+    path: Path,
+    threshold: float,
+    triton_url: str,
+    model: str,
+    verifier: Verifier | None,
+    stored: tuple[Path, ...],
+    candidates: int,
+    judge_cut: float | None,
+    judge_threshold: float | None,
 ) -> dict[str, Any]:
     pairs = read_pairs(path)
     dups, again = near_duplicates(pairs), reasks(pairs)
@@ -452,7 +573,7 @@ def run(
     others = list(dict.fromkeys(p.a for f in stored for p in read_pairs(f)))
     align = verifier is not None and verifier.align
     texts = [t for p in pairs + dups + again for t in (p.a, p.b)] + others
-    vectors, tokens = _vectors(texts, triton_url, model, tokens=align)
+    vectors, tokens = embed_all_tokens(texts, triton_url, model, tokens=align)
     result = report(judge(pairs, vectors), threshold)
     result["one_index"] = one_index_report(pairs, vectors, threshold=threshold,
                                            distractors=others, candidates=candidates)  # fmt: skip
@@ -470,18 +591,34 @@ def run(
             pairs, vectors, threshold=threshold, verifier=verifier, tokens=tokens,
             distractors=others, candidates=candidates,
         )  # fmt: skip
+    if judge_cut is not None:
+        t = judge_threshold if judge_threshold is not None else threshold
+        prob = judge_all([(p.a, p.b) for p in pairs + dups + again], triton_url)
+        result["judge"] = judge_report(pairs, vectors, prob, threshold=t, cut=judge_cut)
+        result["judge"]["near_duplicates_hit_rate"] = judge_report(
+            dups, vectors, prob, threshold=t, cut=judge_cut
+        )["hit_rate"]
+        result["judge"]["reasks"] = judge_report(again, vectors, prob, threshold=t, cut=judge_cut)[
+            "by_category"
+        ]
+        result["judge"]["one_index"] = one_index_report(
+            pairs, vectors, threshold=t, distractors=others, candidates=candidates,
+            judge_cut=judge_cut, ask_judge=lambda asks: judge_all(asks, triton_url),
+        )  # fmt: skip
     result["pairs_file"] = str(path)
     return result
 
 
 def main(args: Any) -> int:
-    from filters.cache.params import RECOMMENDED_THRESHOLD, load_verifier
+    from filters.cache.params import JUDGE_THRESHOLD, RECOMMENDED_THRESHOLD, load_verifier
 
     threshold = args.threshold if args.threshold is not None else RECOMMENDED_THRESHOLD
     verifier = load_verifier(args.verifier)
     stored = tuple(Path(f) for f in args.stored or ())
+    judge_cut = args.judge_cut if args.judge else None
+    judge_threshold = args.threshold if args.threshold is not None else JUDGE_THRESHOLD
     result = run(Path(args.pairs), threshold, args.triton_url, args.model, verifier, stored,
-                 args.candidates)  # fmt: skip
+                 args.candidates, judge_cut, judge_threshold)  # fmt: skip
     print(json.dumps(result, indent=2))
     return 0
 

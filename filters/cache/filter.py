@@ -2,10 +2,11 @@
 
 Request body: parse, canonicalise (``canon``), look up the exact id, then (chat with a last
 user message, or a configured text) embed the prompt with Triton's embedder and ask the
-process's ``SemanticIndex`` for a guarded match. A hit answers at once (``Respond``) with the
-stored body, ``x-floodwall-cache: hit-exact|hit-semantic`` and ``Age``; a miss goes on and,
-when the response is a cacheable 200, is stored after it has been sent (a background task:
-the client never waits for the store). Every failure of Redis or the embedder is a miss,
+process's ``SemanticIndex`` for a match its decider accepts (the judge, Triton's
+``pair_judge``, when configured). A hit answers at once (``Respond``) with the stored body,
+``x-floodwall-cache: hit-exact|hit-semantic`` and ``Age``; a miss goes on and, when the
+response is a cacheable 200, is stored after it has been sent (a background task: the client
+never waits for the store). Every failure of Redis, the embedder or the judge is a miss,
 counted, never an error for the client.
 
 Place it after ``auth`` (entries are per tenant) and before ``openai``: it must see the
@@ -29,7 +30,15 @@ from prometheus_client import Counter, Gauge, Histogram
 from redis.exceptions import RedisClusterException, RedisError
 
 from filters.cache import canon
-from filters.cache.embedder import Embedder, EmbedderError, TokenEmbedder, TritonEmbedder
+from filters.cache.embedder import (
+    Embedder,
+    EmbedderError,
+    JudgeError,
+    PairJudge,
+    TokenEmbedder,
+    TritonEmbedder,
+    TritonPairJudge,
+)
 from filters.cache.params import CacheParams, RouteCache, load_verifier
 from filters.cache.semantic import SemanticIndex
 from filters.cache.store import CacheStore, Entry, Indexed
@@ -61,14 +70,16 @@ BYPASS = Counter(
 )
 VETOES = Counter(
     "floodwall_cache_vetoes",
-    "Semantic candidates above the threshold refused by a guard, by guard",
+    "Semantic candidates above the threshold refused, by decider (a guard, verifier, judge)",
     ["guard"],
 )
 STORES = Counter(
     "floodwall_cache_stores", "Responses stored, or not stored and why", ["route", "result"]
 )
 ERRORS = Counter(
-    "floodwall_cache_errors", "Failed cache calls by dependency (redis, embedder)", ["kind"]
+    "floodwall_cache_errors",
+    "Failed cache calls by dependency (redis, embedder, judge)",
+    ["kind"],
 )
 LOOKUP_SECONDS = Histogram(
     "floodwall_cache_lookup_duration_seconds",
@@ -117,26 +128,33 @@ class _State:
 class CacheFilter(Filter):
     Params = CacheParams
 
-    def __init__(self, params: CacheParams, deps: Deps, embedder: Embedder | None = None) -> None:
+    def __init__(
+        self,
+        params: CacheParams,
+        deps: Deps,
+        embedder: Embedder | None = None,
+        judge: PairJudge | None = None,
+    ) -> None:
         super().__init__(params, deps)
         self.p = params
         sem = params.semantic
         self.store = CacheStore(deps.redis) if deps.redis is not None else None
-        if embedder is None and any(r.semantic for r in params.routes.values()):
-            base = deps.upstreams.get(sem.upstream)
-            if base is None:
-                raise ValueError(
-                    f"cache.semantic.upstream {sem.upstream!r} is not an upstream "
-                    f"(known: {', '.join(sorted(deps.upstreams)) or 'none'})"
+        if any(r.semantic for r in params.routes.values()):
+            if embedder is None:
+                embedder = TritonEmbedder(
+                    self._triton(deps), sem.model, input_name=sem.input_name,
+                    output_name=sem.output_name, timeout_s=sem.timeout_ms / 1000,
+                )  # fmt: skip
+            if judge is None and sem.judge is not None:
+                judge = TritonPairJudge(
+                    self._triton(deps), sem.judge.model, timeout_s=sem.judge.timeout_ms / 1000
                 )
-            embedder = TritonEmbedder(
-                base, sem.model, input_name=sem.input_name, output_name=sem.output_name,
-                timeout_s=sem.timeout_ms / 1000,
-            )  # fmt: skip
         self.embedder = embedder
+        self.judge = judge
         self.index = SemanticIndex(
             sem.dimensions, threshold=sem.threshold, candidates=sem.candidates,
             guards=tuple(sem.guards), flat_max=sem.flat_max, verifier=load_verifier(sem.verifier),
+            judge_cut=sem.judge.cut if sem.judge is not None else None,
         )  # fmt: skip
         # Triton model -> its newest READY version; scopes include it (see _version).
         self.versions: dict[str, str] = {}
@@ -144,6 +162,15 @@ class CacheFilter(Filter):
         self._writes: set[asyncio.Task[None]] = set()
         self._clustering = False
         self._feed_id = "0-0"
+
+    def _triton(self, deps: Deps) -> str:
+        base = deps.upstreams.get(self.p.semantic.upstream)
+        if base is None:
+            raise ValueError(
+                f"cache.semantic.upstream {self.p.semantic.upstream!r} is not an upstream "
+                f"(known: {', '.join(sorted(deps.upstreams)) or 'none'})"
+            )
+        return base
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -166,8 +193,9 @@ class CacheFilter(Filter):
         await cancel_and_wait(self._tasks)
         if self._writes:
             await asyncio.wait(self._writes, timeout=2)
-        if self.embedder is not None:
-            await self.embedder.close()
+        for client in (self.embedder, self.judge):
+            if client is not None:
+                await client.close()
 
     async def settle(self) -> None:
         """Waits for the stores already started (tests; shutdown does it too)."""
@@ -264,9 +292,15 @@ class CacheFilter(Filter):
             cached, best[ids[0]] = await self._cached_tokens(scope, ids, now_ms)
             return cached
 
-        verdict = await self.index.judge_fetching(
-            scope, key.partition, text, vector, now_ms, tokens, fetch
-        )
+        try:
+            verdict = await self.index.judge_fetching(
+                scope, key.partition, text, vector, now_ms, tokens, fetch,
+                self.judge.same_answer if self.judge is not None else None,
+            )  # fmt: skip
+        except JudgeError as exc:
+            ERRORS.labels("judge").inc()
+            log.warning("cache judge failed (a miss): %s", exc)
+            return vector
         if verdict.veto is not None:
             VETOES.labels(verdict.veto).inc()
         if verdict.entry_id is not None:

@@ -2,11 +2,12 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import Field, field_validator, model_validator
 
 from filters.cache.guards import GUARDS, Guard
+from filters.cache.judge import DEFAULT_CUT, TRITON_MODEL
 from filters.cache.verifier import SHIPPED, Verifier
 from filters.rate_limit.params import parse_duration
 from proxy.api import FilterParams
@@ -14,6 +15,11 @@ from proxy.api import FilterParams
 # Derived from the shipped evaluation set (`floodwall cache eval`, README "Choosing a
 # threshold"): the lowest cosine at which the guarded cache kept wrong answers under 2%.
 RECOMMENDED_THRESHOLD = 0.75
+# With the judge deciding, the threshold only says which candidates are worth asking it about
+# (each question costs a Triton call). On the judge's sixteen training sets (one index each,
+# `cache eval --judge --threshold T`) 0.4 served 0-6 points more paraphrases than 0.5 and
+# a wrong answer or two more per set; 0.6 served up to 9 points fewer.
+JUDGE_THRESHOLD = 0.5
 
 
 class RouteCache(FilterParams):
@@ -49,8 +55,21 @@ class RouteCache(FilterParams):
         return v
 
 
+class JudgeParams(FilterParams):
+    """The cross-encoder that decides each semantic match (filters/cache/judge.py), served by
+    Triton on ``semantic.upstream``."""
+
+    # The Triton model serving it (triton_models/pair_judge, or your own with its inputs).
+    model: str = TRITON_MODEL
+    # Probability of "same answer" the nearest candidate needs to be served.
+    cut: Annotated[float, Field(gt=0, lt=1)] = DEFAULT_CUT
+    # Budget of one judge call; slower (or failed) is a miss, counted as a "judge" error.
+    timeout_ms: Annotated[float, Field(gt=0, le=10_000)] = 250.0
+
+
 class SemanticParams(FilterParams):
-    # Cosine similarity a cached prompt needs to be considered at all.
+    # Cosine similarity a cached prompt needs to be considered at all. Default: 0.75 with
+    # the guards (RECOMMENDED_THRESHOLD), 0.5 with the judge (JUDGE_THRESHOLD).
     threshold: Annotated[float, Field(gt=0, le=1)] = RECOMMENDED_THRESHOLD
     # Lexical guards against look-alike questions, applied in this order (README: what each
     # catches and costs; `floodwall cache eval` measures both on your own pairs). [] is none.
@@ -61,6 +80,11 @@ class SemanticParams(FilterParams):
     # project's held-out sets it serves more paraphrases and fewer look-alikes than the
     # guards (README "Semantic cache"). None: the threshold and the guards decide.
     verifier: str | None = None
+    # The judge decides instead of the guards or a verifier: a cross-encoder reading both
+    # prompts together, the one decider that met the quality target on the project's
+    # held-out sets (README "Semantic cache"). One Triton call per look-up that finds a
+    # candidate at or above `threshold`. None: the verifier or the guards decide.
+    judge: JudgeParams | None = None
     # Nearest entries looked at per look-up: the nearest is judged (guards or verifier); the
     # others are served only if they are the question asked again (same words).
     candidates: Annotated[int, Field(ge=1, le=32)] = 4
@@ -77,8 +101,17 @@ class SemanticParams(FilterParams):
     # Scopes with more entries than this are searched approximately (IVF).
     flat_max: Annotated[int, Field(ge=100)] = 20_000
 
+    @model_validator(mode="before")
+    @classmethod
+    def _judge_threshold(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("judge") is not None and "threshold" not in data:
+            return {**data, "threshold": JUDGE_THRESHOLD}
+        return data
+
     @model_validator(mode="after")
     def _verifier_fits(self) -> SemanticParams:
+        if self.judge is not None and self.verifier is not None:
+            raise ValueError("semantic: set `judge` or `verifier`, not both")
         v = load_verifier(self.verifier)
         if v is not None and v.dimensions not in (None, self.dimensions):
             raise ValueError(f"verifier {self.verifier!r} was trained on {v.dimensions}-d "

@@ -1,8 +1,10 @@
 """The semantic decision, shared by the live filter and ``floodwall cache eval``: which cached
 prompt (if any) may answer a new one. Candidates come from the vector index of the request's
-partition, best first. The nearest one must reach the threshold and pass every guard, or,
-with a trained verifier (``verifier.py``), reach its threshold and be judged a paraphrase by
-it; the others are served only if they are the question asked again (``same_question``).
+partition, best first. The nearest one must reach the threshold and then be accepted by
+one of three deciders: the judge (``judge.py``, a cross-encoder Triton serves: its
+probability of "same answer" must reach ``judge_cut``), a trained verifier
+(``verifier.py``, with its own threshold), or every guard (``guards.py``). The others are
+served only if they are the question asked again (``same_question``).
 
 Only the nearest is judged because the rest are the neighbours a full cache always has:
 questions on the same topic that ask something else. Judging them too ("the first that
@@ -53,7 +55,10 @@ class SemanticIndex:
         guards: tuple[str, ...] = GUARDS,
         flat_max: int = 20_000,
         verifier: Verifier | None = None,
+        judge_cut: float | None = None,
     ) -> None:
+        if verifier is not None and judge_cut is not None:
+            raise ValueError("a verifier or a judge decides, not both")
         self.dim = dim
         # A verifier brings its own threshold and weighs the guards' findings itself.
         self.threshold = verifier.threshold if verifier is not None else threshold
@@ -61,6 +66,9 @@ class SemanticIndex:
         self.guards = guards
         self.flat_max = flat_max
         self.verifier = verifier
+        # With a judge, the nearest candidate at or above the threshold is served when the
+        # judge's probability for it (fetched by judge_fetching) reaches this.
+        self.judge_cut = judge_cut
         self._parts: dict[tuple[str, str], VectorIndex] = {}
         self._scopes: dict[str, set[str]] = {}
         self._meta: dict[tuple[str, str], _Meta] = {}
@@ -72,7 +80,7 @@ class SemanticIndex:
     def empty_copy(self) -> SemanticIndex:
         return SemanticIndex(self.dim, threshold=self.threshold, candidates=self.candidates,
                              guards=self.guards, flat_max=self.flat_max,
-                             verifier=self.verifier)  # fmt: skip
+                             verifier=self.verifier, judge_cut=self.judge_cut)  # fmt: skip
 
     def add(self, item: Indexed) -> None:
         key = (item.scope, item.entry_id)
@@ -135,14 +143,17 @@ class SemanticIndex:
         now_ms: int,
         tokens: np.ndarray[Any, Any] | None = None,
         cached_tokens: Mapping[str, np.ndarray[Any, Any]] | None = None,
+        same_answer: Mapping[str, float] | None = None,
     ) -> Verdict:
         """The entry (if any) whose answer may serve ``text``; with the align verifier,
         ``tokens`` are the new prompt's token vectors and ``cached_tokens`` the candidates'
-        by entry id (a candidate without them is refused)."""
+        by entry id (a candidate without them is refused); with a judge, ``same_answer``
+        holds its probabilities by entry id (a candidate without one is refused)."""
         hits = self._search(scope, partition, vector)
         return self._decide(
-            scope, partition, hits, text, vector, now_ms, tokens, cached_tokens or {}
-        )
+            scope, partition, hits, text, vector, now_ms, tokens, cached_tokens or {},
+            same_answer or {},
+        )  # fmt: skip
 
     async def judge_fetching(
         self,
@@ -153,19 +164,32 @@ class SemanticIndex:
         now_ms: int,
         tokens: np.ndarray[Any, Any] | None,
         fetch: Callable[[list[str]], Awaitable[Mapping[str, np.ndarray[Any, Any]]]],
+        ask_judge: Callable[[str, str], Awaitable[float]] | None = None,
     ) -> Verdict:
-        """``judge``, fetching the token vectors of the candidates above the threshold (they
-        live in Redis with the entries, not in this process) when the verifier needs them."""
+        """``judge``, first fetching what deciding on the nearest candidate needs: its token
+        vectors when the verifier aligns words (they live in Redis with the entries, not in
+        this process), the judge's probability (``ask_judge(cached_text, text)``) when a judge
+        decides and the candidate is not the same question asked again. ``ask_judge``'s
+        errors propagate: the caller counts them and misses."""
         hits = self._search(scope, partition, vector)
         cached: Mapping[str, np.ndarray[Any, Any]] = {}
-        if self.needs_tokens:
-            nearest = self._nearest_live(scope, hits, now_ms)
-            cached = await fetch([nearest]) if nearest is not None else {}
-        return self._decide(scope, partition, hits, text, vector, now_ms, tokens, cached)
+        probability: dict[str, float] = {}
+        nearest = self._nearest_live(scope, hits, now_ms)
+        if nearest is not None and self.needs_tokens:
+            cached = await fetch([nearest])
+        if nearest is not None and self.judge_cut is not None:
+            cached_text = self._meta[(scope, nearest)].text
+            if not same_question(text, cached_text):
+                if ask_judge is None:
+                    raise ValueError("this index decides with a judge: pass ask_judge")
+                probability[nearest] = await ask_judge(cached_text, text)
+        return self._decide(
+            scope, partition, hits, text, vector, now_ms, tokens, cached, probability
+        )
 
     def _nearest_live(self, scope: str, hits: list[Hit], now_ms: int) -> str | None:
-        """The candidate the guards or the verifier judge: the nearest unexpired one at or
-        above the threshold."""
+        """The candidate the deciders judge: the nearest unexpired one at or above the
+        threshold."""
         for hit in hits:
             if hit.score < self.threshold:
                 return None
@@ -188,6 +212,7 @@ class SemanticIndex:
         now_ms: int,
         tokens: np.ndarray[Any, Any] | None,
         cached_tokens: Mapping[str, np.ndarray[Any, Any]],
+        same_answer: Mapping[str, float],
     ) -> Verdict:
         if not hits:
             return Verdict(None, 0.0)
@@ -205,7 +230,9 @@ class SemanticIndex:
             if judged:
                 continue  # a neighbour of the nearest: served only if asked again (above)
             judged = True
-            if self.verifier is not None:
+            if self.judge_cut is not None:
+                reason = None if same_answer.get(hit.key, -1.0) >= self.judge_cut else "judge"
+            elif self.verifier is not None:
                 cached = index.vector(hit.key) if index is not None else None
                 ok = cached is not None and self.verifier.accepts(
                     text, vector, meta.text, cached, tokens, cached_tokens.get(hit.key)

@@ -1,4 +1,5 @@
-"""The cache through the real stack: Envoy, the processor, Redis and Triton's embedder.
+"""The cache through the real stack: Envoy, the processor, Redis and Triton's embedder and
+judge.
 
 An exact repeat and a paraphrase are answered by the gateway (the model is not called); a
 look-alike with the opposite meaning is not; the operator can invalidate a tenant's answers.
@@ -71,8 +72,8 @@ def test_exact_repeat_and_paraphrase_are_served_by_the_gateway(gateway: Gateway)
         assert trap.json()["choices"][0]["message"] != first.json()["choices"][0]["message"]
     assert metric(gateway, "floodwall_cache_lookups_total", route="chat",
                   result="hit_semantic") >= 1  # fmt: skip
-    # The local config lets the shipped verifier decide (it weighs the guards' findings).
-    assert metric(gateway, "floodwall_cache_vetoes_total", guard="verifier") >= 1
+    # The local config lets the judge (Triton's pair_judge) decide.
+    assert metric(gateway, "floodwall_cache_vetoes_total", guard="judge") >= 1
 
 
 def test_embeddings_are_cached_exactly_and_no_store_is_honoured(gateway: Gateway) -> None:

@@ -20,7 +20,7 @@ import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from filters.cache.embedder import EmbedderError
+from filters.cache.embedder import EmbedderError, JudgeError
 from filters.cache.filter import ERRORS, VETOES, CacheFilter, _scope_id
 from filters.cache.guards import GUARDS
 from filters.cache.store import zset_key
@@ -622,3 +622,56 @@ async def test_the_align_verifier_stores_and_compares_token_vectors(
     lost = await ask(h, f, up, chat("invoice march my where is"))
     assert lost.status == 200 and lost.headers["x-floodwall-cache"] == "miss"
     assert ERRORS.labels("redis")._value.get() == errors + 1
+
+
+class RuleJudge:
+    """A judge that calls a pair the same unless its words differ by one from ``refuse``;
+    records what it was asked; ``down`` makes it fail like a dead Triton model."""
+
+    def __init__(self, refuse: tuple[str, ...] = ("not",)) -> None:
+        self.asked: list[tuple[str, str]] = []
+        self.refuse = refuse
+        self.down = False
+
+    async def same_answer(self, cached: str, asked: str) -> float:
+        self.asked.append((cached, asked))
+        if self.down:
+            raise JudgeError("judge unreachable (test)")
+        differ = set(_words(cached)) ^ set(_words(asked))
+        return 0.1 if differ & set(self.refuse) else 0.9
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_the_judge_decides_the_nearest_candidate_and_its_outage_is_a_miss(
+    rc: aioredis.Redis,
+) -> None:
+    judge = RuleJudge()
+    p = CacheFilter.Params.model_validate({
+        "routes": {"chat": {"ttl_s": 60, "semantic": True}},
+        "semantic": {"threshold": 0.5, "dimensions": 64, "judge": {"cut": 0.5}},
+        "versions_upstream": None, "redis_timeout_ms": 2000, "lookup_budget_ms": 5000,
+    })  # fmt: skip
+    f = CacheFilter(p, Deps(redis=rc, clock=FakeClock()), WordsEmbedder(), judge)
+    f.name = "cache"
+    h, up = harness(f), Upstream()
+    await ask(h, f, up, chat("Can I cancel my order today?"))
+    hit = await ask(h, f, up, chat("today can I cancel my order"))
+    assert hit.headers["x-floodwall-cache"] == "hit-semantic"
+    # Asked once, cached prompt first: the order the judge was trained in.
+    assert judge.asked == [("Can I cancel my order today?", "today can I cancel my order")]
+    vetoes = VETOES.labels("judge")._value.get()
+    trap = await ask(h, f, up, chat("Can I not cancel my order today?"))
+    assert trap.headers["x-floodwall-cache"] == "miss" and trap.status == 200
+    assert VETOES.labels("judge")._value.get() == vetoes + 1
+    # The same question asked again (case, end punctuation) needs no judge.
+    judge.asked.clear()
+    again = await ask(h, f, up, chat("can i cancel my order today"))
+    assert again.headers["x-floodwall-cache"] == "hit-semantic" and judge.asked == []
+    judge.down = True
+    errors = ERRORS.labels("judge")._value.get()
+    lost = await ask(h, f, up, chat("my order: can I cancel it today?"))
+    assert lost.status == 200 and lost.headers["x-floodwall-cache"] == "miss"
+    assert ERRORS.labels("judge")._value.get() == errors + 1
+    await f.settle()

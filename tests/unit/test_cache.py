@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import numpy as np
 import orjson
@@ -15,6 +16,7 @@ from filters.cache.evaluate import Judged, Pair, one_index_report, report
 from filters.cache.filter import CacheFilter, _cache_control, _max_age, _uncacheable_response
 from filters.cache.guards import same_question, veto
 from filters.cache.index import VectorIndex
+from filters.cache.params import JUDGE_THRESHOLD, RECOMMENDED_THRESHOLD
 from filters.cache.semantic import SemanticIndex
 from filters.cache.store import Indexed
 from proxy.api import Deps
@@ -277,6 +279,45 @@ def test_only_the_nearest_candidate_is_judged() -> None:
     assert si.judge("s", "p", "How can I change my email address?", asked, 10).entry_id == "next"
 
 
+async def test_the_judge_is_asked_about_the_nearest_live_candidate_only() -> None:
+    si = SemanticIndex(4, threshold=0.6, judge_cut=0.5)
+    asked = unit(np.array([1, 0, 0, 0.0]))
+    si.add(Indexed("s", "near", "p", "How do I not reset my password?", asked, 10**12))
+    si.add(Indexed("s", "next", "p", "How do I change my email address?",
+                   unit(np.array([0.8, 0.6, 0, 0])), 10**12))  # fmt: skip
+    calls: list[tuple[str, str]] = []
+
+    def judge(p: float) -> Any:
+        async def ask(cached: str, text: str) -> float:
+            calls.append((cached, text))
+            return p
+
+        return ask
+
+    async def no_tokens(_: list[str]) -> dict[str, Any]:
+        raise AssertionError("the judge needs no token vectors")
+
+    args = ("s", "p", "How do I reset my password?", asked, 0, None, no_tokens)
+    refused = await si.judge_fetching(*args, judge(0.2))
+    assert refused.entry_id is None and refused.veto == "judge"
+    assert calls == [("How do I not reset my password?", "How do I reset my password?")]
+    assert (await si.judge_fetching(*args, judge(0.5))).entry_id == "near"
+    # Below the threshold nothing is asked; the same question asked again needs no judge.
+    calls.clear()
+    far = unit(np.array([0, 0, 0, 1.0]))
+    below = await si.judge_fetching("s", "p", "x", far, 0, None, no_tokens, judge(1.0))
+    assert below.entry_id is None and below.veto is None and calls == []
+    again = await si.judge_fetching("s", "p", "how do I not reset my password", asked, 0, None,
+                                    no_tokens, judge(0.0))  # fmt: skip
+    assert again.entry_id == "near" and calls == []
+    # Without probabilities (a sync caller that fetched none) the candidate is refused.
+    assert si.judge("s", "p", "How do I reset my password?", asked, 0).veto == "judge"
+    with pytest.raises(ValueError, match="ask_judge"):
+        await si.judge_fetching(*args)
+    with pytest.raises(ValueError, match="not both"):
+        SemanticIndex(4, threshold=0.6, judge_cut=0.5, verifier=object())  # type: ignore[arg-type]
+
+
 def test_one_index_report_counts_another_questions_answer_as_wrong() -> None:
     vectors = {
         "How do I reset my password?": unit(np.array([1, 0, 0, 0.0])),
@@ -341,8 +382,21 @@ def test_params_fail_loudly() -> None:
         CacheFilter(
             CacheFilter.Params.model_validate({"routes": {"r": {"semantic": True}}}), Deps()
         )
+    with pytest.raises(ValidationError, match="not both"):
+        CacheFilter.Params.model_validate(
+            {"routes": {}, "semantic": {"judge": {}, "verifier": "shipped"}}
+        )
+    with pytest.raises(ValidationError, match="cut"):
+        CacheFilter.Params.model_validate({"routes": {}, "semantic": {"judge": {"cut": 1.5}}})
     p = CacheFilter.Params.model_validate({"routes": {"r": {"ttl_s": "10m"}}})
     assert p.routes["r"].ttl_s == 600
+    # The judge's threshold defaults lower (it only gates what the judge is asked about);
+    # one set explicitly stays.
+    judged = {"routes": {}, "semantic": {"judge": {}}}
+    assert CacheFilter.Params.model_validate(judged).semantic.threshold == JUDGE_THRESHOLD
+    judged["semantic"]["threshold"] = 0.8  # type: ignore[index]
+    assert CacheFilter.Params.model_validate(judged).semantic.threshold == 0.8
+    assert p.semantic.threshold == RECOMMENDED_THRESHOLD
 
 
 def test_cache_control_parsing() -> None:
