@@ -16,6 +16,7 @@ and its topical neighbours."""
 
 from __future__ import annotations
 
+import asyncio
 import heapq
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -169,20 +170,31 @@ class SemanticIndex:
         """``judge``, first fetching what deciding on the nearest candidate needs: its token
         vectors when the verifier aligns words (they live in Redis with the entries, not in
         this process), the judge's probability (``ask_judge(cached_text, text)``) when a judge
-        decides and the candidate is not the same question asked again. ``ask_judge``'s
-        errors propagate: the caller counts them and misses."""
+        decides and the candidate is not the same question asked again. While the judge
+        runs, ``fetch`` runs too (its caller keeps the candidate's entry it brings back), so
+        a yes answers without another Redis round trip. ``ask_judge``'s errors propagate:
+        the caller counts them and misses."""
         hits = self._search(scope, partition, vector)
         cached: Mapping[str, np.ndarray[Any, Any]] = {}
         probability: dict[str, float] = {}
         nearest = self._nearest_live(scope, hits, now_ms)
-        if nearest is not None and self.needs_tokens:
+        cached_text = self._meta[(scope, nearest)].text if nearest is not None else ""
+        if nearest is None:
+            pass
+        elif self.judge_cut is not None and not same_question(text, cached_text):
+            if ask_judge is None:
+                raise ValueError("this index decides with a judge: pass ask_judge")
+            # return_exceptions: a failed judge must not leave the fetch running unawaited.
+            said, fetched = await asyncio.gather(
+                ask_judge(cached_text, text), fetch([nearest]), return_exceptions=True
+            )
+            if isinstance(said, BaseException):
+                raise said
+            if isinstance(fetched, BaseException):
+                raise fetched
+            probability[nearest] = said
+        elif self.needs_tokens:
             cached = await fetch([nearest])
-        if nearest is not None and self.judge_cut is not None:
-            cached_text = self._meta[(scope, nearest)].text
-            if not same_question(text, cached_text):
-                if ask_judge is None:
-                    raise ValueError("this index decides with a judge: pass ask_judge")
-                probability[nearest] = await ask_judge(cached_text, text)
         return self._decide(
             scope, partition, hits, text, vector, now_ms, tokens, cached, probability
         )
