@@ -28,6 +28,7 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 from typing import Literal
 
 _CONTRACTIONS = (
@@ -582,9 +583,55 @@ def bare_words(words: tuple[str, ...]) -> tuple[str, ...]:
 
 def same_question(query: str, cached: str) -> bool:
     """The same words in the same order, ignoring case, punctuation, contractions, the
-    greetings and thanks around them and how a how-to question opens ("How do I" / "How can
-    I" / "how to"): the question asked again, whatever any model says."""
-    return _question_words(query) == _question_words(cached)
+    greetings and thanks around them, how a how-to question opens ("How do I" / "How can
+    I" / "how to") and one typo (``typo``): the question asked again, whatever any model
+    says."""
+    a, b = _question_words(query), _question_words(cached)
+    if a == b:
+        return True
+    if len(a) != len(b):
+        return False
+    differ = [i for i in range(len(a)) if a[i] != b[i]]
+    return len(differ) == 1 and typo(a[differ[0]], b[differ[0]])
+
+
+# Typos are looked for only in words this long: shorter ones swap into other words too often
+# ("form"/"from", "dairy"/"diary").
+TYPO_MIN_LETTERS = 6
+_KNOWN_WORDS = Path(__file__).with_name("known_words.txt")
+
+
+@lru_cache(maxsize=1)
+def _known_words() -> frozenset[str]:
+    """The whole words of all-MiniLM-L6-v2's WordPiece vocabulary (lower-case ASCII letters,
+    TYPO_MIN_LETTERS or more): a dictionary of words the embedder knows."""
+    return frozenset(_KNOWN_WORDS.read_text().split())
+
+
+def typo(x: str, y: str) -> bool:
+    """Whether ``x`` and ``y`` are one word, one of them mistyped: two neighbouring letters
+    swapped ("convert"/"conevrt") or a letter doubled or undoubled ("address"/"adress"), not
+    at the first letter, in words of TYPO_MIN_LETTERS or more letters; never two words the
+    vocabulary knows ("martial"/"marital", "casual"/"causal"). Other typos (a letter missing,
+    added or wrong) are left to the decider: those also turn one real term into another
+    ("ethanol"/"methanol", "perineal"/"peroneal")."""
+    if x == y or min(len(x), len(y)) < TYPO_MIN_LETTERS or x[0] != y[0]:
+        return False
+    if not (x.isascii() and x.isalpha() and y.isascii() and y.isalpha()):
+        return False
+    known = _known_words()
+    if x in known and y in known:
+        return False
+    if len(x) == len(y):
+        d = [i for i in range(len(x)) if x[i] != y[i]]
+        return len(d) == 2 and d[1] == d[0] + 1 and (x[d[0]], x[d[1]]) == (y[d[1]], y[d[0]])
+    short, long = (x, y) if len(x) < len(y) else (y, x)
+    if len(long) - len(short) != 1:
+        return False
+    i = next((k for k in range(len(short)) if short[k] != long[k]), len(short))
+    # ``long`` has one letter more, at i: a doubled letter if it repeats a neighbour.
+    doubled = long[i] == long[i - 1] or (i + 1 < len(long) and long[i] == long[i + 1])
+    return short[i:] == long[i + 1 :] and doubled
 
 
 @lru_cache(maxsize=65536)

@@ -11,10 +11,10 @@ import pytest
 from pydantic import ValidationError
 
 from filters.cache import canon
-from filters.cache.embedder import _tensor
+from filters.cache.embedder import JudgeError, _tensor
 from filters.cache.evaluate import Judged, Pair, one_index_report, report
 from filters.cache.filter import CacheFilter, _cache_control, _max_age, _uncacheable_response
-from filters.cache.guards import same_question, veto
+from filters.cache.guards import same_question, typo, veto
 from filters.cache.index import VectorIndex
 from filters.cache.params import JUDGE_THRESHOLD, RECOMMENDED_THRESHOLD
 from filters.cache.semantic import SemanticIndex
@@ -148,6 +148,23 @@ def test_the_same_question_asked_again_is_recognised() -> None:
     # Greetings and thanks only at the ends: inside, a word is part of the question.
     assert not same_question("Is it rude to say please twice", "Is it rude to say twice")
     assert not same_question("thanks", "please")  # nothing is left of either: not the same
+
+
+def test_one_typo_in_a_long_word_is_the_same_question() -> None:
+    assert same_question("How do I conevrt a PDF to Word?", "How do I convert a PDF to Word?")
+    assert same_question("what is my billing adress", "What is my billing address?")
+    assert same_question("Is it neccessary to book ahead?", "Is it necessary to book ahead?")
+    # Two words the vocabulary knows are two questions, however close their spelling.
+    assert not same_question("What is martial law?", "What is marital law?")
+    # Not at the first letter, not in short words, one word only, and only swaps or
+    # doubled letters: a letter added or changed also turns one term into another.
+    assert not same_question("How do I ocnvert a PDF?", "How do I convert a PDF?")
+    assert not same_question("Where is the from?", "Where is the form?")
+    assert not same_question("How do I conevrt a PDF to Wrod?", "How do I convert a PDF to Word?")
+    assert not same_question("The boiling point of methanol", "The boiling point of ethanol")
+    assert not same_question("Where is the peroneal nerve?", "Where is the perineal nerve?")
+    assert typo("colonsocopy", "colonoscopy") and not typo("colonoscopy", "colonoscopy")
+    assert not typo("m\u00fcllerstrasse", "m\u00fclelrstrasse")  # non-ASCII: left to the decider
 
 
 def test_no_trap_of_the_shipped_sets_reads_as_the_same_question() -> None:
@@ -294,22 +311,36 @@ async def test_the_judge_is_asked_about_the_nearest_live_candidate_only() -> Non
 
         return ask
 
-    async def no_tokens(_: list[str]) -> dict[str, Any]:
-        raise AssertionError("the judge needs no token vectors")
+    fetched: list[list[str]] = []
 
-    args = ("s", "p", "How do I reset my password?", asked, 0, None, no_tokens)
+    async def fetch(ids: list[str]) -> dict[str, Any]:
+        # The candidate's entry comes back with it (the caller keeps it): fetched while
+        # the judge runs, never instead of asking it.
+        fetched.append(ids)
+        return {}
+
+    args = ("s", "p", "How do I reset my password?", asked, 0, None, fetch)
     refused = await si.judge_fetching(*args, judge(0.2))
     assert refused.entry_id is None and refused.veto == "judge"
     assert calls == [("How do I not reset my password?", "How do I reset my password?")]
     assert (await si.judge_fetching(*args, judge(0.5))).entry_id == "near"
+    assert fetched == [["near"], ["near"]]
     # Below the threshold nothing is asked; the same question asked again needs no judge.
     calls.clear()
+    fetched.clear()
     far = unit(np.array([0, 0, 0, 1.0]))
-    below = await si.judge_fetching("s", "p", "x", far, 0, None, no_tokens, judge(1.0))
+    below = await si.judge_fetching("s", "p", "x", far, 0, None, fetch, judge(1.0))
     assert below.entry_id is None and below.veto is None and calls == []
     again = await si.judge_fetching("s", "p", "how do I not reset my password", asked, 0, None,
-                                    no_tokens, judge(0.0))  # fmt: skip
-    assert again.entry_id == "near" and calls == []
+                                    fetch, judge(0.0))  # fmt: skip
+    assert again.entry_id == "near" and calls == [] and fetched == []
+
+    # A failing judge fails the look-up even though the fetch succeeded.
+    async def broken(cached: str, text: str) -> float:
+        raise JudgeError("judge unreachable")
+
+    with pytest.raises(JudgeError):
+        await si.judge_fetching(*args, broken)
     # Without probabilities (a sync caller that fetched none) the candidate is refused.
     assert si.judge("s", "p", "How do I reset my password?", asked, 0).veto == "judge"
     with pytest.raises(ValueError, match="ask_judge"):
