@@ -10,6 +10,7 @@ stays within 1.5%); the shipped default (``judge.DEFAULT_CUT``) is reported besi
     .venv/bin/python -m bench.cross_encoder_eval --train          # retrain (~40 min on 2 cores)
     .venv/bin/python -m bench.cross_encoder_eval --train --epochs 1   # ~15 minutes
     .venv/bin/python -m bench.cross_encoder_eval --model DIR      # a model trained earlier
+    .venv/bin/python -m bench.cross_encoder_eval --served DIR     # `models train-judge`'s output
 
 Writes bench/results/cross_encoder_eval[_<what>].json and .md; a trained model goes to
 ``--save`` (default: a folder under /tmp), never into the repository.
@@ -58,11 +59,23 @@ def _torch_scorer(model_dir: Path) -> Any:
     return score
 
 
-def _ort_scorer(tokenizer_dir: Path, onnx_path: Path, threads: int) -> Any:
-    import onnxruntime as ort
-    from transformers import AutoTokenizer
+def _feed(encodings: list[Any]) -> dict[str, np.ndarray[Any, Any]]:
+    return {
+        "input_ids": np.array([e.ids for e in encodings], dtype=np.int64),
+        "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int64),
+        "token_type_ids": np.array([e.type_ids for e in encodings], dtype=np.int64),
+    }
 
-    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+
+def _ort_scorer(tokenizer_dir: Path, onnx_path: Path, threads: int) -> Any:
+    """The int8 file scored as Triton's model.py scores it: its tokenizer.json through
+    ``tokenizers`` (truncated to MAX_TOKENS longest first, padded to the longest pair)."""
+    import onnxruntime as ort
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    tok.enable_truncation(max_length=MAX_TOKENS, strategy="longest_first")
+    tok.enable_padding(pad_id=0, pad_token="[PAD]")
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
@@ -70,17 +83,14 @@ def _ort_scorer(tokenizer_dir: Path, onnx_path: Path, threads: int) -> Any:
     def score(pairs: list[Pair]) -> np.ndarray[Any, Any]:
         out: list[float] = []
         for i in range(0, len(pairs), 64):
-            chunk = pairs[i : i + 64]
-            enc = tok([p.a for p in chunk], [p.b for p in chunk], padding=True,
-                      truncation=True, max_length=MAX_TOKENS, return_tensors="np")  # fmt: skip
-            (logits,) = session.run(None, {n: enc[n].astype(np.int64) for n in INPUTS})
+            (logits,) = session.run(
+                None, _feed(tok.encode_batch([(p.a, p.b) for p in pairs[i : i + 64]]))
+            )
             out += (1 / (1 + np.exp(-logits.ravel()))).tolist()
         return np.asarray(out)
 
     def one_pair_ms() -> dict[str, float]:
-        enc = tok(["How do I reset my password?"], ["how can I reset my password"],
-                  return_tensors="np")  # fmt: skip
-        feed = {n: enc[n].astype(np.int64) for n in INPUTS}
+        feed = _feed([tok.encode("How do I reset my password?", "how can I reset my password")])
         for _ in range(10):
             session.run(None, feed)
         times = []
@@ -144,6 +154,13 @@ def main() -> None:
     ap.add_argument("--train", action="store_true", help="train a judge first (the recipe)")
     ap.add_argument("--epochs", type=int, default=judge_model.EPOCHS)
     ap.add_argument("--model", type=Path, help="a trained model folder: judge it, no training")
+    ap.add_argument(
+        "--served",
+        type=Path,
+        default=judge_model.SHIPPED_DIR,
+        help="a served model's folder (model.onnx, tokenizer.json, training.json) "
+        "when neither --train nor --model: default the shipped one",
+    )
     ap.add_argument("--save", type=Path, help="where the trained model goes")
     ap.add_argument("--out", help="default: bench/results/cross_encoder_eval[_<what>]")
     args = ap.parse_args()
@@ -165,15 +182,17 @@ def main() -> None:
         results["fp32"] = judge(_torch_scorer(model_dir))
         onnx, tokenizer = judge_model.export_int8(model_dir, work / "model.onnx"), model_dir
     else:
-        results["training"] = json.loads((judge_model.SHIPPED_DIR / "training.json").read_text())
-        onnx, tokenizer = judge_model.SHIPPED, judge_model.SHIPPED_DIR
+        results["training"] = json.loads((args.served / "training.json").read_text())
+        onnx, tokenizer = args.served / "model.onnx", args.served
     print("== judged as int8 in onnxruntime", flush=True)
     int8 = _ort_scorer(tokenizer, onnx, threads=1)
     results["int8"] = judge(int8)
     results["int8"]["one_pair_ms_1_thread"] = int8.one_pair_ms()
     results["int8"]["onnx_bytes"] = onnx.stat().st_size
-    epochs = results["training"].get("epochs")
-    default = "cross_encoder_eval" + (f"_{epochs}ep" if model_dir is not None else "")
+    t = results["training"]
+    # The shipped model's results keep the plain name; any other model's say what it is.
+    shipped = model_dir is None and args.served.resolve() == judge_model.SHIPPED_DIR.resolve()
+    default = "cross_encoder_eval" + ("" if shipped else f"_{t.get('layers', 6)}l{t['epochs']}ep")
     out = Path(args.out or RESULTS / default)
     out.with_suffix(".json").write_text(json.dumps(results, indent=2))
     md = _markdown(results)
@@ -186,8 +205,9 @@ def _markdown(r: dict[str, Any]) -> str:
     dc = r["default_cut"]
     fp32 = r.get("fp32")
     lines = [
-        f"The semantic cache's judge (all-MiniLM-L6-v2 fine-tuned on pairs; {t['epochs']} "
-        f"epochs, {t['train_rows']} rows, {t['train_s'] / 60:.0f} min of training), judged pair "
+        f"The semantic cache's judge (all-MiniLM-L6-v2's first {t.get('layers', 6)} layers "
+        f"fine-tuned on pairs; {t['epochs']} epochs, {t['train_rows']} rows, "
+        f"{t['train_s'] / 60:.0f} min of training), judged pair "
         "by pair on the held-out sets (target: >= 70% of paraphrases served, <= 2% of traps); "
         f"cut {r['int8']['cut']} chosen on {', '.join(r['validation_sets'])}, and the shipped "
         f"default {dc}",

@@ -304,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     j.add_argument("--out", required=True, help="folder for model.onnx and training.json")
     j.add_argument("--epochs", type=int, default=3)
+    j.add_argument("--layers", type=int, default=6, help="keep the base model's first N layers")
     j.set_defaults(func=cmd_models_train_judge)
 
     p = sub.add_parser("cache", help="semantic cache tasks")

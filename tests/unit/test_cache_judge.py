@@ -5,8 +5,11 @@ on (held out) or whose cut it was chosen on (validation) was among them."""
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
+import onnx
+import pytest
 
 from filters.cache import judge
 from filters.cache.evaluate import HELD_OUT
@@ -23,8 +26,28 @@ def test_the_shipped_judge_matches_its_provenance() -> None:
         n: judge.sha256(judge.EVAL_DIR / f"{n}.jsonl") for n in judge.training_sets()
     }
     assert not set(info["trained_on"]) & {*HELD_OUT, *judge.VALIDATION}
-    recipe = (judge.MAX_TOKENS, judge.EPOCHS, judge.SEED, judge.NEIGHBOUR_FLOOR)
-    assert (info["max_tokens"], info["epochs"], info["seed"], info["neighbour_floor"]) == recipe
+    recipe = (judge.LAYERS, judge.MAX_TOKENS, judge.EPOCHS, judge.SEED, judge.NEIGHBOUR_FLOOR)
+    assert (info["layers"], info["max_tokens"], info["epochs"], info["seed"],
+            info["neighbour_floor"]) == recipe  # fmt: skip
+    # The file has the layers its record says.
+    graph = onnx.load(str(judge.SHIPPED), load_external_data=False).graph
+    layers = {m.group(1) for n in graph.node if (m := re.search(r"/encoder/layer\.(\d+)/", n.name))}
+    assert len(layers) == info["layers"]
+
+
+def test_the_judge_keeps_the_first_layers_it_is_asked_for() -> None:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=6, num_attention_heads=2,
+                        intermediate_size=32)  # fmt: skip
+    model = BertForSequenceClassification(config)
+    first = model.bert.encoder.layer[0]
+    judge._keep_layers(model, 3)
+    assert len(model.bert.encoder.layer) == 3 and model.config.num_hidden_layers == 3
+    assert model.bert.encoder.layer[0] is first
+    for bad in (0, 4):
+        with pytest.raises(ValueError, match=r"layers must be 1\.\.3"):
+            judge._keep_layers(model, bad)
 
 
 def test_neighbours_pair_each_question_with_its_nearest_other_question_of_the_set() -> None:
