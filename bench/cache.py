@@ -19,7 +19,8 @@
    Target: 100k <= 5 ms.
 3. ``cache eval`` on the shipped sets: pairs.jsonl (the guards were developed against it),
    holdout.jsonl to holdout17.jsonl (each written apart; see filters/cache/README.md), by the
-   guards, the shipped verifier and the judge (the local config's decider). The targets are
+   guards and the shipped verifier (fp32 vectors) and the judge (the local config's decider,
+   with its embedder and cut). The targets are
    judged on ``evaluate.HELD_OUT``: the sets neither the verifier nor the judge was trained
    on and no guard rule was written from.
 
@@ -48,7 +49,7 @@ from bench.loadgen import HttpRequest, histogram, open_loop_mix, quantiles
 from filters.cache import evaluate, judge
 from filters.cache.index import VectorIndex
 from proxy.config import REPO_ROOT
-from tests.helpers import DEMO_KEY, echo_server, stack_config, start_stack
+from tests.helpers import DEMO_KEY, echo_server, local_config_dict, stack_config, start_stack
 
 LOOKUP_SECONDS = "floodwall_cache_lookup_duration_seconds"
 RESULTS = REPO_ROOT / "bench" / "results"
@@ -113,6 +114,10 @@ def _points(
             if check[kind]["marked"] != check[kind]["requests"]:
                 raise RuntimeError(f"{kind} requests were not all hits: {check[kind]}")
         admin = f"http://127.0.0.1:{stack.cfg.processor.admin_port}"
+        triton = f"http://127.0.0.1:{stack.cfg.triton.http_port}"
+        semantic = next(f for f in stack.cfg.filters if f.type == "cache").params["semantic"]
+        cache_models = [semantic["model"], *([semantic["judge"]["model"]]
+                                             if semantic.get("judge") else [])]  # fmt: skip
         # Each kind counts answers from the level it is meant to test. A semantic look-up
         # that misses (the embedder over its budget under load) stores the paraphrase as
         # an entry of its own, and later ones would hit it exactly: every point starts
@@ -128,12 +133,15 @@ def _points(
             open_loop_mix(host, port, [mix[3]], rate=5, seconds=1)
             _until_semantic(host, port)
             before = histogram(admin + "/metrics", LOOKUP_SECONDS, ("level",))
+            stats_before = _triton_stats(triton, cache_models)
             per = open_loop_mix(host, port, mix, rate=rate, seconds=seconds, mark=marks)
             decide = quantiles(before, histogram(admin + "/metrics", LOOKUP_SECONDS, ("level",)))
+            in_triton = _per_call(stats_before, _triton_stats(triton, cache_models))
             counters = _counters(admin + "/metrics")
             out[name] = {"rate_total": rate, "seconds": seconds, "kinds": per,
                          "placement": split.describe() if split else "shared",
-                         "processor_lookup_ms": decide, "cache_counters": counters}  # fmt: skip
+                         "processor_lookup_ms": decide, "cache_counters": counters,
+                         "triton_per_call_ms": in_triton}  # fmt: skip
             print(f"   counters so far: {counters}", flush=True)
             line = "  ".join(
                 f"{k} p50 {v['p50_ms']:.2f} p99 {v['p99_ms']:.2f} ms ({v['marked']} hits)"
@@ -142,6 +150,36 @@ def _points(
             print(f"   {name} ({rate:.0f}/s total): {line}", flush=True)
     finally:
         stack.stop()
+
+
+def _triton_stats(base: str, models: list[str]) -> dict[str, dict[str, tuple[int, int]]]:
+    """Triton's cumulative statistics of ``models``: (count, ns) per phase."""
+    import urllib.request
+
+    out = {}
+    for m in models:
+        with urllib.request.urlopen(f"{base}/v2/models/{m}/stats", timeout=5) as r:
+            st = json.load(r)["model_stats"][0]["inference_stats"]
+        out[m] = {k: (int(v["count"]), int(v["ns"])) for k, v in st.items() if k != "fail"}
+    return out
+
+
+def _per_call(
+    before: dict[str, dict[str, tuple[int, int]]], after: dict[str, dict[str, tuple[int, int]]]
+) -> dict[str, dict[str, float]]:
+    """Mean milliseconds per call in each phase Triton times (queue, compute_input,
+    compute_infer: the python backend's execute, compute_output), and the call count, over
+    one point: where a semantic hit's model time goes."""
+    out: dict[str, dict[str, float]] = {}
+    for m, phases in after.items():
+        calls = phases["success"][0] - before[m]["success"][0]
+        row: dict[str, float] = {"calls": calls}
+        for phase, (count, ns) in phases.items():
+            n = count - before[m][phase][0]
+            if phase != "success" and n > 0:
+                row[phase] = (ns - before[m][phase][1]) / n / 1e6
+        out[m] = row
+    return out
 
 
 def _until_semantic(host: str, port: int) -> None:
@@ -237,14 +275,17 @@ def eval_points() -> tuple[dict[str, Any], dict[str, Any]]:
     from filters.cache.params import JUDGE_THRESHOLD, load_verifier
 
     verifier = load_verifier("shipped")
+    model, cut = local_judging()
     out: dict[str, Any] = {}
-    with evaluate.private_embedder("embedder", judge.TRITON_MODEL) as url:
+    more = {model, judge.TRITON_MODEL} - {"embedder"}
+    with evaluate.private_embedder("embedder", *sorted(more)) as url:
         for name in SETS:
             path = evaluate.SHIPPED_PAIRS.with_name(f"{name}.jsonl")
-            r = evaluate.run(
-                path, evaluate_threshold(), url, "embedder", verifier,
-                judge_cut=judge.DEFAULT_CUT, judge_threshold=JUDGE_THRESHOLD,
-            )  # fmt: skip
+            # The guards and the verifier with the vectors they were developed and trained
+            # on; the judge as the local config runs it.
+            r = evaluate.run(path, evaluate_threshold(), url, "embedder", verifier)
+            r["judge"] = evaluate.run(path, evaluate_threshold(), url, model, judge_cut=cut,
+                                      judge_threshold=JUDGE_THRESHOLD)["judge"]  # fmt: skip
             out[name] = {k: r[k] for k in ("pairs", "threshold", "hit_rate", "wrong_hit_rate",
                                            "thresholds", "guards", "by_category",
                                            "recommended_threshold", "verifier", "judge",
@@ -272,6 +313,8 @@ def all_stored_points(url: str, verifier: Any) -> dict[str, Any]:
     questions = list(dict.fromkeys(p.a for ps in sets.values() for p in ps))
     texts = questions + [p.b for n in FRESH for p in sets[n]]
     vectors, tokens = evaluate.embed_all_tokens(texts, url, "embedder", tokens=verifier.align)
+    model, cut = local_judging()
+    judged, _ = evaluate.embed_all_tokens(texts, url, model, tokens=False)
     out: dict[str, Any] = {"verifier": {}, "judge": {}}
     for n in FRESH:
         out["verifier"][n] = evaluate.one_index_report(
@@ -279,12 +322,19 @@ def all_stored_points(url: str, verifier: Any) -> dict[str, Any]:
             distractors=questions,
         )  # fmt: skip
         out["judge"][n] = evaluate.one_index_report(
-            sets[n], vectors, threshold=JUDGE_THRESHOLD, distractors=questions,
-            judge_cut=judge.DEFAULT_CUT, ask_judge=lambda asks: evaluate.judge_all(asks, url),
+            sets[n], judged, threshold=JUDGE_THRESHOLD, distractors=questions,
+            judge_cut=cut, ask_judge=lambda asks: evaluate.judge_all(asks, url),
         )  # fmt: skip
         print(f"   all stored {n}: verifier {_rates(out['verifier'][n])}, judge "
               f"{_rates(out['judge'][n])}", flush=True)  # fmt: skip
     return out
+
+
+def local_judging() -> tuple[str, float]:
+    """The local config's semantic embedder and judge cut: the judge is measured as shipped."""
+    cache = next(f for f in local_config_dict()["filters"] if f["type"] == "cache")
+    semantic = cache["params"]["semantic"]
+    return semantic["model"], float(semantic["judge"]["cut"])
 
 
 def evaluate_threshold() -> float:
@@ -395,6 +445,17 @@ def markdown(res: dict[str, Any]) -> str:
         for level, q in point["processor_lookup_ms"].items():
             lines.append(f"| {name} | {level} | {q['count']} | {q['p50_le_ms']:g} ms | "
                          f"{q['p99_le_ms']:g} ms |")  # fmt: skip
+    lines += ["", "Time in Triton per call, by model (its statistics over the point; compute_infer "
+              "is the python backend's execute, model run included):", "",
+              "| load | model | calls | queue | compute_input | compute_infer | compute_output |",
+              "|---|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for name, point in res["gateway"].items():
+        for model, t in point.get("triton_per_call_ms", {}).items():
+            phases = " | ".join(
+                f"{t[k]:.2f} ms" if k in t else ""
+                for k in ("queue", "compute_input", "compute_infer", "compute_output")
+            )
+            lines.append(f"| {name} | {model} | {t['calls']:.0f} | {phases} |")  # fmt: skip
     lines += ["", "| index entries | mode | p50 | p99 | recall@1 | flat scan p50 | clustering |",
               "|---:|---|---:|---:|---:|---:|---:|"]  # fmt: skip
     for v in res["index"].values():
