@@ -24,7 +24,7 @@
    judged on ``evaluate.HELD_OUT``: the sets neither the verifier nor the judge was trained
    on and no guard rule was written from.
 
-    .venv/bin/python -m bench.cache            # ~11 minutes (most of it the labelled sets)
+    .venv/bin/python -m bench.cache            # ~20 minutes (most of it the labelled sets)
     .venv/bin/python -m bench.cache --quick
 
 Writes bench/results/cache.{json,md}.
