@@ -48,13 +48,20 @@ from bench import placement
 from bench.loadgen import HttpRequest, histogram, open_loop_mix, quantiles
 from filters.cache import evaluate, judge
 from filters.cache.index import VectorIndex
+from filters.cache.words import WordsFirst
 from proxy.config import REPO_ROOT
 from tests.helpers import DEMO_KEY, echo_server, local_config_dict, stack_config, start_stack
 
 LOOKUP_SECONDS = "floodwall_cache_lookup_duration_seconds"
 RESULTS = REPO_ROOT / "bench" / "results"
 CACHED = "How do I rotate the API keys of my account without downtime?"
+# Shares most of CACHED's words: words-first (the local config's semantic.judge.words_first)
+# finds it with no embedding, so its hit is one Triton call, the judge's.
 PARAPHRASE = "how can I rotate my account's API keys with no downtime"
+# Shares too few (overlap 0.27 < 0.3): embedded, found by its vector, then judged (two calls).
+PARAPHRASE_BY_VECTOR = (
+    "I need to cycle the API keys on my account but can't afford an outage. What should I do?"
+)
 SETS = ("pairs", "holdout", *(f"holdout{i}" for i in range(2, 18)),
         *(f"everyday{i}" for i in range(1, 5)))  # fmt: skip
 # The targets are judged on the sets neither the guards nor the verifier were shaped by.
@@ -99,18 +106,20 @@ def _points(
                 1.0,
             ),
             ("exact", _chat(CACHED), 1.0),
-            ("semantic", _chat(PARAPHRASE), 1.0),
+            # Half each: together the semantic hits load Triton as one kind at the full rate.
+            ("semantic", _chat(PARAPHRASE), 0.5),
+            ("semantic_by_vector", _chat(PARAPHRASE_BY_VECTOR), 0.5),
             # Fewer misses: each one is a model call, and the point is the hits.
             ("miss", _chat(CACHED, **{"cache-control": "no-cache"}), 0.25),
         ]
         # Store the entry, check both hits answer as they should, warm everything up.
-        warm = open_loop_mix(host, port, [mix[3]], rate=5, seconds=1, mark=None)
+        warm = open_loop_mix(host, port, [mix[4]], rate=5, seconds=1, mark=None)
         assert warm["miss"]["statuses"] == {"200": 5}, warm
         time.sleep(0.5)
-        check = open_loop_mix(host, port, mix[1:3], rate=20, seconds=1,
+        check = open_loop_mix(host, port, mix[1:4], rate=30, seconds=1,
                               mark=b"x-floodwall-cache: hit")  # fmt: skip
         _reset(f"http://127.0.0.1:{stack.cfg.processor.admin_port}")
-        for kind in ("exact", "semantic"):
+        for kind in ("exact", "semantic", "semantic_by_vector"):
             if check[kind]["marked"] != check[kind]["requests"]:
                 raise RuntimeError(f"{kind} requests were not all hits: {check[kind]}")
         admin = f"http://127.0.0.1:{stack.cfg.processor.admin_port}"
@@ -123,25 +132,40 @@ def _points(
         # an entry of its own, and later ones would hit it exactly: every point starts
         # from the base entry alone.
         marks = {"exact": b"x-floodwall-cache: hit-exact",
-                 "semantic": b"x-floodwall-cache: hit-semantic"}  # fmt: skip
-        # The low rate runs longer: at 12 requests/s per kind, 15 s gives a p99 from the
-        # second-slowest of 180 samples.
+                 "semantic": b"x-floodwall-cache: hit-semantic",
+                 "semantic_by_vector": b"x-floodwall-cache: hit-semantic"}  # fmt: skip
+        # 12 and 30 requests/s per kind (each semantic kind half, misses a quarter of that).
+        # The low rate runs longer: at 6 requests/s, 30 s gives a p99 from the second-slowest
+        # of 180 samples.
         for name, rate, seconds in (("low_load", 39.0, 30.0), ("fixed_rate", 97.5, 15.0)):
             seconds = 5.0 if quick else seconds
             name += suffix
-            _reset(admin)
-            open_loop_mix(host, port, [mix[3]], rate=5, seconds=1)
-            _until_semantic(host, port)
+            # The base entry alone: a probe that missed is an entry of its own, which shares
+            # PARAPHRASE's words and would take words-first's clear candidate away.
+            for _ in range(5):
+                _reset(admin)
+                open_loop_mix(host, port, [mix[4]], rate=5, seconds=1)
+                time.sleep(1.5)  # the change feed brings the entry within a second
+                if _until_semantic(host, port) == 0:
+                    break
+            else:
+                raise RuntimeError("the first probe after a reset kept missing")
+            hits_before = _counters(admin + "/metrics")
             before = histogram(admin + "/metrics", LOOKUP_SECONDS, ("level",))
             stats_before = _triton_stats(triton, cache_models)
             per = open_loop_mix(host, port, mix, rate=rate, seconds=seconds, mark=marks)
             decide = quantiles(before, histogram(admin + "/metrics", LOOKUP_SECONDS, ("level",)))
             in_triton = _per_call(stats_before, _triton_stats(triton, cache_models))
             counters = _counters(admin + "/metrics")
+            # How this point's semantic hits found their candidate (the two kinds' sum).
+            found_by = {k.split('"')[1]: v - hits_before.get(k, 0.0)
+                        for k, v in counters.items() if k.startswith("semantic_hits")}  # fmt: skip
             out[name] = {"rate_total": rate, "seconds": seconds, "kinds": per,
                          "placement": split.describe() if split else "shared",
                          "processor_lookup_ms": decide, "cache_counters": counters,
+                         "semantic_hits_found_by": found_by,
                          "triton_per_call_ms": in_triton}  # fmt: skip
+            print(f"   semantic hits found by: {found_by}", flush=True)
             print(f"   counters so far: {counters}", flush=True)
             line = "  ".join(
                 f"{k} p50 {v['p50_ms']:.2f} p99 {v['p99_ms']:.2f} ms ({v['marked']} hits)"
@@ -182,16 +206,17 @@ def _per_call(
     return out
 
 
-def _until_semantic(host: str, port: int) -> None:
+def _until_semantic(host: str, port: int) -> int:
     """Waits until this process's index serves the base entry again (the invalidation and
     the re-stores reach it through the change feed), probing with a paraphrase of its own:
-    a probe that misses is stored under its own text and never asked again."""
+    a probe that misses is stored under its own text and never asked again. Returns how many
+    missed."""
     for i in range(50):
         probe = _chat(f"{PROBE} {'please ' * i}".strip())
         got = open_loop_mix(host, port, [("probe", probe, 1.0)], rate=1, seconds=1,
                             mark=b"x-floodwall-cache: hit-semantic")["probe"]  # fmt: skip
         if got["marked"]:
-            return
+            return i
     raise RuntimeError("the base entry never became a semantic hit after the reset")
 
 
@@ -218,6 +243,7 @@ def _counters(url: str) -> dict[str, float]:
                 "floodwall_cache_vetoes_total",
                 "floodwall_cache_stores_total",
                 "floodwall_cache_lookups_total",
+                "floodwall_cache_semantic_hits_total",
             )
         ):
             name, value = line.rsplit(" ", 1)
@@ -275,7 +301,7 @@ def eval_points() -> tuple[dict[str, Any], dict[str, Any]]:
     from filters.cache.params import JUDGE_THRESHOLD, load_verifier
 
     verifier = load_verifier("shipped")
-    model, cut = local_judging()
+    model, cut, words_first = local_judging()
     out: dict[str, Any] = {}
     more = {model, judge.TRITON_MODEL} - {"embedder"}
     with evaluate.private_embedder("embedder", *sorted(more)) as url:
@@ -285,7 +311,8 @@ def eval_points() -> tuple[dict[str, Any], dict[str, Any]]:
             # on; the judge as the local config runs it.
             r = evaluate.run(path, evaluate_threshold(), url, "embedder", verifier)
             r["judge"] = evaluate.run(path, evaluate_threshold(), url, model, judge_cut=cut,
-                                      judge_threshold=JUDGE_THRESHOLD)["judge"]  # fmt: skip
+                                      judge_threshold=JUDGE_THRESHOLD,
+                                      words_first=words_first)["judge"]  # fmt: skip
             out[name] = {k: r[k] for k in ("pairs", "threshold", "hit_rate", "wrong_hit_rate",
                                            "thresholds", "guards", "by_category",
                                            "recommended_threshold", "verifier", "judge",
@@ -313,28 +340,36 @@ def all_stored_points(url: str, verifier: Any) -> dict[str, Any]:
     questions = list(dict.fromkeys(p.a for ps in sets.values() for p in ps))
     texts = questions + [p.b for n in FRESH for p in sets[n]]
     vectors, tokens = evaluate.embed_all_tokens(texts, url, "embedder", tokens=verifier.align)
-    model, cut = local_judging()
+    model, cut, words_first = local_judging()
     judged, _ = evaluate.embed_all_tokens(texts, url, model, tokens=False)
-    out: dict[str, Any] = {"verifier": {}, "judge": {}}
+    out: dict[str, Any] = {"verifier": {}, "judge": {}, "judge_embedding_only": {}}
     for n in FRESH:
         out["verifier"][n] = evaluate.one_index_report(
             sets[n], vectors, threshold=verifier.threshold, verifier=verifier, tokens=tokens,
             distractors=questions,
         )  # fmt: skip
-        out["judge"][n] = evaluate.one_index_report(
-            sets[n], judged, threshold=JUDGE_THRESHOLD, distractors=questions,
-            judge_cut=cut, ask_judge=lambda asks: evaluate.judge_all(asks, url),
+        by_judge = functools.partial(
+            evaluate.one_index_report, sets[n], judged, threshold=JUDGE_THRESHOLD,
+            distractors=questions, judge_cut=cut,
+            ask_judge=lambda asks: evaluate.judge_all(asks, url),
         )  # fmt: skip
+        out["judge"][n] = by_judge(words_first=words_first)
+        out["judge_embedding_only"][n] = by_judge()
         print(f"   all stored {n}: verifier {_rates(out['verifier'][n])}, judge "
-              f"{_rates(out['judge'][n])}", flush=True)  # fmt: skip
+              f"{_rates(out['judge'][n])} (embedding only: "
+              f"{_rates(out['judge_embedding_only'][n])})", flush=True)  # fmt: skip
     return out
 
 
-def local_judging() -> tuple[str, float]:
-    """The local config's semantic embedder and judge cut: the judge is measured as shipped."""
+def local_judging() -> tuple[str, float, WordsFirst | None]:
+    """The local config's semantic embedder, judge cut and words-first rule: the judge is
+    measured as shipped."""
+    from filters.cache.params import SemanticParams
+
     cache = next(f for f in local_config_dict()["filters"] if f["type"] == "cache")
-    semantic = cache["params"]["semantic"]
-    return semantic["model"], float(semantic["judge"]["cut"])
+    semantic = SemanticParams.model_validate(cache["params"]["semantic"])
+    assert semantic.judge is not None, "the local config's cache decides with the judge"
+    return semantic.model, semantic.judge.cut, semantic.judge.words_rule()
 
 
 def evaluate_threshold() -> float:
@@ -351,6 +386,7 @@ def summary(res: dict[str, Any]) -> dict[str, Any]:
         s[name] = {
             "exact_added_p99_ms": k["exact"]["p99_ms"] - base,
             "semantic_added_p99_ms": k["semantic"]["p99_ms"] - base,
+            "semantic_by_vector_added_p99_ms": k["semantic_by_vector"]["p99_ms"] - base,
             "miss_p99_ms": k["miss"]["p99_ms"],
         }
     # Judged where Triton has cores of its own (an accelerator's stand-in), if it had.
@@ -362,7 +398,11 @@ def summary(res: dict[str, Any]) -> dict[str, Any]:
     s["judged_points"] = judged
     s["targets"] = {
         "exact_hit_added_p99_le_2ms": worst("exact_added_p99_ms") <= 2.0,
-        "semantic_hit_added_p99_le_15ms": worst("semantic_added_p99_ms") <= 15.0,
+        # Found by its words (one Triton call) and by its vector (two): both are hits the
+        # target covers, so it is met only if both are.
+        "semantic_hit_by_words_added_p99_le_15ms": worst("semantic_added_p99_ms") <= 15.0,
+        "semantic_hit_by_vector_added_p99_le_15ms": worst("semantic_by_vector_added_p99_ms")
+        <= 15.0,
         "index_100k_p99_le_5ms": res["index"]["100000"]["p99_ms"] <= 5.0,
         "held_out_hit_ge_70pct": min(res["eval"][n]["hit_rate"] for n in FRESH) >= 0.70,
         "held_out_wrong_le_2pct": max(res["eval"][n]["wrong_hit_rate"] for n in FRESH) <= 0.02,
@@ -422,7 +462,8 @@ def markdown(res: dict[str, Any]) -> str:
     where = (f"points without \", shared\": {placement.words(split)}; \", shared\": "
              f"{placement.words(None)}" if split else placement.words(None))  # fmt: skip
     lines = [f"Cache ({res['machine']['cpus']} CPUs; through Envoy with the shipped local "
-             f"stack; the four kinds interleaved in one open loop; {where})", "",
+             f"stack; the kinds interleaved in one open loop; semantic: a paraphrase "
+             f"words-first finds, semantic_by_vector: one found by its embedding; {where})", "",
              "| load | kind | p50 | p90 | p99 | p99 added over gateway | answered at its level "
              "| statuses |", "|---|---|---:|---:|---:|---:|---:|---|"]  # fmt: skip
     for name, point in res["gateway"].items():
@@ -434,6 +475,11 @@ def markdown(res: dict[str, Any]) -> str:
                          f"{v['p50_ms']:.2f} ms | {v['p90_ms']:.2f} ms | {v['p99_ms']:.2f} ms | "
                          f"{added} | "
                          f"{v['marked']}/{v['requests']} | {v['statuses']} |")  # fmt: skip
+    lines += ["", "Semantic hits by how their candidate was found (both semantic kinds, and the "
+              "probes before each point): " + "; ".join(
+                  f"{name}: " + ", ".join(f"{k} {v:.0f}" for k, v in
+                                          sorted(p.get("semantic_hits_found_by", {}).items()))
+                  for name, p in res["gateway"].items())]  # fmt: skip
     lines += [
         "",
         "Time the cache itself takes in the processor (its histogram, bucket bounds):",

@@ -355,6 +355,16 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="the judge's probability needed to serve (default: semantic.judge.cut's)",
     )
+    e.add_argument(
+        "--words-first",
+        action="store_true",
+        help="with --judge: judge the candidate found by its words before embedding, as "
+        "semantic.judge.words_first does",
+    )
+    e.add_argument("--words-min-overlap", type=float, default=None,
+                   help="words_first.min_overlap (default: its default)")  # fmt: skip
+    e.add_argument("--words-margin", type=float, default=None,
+                   help="words_first.margin (default: its default)")  # fmt: skip
     e.set_defaults(func=cmd_cache_eval)  # fmt: skip
     t = csub.add_parser(
         "train",

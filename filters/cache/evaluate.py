@@ -18,6 +18,7 @@ in the JSON, beside the guards' figures, with its own table over thresholds and 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import re
@@ -30,7 +31,7 @@ import urllib.request
 import zlib
 from collections import Counter, defaultdict
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,7 @@ from filters.cache.guards import GUARDS, same_question, veto
 from filters.cache.semantic import SemanticIndex
 from filters.cache.store import Indexed
 from filters.cache.verifier import Labelled, Verifier, train
+from filters.cache.words import WORDS_MARGIN, WORDS_MIN_OVERLAP, WordsFirst
 
 MAX_WRONG_RATE = 0.02
 THRESHOLDS = tuple(round(0.60 + 0.025 * i, 3) for i in range(17))  # 0.60 .. 1.00
@@ -399,32 +401,39 @@ def judge_report(
     *,
     threshold: float,
     cut: float,
+    words_first: WordsFirst | None = None,
 ) -> dict[str, Any]:
     """The pairs judged by the live decision code with the judge deciding (its probability
-    for each (a, b) in ``probability``), at ``threshold`` and ``cut``, and a table over both:
-    how many paraphrases and traps each combination serves."""
+    for each (a, b) in ``probability``), at ``threshold`` and ``cut`` (and ``words_first``),
+    and a table over both: how many paraphrases and traps each combination serves."""
     served: dict[str, list[bool]] = defaultdict(list)
     cosine: list[float] = []
+    by_words: list[bool] = []  # whether words-first finds a as b's candidate
     for i, p in enumerate(pairs):
-        index = SemanticIndex(len(vectors[p.a]), threshold=threshold, candidates=1, judge_cut=cut)
-        index.add(Indexed(f"eval{i}", "a", "p", p.a, vectors[p.a], 2**62))
-        v = index.judge(f"eval{i}", "p", p.b, vectors[p.b], 0,
-                        same_answer={"a": probability[(p.a, p.b)]})  # fmt: skip
+        index = SemanticIndex(len(vectors[p.a]), threshold=threshold, candidates=1, judge_cut=cut,
+                              words_first=words_first)  # fmt: skip
+        scope, prob = f"eval{i}", {"a": probability[(p.a, p.b)]}
+        index.add(Indexed(scope, "a", "p", p.a, vectors[p.a], 2**62))
+        v = index.by_words(scope, "p", p.b, 0, prob) or index.judge(
+            scope, "p", p.b, vectors[p.b], 0, same_answer=prob
+        )
         served[("true" if p.same else "false")].append(v.entry_id is not None)
         served["category:" + p.category].append(v.entry_id is not None)
         cosine.append(float(_unit(vectors[p.a]) @ _unit(vectors[p.b])))
+        by_words.append(index.word_candidate(scope, "p", p.b, 0) is not None)
 
     def rate(xs: list[bool]) -> float | None:
         return _r(sum(xs) / len(xs)) if xs else None
 
-    def serves(p: Pair, cos: float, t: float, c: float) -> bool:
-        return cos >= t and (same_question(p.b, p.a) or probability[(p.a, p.b)] >= c)
+    def serves(p: Pair, cos: float, words: bool, t: float, c: float) -> bool:
+        return (words or cos >= t) and (same_question(p.b, p.a) or probability[(p.a, p.b)] >= c)
 
     same = [p.same for p in pairs]
     table = []
     for t in (0.3, 0.4, 0.5, 0.6, 0.7, 0.8):
         for c in (0.05, 0.25, 0.5, 0.75, 0.9):
-            got = [serves(p, cos, t, c) for p, cos in zip(pairs, cosine, strict=True)]
+            got = [serves(p, cos, w, t, c)
+                   for p, cos, w in zip(pairs, cosine, by_words, strict=True)]  # fmt: skip
             hits = [g for g, s in zip(got, same, strict=True) if s]
             wrong = [g for g, s in zip(got, same, strict=True) if not s]
             table.append({"threshold": t, "cut": c, "hit_rate": rate(hits),
@@ -451,6 +460,7 @@ def one_index_report(
     candidates: int = 4,
     judge_cut: float | None = None,
     ask_judge: Any = None,
+    words_first: WordsFirst | None = None,
 ) -> dict[str, Any]:
     """The pairs judged the way a live cache meets them: every question ``a`` of the file
     (and the ``distractors``, questions of other sets) stored in one partition, and each
@@ -465,11 +475,14 @@ def one_index_report(
 
     With ``judge_cut``, the judge decides: ``ask_judge(list of (cached, asked))`` gives its
     probabilities for the nearest candidate of each ``b`` (one batch, as Triton's batcher
-    would form them from concurrent look-ups)."""
+    would form them from concurrent look-ups); with ``words_first`` too, first for each
+    ``b``'s word candidate and then for the nearest of the ``b`` it did not serve, as the
+    filter asks. ``served_by_words``: right answers served through words-first."""
     stored = list(dict.fromkeys([p.a for p in pairs] + list(distractors)))
     ids = {text: str(i) for i, text in enumerate(stored)}
     index = SemanticIndex(len(vectors[stored[0]]), threshold=threshold, candidates=candidates,
-                          verifier=verifier, judge_cut=judge_cut)  # fmt: skip
+                          verifier=verifier, judge_cut=judge_cut,
+                          words_first=words_first)  # fmt: skip
     for text, entry in ids.items():
         index.add(Indexed("eval", entry, "p", text, vectors[text], 2**62))
     tok = tokens or {}
@@ -480,21 +493,35 @@ def one_index_report(
             right[p.b].add(ids[p.a])
     probability: dict[str, dict[str, float]] = defaultdict(dict)  # b -> entry -> p
     if judge_cut is not None:
-        asks: dict[tuple[str, str], tuple[str, str]] = {}  # (cached, b) -> (b, entry)
-        for p in pairs:
-            hits = index._search("eval", "p", vectors[p.b])
-            nearest = index._nearest_live("eval", hits, 0)
-            if nearest is not None:
-                asks[(stored[int(nearest)], p.b)] = (p.b, nearest)
-        for pair, prob in ask_judge(list(asks)).items():
-            b, entry = asks[pair]
-            probability[b][entry] = prob
+
+        def ask(pick: Any) -> None:
+            """The judge's probabilities for the entry ``pick(b)`` of each ``b``, one batch."""
+            asks: dict[tuple[str, str], tuple[str, str]] = {}  # (cached, b) -> (b, entry)
+            for p in pairs:
+                entry = pick(p.b)
+                if entry is not None and entry not in probability[p.b]:
+                    asks[(stored[int(entry)], p.b)] = (p.b, entry)
+            for pair, prob in ask_judge(list(asks)).items():
+                b, entry = asks[pair]
+                probability[b][entry] = prob
+
+        def unserved_nearest(b: str) -> str | None:
+            if index.by_words("eval", "p", b, 0, probability[b]) is not None:
+                return None
+            return index._nearest_live("eval", index._search("eval", "p", vectors[b]), 0)
+
+        ask(lambda b: index.word_candidate("eval", "p", b, 0))
+        ask(unserved_nearest)
     outcomes: dict[str, Counter[str]] = {"true": Counter(), "false": Counter()}
     examples: list[dict[str, str]] = []
+    by_words = 0
     for p in pairs:
-        v = index.judge("eval", "p", p.b, vectors[p.b], 0, tok.get(p.b), cached,
-                        probability.get(p.b))  # fmt: skip
+        v = index.by_words("eval", "p", p.b, 0, probability.get(p.b, {})) or index.judge(
+            "eval", "p", p.b, vectors[p.b], 0, tok.get(p.b), cached, probability.get(p.b)
+        )
         kind = "true" if p.same else "false"
+        if p.same and v.by_words and v.entry_id in right[p.b]:
+            by_words += 1
         if v.entry_id is None:
             outcomes[kind]["missed"] += 1
         elif v.entry_id == ids[p.a]:
@@ -521,6 +548,8 @@ def one_index_report(
         "paraphrases_served_another": t["served_another"],
         "wrong_answers": wrong,
         "wrong_answer_rate": _r(wrong / len(pairs)),
+        # Paraphrases rightly served through words-first (one judge call, no embedding).
+        "served_by_words": by_words,
         "true_pairs": dict(t),
         "false_pairs": dict(f),
         "examples": examples,
@@ -545,15 +574,17 @@ def run(
     candidates: int = 4,
     judge_cut: float | None = None,
     judge_threshold: float | None = None,
+    words_first: WordsFirst | None = None,
 ) -> dict[str, Any]:
     """The report of ``path``'s pairs (module docstring); with ``judge_cut``, also the judge's
-    at ``judge_threshold`` (both from Triton: a private one unless ``triton_url``)."""
+    at ``judge_threshold`` (with ``words_first`` if given; both from Triton: a private one
+    unless ``triton_url``)."""
     with contextlib.ExitStack() as stack:
         if triton_url is None:
             more = ("pair_judge",) if judge_cut is not None else ()
             triton_url = stack.enter_context(private_embedder(model, *more))
         return _run(path, threshold, triton_url, model, verifier, stored, candidates,
-                    judge_cut, judge_threshold)  # fmt: skip
+                    judge_cut, judge_threshold, words_first)  # fmt: skip
 
 
 def _run(
@@ -566,6 +597,7 @@ def _run(
     candidates: int,
     judge_cut: float | None,
     judge_threshold: float | None,
+    words_first: WordsFirst | None,
 ) -> dict[str, Any]:
     pairs = read_pairs(path)
     dups, again = near_duplicates(pairs), reasks(pairs)
@@ -594,17 +626,22 @@ def _run(
     if judge_cut is not None:
         t = judge_threshold if judge_threshold is not None else threshold
         prob = judge_all([(p.a, p.b) for p in pairs + dups + again], triton_url)
-        result["judge"] = judge_report(pairs, vectors, prob, threshold=t, cut=judge_cut)
-        result["judge"]["near_duplicates_hit_rate"] = judge_report(
-            dups, vectors, prob, threshold=t, cut=judge_cut
-        )["hit_rate"]
-        result["judge"]["reasks"] = judge_report(again, vectors, prob, threshold=t, cut=judge_cut)[
-            "by_category"
-        ]
-        result["judge"]["one_index"] = one_index_report(
-            pairs, vectors, threshold=t, distractors=others, candidates=candidates,
-            judge_cut=judge_cut, ask_judge=lambda asks: judge_all(asks, triton_url),
+        judged = functools.partial(judge_report, vectors=vectors, probability=prob, threshold=t,
+                                   cut=judge_cut, words_first=words_first)  # fmt: skip
+        result["judge"] = judged(pairs)
+        result["judge"]["words_first"] = asdict(words_first) if words_first else None
+        result["judge"]["near_duplicates_hit_rate"] = judged(dups)["hit_rate"]
+        result["judge"]["reasks"] = judged(again)["by_category"]
+        one_index = functools.partial(
+            one_index_report, pairs, vectors, threshold=t, distractors=others,
+            candidates=candidates, judge_cut=judge_cut,
+            ask_judge=lambda asks: judge_all(asks, triton_url),
         )  # fmt: skip
+        result["judge"]["one_index"] = one_index(words_first=words_first)
+        if words_first is not None:
+            # What words-first changes, side by side: every look-up embedded and the
+            # nearest judged.
+            result["judge"]["one_index_embedding_only"] = one_index()
     result["pairs_file"] = str(path)
     return result
 
@@ -617,8 +654,14 @@ def main(args: Any) -> int:
     stored = tuple(Path(f) for f in args.stored or ())
     judge_cut = args.judge_cut if args.judge else None
     judge_threshold = args.threshold if args.threshold is not None else JUDGE_THRESHOLD
+    words_first = None
+    if args.judge and args.words_first:
+        words_first = WordsFirst(
+            WORDS_MIN_OVERLAP if args.words_min_overlap is None else args.words_min_overlap,
+            WORDS_MARGIN if args.words_margin is None else args.words_margin,
+        )
     result = run(Path(args.pairs), threshold, args.triton_url, args.model, verifier, stored,
-                 args.candidates, judge_cut, judge_threshold)  # fmt: skip
+                 args.candidates, judge_cut, judge_threshold, words_first)  # fmt: skip
     print(json.dumps(result, indent=2))
     return 0
 

@@ -40,7 +40,7 @@ from filters.cache.embedder import (
     TritonPairJudge,
 )
 from filters.cache.params import CacheParams, RouteCache, load_verifier
-from filters.cache.semantic import SemanticIndex
+from filters.cache.semantic import SemanticIndex, Verdict
 from filters.cache.store import CacheStore, Entry, Indexed
 from proxy.api import (
     CONTINUE,
@@ -86,6 +86,12 @@ LOOKUP_SECONDS = Histogram(
     "Time to decide hit or miss, by level reached (exact, semantic)",
     ["level"],
     buckets=(0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 1.0),
+)
+SEMANTIC_HITS = Counter(
+    "floodwall_cache_semantic_hits",
+    "Semantic hits by how the served candidate was found: by its words (one judge call, "
+    "no embedding) or by the prompt's vector",
+    ["found_by"],
 )
 ENTRIES = Gauge("floodwall_cache_semantic_entries", "Semantic entries in this process's index")
 
@@ -155,6 +161,7 @@ class CacheFilter(Filter):
             sem.dimensions, threshold=sem.threshold, candidates=sem.candidates,
             guards=tuple(sem.guards), flat_max=sem.flat_max, verifier=load_verifier(sem.verifier),
             judge_cut=sem.judge.cut if sem.judge is not None else None,
+            words_first=sem.judge.words_rule() if sem.judge is not None else None,
         )  # fmt: skip
         # Triton model -> its newest READY version; scopes include it (see _version).
         self.versions: dict[str, str] = {}
@@ -282,20 +289,35 @@ class CacheFilter(Filter):
         # is embedded after its answer went out, when it is stored (off the request path).
         if not text or self.embedder is None or not self.index.has_partition(scope, key.partition):
             return None
-        vector, tokens = await self._embed(text)
-        if vector is None:
-            return None
-        st.tokens = tokens
-        best: dict[str, Entry | None] = {}  # the top candidate, fetched with the tokens
+        best: dict[str, Entry | None] = {}  # the judged candidate, fetched while judged
 
         async def fetch(ids: list[str]) -> dict[str, np.ndarray[Any, Any]]:
             cached, best[ids[0]] = await self._cached_tokens(scope, ids, now_ms)
             return cached
 
+        known: dict[str, float] = {}
+        if self.judge is not None and self.index.words_first is not None:
+            # A candidate by its words first: a yes costs the judge's call alone.
+            try:
+                verdict, known = await self.index.by_words_fetching(
+                    scope, key.partition, text, now_ms, fetch, self.judge.same_answer
+                )
+            except JudgeError as exc:
+                ERRORS.labels("judge").inc()
+                log.warning("cache judge failed (a miss): %s", exc)
+                return None  # embedded when stored, off the request path
+            if verdict is not None:
+                hit = await self._serve(ctx, scope, verdict, best, now_ms)
+                if hit is not None:
+                    return hit
+        vector, tokens = await self._embed(text)
+        if vector is None:
+            return None
+        st.tokens = tokens
         try:
             verdict = await self.index.judge_fetching(
                 scope, key.partition, text, vector, now_ms, tokens, fetch,
-                self.judge.same_answer if self.judge is not None else None,
+                self.judge.same_answer if self.judge is not None else None, known,
             )  # fmt: skip
         except JudgeError as exc:
             ERRORS.labels("judge").inc()
@@ -304,15 +326,32 @@ class CacheFilter(Filter):
         if verdict.veto is not None:
             VETOES.labels(verdict.veto).inc()
         if verdict.entry_id is not None:
-            if verdict.entry_id in best:
-                entry, answered = best[verdict.entry_id], True
-            else:
-                entry, answered = await self._get(scope, verdict.entry_id, now_ms)
-            if entry is not None and entry.fresh:
-                return self._hit(ctx, entry, "hit-semantic", now_ms)
-            if answered and entry is None:
-                self.index.remove(scope, verdict.entry_id)  # gone from Redis
+            hit = await self._serve(ctx, scope, verdict, best, now_ms)
+            if hit is not None:
+                return hit
         return vector
+
+    async def _serve(
+        self,
+        ctx: RequestContext,
+        scope: str,
+        verdict: Verdict,
+        fetched: dict[str, Entry | None],
+        now_ms: int,
+    ) -> Respond | None:
+        """The semantic hit ``verdict`` names, from ``fetched`` when the look-up brought it,
+        else from Redis; None if it is no longer there (and then forgotten) or not fresh."""
+        assert verdict.entry_id is not None
+        if verdict.entry_id in fetched:
+            entry, answered = fetched[verdict.entry_id], True
+        else:
+            entry, answered = await self._get(scope, verdict.entry_id, now_ms)
+        if entry is not None and entry.fresh:
+            SEMANTIC_HITS.labels("words" if verdict.by_words else "vector").inc()
+            return self._hit(ctx, entry, "hit-semantic", now_ms)
+        if answered and entry is None:
+            self.index.remove(scope, verdict.entry_id)  # gone from Redis
+        return None
 
     async def on_response_headers(self, ctx: RequestContext, headers: Headers) -> Decision:
         st = ctx.state(_State)

@@ -12,7 +12,12 @@ passes") served another question's answer to 20% of the look-alike traps of the 
 sets once all of a set's questions were stored (``cache eval``'s ``one_index``), against 3%
 when only the nearest is judged, for the same share of paraphrases served (76.7% / 76.5%);
 the verifier and the guards were fitted on a question and its look-alike, not on a question
-and its topical neighbours."""
+and its topical neighbours.
+
+With a judge and ``words_first`` (``words.py``), the candidate may come from the prompt's
+words before any embedding: the cached prompt that clearly shares the most of them is judged
+first (``by_words``), and only if there is none, or the judge refuses it, is the prompt
+embedded and its nearest judged."""
 
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ from filters.cache.guards import GUARDS, same_question, veto
 from filters.cache.index import Hit, VectorIndex
 from filters.cache.store import Indexed
 from filters.cache.verifier import Verifier
+from filters.cache.words import WordIndex, WordsFirst, content_words, overlap
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +41,7 @@ class Verdict:
     entry_id: str | None  # the entry to serve, or None
     score: float  # similarity of the best candidate seen (0 when none)
     veto: str | None = None  # why the best candidate above the threshold was refused
+    by_words: bool = False  # served a candidate found by its words (score: their overlap)
 
 
 @dataclass(slots=True)
@@ -42,6 +49,7 @@ class _Meta:
     partition: str
     text: str
     expires_ms: int
+    words: frozenset[str] | None  # content words, kept only with words_first
 
 
 class SemanticIndex:
@@ -57,9 +65,14 @@ class SemanticIndex:
         flat_max: int = 20_000,
         verifier: Verifier | None = None,
         judge_cut: float | None = None,
+        words_first: WordsFirst | None = None,
     ) -> None:
         if verifier is not None and judge_cut is not None:
             raise ValueError("a verifier or a judge decides, not both")
+        if words_first is not None and judge_cut is None:
+            # Only the judge reads a candidate's words in context; the guards and the
+            # verifier need the embedding anyway.
+            raise ValueError("words_first needs a judge")
         self.dim = dim
         # A verifier brings its own threshold and weighs the guards' findings itself.
         self.threshold = verifier.threshold if verifier is not None else threshold
@@ -70,7 +83,9 @@ class SemanticIndex:
         # With a judge, the nearest candidate at or above the threshold is served when the
         # judge's probability for it (fetched by judge_fetching) reaches this.
         self.judge_cut = judge_cut
+        self.words_first = words_first
         self._parts: dict[tuple[str, str], VectorIndex] = {}
+        self._words: dict[tuple[str, str], WordIndex] = {}
         self._scopes: dict[str, set[str]] = {}
         self._meta: dict[tuple[str, str], _Meta] = {}
         self._expiry: list[tuple[int, str, str]] = []
@@ -81,7 +96,8 @@ class SemanticIndex:
     def empty_copy(self) -> SemanticIndex:
         return SemanticIndex(self.dim, threshold=self.threshold, candidates=self.candidates,
                              guards=self.guards, flat_max=self.flat_max,
-                             verifier=self.verifier, judge_cut=self.judge_cut)  # fmt: skip
+                             verifier=self.verifier, judge_cut=self.judge_cut,
+                             words_first=self.words_first)  # fmt: skip
 
     def add(self, item: Indexed) -> None:
         key = (item.scope, item.entry_id)
@@ -94,7 +110,11 @@ class SemanticIndex:
             index = self._parts[part] = VectorIndex(self.dim, flat_max=self.flat_max)
             self._scopes.setdefault(item.scope, set()).add(item.partition)
         index.add(item.entry_id, item.vector)
-        self._meta[key] = _Meta(item.partition, item.text, item.expires_ms)
+        words = None
+        if self.words_first is not None:
+            words = content_words(item.text)
+            self._words.setdefault(part, WordIndex()).add(item.entry_id, words)
+        self._meta[key] = _Meta(item.partition, item.text, item.expires_ms, words)
         heapq.heappush(self._expiry, (item.expires_ms, item.scope, item.entry_id))
 
     def remove(self, scope: str, entry_id: str) -> None:
@@ -103,6 +123,11 @@ class SemanticIndex:
             return
         part = (scope, meta.partition)
         index = self._parts.get(part)
+        words = self._words.get(part)
+        if words is not None:
+            words.remove(entry_id)
+            if not len(words):
+                del self._words[part]
         if index is not None:
             index.remove(entry_id)
             if not len(index):
@@ -116,6 +141,7 @@ class SemanticIndex:
     def drop_scope(self, scope: str) -> None:
         for partition in self._scopes.pop(scope, set()):
             self._parts.pop((scope, partition), None)
+            self._words.pop((scope, partition), None)
         for key in [k for k in self._meta if k[0] == scope]:
             del self._meta[key]
 
@@ -156,6 +182,78 @@ class SemanticIndex:
             same_answer or {},
         )  # fmt: skip
 
+    def word_candidate(self, scope: str, partition: str, text: str, now_ms: int) -> str | None:
+        """The entry that words-first judges for ``text``, if any (module docstring)."""
+        words = self._words.get((scope, partition))
+        if self.words_first is None or words is None:
+            return None
+
+        def live(key: str) -> bool:
+            meta = self._meta.get((scope, key))
+            return meta is not None and meta.expires_ms > now_ms
+
+        found = words.candidate(content_words(text), self.words_first, live)
+        return found[0] if found is not None else None
+
+    def by_words(
+        self, scope: str, partition: str, text: str, now_ms: int, same_answer: Mapping[str, float]
+    ) -> Verdict | None:
+        """The words-first verdict: the word candidate served (it is the question asked again,
+        or the judge's probability for it in ``same_answer`` reaches the cut), else None (go
+        on to the embedding)."""
+        entry = self.word_candidate(scope, partition, text, now_ms)
+        return None if entry is None else self._words_verdict(scope, entry, text, same_answer)
+
+    def _words_verdict(
+        self, scope: str, entry: str, text: str, same_answer: Mapping[str, float]
+    ) -> Verdict | None:
+        meta = self._meta[(scope, entry)]
+        assert self.judge_cut is not None and meta.words is not None  # words_first needs both
+        if same_question(text, meta.text) or same_answer.get(entry, -1.0) >= self.judge_cut:
+            return Verdict(entry, overlap(content_words(text), meta.words), by_words=True)
+        return None
+
+    async def by_words_fetching(
+        self,
+        scope: str,
+        partition: str,
+        text: str,
+        now_ms: int,
+        fetch: Callable[[list[str]], Awaitable[Mapping[str, np.ndarray[Any, Any]]]],
+        ask_judge: Callable[[str, str], Awaitable[float]],
+    ) -> tuple[Verdict | None, dict[str, float]]:
+        """``by_words``, asking the judge about the word candidate while ``fetch`` brings its
+        entry (as ``judge_fetching``); also the probabilities learnt, for ``judge_fetching``'s
+        ``known`` so the same pair is not asked twice."""
+        entry = self.word_candidate(scope, partition, text, now_ms)
+        if entry is None:
+            return None, {}
+        probability: dict[str, float] = {}
+        if not same_question(text, self._meta[(scope, entry)].text):
+            probability[entry] = await self._ask_and_fetch(entry, text, scope, fetch, ask_judge)
+        else:
+            await fetch([entry])
+        return self._words_verdict(scope, entry, text, probability), probability
+
+    async def _ask_and_fetch(
+        self,
+        entry: str,
+        text: str,
+        scope: str,
+        fetch: Callable[[list[str]], Awaitable[Mapping[str, np.ndarray[Any, Any]]]],
+        ask_judge: Callable[[str, str], Awaitable[float]],
+    ) -> float:
+        # return_exceptions: a failed judge must not leave the fetch running unawaited.
+        said, fetched = await asyncio.gather(
+            ask_judge(self._meta[(scope, entry)].text, text), fetch([entry]),
+            return_exceptions=True,
+        )  # fmt: skip
+        if isinstance(said, BaseException):
+            raise said
+        if isinstance(fetched, BaseException):
+            raise fetched
+        return float(said)
+
     async def judge_fetching(
         self,
         scope: str,
@@ -166,14 +264,16 @@ class SemanticIndex:
         tokens: np.ndarray[Any, Any] | None,
         fetch: Callable[[list[str]], Awaitable[Mapping[str, np.ndarray[Any, Any]]]],
         ask_judge: Callable[[str, str], Awaitable[float]] | None = None,
+        known: Mapping[str, float] | None = None,
     ) -> Verdict:
         """``judge``, first fetching what deciding on the nearest candidate needs: its token
         vectors when the verifier aligns words (they live in Redis with the entries, not in
         this process), the judge's probability (``ask_judge(cached_text, text)``) when a judge
         decides and the candidate is not the same question asked again. While the judge
         runs, ``fetch`` runs too (its caller keeps the candidate's entry it brings back), so
-        a yes answers without another Redis round trip. ``ask_judge``'s errors propagate:
-        the caller counts them and misses."""
+        a yes answers without another Redis round trip. ``known``: probabilities the judge
+        already gave (``by_words_fetching``), not asked again. ``ask_judge``'s errors
+        propagate: the caller counts them and misses."""
         hits = self._search(scope, partition, vector)
         cached: Mapping[str, np.ndarray[Any, Any]] = {}
         probability: dict[str, float] = {}
@@ -181,18 +281,13 @@ class SemanticIndex:
         cached_text = self._meta[(scope, nearest)].text if nearest is not None else ""
         if nearest is None:
             pass
+        elif known and nearest in known:
+            probability[nearest] = known[nearest]  # refused by words-first: no second ask
         elif self.judge_cut is not None and not same_question(text, cached_text):
             if ask_judge is None:
                 raise ValueError("this index decides with a judge: pass ask_judge")
-            # return_exceptions: a failed judge must not leave the fetch running unawaited.
-            said, fetched = await asyncio.gather(
-                ask_judge(cached_text, text), fetch([nearest]), return_exceptions=True
-            )
-            if isinstance(said, BaseException):
-                raise said
-            if isinstance(fetched, BaseException):
-                raise fetched
-            probability[nearest] = said
+            probability[nearest] = await self._ask_and_fetch(nearest, text, scope, fetch,
+                                                             ask_judge)  # fmt: skip
         elif self.needs_tokens:
             cached = await fetch([nearest])
         return self._decide(

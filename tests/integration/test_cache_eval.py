@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from filters.cache import evaluate
-from filters.cache.params import JUDGE_THRESHOLD
+from filters.cache.params import JUDGE_THRESHOLD, SemanticParams
 from filters.cache.verifier import SHIPPED, Verifier
 from tests.helpers import local_config_dict
 from tests.integration.conftest import TritonServer
@@ -76,16 +76,20 @@ def test_the_shipped_verifier_is_reproduced_from_the_shipped_pairs(
 def test_the_judge_meets_the_quality_target_on_every_held_out_set(triton: TritonServer) -> None:
     """Issue #5's target (>= 70% of paraphrases served, <= 2% of look-alikes), on each of the
     six sets the judge never saw, through the live decision code and Triton's pair_judge, at
-    the shipped config's embedder and cut: pair by pair, and with each set's questions stored
-    together (a question's topical neighbours then compete; every answer served to the
-    wrong question, paraphrase or trap, counts against the 2%)."""
-    semantic = next(f for f in local_config_dict()["filters"] if f["type"] == "cache")[
-        "params"]["semantic"]  # fmt: skip
+    the shipped config's embedder, cut and words-first rule: pair by pair, and with each
+    set's questions stored together (a question's topical neighbours then compete; every
+    answer served to the wrong question, paraphrase or trap, counts against the 2%)."""
+    semantic = SemanticParams.model_validate(
+        next(f for f in local_config_dict()["filters"] if f["type"] == "cache")["params"][
+            "semantic"]
+    )  # fmt: skip
+    assert semantic.judge is not None
     failures = []
     for name in evaluate.HELD_OUT:
         r = evaluate.run(
-            EVAL / f"{name}.jsonl", 0.75, triton.http_url, semantic["model"],
-            judge_cut=semantic["judge"]["cut"], judge_threshold=JUDGE_THRESHOLD,
+            EVAL / f"{name}.jsonl", 0.75, triton.http_url, semantic.model,
+            judge_cut=semantic.judge.cut, judge_threshold=JUDGE_THRESHOLD,
+            words_first=semantic.judge.words_rule(),
         )  # fmt: skip
         j, one = r["judge"], r["judge"]["one_index"]
         hit = min(j["hit_rate"], one["hit_rate"])

@@ -21,7 +21,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from filters.cache.embedder import EmbedderError, JudgeError
-from filters.cache.filter import ERRORS, VETOES, CacheFilter, _scope_id
+from filters.cache.filter import ERRORS, SEMANTIC_HITS, VETOES, CacheFilter, _scope_id
 from filters.cache.guards import GUARDS
 from filters.cache.store import zset_key
 from filters.cache.verifier import ALIGN_FEATURES, Verifier
@@ -675,3 +675,42 @@ async def test_the_judge_decides_the_nearest_candidate_and_its_outage_is_a_miss(
     assert lost.status == 200 and lost.headers["x-floodwall-cache"] == "miss"
     assert ERRORS.labels("judge")._value.get() == errors + 1
     await f.settle()
+
+
+async def test_words_first_judges_the_word_candidate_before_embedding(rc: aioredis.Redis) -> None:
+    """semantic.judge.words_first: a prompt that clearly shares most words with a cached one
+    is a hit on the judge's word alone, without embedding it; a refusal goes on to the
+    embedding and is not asked about the same pair twice; a judge outage is a miss."""
+    judge = RuleJudge()
+    p = CacheFilter.Params.model_validate({
+        "routes": {"chat": {"ttl_s": 60, "semantic": True}},
+        "semantic": {"threshold": 0.5, "dimensions": 64,
+                     "judge": {"cut": 0.5, "words_first": {"min_overlap": 0.2, "margin": 0.3}}},
+        "versions_upstream": None, "redis_timeout_ms": 2000, "lookup_budget_ms": 5000,
+    })  # fmt: skip
+    embedder = WordsEmbedder()
+    f = CacheFilter(p, Deps(redis=rc, clock=FakeClock()), embedder, judge)
+    f.name = "cache"
+    h, up = harness(f), Upstream()
+    await ask(h, f, up, chat("Can I cancel my order today?"))
+    await ask(h, f, up, chat("Where is my invoice for March?"))
+    embedded = embedder.calls
+    found = SEMANTIC_HITS.labels("words")._value.get()
+    hit = await ask(h, f, up, chat("today can I cancel the order"))
+    assert hit.headers["x-floodwall-cache"] == "hit-semantic"
+    assert orjson.loads(hit.body)["answer"] == 1 and up.calls == 2
+    assert judge.asked == [("Can I cancel my order today?", "today can I cancel the order")]
+    assert embedder.calls == embedded  # found by its words: never embedded
+    assert SEMANTIC_HITS.labels("words")._value.get() == found + 1
+    # A trap shares the words too: the judge refuses it, the look-up embeds the prompt, and
+    # the nearest by vector (the same entry) is not asked about again.
+    judge.asked.clear()
+    trap = await ask(h, f, up, chat("Can I not cancel my order today?"))
+    assert trap.headers["x-floodwall-cache"] == "miss" and up.calls == 3
+    assert judge.asked == [("Can I cancel my order today?", "Can I not cancel my order today?")]
+    assert embedder.calls > embedded
+    judge.down = True
+    errors = ERRORS.labels("judge")._value.get()
+    lost = await ask(h, f, up, chat("my invoice for March: where is it?"))
+    assert lost.status == 200 and lost.headers["x-floodwall-cache"] == "miss"
+    assert ERRORS.labels("judge")._value.get() == errors + 1

@@ -1,0 +1,160 @@
+"""Words-first (filters/cache/words.py): content words, the word index's candidate, and the
+semantic index asking the judge about it before any embedding."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from filters.cache import words
+from filters.cache.evaluate import Pair, judge_report, one_index_report
+from filters.cache.params import SemanticParams
+from filters.cache.semantic import SemanticIndex
+from filters.cache.store import Indexed
+from filters.cache.words import WordIndex, WordsFirst, content_words, overlap
+
+RULE = WordsFirst(min_overlap=0.2, margin=0.3)
+
+
+def always(_: str) -> bool:
+    return True
+
+
+def test_content_words() -> None:
+    assert content_words("How do I cancel my Subscriptions?") == {"cancel", "subscription"}
+    # Digits and "not" are content words; one-letter tokens are not ("can't": the judge reads
+    # the whole prompt).
+    assert content_words("Why can't I NOT pay 2 invoices?") == {"not", "pay", "2", "invoice"}
+    assert content_words("my address, addresses") == {"address", "addresse"}
+    assert content_words("Ändern Sie das Passwort") == {"ändern", "sie", "das", "passwort"}
+    # Short words keep their endings: "bus" and "used" are not "bu" and "us".
+    assert content_words("bus used") == {"bus", "used"}
+    assert content_words("the of and ?") == frozenset()
+    assert overlap(frozenset(), frozenset()) == 0.0
+    assert overlap(frozenset({"a", "b"}), frozenset({"b", "c"})) == pytest.approx(1 / 3)
+
+
+def test_the_word_candidate_needs_its_overlap_and_a_clear_margin() -> None:
+    ix = WordIndex()
+    ix.add("order", content_words("Can I cancel my order today?"))
+    ix.add("invoice", content_words("Where is my invoice for March?"))
+    asked = content_words("today can I cancel the order")
+    assert ix.candidate(asked, RULE, always) == ("order", 1.0)
+    # Too few shared words.
+    assert ix.candidate(content_words("cancel everything tomorrow please now"), RULE, always) is None
+    # Two cached prompts share the words about as much: no clear candidate.
+    ix.add("order2", content_words("Can I cancel my order tomorrow?"))
+    assert ix.candidate(content_words("cancel my order"), RULE, always) is None
+    # Unless the runner-up is not live (expired): then the next one is the runner-up.
+    assert ix.candidate(content_words("cancel my order today"), RULE,
+                        lambda k: k != "order2") == ("order", 1.0)  # fmt: skip
+    ix.remove("order2")
+    ix.remove("order2")  # removing twice is harmless
+    assert ix.candidate(content_words("cancel my order"), RULE, always) == ("order", 2 / 3)
+    # Replacing an entry's words drops the old ones.
+    ix.add("order", content_words("Where do I park?"))
+    assert ix.candidate(asked, RULE, always) is None
+    assert len(ix) == 2
+
+
+def test_a_word_in_too_many_entries_finds_no_candidate(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(words, "MAX_POSTINGS", 2)
+    ix = WordIndex()
+    for i in range(3):
+        ix.add(str(i), frozenset({"order", f"w{i}"}))
+    # "order" is in 3 > 2 entries: not gathered; "w1" finds entry 1, scored on all its words.
+    assert ix.candidate(frozenset({"order"}), RULE, always) is None
+    assert ix.candidate(frozenset({"order", "w1"}), RULE, always) == ("1", 1.0)
+
+
+def unit(*v: float) -> np.ndarray[Any, Any]:
+    a = np.array(v, dtype=np.float32)
+    return a / np.linalg.norm(a)
+
+
+async def test_the_index_asks_the_judge_about_the_word_candidate_first() -> None:
+    si = SemanticIndex(4, threshold=0.6, judge_cut=0.5, words_first=RULE)
+    si.add(Indexed("s", "order", "p", "Can I cancel my order today?", unit(1, 0, 0, 0), 10**12))
+    si.add(Indexed("s", "old", "p", "Where is my invoice for March?", unit(0, 1, 0, 0), 5))
+    asked: list[tuple[str, str]] = []
+    fetched: list[list[str]] = []
+
+    def judge(p: float) -> Any:
+        async def ask(cached: str, text: str) -> float:
+            asked.append((cached, text))
+            return p
+
+        return ask
+
+    async def fetch(ids: list[str]) -> dict[str, Any]:
+        fetched.append(ids)
+        return {}
+
+    text = "today can I cancel the order"
+    verdict, known = await si.by_words_fetching("s", "p", text, 0, fetch, judge(0.9))
+    assert verdict is not None and verdict.entry_id == "order" and verdict.by_words
+    assert verdict.score == 1.0 and known == {"order": 0.9}
+    assert asked == [("Can I cancel my order today?", text)] and fetched == [["order"]]
+    refused, known = await si.by_words_fetching("s", "p", text, 0, fetch, judge(0.1))
+    assert refused is None and known == {"order": 0.1}
+    # The refusal is carried into the vector look-up: not asked again about the same entry.
+    asked.clear()
+    v = await si.judge_fetching("s", "p", text, unit(1, 0.1, 0, 0), 0, None, fetch,
+                                judge(0.9), known)  # fmt: skip
+    assert v.entry_id is None and v.veto == "judge" and asked == []
+    # The same question asked again is served without the judge.
+    again, known = await si.by_words_fetching("s", "p", "can i cancel my order today", 0, fetch,
+                                              judge(0.0))  # fmt: skip
+    assert again is not None and again.entry_id == "order" and asked == [] and known == {}
+    # An expired entry is never the candidate; nor is anything in another partition.
+    assert si.word_candidate("s", "p", "my invoice for March", 10) is None
+    assert si.word_candidate("s", "p", "my invoice for March", 0) == "old"
+    assert si.word_candidate("s", "q", text, 0) is None
+    assert si.expire(10) == 1 and si.word_candidate("s", "p", "my invoice for March", 0) is None
+    si.drop_scope("s")
+    assert si.word_candidate("s", "p", text, 0) is None
+    assert si.empty_copy().words_first == RULE
+
+
+def test_words_first_needs_the_judge() -> None:
+    with pytest.raises(ValueError, match="needs a judge"):
+        SemanticIndex(4, threshold=0.6, words_first=RULE)
+    p = SemanticParams.model_validate({"judge": {"words_first": {}}})
+    assert p.judge is not None and p.judge.words_rule() == WordsFirst(0.2, 0.3)
+    assert SemanticParams.model_validate({"judge": {}}).judge.words_rule() is None  # type: ignore[union-attr]
+    with pytest.raises(ValidationError):
+        SemanticParams.model_validate({"judge": {"words_first": {"margin": -0.1}}})
+
+
+def test_the_eval_reports_judge_the_way_the_filter_does() -> None:
+    """``one_index_report`` asks about the word candidate first and then about the nearest of
+    the questions it did not serve, and counts what words-first served; ``judge_report``
+    serves a pair by its words even below the cosine threshold."""
+    cached, para, trap = "Can I cancel my order today?", "today can I cancel the order", (
+        "Can I not cancel my order today?")  # fmt: skip
+    other = "Where is my invoice for March?"
+    vectors = {cached: unit(1, 0, 0, 0), para: unit(0.3, 1, 0, 0), trap: unit(1, 0.1, 0, 0),
+               other: unit(0, 0, 1, 0)}  # fmt: skip
+    pairs = [Pair(cached, para, True, "paraphrase", None), Pair(cached, trap, False, "negation", None)]
+    rounds: list[list[tuple[str, str]]] = []
+
+    def ask_judge(asks: list[tuple[str, str]]) -> dict[tuple[str, str], float]:
+        rounds.append(asks)
+        return {pair: 0.1 if "not" in pair[1] else 0.9 for pair in asks}
+
+    r = one_index_report(pairs, vectors, threshold=0.5, distractors=[other], judge_cut=0.5,
+                         ask_judge=ask_judge, words_first=RULE)  # fmt: skip
+    assert r["hit_rate"] == 1.0 and r["wrong_hit_rate"] == 0.0 and r["served_by_words"] == 1
+    # Both word candidates in one batch; then nothing: the trap's nearest was already asked.
+    assert rounds == [[(cached, para), (cached, trap)], []]
+    embedding_only = one_index_report(pairs, vectors, threshold=0.5, distractors=[other],
+                                      judge_cut=0.5, ask_judge=ask_judge)  # fmt: skip
+    # The paraphrase's vector is far below the threshold: only its words find it.
+    assert embedding_only["hit_rate"] == 0.0 and embedding_only["served_by_words"] == 0
+    prob = {(cached, para): 0.9, (cached, trap): 0.1}
+    by_words = judge_report(pairs, vectors, prob, threshold=0.5, cut=0.5, words_first=RULE)
+    assert by_words["hit_rate"] == 1.0 and by_words["wrong_hit_rate"] == 0.0
+    assert judge_report(pairs, vectors, prob, threshold=0.5, cut=0.5)["hit_rate"] == 0.0
