@@ -289,10 +289,12 @@ class CacheFilter(Filter):
         # is embedded after its answer went out, when it is stored (off the request path).
         if not text or self.embedder is None or not self.index.has_partition(scope, key.partition):
             return None
-        best: dict[str, Entry | None] = {}  # the judged candidate, fetched while judged
+        # The judged candidate, fetched while judged: (entry, whether Redis answered).
+        best: dict[str, tuple[Entry | None, bool]] = {}
 
         async def fetch(ids: list[str]) -> dict[str, np.ndarray[Any, Any]]:
-            cached, best[ids[0]] = await self._cached_tokens(scope, ids, now_ms)
+            cached, entry, answered = await self._cached_tokens(scope, ids, now_ms)
+            best[ids[0]] = entry, answered
             return cached
 
         known: dict[str, float] = {}
@@ -336,14 +338,15 @@ class CacheFilter(Filter):
         ctx: RequestContext,
         scope: str,
         verdict: Verdict,
-        fetched: dict[str, Entry | None],
+        fetched: dict[str, tuple[Entry | None, bool]],
         now_ms: int,
     ) -> Respond | None:
         """The semantic hit ``verdict`` names, from ``fetched`` when the look-up brought it,
-        else from Redis; None if it is no longer there (and then forgotten) or not fresh."""
+        else from Redis; None if it is no longer there (and then forgotten: only when Redis
+        said so, never because it failed) or not fresh."""
         assert verdict.entry_id is not None
         if verdict.entry_id in fetched:
-            entry, answered = fetched[verdict.entry_id], True
+            entry, answered = fetched[verdict.entry_id]
         else:
             entry, answered = await self._get(scope, verdict.entry_id, now_ms)
         if entry is not None and entry.fresh:
@@ -469,19 +472,20 @@ class CacheFilter(Filter):
 
     async def _cached_tokens(
         self, scope: str, ids: list[str], now_ms: int
-    ) -> tuple[dict[str, np.ndarray[Any, Any]], Entry | None]:
-        """The stored token vectors of candidate entries and the first candidate's entry;
-        none (so no hit) if Redis fails."""
+    ) -> tuple[dict[str, np.ndarray[Any, Any]], Entry | None, bool]:
+        """The stored token vectors of candidate entries, the first candidate's entry, and
+        whether Redis answered (as ``_get``); none (so no hit) if Redis fails."""
         assert self.store is not None
         try:
-            return await asyncio.wait_for(
+            cached, entry = await asyncio.wait_for(
                 self.store.tokens(scope, ids, self.index.dim, now_ms),
                 self.p.redis_timeout_ms / 1000,
             )
         except _REDIS_FAULTS as exc:
             ERRORS.labels("redis").inc()
             log.warning("cache token look-up failed (a miss): %r", exc)
-            return {}, None
+            return {}, None, False
+        return cached, entry, True
 
     async def _put(self, route: str, pending: _Pending, body: bytes) -> None:
         if pending.text and pending.vector is None and self.embedder is not None:

@@ -554,6 +554,38 @@ async def test_a_slow_redis_does_not_make_the_index_forget(
     assert r.headers["x-floodwall-cache"] == "hit-semantic"
 
 
+@pytest.mark.parametrize("words_first", [True, False], ids=["by_words", "by_vector"])
+async def test_a_slow_redis_while_the_judge_decides_does_not_make_the_index_forget(
+    rc: aioredis.Redis, redis_server: RedisServer, words_first: bool
+) -> None:
+    """With the judge, the candidate's entry is fetched while it is judged: a fetch that
+    fails (Redis frozen) is a miss, and the entry stays in the index for the next look-up."""
+    judge = {"cut": 0.5, **({"words_first": {"min_overlap": 0.2, "margin": 0.3}}
+                            if words_first else {})}  # fmt: skip
+    p = CacheFilter.Params.model_validate({
+        "routes": {"chat": {"ttl_s": 60, "semantic": True}},
+        "semantic": {"threshold": 0.5, "dimensions": 64, "judge": judge},
+        "versions_upstream": None, "redis_timeout_ms": 100, "lookup_budget_ms": 5000,
+    })  # fmt: skip
+    f = CacheFilter(p, Deps(redis=rc, clock=FakeClock()), WordsEmbedder(), RuleJudge())
+    f.name = "cache"
+    h, up = harness(f), Upstream()
+    await ask(h, f, up, chat("Can I cancel my order today?"))
+    uncacheable = UpstreamReply(200, {"cache-control": "no-store"}, b"{}")
+    para = chat("today can I cancel my order")
+    errors = ERRORS.labels("redis")._value.get()
+    redis_server.freeze()
+    try:
+        r = await ask(h, f, uncacheable, para)  # type: ignore[arg-type]
+        assert r.headers["x-floodwall-cache"] == "miss" and r.status == 200
+    finally:
+        redis_server.freeze(False)
+    assert ERRORS.labels("redis")._value.get() >= errors + 2  # the exact key, then the fetch
+    r = await ask(h, f, uncacheable, para)  # type: ignore[arg-type]
+    assert r.headers["x-floodwall-cache"] == "hit-semantic"
+    await f.settle()
+
+
 async def test_a_look_up_never_outlasts_its_budget(rc: aioredis.Redis) -> None:
     emb = WordsEmbedder()
     f = cache(rc, embedder=emb, lookup_budget_ms=100)

@@ -44,7 +44,8 @@ def test_the_word_candidate_needs_its_overlap_and_a_clear_margin() -> None:
     asked = content_words("today can I cancel the order")
     assert ix.candidate(asked, RULE, always) == ("order", 1.0)
     # Too few shared words.
-    assert ix.candidate(content_words("cancel everything tomorrow please now"), RULE, always) is None
+    unrelated = content_words("cancel everything tomorrow please now")
+    assert ix.candidate(unrelated, RULE, always) is None
     # Two cached prompts share the words about as much: no clear candidate.
     ix.add("order2", content_words("Can I cancel my order tomorrow?"))
     assert ix.candidate(content_words("cancel my order"), RULE, always) is None
@@ -138,7 +139,8 @@ def test_the_eval_reports_judge_the_way_the_filter_does() -> None:
     other = "Where is my invoice for March?"
     vectors = {cached: unit(1, 0, 0, 0), para: unit(0.3, 1, 0, 0), trap: unit(1, 0.1, 0, 0),
                other: unit(0, 0, 1, 0)}  # fmt: skip
-    pairs = [Pair(cached, para, True, "paraphrase", None), Pair(cached, trap, False, "negation", None)]
+    pairs = [Pair(cached, para, True, "paraphrase", None),
+             Pair(cached, trap, False, "negation", None)]  # fmt: skip
     rounds: list[list[tuple[str, str]]] = []
 
     def ask_judge(asks: list[tuple[str, str]]) -> dict[tuple[str, str], float]:
