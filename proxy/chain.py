@@ -253,6 +253,11 @@ class Chain:
                     ctx.response_streamed = True
                 elif ":path" in d.set_headers and phase in _REQUEST_PHASES:
                     ctx.upstream_path = d.set_headers[":path"]
+                elif phase not in _REQUEST_PHASES and d.set_headers.get(":status", "").isdigit():
+                    # A reply rewritten (say a 200 whose body could not be read, now a 502):
+                    # the filters after this one, the cache's store among them, and the
+                    # request's metrics see the status the client gets.
+                    ctx.response_status = int(d.set_headers[":status"])
                 acc.add(d, data if is_headers else None)
                 if d.body is not None and not is_headers:
                     data = d.body

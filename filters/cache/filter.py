@@ -27,7 +27,6 @@ from typing import Any, cast
 import numpy as np
 import orjson
 from prometheus_client import Counter, Gauge, Histogram
-from redis.exceptions import RedisClusterException, RedisError
 
 from filters.cache import canon
 from filters.cache.embedder import (
@@ -41,7 +40,7 @@ from filters.cache.embedder import (
 )
 from filters.cache.params import CacheParams, RouteCache, load_verifier
 from filters.cache.semantic import SemanticIndex, Verdict
-from filters.cache.store import CacheStore, Entry, Indexed
+from filters.cache.store import REDIS_FAULTS, CacheStore, Entry, Indexed
 from proxy.api import (
     CONTINUE,
     AdminHandler,
@@ -78,7 +77,9 @@ STORES = Counter(
 )
 ERRORS = Counter(
     "floodwall_cache_errors",
-    "Failed cache calls by dependency (redis, embedder, judge)",
+    "Cache faults by kind: a failed call to redis, the embedder or the judge; budget (a "
+    "look-up over its time); feed (the change-feed follower failed and rebuilds); bad_entry "
+    "(a stored entry the index cannot take, left out)",
     ["kind"],
 )
 LOOKUP_SECONDS = Histogram(
@@ -96,7 +97,6 @@ SEMANTIC_HITS = Counter(
 ENTRIES = Gauge("floodwall_cache_semantic_entries", "Semantic entries in this process's index")
 
 log = logging.getLogger("floodwall.cache")
-_REDIS_FAULTS = (RedisError, RedisClusterException, OSError, TimeoutError)
 HEADER = "x-floodwall-cache"
 # Response headers stored with an entry and replayed on a hit.
 _KEPT_HEADERS = ("content-type",)
@@ -385,6 +385,11 @@ class CacheFilter(Filter):
         pending, st.pending = st.pending, None
         if pending is None or not ctx.end_of_stream:
             return CONTINUE
+        if ctx.response_status != 200:
+            # A 200 that a filter before this one rewrote (the API filter answers 502 for a
+            # body it could not read): the client got an error, which is never stored.
+            STORES.labels(ctx.route_name, "not_200").inc()
+            return CONTINUE
         if len(body) > self.p.max_entry_bytes:
             STORES.labels(ctx.route_name, "too_large").inc()
             return CONTINUE
@@ -442,7 +447,7 @@ class CacheFilter(Filter):
             entry = await asyncio.wait_for(
                 self.store.get(scope, entry_id, now_ms), self.p.redis_timeout_ms / 1000
             )
-        except _REDIS_FAULTS as exc:
+        except REDIS_FAULTS as exc:
             ERRORS.labels("redis").inc()
             log.warning("cache look-up failed (a miss): %r", exc)
             return None, False
@@ -481,7 +486,7 @@ class CacheFilter(Filter):
                 self.store.tokens(scope, ids, self.index.dim, now_ms),
                 self.p.redis_timeout_ms / 1000,
             )
-        except _REDIS_FAULTS as exc:
+        except REDIS_FAULTS as exc:
             ERRORS.labels("redis").inc()
             log.warning("cache token look-up failed (a miss): %r", exc)
             return {}, None, False
@@ -492,9 +497,9 @@ class CacheFilter(Filter):
             # Not embedded at look-up: the first entry of its partition (nothing to compare
             # with), or a request that skipped the look-up (no-cache). The first is stored
             # exact-only at once, so the same request asked again is a hit, not a second
-            # model call while the embedding runs; then with its vector. Not a replacement:
-            # a write replaces the whole entry, and an exact-only one would leave the
-            # paraphrases that hit it missing until the vector is back.
+            # model call while the embedding runs; then with its vector. When the embedder
+            # fails, the exact-only write keeps a vector already stored for the same id
+            # (store.put), so a refresh during an outage leaves the paraphrases hitting.
             first = not self.index.has_partition(pending.scope, pending.partition)
             if first and not await self._write(route, pending, body, semantic=False):
                 return
@@ -527,7 +532,7 @@ class CacheFilter(Filter):
                 ),
                 max(1.0, self.p.redis_timeout_ms / 1000),
             )  # fmt: skip
-        except _REDIS_FAULTS as exc:
+        except REDIS_FAULTS as exc:
             ERRORS.labels("redis").inc()
             STORES.labels(route, "redis_error").inc()
             log.warning("cache store failed: %r", exc)
@@ -557,7 +562,7 @@ class CacheFilter(Filter):
             ids = await self.store.live_ids(scope, now_ms)
             for start in range(0, len(ids), 500):
                 for item in await self.store.load(scope, ids[start : start + 500]):
-                    fresh.add(item)
+                    _index(fresh, item)
         self.index = fresh
         ENTRIES.set(len(self.index))
         return len(fresh)
@@ -567,7 +572,7 @@ class CacheFilter(Filter):
         assert self.store is not None
         if op == "add":
             for item in await self.store.load(scope, [entry_id]):
-                self.index.add(item)
+                _index(self.index, item)
         elif op == "del":
             self.index.remove(scope, entry_id)
         elif op == "drop":
@@ -589,10 +594,17 @@ class CacheFilter(Filter):
                 self._feed_id = await self.store.follow(self._feed_id, self.apply, block_ms)
             except asyncio.CancelledError:
                 raise
-            except _REDIS_FAULTS as exc:
+            except REDIS_FAULTS as exc:
                 ERRORS.labels("redis").inc()
                 log.warning("cache feed: %r; retrying (full rebuild)", exc)
                 rebuilt = False  # events may have been missed
+                await asyncio.sleep(1.0)
+            except Exception:
+                # A bug must not end the follower for good (the index would then know only
+                # this process' own writes, silently): logged loudly, then the same retry.
+                ERRORS.labels("feed").inc()
+                log.exception("cache feed failed; retrying (full rebuild)")
+                rebuilt = False
                 await asyncio.sleep(1.0)
 
     async def _poll_versions_once(self) -> None:
@@ -668,7 +680,7 @@ class CacheFilter(Filter):
             )
         try:
             dropped = await self.invalidate(**fields)
-        except _REDIS_FAULTS as exc:
+        except REDIS_FAULTS as exc:
             ERRORS.labels("redis").inc()
             return 503, _admin_error("unavailable", f"Redis: {type(exc).__name__}")
         log.info("cache invalidated (%s): %s", fields or "all", dropped)
@@ -698,6 +710,17 @@ def _admin_error(kind: str, message: str) -> dict[str, Any]:
     return {"error": {"type": kind, "message": message}}
 
 
+def _index(index: SemanticIndex, item: Indexed) -> None:
+    """Adds a stored entry to ``index``; one it cannot take (a vector of another length,
+    stored before ``semantic.dimensions`` or the embedder changed, or not finite) is left
+    out and counted, not fatal: it still answers exact look-ups."""
+    try:
+        index.add(item)
+    except ValueError as exc:
+        ERRORS.labels("bad_entry").inc()
+        log.warning("cache entry %s left out of the index: %s", item.entry_id, exc)
+
+
 def _scope_id(meta: dict[str, str]) -> str:
     raw = "\x00".join(meta[k] for k in ("tenant", "route", "model", "version"))
     return hashlib.blake2b(raw.encode(), digest_size=12).hexdigest()
@@ -708,11 +731,15 @@ def _cache_control(value: str) -> set[str]:
 
 
 def _max_age(value: str) -> int | None:
+    """The freshness lifetime a shared cache takes from a response's Cache-Control:
+    ``s-maxage`` before ``max-age`` (RFC 9111, 5.2.2.10)."""
+    ages: dict[str, int] = {}
     for d in _cache_control(value):
-        if d.startswith(("s-maxage=", "max-age=")):
+        name, _, arg = d.partition("=")
+        if name in ("s-maxage", "max-age") and name not in ages:
             with contextlib.suppress(ValueError):
-                return max(0, int(d.split("=", 1)[1].strip('"')))
-    return None
+                ages[name] = max(0, int(arg.strip('"')))
+    return ages.get("s-maxage", ages.get("max-age"))
 
 
 def _uncacheable_response(headers: Headers) -> str | None:

@@ -207,7 +207,9 @@ class SemanticIndex:
     def _words_verdict(
         self, scope: str, entry: str, text: str, same_answer: Mapping[str, float]
     ) -> Verdict | None:
-        meta = self._meta[(scope, entry)]
+        meta = self._meta.get((scope, entry))
+        if meta is None:  # gone while the judge was asked (invalidated, evicted, expired)
+            return None
         assert self.judge_cut is not None and meta.words is not None  # words_first needs both
         if same_question(text, meta.text) or same_answer.get(entry, -1.0) >= self.judge_cut:
             return Verdict(entry, overlap(content_words(text), meta.words), by_words=True)

@@ -32,8 +32,11 @@ from typing import Any
 
 import numpy as np
 import orjson
+from redis.exceptions import RedisClusterException, RedisError
 
 log = logging.getLogger("floodwall.cache")
+# What a failing or unreachable Redis raises (standalone or cluster, or a timeout around it).
+REDIS_FAULTS = (RedisError, RedisClusterException, OSError, TimeoutError)
 
 PREFIX = "fw:cache:"
 SCOPES = PREFIX + "scopes"
@@ -44,9 +47,21 @@ _STORE = """
 local entry, zset = KEYS[1], KEYS[2]
 local id, expires, ttl, cap, now = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]),
     tonumber(ARGV[4]), tonumber(ARGV[5])
-local prefix = ARGV[6]
+local prefix, partition = ARGV[6], ARGV[7]
+-- A write without a vector (ARGV[7]: its partition) keeps the one stored under the same id
+-- (the same prompt in the same partition): an embedder outage during a refresh must not
+-- take the entry out of semantic matching.
+local kept = false
+if partition ~= '' then
+  kept = redis.call('HMGET', entry, 'p', 't', 'v', 'k')
+  if kept[1] ~= partition or not kept[3] or kept[3] == '' then kept = false end
+end
 redis.call('DEL', entry)
-redis.call('HSET', entry, unpack(ARGV, 7))
+redis.call('HSET', entry, unpack(ARGV, 8))
+if kept then
+  redis.call('HSET', entry, 't', kept[2], 'v', kept[3])
+  if kept[4] then redis.call('HSET', entry, 'k', kept[4]) end
+end
 redis.call('PEXPIRE', entry, ttl)
 redis.call('ZREMRANGEBYSCORE', zset, '-inf', now)
 redis.call('ZADD', zset, expires, id)
@@ -64,6 +79,18 @@ local longest = redis.call('ZRANGE', zset, -1, -1, 'WITHSCORES')
 if longest[2] then redis.call('PEXPIRE', zset, math.floor(tonumber(longest[2])) - now + 1000) end
 return evicted
 """
+
+
+# One batch of a scope's drop: ids from its zset, their entries deleted, the members removed;
+# returns {dropped, left}. Entry keys share the zset's hash tag (one cluster slot).
+_DROP = """
+local zset, prefix, batch = KEYS[1], ARGV[1], tonumber(ARGV[2])
+local ids = redis.call('ZRANGE', zset, 0, batch - 1)
+for _, id in ipairs(ids) do redis.call('DEL', prefix .. id) end
+if #ids > 0 then redis.call('ZREM', zset, unpack(ids)) end
+return {#ids, redis.call('ZCARD', zset)}
+"""
+DROP_BATCH = 500
 
 
 def entry_key(scope: str, entry_id: str) -> str:
@@ -114,6 +141,7 @@ class CacheStore:
     def __init__(self, redis: Any) -> None:
         self.redis = redis
         self._store = redis.register_script(_STORE)
+        self._drop = redis.register_script(_DROP)
 
     async def get(self, scope: str, entry_id: str, now_ms: int) -> Entry | None:
         """The entry if it is fresh, or stale but inside its stale-if-error window."""
@@ -137,7 +165,8 @@ class CacheStore:
         tokens: bytes = b"",
     ) -> list[str]:
         """Writes one entry (replacing one with the same id); returns the ids evicted. The
-        entry is fresh for ``ttl_ms`` and kept ``stale_ms`` longer for stale-if-error."""
+        entry is fresh for ``ttl_ms`` and kept ``stale_ms`` longer for stale-if-error. A write
+        without ``vector`` keeps the vector (text, tokens) stored under the same id, if any."""
         expires = now_ms + ttl_ms
         fields = [
             "r", body, "h", orjson.dumps(headers), "c", now_ms, "x", expires, "s", stale_ms,
@@ -149,7 +178,7 @@ class CacheStore:
         evicted = await self._store(
             keys=[entry_key(scope, entry_id), zset_key(scope)],
             args=[entry_id, now_ms + keep, keep, max_entries, now_ms, entry_key(scope, ""),
-                  *fields],
+                  "" if vector else partition, *fields],
         )  # fmt: skip
         ids = [e.decode() if isinstance(e, bytes) else str(e) for e in evicted]
         # Not atomic with the entry (the scope registry and the feed live in other slots in a
@@ -212,16 +241,26 @@ class CacheStore:
         return [r.decode() for r in raw]
 
     async def drop_scope(self, scope: str) -> int:
-        """Deletes every entry of a scope; returns how many there were."""
-        ids = [r.decode() for r in await self.redis.zrange(zset_key(scope), 0, -1)]
-        for start in range(0, len(ids), 500):
-            await self.redis.delete(*(entry_key(scope, i) for i in ids[start : start + 500]))
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.delete(zset_key(scope))
-        pipe.hdel(SCOPES, scope)
-        pipe.xadd(FEED, {"op": "drop", "s": scope, "id": ""}, maxlen=FEED_MAXLEN)
-        await pipe.execute()
-        return len(ids)
+        """Deletes every entry of a scope; returns how many there were. Each batch deletes
+        entries and their zset members together (one script), until the zset is empty, so an
+        entry stored meanwhile is either dropped too or stays findable: never an entry left
+        in Redis that no zset or scope lists (served until its TTL, beyond invalidation)."""
+        dropped = 0
+        while True:
+            n, left = await self._drop(keys=[zset_key(scope)],
+                                       args=[entry_key(scope, ""), DROP_BATCH])  # fmt: skip
+            dropped += int(n)
+            if not int(left):
+                break
+        meta = await self.redis.hget(SCOPES, scope)
+        await self.redis.hdel(SCOPES, scope)
+        # A store after the last batch may have registered the scope before the HDEL: its
+        # zset exists again, so the scope stays listed (a store after this check registers
+        # it itself, after its entry).
+        if meta is not None and await self.redis.exists(zset_key(scope)):
+            await self.redis.hset(SCOPES, scope, meta)
+        await self.redis.xadd(FEED, {"op": "drop", "s": scope, "id": ""}, maxlen=FEED_MAXLEN)
+        return dropped
 
     async def feed_tail(self) -> str:
         last = await self.redis.xrevrange(FEED, count=1)
@@ -242,7 +281,9 @@ class CacheStore:
                 f = {k.decode(): v.decode() for k, v in fields.items()}
                 try:
                     await apply(f.get("op", ""), f.get("s", ""), f.get("id", ""))
-                except asyncio.CancelledError:
+                except (asyncio.CancelledError, *REDIS_FAULTS):
+                    # Redis failing mid-event: the caller rebuilds; skipping the event would
+                    # leave this process without the entry until its next rebuild.
                     raise
                 except Exception as exc:  # one bad event must not stop the follower
                     log.warning("cache feed event %s not applied: %r", event_id, exc)

@@ -21,11 +21,18 @@ import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from filters.cache.embedder import EmbedderError, JudgeError
-from filters.cache.filter import ERRORS, SEMANTIC_HITS, VETOES, CacheFilter, _scope_id
+from filters.cache.filter import (
+    ERRORS,
+    SEMANTIC_HITS,
+    STORES,
+    VETOES,
+    CacheFilter,
+    _scope_id,
+)
 from filters.cache.guards import GUARDS
 from filters.cache.store import zset_key
 from filters.cache.verifier import ALIGN_FEATURES, Verifier
-from proxy.api import CONTINUE, Deps, Filter, NoParams, RequestContext
+from proxy.api import CONTINUE, Decision, Deps, Filter, Mutate, NoParams, RequestContext
 from proxy.testing import FakeClock, Harness, UpstreamReply, default_config
 from tests.helpers import RedisServer
 
@@ -584,6 +591,132 @@ async def test_a_slow_redis_while_the_judge_decides_does_not_make_the_index_forg
     r = await ask(h, f, uncacheable, para)  # type: ignore[arg-type]
     assert r.headers["x-floodwall-cache"] == "hit-semantic"
     await f.settle()
+
+
+class _RewritesTo502(Filter):
+    """As the openai filter does with a 200 whose body it cannot read: a 502 for the client."""
+
+    async def on_response_body(self, ctx: RequestContext, body: bytes) -> Decision:
+        err = b'{"error":{"type":"upstream_error","message":"unexpected response"}}'
+        return Mutate(set_headers={":status": "502", "content-length": str(len(err))}, body=err)
+
+
+async def test_an_answer_a_filter_rewrote_to_an_error_is_never_stored(rc: aioredis.Redis) -> None:
+    f = cache(rc)
+    ident = _Identify(NoParams(), Deps())
+    ident.name = "identify"
+    bad = _RewritesTo502(NoParams(), Deps())
+    bad.name = "rewrites"
+    # Response phases run in reverse: the rewrite first, then the cache sees the 502.
+    h, up = Harness.for_filters([ident, f, bad], default_config(ROUTES)), Upstream()
+    not_200 = STORES.labels("chat", "not_200")._value.get()
+    r = await ask(h, f, up, chat("What is GCRA?"))
+    assert r.status == 502 and r.headers["x-floodwall-cache"] == "miss"
+    assert STORES.labels("chat", "not_200")._value.get() == not_200 + 1
+    r = await ask(harness(f), f, up, chat("What is GCRA?"))
+    assert r.status == 200 and r.headers["x-floodwall-cache"] == "miss" and up.calls == 2
+
+
+async def test_a_store_during_invalidation_is_dropped_or_stays_listed(rc: aioredis.Redis) -> None:
+    """An answer stored while a scope is being dropped is dropped with it or stays in the
+    scope's listing, so the next invalidation finds it: never an entry nothing lists."""
+    f = cache(rc)
+    h, up = harness(f), Upstream()
+    await ask(h, f, up, chat("What is GCRA?"))
+    assert f.store is not None
+    drop_batch = f.store._drop
+    raced: list[bool] = []
+
+    async def batch_then_a_store(**kwargs: Any) -> Any:
+        out = await drop_batch(**kwargs)
+        if not raced:  # another request's answer lands right after the first batch
+            raced.append(True)
+            await ask(h, f, up, chat("What is a token bucket?"))
+        return out
+
+    f.store._drop = batch_then_a_store  # type: ignore[method-assign]
+    await f.invalidate(tenant="a")
+    f.store._drop = drop_batch  # type: ignore[method-assign]
+    assert raced
+    await f.invalidate(tenant="a")
+    assert [k async for k in rc.scan_iter("fw:cache:*:e:*")] == []
+    r = await ask(h, f, up, chat("What is a token bucket?"))
+    assert r.headers["x-floodwall-cache"] == "miss" and up.calls == 3
+
+
+async def test_a_refresh_while_the_embedder_is_down_keeps_the_entry_semantic(
+    rc: aioredis.Redis,
+) -> None:
+    """A no-cache refresh stores the new answer; with the embedder down it is written without
+    a vector, which must not erase the vector already stored for the same prompt."""
+    emb = WordsEmbedder()
+    f = cache(rc, embedder=emb)
+    h, up = harness(f), Upstream()
+    q = chat("How do I add a teammate to my workspace?")
+    await ask(h, f, up, q)
+    emb.down = True
+    r = await ask(h, f, up, q, headers={"cache-control": "no-cache"})
+    assert r.headers["x-floodwall-cache"] == "miss" and up.calls == 2
+    emb.down = False
+    assert await f.rebuild() == 1  # Redis still has the vector (any replica restarting)
+    r = await ask(h, f, up, chat("how can I add a teammate to my workspace"))
+    assert r.headers["x-floodwall-cache"] == "hit-semantic"
+    assert orjson.loads(r.body)["answer"] == 2  # the refreshed answer
+
+
+async def test_the_feed_follower_survives_what_it_cannot_apply(rc: aioredis.Redis) -> None:
+    """A stored vector of another length (the embedder or semantic.dimensions changed) is
+    left out and counted; a Redis fault in the middle of an event makes a full rebuild, not
+    a skipped entry; the follower keeps running through both."""
+    writer64 = cache(rc)
+    h64, up = harness(writer64), Upstream()
+    await ask(h64, writer64, up, chat("How do I cancel my subscription?"))
+    bad = ERRORS.labels("bad_entry")._value.get()
+    follower = cache(rc, semantic={"threshold": 0.7, "dimensions": 32},
+                     embedder=_Fixed(32))  # fmt: skip
+    assert follower.store is not None
+    load = follower.store.load
+    failed: list[str] = []
+
+    async def flaky(scope: str, ids: list[str]) -> Any:
+        out = await load(scope, ids)
+        if out and len(ids) == 1 and not failed:  # the feed's add of the entry below
+            failed.append(ids[0])
+            raise RedisConnectionError("connection lost (test)")
+        return out
+
+    follower.store.load = flaky  # type: ignore[method-assign]
+    await follower.start()
+    try:
+        await until(lambda: ERRORS.labels("bad_entry")._value.get() > bad)
+        assert len(follower.index) == 0
+        writer32 = cache(rc, semantic={"threshold": 0.7, "dimensions": 32}, embedder=_Fixed(32))
+        await ask(harness(writer32), writer32, up, chat("Where is my invoice?"))
+        # The add failed once; the rebuild after it brings the entry.
+        await until(lambda: len(follower.index) == 1, timeout_s=5.0)
+        assert failed and all(not t.done() for t in follower._tasks)
+    finally:
+        await follower.stop()
+
+
+class _Fixed:
+    """An embedder of ``dim`` values, the same vector for every text."""
+
+    def __init__(self, dim: int) -> None:
+        self.dim = dim
+
+    async def embed(self, text: str) -> np.ndarray[Any, Any]:
+        return np.ones(self.dim, dtype=np.float32)
+
+    async def close(self) -> None:
+        pass
+
+
+async def until(check: Any, timeout_s: float = 3.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.02)
 
 
 async def test_a_look_up_never_outlasts_its_budget(rc: aioredis.Redis) -> None:

@@ -434,6 +434,10 @@ def test_cache_control_parsing() -> None:
     assert _cache_control("No-Cache, max-age=0") == {"no-cache", "max-age=0"}
     assert _max_age("public, max-age=30") == 30 and _max_age("s-maxage=5") == 5
     assert _max_age("max-age=oops") is None
+    # A shared cache takes s-maxage over max-age, in either order (was: set order).
+    assert _max_age("max-age=0, s-maxage=3600") == 3600
+    assert _max_age("s-maxage=3600, max-age=0") == 3600
+    assert _max_age("max-age=60, s-maxage=oops") == 60
     assert _uncacheable_response({":status": "200"}) is None
     assert _uncacheable_response({":status": "201"}) == "not_200"
     assert _uncacheable_response({":status": "200", "cache-control": "private"}) == (

@@ -120,6 +120,24 @@ async def test_the_index_asks_the_judge_about_the_word_candidate_first() -> None
     assert si.empty_copy().words_first == RULE
 
 
+async def test_a_candidate_removed_while_the_judge_decides_is_no_verdict() -> None:
+    """Invalidation, eviction or expiry may remove the word candidate while the judge is
+    asked about it: no verdict (a miss), not a KeyError."""
+    si = SemanticIndex(4, threshold=0.6, judge_cut=0.5, words_first=RULE)
+    si.add(Indexed("s", "order", "p", "Can I cancel my order today?", unit(1, 0, 0, 0), 10**12))
+
+    async def ask(cached: str, text: str) -> float:
+        si.remove("s", "order")
+        return 0.9
+
+    async def fetch(ids: list[str]) -> dict[str, Any]:
+        return {}
+
+    verdict, known = await si.by_words_fetching("s", "p", "today can I cancel the order", 0,
+                                                fetch, ask)  # fmt: skip
+    assert verdict is None and known == {"order": 0.9}
+
+
 def test_words_first_needs_the_judge() -> None:
     with pytest.raises(ValueError, match="needs a judge"):
         SemanticIndex(4, threshold=0.6, words_first=RULE)
