@@ -24,8 +24,9 @@
    judged on ``evaluate.HELD_OUT``: the sets neither the verifier nor the judge was trained
    on and no guard rule was written from.
 
-    .venv/bin/python -m bench.cache            # ~20 minutes (most of it the labelled sets)
+    .venv/bin/python -m bench.cache            # 11-35 minutes (most of it the labelled sets)
     .venv/bin/python -m bench.cache --quick
+    .venv/bin/python -m bench.cache --alone    # ~4 minutes: each semantic kind by itself
 
 Writes bench/results/cache.{json,md}.
 """
@@ -77,9 +78,13 @@ def _chat(question: str, model: str = "sim-llm", **headers: str) -> HttpRequest:
                        json.dumps(body).encode())  # fmt: skip
 
 
-def gateway_points(quick: bool, split: placement.Split | None) -> dict[str, Any]:
+def gateway_points(
+    quick: bool, split: placement.Split | None, alone: bool = False
+) -> dict[str, Any]:
     """The two load points, with Triton on its own cores (``split``) or sharing all of them
-    (None); the point names say which."""
+    (None); the point names say which. ``alone``: instead, each semantic kind by itself
+    beside the gateway's requests (at the same rates), to see what the other kinds' model
+    calls on the same cores add to its latency in the full mix."""
     from proxy import models
 
     models.build()
@@ -90,12 +95,17 @@ def gateway_points(quick: bool, split: placement.Split | None) -> dict[str, Any]
         cfg["listener"]["access_log"] = False
         start = functools.partial(start_stack, cfg, Path(d) / "floodwall.yaml")
         with placement.apart(split, start) as stack:
-            _points(stack, quick, suffix, split, out)
+            _points(stack, quick, suffix, split, out, alone)
     return out
 
 
 def _points(
-    stack: Any, quick: bool, suffix: str, split: placement.Split | None, out: dict[str, Any]
+    stack: Any,
+    quick: bool,
+    suffix: str,
+    split: placement.Split | None,
+    out: dict[str, Any],
+    alone: bool = False,
 ) -> None:
     try:
         host, port = stack.cfg.listener.address, stack.cfg.listener.port
@@ -137,7 +147,13 @@ def _points(
         # 12 and 30 requests/s per kind (each semantic kind half, misses a quarter of that).
         # The low rate runs longer: at 6 requests/s, 30 s gives a p99 from the second-slowest
         # of 180 samples.
-        for name, rate, seconds in (("low_load", 39.0, 30.0), ("fixed_rate", 97.5, 15.0)):
+        plan = [("low_load", mix, 39.0, 30.0), ("fixed_rate", mix, 97.5, 15.0)]
+        if alone:  # the same per-kind rates: 12 and 30 gateway requests/s, 6 and 15 semantic
+            plan = [(f"{kind[0]} alone, {name}", [mix[0], kind], rate, seconds)
+                    for kind in mix[2:4]
+                    for name, rate, seconds in (("low_load", 18.0, 30.0),
+                                                ("fixed_rate", 45.0, 15.0))]  # fmt: skip
+        for name, kinds, rate, seconds in plan:
             seconds = 5.0 if quick else seconds
             name += suffix
             # The base entry alone: a probe that missed is an entry of its own, which shares
@@ -153,7 +169,7 @@ def _points(
             hits_before = _counters(admin + "/metrics")
             before = histogram(admin + "/metrics", LOOKUP_SECONDS, ("level",))
             stats_before = _triton_stats(triton, cache_models)
-            per = open_loop_mix(host, port, mix, rate=rate, seconds=seconds, mark=marks)
+            per = open_loop_mix(host, port, kinds, rate=rate, seconds=seconds, mark=marks)
             decide = quantiles(before, histogram(admin + "/metrics", LOOKUP_SECONDS, ("level",)))
             in_triton = _per_call(stats_before, _triton_stats(triton, cache_models))
             counters = _counters(admin + "/metrics")
@@ -456,7 +472,9 @@ def verifier_held_out(res: dict[str, Any]) -> list[str]:
     return [n for n in FRESH if f"{n}.jsonl" not in trained and "verifier" in res["eval"][n]]
 
 
-def markdown(res: dict[str, Any]) -> str:
+def gateway_markdown(res: dict[str, Any]) -> list[str]:
+    """The through-the-gateway tables of ``res`` (latency per kind, how semantic hits were
+    found, the cache's own time, Triton's per call)."""
     split = next((p["placement"] for p in res["gateway"].values()
                   if isinstance(p.get("placement"), dict)), None)  # fmt: skip
     where = (f"points without \", shared\": {placement.words(split)}; \", shared\": "
@@ -502,6 +520,11 @@ def markdown(res: dict[str, Any]) -> str:
                 for k in ("queue", "compute_input", "compute_infer", "compute_output")
             )
             lines.append(f"| {name} | {model} | {t['calls']:.0f} | {phases} |")  # fmt: skip
+    return lines
+
+
+def markdown(res: dict[str, Any]) -> str:
+    lines = gateway_markdown(res)
     lines += ["", "| index entries | mode | p50 | p99 | recall@1 | flat scan p50 | clustering |",
               "|---:|---|---:|---:|---:|---:|---:|"]  # fmt: skip
     for v in res["index"].values():
@@ -603,9 +626,20 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--shared", action="store_true",
                     help="only the points with Triton sharing every core")  # fmt: skip
+    ap.add_argument("--alone", action="store_true",
+                    help="only each semantic kind by itself beside the gateway's requests, "
+                         "into <out>_alone.{json,md} (~4 minutes)")  # fmt: skip
     ap.add_argument("--out", default=str(RESULTS / "cache"))
     args = ap.parse_args()
     res: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version()}}
+    if args.alone:
+        res["gateway"] = gateway_points(args.quick, placement.Split.choose(args.shared), True)
+        out = Path(args.out + "_alone")
+        out.with_suffix(".json").write_text(json.dumps(res, indent=2))
+        md = "\n".join(gateway_markdown(res)) + "\n"
+        out.with_suffix(".md").write_text(md)
+        print(md)
+        return
     print("== through the gateway", flush=True)
     res["gateway"] = {}
     split = placement.Split.choose(args.shared)
