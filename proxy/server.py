@@ -138,8 +138,10 @@ def _is_last(plan: RoutePlan, phase: Phase, ctx: RequestContext) -> bool:
     phases = plan.phases
     if phase is Phase.RESPONSE_BODY:
         return not ctx.response_streamed or ctx.end_of_stream
-    if phase is Phase.RESPONSE_HEADERS:
-        return Phase.RESPONSE_BODY not in phases or not ctx.has_response_body
+    if phase is Phase.RESPONSE_HEADERS:  # a streamed body comes whatever the route's phases
+        return not ctx.has_response_body or (
+            Phase.RESPONSE_BODY not in phases and not ctx.response_streamed
+        )
     if Phase.RESPONSE_HEADERS in phases or Phase.RESPONSE_BODY in phases:
         return False
     if phase is Phase.REQUEST_BODY:

@@ -112,9 +112,17 @@ class TritonLoad:
             q, n = queue.get(model, 0.0), done.get(model, 0.0)
             q0, n0 = self._last.get(model, (q, n))
             self._last[model] = (q, n)
-            # Counters restart from 0 when Triton does: then this interval says nothing.
-            queue_ms = (q - q0) / (n - n0) / 1000 if n > n0 and q >= q0 else 0.0
-            self.models[model] = ModelLoad(int(pending.get(model, 0)), queue_ms, now)
+            waiting = int(pending.get(model, 0))
+            if n > n0 and q >= q0:
+                queue_ms = (q - q0) / (n - n0) / 1000
+            elif n == n0 and waiting and model in self.models:
+                # Nothing finished while requests wait (a hung model, a batch running for
+                # seconds): no new mean, and 0 would read "not saturated" just when the
+                # queue is longest. The last one stands.
+                queue_ms = self.models[model].queue_ms
+            else:
+                queue_ms = 0.0  # idle, or counters restarted with Triton: nothing to say
+            self.models[model] = ModelLoad(waiting, queue_ms, now)
 
     async def _fetch(self) -> str:
         async with asyncio.timeout(max(1.0, self.interval_s * 4)):

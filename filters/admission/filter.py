@@ -16,6 +16,7 @@ how much CPU is left to the requests that are served.
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 
@@ -30,6 +31,7 @@ from proxy.api import (
     Deps,
     Filter,
     Headers,
+    Mutate,
     Outcome,
     Phase,
     RequestContext,
@@ -60,6 +62,10 @@ QUEUE_SECONDS = Histogram(
 )
 # While refusing at the headers, one request per route this often still reaches the body.
 PROBE_S = 0.05
+# gRPC codes of a trailers-only answer that say the model failed or is congested, as a 5xx or
+# a 429 does (UNKNOWN, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, INTERNAL, UNAVAILABLE, DATA_LOSS).
+_GRPC_FAILED = frozenset({"2", "4", "8", "13", "14", "15"})
+_STREAM = Mutate(stream_response=True)
 
 
 @dataclass(slots=True)
@@ -88,6 +94,9 @@ class AdmissionFilter(Filter):
         self._shrunk_at: dict[str, float] = {}
         self._route_models: dict[str, set[str]] = {}  # models seen per route
         self._probe_at: dict[str, float] = {}  # per route: when a refusal may pass as a probe
+        # ctx.state keys state by its factory: one factory per instance, so two admission
+        # filters on one route (one per route, one per model) each keep their own ticket.
+        self._state = functools.partial(_State)
 
     async def start(self) -> None:
         if self.p.saturation is not None:
@@ -108,7 +117,7 @@ class AdmissionFilter(Filter):
         return self.p.max_queue_ms
 
     async def on_request_headers(self, ctx: RequestContext, headers: Headers) -> Decision:
-        st = ctx.state(_State)
+        st = ctx.state(self._state)
         st.tenant = ctx.tenant or "-"
         ctx.priority = self._classify(ctx, headers)
         if ctx.route is not None and ctx.route.model_in_body and self.p.models:
@@ -120,22 +129,34 @@ class AdmissionFilter(Filter):
         return await self._admit(ctx, st)
 
     async def on_request_body(self, ctx: RequestContext, body: bytes) -> Decision:
-        return await self._admit(ctx, ctx.state(_State))
+        return await self._admit(ctx, ctx.state(self._state))
 
     async def on_response_headers(self, ctx: RequestContext, headers: Headers) -> Decision:
-        st = ctx.state(_State)
+        st = ctx.state(self._state)
         t = st.ticket
         if t is None:
             return CONTINUE
         now = self.deps.clock.monotonic()
         if t.rtt is None:
             t.rtt = now - t.admitted  # time to first byte
-        if not ctx.grpc and not headers.get("content-type", "").startswith("text/event-stream"):
+        grpc_status = headers.get("grpc-status", "0") if ctx.grpc else "0"
+        if grpc_status != "0":
+            # A trailers-only gRPC answer: the call ended here, and its HTTP status (200) says
+            # nothing; its time is that of a refusal, not of the model's work.
+            st.ticket = None
+            self._release(t, None, grpc_status in _GRPC_FAILED, now)
+            return CONTINUE
+        if headers.get("content-type", "").startswith("text/event-stream"):
+            # The body streamed through the processor, even on a route where no filter reads
+            # it: the exchange then ends, for the processor, with the stream, and the permit
+            # is held until then (not given back as the stream starts).
+            return _STREAM
+        if not ctx.grpc:
             # A unary HTTP answer is complete at the model once its headers are sent: the
             # permit goes back now, not after the gateway has also handled the body (with the
             # gateway short of CPU, permits held there would leave the model idle).
             st.ticket = None
-            self._release(t, t.rtt, (ctx.response_status or 0) >= 500, now)
+            self._settle(t, ctx.response_status or 0, now)
         return CONTINUE
 
     def _classify(self, ctx: RequestContext, headers: Headers) -> str:
@@ -214,15 +235,24 @@ class AdmissionFilter(Filter):
             self._shrunk_at[name] = load.at
 
     def on_complete(self, ctx: RequestContext, outcome: Outcome) -> None:
-        t = ctx.state(_State).ticket
+        t = ctx.state(self._state).ticket
         if t is None:
             return
         now = self.deps.clock.monotonic()
         if outcome.aborted or outcome.responded_by is not None or outcome.status is None:
             self._release(t, None, False, now)
         else:
-            rtt = t.rtt if t.rtt is not None else now - t.admitted
-            self._release(t, rtt, outcome.status >= 500, now)
+            self._settle(t, outcome.status, now)
+
+    def _settle(self, t: _Ticket, status: int, now: float) -> None:
+        """Releases the permit of a call the model answered with ``status``. Only a success
+        times the model's work: a 4xx answered in a fraction of a millisecond taken as an
+        RTT would become the no-load RTT, and every normal call would then look queued. A
+        5xx or a 429 (Triton's queue full) is congestion: it cuts the limit."""
+        failed = status >= 500 or status == 429
+        timed = 200 <= status < 300
+        rtt = (t.rtt if t.rtt is not None else now - t.admitted) if timed else None
+        self._release(t, rtt, failed, now)
 
     def _release(self, t: _Ticket, rtt: float | None, failed: bool, now: float) -> None:
         t.limiter.release(rtt, failed=failed, now=now, load=t.load)

@@ -1,9 +1,10 @@
 """An adaptive concurrency limit for one upstream model, with priority classes, reserved
 capacity and a short fair queue. Pure logic on an injected clock; one event loop, so no locks.
 
-Limit (Vegas): each finished call gives an RTT; the upstream's queue is estimated as
+Limit (Vegas): each successful call gives an RTT (other answers, 4xx refusals among them, say
+nothing of the model's pace); the upstream's queue is estimated as
 ``limit x (1 - base / rtt)`` where ``base`` is the no-load RTT. Few queued: the limit grows by
-one; many: it shrinks by one; a failed call (5xx, timeout) cuts it by 10%. ``base`` is the
+one; many: it shrinks by one; a failed call (5xx, 429, timeout) cuts it by 10%. ``base`` is the
 minimum RTT over a rolling window, taken only from calls made while at most half the limit was
 in use: under load every RTT includes queueing, and letting those in would ratchet ``base``
 (and so the limit) up with the load itself. With no low-load call in the window, ``base`` keeps

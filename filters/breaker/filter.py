@@ -2,11 +2,14 @@
 
 Closed: calls pass and their outcomes fill a rolling window of one-second buckets; once the
 window holds ``min_calls`` and the failure (or slow-call) share reaches its threshold, the
-breaker opens. Open: calls are refused at once with 503 ``circuit_open`` and a
-``Retry-After`` of the time left. Half-open (after ``open_s``): at most ``half_open_calls``
-trial calls are in flight at once, the rest refused; when that many trials succeeded the
-breaker closes, the first failed trial opens it again. The processor is one event loop, so
-each transition happens between awaits and permits cannot be double-spent.
+breaker opens. A call is slow when its response headers (its first byte) came later than
+``slow_call_ms``: a long completion streamed by a healthy model is not slow. Open: calls are
+refused at once with 503 ``circuit_open`` and a ``Retry-After`` of the time left. Half-open
+(after ``open_s``): at most ``half_open_calls`` trial calls are in flight at once, the rest
+refused; when that many trials ended without failing the breaker closes, the first failed
+trial opens it again, and so do slow trials once they are ``slow_call_rate`` of
+``half_open_calls``. The processor is one event loop, so each transition happens between
+awaits and permits cannot be double-spent.
 
 State is per processor process (as in Envoy's outlier detection): each process sees the
 upstream's failures first-hand and needs no shared store to trip.
@@ -15,6 +18,7 @@ upstream's failures first-hand and needs no shared store to trip.
 from __future__ import annotations
 
 import enum
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -66,6 +70,7 @@ class Breaker:
     open_until: float = 0.0
     trials_in_flight: int = 0
     trials_ok: int = 0
+    trials_slow: int = 0
     buckets: list[_Bucket] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -90,7 +95,12 @@ class Breaker:
             self.trials_in_flight -= 1
             if self.state is not State.HALF_OPEN:
                 return  # a trial that finished after another trial reopened the breaker
-            if failed or slow:
+            if failed:
+                self._open(now)
+                return
+            # Slow trials weigh as slow calls do when closed: a share of the trials.
+            self.trials_slow += slow
+            if slow and self.trials_slow >= self.p.slow_call_rate * self.p.half_open_calls:
                 self._open(now)
                 return
             self.trials_ok += 1
@@ -130,7 +140,7 @@ class Breaker:
 
     def _to(self, state: State) -> None:
         self.state = state
-        self.trials_ok = 0
+        self.trials_ok = self.trials_slow = 0
         if state is State.CLOSED:
             self.buckets = [_Bucket() for _ in range(self.p.window_s)]
         STATE.labels(self.name).set(int(state))
@@ -154,7 +164,8 @@ class Breaker:
 class _Ticket:
     breaker: Breaker
     trial: bool
-    admitted: float  # on the filter's clock: a call's duration runs from here
+    admitted: float  # on the filter's clock: a call's time to first byte runs from here
+    first_byte: float | None = None
 
 
 class BreakerFilter(Filter):
@@ -164,6 +175,9 @@ class BreakerFilter(Filter):
         super().__init__(params, deps)
         self.p = params
         self.breakers: dict[str, Breaker] = {}
+        # ctx.state keys state by its factory: one factory per instance, so two breakers on
+        # one route (one per route, one per model) each judge their own call only once.
+        self._tickets = functools.partial(_Tickets)
 
     def phases(self, route: RouteConfig) -> frozenset[Phase]:
         # Response headers: the chain records the upstream's status there for on_complete.
@@ -181,6 +195,10 @@ class BreakerFilter(Filter):
         return self._admit(ctx)
 
     async def on_response_headers(self, ctx: RequestContext, headers: Headers) -> Decision:
+        now = self.deps.clock.monotonic()
+        for t in ctx.state(self._tickets).items:
+            if t.first_byte is None:
+                t.first_byte = now
         return CONTINUE
 
     def _admit(self, ctx: RequestContext) -> Decision:
@@ -200,7 +218,7 @@ class BreakerFilter(Filter):
                 f"{name} is failing; calls are paused while it recovers",
                 retry_after_s=b.retry_after(now),
             )  # fmt: skip
-        ctx.state(_Tickets).items.append(_Ticket(b, trial, now))
+        ctx.state(self._tickets).items.append(_Ticket(b, trial, now))
         return CONTINUE
 
     def _name(self, ctx: RequestContext) -> str | None:
@@ -209,7 +227,7 @@ class BreakerFilter(Filter):
         return ctx.model if ctx.model in self.p.models else None
 
     def on_complete(self, ctx: RequestContext, outcome: Outcome) -> None:
-        for t in ctx.state(_Tickets).items:
+        for t in ctx.state(self._tickets).items:
             if outcome.responded_by is not None or outcome.aborted or outcome.status is None:
                 # No verdict on the upstream: a later filter answered, or the client left.
                 if t.trial:
@@ -217,7 +235,9 @@ class BreakerFilter(Filter):
                 continue
             now = self.deps.clock.monotonic()
             failed = outcome.status >= 500
-            slow = (now - t.admitted) * 1000 >= self.p.slow_call_ms
+            # Time to first byte: the whole exchange would make every long completion slow.
+            first_byte = t.first_byte if t.first_byte is not None else now
+            slow = (first_byte - t.admitted) * 1000 >= self.p.slow_call_ms
             t.breaker.record(now, failed=failed, slow=slow, trial=t.trial)
 
 

@@ -19,11 +19,12 @@ class BreakerParams(FilterParams):
     min_calls: Annotated[int, Field(ge=1)] = 20
     # Open when this share of the window's calls failed (5xx, timeouts, resets) ...
     failure_rate: Annotated[float, Field(gt=0, le=1)] = 0.5
-    # ... or when this share took longer than slow_call_ms.
+    # ... or when this share took longer than slow_call_ms to their response headers (first
+    # byte; a long streamed answer is not slow).
     slow_call_ms: Annotated[float, Field(gt=0)] = 5000.0
     slow_call_rate: Annotated[float, Field(gt=0, le=1)] = 1.0
     # Open this long, then half-open: let `half_open_calls` trial calls through at once; all
-    # succeed -> closed, any fails -> open again.
+    # succeed -> closed, any fails (or slow_call_rate of them are slow) -> open again.
     open_s: Annotated[float, Field(gt=0, le=3600)] = 5.0
     half_open_calls: Annotated[int, Field(ge=1, le=1000)] = 3
 

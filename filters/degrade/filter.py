@@ -5,9 +5,10 @@ Triggers: the model's breaker would refuse the call (open, or half-open with all
 permits taken), or, with ``saturation`` configured, Triton reports the model saturated (mean
 queue time over the last quarter second, or pending requests, above a threshold). Then
 non-exempt requests go to the lighter model (``embedder`` -> ``embedder_int8``: same output
-shape, cosine 0.995 to fp32) and the response says so in ``x-floodwall-degraded``. Place it
-after ``openai`` (it reads ``ctx.model``) and before ``breaker`` (which then judges the
-lighter model's own health).
+shape, cosine 0.995 to fp32) and the response says so in ``x-floodwall-degraded``. Not while
+the lighter model's own breaker would refuse it: that is a sure 503, where the model asked
+for may still serve. Place it after ``openai`` (it reads ``ctx.model``) and before
+``breaker`` (which then judges the lighter model's own health).
 """
 
 from __future__ import annotations
@@ -63,6 +64,8 @@ class DegradeFilter(ModelSteeringFilter):
         if not (self.deps.signals.refusing(model, now) or self._saturated(current, now)):
             return CONTINUE
         to = self.p.lighter[model]
+        if self.deps.signals.refusing(to, now):
+            return CONTINUE  # a sure 503 there; the model asked for may still serve
         ctx.state(_State).to = to
         DEGRADED.labels(model, to).inc()
         return send_to(ctx, to)

@@ -5,18 +5,26 @@ priority classes."""
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
+import grpc
 import pytest
+from envoy.config.core.v3.base_pb2 import HeaderMap, HeaderValue
+from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
 from filters.admission.filter import PROBE_S, AdmissionFilter
 from filters.admission.limiter import Limiter
 from filters.admission.params import AdmissionParams
 from proxy import errors
 from proxy.api import CONTINUE, Deps, Filter, Headers, RequestContext
+from proxy.chain import Chain
 from proxy.config import ConfigError, FilterConfig
 from proxy.registry import build_filters
-from proxy.testing import FakeClock, Harness, UpstreamReply
+from proxy.server import ProcessorServer
+from proxy.testing import FakeClock, Harness, UpstreamReply, default_config
 
 
 def _limiter(**kw: Any) -> Limiter:
@@ -383,3 +391,100 @@ def test_bad_admission_config_fails_at_start() -> None:
     with pytest.raises(ConfigError, match="reserve_critical"):
         build_filters([FilterConfig(name="a", type="admission", params={
             "reserve_critical": 0.6, "reserve_standard": 0.5})], Deps())  # fmt: skip
+
+
+async def test_only_successes_are_timed_and_refusals_upstream_are_congestion() -> None:
+    clock = FakeClock()
+    h, f = _harness(clock)
+
+    def answer(status: int, seconds: float) -> Any:
+        def up(headers: dict[str, str], body: bytes) -> UpstreamReply:
+            clock.advance(seconds)
+            return UpstreamReply(status)
+
+        return up
+
+    for _ in range(10):
+        await h.request("POST", "/v2/models/m/infer", body=b"{}", upstream=answer(200, 0.020))
+    lim = f.limiters["kserve_http"]
+    base, limit = lim.base_rtt, lim.limit
+    assert base == pytest.approx(0.020)
+    # A bad request answered at once says nothing of the model's pace: were it taken as the
+    # no-load RTT, every normal call would look queued and the limit would fall.
+    await h.request("POST", "/v2/models/m/infer", body=b"x", upstream=answer(400, 0.0002))
+    assert lim.base_rtt == base and lim.limit == limit
+    for _ in range(10):
+        await h.request("POST", "/v2/models/m/infer", body=b"{}", upstream=answer(200, 0.020))
+    assert lim.base_rtt == base and lim.limit >= limit
+    # Triton refusing (429: its queue is full) is congestion, as a 5xx is: the limit is cut.
+    limit = lim.limit
+    await h.request("POST", "/v2/models/m/infer", body=b"{}", upstream=answer(429, 0.0002))
+    assert lim.limit == pytest.approx(limit * 0.9) and lim.base_rtt == base
+    assert lim.inflight == 0
+
+
+@pytest.mark.parametrize(("grpc_status", "cut"), [("14", True), ("5", False)])
+async def test_a_trailers_only_grpc_error_is_not_timed(grpc_status: str, cut: bool) -> None:
+    h, f = _harness(FakeClock())
+    reply = UpstreamReply(200, {"content-type": "application/grpc", "grpc-status": grpc_status},
+                          b"")  # fmt: skip
+    await h.request("POST", "/v2/models/m/infer", body=b"{}", upstream=reply, grpc=True)
+    lim = f.limiters["kserve_http"]
+    assert lim.inflight == 0 and lim.rtt is None and lim.base_rtt is None
+    assert lim.limit == (16 * 0.9 if cut else 16)  # UNAVAILABLE cuts it; NOT_FOUND does not
+
+
+async def test_two_admission_filters_on_one_route_keep_their_own_permits() -> None:
+    deps = Deps(clock=FakeClock())
+    per_route = AdmissionFilter(AdmissionFilter.Params(), deps)
+    per_route.name = "per_route"
+    per_model = AdmissionFilter(AdmissionFilter.Params(models=["m"]), deps)
+    per_model.name = "per_model"
+    h = Harness.for_filters([per_route, per_model])
+    for _ in range(5):
+        assert (await h.request("POST", "/v2/models/m/infer", body=b"{}")).status == 200
+    for lim in (per_route.limiters["kserve_http"], per_model.limiters["m"]):
+        assert lim.inflight == 0 and lim.rtt is not None
+
+
+@pytest.mark.parametrize("kind", ["grpcio", "h2"])
+async def test_a_stream_keeps_its_permit_to_its_end_with_admission_alone(
+    tmp_path: Path, kind: Literal["grpcio", "h2"]
+) -> None:
+    f = AdmissionFilter(AdmissionFilter.Params(), Deps())
+    f.name = "admission"
+    addr = f"unix:{tmp_path}/p.sock"
+    server = ProcessorServer(Chain(default_config(), [f]), addr, kind=kind)
+    await server.start()
+
+    def headers(field: str, h: dict[str, str], eos: bool) -> pb.ProcessingRequest:
+        hm = HeaderMap(headers=[HeaderValue(key=k, raw_value=v.encode()) for k, v in h.items()])
+        return pb.ProcessingRequest(**{field: pb.HttpHeaders(headers=hm, end_of_stream=eos)})
+
+    def chunk(eos: bool) -> pb.ProcessingRequest:
+        return pb.ProcessingRequest(response_body=pb.HttpBody(body=b"data: {}\n\n",
+                                                               end_of_stream=eos))  # fmt: skip
+
+    try:
+        async with grpc.aio.insecure_channel(addr) as ch:
+            call = pb_grpc.ExternalProcessorStub(ch).Process()
+            path = "/v2/models/sim_llm_stream/generate_stream"
+            await call.write(headers("request_headers", {":path": path, ":method": "POST"}, True))
+            assert (await call.read()).HasField("request_headers")
+            lim = f.limiters["kserve_http"]
+            await call.write(headers("response_headers", {
+                ":status": "200", "content-type": "text/event-stream"}, False))  # fmt: skip
+            answer = await call.read()
+            # Envoy is asked to stream the body on (not to buffer it whole) ...
+            assert answer.mode_override.response_body_mode == ProcessingMode.STREAMED
+            # ... and the stream to the processor stays open: the permit is held meanwhile.
+            for _ in range(3):
+                assert lim.inflight == 1
+                await call.write(chunk(eos=False))
+                assert (await call.read()).HasField("response_body")
+            await call.write(chunk(eos=True))
+            assert (await call.read()).HasField("response_body")
+            assert await call.read() is grpc.aio.EOF
+        assert lim.inflight == 0 and lim.rtt is not None
+    finally:
+        await server.drain_and_stop(0.1, 0)

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from filters.breaker.filter import BreakerFilter, State
-from proxy.api import Deps
+from proxy.api import CONTINUE, Decision, Deps, Filter, Headers, NoParams, RequestContext
 from proxy.config import ConfigError, FilterConfig
 from proxy.registry import build_filters
 from proxy.testing import FakeClock, Harness, UpstreamReply
@@ -120,3 +120,53 @@ def test_bad_breaker_config_fails_at_start() -> None:
     with pytest.raises(ConfigError, match="failure_rate"):
         build_filters([FilterConfig(name="b", type="breaker",
                                     params={"failure_rate": 2})], Deps())  # fmt: skip
+
+
+class _LongBody(Filter):
+    """First in the chain, so last at the response: the answer's body takes 20 s to come
+    after its headers (a long completion, streamed)."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        super().__init__(NoParams(), Deps())
+        self.name = "long_body"
+        self.clock = clock
+
+    async def on_response_headers(self, ctx: RequestContext, headers: Headers) -> Decision:
+        self.clock.advance(20)
+        return CONTINUE
+
+
+async def test_slow_is_time_to_first_byte_and_slow_trials_weigh_by_their_share() -> None:
+    h, f, clock = _setup(models=["m"], half_open_calls=2, slow_call_ms=1000, window_s=600)
+    h = Harness.for_filters([_LongBody(clock), f])
+    for _ in range(4):
+        await call(h)  # healthy, fast to their first byte, 20 s to their end
+    assert f.breakers["m"].state is State.CLOSED
+    for _ in range(4):
+        await call(h, FAIL)
+    assert f.breakers["m"].state is State.OPEN
+    clock.advance(5.1)
+
+    async def slow_headers(headers: Any, body: bytes) -> UpstreamReply:
+        clock.advance(2)
+        return OK
+
+    # One of two trials slow to its headers: half the trials, short of slow_call_rate (all).
+    assert (await call(h, slow_headers)).status == 200
+    assert f.breakers["m"].state is State.HALF_OPEN
+    assert (await call(h)).status == 200  # fast to its headers, long to its end
+    assert f.breakers["m"].state is State.CLOSED
+
+
+async def test_two_breakers_on_one_route_judge_each_call_once() -> None:
+    clock = FakeClock()
+    deps = Deps(clock=clock)
+    per_route = BreakerFilter(BreakerFilter.Params(min_calls=2), deps)
+    per_route.name = "per_route"
+    per_model = BreakerFilter(BreakerFilter.Params(models=["m"], min_calls=2), deps)
+    per_model.name = "per_model"
+    h = Harness.for_filters([per_route, per_model])
+    await call(h, FAIL)
+    for b in (per_route.breakers["kserve_http"], per_model.breakers["m"]):
+        assert b._totals(clock.monotonic()) == (1, 1, 0)
+        assert b.state is State.CLOSED  # one failure, min_calls 2

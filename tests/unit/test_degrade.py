@@ -135,3 +135,53 @@ async def test_saturated_model_is_degraded_until_its_queue_drains() -> None:
     assert await path() == "/v2/models/m/infer"
     d.load.models["m"] = ModelLoad(pending=9, queue_ms=45.0, at=clock.monotonic() - 10)
     assert await path() == "/v2/models/m/infer"  # stale signals (metrics unreadable) count not
+
+
+def test_a_poll_with_nothing_finished_keeps_the_last_queue_time() -> None:
+    from proxy.triton_load import SaturationParams, TritonLoad
+
+    sat = SaturationParams(triton_metrics_url="http://127.0.0.1:8002/metrics")
+    load = TritonLoad("http://127.0.0.1:8002/metrics")
+    load.update(METRICS % (0, 1_000, 10), now=1.0)
+    load.update(METRICS % (50, 601_000, 20), now=1.25)
+    assert sat.saturated(load.models["m"], 1.25)
+    # A hung model (or a batch running for seconds): nothing finished, 50 still wait.
+    load.update(METRICS % (50, 601_000, 20), now=1.5)
+    assert sat.saturated(load.models["m"], 1.5)
+    assert load.models["m"].queue_ms == pytest.approx(60.0)
+    load.update(METRICS % (0, 601_000, 20), now=1.75)  # idle: nobody waits
+    assert load.models["m"].queue_ms == 0.0
+
+
+async def test_not_degraded_to_a_lighter_model_whose_breaker_refuses() -> None:
+    from proxy.triton_load import ModelLoad, TritonLoad
+
+    clock = FakeClock()
+    deps = Deps(clock=clock)
+    d = DegradeFilter(
+        DegradeFilter.Params.model_validate(
+            {"lighter": {"m": "m_lite"},
+             "saturation": {"triton_metrics_url": "http://127.0.0.1:1/metrics"}}
+        ),
+        deps,
+    )  # fmt: skip
+    d.name = "degrade"
+    d.load = TritonLoad("http://127.0.0.1:1/metrics")  # fed by hand here, not polled
+    breaker = BreakerFilter(
+        BreakerFilter.Params(models=["m", "m_lite"], min_calls=4, open_s=5), deps
+    )
+    breaker.name = "breaker"
+    h = Harness.for_filters([d, breaker])
+
+    def lite_down(headers: dict[str, str], body: bytes) -> UpstreamReply:
+        return UpstreamReply(503 if "/m_lite/" in headers[":path"] else 200)
+
+    for _ in range(4):
+        await h.request("POST", "/v2/models/m_lite/infer", body=b"{}", upstream=lite_down)
+    assert breaker.breakers["m_lite"].would_refuse(clock.monotonic())
+    # "m" is saturated, not failing: it serves rather than the lighter model's sure 503.
+    d.load.models["m"] = ModelLoad(pending=9, queue_ms=400.0, at=clock.monotonic())
+    r = await h.request("POST", "/v2/models/m/infer", body=b"{}", upstream=lite_down)
+    assert r.status == 200 and "x-floodwall-degraded" not in r.headers
+    assert r.upstream_headers is not None
+    assert r.upstream_headers[":path"] == "/v2/models/m/infer"
