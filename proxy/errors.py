@@ -7,6 +7,7 @@ gRPC status (Envoy turns an immediate response with ``grpc_status`` into a trail
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Mapping
 
 import orjson
@@ -46,7 +47,7 @@ def error(
     out = dict(JSON_HEADERS)
     out["x-floodwall-error"] = type_
     if retry_after_s is not None:
-        out["retry-after"] = str(max(1, int(retry_after_s + 0.999)))
+        out["retry-after"] = str(max(1, math.ceil(retry_after_s)))  # never before it is due
     if headers:
         out.update(headers)
     return Respond(

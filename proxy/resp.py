@@ -53,7 +53,12 @@ class _Protocol(asyncio.Protocol):
                 fut.set_result(reply)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.lost = RedisConnectionError(f"connection to Redis lost: {exc or 'closed'}")
+        self.fail(f"connection to Redis lost: {exc or 'closed'}")
+
+    def fail(self, why: str) -> None:
+        """Fails every outstanding command; the connection is not used again."""
+        if self.lost is None:
+            self.lost = RedisConnectionError(why)
         while self.waiters:
             fut = self.waiters.popleft()
             if not fut.done():
@@ -116,6 +121,10 @@ class LeanRedis:
         proto = self._proto
         if proto is None or proto.lost is not None:
             proto = await self._connect()
+            if proto.lost is not None:
+                # Closed right after AUTH/SELECT, before this caller resumed (a restarting
+                # Redis): a command written now would wait for a reply nothing can give.
+                raise proto.lost
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         proto.transport.write(pack(args))
         proto.waiters.append(fut)
@@ -123,9 +132,12 @@ class LeanRedis:
 
     def reset(self) -> None:
         """Drop the connection (outstanding commands fail); the next command reconnects."""
-        if self._proto is not None:
-            self._proto.transport.abort()
-        self._proto = None
+        proto, self._proto = self._proto, None
+        if proto is not None:
+            proto.transport.abort()
+            # abort() on a transport that is already closed does not call connection_lost
+            # again: fail what it still owes here, or its callers would wait forever.
+            proto.fail("connection to Redis reset")
 
     async def close(self) -> None:
         self.reset()

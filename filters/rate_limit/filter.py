@@ -259,7 +259,7 @@ class RateLimitFilter(Filter):
                 if ctx.token_estimate is None:
                     continue  # no token count on this route (a KServe passthrough)
                 cost = float(ctx.token_estimate.total)
-                if cost * lim.rule.interval_us > lim.rule.tolerance_us + lim.max_wait_us:
+                if not lim.rule.fits(cost, lim.max_wait_us):
                     lim.count("too_large")
                     return errors.error(
                         413, "request_exceeds_limit",
@@ -310,7 +310,17 @@ class RateLimitFilter(Filter):
                 leased = []
         local = verdict is None
         if verdict is None:
-            closed = [lim for lim in limits if lim.spec.on_redis_error == "closed"]
+            # A token request above the local share's burst (but within the shared one) could
+            # never pass the fallback: a 429 would send the client to wait for a turn that
+            # never comes, and admitting it anyway (capping its cost) would let each replica
+            # exceed its share by up to that much per burst. Only the shared limit can judge
+            # it: for this request the limit fails closed, as a "closed" limit does.
+            closed = [
+                lim
+                for lim, c in zip(limits, costs, strict=True)
+                if lim.spec.on_redis_error == "closed"
+                or not lim.local_rule.fits(c, lim.max_wait_us)
+            ]
             if closed:
                 for lim in closed:
                     lim.count("unavailable")
@@ -407,12 +417,12 @@ class RateLimitFilter(Filter):
         try:
             replies = [await f for f in futures]  # sent together: one wait
         except _REDIS_FAULTS as exc:
-            _cancel(futures)  # late grants come back to the orphan handler: given back
+            self._release(futures, groups, keys, limits, costs)
             self._redis_failed(exc)
             return None
         except (Overloaded, asyncio.CancelledError):
             # Shed, or the stream went away (client gone, Envoy's message timeout).
-            _cancel(futures)
+            self._release(futures, groups, keys, limits, costs)
             raise
         REDIS_SECONDS.observe(time.perf_counter() - t0)
         self._redis_ok()
@@ -427,10 +437,17 @@ class RateLimitFilter(Filter):
         # given back when another refused, so a refused request holds nothing.
         allowed = all(v.allowed for v in verdicts)
         if not allowed:
-            for v, idx in zip(verdicts, groups, strict=True):
+            for g, (v, idx) in enumerate(zip(verdicts, groups, strict=True)):
                 if v.allowed:
                     self._adjust_redis([keys[i] for i in idx], [limits[i] for i in idx],
                                        [-costs[i] for i in idx])  # fmt: skip
+                    # Its TATs as they stood before the take, as for any refusal: the ones
+                    # after it would put a block in the deny cache that the refund lifted.
+                    before = [
+                        max(v.now_us, math.floor(tat - takes[i].cost * takes[i].rule.interval_us))
+                        for tat, i in zip(v.tats, idx, strict=True)
+                    ]
+                    verdicts[g] = gcra.Verdict(False, v.now_us, tuple(before), v.waits_us)
         tats: list[float] = [0.0] * len(keys)
         waits: list[float] = [0.0] * len(keys)
         for v, idx in zip(verdicts, groups, strict=True):
@@ -447,6 +464,23 @@ class RateLimitFilter(Filter):
         for i, k in enumerate(keys):
             by_slot.setdefault(key_slot(k.encode()), []).append(i)
         return list(by_slot.values())
+
+    def _release(
+        self,
+        futures: list[asyncio.Future[Reply]],
+        groups: list[list[int]],
+        keys: list[str],
+        limits: list[_Limit],
+        costs: list[float],
+    ) -> None:
+        """The take failed as a whole (a slot's node down, shed, the stream gone): gives back
+        what the slots that answered granted. Calls still owed are cancelled; their late
+        grants come back to the orphan handler."""
+        for f, idx in zip(futures, groups, strict=True):
+            if f.done() and not f.cancelled() and f.exception() is None and f.result()[0] == 1:
+                self._adjust_redis([keys[i] for i in idx], [limits[i] for i in idx],
+                                   [-costs[i] for i in idx])  # fmt: skip
+        _cancel(futures)
 
     def _give_back(
         self, keys: list[str], limits: list[_Limit], costs: list[float]

@@ -10,6 +10,8 @@
 --            take:   interval_us, tolerance_us, cost, max_wait_us. If any key refuses,
 --                    nothing is written for this request.
 --            adjust: interval_us, delta (units; > 0 charges, < 0 refunds).
+--          interval_us is whole microseconds, as TATs and now are (see gcra.Rule.of): with
+--          a fraction in it the last unit of a burst would never fit.
 -- Reply: {now, then per request: allowed (1/0), tat_1, ..., tat_n}: the TATs after the call
 -- (if refused: as they stand, never earlier than now).
 local now

@@ -3,8 +3,9 @@ in-process fallback.
 
 One number per limit and key is the whole state: the theoretical arrival time (TAT), the
 instant at which the bucket would be empty again, in microseconds. A limit of ``rate`` per
-``period`` with ``burst`` has an emission interval ``T = period / rate`` and a tolerance
-``tau = burst * T``. A request of ``cost`` units is admitted at ``now`` when
+``period`` with ``burst`` has an emission interval ``T = period / rate`` (rounded up to whole
+microseconds, as TATs are) and a tolerance ``tau = burst * T``. A request of ``cost`` units is
+admitted at ``now`` when
 
     max(TAT, now) + cost * T - tau <= now + max_wait
 
@@ -27,17 +28,28 @@ from dataclasses import dataclass
 class Rule:
     """The arithmetic of one limit, in microseconds."""
 
-    interval_us: float  # T: time one unit takes to drain
+    interval_us: float  # T: time one unit takes to drain, whole microseconds
     tolerance_us: float  # tau: burst * T
 
     @classmethod
     def of(cls, rate: float, period_s: float, burst: float) -> Rule:
-        interval = period_s * 1e6 / rate
+        # Whole microseconds: TATs are whole (rounded up on every take), so with a fraction
+        # in T each take would round up a little more than tau allows for and the last unit
+        # of a burst would never fit (rate 3 with burst 3 admitted 2, with burst 1 nothing).
+        # Rounding T up instead errs on the strict side by under a microsecond per unit.
+        interval = float(math.ceil(period_s * 1e6 / rate))
         return cls(interval, burst * interval)
+
+    def fits(self, cost: float, max_wait_us: float = 0.0) -> bool:
+        """Whether a request of ``cost`` units can pass at all: from an idle bucket."""
+        return math.ceil(cost * self.interval_us) - self.tolerance_us <= max_wait_us
 
     def scaled(self, share: float) -> Rule:
         """The same limit at ``share`` of its rate and burst (a replica's local share)."""
-        return Rule(self.interval_us / share, self.tolerance_us)
+        interval = float(math.ceil(self.interval_us / share))
+        burst = self.tolerance_us / self.interval_us * share
+        # round(): burst x share carries float error (2.9999...) that would cost a unit.
+        return Rule(interval, float(round(burst * interval)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +150,9 @@ class LocalLimiter:
         self._max_keys = max_keys
 
     def take(self, keys: Sequence[str], takes: Sequence[Take], now_us: float) -> Verdict:
+        # Whole microseconds, as Redis' clock: from a fractional now, the take's rounding up
+        # would leave the last unit of a burst a fraction of a microsecond short.
+        now_us = math.floor(now_us)
         verdict = take([self._tats.get(k) for k in keys], takes, now_us)
         if verdict.allowed:
             if len(self._tats) > self._max_keys:
@@ -147,7 +162,7 @@ class LocalLimiter:
         return verdict
 
     def adjust(self, key: str, rule: Rule, delta: float, now_us: float) -> None:
-        tat = adjust(self._tats.get(key), rule, delta, now_us)
+        tat = adjust(self._tats.get(key), rule, delta, math.floor(now_us))
         if tat is None:
             self._tats.pop(key, None)
         else:

@@ -143,14 +143,27 @@ class GcraStore:
     async def _round_trip(self, batch: list[_Call]) -> list[Reply | BaseException]:
         self.round_trips += 1
         try:
-            return await self._execute(batch)
+            out = await self._execute(batch)
         except NoScriptError:
-            # A restarted or failed-over Redis has an empty script cache.
-            if self.lean is not None:
-                await self.lean.execute("SCRIPT", "LOAD", LUA)
-            else:
-                await self.redis.script_load(LUA)
+            # A restarted or failed-over Redis has an empty script cache (on a single Redis
+            # the batch is one script call: nothing of it ran).
+            await self._load()
             return await self._execute(batch)
+        # On a cluster each node answers for its own calls: those that found the script ran,
+        # and must not run twice (a take or refund applied twice). Only the others go again.
+        missed = [i for i, r in enumerate(out) if isinstance(r, NoScriptError)]
+        if missed:
+            await self._load()
+            again = await self._execute([batch[i] for i in missed])
+            for i, r in zip(missed, again, strict=True):
+                out[i] = r
+        return out
+
+    async def _load(self) -> None:
+        if self.lean is not None:
+            await self.lean.execute("SCRIPT", "LOAD", LUA)
+        else:
+            await self.redis.script_load(LUA)
 
     async def _execute(self, batch: list[_Call]) -> list[Reply | BaseException]:
         if not self.cluster:
@@ -164,8 +177,6 @@ class GcraStore:
         for c in batch:
             pipe.execute_command("EVALSHA", *_script_args([c]))
         raw = await pipe.execute(raise_on_error=False)
-        if any(isinstance(r, NoScriptError) for r in raw):
-            raise NoScriptError("NOSCRIPT on a cluster node")
         out: list[Reply | BaseException] = []
         for c, r in zip(batch, raw, strict=True):
             out.append(r if isinstance(r, BaseException) else _split(r, [c])[0])

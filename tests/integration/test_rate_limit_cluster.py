@@ -73,3 +73,29 @@ async def test_cluster_script_cache_is_loaded_on_every_master(rc: Any) -> None:
     stats = await rc.info("commandstats", target_nodes=aioredis.RedisCluster.PRIMARIES)
     loads = [s.get("cmdstat_script|load", {}).get("calls", 0) for s in stats.values()]
     assert all(n >= 1 for n in loads), f"SCRIPT LOAD per master: {loads}"
+
+
+async def test_noscript_on_one_master_runs_no_other_call_twice(rc: Any) -> None:
+    """A failover empties one master's script cache. The calls of the same pipeline that ran
+    on the other masters must not run again: the per-key unit would be taken twice."""
+    from filters.rate_limit.filter import _short
+
+    f = limiter(
+        rc,
+        per_key(rate=1, burst=10, period="1h"),
+        {"name": "everyone", "key": [], "rate": 1, "burst": 100, "period": "1h"},
+        local_deny_cache=False,
+        response_headers=True,
+    )
+    h = harness(f)
+    flushed = rc.get_node_from_key("{everyone}")
+    key = next(
+        k for k in (f"key{i}" for i in range(100))
+        if rc.get_node_from_key(f"{{{_short('t-' + k)}}}") != flushed
+    )  # fmt: skip
+    assert (await call(h, key=key)).status == 200  # the script is on both masters now
+    await rc.execute_command("SCRIPT FLUSH", target_nodes=flushed)
+    r = await call(h, key=key)
+    assert r.status == 200
+    assert '"per_key";r=8;' in r.headers["ratelimit"]  # two requests, two units
+    assert '"everyone";r=98;' in r.headers["ratelimit"]

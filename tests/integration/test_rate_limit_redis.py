@@ -134,6 +134,43 @@ async def test_one_script_call_serves_a_batch_of_requests(rc: aioredis.Redis) ->
     assert int(raw[6]) == 1  # third granted
 
 
+@pytest.mark.parametrize(
+    ("rate", "period_s", "burst"), [(3, 1, 3), (3, 1, 1), (7, 60, 7), (7, 60, 1), (6, 1, 4)]
+)
+async def test_the_script_admits_a_whole_burst_from_idle(
+    rc: aioredis.Redis, rate: float, period_s: float, burst: float
+) -> None:
+    """At one pinned instant: exactly ``burst`` units, whatever fraction of a microsecond
+    T = period / rate has (rate 3 with burst 3 admitted 2, with burst 1 none)."""
+    from filters.rate_limit.store import LUA, SHA
+
+    await rc.script_load(LUA)
+    r = gcra.Rule.of(rate, period_s, burst)
+    n = [repr(r.interval_us), repr(r.tolerance_us), "1.0", "0.0"]
+    now = str(1_700_000_000_000_000)
+    granted = [int((await rc.evalsha(SHA, 1, "k:one", now, 1, "take", 1, *n))[1])
+               for _ in range(int(burst) + 2)]  # fmt: skip
+    assert granted == [1] * int(burst) + [0, 0]
+    whole = [repr(r.interval_us), repr(r.tolerance_us), repr(float(burst)), "0.0"]
+    assert int((await rc.evalsha(SHA, 1, "k:whole", now, 1, "take", 1, *whole))[1]) == 1
+
+
+@pytest.mark.parametrize(
+    "limit",
+    [
+        {"rate": 3, "burst": 1},
+        {"rate": 7, "period": "1m", "burst": 1},
+        {"rate": 6, "burst": 4, "cost": 4},
+    ],
+)
+async def test_a_limit_whose_burst_is_one_request_admits_it(
+    rc: aioredis.Redis, limit: dict[str, Any]
+) -> None:
+    """burst == cost on Redis' own clock: one request from idle, then a refusal."""
+    h = harness(limiter(rc, per_key(**limit), local_deny_cache=False))
+    assert [(await call(h)).status for _ in range(2)] == [200, 429]
+
+
 def _live(tat: float | None, now: float) -> float | None:
     # Redis expires a key once its TAT has passed: the model forgets it the same way (the
     # arithmetic treats an old TAT and no TAT alike, so this changes no verdict).

@@ -127,3 +127,81 @@ def test_it_runs_on_uvloop_as_the_processor_does(redis_server: RedisServer) -> N
     if redis_server.proc.poll() is not None:
         redis_server.start()
     assert uvloop.run(main()) == [b"PONG", b"x"]
+
+
+class _RestartingRedis:
+    """A server that answers AUTH with +OK and then closes, as a Redis going down right after
+    accepting a connection does, then (from the second connection on) serves: +OK to AUTH,
+    +PONG to PING, a granted take to EVALSHA."""
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self.port = 0
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> _RestartingRedis:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+
+    async def _serve(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        import hiredis
+
+        self.connections += 1
+        first = self.connections == 1
+        parser = hiredis.Reader()
+        try:
+            while data := await r.read(65536):
+                parser.feed(data)
+                while (cmd := parser.gets()) is not False:
+                    name = cmd[0].upper()
+                    if name == b"AUTH":
+                        w.write(b"+OK\r\n")
+                        if first:
+                            return  # +OK and the close go out together
+                    elif name == b"PING":
+                        w.write(b"+PONG\r\n")
+                    else:
+                        w.write(b"*3\r\n:1700000000000000\r\n:1\r\n:1700000000001000\r\n")
+        finally:
+            w.close()
+
+
+async def test_a_connection_closed_right_after_auth_fails_the_command_not_hangs_it() -> None:
+    """connection_lost can run before the caller resumes from the AUTH: the command must not
+    go to the dead connection and wait for a reply nothing would give."""
+    async with _RestartingRedis() as server:
+        lean = LeanRedis(port=server.port, password="pw")
+        try:
+            with pytest.raises(RedisConnectionError):
+                await asyncio.wait_for(lean.execute("PING"), 1)
+            assert await asyncio.wait_for(lean.execute("PING"), 1) == b"PONG"
+        finally:
+            await lean.close()
+
+
+async def test_the_limiters_round_trips_recover_after_a_connection_closed_after_auth() -> None:
+    """The rate limiter's store on that connection: its first calls fail, none stays in flight
+    (every later check would wait behind it and fail RedisSilent), later calls get answers."""
+    from filters.rate_limit.store import GcraStore, RedisSilent
+
+    async with _RestartingRedis() as server:
+        store = GcraStore(object(), timeout_s=0.05, max_wait_s=0.1)
+        store.lean = LeanRedis(port=server.port, password="pw")
+        nums = ["1000.0", "1000.0", "1.0", "0.0"]
+        try:
+            first = store.call("take", ["a"], nums)
+            await asyncio.sleep(0)  # its round trip leaves: the next call waits for another
+            second = store.call("take", ["b"], nums)
+            for call in (first, second):
+                with pytest.raises((RedisConnectionError, RedisSilent)):
+                    await call
+            await asyncio.sleep(0.1)
+            assert not store._inflight
+            assert await store.call("take", ["c"], nums) == [1, 1700000000000000, 1700000000001000]
+        finally:
+            await store.close()

@@ -3,15 +3,19 @@ client address, and the in-process limiter (what runs while Redis is away)."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 from typing import Any
 
 import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError
 
 from filters.rate_limit import gcra
 from filters.rate_limit.filter import RateLimitFilter, client_ip
 from filters.rate_limit.lease import Leases
-from proxy.api import Deps
+from filters.rate_limit.store import GcraStore
+from proxy.api import CONTINUE, Deps, Filter, NoParams, RequestContext, Usage
 from proxy.config import ConfigError, FilterConfig
 from proxy.registry import build_filters
 from proxy.testing import FakeClock, Harness
@@ -127,6 +131,10 @@ def test_scaled_rule_is_the_local_share() -> None:
     local = gcra.LocalLimiter()
     admitted = sum(local.take(["k"], [gcra.Take(rule, 1)], T0).allowed for _ in range(100))
     assert admitted == 25
+    # 50 x 0.58 is 28.999999999999996 in floats: still 29 whole units, whatever the clock.
+    rule = gcra.Rule.of(rate=1, period_s=1, burst=50).scaled(0.58)
+    local = gcra.LocalLimiter()
+    assert sum(local.take(["k"], [gcra.Take(rule, 1)], 0.0).allowed for _ in range(30)) == 29
 
 
 # --- params ----------------------------------------------------------------------------------
@@ -292,3 +300,210 @@ def test_one_top_up_at_a_time_and_only_once_half_is_used() -> None:
 def test_a_lease_cap_below_two_requests_is_refused() -> None:
     with pytest.raises(ValueError, match="fewer than two"):
         Leases(cap=3, cost=2, ttl_s=0.1)
+
+
+# --- whole bursts, requests the fallback cannot judge, Retry-After ---------------------------
+
+
+@pytest.mark.parametrize(
+    ("rate", "period_s", "burst"),
+    [(3, 1, 3), (3, 1, 1), (7, 60, 7), (7, 60, 1), (6, 1, 4), (1000, 7, 13)],
+)
+def test_a_whole_burst_passes_from_idle_whatever_the_interval(
+    rate: float, period_s: float, burst: float
+) -> None:
+    """T = period / rate is rarely whole microseconds: rounding each TAT up must not cost
+    the burst its last unit (rate 3 with burst 3 admitted 2; with burst 1, never one)."""
+    rule = gcra.Rule.of(rate, period_s, burst)
+    tat: float | None = None
+    admitted = 0
+    for _ in range(int(burst) + 2):
+        v = gcra.take([tat], [gcra.Take(rule, 1)], T0)
+        if v.allowed:
+            admitted, tat = admitted + 1, v.tats[0]
+    assert admitted == burst
+    # burst == cost: one request of the whole burst passes from idle, then none.
+    whole = gcra.take([None], [gcra.Take(rule, burst)], T0)
+    assert whole.allowed and not gcra.take([whole.tats[0]], [gcra.Take(rule, 1)], T0).allowed
+
+
+@pytest.mark.parametrize(
+    ("limit", "passes"),
+    [
+        ({"rate": 6, "burst": 4, "local_share": 0.25}, 1),
+        ({"rate": 3, "burst": 1}, 1),
+        ({"rate": 7, "period": "1m", "burst": 1}, 1),
+        ({"rate": 3, "burst": 3}, 3),
+        ({"rate": 10, "burst": 10, "local_share": 0.3}, 3),
+        ({"rate": 7, "period": "1m", "burst": 7, "local_share": 0.5}, 3),
+    ],
+)
+async def test_the_fallback_admits_its_whole_local_burst(
+    limit: dict[str, Any], passes: int
+) -> None:
+    # A monotonic clock is not whole microseconds, Redis' is: the fallback must not care.
+    p = RateLimitFilter.Params.model_validate({"limits": [{"name": "g", "key": [], **limit}]})
+    f = RateLimitFilter(p, Deps(clock=FakeClock(start=1_000.0000003)))
+    f.name = "rate_limit"
+    h = Harness.for_filters([f])
+    statuses = [(await h.request("GET", "/v2/models/m")).status for _ in range(passes + 1)]
+    assert statuses == [200] * passes + [429]
+
+
+class _Estimate(Filter):
+    """Stands in for the openai filter: the request's token estimate from a test header."""
+
+    async def on_request_headers(self, ctx: RequestContext, headers: dict[str, str]) -> Any:
+        ctx.token_estimate = Usage(int(headers.get("x-test-tokens", "1")))
+        return CONTINUE
+
+
+async def test_a_token_request_above_the_local_burst_is_unavailable_not_rate_limited() -> None:
+    """Redis down: 600 tokens fit the shared burst (1000) but never the local one (250). A
+    429 would name a Retry-After after which it still could not pass."""
+    p = RateLimitFilter.Params.model_validate({"limits": [
+        {"name": "t", "key": [], "unit": "tokens", "rate": 1000, "period": "1m",
+         "local_share": 0.25},
+    ]})  # fmt: skip
+    f = RateLimitFilter(p, Deps(clock=FakeClock()))  # no Redis: the fallback throughout
+    f.name = "rate_limit"
+    est = _Estimate(NoParams(), Deps())
+    est.name = "estimate"
+    h = Harness.for_filters([est, f])
+    big = await h.request("GET", "/v2/models/m", headers={"x-test-tokens": "600"})
+    assert big.status == 503 and big.json()["error"]["type"] == "rate_limit_unavailable"
+    small = await h.request("GET", "/v2/models/m", headers={"x-test-tokens": "200"})
+    assert small.status == 200  # what the local share can judge, it still judges
+    assert (await h.request("GET", "/v2/models/m", headers={"x-test-tokens": "100"})).status == 429
+    over = await h.request("GET", "/v2/models/m", headers={"x-test-tokens": "1001"})
+    assert over.status == 413  # beyond the shared burst: never, with or without Redis
+
+
+@pytest.mark.parametrize(("after_s", "header"), [(2.0004, "3"), (2.0, "2"), (0.2, "1"), (0, "1")])
+def test_retry_after_is_never_before_the_turn(after_s: float, header: str) -> None:
+    from proxy import errors
+
+    assert (
+        errors.error(429, "rate_limited", "m", retry_after_s=after_s).headers["retry-after"]
+        == header
+    )
+
+
+# --- a Redis Cluster, faked per node: what each call's slot answers --------------------------
+
+
+NOW_US = 1_700_000_000_000_000
+HOUR_US = 3_600_000_000
+
+
+class _Pipeline:
+    def __init__(self, cluster: _Cluster) -> None:
+        self.cluster = cluster
+        self.calls: list[tuple[Any, ...]] = []
+
+    def execute_command(self, *args: Any) -> None:
+        self.calls.append(args)
+
+    async def execute(self, raise_on_error: bool = True) -> list[Any]:
+        # EVALSHA sha numkeys key... "" nreq op nkeys nums...: one request, one key per call
+        return [self.cluster.answer(a[3], a[6], a[8:]) for a in self.calls]
+
+
+class _Cluster:
+    """Answers each call as its node would (the script's reply: now, allowed, TAT); records
+    what ran where."""
+
+    def __init__(self, answer: Any) -> None:
+        self.answer_for = answer
+        self.ran: list[tuple[str, str, tuple[Any, ...]]] = []
+        self.loaded = False
+
+    def pipeline(self) -> _Pipeline:
+        return _Pipeline(self)
+
+    def answer(self, key: str, op: str, nums: tuple[Any, ...]) -> Any:
+        reply = self.answer_for(self, key, op)
+        if not isinstance(reply, BaseException):
+            self.ran.append((key, op, nums))
+        return reply
+
+    async def script_load(self, lua: str) -> None:
+        self.loaded = True
+
+
+def _on_cluster(cluster: _Cluster, **params: Any) -> RateLimitFilter:
+    """Per key 10 an hour in the tenant's slot, and 10 an hour for everyone in another."""
+    p = RateLimitFilter.Params.model_validate({"limits": [
+        {"name": "per_key", "key": ["key_id"], "rate": 1, "burst": 10, "period": "1h"},
+        {"name": "everyone", "key": [], "rate": 1, "burst": 10, "period": "1h"},
+    ], **params})  # fmt: skip
+    f = RateLimitFilter(p, Deps(clock=FakeClock()))
+    f.name = "rate_limit"
+    f.cluster, f.store, f.redis_down_until = True, GcraStore(cluster, cluster=True), 0.0
+    return f
+
+
+async def _settled(f: RateLimitFilter) -> None:
+    await asyncio.sleep(0.01)  # the refunds are queued: let their round trip go
+    await asyncio.gather(*f._background, return_exceptions=True)
+
+
+async def test_cluster_noscript_runs_again_only_the_calls_that_found_no_script() -> None:
+    """A failed-over node answers NOSCRIPT; the other node ran its call. Running the whole
+    batch again would apply that call (a refund here) twice."""
+
+    def answer(c: _Cluster, key: str, op: str) -> Any:
+        if key.startswith("B") and not c.loaded:
+            return NoScriptError("NOSCRIPT No matching script.")
+        return [NOW_US, 1, NOW_US + 1000]
+
+    cluster = _Cluster(answer)
+    store = GcraStore(cluster, cluster=True)
+    refund = store.call("adjust", ["A"], ["1000.0", "-5.0"])
+    take = store.call("take", ["B"], ["1000.0", "10000.0", "1.0", "0.0"])
+    assert await refund == [1, NOW_US, NOW_US + 1000]
+    assert await take == [1, NOW_US, NOW_US + 1000]
+    assert [key for key, _, _ in cluster.ran] == ["A", "B"]
+    await store.close()
+
+
+async def test_cluster_grants_are_given_back_when_another_slot_fails() -> None:
+    """The node of "everyone" is down: the request falls back, and the per-key unit Redis
+    granted in the other slot is refunded (it was neither used nor orphaned)."""
+
+    def answer(c: _Cluster, key: str, op: str) -> Any:
+        if ":everyone:" in key:
+            return RedisConnectionError("node down")
+        return [NOW_US, 1, NOW_US + HOUR_US]
+
+    cluster = _Cluster(answer)
+    f = _on_cluster(cluster)
+    assert (await Harness.for_filters([f]).request("GET", "/v2/models/m")).status == 200
+    await _settled(f)
+    assert [(op, nums) for key, op, nums in cluster.ran if ":per_key:" in key] == [
+        ("take", ("3600000000.0", "36000000000.0", "1.0", "0.0")),
+        ("adjust", ("3600000000.0", "-1.0")),
+    ]
+    await f.stop()
+
+
+async def test_cluster_refusal_remembers_no_block_for_the_refunded_slot() -> None:
+    """ "everyone" refuses; the per-key slot granted its last unit and got it back. The deny
+    cache must not refuse that key locally from the TAT the refund undid."""
+
+    def answer(c: _Cluster, key: str, op: str) -> Any:
+        if ":everyone:" in key:
+            return [NOW_US, 0, NOW_US + 20 * HOUR_US]  # full: refused
+        if op == "take":
+            return [NOW_US, 1, NOW_US + 10 * HOUR_US]  # its last unit: full now
+        return [NOW_US, 1, NOW_US + 9 * HOUR_US]
+
+    f = _on_cluster(_Cluster(answer), response_headers=True)
+    r = await Harness.for_filters([f]).request("GET", "/v2/models/m")
+    assert r.status == 429
+    await _settled(f)
+    blocked = {key.split(":")[3] for key in f.deny_cache}
+    assert blocked == {"everyone"}
+    # The refused request's headers show per_key as it stands after the refund: 1 left.
+    assert '"per_key";r=1;' in r.headers["ratelimit"]
+    await f.stop()
