@@ -176,6 +176,9 @@ class Outcome:
     aborted: bool  # the stream ended before the phases the route expects (client went away)
     responded_by: str | None  # name of the filter that answered, if one did
     duration_s: float
+    # The status the upstream answered with, before any filter rewrote it (a stale cached
+    # 200 for a 503): what judges the upstream's health. None: no answer from it.
+    upstream_status: int | None = None
 
 
 def prefers_async(headers: Headers) -> bool:
@@ -212,6 +215,7 @@ class RequestContext:
         "tier",
         "token_estimate",
         "upstream_path",
+        "upstream_status",
         "usage",
     )
 
@@ -236,7 +240,10 @@ class RequestContext:
         self.key_id: str | None = None
         self.priority: str | None = None
         self.deadline: float | None = None
+        # The status the client gets (a filter may rewrite the upstream's) and the one the
+        # upstream answered with (what judges its health), from the response headers on.
         self.response_status: int | None = None
+        self.upstream_status: int | None = None
         # Set by the route's API filter (openai): the model the caller asked for, the tokens
         # the call may use at most (prompt estimate + max completion), then the real usage.
         self.model: str | None = None

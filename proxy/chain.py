@@ -212,7 +212,7 @@ class Chain:
         elif phase is Phase.RESPONSE_HEADERS:
             status = data.get(":status")
             if status and status.isdigit():
-                ctx.response_status = int(status)
+                ctx.response_status = ctx.upstream_status = int(status)
         is_headers = phase in (Phase.REQUEST_HEADERS, Phase.RESPONSE_HEADERS)
         for b in plan.by_phase[phase]:
             f = b.filter
@@ -253,10 +253,15 @@ class Chain:
                     ctx.response_streamed = True
                 elif ":path" in d.set_headers and phase in _REQUEST_PHASES:
                     ctx.upstream_path = d.set_headers[":path"]
-                elif phase not in _REQUEST_PHASES and d.set_headers.get(":status", "").isdigit():
+                elif (
+                    phase not in _REQUEST_PHASES
+                    and not ctx.response_streamed  # Envoy ignores it on a streamed body
+                    and d.set_headers.get(":status", "").isdigit()
+                ):
                     # A reply rewritten (say a 200 whose body could not be read, now a 502):
                     # the filters after this one, the cache's store among them, and the
-                    # request's metrics see the status the client gets.
+                    # request's metrics see the status the client gets. The upstream's own
+                    # stays in ctx.upstream_status, for those judging its health.
                     ctx.response_status = int(d.set_headers[":status"])
                 acc.add(d, data if is_headers else None)
                 if d.body is not None and not is_headers:
@@ -293,6 +298,7 @@ class Chain:
             aborted=not reached_end,
             responded_by=responded_by,
             duration_s=time.monotonic() - ctx.started,
+            upstream_status=ctx.upstream_status,
         )
         left: list[tuple[_Bound, Awaitable[None]]] = []
         for b in plan.complete:

@@ -146,7 +146,8 @@ class AdmissionFilter(Filter):
             st.ticket = None
             self._release(t, None, grpc_status in _GRPC_FAILED, now)
             return CONTINUE
-        if headers.get("content-type", "").startswith("text/event-stream"):
+        status = ctx.upstream_status or 0
+        if 200 <= status < 300 and headers.get("content-type", "").startswith("text/event-stream"):
             # The body streamed through the processor, even on a route where no filter reads
             # it: the exchange then ends, for the processor, with the stream, and the permit
             # is held until then (not given back as the stream starts).
@@ -156,7 +157,7 @@ class AdmissionFilter(Filter):
             # permit goes back now, not after the gateway has also handled the body (with the
             # gateway short of CPU, permits held there would leave the model idle).
             st.ticket = None
-            self._settle(t, ctx.response_status or 0, now)
+            self._settle(t, status, now)
         return CONTINUE
 
     def _classify(self, ctx: RequestContext, headers: Headers) -> str:
@@ -239,10 +240,12 @@ class AdmissionFilter(Filter):
         if t is None:
             return
         now = self.deps.clock.monotonic()
-        if outcome.aborted or outcome.responded_by is not None or outcome.status is None:
+        # The upstream's own status: a stale cached 200 served for its 503 is still a 503.
+        upstream = outcome.upstream_status
+        if outcome.aborted or outcome.responded_by is not None or upstream is None:
             self._release(t, None, False, now)
         else:
-            self._settle(t, outcome.status, now)
+            self._settle(t, upstream, now)
 
     def _settle(self, t: _Ticket, status: int, now: float) -> None:
         """Releases the permit of a call the model answered with ``status``. Only a success

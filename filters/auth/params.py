@@ -1,8 +1,9 @@
 from __future__ import annotations
 
+from collections import Counter
 from typing import Annotated
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from proxy.api import FilterParams
 
@@ -23,3 +24,11 @@ class AuthParams(FilterParams):
     header: str = "authorization"
     # Remove the credential before the request goes upstream: model servers don't need it.
     strip_credentials: bool = True
+
+    @model_validator(mode="after")
+    def _unique_ids(self) -> AuthParams:
+        # Logs and metrics name a key by its id: two keys under one id could not be told apart.
+        twice = sorted(i for i, n in Counter(k.id for k in self.keys).items() if n > 1)
+        if twice:
+            raise ValueError(f"key ids must be unique; listed more than once: {twice}")
+        return self

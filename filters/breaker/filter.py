@@ -227,14 +227,18 @@ class BreakerFilter(Filter):
         return ctx.model if ctx.model in self.p.models else None
 
     def on_complete(self, ctx: RequestContext, outcome: Outcome) -> None:
+        # The upstream's own status: a stale cached 200 served for its 503 is still a 503
+        # (else the breaker would never open while stale answers hide the failures, and a
+        # half-open trial would close it while the model is still down).
+        upstream = outcome.upstream_status
         for t in ctx.state(self._tickets).items:
-            if outcome.responded_by is not None or outcome.aborted or outcome.status is None:
+            if outcome.responded_by is not None or outcome.aborted or upstream is None:
                 # No verdict on the upstream: a later filter answered, or the client left.
                 if t.trial:
                     t.breaker.release()
                 continue
             now = self.deps.clock.monotonic()
-            failed = outcome.status >= 500
+            failed = upstream >= 500
             # Time to first byte: the whole exchange would make every long completion slow.
             first_byte = t.first_byte if t.first_byte is not None else now
             slow = (first_byte - t.admitted) * 1000 >= self.p.slow_call_ms

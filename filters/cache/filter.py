@@ -100,6 +100,7 @@ log = logging.getLogger("floodwall.cache")
 HEADER = "x-floodwall-cache"
 # Response headers stored with an entry and replayed on a hit.
 _KEPT_HEADERS = ("content-type",)
+_ERROR_HEADERS = ("x-floodwall-error", "retry-after")
 
 
 @dataclass(slots=True)
@@ -119,9 +120,10 @@ class _Pending:
 
 
 class _State:
-    __slots__ = ("no_lookup", "no_store", "pending", "stale", "tokens")
+    __slots__ = ("no_lookup", "no_store", "pending", "stale", "tenant", "tokens")
 
     def __init__(self) -> None:
+        self.tenant: str | None = None  # whose scope: the caller's, or whom it acts for
         self.no_store = False
         self.no_lookup = False
         self.pending: _Pending | None = None
@@ -218,6 +220,12 @@ class CacheFilter(Filter):
             st.no_store = st.no_lookup = True
         elif "no-cache" in directives or "max-age=0" in directives:
             st.no_lookup = True  # revalidate: ask the model, refresh the entry
+        st.tenant = ctx.tenant
+        behalf = self.p.on_behalf
+        if behalf is not None and ctx.key_id in behalf.key_ids:
+            # The jobs worker runs every tenant's jobs under its own key: without the job's
+            # tenant, all their answers would share one scope.
+            st.tenant = headers.get(behalf.header) or None
         return CONTINUE
 
     async def on_request_body(self, ctx: RequestContext, body: bytes) -> Decision:
@@ -236,7 +244,7 @@ class CacheFilter(Filter):
             return self._bypass(ctx, "bad_json")  # the API filter answers 400
         except canon.NotCacheable as nc:
             return self._bypass(ctx, nc.reason)
-        tenant = "*" if route.public else (ctx.tenant or "")
+        tenant = "*" if route.public else (st.tenant or "")
         meta = {"tenant": tenant, "route": ctx.route_name, "model": key.model,
                 "version": self._version(key.model)}  # fmt: skip
         scope = _scope_id(meta)
@@ -380,8 +388,9 @@ class CacheFilter(Filter):
             entry, st.stale, st.pending = st.stale, None, None
             hit = self._hit(ctx, entry, "stale", self._now_ms())
             length = str(len(hit.body))
+            # Nothing of the error it replaces (the API filter's error type, a Retry-After).
             return Mutate(set_headers={":status": "200", **hit.headers, "content-length": length},
-                          body=hit.body)  # fmt: skip
+                          remove_headers=_ERROR_HEADERS, body=hit.body)  # fmt: skip
         pending, st.pending = st.pending, None
         if pending is None or not ctx.end_of_stream:
             return CONTINUE
@@ -412,7 +421,7 @@ class CacheFilter(Filter):
             return "no_store"
         if len(body) > self.p.max_request_bytes:
             return "too_large"
-        if not route.public and not ctx.tenant:
+        if not route.public and not st.tenant:
             return "no_tenant"  # without an identity there is no isolation to keep
         return None
 

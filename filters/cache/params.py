@@ -146,8 +146,31 @@ def load_verifier(spec: str | None) -> Verifier | None:
     return Verifier.load(SHIPPED if spec == "shipped" else Path(spec))
 
 
+class OnBehalfParams(FilterParams):
+    """Callers that run requests for other tenants (the async-job worker): their requests
+    are cached in the scope of the tenant named in ``header``, not in their own, so one
+    tenant's job answers never reach another's jobs and the tenant's invalidation drops
+    them. The header counts only from these key ids (set by ``auth``); anyone else's is
+    ignored."""
+
+    key_ids: Annotated[list[str], Field(min_length=1)]
+    header: str = "x-job-tenant"
+
+    @field_validator("header")
+    @classmethod
+    def _header(cls, v: str) -> str:
+        v = v.lower()
+        if not re.fullmatch(r"[a-z0-9-]+", v) or v.startswith("x-floodwall-"):
+            raise ValueError(f"{v!r}: a header name, not one of the x-floodwall-* the gateway "
+                             "strips from clients")  # fmt: skip
+        return v
+
+
 class CacheParams(FilterParams):
     routes: dict[str, RouteCache]
+    # Requests run on behalf of another tenant (the jobs worker): cached in that tenant's
+    # scope. None: every request in its own caller's tenant.
+    on_behalf: OnBehalfParams | None = None
     semantic: SemanticParams = Field(default_factory=SemanticParams)
     # Bodies above these sizes are neither looked up nor stored.
     max_request_bytes: Annotated[int, Field(ge=1)] = 256 * 1024

@@ -11,13 +11,16 @@ status}`` counts outcomes per target.
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import dataclass
 
 from prometheus_client import Counter
 
-from filters.canary.params import CanaryParams, Split
+from filters.canary.params import CanaryParams, Split, Target
 from proxy.api import CONTINUE, Decision, Deps, Headers, Mutate, Outcome, RequestContext
 from proxy.steering import ModelSteeringFilter, send_to, upstream_model
+
+log = logging.getLogger("floodwall.canary")
 
 REQUESTS = Counter(
     "floodwall_canary_requests",
@@ -40,18 +43,31 @@ class CanaryFilter(ModelSteeringFilter):
         self.p = params
         # Cumulative weights per split, normalised to [0, 1).
         self._cuts = {model: _cuts(split) for model, split in params.splits.items()}
+        self._unsplit: set[str] = set()  # models whose streamed calls were left alone (logged)
 
     def steer(self, ctx: RequestContext) -> Decision:
         model = ctx.model
         split = self.p.splits.get(model or "")
         if model is None or split is None or upstream_model(ctx) is None:
             return CONTINUE
+        # A streamed call must stay on a decoupled model. Named by the client (KServe HTTP), the
+        # targets are of its kind; sent by the API filter to the model's twin (OpenAI chat),
+        # it needs the targets' twins, and without them stays where it is.
+        streamed = _streamed(ctx.upstream_path)
+        if streamed and not split.streams and upstream_model(ctx) != model:
+            if model not in self._unsplit:
+                self._unsplit.add(model)
+                log.warning("canary: streamed calls of %s are not split: its targets have no "
+                            "stream_model", model)  # fmt: skip
+            return CONTINUE
         target = self._pick(model, split, ctx)
         st = ctx.state(_State)
-        st.model, st.target = model, target
-        return send_to(ctx, target)
+        st.model, st.target = model, target.model
+        return send_to(
+            ctx, target.stream_model if streamed and target.stream_model else target.model
+        )
 
-    def _pick(self, model: str, split: Split, ctx: RequestContext) -> str:
+    def _pick(self, model: str, split: Split, ctx: RequestContext) -> Target:
         who = {"key": ctx.key_id, "tenant": ctx.tenant}.get(split.sticky)
         if who is None:
             x = self.deps.rng.random()
@@ -77,12 +93,16 @@ class CanaryFilter(ModelSteeringFilter):
         REQUESTS.labels(st.model, st.target, status).inc()
 
 
-def _cuts(split: Split) -> list[tuple[float, str]]:
+def _streamed(path: str) -> bool:
+    return path.split("?", 1)[0].endswith("/generate_stream")
+
+
+def _cuts(split: Split) -> list[tuple[float, Target]]:
     total = sum(t.weight for t in split.targets)
     out, acc = [], 0.0
     for t in split.targets:
         if t.weight <= 0:
             continue
         acc += t.weight / total
-        out.append((acc, t.model))
+        out.append((acc, t))
     return out

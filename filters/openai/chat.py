@@ -10,12 +10,13 @@ passthrough route instead.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 import orjson
 
-from filters.openai.embeddings import bad, resolve_model
+from filters.openai.embeddings import Accepted, bad, given, refuse_unsupported, resolve_model
 from filters.openai.params import ChatModel
 from proxy import errors
 from proxy.api import Decision, Usage
@@ -48,6 +49,63 @@ def content_text(content: Any) -> str | None:
     return None
 
 
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _typed(kind: type, what: str) -> tuple[Callable[[Any], bool], str]:
+    """Any value of ``kind``: for parameters that change nothing the model does."""
+
+    def ok(v: Any) -> bool:
+        return isinstance(v, kind) and (kind is bool or not isinstance(v, bool))
+
+    return ok, f"must be {what}"
+
+
+def _neutral(*values: Any) -> tuple[Callable[[Any], bool], str]:
+    """Only the values that leave the answer as it is; a boolean never stands for 0 or 1."""
+
+    def ok(v: Any) -> bool:
+        return any(v == n and isinstance(v, bool) == isinstance(n, bool) for n in values)
+
+    shown = ", ".join([*(orjson.dumps(n).decode() for n in values), "null"])
+    return ok, f"is not supported by the served models (accepted: {shown})"
+
+
+# Parameters the translation reads; any other must be in _ACCEPTED (see embeddings.Accepted).
+_HANDLED = frozenset({"model", "messages", "stream", "stream_options", "n", "max_tokens",
+                      "max_completion_tokens", "temperature"})  # fmt: skip
+_ACCEPTED: Accepted = {
+    # The caller's own bookkeeping, storage and routing hints: the answer is the same.
+    "user": _typed(str, "a string"),
+    "safety_identifier": _typed(str, "a string"),
+    "prompt_cache_key": _typed(str, "a string"),
+    "metadata": _typed(dict, "an object"),
+    "store": _typed(bool, "a boolean"),
+    "service_tier": _typed(str, "a string"),
+    "seed": _typed(int, "an integer"),
+    "parallel_tool_calls": _typed(bool, "a boolean"),  # no tools are offered to call
+    # Sampling and output controls the served models lack, at the values that need none.
+    "top_p": _neutral(1),
+    "presence_penalty": _neutral(0),
+    "frequency_penalty": _neutral(0),
+    "logit_bias": _neutral({}),
+    "logprobs": _neutral(False),
+    "top_logprobs": _neutral(0),
+    "stop": _neutral("", []),
+    "tools": _neutral([]),
+    "tool_choice": _neutral("none", "auto"),  # with no tools, neither calls one
+    "functions": _neutral([]),
+    "function_call": _neutral("none", "auto"),
+    "response_format": _neutral({"type": "text"}),
+    "modalities": _neutral(["text"]),
+    # OpenAI parameters without a value that changes nothing: null (as if absent) only.
+    **{k: _neutral()
+       for k in ("audio", "prediction", "web_search_options", "reasoning_effort", "verbosity")},
+}  # fmt: skip
+_STREAM_OPTIONS = frozenset({"include_usage", "include_obfuscation"})
+
+
 def parse(
     req: dict[str, Any], models: dict[str, ChatModel]
 ) -> tuple[ChatCall, list[dict[str, Any]], list[dict[str, Any]]] | Decision:
@@ -55,44 +113,58 @@ def parse(
     if not isinstance(found, tuple):
         return found
     model, spec = found
-    stream = req.get("stream", False)
+    refused = refuse_unsupported(req, _HANDLED, _ACCEPTED)
+    if refused is not None:
+        return refused
+    stream = given(req, "stream", False)
     if not isinstance(stream, bool):
         return bad("'stream' must be a boolean")
     if stream and spec.stream_model is None:
         return bad(f"'stream': true is not available for {model}")
-    options = req.get("stream_options") or {}
+    options = given(req, "stream_options", {})
     if not isinstance(options, dict):
         return bad("'stream_options' must be an object")
-    if req.get("n", 1) != 1:
+    for key in options:
+        if key not in _STREAM_OPTIONS:
+            return bad(f"'stream_options'.{key[:100]!r} is not a supported option")
+    include_usage = given(options, "include_usage", False)
+    # include_obfuscation pads events against length side channels; plain events are valid.
+    if not isinstance(include_usage, bool) or not isinstance(
+        given(options, "include_obfuscation", True), bool
+    ):
+        return bad("'stream_options' values must be booleans")
+    n = given(req, "n", 1)
+    if n != 1 or isinstance(n, bool):
         return bad("'n' must be 1")
     messages = req.get("messages")
     if not isinstance(messages, list) or not messages:
         return bad("'messages' must be a non-empty array")
     lines = []
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ROLES:
+        role = m.get("role") if isinstance(m, dict) else None
+        if not isinstance(role, str) or role not in ROLES:
             return bad(f"'messages'[{i}] needs a 'role' among {sorted(ROLES)}")
         text = content_text(m.get("content"))
         if text is None:
             return bad(f"'messages'[{i}].content must be a string or text parts")
-        lines.append(f"{m['role']}: {text}")
+        lines.append(f"{role}: {text}")
     prompt = "\n".join(lines) + "\nassistant:"
     if len(prompt) > spec.max_prompt_chars:
         return errors.error(
             413, "input_too_large",
             f"the conversation has {len(prompt)} characters; at most {spec.max_prompt_chars}",
         )  # fmt: skip
-    max_tokens = req.get("max_completion_tokens", req.get("max_tokens", spec.default_max_tokens))
+    # max_completion_tokens replaced max_tokens; a null in either reads as absent.
+    limit_key = "max_completion_tokens"
+    if req.get(limit_key) is None:
+        limit_key = "max_tokens"
+    max_tokens = given(req, limit_key, spec.default_max_tokens)
     if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
-        return bad("'max_tokens' must be a positive integer")
+        return bad(f"{limit_key!r} must be a positive integer")
     if max_tokens > spec.max_tokens_limit:
-        return bad(f"'max_tokens' must be at most {spec.max_tokens_limit} for {model}")
-    temperature = req.get("temperature", 1.0)
-    if (
-        not isinstance(temperature, int | float)
-        or isinstance(temperature, bool)
-        or not (0 <= temperature <= 2)
-    ):
+        return bad(f"{limit_key!r} must be at most {spec.max_tokens_limit} for {model}")
+    temperature = given(req, "temperature", 1.0)
+    if not _number(temperature) or not (0 <= temperature <= 2):
         return bad("'temperature' must be a number between 0 and 2")
     inputs = [
         {"name": "PROMPT", "shape": [1, 1], "datatype": "BYTES", "data": [prompt]},
@@ -101,7 +173,7 @@ def parse(
     ]
     outputs = [{"name": n} for n in ("TEXT", "PROMPT_TOKENS", "COMPLETION_TOKENS", "FINISH_REASON")]
     call = ChatCall(model, spec, max_tokens, len(prompt), prompt, float(temperature), stream,
-                    bool(options.get("include_usage", False)))  # fmt: skip
+                    include_usage)  # fmt: skip
     return call, inputs, outputs
 
 
@@ -150,12 +222,15 @@ class StreamTranslator:
         return b"".join(out)
 
     def _event(self, raw: bytes) -> bytes:
+        # Never raises: a fault here would cut the client's stream without its [DONE].
         text = raw.strip()
         if not text.startswith(b"data:"):
             return b""
         try:
             ev = orjson.loads(text[5:].strip())
         except orjson.JSONDecodeError:
+            ev = None
+        if not isinstance(ev, dict):
             return _sse({"error": {"type": "upstream_error", "message": "unreadable model event"}})
         if "error" in ev:
             self.done = True
@@ -168,15 +243,22 @@ class StreamTranslator:
         out.append(self._chunk(delta, None))
         if "FINISH_REASON" in ev:
             self.done = True
-            self.usage = Usage(int(ev.get("PROMPT_TOKENS", 0)), int(ev.get("COMPLETION_TOKENS", 0)))
+            prompt, completion = ev.get("PROMPT_TOKENS"), ev.get("COMPLETION_TOKENS")
+            # Counts the model did not give as numbers are unknown, not 0: usage stays None.
+            if _count(prompt) and _count(completion):
+                self.usage = Usage(prompt, completion)
             out.append(self._chunk({}, str(ev["FINISH_REASON"])))
-            if self.call.include_usage:
+            if self.call.include_usage and self.usage is not None:
                 out.append(_sse({**self.head, "choices": [], "usage": _usage(self.usage)}))
         return b"".join(out)
 
     def _chunk(self, delta: dict[str, str], finish: str | None) -> bytes:
         return _sse({**self.head, "choices": [{"index": 0, "delta": delta,
                                                 "finish_reason": finish}]})  # fmt: skip
+
+
+def _count(value: Any) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _sse(obj: dict[str, Any]) -> bytes:

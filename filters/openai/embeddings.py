@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -33,6 +34,9 @@ def parse(
     if not isinstance(found, tuple):
         return found
     model, spec = found
+    refused = refuse_unsupported(req, _HANDLED, _ACCEPTED)
+    if refused is not None:
+        return refused
     texts = req.get("input")
     if isinstance(texts, str):
         texts = [texts]
@@ -54,11 +58,11 @@ def parse(
                 413, "input_too_large",
                 f"'input'[{i}] has {len(t)} characters; at most {spec.max_input_chars}",
             )  # fmt: skip
-    encoding = req.get("encoding_format", "float")
+    encoding = given(req, "encoding_format", "float")
     if encoding not in ("float", "base64"):
         return bad("'encoding_format' must be 'float' or 'base64'")
     dims = req.get("dimensions")
-    if dims is not None and dims != spec.dimensions:
+    if dims is not None and (isinstance(dims, bool) or dims != spec.dimensions):
         return bad(f"'dimensions' must be {spec.dimensions} for {model}")
     inputs = [
         {"name": spec.input_name, "shape": [len(texts), 1], "datatype": "BYTES", "data": texts}
@@ -111,6 +115,37 @@ def resolve_model(req: dict[str, Any], models: dict[str, M]) -> tuple[str, M] | 
     if spec is None:
         return unknown_model(model, models)
     return model, spec
+
+
+# A parameter the translation does not read -> (does this value change nothing?, what a
+# refusal says). OpenAI clients send some of them by default; a value the served models would
+# not honour is refused, never ignored: the caller would get an answer it did not ask for.
+Accepted = Mapping[str, tuple[Callable[[Any], bool], str]]
+
+_HANDLED = frozenset({"model", "input", "encoding_format", "dimensions"})
+_ACCEPTED: Accepted = {"user": (lambda v: isinstance(v, str), "must be a string")}
+
+
+def given(req: dict[str, Any], key: str, default: Any) -> Any:
+    """An optional parameter's value: OpenAI reads an explicit null as the default."""
+    value = req.get(key)
+    return default if value is None else value
+
+
+def refuse_unsupported(
+    req: dict[str, Any], handled: frozenset[str], accepted: Accepted
+) -> Decision | None:
+    """The refusal for the first parameter that is neither ``handled`` by the translation nor
+    at a value ``accepted`` as changing nothing (null always is); None when there is none."""
+    for key, value in req.items():
+        if key in handled:
+            continue
+        rule = accepted.get(key)
+        if rule is None:
+            return bad(f"{key[:100]!r} is not a supported parameter")
+        if value is not None and not rule[0](value):
+            return bad(f"{key!r} {rule[1]}")
+    return None
 
 
 def bad(message: str) -> Decision:

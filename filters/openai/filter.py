@@ -209,8 +209,9 @@ class OpenAIFilter(Filter):
                 st.first_chunk = False
                 FIRST_TOKEN_SECONDS.labels(ctx.model or "-").observe(time.monotonic() - ctx.started)
             out = st.stream.feed(body, ctx.end_of_stream)
-            if ctx.end_of_stream:
-                ctx.usage = st.stream.usage
+            # As soon as the model's final event gave the counts: a client that leaves before
+            # the stream's end still settles (rate_limit) and counts the tokens it was sent.
+            ctx.usage = st.stream.usage
             return Mutate(body=out)
         call = st.call
         status = ctx.response_status or 0
@@ -239,7 +240,8 @@ class OpenAIFilter(Filter):
             return
         op = "chat" if isinstance(call, chat.ChatCall) else "embeddings"
         model = ctx.model or "-"
-        REQUEST_SECONDS.labels(op, model).observe(outcome.duration_s)
+        if not outcome.aborted:  # an aborted call's duration is the client's, not the model's
+            REQUEST_SECONDS.labels(op, model).observe(outcome.duration_s)
         u = ctx.usage
         if u is None:
             return
@@ -254,18 +256,7 @@ class OpenAIFilter(Filter):
 def _upstream_error(ctx: RequestContext, status: int, body: bytes) -> Decision:
     """Triton's ``{"error": "..."}`` or Envoy's (mapped) local reply -> our error format."""
     metrics.UPSTREAM_ERRORS.labels(ctx.route_name, str(status)).inc()
-    detail = ""
-    try:
-        parsed = orjson.loads(body)
-        err = parsed.get("error") if isinstance(parsed, dict) else None
-        if isinstance(err, str):  # Triton: {"error": "..."}
-            detail = err
-        elif isinstance(err, dict) and isinstance(err.get("message"), str):  # Envoy, mapped
-            detail = err["message"]
-    except orjson.JSONDecodeError:
-        detail = body[:200].decode("utf-8", "replace").strip()
-        if detail.startswith("data:"):  # an event-stream error: data: {"error": "..."}
-            return _upstream_error(ctx, status, body.strip()[5:])
+    detail = _error_detail(body)
     if _triton_refused(detail):
         r = errors.error(
             503, "model_overloaded", f"the model's queue refused the request: {detail}",
@@ -283,6 +274,22 @@ def _upstream_error(ctx: RequestContext, status: int, body: bytes) -> Decision:
     else:
         r = errors.error(502, "upstream_error", f"the model failed ({status}): {detail}")
     return _rewrite(r)
+
+
+def _error_detail(body: bytes) -> str:
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        detail = body[:200].decode("utf-8", "replace").strip()
+        if detail.startswith("data:"):  # an event-stream error: data: {"error": "..."}
+            return _error_detail(body.strip()[5:])
+        return detail
+    err = parsed.get("error") if isinstance(parsed, dict) else None
+    if isinstance(err, str):  # Triton: {"error": "..."}
+        return err
+    if isinstance(err, dict) and isinstance(err.get("message"), str):  # Envoy, mapped
+        return str(err["message"])
+    return ""
 
 
 # Triton's words when its queue policy refuses a request (queue full, or the request's timeout

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from proxy.api import FilterParams
 
@@ -29,6 +29,16 @@ class ChatModel(FilterParams):
     default_max_tokens: Annotated[int, Field(ge=1)] = 64
     max_tokens_limit: Annotated[int, Field(ge=1)] = 1024
     max_prompt_chars: Annotated[int, Field(ge=1)] = 32768
+
+    @model_validator(mode="after")
+    def _default_within_limit(self) -> ChatModel:
+        # Else every call without max_tokens would get a 400 for a value it never sent.
+        if self.default_max_tokens > self.max_tokens_limit:
+            raise ValueError(
+                f"default_max_tokens ({self.default_max_tokens}) exceeds max_tokens_limit "
+                f"({self.max_tokens_limit})"
+            )
+        return self
 
 
 class OpenAIParams(FilterParams):

@@ -792,7 +792,9 @@ def _settle(reserved: float, ctx: RequestContext, outcome: Outcome) -> float:
         # The client left after the request went upstream; the model may well have finished
         # (Triton does not cancel HTTP requests on disconnect): keep the reservation.
         return reserved
-    if outcome.status is not None and outcome.status >= 400:
+    # The upstream's status first: a stale cached 200 served for its 503 produced nothing new.
+    status = outcome.upstream_status if outcome.upstream_status is not None else outcome.status
+    if status is not None and status >= 400:
         return 0.0  # failed without usage: nothing was produced for the caller
     return reserved
 

@@ -85,6 +85,7 @@ def _words(text: str) -> list[str]:
 class _Identify(Filter):
     async def on_request_headers(self, ctx: RequestContext, headers: dict[str, str]) -> Any:
         ctx.tenant = headers.get("x-test-tenant")
+        ctx.key_id = headers.get("x-test-key-id")
         return CONTINUE
 
 
@@ -253,6 +254,39 @@ async def test_tenants_never_share_entries_unless_the_route_is_public(rc: aiored
     await ask(h, f, up, chat("Shared question here"), tenant="a", path="/public/chat")
     r = await ask(h, f, up, chat("Shared question here"), tenant="b", path="/public/chat")
     assert r.headers["x-floodwall-cache"] == "hit-exact"
+
+
+async def test_jobs_run_by_the_worker_are_cached_in_their_own_tenant(rc: aioredis.Redis) -> None:
+    """The jobs worker calls the gateway under its own key for every tenant's jobs: with
+    ``on_behalf``, each job is cached in its tenant's scope (so tenants' job answers never
+    mix, and a tenant's invalidation reaches them); the header counts from that key only."""
+    f = cache(rc, on_behalf={"key_ids": ["worker"]})
+    h, up = harness(f), Upstream()
+
+    async def job(q: str, tenant: str) -> str:
+        worker = {"x-test-key-id": "worker", "x-job-tenant": tenant}
+        r = await ask(h, f, up, chat(q), tenant="floodwall-worker", headers=worker)
+        return str(r.headers["x-floodwall-cache"])
+
+    await job("What is the refund policy?", "a")
+    assert await job("What is the refund policy?", "b") == "miss"
+    assert await job("What is the refund policy?", "a") == "hit-exact"
+    # Tenant a's own (interactive) call sees its job's answer; b's does not.
+    r = await ask(h, f, up, chat("What is the refund policy?"), tenant="a")
+    assert r.headers["x-floodwall-cache"] == "hit-exact"
+    # Another key sending the header is cached as itself, not as the tenant it names.
+    r = await ask(h, f, up, chat("What is the refund policy?"), tenant="c",
+                  headers={"x-test-key-id": "someone", "x-job-tenant": "a"})  # fmt: skip
+    assert r.headers["x-floodwall-cache"] == "miss"
+    # The worker without a job tenant: not cached at all (no isolation to keep).
+    calls = up.calls
+    for _ in range(2):
+        r = await ask(h, f, up, chat("What is the refund policy?"), tenant="floodwall-worker",
+                      headers={"x-test-key-id": "worker"})  # fmt: skip
+        assert r.headers["x-floodwall-cache"] == "miss"
+    assert up.calls == calls + 2
+    await f.invalidate(tenant="a")
+    assert await job("What is the refund policy?", "a") == "miss"
 
 
 async def test_no_tenant_no_cache(rc: aioredis.Redis) -> None:
@@ -517,10 +551,14 @@ async def test_stale_if_error_serves_the_last_answer_when_the_model_fails(
     h, up = harness(f), Upstream()
     first = await ask(h, f, up, chat("What are your support hours?"))
     clock.advance(120)  # expired, inside the stale window
-    failing = UpstreamReply(503, {"content-type": "application/json"}, b'{"error":"down"}')
+    failing = UpstreamReply(503, {"content-type": "application/json", "retry-after": "5",
+                                  "x-floodwall-error": "upstream_unavailable"},
+                            b'{"error":"down"}')  # fmt: skip
     r = await ask(h, f, failing, chat("What are your support hours?"))  # type: ignore[arg-type]
     assert r.status == 200 and r.body == first.body
     assert r.headers["x-floodwall-cache"] == "stale" and r.headers["age"] == "120"
+    # Nothing of the error it replaces: no Retry-After, no error type.
+    assert "retry-after" not in r.headers and "x-floodwall-error" not in r.headers
     assert "stale" in r.headers["warning"].lower()
     # A working model refreshes the entry; stale answers are never served fresh.
     r = await ask(h, f, up, chat("What are your support hours?"))

@@ -10,7 +10,16 @@ from typing import Any
 import pytest
 
 from filters.breaker.filter import BreakerFilter, State
-from proxy.api import CONTINUE, Decision, Deps, Filter, Headers, NoParams, RequestContext
+from proxy.api import (
+    CONTINUE,
+    Decision,
+    Deps,
+    Filter,
+    Headers,
+    Mutate,
+    NoParams,
+    RequestContext,
+)
 from proxy.config import ConfigError, FilterConfig
 from proxy.registry import build_filters
 from proxy.testing import FakeClock, Harness, UpstreamReply
@@ -170,3 +179,27 @@ async def test_two_breakers_on_one_route_judge_each_call_once() -> None:
     for b in (per_route.breakers["kserve_http"], per_model.breakers["m"]):
         assert b._totals(clock.monotonic()) == (1, 1, 0)
         assert b.state is State.CLOSED  # one failure, min_calls 2
+
+
+class _StaleIfError(Filter):
+    """As the cache's stale-if-error does: a 5xx from the model becomes a 200 stale answer."""
+
+    async def on_response_body(self, ctx: RequestContext, body: bytes) -> Decision:
+        if (ctx.response_status or 0) >= 500:
+            return Mutate(set_headers={":status": "200", "content-length": "2"}, body=b"{}")
+        return CONTINUE
+
+
+async def test_failures_served_stale_still_open_it() -> None:
+    """The client gets a 200 (an old answer), the model answered 503: the breaker judges the
+    model, so it opens, and a trial served stale does not close it."""
+    _, f, clock = _setup(models=["m"])
+    stale = _StaleIfError(NoParams(), Deps())
+    stale.name = "stale"
+    h = Harness.for_filters([f, stale])
+    for _ in range(4):
+        assert (await call(h, FAIL)).status == 200
+    assert f.breakers["m"].state is State.OPEN
+    clock.advance(5.1)
+    assert (await call(h, FAIL)).status == 200  # a trial, served stale
+    assert f.breakers["m"].state is State.OPEN

@@ -4,6 +4,7 @@ answer and the metrics say which target served, and a reload moves the traffic."
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 from pathlib import Path
 from typing import Any
@@ -15,11 +16,13 @@ from pydantic import ValidationError
 from filters.auth.filter import AuthFilter
 from filters.canary.filter import REQUESTS, CanaryFilter
 from filters.canary.params import CanaryParams
+from filters.openai.filter import OpenAIFilter
+from filters.openai.params import OpenAIParams
 from proxy.api import Deps
 from proxy.config import load_config
 from proxy.process import build_chain
 from proxy.reload import Reloader
-from proxy.testing import Harness, UpstreamReply
+from proxy.testing import Harness, UpstreamReply, default_config
 
 KEYS = [f"key-{i}" for i in range(400)]
 
@@ -96,9 +99,76 @@ def test_bad_splits_fail_loudly() -> None:
         {"targets": [{"model": "a", "weight": 1}, {"model": "a", "weight": 2}]},
         {"targets": [{"model": "a", "weight": -1}]},
         {"targets": [{"model": "a/../b", "weight": 1}]},
+        # A streamed call could land on a target that cannot stream.
+        {
+            "targets": [
+                {"model": "a", "weight": 1, "stream_model": "a_s"},
+                {"model": "b", "weight": 1},
+            ]
+        },
+        {
+            "targets": [
+                {"model": "a", "weight": 1, "stream_model": "b"},
+                {"model": "b", "weight": 1, "stream_model": "b_s"},
+            ]
+        },
+        {
+            "targets": [
+                {"model": "a", "weight": 1, "stream_model": "s"},
+                {"model": "b", "weight": 1, "stream_model": "s"},
+            ]
+        },
     ):
         with pytest.raises(ValidationError):
             CanaryParams.model_validate({"splits": {"m": bad}})
+
+
+CHAT_ROUTES = [
+    {"name": "chat", "match": {"path": "/v1/chat/completions"}, "api": "openai_chat",
+     "upstream": "up", "timeout_ms": 20000},
+    {"name": "kserve_http", "match": {"prefix": "/v2"}, "upstream": "up"},
+]  # fmt: skip
+
+
+def _chat_harness(targets: list[dict[str, Any]]) -> Harness:
+    chat_models = {"sim-llm": {"triton_model": "sim_llm", "stream_model": "sim_llm_stream"}}
+    oa = OpenAIFilter(OpenAIParams.model_validate({"chat_models": chat_models}), Deps())
+    oa.name = "openai"
+    gen = {"sticky": "none", "targets": [{"model": "gen_v2", "weight": 1}]}
+    splits = {"sim-llm": {"sticky": "none", "targets": targets}, "sim_llm_stream": gen}
+    canary = CanaryFilter(
+        CanaryParams.model_validate({"splits": splits}), Deps(rng=random.Random(1))
+    )
+    canary.name = "canary"
+    return Harness.for_filters([oa, canary], default_config(CHAT_ROUTES))
+
+
+async def _chat_path(h: Harness, stream: bool) -> tuple[str, str | None]:
+    body = {"model": "sim-llm", "messages": [{"role": "user", "content": "hi"}], "stream": stream}
+    final = b'{"TEXT":"x","PROMPT_TOKENS":1,"COMPLETION_TOKENS":1,"FINISH_REASON":"stop"}'
+    reply = UpstreamReply(200, {}, b"data: " + final + b"\n\n")
+    r = await h.request("POST", "/v1/chat/completions", body=json.dumps(body), upstream=reply)
+    assert r.upstream_headers is not None
+    return r.upstream_headers[":path"], r.headers.get("x-floodwall-canary")
+
+
+async def test_a_streamed_chat_goes_to_the_targets_stream_twin() -> None:
+    h = _chat_harness([{"model": "sim_llm_v2", "stream_model": "sim_llm_v2_stream", "weight": 1}])
+    assert await _chat_path(h, stream=False) == ("/v2/models/sim_llm_v2/infer", "sim_llm_v2")
+    assert await _chat_path(h, stream=True) == (
+        "/v2/models/sim_llm_v2_stream/generate_stream",
+        "sim_llm_v2",
+    )
+
+
+async def test_a_streamed_chat_stays_on_its_twin_when_the_targets_have_none() -> None:
+    h = _chat_harness([{"model": "sim_llm_v2", "weight": 1}])
+    assert await _chat_path(h, stream=False) == ("/v2/models/sim_llm_v2/infer", "sim_llm_v2")
+    assert await _chat_path(h, stream=True) == ("/v2/models/sim_llm_stream/generate_stream", None)
+    # A decoupled model the client names itself (KServe HTTP) is split to targets of its kind.
+    r = await h.request("POST", "/v2/models/sim_llm_stream/generate_stream", body=b"{}")
+    assert r.upstream_headers is not None
+    assert r.upstream_headers[":path"] == "/v2/models/gen_v2/generate_stream"
 
 
 async def test_reload_moves_the_traffic(tmp_path: Path) -> None:

@@ -288,6 +288,7 @@ async def test_outcome_reports_upstream_status(status: int) -> None:
     a = Recorder("a", log)
     await harness(a).request("GET", "/v2/x", upstream=UpstreamReply(status=status))
     assert a.outcome is not None and a.outcome.status == status and not a.outcome.aborted
+    assert a.outcome.upstream_status == status
 
 
 async def test_cancel_and_wait_stops_a_loop_that_swallowed_its_cancellation() -> None:

@@ -8,6 +8,8 @@ import json
 from typing import Any
 
 import numpy as np
+import pytest
+from pydantic import ValidationError
 
 from filters.auth.filter import AuthFilter
 from filters.auth.params import AuthParams
@@ -86,6 +88,14 @@ async def test_auth_refuses_missing_and_unknown_keys_without_echoing_them() -> N
         assert r.json()["error"]["type"] == "unauthorized"
         assert "nope-secret" not in r.body.decode()
         assert not r.upstream_called
+
+
+def test_auth_refuses_two_keys_under_one_id_at_start() -> None:
+    other = hashlib.sha256(b"another key").hexdigest()
+    keys = [{"id": "k1", "sha256": DIGEST, "tenant": "a"}, {"id": "k1", "sha256": other,
+                                                              "tenant": "b"}]  # fmt: skip
+    with pytest.raises(ValidationError, match="k1"):
+        AuthParams.model_validate({"keys": keys})
 
 
 async def test_auth_gives_grpc_callers_unauthenticated() -> None:
