@@ -89,7 +89,9 @@ class CanaryFilter(ModelSteeringFilter):
         st = ctx.state(_State)
         if st.target is None:
             return
-        status = f"{outcome.status // 100}xx" if outcome.status else "aborted"
+        # The target's own answer: a stale cached 200 served for its 503 is still its 5xx.
+        answered = outcome.upstream_status or outcome.status
+        status = f"{answered // 100}xx" if answered else "aborted"
         REQUESTS.labels(st.model, st.target, status).inc()
 
 
