@@ -41,13 +41,31 @@ class TlsConfig(Model):
     key_file: Path
 
 
+# The processor takes gRPC messages up to 64 MiB (proxy/h2server.py MAX_MESSAGE), and Envoy
+# buffers response bodies for it up to twice max_request_bytes (proxy/bootstrap.py): 31 MiB
+# leaves room for the rest of the message. Above, the processor would reset the stream.
+MAX_REQUEST_BYTES = 31 * 1024 * 1024
+
+
 class ListenerConfig(Model):
     address: str = "127.0.0.1"
     port: Port = 8080
     tls: TlsConfig | None = None
     # Bodies above this are refused with 413 by Envoy before they reach the processor.
-    max_request_bytes: Annotated[int, Field(ge=1024, le=64 * 1024 * 1024)] = 1024 * 1024
+    # Responses buffered for the processor may be up to twice this.
+    max_request_bytes: Annotated[int, Field(ge=1024, le=MAX_REQUEST_BYTES)] = 1024 * 1024
     access_log: bool = True
+
+    @field_validator("max_request_bytes", mode="before")
+    @classmethod
+    def _fits_processor_messages(cls, v: Any) -> Any:
+        # Before the `le` check, to say why (its own message gives only the number).
+        if isinstance(v, int) and v > MAX_REQUEST_BYTES:
+            raise ValueError(
+                f"at most {MAX_REQUEST_BYTES} (31 MiB): Envoy buffers responses up to twice "
+                "this for the processor, which takes messages up to 64 MiB"
+            )
+        return v
 
 
 class AdminConfig(Model):

@@ -61,7 +61,9 @@ _FRAME = struct.Struct(">BHBBI")  # length (24 bits as 8 + 16), type, flags, str
 _WINDOW = 1 << 24  # our receive window per stream (we advertise it)
 _CONN_WINDOW = 1 << 30  # our receive window for the connection
 _MAX_FRAME = 1 << 20  # the largest frame we accept
-_MAX_MESSAGE = 64 * 1024 * 1024  # the largest gRPC message we accept (as under grpc.aio)
+# The largest gRPC message the processor accepts, here and under grpc.aio (proxy/server.py);
+# listener.max_request_bytes is bounded to fit (proxy/config.py).
+MAX_MESSAGE = 64 * 1024 * 1024
 _MAX_HEADER_BLOCK = 256 * 1024
 _MAX_BUFFERED_OUT = 8 * 1024 * 1024  # a writer waits while this much is queued on its stream
 
@@ -324,7 +326,7 @@ class _Stream:
             if buf[0]:
                 raise _StreamError(self.id, "compressed gRPC messages are not supported")
             n = int.from_bytes(buf[1:5], "big")
-            if n > _MAX_MESSAGE:
+            if n > MAX_MESSAGE:
                 raise _StreamError(self.id, f"message of {n} bytes is too large")
             if len(buf) < 5 + n:
                 break
@@ -675,7 +677,9 @@ class H2Connection(asyncio.Protocol):
             else:
                 s.finish(12, f"method {path} not implemented")  # UNIMPLEMENTED
         except asyncio.CancelledError:
-            pass  # reset by the peer or connection gone: nothing to answer
+            # Reset by the peer or the connection gone: the stream is closed and this does
+            # nothing. Cancelled otherwise, the peer would wait for an answer until its timeout.
+            s.finish(13, "cancelled")  # INTERNAL
         except ConnectionResetError:
             pass
         except _StreamError as e:
@@ -771,7 +775,8 @@ class H2Server:
             self._idle.set()
 
     async def stop(self, grace: float) -> None:
-        """GOAWAY to every connection, then wait up to ``grace`` for their streams."""
+        """GOAWAY to every connection, then wait up to ``grace`` for their streams; the ones left
+        are cancelled, and returns once their handlers have ended."""
         self.draining = True
         if self._server is not None:
             self._server.close()
@@ -781,10 +786,17 @@ class H2Server:
             self._idle.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), grace)
+        # Streams still open after the grace are cancelled, and awaited: their handlers'
+        # cleanup (on_complete) must run before the caller stops the filters.
+        left: list[asyncio.Task[None]] = []
         for c in list(self.connections):
             for s in list(c.streams.values()):
+                if s.task is not None:
+                    left.append(s.task)
                 c._cancel(s)
             c._flush()
             c._close()
+        if left:
+            await asyncio.wait(left)
         if self._server is not None:
             await self._server.wait_closed()

@@ -10,8 +10,8 @@ rejected with a message naming why, and the old chain stays in force.
 Applying it swaps the chain atomically for new streams; streams already running finish on the
 chain they started with. Filters whose config entry did not change are carried over as they
 are (their state, e.g. a breaker's window or admission's limit, survives); changed or new
-ones are built and started first, and the ones left out are stopped once the old chain has no
-stream left. Every attempt is written to the audit log (logger ``floodwall.audit``).
+ones are built and started first, and the ones left out are stopped once no chain that still
+has streams uses them. Every attempt is written to the audit log (logger ``floodwall.audit``).
 """
 
 from __future__ import annotations
@@ -57,6 +57,8 @@ class Reloader:
         self._hold_ms = chain.max_hold_ms()
         self._lock = asyncio.Lock()
         self._retiring: set[asyncio.Task[None]] = set()
+        # Chains swapped out whose streams may still run: their filters stay in use.
+        self._old_chains: list[Chain] = []
         self.generation = 0
         self._stamp = _stamp(path)
 
@@ -65,19 +67,26 @@ class Reloader:
             self._stamp = _stamp(self.path)
             try:
                 new_cfg = load_config(self.path)
+                # For the audit, read before the swap: a failure after it would skip retiring.
+                text = self.path.read_bytes()
                 self._check(new_cfg)
-                chain, fresh, kept = await self._build(new_cfg)
-            except (ConfigError, ValueError) as e:
+                chain, fresh = await self._build(new_cfg)
+            except Exception as e:
+                # Not only ConfigError: a filter's constructor may raise anything, and an
+                # exception escaping here would end the file watch for good.
+                error = str(e) if isinstance(e, ConfigError | ValueError) else repr(e)
                 RELOADS.labels("rejected").inc()
-                log.error("config reload rejected (%s); the running config stays: %s", reason, e)
-                audit.warning("config_reload rejected", extra={"reason": reason, "error": str(e)})
+                log.error(
+                    "config reload rejected (%s); the running config stays: %s", reason, error
+                )
+                audit.warning("config_reload rejected", extra={"reason": reason, "error": error})
                 return False
             old, self.chain, self.cfg = self.chain, chain, new_cfg
             self.on_swap(chain)
             self.generation += 1
             GENERATION.set(self.generation)
             RELOADS.labels("applied").inc()
-            digest = hashlib.sha256(self.path.read_bytes()).hexdigest()[:16]
+            digest = hashlib.sha256(text).hexdigest()[:16]
             audit.info(
                 "config_reload applied",
                 extra={
@@ -87,7 +96,8 @@ class Reloader:
                     "rebuilt": [f.name for f in fresh],
                 },
             )
-            task = asyncio.get_running_loop().create_task(self._retire(old, kept))
+            self._old_chains.append(old)
+            task = asyncio.get_running_loop().create_task(self._retire(old))
             self._retiring.add(task)
             task.add_done_callback(self._retiring.discard)
             return True
@@ -103,7 +113,7 @@ class Reloader:
                 f"only `filters` reload; {', '.join(changed)} changed: restart to apply that"
             )
 
-    async def _build(self, new_cfg: FloodwallConfig) -> tuple[Chain, list[Filter], set[int]]:
+    async def _build(self, new_cfg: FloodwallConfig) -> tuple[Chain, list[Filter]]:
         old = {fc.name: (fc, f) for fc, f in zip(self.cfg.filters, self.chain.filters, strict=True)}
         filters: list[Filter] = []
         fresh: list[Filter] = []
@@ -112,7 +122,12 @@ class Reloader:
             if prev is not None and prev[0] == fc:
                 filters.append(prev[1])  # unchanged: carried over with its state
             else:
-                (f,) = build_filters([fc], self.deps)
+                try:
+                    (f,) = build_filters([fc], self.deps)
+                except ConfigError:
+                    raise
+                except Exception as e:  # the filter's constructor failed
+                    raise ConfigError(f"filter {fc.name} failed to build: {e!r}") from None
                 filters.append(f)
                 fresh.append(f)
         chain = Chain(new_cfg, filters)
@@ -139,21 +154,25 @@ class Reloader:
             for f in started:
                 await f.stop()
             raise ConfigError(f"filter {f.name} failed to start: {e!r}") from None
-        return chain, fresh, {id(f) for f in filters}
+        return chain, fresh
 
-    async def _retire(self, old: Chain, kept: set[int]) -> None:
-        """Stops the filters the new chain dropped, once no stream uses the old chain."""
+    async def _retire(self, old: Chain) -> None:
+        """Once no stream uses the old chain, stops its filters that no chain in use has:
+        neither the current one nor an older one still running streams (a filter carried
+        over A -> B and dropped by C is still A's while A has streams)."""
         deadline = asyncio.get_running_loop().time() + _RETIRE_WAIT_S
         # Polled: streams end in the server's loop, which has no reason to signal this.
         while old.streams and asyncio.get_running_loop().time() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.05)
         await old.wait_background()
-        for f in old.filters:
-            if id(f) not in kept:
-                try:
-                    await f.stop()
-                except Exception as e:
-                    log.error("filter %s stop failed after reload: %r", f.name, e)
+        self._old_chains.remove(old)
+        # Decided now, without an await before it: later reloads may have changed the chain.
+        in_use = {id(f) for c in (self.chain, *self._old_chains) for f in c.filters}
+        for f in [f for f in old.filters if id(f) not in in_use]:
+            try:
+                await f.stop()
+            except Exception as e:
+                log.error("filter %s stop failed after reload: %r", f.name, e)
 
     async def watch(self, interval_s: float) -> None:
         """Reloads when the file's modification time or size changes."""

@@ -18,7 +18,7 @@ from proxy import errors, metrics, translate
 from proxy.api import CONTINUE, Phase, RequestContext, Respond
 from proxy.chain import Chain, RoutePlan
 from proxy.guard import LagGuard
-from proxy.h2server import H2Server
+from proxy.h2server import MAX_MESSAGE, H2Server
 
 log = logging.getLogger("floodwall.server")
 
@@ -102,9 +102,12 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
                 # a clean close then as "processing complete", and the stream is freed now
                 # rather than when the HTTP exchange ends.
                 reached_end = _is_last(plan, phase, ctx)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
+        except (Exception, asyncio.CancelledError) as exc:
+            if isinstance(exc, asyncio.CancelledError) and _task_cancelled():
+                raise  # the client aborted or the server stops: nobody to answer
+            # A CancelledError otherwise came from a filter (say a future it awaited was
+            # cancelled): a fault like any other, or Envoy would wait for an answer until its
+            # message timeout.
             kind = errors.fault_kind(exc)
             metrics.STREAM_FAULTS.labels(kind).inc()
             ours = isinstance(exc, errors.FilterFault)
@@ -118,6 +121,13 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
             chain.streams -= 1
             if ctx is not None and plan is not None:
                 chain.finish(ctx, plan, responded_by, status, reached_end)
+
+
+def _task_cancelled() -> bool:
+    """True if this stream's task was cancelled (grpc.aio and H2Server cancel it when the
+    client resets the stream or the server stops), not merely handed a CancelledError."""
+    task = asyncio.current_task()
+    return task is None or task.cancelling() > 0
 
 
 def _traceparent(context: grpc.aio.ServicerContext) -> str | None:
@@ -174,8 +184,8 @@ class ProcessorServer:
         self._server = grpc.aio.server(
             options=[
                 ("grpc.max_concurrent_streams", 10000),
-                ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-                ("grpc.max_send_message_length", 64 * 1024 * 1024),
+                ("grpc.max_receive_message_length", MAX_MESSAGE),
+                ("grpc.max_send_message_length", MAX_MESSAGE),
                 ("grpc.so_reuseport", 0),
                 ("grpc.keepalive_permit_without_calls", 1),
             ]

@@ -152,3 +152,62 @@ async def test_watch_reloads_on_file_change(tmp_path: Path) -> None:
     finally:
         task.cancel()
         await s.reloader.stop()
+
+
+async def test_filter_carried_over_then_dropped_stops_after_every_chain_using_it(
+    tmp_path: Path,
+) -> None:
+    s = Setup(tmp_path)
+    first = s.chain
+    breaker = first.filters[2]
+    stopped: list[str] = []
+
+    async def stop() -> None:
+        stopped.append("breaker")
+
+    breaker.stop = stop  # type: ignore[method-assign]
+    first.streams = 1  # a long request (SSE) still running on the first chain
+    s.write(_cfg([_key("k1", "one"), _key("k2", "two")]))  # breaker carried over
+    assert await s.reloader.reload("one")
+    assert s.reloader.chain.filters[2] is breaker
+    cfg = _cfg([_key("k1", "one"), _key("k2", "two")])
+    cfg["filters"] = cfg["filters"][:2]  # breaker dropped; the second chain has no stream
+    s.write(cfg)
+    assert await s.reloader.reload("two")
+    await asyncio.sleep(0.2)
+    assert stopped == []  # the first chain still runs a stream with it
+    first.streams = 0
+    await s.reloader.stop()
+    assert stopped == ["breaker"]
+
+
+async def test_a_filter_constructor_raising_is_a_rejected_reload_and_the_watch_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from filters.auth.filter import AuthFilter
+
+    s = Setup(tmp_path)
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(AuthFilter, "__init__", broken)
+    task = asyncio.create_task(s.reloader.watch(0.02))
+    try:
+        s.write(_cfg([_key("k1", "one"), _key("k2", "two")]))  # auth changed: rebuilt
+        for _ in range(100):
+            if "rejected" in caplog.text:
+                break
+            await asyncio.sleep(0.02)
+        assert "filter auth failed to build: RuntimeError('boom')" in caplog.text
+        assert s.swapped == [] and not task.done()
+        monkeypatch.undo()
+        s.write(_cfg([_key("k1", "one"), _key("k3", "three")]))
+        for _ in range(100):
+            if s.swapped:
+                break
+            await asyncio.sleep(0.02)
+        assert s.swapped  # the watch still runs
+    finally:
+        task.cancel()
+        await s.reloader.stop()
