@@ -47,6 +47,9 @@ end
 EXT_PROC = "envoy.filters.http.ext_proc"
 BUFFER = "envoy.filters.http.buffer"
 T = "type.googleapis.com/"
+# A stream with no bytes either way this long is reset (slow or stalled clients). Each route
+# sets its own, at least its timeout (see _route).
+STREAM_IDLE_TIMEOUT_MS = 60_000
 
 _LB = {"round_robin": "ROUND_ROBIN", "least_request": "LEAST_REQUEST", "ring_hash": "RING_HASH"}
 
@@ -154,7 +157,13 @@ def _route(cfg: FloodwallConfig, r: RouteConfig, phases: frozenset[Phase]) -> di
     if r.grpc:
         match["grpc"] = {}
     up = cfg.upstreams[r.upstream]
-    action: dict[str, Any] = {"cluster": r.upstream, "timeout": _ms(r.timeout_ms)}
+    action: dict[str, Any] = {
+        "cluster": r.upstream,
+        "timeout": _ms(r.timeout_ms),
+        # A route's idle timeout replaces the listener's stream_idle_timeout: a model that
+        # thinks longer than that before its first byte must still get the route's timeout.
+        "idle_timeout": _ms(max(r.timeout_ms, STREAM_IDLE_TIMEOUT_MS)),
+    }
     if r.grpc:
         # gRPC deadlines come from the client's grpc-timeout, capped by the route timeout.
         action["timeout"] = "0s"
@@ -415,7 +424,7 @@ def render(cfg: FloodwallConfig, chain: Chain, runtime_dir: Path) -> dict[str, A
         "generate_request_id": True,
         # Slow clients must not hold connections forever.
         "request_headers_timeout": "10s",
-        "stream_idle_timeout": "60s",
+        "stream_idle_timeout": _ms(STREAM_IDLE_TIMEOUT_MS),
         "common_http_protocol_options": {
             "idle_timeout": "300s",
             "headers_with_underscores_action": "REJECT_REQUEST",

@@ -11,8 +11,12 @@ import tempfile
 import time
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from proxy.config import DEFAULT_CONFIG, ConfigError, FloodwallConfig, load_config
+
+if TYPE_CHECKING:
+    from proxy.runtime import Stack
 
 SAMPLE_TEXT = "Floodwall keeps model services standing."
 
@@ -160,36 +164,46 @@ def cmd_up(args: argparse.Namespace) -> int:
     cfg = load_config(config_path)
     runtime = make_runtime_dir(cfg)
     stack = Stack(cfg, config_path.resolve(), runtime)
-    stopping = False
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
-        nonlocal stopping
-        stopping = True
+        stack.stopping = True
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     # SIGHUP: the processors reload the policy config (filters) from the file.
     signal.signal(signal.SIGHUP, lambda signum, frame: stack.reload())
     print(f"floodwall up: {config_path}")
+    # The children run in their own sessions (Ctrl-C does not reach them): whatever ends this
+    # command, a fault included, must stop the ones already started.
     try:
-        stack.start_all()
+        return _run_stack(stack, args)
     except StartupError as e:
-        stack.stop()
         return _fail(str(e))
+    except ConfigError:
+        raise  # main() words it
+    except Exception as e:
+        msg = " ".join(f"{type(e).__name__}: {e}".split())  # one line, whatever it holds
+        return _fail(f"unexpected {msg}; logs in {runtime}")
+    finally:
+        stack.stop()
+
+
+def _run_stack(stack: Stack, args: argparse.Namespace) -> int:
+    """Starts the stack, prints its endpoints and runs until a signal or a child's death."""
+    cfg = stack.cfg
+    stack.start_all()
     width = max(len(k) for k, _ in stack.endpoints())
     print("\n".join(f"  {k:<{width}}  {v}" for k, v in stack.endpoints()))
     if args.sample:
         try:
             print("  sample: " + _sample_request(cfg))
         except Exception as e:
-            stack.stop()
-            return _fail(f"sample request failed: {e}; logs in {runtime}")
+            return _fail(f"sample request failed: {e}; logs in {stack.runtime_dir}")
     if args.exit_after_sample:
-        stack.stop()
         return 0
     print("ready; Ctrl-C stops everything", flush=True)
     code = 0
-    while not stopping:
+    while not stack.stopping:
         dead = stack.dead_child()
         if dead is not None:
             print(
@@ -201,7 +215,6 @@ def cmd_up(args: argparse.Namespace) -> int:
             break
         time.sleep(0.2)
     print("stopping...", flush=True)
-    stack.stop()
     return code
 
 
@@ -408,10 +421,14 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["bench"]:  # its options are bench/run.py's (argparse would eat them)
         return cmd_bench(argv[1:])
     args = ap.parse_args(argv)
+    from proxy.runtime import StartupError
+
     try:
         code: int = args.func(args)
     except ConfigError as e:
         return _fail(f"bad config: {e}")
+    except StartupError as e:  # a missing binary (envoy for check): the message names the fix
+        return _fail(str(e))
     return code
 
 

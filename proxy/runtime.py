@@ -29,6 +29,9 @@ class StartupError(Exception):
     """A one-line, actionable reason the stack could not start."""
 
 
+INTERRUPTED = "interrupted while starting: stopped what had started"
+
+
 @dataclass
 class Child:
     name: str
@@ -86,21 +89,28 @@ class Stack:
     # Names this stack's Triton shared-memory regions so stop() can remove what a killed
     # server left in /dev/shm.
     shm_prefix: str = field(default_factory=lambda: f"floodwall_{os.getpid()}_{time.time_ns()}_")
+    # Set from a signal handler (SIGINT/SIGTERM): start-up waits poll it, so Ctrl-C during a
+    # long wait (Triton has 180 s) ends start-up at once instead of after the wait.
+    stopping: bool = False
 
     # --- helpers -------------------------------------------------------------------------
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Child:
         log_path = self.runtime_dir / f"{name}.log"
         logf = open(log_path, "ab")  # noqa: SIM115 (the child owns it)
-        proc = subprocess.Popen(
-            argv,
-            stdout=logf,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=env,
-            start_new_session=True,  # own process group: stop takes its children too
-        )
-        logf.close()
+        try:
+            proc = subprocess.Popen(
+                argv,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                start_new_session=True,  # own process group: stop takes its children too
+            )
+        except OSError as e:  # a binary that is not executable, a missing interpreter, ...
+            raise StartupError(f"cannot start {name} ({argv[0]}): {e.strerror or e}") from None
+        finally:
+            logf.close()
         child = Child(name, proc, log_path)
         self.children.append(child)
         return child
@@ -108,6 +118,8 @@ class Stack:
     def _wait(self, child: Child, ready: Callable[[], bool], timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            if self.stopping:
+                raise StartupError(INTERRUPTED)
             if child.proc.poll() is not None:
                 raise StartupError(
                     f"{child.name} exited with code {child.proc.returncode} while starting "
@@ -223,14 +235,14 @@ class Stack:
                 metrics_port=t.metrics_port,
                 shm_prefix=self.shm_prefix,
             )
-        except FileNotFoundError as e:
+        except (FileNotFoundError, triton.TritonNotFoundError) as e:  # messages name the fix
             raise StartupError(str(e)) from None
         child = self._spawn("triton", argv, env)
         url = f"http://127.0.0.1:{t.http_port}/v2/health/ready"
         try:
             self._wait(child, lambda: http_ok(url), 180, "GET /v2/health/ready")
         except StartupError as e:
-            failed = _triton_load_failures(child.log_path)
+            failed = "" if self.stopping else _triton_load_failures(child.log_path)
             if failed:
                 raise StartupError(f"Triton could not load a model: {failed}") from None
             raise e
@@ -289,6 +301,8 @@ class Stack:
             ("worker", self.start_worker),
         ]
         for name, step in steps:
+            if self.stopping:
+                raise StartupError(INTERRUPTED)
             t0 = time.monotonic()
             step()
             self.say(f"  {name:<10} ready in {time.monotonic() - t0:5.2f}s")

@@ -27,9 +27,10 @@ from typing import Any, TypeVar
 import orjson
 from prometheus_client import Counter
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from filters.jobs.params import PRIORITIES, JobsParams
-from filters.jobs.store import JobStore, view
+from filters.jobs.store import JobStore, Submitted, view
 from proxy import errors
 from proxy.api import (
     CONTINUE,
@@ -51,7 +52,8 @@ SUBMITTED = Counter(
 )
 REFUSED = Counter(
     "floodwall_jobs_refused",
-    "Job submissions refused: queue_full, tenant_queue_full, bad_request, unavailable",
+    "Job submissions refused: queue_full, tenant_queue_full, bad_request, unavailable, unknown "
+    "(Redis answered too late to tell whether the job was queued)",
     ["reason"],
 )
 API_CALLS = Counter(
@@ -61,6 +63,9 @@ API_CALLS = Counter(
 _IDEMPOTENCY_MAX = 255
 T = TypeVar("T")
 _REDIS_FAULTS = (RedisError, OSError, TimeoutError)
+# Faults after which Redis may still run the command it was sent (the budget ran out, or the
+# socket's read timed out); a refused or reset connection sent nothing that could run later.
+_TIMEOUTS = (TimeoutError, RedisTimeoutError)
 
 
 @dataclass(slots=True)
@@ -276,9 +281,23 @@ class JobsFilter(Filter):
                 )
             )
         except _REDIS_FAULTS as exc:
-            REFUSED.labels("unavailable").inc()
             ctx.log.warning("job submission failed: %r", exc)
-            return _unavailable(type(exc).__name__)
+            if not isinstance(exc, _TIMEOUTS):  # refused, reset: nothing was queued
+                REFUSED.labels("unavailable").inc()
+                return _unavailable(type(exc).__name__)
+            # Redis may still run the submission it was sent: find out, so that neither a 503
+            # hides a queued job nor a retry queues it twice.
+            queued = await self._settle(ctx, job_id)
+            if queued is None:
+                REFUSED.labels("unknown").inc()
+                return _maybe_accepted(job_id, self.p.api_path)
+            if not queued:
+                REFUSED.labels("unavailable").inc()
+                return _unavailable(type(exc).__name__)
+            sub = Submitted("ok", job_id)
+        if sub.outcome == "void":  # settled as not queued before it ran: not for a fresh id
+            REFUSED.labels("unavailable").inc()
+            return _unavailable("submission voided")
         if sub.outcome == "full":
             REFUSED.labels("queue_full").inc()
             return errors.error(
@@ -319,6 +338,28 @@ class JobsFilter(Filter):
         if sub.outcome == "dup":
             headers["idempotent-replayed"] = "true"
         return Respond(202, body, headers)
+
+    async def _settle(self, ctx: RequestContext, job_id: str) -> bool | None:
+        """Whether a submission that timed out was queued (None: Redis did not say in time)."""
+        assert self.store is not None
+        try:
+            return await self._redis(self.store.settle(job_id))
+        except _REDIS_FAULTS as exc:
+            ctx.log.warning("job %s: could not tell whether it was queued: %r", job_id, exc)
+            return None
+
+
+def _maybe_accepted(job_id: str, api_path: str) -> Respond:
+    url = f"{api_path}/{job_id}"
+    return errors.error(
+        503,
+        "jobs_unavailable",
+        f"the job store answered too late to tell whether job {job_id} was queued: "
+        f"GET {url} after Retry-After (200: it was queued, do not submit it again; "
+        "404: it was not)",
+        headers={"location": url},
+        retry_after_s=1,
+    )
 
 
 def _valid_id(job_id: str) -> bool:

@@ -92,7 +92,8 @@ class JobsParams(FilterParams):
     # Retry-After of a refusal for a full queue, and the polling hint of a 202.
     retry_after_s: Annotated[float, Field(gt=0)] = 5.0
     poll_after_s: Annotated[float, Field(gt=0)] = 1.0
-    # Budget of one Redis call of the filter; past it the submission is refused (503).
+    # Budget of one Redis call of the filter; past it the submission is refused (503), unless
+    # a second budget finds it queued after all (202). Keep twice it below message_timeout_ms.
     redis_timeout_ms: Annotated[float, Field(gt=0, le=10_000)] = 200.0
     worker: WorkerParams = Field(default_factory=WorkerParams)
     webhook: WebhookParams | None = None

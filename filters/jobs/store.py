@@ -15,6 +15,8 @@ Layout (``P`` = the configured prefix; its {hash tag} puts everything in one clu
 - ``P:dead``      stream of jobs that failed for good (dead letters), for operators.
 - ``P:depth`` / ``P:tdepth`` unfinished jobs in all / per tenant (hash): the queue caps.
 - ``P:idem:{digest}`` Idempotency-Key (per tenant) -> job id.
+- ``P:void:{id}`` a submission the processor gave up waiting for and then settled as not
+  queued (``settle``): the submission, if Redis runs it later, queues nothing.
 
 Times come from Redis (``TIME``): one clock for every processor and worker.
 """
@@ -57,9 +59,10 @@ local function unfinished_less(depth, tdepth, tenant)
 end
 """.replace("$GROUP", GROUP)
 
-# KEYS: job, queue, depth, tdepth, idem  ARGV: id, tenant, max_depth, max_tenant, idem_ttl_ms,
-# then field/value pairs of the job.
+# KEYS: job, queue, depth, tdepth, idem, void  ARGV: id, tenant, max_depth, max_tenant,
+# idem_ttl_ms, then field/value pairs of the job.
 _SUBMIT = """
+if redis.call('EXISTS', KEYS[6]) == 1 then return {'void', ARGV[1]} end
 if ARGV[5] ~= '0' then
   local got = redis.call('GET', KEYS[5])
   if got then return {'dup', got} end
@@ -80,6 +83,18 @@ redis.call('XADD', KEYS[2], '*', 'id', ARGV[1])
 if ARGV[5] ~= '0' then redis.call('SET', KEYS[5], ARGV[1], 'PX', ARGV[5]) end
 return {'ok', ARGV[1]}
 """
+
+# KEYS: job, void  ARGV: void_ttl_ms. After a submission timed out: 1 if the job was queued,
+# else 0 and the submission is voided, should Redis still run it (atomic with it either way).
+_SETTLE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 1 end
+redis.call('SET', KEYS[2], '1', 'PX', ARGV[1])
+return 0
+"""
+
+# A submission the client gave up on reaches Redis within seconds (it was sent already) or
+# never; an hour is far past that, and a void key is a few bytes.
+_VOID_TTL_MS = 3_600_000
 
 # KEYS: job  ARGV: consumer
 _START = """
@@ -114,6 +129,8 @@ if not st then return 'missing' end
 if terminal(st) then return st end
 local now = now_ms()
 redis.call('HSET', KEYS[1], 'status', ARGV[2], 'updated', now, 'finished', now)
+-- A retry left its 'retrying' note in error: only a failed job shows an error (its own).
+if ARGV[2] ~= 'failed' then redis.call('HDEL', KEYS[1], 'error') end
 hset_pairs(KEYS[1], ARGV, 6)
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 unfinished_less(KEYS[3], KEYS[4], redis.call('HGET', KEYS[1], 'tenant'))
@@ -157,6 +174,7 @@ local st = redis.call('HGET', KEYS[1], 'status')
 if terminal(st) then return {'conflict', st} end
 local now = now_ms()
 redis.call('HSET', KEYS[1], 'status', 'cancelled', 'updated', now, 'finished', now)
+redis.call('HDEL', KEYS[1], 'error')  -- a retry's 'retrying' note: not an error of this job
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 unfinished_less(KEYS[2], KEYS[3], t)
 return {'ok', st}
@@ -165,7 +183,8 @@ return {'ok', st}
 
 class Submitted:
     """What a submission came to: ``ok`` (new job), ``dup`` (the Idempotency-Key's job),
-    ``full`` (the queue is at max_depth) or ``tenant_full`` (the tenant's share is)."""
+    ``full`` (the queue is at max_depth), ``tenant_full`` (the tenant's share is) or ``void``
+    (``settle`` ruled it out before Redis ran it)."""
 
     __slots__ = ("job_id", "outcome")
 
@@ -183,6 +202,7 @@ class JobStore:
         self.dead_key = f"{prefix}:dead"
         self.queues: dict[str, str] = {cls: f"{prefix}:q:{cls}" for cls in PRIORITIES}
         self._submit = redis.register_script(_LIB + _SUBMIT)
+        self._settle = redis.register_script(_SETTLE)
         self._start = redis.register_script(_LIB + _START)
         self._save = redis.register_script(_LIB + _SAVE)
         self._finish = redis.register_script(_LIB + _FINISH)
@@ -192,6 +212,9 @@ class JobStore:
 
     def job_key(self, job_id: str) -> str:
         return f"{self.prefix}:job:{job_id}"
+
+    def void_key(self, job_id: str) -> str:
+        return f"{self.prefix}:void:{job_id}"
 
     def idem_key(self, tenant: str, key: str) -> str:
         digest = hashlib.blake2b(f"{tenant}\0{key}".encode(), digest_size=16).hexdigest()
@@ -224,9 +247,18 @@ class JobStore:
             self.depth_key,
             self.tdepth_key,
             idem_key,
+            self.void_key(job_id),
         ]
         out = await self._submit(keys=keys, args=argv)
         return Submitted(_s(out[0]), _s(out[1]))
+
+    async def settle(self, job_id: str) -> bool:
+        """After ``submit`` gave no answer (a timeout: Redis may run it later): True if the job
+        is queued; False if it is not and never will be (a late ``submit`` finds it void)."""
+        out = await self._settle(
+            keys=[self.job_key(job_id), self.void_key(job_id)], args=[_VOID_TTL_MS]
+        )
+        return bool(out)
 
     async def get(self, job_id: str) -> dict[str, bytes]:
         raw = await self.r.hgetall(self.job_key(job_id))

@@ -30,12 +30,13 @@ from typing import Any, Protocol
 import aiohttp
 import orjson
 from prometheus_client import Counter, Gauge, Histogram
+from pydantic import ValidationError
 from redis.exceptions import RedisError
 
 from filters.jobs.params import PRIORITIES, JobsParams
 from filters.jobs.store import GROUP, JobStore, requests_of, view
 from proxy.api import cancel_and_wait
-from proxy.config import ConfigError, FloodwallConfig
+from proxy.config import ConfigError, FloodwallConfig, _format_validation
 
 log = logging.getLogger("floodwall.worker")
 
@@ -238,10 +239,25 @@ class Worker:
                 await self._take()
             except _REDIS_FAULTS as exc:
                 REDIS_ERRORS.inc()
+                if "NOGROUP" in str(exc) and await self._regroup():
+                    continue
                 log.warning("worker loop: Redis failed (%r); retrying in 1s", exc)
                 await asyncio.sleep(1.0)
         self.ready = False
         await self._drain()
+
+    async def _regroup(self) -> bool:
+        """Redis lost the streams' consumer group (restarted without persistence, flushed, a
+        failover to an empty replica): without it every read fails and accepted jobs never run.
+        The group is made again at id 0, so the entries submitted since are delivered."""
+        log.warning("worker loop: the consumer group is gone (Redis lost its data); recreating")
+        try:
+            await self.store.ensure_groups()
+        except _REDIS_FAULTS as exc:
+            log.warning("worker loop: could not recreate the consumer group (%r)", exc)
+            return False
+        self._claim_from.clear()
+        return True
 
     def _free(self) -> int:
         return self.concurrency - len(self.tasks)
@@ -530,12 +546,16 @@ def _error(kind: str, message: str) -> bytes:
 
 def jobs_params(cfg: FloodwallConfig) -> JobsParams | None:
     """The params of the config's ``jobs`` filter (None: the config has no job queue)."""
-    found = [fc for fc in cfg.filters if fc.type == "jobs"]
+    found = [(i, fc) for i, fc in enumerate(cfg.filters) if fc.type == "jobs"]
     if not found:
         return None
     if len(found) > 1:
         raise ConfigError("more than one filter of type jobs: the worker cannot tell which")
-    return JobsParams.model_validate(found[0].params)
+    i, fc = found[0]
+    try:
+        return JobsParams.model_validate(fc.params)
+    except ValidationError as e:  # worded as the processor's registry words it
+        raise ConfigError(f"filters[{i}] ({fc.name}): params.{_format_validation(e)}") from None
 
 
 def make_caller(cfg: FloodwallConfig, p: JobsParams) -> Caller:

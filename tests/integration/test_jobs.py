@@ -668,3 +668,106 @@ async def test_redis_gone_mid_job_the_worker_survives_and_the_job_completes(
         await r.aclose()
     finally:
         server.stop()
+
+
+# --- Redis slow or emptied -------------------------------------------------------------------
+
+# Holds Redis busy (one script, nothing else runs) for ARGV[1] ms: a slow command, a big read.
+_BUSY = """
+local t0 = redis.call('TIME')
+while true do
+  local t = redis.call('TIME')
+  if (t[1] - t0[1]) * 1e6 + (t[2] - t0[2]) > tonumber(ARGV[1]) * 1000 then return 1 end
+end
+"""
+
+
+async def test_a_submission_that_timed_out_but_ran_is_answered_202(
+    rc: aioredis.Redis, redis_server: RedisServer
+) -> None:
+    p = _params(redis_timeout_ms=300)
+    h = _gateway(rc, p)
+    other = aioredis.Redis.from_url(redis_server.url)
+    try:
+        await _submit(h, body={"key": "warm"})  # a connection ready: the submission goes out
+        busy = asyncio.create_task(other.eval(_BUSY, 0, 450))
+        await asyncio.sleep(0.02)
+        # The submission outlives its 300 ms budget, then runs when Redis is free again; the
+        # second budget finds it queued: 202, not a 503 that a retry would turn into two jobs.
+        r = await _submit(h, body={"key": "late"})
+        await busy
+        assert r.status == 202, r.body
+        job_id = r.json()["id"]
+        assert (await _show(h, job_id)).json()["status"] == "queued"
+        assert await rc.get(f"{p.prefix}:depth") == b"2"  # the warm-up's and this one
+        assert await rc.xlen(f"{p.prefix}:q:standard") == 2
+
+        await rc.ping()
+        busy = asyncio.create_task(other.eval(_BUSY, 0, 1000))
+        await asyncio.sleep(0.02)
+        # Busy past both budgets: nobody can tell yet. The 503 says so and where to look.
+        r = await _submit(h, body={"key": "later"})
+        await busy
+        assert r.status == 503 and r.json()["error"]["type"] == "jobs_unavailable"
+        assert "retry-after" in r.headers and "was queued" in r.json()["error"]["message"]
+        shown = await _show(h, r.headers["location"].rsplit("/", 1)[1])
+        assert shown.status == 200 and shown.json()["status"] == "queued"
+    finally:
+        await other.aclose()
+
+
+async def test_a_settled_submission_never_queues_later(rc: aioredis.Redis) -> None:
+    p = _params()
+    store = JobStore(rc, p.prefix)
+    job_id = "e" * 32
+    # The processor gave up waiting and settled first: the late submission finds it void.
+    assert await store.settle(job_id) is False
+    sub = await store.submit(job_id, "alice", "standard", {"total": 1}, max_depth=10,
+                             max_tenant=10, idempotency=None)  # fmt: skip
+    assert sub.outcome == "void"
+    assert await store.get(job_id) == {} and await store.depth() == 0
+    assert await rc.xlen(store.queues["standard"]) == 0
+
+
+async def test_the_worker_recreates_its_group_when_redis_lost_its_data(
+    rc: aioredis.Redis, upstream: Upstream
+) -> None:
+    p = _params()
+    h = _gateway(rc, p)
+    async with Running(_worker(rc, p, upstream)):
+        first = (await _submit(h, body={"key": "before"})).json()["id"]
+        await _until(lambda: _is(h, first, "succeeded"))
+        # A restart without persistence, a failover to an empty replica: streams and group gone.
+        await rc.flushall()
+        job_id = (await _submit(h, body={"key": "after"})).json()["id"]
+        await _until(lambda: _is(h, job_id, "succeeded"), timeout=10)
+    assert upstream.by_key["after"] == 1
+
+
+async def test_a_job_that_retried_shows_no_error_once_it_succeeded_or_was_cancelled(
+    rc: aioredis.Redis, upstream: Upstream
+) -> None:
+    p = _params()
+    h = _gateway(rc, p)
+    flaky = (await _submit(h, "/flaky", {"key": "fe"})).json()["id"]
+    async with Running(_worker(rc, p, upstream)):
+        await _until(lambda: _is(h, flaky, "succeeded"))
+    job = (await _show(h, flaky)).json()
+    assert job["attempts"] == 2 and "error" not in job, job
+    # Waiting to retry (a long backoff), then cancelled: the retry note goes too.
+    slow = _params(worker={"backoff_s": 30, "backoff_max_s": 60})
+    down = (await _submit(h, "/down", {"key": "de"})).json()["id"]
+    async with Running(_worker(rc, slow, upstream)):
+        await _until(lambda: _called_once(upstream, "de"))
+        await _until(lambda: _has_error(h, down))
+    auth = {"authorization": "Bearer alice-key"}
+    job = (await h.request("DELETE", f"/v1/jobs/{down}", headers=auth)).json()
+    assert job["status"] == "cancelled" and "error" not in job, job
+
+
+async def _called_once(up: Upstream, key: str) -> bool:
+    return up.by_key.get(key, 0) >= 1
+
+
+async def _has_error(h: Harness, job_id: str) -> bool:
+    return "error" in (await _show(h, job_id)).json()

@@ -154,3 +154,17 @@ def test_docker_example_config_validates() -> None:
     clusters = {c["name"]: c for c in _render(cfg)["static_resources"]["clusters"]}
     assert clusters["triton_http"]["type"] == "STRICT_DNS"  # hostnames resolve by DNS
     assert validate_envoy(cfg) is None
+
+
+def test_a_route_timeout_past_the_stream_idle_timeout_sets_the_routes_idle_timeout() -> None:
+    routes = [
+        {"name": "slow", "match": {"prefix": "/slow"}, "upstream": "a", "timeout_ms": 120_000},
+        {"name": "r", "match": {"prefix": "/"}, "upstream": "a"},
+    ]
+    action = {n: r["route"] for n, r in _routes(_render(_variant(routes=routes))).items()
+              if n != "not_found"}  # fmt: skip
+    # Envoy resets a stream idle for the listener's stream_idle_timeout (60 s) unless the route
+    # has its own: a 120 s route would get 60 s (504 SI).
+    assert action["slow"]["timeout"] == "120.000s"
+    assert float(action["slow"]["idle_timeout"].rstrip("s")) >= 120
+    assert action["r"]["idle_timeout"] == "60.000s"  # never shorter than the listener's
