@@ -75,9 +75,15 @@ class Reply:
 
 
 class Caller(Protocol):
-    async def call(self, method: str, url: str, body: bytes, priority: str, tag: str) -> Reply: ...
+    async def call(
+        self, method: str, url: str, body: bytes, priority: str, tag: str, tenant: str = ""
+    ) -> Reply: ...
 
     async def close(self) -> None: ...
+
+
+# The header naming the job's tenant on the worker's calls (cache.on_behalf.header).
+TENANT_HEADER = "x-job-tenant"
 
 
 def _retry_after(v: str | None) -> float:
@@ -101,8 +107,14 @@ class EnvoyCaller:
         self.priority_header = priority_header
         self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s))
 
-    async def call(self, method: str, url: str, body: bytes, priority: str, tag: str) -> Reply:
+    async def call(
+        self, method: str, url: str, body: bytes, priority: str, tag: str, tenant: str = ""
+    ) -> Reply:
         headers = {**self.headers, self.priority_header: priority, "x-request-id": tag}
+        if tenant:
+            # Whose job this is: the cache keeps each tenant's job answers in that tenant's
+            # scope (cache.on_behalf, trusted from this key only).
+            headers[TENANT_HEADER] = tenant
         async with self.session.request(
             method, self.base_url + url, data=body, headers=headers
         ) as r:
@@ -132,7 +144,9 @@ class TritonCaller:
         self.harness = Harness(cfg, build_filters(api, deps))
         self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s))
 
-    async def call(self, method: str, url: str, body: bytes, priority: str, tag: str) -> Reply:
+    async def call(
+        self, method: str, url: str, body: bytes, priority: str, tag: str, tenant: str = ""
+    ) -> Reply:
         from proxy.testing import UpstreamReply
 
         route = self.cfg.route_for(url)
@@ -396,8 +410,9 @@ class Worker:
                 return
             try:
                 reply = await self.caller.call(
-                    method, url, body, cls, f"job-{job_id}-{i}-{attempts}"
-                )
+                    method, url, body, cls, f"job-{job_id}-{i}-{attempts}",
+                    fields.get("tenant", b"").decode(),
+                )  # fmt: skip
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                 CALLS.labels("error").inc()
                 reply = Reply(503, "", b"", 0.0)

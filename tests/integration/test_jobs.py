@@ -88,6 +88,7 @@ async def upstream() -> AsyncIterator[Upstream]:
                 "key": key,
                 "priority": req.headers.get("x-priority"),
                 "auth": req.headers.get("authorization"),
+                "tenant": req.headers.get("x-job-tenant"),
             }
         )
 
@@ -200,12 +201,14 @@ async def test_submit_show_and_run_a_job(rc: aioredis.Redis, upstream: Upstream)
         await _until(lambda: _is(h, job_id, "succeeded"))
     done = (await _show(h, job_id)).json()
     assert done["attempts"] == 1 and done["progress"] == {"completed": 1, "total": 1}
-    # The worker called as its own key, with the job's class in the trusted header.
+    # The worker called as its own key, with the job's class in the trusted header and the
+    # job's tenant named (the cache keeps the answer in that tenant's scope).
     assert done["result"]["status"] == 200
     assert done["result"]["body"] == {
         "key": "k1",
         "priority": "standard",
         "auth": "Bearer worker-key",
+        "tenant": "alice",
     }
     assert await rc.get(f"{p.prefix}:depth") == b"0"
 
