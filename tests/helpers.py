@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import threading
 from collections.abc import Iterator
@@ -302,3 +303,20 @@ def _wait_cluster_ok(ports: list[int]) -> None:
             return
         time.sleep(0.1)
     raise RuntimeError("redis cluster did not reach cluster_state:ok on every node")
+
+
+def alive_mentioning(needle: str) -> list[int]:
+    """Pids of live processes (zombies aside) whose command line mentions ``needle``, this
+    one excepted: what a stopped stack must not leave running."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = (d / "stat").read_text().split(") ", 1)[1][:1]
+        except (OSError, IndexError):
+            continue
+        if needle in cmd and state != "Z" and int(d.name) != os.getpid():
+            pids.append(int(d.name))
+    return pids

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from proxy.runtime import port_free
-from tests.helpers import AUTH, stack_config
+from tests.helpers import AUTH, alive_mentioning, stack_config
 
 pytestmark = pytest.mark.e2e
 
@@ -28,20 +28,6 @@ def _write(tmp_path: Path, cfg: dict[str, Any]) -> Path:
     p = tmp_path / "fw.yaml"
     p.write_text(yaml.safe_dump(cfg))
     return p
-
-
-def _procs_mentioning(needle: str) -> list[int]:
-    pids = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if needle in cmd and int(d.name) != os.getpid():
-            pids.append(int(d.name))
-    return pids
 
 
 def test_up_serves_a_sample_and_stops_cleanly_on_sigint(tmp_path: Path) -> None:
@@ -81,7 +67,7 @@ def _run_up(proc: subprocess.Popen[str], cfg: dict[str, Any], tmp_path: Path) ->
     proc.send_signal(signal.SIGINT)
     assert proc.wait(60) == 0
     run_dir = str(tmp_path / "run")
-    assert _procs_mentioning(run_dir) == [], "children left behind"
+    assert alive_mentioning(run_dir) == [], "children left behind"
     for key in ("http_port", "grpc_port", "metrics_port"):
         assert port_free("127.0.0.1", cfg["triton"][key])
     assert port_free("127.0.0.1", cfg["listener"]["port"])
@@ -100,7 +86,7 @@ def _up_error(tmp_path: Path, cfg: dict[str, Any], env: dict[str, str] | None = 
     err = r.stderr.strip()
     assert err.count("\n") == 0, f"not one line: {err!r}"
     assert err.startswith("floodwall: error:")
-    assert _procs_mentioning(str(tmp_path / "run")) == []
+    assert alive_mentioning(str(tmp_path / "run")) == []
     return err
 
 

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from proxy.config import REPO_ROOT
-from tests.helpers import free_ports
+from tests.helpers import alive_mentioning, free_ports
 
 _RUN = """
 import sys
@@ -72,32 +72,17 @@ def _one_line_error(err: str) -> str:
     return err
 
 
-def _alive_mentioning(needle: str) -> list[int]:
-    pids = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            state = (d / "stat").read_text().split(") ", 1)[1][:1]
-        except (OSError, IndexError):
-            continue
-        if needle in cmd and state != "Z" and int(d.name) != os.getpid():
-            pids.append(int(d.name))
-    return pids
-
-
 @pytest.fixture(autouse=True)
 def _reap(tmp_path: Path) -> Iterator[None]:
     """Whatever a failing case left running (its own grandchildren) does not outlive it."""
     yield
-    for pid in _alive_mentioning(str(tmp_path / "run")):
+    for pid in alive_mentioning(str(tmp_path / "run")):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
 
 
 def _no_children_left(tmp_path: Path) -> None:
-    assert _alive_mentioning(str(tmp_path / "run")) == [], "children left running"
+    assert alive_mentioning(str(tmp_path / "run")) == [], "children left running"
 
 
 def test_up_without_triton_is_one_line_and_stops_redis(tmp_path: Path) -> None:
