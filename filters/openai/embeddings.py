@@ -123,7 +123,11 @@ def resolve_model(req: dict[str, Any], models: dict[str, M]) -> tuple[str, M] | 
 Accepted = Mapping[str, tuple[Callable[[Any], bool], str]]
 
 _HANDLED = frozenset({"model", "input", "encoding_format", "dimensions"})
-_ACCEPTED: Accepted = {"user": (lambda v: isinstance(v, str), "must be a string")}
+_ACCEPTED: Accepted = {
+    "user": (lambda v: isinstance(v, str), "must be a string"),
+    # Nothing streams here: the answer is one JSON document either way (as OpenAI's).
+    "stream": (lambda v: isinstance(v, bool), "must be a boolean"),
+}
 
 
 def given(req: dict[str, Any], key: str, default: Any) -> Any:
