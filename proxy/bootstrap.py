@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from proxy.api import Phase
-from proxy.chain import Chain
+from proxy.chain import INTERNAL_PREFIX, Chain
 from proxy.config import FloodwallConfig, RouteConfig, TracingConfig, UpstreamConfig
 from proxy.process import processor_address
 
@@ -46,6 +46,7 @@ end
 """
 EXT_PROC = "envoy.filters.http.ext_proc"
 BUFFER = "envoy.filters.http.buffer"
+HEADER_MUTATION = "envoy.filters.http.header_mutation"
 T = "type.googleapis.com/"
 # A stream with no bytes either way this long is reset (slow or stalled clients). Each route
 # sets its own, at least its timeout (see _route).
@@ -205,6 +206,26 @@ def _route(cfg: FloodwallConfig, r: RouteConfig, phases: frozenset[Phase]) -> di
         "route": action,
         "typed_per_filter_config": per_filter,
     }
+
+
+def _spoof_guard(failure_mode_allow: bool) -> list[dict[str, Any]]:
+    """With failure_mode_allow, Envoy itself drops client-sent `x-floodwall-*` headers before
+    the processor: a request that passes a down or hung processor unchecked must not carry a
+    forged tenant or priority to the upstream. Fail-closed deployments leave it to the
+    processor, which counts what it strips (floodwall_spoofed_headers_stripped_total); here
+    that counter stays at zero, as the processor never sees them."""
+    if not failure_mode_allow:
+        return []
+    rule = {"remove_on_match": {"key_matcher": {"prefix": INTERNAL_PREFIX}}}
+    return [
+        {
+            "name": HEADER_MUTATION,
+            "typed_config": {
+                "@type": T + "envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
+                "mutations": {"request_mutations": [rule]},
+            },
+        }
+    ]
 
 
 def _not_found_route() -> dict[str, Any]:
@@ -436,6 +457,7 @@ def render(cfg: FloodwallConfig, chain: Chain, runtime_dir: Path) -> dict[str, A
         },
         "local_reply_config": _local_reply_config(),
         "http_filters": [
+            *_spoof_guard(p.failure_mode_allow),
             {
                 "name": BUFFER,
                 "typed_config": {

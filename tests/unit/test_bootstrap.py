@@ -124,8 +124,19 @@ def test_uds_processors_and_failure_mode() -> None:
     paths = [e["endpoint"]["address"]["pipe"]["path"]
              for e in proc["load_assignment"]["endpoints"][0]["lb_endpoints"]]  # fmt: skip
     assert paths == ["/run/fw/processor-0.sock", "/run/fw/processor-1.sock"]
-    ext = _hcm(b)["http_filters"][1]["typed_config"]
+    filters = _hcm(b)["http_filters"]
+    names = [f["name"] for f in filters]
+    ext = filters[names.index("envoy.filters.http.ext_proc")]["typed_config"]
     assert ext["failure_mode_allow"] is True
+    # Traffic that passes a down processor unchecked must not carry forged internal headers:
+    # Envoy drops them first (the e2e proof: tests/e2e/test_faults.py::test_processor_killed).
+    guard = names.index("envoy.filters.http.header_mutation")
+    assert guard < names.index("envoy.filters.http.ext_proc")
+    rule = filters[guard]["typed_config"]["mutations"]["request_mutations"]
+    assert rule == [{"remove_on_match": {"key_matcher": {"prefix": "x-floodwall-"}}}]
+    assert validate_envoy(cfg) is None
+    fail_closed = [f["name"] for f in _hcm(_render(_variant()))["http_filters"]]
+    assert "envoy.filters.http.header_mutation" not in fail_closed  # the processor counts them
 
 
 def test_tls_listener_validates(tmp_path: Path) -> None:
