@@ -94,6 +94,7 @@ class AdmissionFilter(Filter):
         self._shrunk_at: dict[str, float] = {}
         self._route_models: dict[str, set[str]] = {}  # models seen per route
         self._probe_at: dict[str, float] = {}  # per route: when a refusal may pass as a probe
+        self._grpc_streams = frozenset(params.grpc_stream_methods)
         # ctx.state keys state by its factory: one factory per instance, so two admission
         # filters on one route (one per route, one per model) each keep their own ticket.
         self._state = functools.partial(_State)
@@ -147,7 +148,10 @@ class AdmissionFilter(Filter):
             self._release(t, None, grpc_status in _GRPC_FAILED, now)
             return CONTINUE
         status = ctx.upstream_status or 0
-        if 200 <= status < 300 and headers.get("content-type", "").startswith("text/event-stream"):
+        if 200 <= status < 300 and (
+            headers.get("content-type", "").startswith("text/event-stream")
+            or (ctx.grpc and ctx.path.split("?", 1)[0] in self._grpc_streams)
+        ):
             # The body streamed through the processor, even on a route where no filter reads
             # it: the exchange then ends, for the processor, with the stream, and the permit
             # is held until then (not given back as the stream starts).

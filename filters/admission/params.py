@@ -60,6 +60,13 @@ class AdmissionParams(FilterParams):
     # more than the CPU a refusal costs.
     shed_at_headers: bool = True
     priority: Priority = Field(default_factory=Priority)
+    # gRPC methods whose answer is a stream of messages (KServe's decoupled models answer on
+    # ModelStreamInfer): the permit is held until the stream ends, as for SSE. A unary answer
+    # gives it back at its headers. Listing a unary method costs a processor round trip per
+    # answer message, nothing else.
+    grpc_stream_methods: list[str] = Field(
+        default_factory=lambda: ["/inference.GRPCInferenceService/ModelStreamInfer"]
+    )
     # Triton's own load for the model: while saturated, the limit shrinks (once per poll).
     saturation: SaturationParams | None = None
 

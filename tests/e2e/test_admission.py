@@ -1,17 +1,22 @@
 """Admission under overload, end to end on the real embedder: the batch tenant's calls
 (sheddable) are refused first, quickly and with Retry-After, while the standard tenant's
-interactive calls keep being served."""
+interactive calls keep being served. A gRPC stream holds its permit to its end."""
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 
 from tests.e2e.conftest import Gateway
-from tests.helpers import AUTH
+from tests.helpers import AUTH, echo_server, stack_config, start_stack
 
 pytestmark = pytest.mark.e2e
 
@@ -64,3 +69,71 @@ def test_overload_sheds_batch_before_interactive(gateway: Gateway) -> None:
     # Refusals are quick: a shed call does not sit in a queue for seconds.
     shed_times = sorted(t for s, t, *_ in batch if s == 503)
     assert shed_times[len(shed_times) // 2] < 1.0
+
+
+def _stream_tokens(target: str, max_tokens: int, started: threading.Event) -> list[Any]:
+    """One sim_llm_stream call over gRPC ModelStreamInfer: its results, up to the final one."""
+    import tritonclient.grpc as tg
+
+    results: queue.Queue[tuple[Any, Any]] = queue.Queue()
+    inputs = [
+        tg.InferInput("PROMPT", [1, 1], "BYTES"),
+        tg.InferInput("MAX_TOKENS", [1, 1], "INT32"),
+    ]
+    inputs[0].set_data_from_numpy(np.array([[b"a long answer, please"]], dtype=np.object_))
+    inputs[1].set_data_from_numpy(np.array([[max_tokens]], dtype=np.int32))
+    client = tg.InferenceServerClient(target)
+    out: list[Any] = []
+    try:
+        client.start_stream(lambda result, error: results.put((result, error)), headers=AUTH)
+        client.async_stream_infer("sim_llm_stream", inputs, enable_empty_final_response=True)
+        while True:
+            result, error = results.get(timeout=30)
+            started.set()
+            assert error is None, error
+            out.append(result)
+            if result.get_response().parameters["triton_final_response"].bool_param:
+                break
+        client.stop_stream()
+    finally:
+        client.close()
+    return out
+
+
+def test_a_grpc_stream_holds_its_permit_until_it_ends(tmp_path: Path) -> None:
+    """Admission on the KServe gRPC route, one call at a time: while a ModelStreamInfer answer
+    streams, a second call is shed (UNAVAILABLE); once the stream ended, it is served. Before,
+    the permit went back at the stream's first headers and the second call was admitted."""
+    import tritonclient.grpc as tg
+    from tritonclient.utils import InferenceServerException
+
+    with echo_server() as echo_port:
+        cfg = stack_config(tmp_path / "run", echo_port)
+        cfg["filters"].append({"name": "grpc_admission", "type": "admission",
+                               "routes": ["kserve_grpc"],
+                               "params": {"initial_limit": 1, "min_limit": 1, "max_limit": 1,
+                                          "reserve_critical": 0, "reserve_standard": 0,
+                                          "max_queue": 0}})  # fmt: skip
+        s = start_stack(cfg, tmp_path / "fw.yaml")
+        try:
+            target = f"{s.cfg.listener.address}:{s.cfg.listener.port}"
+            unary = tg.InferenceServerClient(target)
+            inputs = [tg.InferInput("PROMPT", [1, 1], "BYTES"),
+                      tg.InferInput("MAX_TOKENS", [1, 1], "INT32")]  # fmt: skip
+            inputs[0].set_data_from_numpy(np.array([[b"short"]], dtype=np.object_))
+            inputs[1].set_data_from_numpy(np.array([[1]], dtype=np.int32))
+            headers = {"authorization": AUTH["authorization"]}
+            unary.infer("sim_llm", inputs, headers=headers)  # admitted when nothing streams
+            started = threading.Event()
+            with ThreadPoolExecutor(1) as pool:
+                # ~8 ms a token: the stream lasts about 2 s.
+                streaming = pool.submit(_stream_tokens, target, 250, started)
+                assert started.wait(30)
+                with pytest.raises(InferenceServerException) as refused:
+                    unary.infer("sim_llm", inputs, headers=headers)
+                assert refused.value.status() == "StatusCode.UNAVAILABLE"
+                assert len(streaming.result(60)) > 1
+            unary.infer("sim_llm", inputs, headers=headers)  # the permit came back
+            unary.close()
+        finally:
+            s.stop()
