@@ -21,6 +21,7 @@ import hashlib
 import hmac
 import logging
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -91,7 +92,8 @@ LOOKUP_SECONDS = Histogram(
 SEMANTIC_HITS = Counter(
     "floodwall_cache_semantic_hits",
     "Semantic hits by how the served candidate was found: by its words (one judge call, "
-    "no embedding) or by the prompt's vector",
+    "no embedding), by the prompt's vector, or as an alias (the same paraphrase asked "
+    "again: its exact key)",
     ["found_by"],
 )
 ENTRIES = Gauge("floodwall_cache_semantic_entries", "Semantic entries in this process's index")
@@ -120,7 +122,7 @@ class _Pending:
 
 
 class _State:
-    __slots__ = ("no_lookup", "no_store", "pending", "stale", "tenant", "tokens")
+    __slots__ = ("exact_hit", "no_lookup", "no_store", "pending", "stale", "tenant", "tokens")
 
     def __init__(self) -> None:
         self.tenant: str | None = None  # whose scope: the caller's, or whom it acts for
@@ -131,6 +133,7 @@ class _State:
         # model fails.
         self.stale: Entry | None = None
         self.tokens: np.ndarray[Any, Any] | None = None  # the prompt's, once embedded
+        self.exact_hit = False  # answered by the exact look-up (an alias included)
 
 
 class CacheFilter(Filter):
@@ -259,12 +262,13 @@ class CacheFilter(Filter):
                 # One budget for the whole look-up: it must end well inside Envoy's message
                 # timeout, whatever Redis and the embedder do; past it, the request is a miss.
                 async with asyncio.timeout(self.p.lookup_budget_ms / 1000):
-                    found = await self._lookup(ctx, st, scope, key, text, now_ms)
+                    found = await self._lookup(ctx, st, scope, meta, key, text, now_ms)
             except TimeoutError:
                 ERRORS.labels("budget").inc()
                 found = None
             if isinstance(found, Respond):
-                level = "exact" if found.headers[HEADER] != "hit-semantic" else "semantic"
+                # By the path that answered: an alias is a hit-semantic found by its key.
+                level = "exact" if st.exact_hit else "semantic"
                 LOOKUP_SECONDS.labels(level).observe(time.perf_counter() - t0)
                 return found
             vector = found
@@ -281,6 +285,7 @@ class CacheFilter(Filter):
         ctx: RequestContext,
         st: _State,
         scope: str,
+        meta: dict[str, str],
         key: canon.Lookup,
         text: str,
         now_ms: int,
@@ -289,6 +294,10 @@ class CacheFilter(Filter):
         store), else None."""
         entry, _ = await self._get(scope, key.exact_id, now_ms)
         if entry is not None and entry.fresh:
+            st.exact_hit = True
+            if entry.alias:
+                SEMANTIC_HITS.labels("alias").inc()
+                return self._hit(ctx, entry, "hit-semantic", now_ms)
             return self._hit(ctx, entry, "hit-exact", now_ms)
         st.stale = entry
         if entry is not None and self.deps.signals.refusing(key.model, self.deps.clock.monotonic()):
@@ -317,7 +326,7 @@ class CacheFilter(Filter):
                 log.warning("cache judge failed (a miss): %s", exc)
                 return None  # embedded when stored, off the request path
             if verdict is not None:
-                hit = await self._serve(ctx, scope, verdict, best, now_ms)
+                hit = await self._serve(ctx, scope, meta, key, verdict, best, now_ms)
                 if hit is not None:
                     return hit
         vector, tokens = await self._embed(text)
@@ -336,7 +345,7 @@ class CacheFilter(Filter):
         if verdict.veto is not None:
             VETOES.labels(verdict.veto).inc()
         if verdict.entry_id is not None:
-            hit = await self._serve(ctx, scope, verdict, best, now_ms)
+            hit = await self._serve(ctx, scope, meta, key, verdict, best, now_ms)
             if hit is not None:
                 return hit
         return vector
@@ -345,13 +354,16 @@ class CacheFilter(Filter):
         self,
         ctx: RequestContext,
         scope: str,
+        meta: dict[str, str],
+        key: canon.Lookup,
         verdict: Verdict,
         fetched: dict[str, tuple[Entry | None, bool]],
         now_ms: int,
     ) -> Respond | None:
         """The semantic hit ``verdict`` names, from ``fetched`` when the look-up brought it,
         else from Redis; None if it is no longer there (and then forgotten: only when Redis
-        said so, never because it failed) or not fresh."""
+        said so, never because it failed) or not fresh. With ``alias_semantic_hits``, the
+        answer is copied under the asking request's key, off the request path."""
         assert verdict.entry_id is not None
         if verdict.entry_id in fetched:
             entry, answered = fetched[verdict.entry_id]
@@ -359,6 +371,10 @@ class CacheFilter(Filter):
             entry, answered = await self._get(scope, verdict.entry_id, now_ms)
         if entry is not None and entry.fresh:
             SEMANTIC_HITS.labels("words" if verdict.by_words else "vector").inc()
+            if self.p.alias_semantic_hits:
+                alias = _Pending(scope, meta, key.exact_id, key.partition, "", None, 0, 0,
+                                 entry.headers)  # fmt: skip
+                self._spawn(self._alias(ctx.route_name, alias, verdict.entry_id, entry))
             return self._hit(ctx, entry, "hit-semantic", now_ms)
         if answered and entry is None:
             self.index.remove(scope, verdict.entry_id)  # gone from Redis
@@ -402,10 +418,23 @@ class CacheFilter(Filter):
         if len(body) > self.p.max_entry_bytes:
             STORES.labels(ctx.route_name, "too_large").inc()
             return CONTINUE
-        task = asyncio.create_task(self._put(ctx.route_name, pending, bytes(body)))
+        self._spawn(self._put(ctx.route_name, pending, bytes(body)))
+        return CONTINUE
+
+    async def _alias(self, route: str, pending: _Pending, of_id: str, entry: Entry) -> None:
+        """Stores ``entry``'s answer as ``pending`` (the asking request's key), ending when
+        ``entry`` does; nothing if ``entry`` was replaced or expired meanwhile."""
+        pending.ttl_ms = entry.expires_ms - self._now_ms()
+        if pending.ttl_ms > 0 and await self._write(
+            route, pending, entry.body, alias_of=(of_id, entry.created_ms)
+        ):
+            STORES.labels(route, "alias").inc()
+
+    def _spawn(self, write: Coroutine[Any, Any, None]) -> None:
+        """A store off the request path, awaited by ``settle`` and ``stop``."""
+        task = asyncio.create_task(write)
         self._writes.add(task)
         task.add_done_callback(self._writes.discard)
-        return CONTINUE
 
     def on_complete(self, ctx: RequestContext, outcome: Outcome) -> None:
         ctx.state(_State).pending = None
@@ -520,9 +549,18 @@ class CacheFilter(Filter):
         if await self._write(route, pending, body, semantic=True):
             STORES.labels(route, "stored").inc()
 
-    async def _write(self, route: str, pending: _Pending, body: bytes, *, semantic: bool) -> bool:
-        """One write of the entry (with its vector when ``semantic`` and there is one); False
-        when Redis failed (counted and logged)."""
+    async def _write(
+        self,
+        route: str,
+        pending: _Pending,
+        body: bytes,
+        *,
+        semantic: bool = False,
+        alias_of: tuple[str, int] | None = None,
+    ) -> bool:
+        """One write of the entry (with its vector when ``semantic`` and there is one; as an
+        alias of the entry ``alias_of`` names, see CacheStore.put); False when Redis failed
+        (counted and logged) or the alias was refused."""
         assert self.store is not None
         now_ms = self._now_ms()
         vec = pending.vector if semantic else None
@@ -538,6 +576,7 @@ class CacheFilter(Filter):
                     partition=pending.partition, text=pending.text if vector else "",
                     vector=vector, tokens=tokens, now_ms=now_ms, ttl_ms=pending.ttl_ms,
                     max_entries=self.p.max_entries_per_scope, stale_ms=pending.stale_ms,
+                    alias_of=alias_of,
                 ),
                 max(1.0, self.p.redis_timeout_ms / 1000),
             )  # fmt: skip
@@ -546,6 +585,8 @@ class CacheFilter(Filter):
             STORES.labels(route, "redis_error").inc()
             log.warning("cache store failed: %r", exc)
             return False
+        if evicted is None:
+            return False  # an alias of an answer replaced meanwhile
         for gone in evicted:
             self.index.remove(pending.scope, gone)
         if vec is not None:

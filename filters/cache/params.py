@@ -172,6 +172,10 @@ class CacheParams(FilterParams):
     # scope. None: every request in its own caller's tenant.
     on_behalf: OnBehalfParams | None = None
     semantic: SemanticParams = Field(default_factory=SemanticParams)
+    # After a semantic hit, its answer is also stored under the asking request's exact key
+    # (exact-only, ending with the entry it copies, still answered as hit-semantic): the same
+    # paraphrase asked again costs an exact look-up instead of the embedder and the judge.
+    alias_semantic_hits: bool = True
     # Bodies above these sizes are neither looked up nor stored.
     max_request_bytes: Annotated[int, Field(ge=1)] = 256 * 1024
     max_entry_bytes: Annotated[int, Field(ge=1)] = 1024 * 1024

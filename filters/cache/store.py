@@ -7,8 +7,10 @@ Layout (``{S}`` is the scope id as a hash tag: a scope's keys share one cluster 
                                 p partition (conversation prefix and parameters digest),
                                 t prompt text, v vector (float32 bytes; both empty when the
                                 entry is exact-only), k the prompt's token vectors (float16
-                                bytes, [n, d]; only for the align verifier); PEXPIREs with
-                                the entry
+                                bytes, [n, d]; only for the align verifier), a the id of
+                                the entry whose answer this is when it is an alias (a
+                                semantic hit's answer copied under the asking request's id),
+                                al the ids of this entry's aliases; PEXPIREs with the entry
     fw:cache:{S}:z        ZSET  id -> end of life (x + s, ms): the scope's entries, for
                                 rebuilds, the entry cap (soonest-ending evicted first) and
                                 invalidation
@@ -44,10 +46,30 @@ FEED = PREFIX + "feed"
 FEED_MAXLEN = 100_000
 
 _STORE = """
-local entry, zset = KEYS[1], KEYS[2]
+local entry, zset, original = KEYS[1], KEYS[2], KEYS[3]
 local id, expires, ttl, cap, now = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]),
     tonumber(ARGV[4]), tonumber(ARGV[5])
 local prefix, partition = ARGV[6], ARGV[7]
+local aliases, listed
+if original then
+  -- An alias (KEYS[3]: the entry it copies): only of the answer that entry still holds (the
+  -- fields start 'r', body), and a bounded number per entry.
+  if redis.call('HGET', original, 'r') ~= ARGV[9] then return false end
+  aliases = redis.call('HGET', original, 'al') or ''
+  listed = string.find(aliases, id, 1, true)
+  if not listed and #aliases > MAX_ALIAS_CHARS then return false end
+end
+-- The aliases of the answer this write replaces go with it (those still copying it: an id
+-- stored again as an entry of its own since is left alone).
+local old = redis.call('HGET', entry, 'al')
+if old then
+  for alias in string.gmatch(old, '%S+') do
+    if redis.call('HGET', prefix .. alias, 'a') == id then
+      redis.call('DEL', prefix .. alias)
+      redis.call('ZREM', zset, alias)
+    end
+  end
+end
 -- A write without a vector (ARGV[7]: its partition) keeps the one stored under the same id
 -- (the same prompt in the same partition): an embedder outage during a refresh must not
 -- take the entry out of semantic matching.
@@ -77,8 +99,12 @@ end
 local longest = redis.call('ZRANGE', zset, -1, -1, 'WITHSCORES')
 -- Relative to the caller's clock (ARGV now), not Redis's: the set outlives its last entry.
 if longest[2] then redis.call('PEXPIRE', zset, math.floor(tonumber(longest[2])) - now + 1000) end
+if original and not listed then redis.call('HSET', original, 'al', aliases .. ' ' .. id) end
 return evicted
 """
+# At most 256 aliases per entry (ids are 32 hex digits, each after a space).
+MAX_ALIASES = 256
+_STORE = _STORE.replace("MAX_ALIAS_CHARS", str(33 * (MAX_ALIASES - 1)))
 
 
 # One batch of a scope's drop: ids from its zset, their entries deleted, the members removed;
@@ -101,19 +127,21 @@ def zset_key(scope: str) -> str:
     return f"{PREFIX}{{{scope}}}:z"
 
 
-_ENTRY_FIELDS = ("r", "h", "c", "x", "s")  # body, headers, created, expires, stale window
+# body, headers, created, expires, stale window, alias
+_ENTRY_FIELDS = ("r", "h", "c", "x", "s", "a")
 
 
 def _entry(raw: list[Any], now_ms: int) -> Entry | None:
     """The entry from its HMGET of ``_ENTRY_FIELDS``, if fresh or stale but inside its
     stale-if-error window."""
-    body, headers, created, expires, stale = raw
+    body, headers, created, expires, stale, alias = raw
     if body is None or expires is None:
         return None
     x = int(expires)
     if x + int(stale or 0) <= now_ms:
         return None
-    return Entry(body, orjson.loads(headers or b"{}"), int(created or 0), x, x > now_ms)
+    return Entry(body, orjson.loads(headers or b"{}"), int(created or 0), x, x > now_ms,
+                 bool(alias))  # fmt: skip
 
 
 @dataclass(slots=True)
@@ -123,6 +151,7 @@ class Entry:
     created_ms: int
     expires_ms: int
     fresh: bool = True  # False: past its expiry, inside its stale-if-error window
+    alias: bool = False  # another request's answer, copied after a semantic hit
 
 
 @dataclass(slots=True)
@@ -163,23 +192,34 @@ class CacheStore:
         max_entries: int,
         stale_ms: int = 0,
         tokens: bytes = b"",
-    ) -> list[str]:
-        """Writes one entry (replacing one with the same id); returns the ids evicted. The
-        entry is fresh for ``ttl_ms`` and kept ``stale_ms`` longer for stale-if-error. A write
-        without ``vector`` keeps the vector (text, tokens) stored under the same id, if any."""
+        alias_of: tuple[str, int] | None = None,
+    ) -> list[str] | None:
+        """Writes one entry (replacing one with the same id, and that one's aliases); returns
+        the ids evicted. The entry is fresh for ``ttl_ms`` and kept ``stale_ms`` longer for
+        stale-if-error. A write without ``vector`` (but an alias) keeps the vector (text,
+        tokens) stored under the same id, if any. ``alias_of``: (id, created ms) of the
+        entry whose answer ``body`` is (a semantic hit's); None is returned, and nothing
+        written, when that entry no longer holds that answer or has its share of aliases."""
         expires = now_ms + ttl_ms
+        created = now_ms if alias_of is None else alias_of[1]
         fields = [
-            "r", body, "h", orjson.dumps(headers), "c", now_ms, "x", expires, "s", stale_ms,
+            "r", body, "h", orjson.dumps(headers), "c", created, "x", expires, "s", stale_ms,
             "p", partition, "t", text, "v", vector,
         ]  # fmt: skip
         if tokens:
             fields += ["k", tokens]
+        keys = [entry_key(scope, entry_id), zset_key(scope)]
+        if alias_of is not None:
+            fields += ["a", alias_of[0]]
+            keys.append(entry_key(scope, alias_of[0]))
         keep = ttl_ms + stale_ms
         evicted = await self._store(
-            keys=[entry_key(scope, entry_id), zset_key(scope)],
+            keys=keys,
             args=[entry_id, now_ms + keep, keep, max_entries, now_ms, entry_key(scope, ""),
-                  "" if vector else partition, *fields],
+                  "" if vector or alias_of else partition, *fields],
         )  # fmt: skip
+        if evicted is None:
+            return None
         ids = [e.decode() if isinstance(e, bytes) else str(e) for e in evicted]
         # Not atomic with the entry (the scope registry and the feed live in other slots in a
         # cluster); a lost feed event only delays a replica's index until its next rebuild.

@@ -205,6 +205,61 @@ async def test_a_no_cache_restore_keeps_the_entry_a_semantic_hit(rc: aioredis.Re
     assert orjson.loads(r.body)["answer"] == 2  # the replacement, with its vector
 
 
+async def test_a_paraphrase_asked_again_is_answered_by_its_own_key(rc: aioredis.Redis) -> None:
+    """After a semantic hit the answer is copied under the asking request's key: the same
+    paraphrase again costs an exact look-up (no embedding), is still marked hit-semantic
+    with the original's age, ends with the original, and stays in its tenant's scope."""
+    clock = FakeClock()
+    emb = WordsEmbedder()
+    f = cache(rc, clock, emb)
+    h, up = harness(f), Upstream()
+    await ask(h, f, up, chat("How do I add a teammate to my workspace?"))
+    paraphrase = chat("how can I add a teammate to my workspace")
+    clock.advance(5)
+    first = await ask(h, f, up, paraphrase)
+    assert first.headers["x-floodwall-cache"] == "hit-semantic"
+    embedded, aliases = emb.calls, STORES.labels("chat", "alias")._value.get()
+    by_alias = SEMANTIC_HITS.labels("alias")._value.get()
+    clock.advance(3)
+    again = await ask(h, f, up, paraphrase)
+    assert again.headers["x-floodwall-cache"] == "hit-semantic" and again.body == first.body
+    assert again.headers["age"] == "8"  # the answer's age, not the copy's
+    assert emb.calls == embedded and up.calls == 1  # found by its key: no embedding
+    assert SEMANTIC_HITS.labels("alias")._value.get() == by_alias + 1
+    assert STORES.labels("chat", "alias")._value.get() == aliases  # not copied twice
+    other = await ask(h, f, up, paraphrase, tenant="b")  # another tenant: nothing to share
+    assert other.headers["x-floodwall-cache"] == "miss" and up.calls == 2
+    clock.advance(60 - 8)  # the original's TTL (60 s) is over: so is the copy
+    assert (await ask(h, f, up, paraphrase)).headers["x-floodwall-cache"] == "miss"
+
+
+async def test_no_alias_when_turned_off_or_the_original_changed(rc: aioredis.Redis) -> None:
+    f = cache(rc, alias_semantic_hits=False)
+    h, up = harness(f), Upstream()
+    await ask(h, f, up, chat("How do I add a teammate to my workspace?"))
+    paraphrase = chat("how can I add a teammate to my workspace")
+    for _ in range(2):
+        assert (await ask(h, f, up, paraphrase)).headers["x-floodwall-cache"] == "hit-semantic"
+    keys = await rc.keys("fw:cache:*:e:*")
+    assert len(keys) == 1  # the original only
+    # A copy of an answer its entry no longer holds is refused, atomically in the store.
+    store = f.store
+    assert store is not None
+    scope = next(iter(await store.scopes()))
+    original = keys[0].decode().rsplit(":", 1)[1]
+    alias = "b" * 32
+    put: dict[str, Any] = dict(scope=scope, scope_meta={}, entry_id=alias, headers={},
+                               partition="", text="", vector=b"", now_ms=0, ttl_ms=60_000,
+                               max_entries=100, alias_of=(original, 0))  # fmt: skip
+    assert await store.put(body=b"an older answer", **put) is None
+    assert await store.get(scope, alias, 0) is None
+    entry = await store.get(scope, original, 0)
+    assert entry is not None
+    assert await store.put(body=entry.body, **put) == []
+    copy = await store.get(scope, alias, 0)
+    assert copy is not None and copy.alias and copy.body == entry.body
+
+
 async def test_exact_hit_replays_the_answer_with_age(rc: aioredis.Redis) -> None:
     clock = FakeClock()
     f = cache(rc, clock)
