@@ -208,24 +208,21 @@ def _route(cfg: FloodwallConfig, r: RouteConfig, phases: frozenset[Phase]) -> di
     }
 
 
-def _spoof_guard(failure_mode_allow: bool) -> list[dict[str, Any]]:
-    """With failure_mode_allow, Envoy itself drops client-sent `x-floodwall-*` headers before
-    the processor: a request that passes a down or hung processor unchecked must not carry a
-    forged tenant or priority to the upstream. Fail-closed deployments leave it to the
-    processor, which counts what it strips (floodwall_spoofed_headers_stripped_total); here
-    that counter stays at zero, as the processor never sees them."""
-    if not failure_mode_allow:
-        return []
+def _spoof_guard() -> dict[str, Any]:
+    """Envoy itself drops client-sent `x-floodwall-*` request headers, before the processor:
+    a request answered by the processor (a 401, a 429, a cache hit) never has its request
+    headers rewritten, and Envoy's access log reads the tenant and key id from them; a
+    request that passes a down processor (failure_mode_allow) must not carry a forged tenant
+    or priority to the upstream. The processor strips them too, for an Envoy configured by
+    hand, and counts those (floodwall_spoofed_headers_stripped_total)."""
     rule = {"remove_on_match": {"key_matcher": {"prefix": INTERNAL_PREFIX}}}
-    return [
-        {
-            "name": HEADER_MUTATION,
-            "typed_config": {
-                "@type": T + "envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
-                "mutations": {"request_mutations": [rule]},
-            },
-        }
-    ]
+    return {
+        "name": HEADER_MUTATION,
+        "typed_config": {
+            "@type": T + "envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
+            "mutations": {"request_mutations": [rule]},
+        },
+    }
 
 
 def _not_found_route() -> dict[str, Any]:
@@ -457,7 +454,7 @@ def render(cfg: FloodwallConfig, chain: Chain, runtime_dir: Path) -> dict[str, A
         },
         "local_reply_config": _local_reply_config(),
         "http_filters": [
-            *_spoof_guard(p.failure_mode_allow),
+            _spoof_guard(),
             {
                 "name": BUFFER,
                 "typed_config": {

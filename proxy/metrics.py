@@ -44,7 +44,8 @@ ABORTED = Counter(
 )
 SPOOFED_HEADERS = Counter(
     "floodwall_spoofed_headers_stripped",
-    "Client-sent x-floodwall-* headers removed before any policy ran",
+    "Client-sent x-floodwall-* headers removed before any policy ran (those that reached "
+    "the processor: an Envoy bootstrapped by floodwall drops them first)",
 )
 UPSTREAM_ERRORS = Counter(
     "floodwall_upstream_errors",

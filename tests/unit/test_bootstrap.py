@@ -129,14 +129,17 @@ def test_uds_processors_and_failure_mode() -> None:
     ext = filters[names.index("envoy.filters.http.ext_proc")]["typed_config"]
     assert ext["failure_mode_allow"] is True
     # Traffic that passes a down processor unchecked must not carry forged internal headers:
-    # Envoy drops them first (the e2e proof: tests/e2e/test_faults.py::test_processor_killed).
+    # Envoy drops them first (the e2e proofs: tests/e2e/test_faults.py::test_processor_killed,
+    # tests/e2e/test_gateway.py::test_the_access_log_never_takes_a_forged_tenant).
     guard = names.index("envoy.filters.http.header_mutation")
     assert guard < names.index("envoy.filters.http.ext_proc")
     rule = filters[guard]["typed_config"]["mutations"]["request_mutations"]
     assert rule == [{"remove_on_match": {"key_matcher": {"prefix": "x-floodwall-"}}}]
     assert validate_envoy(cfg) is None
+    # And where the processor refuses (fail-closed): its own answers (401, 429, hits) leave
+    # the request headers as they came, and the access log reads the tenant from them.
     fail_closed = [f["name"] for f in _hcm(_render(_variant()))["http_filters"]]
-    assert "envoy.filters.http.header_mutation" not in fail_closed  # the processor counts them
+    assert fail_closed.index("envoy.filters.http.header_mutation") == 0
 
 
 def test_tls_listener_validates(tmp_path: Path) -> None:
