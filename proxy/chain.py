@@ -272,6 +272,12 @@ class Chain:
                 if b.on_error == "open":
                     continue
                 return errors.error(500, "internal_error", "internal error in the gateway"), f.name
+        if acc.body is not None and not is_headers and not ctx.response_streamed:
+            # Envoy refuses (a 500) a buffered body whose length is not the content-length it
+            # is sent with: whichever filter replaced it last, the length is the new body's.
+            acc.set["content-length"] = str(len(acc.body))
+            if "content-length" in acc.remove:
+                acc.remove.remove("content-length")
         return acc.decision(), None
 
     def finish(

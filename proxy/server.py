@@ -15,19 +15,14 @@ import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
 from proxy import errors, metrics, translate
-from proxy.api import CONTINUE, Phase, RequestContext, Respond
+from proxy.api import CONTINUE, Mutate, Phase, RequestContext, Respond
 from proxy.chain import Chain, RoutePlan
 from proxy.guard import LagGuard
 from proxy.h2server import MAX_MESSAGE, H2Server
 
 log = logging.getLogger("floodwall.server")
 
-_LAST_PHASE_ORDER = (
-    Phase.RESPONSE_BODY,
-    Phase.RESPONSE_HEADERS,
-    Phase.REQUEST_BODY,
-    Phase.REQUEST_HEADERS,
-)
+_HEADER_PHASES = (Phase.REQUEST_HEADERS, Phase.RESPONSE_HEADERS)
 
 
 class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
@@ -59,6 +54,10 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
                 if phase is None:
                     if field in translate.TRAILERS:
                         await write(translate.TRAILERS[field])
+                        if field == "response_trailers" and ctx is not None:
+                            # Sent only for a streamed response (translate._STREAM_RESPONSE):
+                            # the end of a gRPC stream, the last message Envoy sends.
+                            ctx.end_of_stream = reached_end = True
                         continue
                     metrics.STREAM_FAULTS.labels("unexpected_message").inc()
                     log.warning("ignoring ext_proc message %r", field)
@@ -89,7 +88,9 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
                     data = req.request_body.body
                 else:
                     data = req.response_body.body
-                    ctx.end_of_stream = req.response_body.end_of_stream
+                    # A buffered body is the whole body even when trailers follow it (gRPC,
+                    # HTTP/2 upstreams), though Envoy then sends it with end_of_stream false.
+                    ctx.end_of_stream = req.response_body.end_of_stream or not ctx.response_streamed
                 decision, by = await chain.run(plan, phase, ctx, data)
                 if isinstance(decision, Respond):
                     responded_by, status = by or "chain", decision.status
@@ -97,6 +98,16 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
                     reached_end = True
                     await write(translate.immediate(decision, grpc=ctx.grpc))
                     break
+                if (
+                    phase in _HEADER_PHASES
+                    and isinstance(decision, Mutate)
+                    and decision.body is not None
+                ):
+                    # A body replaced at the headers: Envoy sends no body of that direction.
+                    if phase is Phase.REQUEST_HEADERS:
+                        ctx.has_request_body = False
+                    else:
+                        ctx.has_response_body = False
                 await write(translate.response_for(phase, decision))
                 # After the last phase Envoy will send, close our side at once: Envoy treats
                 # a clean close then as "processing complete", and the stream is freed now

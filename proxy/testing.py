@@ -209,7 +209,14 @@ def _apply(headers: Headers, d: Decision, body: bytes) -> bytes:
     for k in d.remove_headers:
         headers.pop(k, None)
     headers.update(d.set_headers)
-    return d.body if d.body is not None else body
+    if d.body is None:
+        return body
+    length = headers.get("content-length")
+    if length is not None and length != str(len(d.body)):
+        # What Envoy does with a buffered body that its content-length does not describe.
+        raise AssertionError(f"Envoy would answer 500: content-length {length} for a body "
+                             f"of {len(d.body)} bytes")  # fmt: skip
+    return d.body
 
 
 async def _call(

@@ -37,6 +37,9 @@ _STREAM_RESPONSE = ProcessingMode(
     response_header_mode=ProcessingMode.SEND,
     request_body_mode=ProcessingMode.NONE,
     response_body_mode=ProcessingMode.STREAMED,
+    # A gRPC stream ends with its trailers, never with a last body chunk: without them the
+    # processor could not tell a stream that ended from one the client left.
+    response_trailer_mode=ProcessingMode.SEND,
 )
 
 TRAILERS = {

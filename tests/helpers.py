@@ -12,6 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import httpx
 import yaml
 
 from proxy.config import REPO_ROOT, load_config
@@ -147,6 +148,17 @@ def kserve_binary_request(input_name: str, raw: bytes) -> tuple[bytes, dict[str,
 def local_config_dict() -> dict[str, Any]:
     data: dict[str, Any] = yaml.safe_load((REPO_ROOT / "examples" / "local.yaml").read_text())
     return data
+
+
+def metric_total(metrics_url: str, name: str, **labels: str) -> float:
+    """The sum of a Prometheus metric's samples carrying ``labels`` (0 when none)."""
+    total = 0.0
+    for line in httpx.get(metrics_url, timeout=5).text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        if all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
 
 
 def stack_config(

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from tests.e2e.conftest import Gateway
-from tests.helpers import AUTH, echo_server, stack_config, start_stack
+from tests.helpers import AUTH, echo_server, metric_total, stack_config, start_stack
 
 pytestmark = pytest.mark.e2e
 
@@ -124,6 +124,8 @@ def test_a_grpc_stream_holds_its_permit_until_it_ends(tmp_path: Path) -> None:
             inputs[1].set_data_from_numpy(np.array([[1]], dtype=np.int32))
             headers = {"authorization": AUTH["authorization"]}
             unary.infer("sim_llm", inputs, headers=headers)  # admitted when nothing streams
+            metrics = f"http://127.0.0.1:{s.cfg.processor.admin_port}/metrics"
+            aborted = metric_total(metrics, "floodwall_requests_aborted_total")
             started = threading.Event()
             with ThreadPoolExecutor(1) as pool:
                 # ~8 ms a token: the stream lasts about 2 s.
@@ -135,5 +137,8 @@ def test_a_grpc_stream_holds_its_permit_until_it_ends(tmp_path: Path) -> None:
                 assert len(streaming.result(60)) > 1
             unary.infer("sim_llm", inputs, headers=headers)  # the permit came back
             unary.close()
+            # The stream ended with its trailers: an exchange that finished, not one the
+            # client left (the permit's settlement and the metrics tell them apart).
+            assert metric_total(metrics, "floodwall_requests_aborted_total") == aborted
         finally:
             s.stop()

@@ -17,7 +17,7 @@ import pytest
 
 from filters.cache.filter import _triton_versions
 from tests.e2e.conftest import Gateway
-from tests.helpers import AUTH
+from tests.helpers import AUTH, metric_total
 
 pytestmark = pytest.mark.e2e
 
@@ -30,11 +30,7 @@ def chat(question: str, **extra: Any) -> dict[str, Any]:
 
 
 def metric(gateway: Gateway, name: str, **labels: str) -> float:
-    text = httpx.get(gateway.metrics_url, timeout=5).text
-    for line in text.splitlines():
-        if line.startswith(f"{name}{{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
+    return metric_total(gateway.metrics_url, name, **labels)
 
 
 def test_exact_repeat_and_paraphrase_are_served_by_the_gateway(gateway: Gateway) -> None:

@@ -14,20 +14,13 @@ import numpy as np
 import pytest
 
 from tests.e2e.conftest import Gateway
-from tests.helpers import AUTH
+from tests.helpers import AUTH, metric_total
 
 pytestmark = pytest.mark.e2e
 
 
 def metric(g: Gateway, name: str, **labels: str) -> float:
-    text = httpx.get(g.metrics_url).text
-    total = 0.0
-    for line in text.splitlines():
-        if not line.startswith(name + "{") and not line.startswith(name + " "):
-            continue
-        if all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
+    return metric_total(g.metrics_url, name, **labels)
 
 
 def embed(g: Gateway, body: object, headers: dict[str, str] | None = None) -> httpx.Response:

@@ -112,6 +112,22 @@ async def test_body_mutation_is_seen_by_the_next_filter_and_the_upstream() -> No
     assert r.upstream_body == b"rewritten"
 
 
+async def test_a_replaced_body_goes_with_its_own_content_length() -> None:
+    """Envoy answers 500 for a buffered body its content-length does not describe (the
+    harness plays that): whichever filter replaced the body last, the chain sends the new
+    length, in the request and in the response."""
+    log: list[str] = []
+    first = Mutate(body=b"first", set_headers={"content-length": "5"})
+    a = Recorder("a", log, mutate={"req_b": first, "resp_b": Mutate(body=b"{}")})
+    b = Recorder("b", log, mutate={"req_b": Mutate(body=b"the second, longer")})
+    up = UpstreamReply(200, {"content-length": "8"}, b"original")
+    r = await harness(a, b).request("POST", "/v1/embeddings", body=b"original",
+                                    headers={"content-length": "8"}, upstream=up)  # fmt: skip
+    assert r.upstream_body == b"the second, longer"
+    assert r.upstream_headers is not None and r.upstream_headers["content-length"] == "18"
+    assert r.body == b"{}" and r.headers["content-length"] == "2"
+
+
 async def test_respond_stops_the_chain_but_complete_runs_for_all() -> None:
     log: list[str] = []
     a = Recorder("a", log, respond_in="req_h")

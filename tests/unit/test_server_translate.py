@@ -225,3 +225,121 @@ async def test_lag_guard_refuses_new_requests_while_the_loop_runs_late(
     finally:
         await server.drain_and_stop(0.1, 0)
         await guard.stop()
+
+
+def _status_msg(status: bytes, eos: bool = False) -> pb.ProcessingRequest:
+    h = HeaderMap(headers=[HeaderValue(key=":status", raw_value=status)])
+    return pb.ProcessingRequest(response_headers=pb.HttpHeaders(headers=h, end_of_stream=eos))
+
+
+def _body_msg(body: bytes, eos: bool) -> pb.ProcessingRequest:
+    return pb.ProcessingRequest(response_body=pb.HttpBody(body=body, end_of_stream=eos))
+
+
+class Ends(Filter):
+    """Streams the response (a path ending in "stream") or reads it whole; records each
+    outcome and what it saw of the body's end."""
+
+    def __init__(self) -> None:
+        super().__init__(NoParams(), Deps())
+        self.name = "ends"
+        self.outcomes: list[Outcome] = []
+        self.body_ends: list[bool] = []
+
+    async def on_response_headers(self, ctx: RequestContext, headers: Headers) -> Decision:
+        return Mutate(stream_response=True) if ctx.path.endswith("stream") else CONTINUE
+
+    async def on_response_body(self, ctx: RequestContext, body: bytes) -> Decision:
+        self.body_ends.append(ctx.end_of_stream)
+        return CONTINUE
+
+    async def on_complete(self, ctx: RequestContext, outcome: Outcome) -> None:
+        self.outcomes.append(outcome)
+
+
+async def _ends_by_itself(addr: str, msgs: list[pb.ProcessingRequest]) -> int:
+    """Sends ``msgs`` and keeps the stream open (as Envoy does until its exchange ends): the
+    processor must close it after the last message Envoy will send. Returns the answers."""
+    async with grpc.aio.insecure_channel(addr) as ch:
+        stub = pb_grpc.ExternalProcessorStub(ch)
+        held = asyncio.Event()
+
+        async def requests() -> object:
+            for m in msgs:
+                yield m
+            await held.wait()
+
+        answers = [r async for r in stub.Process(requests())]  # ends only if the server ends it
+        held.set()
+        return len(answers)
+
+
+async def test_a_streamed_response_ends_at_its_trailers(tmp_path: Path, kind: str) -> None:
+    """A gRPC stream ends with its trailers, never with a last body chunk: that is the end
+    of the exchange (not a client that left), and the processor closes the stream there."""
+    f = Ends()
+    server, addr = await _server(tmp_path, f, kind)
+    try:
+        msgs = [
+            headers_msg({":path": "/v2/models/m/generate_stream", ":method": "POST"}, eos=True),
+            _status_msg(b"200"),
+            _body_msg(b"message 1", eos=False),
+            _body_msg(b"message 2", eos=False),
+            pb.ProcessingRequest(response_trailers=pb.HttpTrailers()),
+        ]  # fmt: skip
+        assert await asyncio.wait_for(_ends_by_itself(addr, msgs), 5) == 5
+        await asyncio.sleep(0.05)
+        assert f.outcomes and not f.outcomes[-1].aborted and f.outcomes[-1].status == 200
+        assert f.body_ends == [False, False]
+    finally:
+        await server.drain_and_stop(0.1, 0)
+
+
+async def test_a_buffered_body_with_trailers_after_it_is_the_whole_body(
+    tmp_path: Path, kind: str
+) -> None:
+    f = Ends()
+    server, addr = await _server(tmp_path, f, kind)
+    try:
+        msgs = [
+            headers_msg({":path": "/v2/models/m/infer", ":method": "GET"}, eos=True),
+            _status_msg(b"200"),
+            _body_msg(b"the whole answer", eos=False),  # trailers follow (an HTTP/2 upstream)
+        ]
+        assert await asyncio.wait_for(_ends_by_itself(addr, msgs), 5) == 3
+        assert f.body_ends == [True]
+    finally:
+        await server.drain_and_stop(0.1, 0)
+
+
+class Replaces(Filter):
+    """Replaces the request body at its headers; reads request bodies otherwise (so the
+    route's plan has a request-body phase), and no response phase."""
+
+    def __init__(self) -> None:
+        super().__init__(NoParams(), Deps())
+        self.name = "replaces"
+        self.outcomes: list[Outcome] = []
+
+    async def on_request_headers(self, ctx: RequestContext, headers: Headers) -> Decision:
+        return Mutate(body=b"{}")
+
+    async def on_request_body(self, ctx: RequestContext, body: bytes) -> Decision:
+        return CONTINUE
+
+    async def on_complete(self, ctx: RequestContext, outcome: Outcome) -> None:
+        self.outcomes.append(outcome)
+
+
+async def test_a_body_replaced_at_the_headers_is_not_waited_for(tmp_path: Path, kind: str) -> None:
+    """Envoy sends no request body after a filter replaced it at the request headers: with
+    no response phase, the request headers were the last message."""
+    f = Replaces()
+    server, addr = await _server(tmp_path, f, kind)
+    try:
+        msgs = [headers_msg({":path": "/v2/models/m/infer", ":method": "POST"})]
+        assert await asyncio.wait_for(_ends_by_itself(addr, msgs), 5) == 1
+        await asyncio.sleep(0.05)
+        assert f.outcomes and not f.outcomes[-1].aborted
+    finally:
+        await server.drain_and_stop(0.1, 0)
