@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,8 +20,27 @@ import orjson
 
 from filters.openai.chat import content_text
 
-# Fields that never change the answer (streaming is decided before caching).
-IGNORED = frozenset({"stream", "stream_options", "user", "metadata", "store", "service_tier"})
+
+def _is(kind: type) -> Callable[[Any], bool]:
+    return lambda v: isinstance(v, kind)
+
+
+def _stream_options(v: Any) -> bool:
+    return isinstance(v, dict) and all(
+        k in ("include_usage", "include_obfuscation") and (x is None or isinstance(x, bool))
+        for k, x in v.items()
+    )
+
+
+# Fields that never change the answer (streaming is decided before caching), per API, with
+# the values its API filter accepts (filters/openai; null reads as absent). Only those are
+# left out of the key: any other value stays in it, so such a request can never hit the
+# entry of a valid one, and reaches the API filter, which refuses it.
+IGNORABLE: dict[str, dict[str, Callable[[Any], bool]]] = {
+    "openai_chat": {"stream": _is(bool), "stream_options": _stream_options, "user": _is(str),
+                    "metadata": _is(dict), "store": _is(bool), "service_tier": _is(str)},
+    "openai_embeddings": {"stream": _is(bool), "user": _is(str)},
+}  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +99,9 @@ def lookup(
         raise NotCacheable("not_json_object")
     if req.get("stream") is True:
         raise NotCacheable("streamed")
-    body = {k: v for k, v in req.items() if k not in IGNORED}
+    ignorable = IGNORABLE.get(api, {})
+    body = {k: v for k, v in req.items()
+            if k not in ignorable or not (v is None or ignorable[k](v))}  # fmt: skip
     if api.startswith("openai"):
         model = req.get("model")
         if not isinstance(model, str) or not model:

@@ -42,6 +42,40 @@ def test_exact_id_ignores_order_and_output_neutral_fields() -> None:
     assert key(chat("hi", seed=1)).exact_id != a.exact_id
 
 
+# Output-neutral fields with values the API filter refuses: never left out of the key.
+BAD_NEUTRAL = {
+    "openai_chat": [("stream", "x"), ("user", 5), ("metadata", 5), ("store", "yes"),
+                    ("service_tier", 1), ("stream_options", 5),
+                    ("stream_options", {"include_usage": "yes"}),
+                    ("stream_options", {"other": True})],
+    "openai_embeddings": [("stream", "yes"), ("user", 5), ("metadata", {}), ("store", True)],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("api", sorted(BAD_NEUTRAL))
+async def test_a_neutral_field_the_api_refuses_never_hits(api: str) -> None:
+    """A cache hit answers before the API filter validates: a request it would refuse must
+    not share the key of a valid one (the API filter then answers 400)."""
+    from tests.unit.test_openai_requests import _harness
+
+    if api == "openai_chat":
+        req: dict[str, object] = {"model": "sim", "messages": [{"role": "user", "content": "q"}],
+                                  "temperature": 0}  # fmt: skip
+        path = "/v1/chat/completions"
+    else:
+        req, path = {"model": "mini", "input": "q"}, "/v1/embeddings"
+    clean = canon.lookup(req, api=api, model=None, max_temperature=0).exact_id
+    fine = {"stream": False, "user": "u", "stream_options": {"include_usage": False}}
+    for field, value in [(f, v) for f, v in fine.items() if f in canon.IGNORABLE[api]]:
+        same = canon.lookup({**req, field: value}, api=api, model=None, max_temperature=0)
+        assert same.exact_id == clean, field  # what the API filter accepts stays neutral
+    for field, value in BAD_NEUTRAL[api]:
+        bad = {**req, field: value}
+        assert canon.lookup(bad, api=api, model=None, max_temperature=0).exact_id != clean
+        r = await _harness().request("POST", path, body=orjson.dumps(bad))
+        assert r.status == 400, (field, value, r.body)
+
+
 def test_partition_holds_everything_but_the_last_question() -> None:
     one = key(chat("What now?", [{"role": "system", "content": "Be brief."}]))
     two = key(chat("What next?", [{"role": "system", "content": "Be brief."}]))
