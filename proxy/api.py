@@ -181,6 +181,13 @@ class Outcome:
     upstream_status: int | None = None
 
 
+def bearer_token(value: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` value (the scheme in any case), or
+    None: no value, another scheme, a bare token, an empty one."""
+    scheme, _, token = (value or "").partition(" ")
+    return (token.strip() or None) if scheme.lower() == "bearer" else None
+
+
 def prefers_async(headers: Headers) -> bool:
     """The client asked for an asynchronous answer (RFC 7240 ``Prefer: respond-async``)."""
     prefer = headers.get("prefer", "")

@@ -21,6 +21,7 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from proxy.config import FloodwallConfig
 
@@ -56,6 +57,20 @@ def find_binary(name: str, fix: str) -> str:
         if c.exists() and os.access(c, os.X_OK):
             return str(c)
     raise StartupError(f"{name} not found: {fix}")
+
+
+def redacted_url(url: str) -> str:
+    """``url`` fit to print or log: a password, in the userinfo or in a ``password=`` query
+    parameter (redis-py reads both), shown as ``***``."""
+    parts = urlsplit(url)
+    userinfo, _, hostport = parts.netloc.rpartition("@")
+    netloc = f"{userinfo.partition(':')[0]}:***@{hostport}" if ":" in userinfo else parts.netloc
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    if netloc == parts.netloc and all(k != "password" for k, _ in query):
+        return url
+    hidden = urlencode([(k, "***" if k == "password" else v) for k, v in query], safe="*")
+    # Rebuilt by hand: urlunsplit drops the "//" of unix:///path.
+    return f"{parts.scheme}://{netloc}{parts.path}" + (f"?{hidden}" if hidden else "")
 
 
 def port_free(host: str, port: int) -> bool:
@@ -257,12 +272,18 @@ class Stack:
                 "--index", str(i),
                 "--runtime-dir", str(self.runtime_dir),
             ]  # fmt: skip
-            if self.redis_url:
-                argv += ["--redis-url", self.redis_url]
+            argv += self._redis_url_args()
             started.append((i, self._spawn(f"processor-{i}", argv)))
         for i, child in started:
             url = f"http://{p.admin_address}:{p.admin_port + i}/readyz"
             self._wait(child, lambda u=url: http_ok(u), 30, f"GET {url}")  # type: ignore[misc]
+
+    def _redis_url_args(self) -> list[str]:
+        # Any local user can read a command line (`ps`), and a configured URL may hold a
+        # password: only the private Redis's socket is passed; otherwise the children read
+        # redis.url from the config file themselves.
+        private = self.cfg.redis is not None and self.cfg.redis.url == "local"
+        return ["--redis-url", self.redis_url] if private and self.redis_url else []
 
     def start_envoy(self) -> None:
         from proxy.bootstrap import render
@@ -286,7 +307,7 @@ class Stack:
         if p is None or not self.redis_url:
             return
         argv = [sys.executable, "-m", "proxy.cli", "worker", "-c", str(self.config_path),
-                "--redis-url", self.redis_url]  # fmt: skip
+                *self._redis_url_args()]  # fmt: skip
         child = self._spawn("worker", argv)
         url = f"http://{p.worker.admin_address}:{p.worker.admin_port}/readyz"
         self._wait(child, lambda: http_ok(url), 30, f"GET {url}")
@@ -333,7 +354,7 @@ class Stack:
             w = jobs.worker
             rows.append(("job worker admin", f"http://{w.admin_address}:{w.admin_port}/metrics"))
         if self.redis_url:
-            rows.append(("Redis", self.redis_url))
+            rows.append(("Redis", redacted_url(self.redis_url)))
         rows.append(("logs", str(self.runtime_dir)))
         return rows
 

@@ -6,7 +6,7 @@ import hashlib
 
 from filters.auth.params import ApiKey, AuthParams
 from proxy import errors
-from proxy.api import Decision, Deps, Filter, Headers, Mutate, RequestContext
+from proxy.api import Decision, Deps, Filter, Headers, Mutate, RequestContext, bearer_token
 
 _CHALLENGE = {"www-authenticate": 'Bearer realm="floodwall"'}
 
@@ -29,10 +29,7 @@ class AuthFilter(Filter):
         if raw is None:
             return None
         if self.header == "authorization":
-            scheme, _, key = raw.partition(" ")
-            if scheme.lower() != "bearer":
-                return None
-            return key.strip() or None
+            return bearer_token(raw)
         return raw.strip() or None
 
     async def on_request_headers(self, ctx: RequestContext, headers: Headers) -> Decision:

@@ -54,6 +54,7 @@ from proxy.api import (
     Phase,
     RequestContext,
     Respond,
+    bearer_token,
     cancel_and_wait,
 )
 from proxy.config import RouteConfig
@@ -719,9 +720,10 @@ class CacheFilter(Filter):
         """POST /cache/invalidate?tenant=T&model=M&route=R (any combination) or ?all=1,
         with ``Authorization: Bearer <token>``; answers what was dropped."""
         assert self.p.admin_token_sha256 is not None
-        token = headers.get("authorization", "").removeprefix("Bearer ").strip()
-        digest = hashlib.sha256(token.encode()).hexdigest()
-        if not token or not hmac.compare_digest(digest, self.p.admin_token_sha256):
+        # Parsed as the auth filter parses a key: a bare token (no scheme) is refused.
+        token = bearer_token(headers.get("authorization"))
+        digest = hashlib.sha256((token or "").encode()).hexdigest()
+        if token is None or not hmac.compare_digest(digest, self.p.admin_token_sha256):
             return 401, _admin_error("unauthorized", "a valid admin bearer token is required")
         fields = {k: query[k] for k in ("tenant", "model", "route") if query.get(k)}
         if not fields and query.get("all") not in ("1", "true"):
