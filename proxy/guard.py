@@ -46,7 +46,9 @@ class LagGuard:
         while True:
             t0 = loop.time()
             await asyncio.sleep(self.interval_s)
-            late = max(0.0, loop.time() - t0 - self.interval_s)
-            # Smoothed over ~5 ticks: one slow callback is not overload, a backlog is.
+            # Smoothed over ~5 ticks, each tick counting at most twice the limit: one slow
+            # callback (a 1 s reload) is not overload and must not refuse requests after the
+            # loop has caught up; a backlog (late tick after tick) is, within ~4 ticks.
+            late = min(max(0.0, loop.time() - t0 - self.interval_s), 2 * self.max_lag_s)
             self.lag += 0.2 * (late - self.lag)
             LAG.set(self.lag)

@@ -119,8 +119,11 @@ class Reloader:
         fresh: list[Filter] = []
         for fc in new_cfg.filters:
             prev = old.get(fc.name)
-            if prev is not None and prev[0] == fc:
-                filters.append(prev[1])  # unchanged: carried over with its state
+            # A filter is built from its type and params alone (its routes and on_error are
+            # the chain's business): while those stay, it is carried over with its state (an
+            # open breaker, a learned limit, a rate limiter's local state).
+            if prev is not None and (prev[0].type, prev[0].params) == (fc.type, fc.params):
+                filters.append(prev[1])
             else:
                 try:
                     (f,) = build_filters([fc], self.deps)

@@ -75,6 +75,22 @@ async def test_applied_keeps_unchanged_filters_and_their_state(tmp_path: Path) -
     await s.reloader.stop()
 
 
+async def test_a_filter_whose_routes_or_on_error_changed_keeps_its_state(tmp_path: Path) -> None:
+    """Routes and on_error are the chain's: an open breaker must not close because its
+    on_error was flipped."""
+    s = Setup(tmp_path)
+    breaker = s.chain.filters[2]
+    cfg = _cfg([_key("k1", "one")])
+    cfg["filters"][2].update(on_error="open", routes=["embeddings"])
+    s.write(cfg)
+    assert await s.reloader.reload("test")
+    (new,) = s.swapped
+    assert new.filters[2] is breaker
+    bound = {b.filter.name: b.on_error for b in new.plan(new.config.routes[1]).complete}
+    assert bound["breaker"] == "open"  # the new on_error applies all the same
+    await s.reloader.stop()
+
+
 @pytest.mark.parametrize(
     ("change", "why"),
     [
