@@ -13,7 +13,7 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, TypeVar
 
@@ -337,6 +337,11 @@ class Filter:
         the rendered Envoy message timeout adds the sum over the chain, so Envoy does not give
         up on a processor that is waiting as configured."""
         return 0.0
+
+    def route_refs(self) -> Collection[str]:
+        """Route names this filter's params refer to: each must be a configured route (a typo
+        would silently leave the route without the policy), checked at start and reload."""
+        return ()
 
     def admin_routes(self) -> Mapping[str, AdminHandler]:
         """Endpoints this filter adds to the processor's admin server (``POST <path>``): each

@@ -13,7 +13,7 @@ from proxy.api import Deps
 from proxy.chain import Chain
 from proxy.config import FloodwallConfig
 from proxy.guard import LagGuard
-from proxy.registry import build_filters
+from proxy.registry import build_filters, check_route_refs
 from proxy.reload import Reloader
 from proxy.server import ProcessorServer
 
@@ -60,7 +60,9 @@ def make_deps(cfg: FloodwallConfig, redis_url: str | None = None) -> Deps:
 
 
 def build_chain(cfg: FloodwallConfig, deps: Deps | None = None) -> Chain:
-    return Chain(cfg, build_filters(cfg.filters, deps or make_deps(cfg)))
+    filters = build_filters(cfg.filters, deps or make_deps(cfg))
+    check_route_refs(filters, [r.name for r in cfg.routes])
+    return Chain(cfg, filters)
 
 
 async def serve(

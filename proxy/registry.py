@@ -5,7 +5,7 @@ group, so a policy ships as its own package."""
 from __future__ import annotations
 
 import importlib
-from collections.abc import Mapping
+from collections.abc import Collection, Iterable, Mapping
 from importlib.metadata import entry_points
 
 from pydantic import ValidationError
@@ -63,3 +63,15 @@ def build_filters(
         f.name = fc.name
         out.append(f)
     return out
+
+
+def check_route_refs(filters: Iterable[Filter], routes: Collection[str]) -> None:
+    """Each route a filter's params name (``Filter.route_refs``) must be configured: a typo
+    would leave the route without the policy, silently."""
+    for f in filters:
+        unknown = sorted(set(f.route_refs()) - set(routes))
+        if unknown:
+            raise ConfigError(
+                f"filter {f.name}: params name unknown route(s) {', '.join(unknown)} "
+                f"(routes: {', '.join(sorted(routes))})"
+            )

@@ -27,7 +27,7 @@ from prometheus_client import Counter, Gauge
 from proxy.api import Deps, Filter
 from proxy.chain import Chain
 from proxy.config import ConfigError, FloodwallConfig, load_config
-from proxy.registry import build_filters
+from proxy.registry import build_filters, check_route_refs
 
 log = logging.getLogger("floodwall.reload")
 audit = logging.getLogger("floodwall.audit")
@@ -133,6 +133,7 @@ class Reloader:
                     raise ConfigError(f"filter {fc.name} failed to build: {e!r}") from None
                 filters.append(f)
                 fresh.append(f)
+        check_route_refs(filters, [r.name for r in new_cfg.routes])
         chain = Chain(new_cfg, filters)
         chain.tracer = self.chain.tracer
         for route in new_cfg.routes:

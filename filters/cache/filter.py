@@ -21,7 +21,7 @@ import hashlib
 import hmac
 import logging
 import time
-from collections.abc import Coroutine
+from collections.abc import Collection, Coroutine
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -186,6 +186,9 @@ class CacheFilter(Filter):
         return base
 
     # --- lifecycle -------------------------------------------------------------------------
+
+    def route_refs(self) -> Collection[str]:
+        return self.p.routes.keys()
 
     def phases(self, route: RouteConfig) -> frozenset[Phase]:
         if route.name not in self.p.routes or route.grpc:

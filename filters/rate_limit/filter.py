@@ -14,7 +14,7 @@ import hashlib
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -192,6 +192,9 @@ class RateLimitFilter(Filter):
         REDIS_UP.set(1 if self.store is not None else 0)
 
     # --- phases ------------------------------------------------------------------------------
+
+    def route_refs(self) -> Collection[str]:
+        return {r for spec in self.p.limits for r in spec.when.routes or ()}
 
     def phases(self, route: RouteConfig) -> frozenset[Phase]:
         if not self._limits_for(route.name):

@@ -117,6 +117,16 @@ async def test_a_filter_whose_routes_or_on_error_changed_keeps_its_state(tmp_pat
             },
             "message timeout",
         ),
+        (
+            {
+                **_cfg([_key("k1", "one")]),
+                "filters": [
+                    {"name": "auth", "type": "auth", "params": {"keys": [_key("k1", "one")]}},
+                    {"name": "cache", "type": "cache", "params": {"routes": {"embedding": {}}}},
+                ],
+            },
+            "unknown route",
+        ),
     ],
 )
 async def test_rejected_and_the_running_chain_stays(
