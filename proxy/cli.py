@@ -189,7 +189,10 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def _run_stack(stack: Stack, args: argparse.Namespace) -> int:
-    """Starts the stack, prints its endpoints and runs until a signal or a child's death."""
+    """Starts the stack, prints its endpoints and runs until a signal, starting again a child
+    that exits (Stack.restart_dead) until one crash-loops."""
+    from proxy.runtime import StartupError
+
     cfg = stack.cfg
     stack.start_all()
     width = max(len(k) for k, _ in stack.endpoints())
@@ -204,15 +207,15 @@ def _run_stack(stack: Stack, args: argparse.Namespace) -> int:
     print("ready; Ctrl-C stops everything", flush=True)
     code = 0
     while not stack.stopping:
-        dead = stack.dead_child()
-        if dead is not None:
-            print(
-                f"floodwall: error: {dead.name} exited ({dead.proc.returncode}); "
-                f"log {dead.log_path}: {dead.tail()}",
-                file=sys.stderr,
-            )
-            code = 1
+        try:
+            restarted = stack.restart_dead()
+        except StartupError as e:
+            if not stack.stopping:  # else Ctrl-C interrupted a restart
+                print(f"floodwall: error: {e}", file=sys.stderr)
+                code = 1
             break
+        if restarted is not None:
+            print(f"floodwall: warning: {restarted}", file=sys.stderr, flush=True)
         time.sleep(0.2)
     print("stopping...", flush=True)
     return code

@@ -31,6 +31,9 @@ class StartupError(Exception):
 
 
 INTERRUPTED = "interrupted while starting: stopped what had started"
+# A child that exits is started again, up to this many times within the window.
+MAX_RESTARTS = 3
+RESTART_WINDOW_S = 300.0
 
 
 @dataclass
@@ -107,6 +110,8 @@ class Stack:
     # Set from a signal handler (SIGINT/SIGTERM): start-up waits poll it, so Ctrl-C during a
     # long wait (Triton has 180 s) ends start-up at once instead of after the wait.
     stopping: bool = False
+    # When each child was started again (restart_dead), by name.
+    _restarts: dict[str, list[float]] = field(default_factory=dict)
 
     # --- helpers -------------------------------------------------------------------------
 
@@ -262,10 +267,11 @@ class Stack:
                 raise StartupError(f"Triton could not load a model: {failed}") from None
             raise e
 
-    def start_processors(self) -> None:
+    def start_processors(self, only: int | None = None) -> None:
+        """Every processor (all started, then each waited for), or processor ``only``."""
         p = self.cfg.processor
         started = []
-        for i in range(p.processes):
+        for i in range(p.processes) if only is None else [only]:
             argv = [
                 sys.executable, "-m", "proxy.cli", "serve",
                 "-c", str(self.config_path),
@@ -369,6 +375,37 @@ class Stack:
             if c.proc.poll() is not None:
                 return c
         return None
+
+    def restart_dead(self) -> str | None:
+        """Starts again a child that exited (one per call), as a supervisor would: Envoy
+        goes on answering meanwhile (cache hits, quick JSON errors), so a crashed model
+        server or processor costs seconds, not the gateway. Returns what happened (None:
+        nothing had exited); StartupError when the child exited more than
+        ``MAX_RESTARTS`` times within ``RESTART_WINDOW_S`` (a crash loop: better stopped,
+        with its log named) or could not be started again."""
+        dead = self.dead_child()
+        if dead is None:
+            return None
+        now = time.monotonic()
+        recent = [t for t in self._restarts.get(dead.name, []) if now - t < RESTART_WINDOW_S]
+        why = f"{dead.name} exited ({dead.proc.returncode}); log {dead.log_path}: {dead.tail()}"
+        if len(recent) >= MAX_RESTARTS:
+            raise StartupError(f"{why}; {len(recent) + 1} times within {RESTART_WINDOW_S:.0f}s")
+        self._restarts[dead.name] = [*recent, now]
+        self.children.remove(dead)
+        if dead.name == "triton":
+            from proxy.triton import remove_shm_regions
+
+            remove_shm_regions(self.shm_prefix)  # what the dead server left in /dev/shm
+        start: dict[str, Callable[[], None]] = {
+            "redis": self.start_redis, "triton": self.start_triton, "envoy": self.start_envoy,
+            "worker": self.start_worker,
+        }  # fmt: skip
+        if dead.name.startswith("processor-"):
+            self.start_processors(only=int(dead.name.removeprefix("processor-")))
+        else:
+            start[dead.name]()
+        return f"{why}; started again"
 
     def stop(self, timeout: float = 20.0) -> None:
         """Stops children in reverse start order; whatever ignores SIGTERM gets SIGKILL."""
