@@ -70,16 +70,18 @@ async def _read_head(
     try:
         line = await reader.readline()
     except ValueError:  # over the stream's limit
-        raise _BadHead(400, "invalid_request", f"request line over {_MAX_LINE} bytes") from None
+        raise _BadHead(
+            400, "invalid_request_error", f"request line over {_MAX_LINE} bytes"
+        ) from None
     if not line:
         return None
     parts = line.decode("latin-1").split()
     if len(parts) < 2:
-        raise _BadHead(400, "invalid_request", "request line is not METHOD TARGET VERSION")
+        raise _BadHead(400, "invalid_request_error", "request line is not METHOD TARGET VERSION")
     try:
         target = urlsplit(parts[1])
     except ValueError:  # e.g. "//[": an unclosed IPv6 bracket
-        raise _BadHead(400, "invalid_request", "malformed request target") from None
+        raise _BadHead(400, "invalid_request_error", "malformed request target") from None
     headers: dict[str, str] = {}
     size = len(line)
     try:

@@ -731,7 +731,7 @@ class CacheFilter(Filter):
         fields = {k: query[k] for k in ("tenant", "model", "route") if query.get(k)}
         if not fields and query.get("all") not in ("1", "true"):
             return 400, _admin_error(
-                "invalid_request", "name tenant, model and/or route, or all=1 for everything"
+                "invalid_request_error", "name tenant, model and/or route, or all=1 for everything"
             )
         try:
             dropped = await self.invalidate(**fields)

@@ -142,7 +142,7 @@ class JobsFilter(Filter):
             st.mode = "api"
             if not ctx.has_request_body:
                 REFUSED.labels("bad_request").inc()
-                return errors.error(400, "invalid_request", "POST /v1/jobs needs a JSON body")
+                return errors.error(400, "invalid_request_error", "POST /v1/jobs needs a JSON body")
             return CONTINUE
         job_id = path[len(self._prefix) :]
         if not _valid_id(job_id):
@@ -193,7 +193,7 @@ class JobsFilter(Filter):
             if not key or len(key) > _IDEMPOTENCY_MAX:
                 return errors.error(
                     400,
-                    "invalid_request",
+                    "invalid_request_error",
                     f"Idempotency-Key must be 1 to {_IDEMPOTENCY_MAX} characters",
                 )
             st.idempotency = key
@@ -208,42 +208,42 @@ class JobsFilter(Filter):
     def _check_webhook(self, url: Any) -> Respond | None:
         w = self.p.webhook
         if w is None:
-            return errors.error(400, "invalid_request", "webhooks are not enabled here")
+            return errors.error(400, "invalid_request_error", "webhooks are not enabled here")
         if not isinstance(url, str) or not any(url.startswith(p) for p in w.allowed_prefixes):
-            return errors.error(400, "invalid_request", "webhook URL is not an allowed one")
+            return errors.error(400, "invalid_request_error", "webhook URL is not an allowed one")
         return None
 
     def _envelope(self, body: bytes) -> list[tuple[str, str, bytes]] | Respond:
         try:
             doc = orjson.loads(body)
         except orjson.JSONDecodeError as exc:
-            return errors.error(400, "invalid_json", f"request body is not JSON: {exc}")
+            return errors.error(400, "invalid_request_error", f"request body is not JSON: {exc}")
         if not isinstance(doc, dict):
-            return errors.error(400, "invalid_request", "the body must be a JSON object")
+            return errors.error(400, "invalid_request_error", "the body must be a JSON object")
         items = doc.get("requests")
         if items is None:
             items = [doc]
         elif not isinstance(items, list) or not items:
-            return errors.error(400, "invalid_request", "'requests' must be a non-empty list")
+            return errors.error(400, "invalid_request_error", "'requests' must be a non-empty list")
         if len(items) > self.p.max_requests:
             return errors.error(
-                400, "invalid_request", f"at most {self.p.max_requests} requests per job"
+                400, "invalid_request_error", f"at most {self.p.max_requests} requests per job"
             )
         out = []
         for i, item in enumerate(items):
             where = f"requests[{i}]" if "requests" in doc else "job"
             if not isinstance(item, dict):
-                return errors.error(400, "invalid_request", f"{where} must be an object")
+                return errors.error(400, "invalid_request_error", f"{where} must be an object")
             url, inner = item.get("url"), item.get("body")
             if url not in self.p.urls:
                 return errors.error(
-                    400, "invalid_request", f"{where}.url must be one of {self.p.urls}"
+                    400, "invalid_request_error", f"{where}.url must be one of {self.p.urls}"
                 )
             if not isinstance(inner, dict):
-                return errors.error(400, "invalid_request", f"{where}.body must be an object")
+                return errors.error(400, "invalid_request_error", f"{where}.body must be an object")
             method = item.get("method", "POST")
             if method != "POST":
-                return errors.error(400, "invalid_request", f"{where}.method must be POST")
+                return errors.error(400, "invalid_request_error", f"{where}.method must be POST")
             out.append((method, url, orjson.dumps(inner)))
         return out
 

@@ -244,12 +244,16 @@ async def test_bad_submissions_are_refused_with_json_errors(rc: aioredis.Redis) 
     h = _gateway(rc, _params(max_requests=3))
     auth = {"authorization": "Bearer alice-key"}
     cases = [
-        (b"{not json", 400, "invalid_json"),
-        (b"[1, 2]", 400, "invalid_request"),
-        (orjson.dumps({"url": "/v2/models/x/infer", "body": {}}), 400, "invalid_request"),
-        (orjson.dumps({"url": "/ok", "body": "text"}), 400, "invalid_request"),
-        (orjson.dumps({"requests": [{"url": "/ok", "body": {}}] * 4}), 400, "invalid_request"),
-        (orjson.dumps({"requests": []}), 400, "invalid_request"),
+        (b"{not json", 400, "invalid_request_error"),
+        (b"[1, 2]", 400, "invalid_request_error"),
+        (orjson.dumps({"url": "/v2/models/x/infer", "body": {}}), 400, "invalid_request_error"),
+        (orjson.dumps({"url": "/ok", "body": "text"}), 400, "invalid_request_error"),
+        (
+            orjson.dumps({"requests": [{"url": "/ok", "body": {}}] * 4}),
+            400,
+            "invalid_request_error",
+        ),
+        (orjson.dumps({"requests": []}), 400, "invalid_request_error"),
     ]
     for body, status, kind in cases:
         r = await h.request("POST", "/v1/jobs", body=body, headers=auth)

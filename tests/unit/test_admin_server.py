@@ -50,14 +50,17 @@ async def test_malformed_or_oversized_heads_get_a_json_error_and_no_traceback(
 ) -> None:
     caplog.set_level(logging.INFO)
     long_line = b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\n\r\n"
-    assert _json_error(await _call(port, long_line)) == (400, "invalid_request")
+    assert _json_error(await _call(port, long_line)) == (400, "invalid_request_error")
     long_header = b"GET /healthz HTTP/1.1\r\nx: " + b"a" * 70_000 + b"\r\n\r\n"
     assert _json_error(await _call(port, long_header)) == (431, "headers_too_large")
     # Each line under the per-line cap, together over the head's.
     many_headers = b"GET /healthz HTTP/1.1\r\n" + (b"x: " + b"a" * 8000 + b"\r\n") * 9 + b"\r\n"
     assert _json_error(await _call(port, many_headers)) == (431, "headers_too_large")
-    assert _json_error(await _call(port, b"GET //[ HTTP/1.1\r\n\r\n")) == (400, "invalid_request")
-    assert _json_error(await _call(port, b"GET\r\n\r\n")) == (400, "invalid_request")
+    assert _json_error(await _call(port, b"GET //[ HTTP/1.1\r\n\r\n")) == (
+        400,
+        "invalid_request_error",
+    )
+    assert _json_error(await _call(port, b"GET\r\n\r\n")) == (400, "invalid_request_error")
     assert (await _call(port, b"GET /healthz HTTP/1.1\r\n\r\n")).endswith(b"\r\n\r\nok\n")
     # One short line per refusal, nothing of the request in it, no traceback.
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
@@ -125,5 +128,5 @@ async def test_the_cache_admin_token_is_a_bearer_token(authorization: str, accep
     invalidate = cache.admin_routes()["/cache/invalidate"]
     # No scope named: past the token check the answer is 400, before it 401.
     status, body = await invalidate({}, {"authorization": authorization})
-    kind = "invalid_request" if accepted else "unauthorized"
+    kind = "invalid_request_error" if accepted else "unauthorized"
     assert (status, body["error"]["type"]) == (400 if accepted else 401, kind)
