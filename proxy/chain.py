@@ -40,7 +40,7 @@ from proxy.api import (
     Respond,
     overrides_complete,
 )
-from proxy.config import FilterConfig, FloodwallConfig, RouteConfig
+from proxy.config import FilterConfig, FloodwallConfig, RouteConfig, is_grpc
 
 log = logging.getLogger("floodwall.chain")
 
@@ -160,7 +160,10 @@ class Chain:
         self, headers: Headers, *, started: float | None = None, traceparent: str | None = None
     ) -> tuple[RequestContext, RoutePlan]:
         path = headers.get(":path", "")
-        route = self.config.route_for(path)
+        # Envoy's route choice, content-type included: a non-gRPC request on a gRPC route's
+        # path goes on to a later route in Envoy, and must meet that route's filters here.
+        grpc = is_grpc(headers.get("content-type", ""))
+        route = self.config.route_for(path, grpc=grpc)
         t0 = time.monotonic() if started is None else started
         ctx = RequestContext(
             route,
@@ -168,7 +171,7 @@ class Chain:
             request_id=headers.get("x-request-id", ""),
             method=headers.get(":method", ""),
             path=path,
-            grpc=headers.get("content-type", "").startswith("application/grpc"),
+            grpc=grpc,
         )
         if route is not None and route.api == "kserve_http":
             ctx.model = kserve_model(path)
@@ -335,7 +338,8 @@ class Chain:
         if ctx.tenant:
             a["floodwall.tenant"] = ctx.tenant  # an id, never the key
         if ctx.model:
-            a["gen_ai.request.model"] = ctx.model
+            # From the client's path on KServe routes (any length, even on a 401): bounded.
+            a["gen_ai.request.model"] = ctx.model[:128]
         if by:
             a["floodwall.responded_by"] = by
         if not reached_end:

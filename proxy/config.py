@@ -27,6 +27,22 @@ DEFAULT_CONFIG = REPO_ROOT / "examples" / "local.yaml"
 Port = Annotated[int, Field(ge=1, le=65535)]
 Millis = Annotated[int, Field(ge=1)]
 
+# Envoy routes CONNECT only with a connect_matcher, which no rendered route has.
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH", "TRACE"})
+# Envoy's router retry conditions (x-envoy-retry-on, x-envoy-retry-grpc-on). Envoy ignores a
+# name it does not know, so a typo would turn the route's retries off without a word.
+# retriable-status-codes and retriable-headers are left out: they need lists this config
+# does not render, and without them retry on nothing.
+RETRY_ON = frozenset(
+    {
+        "5xx", "gateway-error", "reset", "reset-before-request", "connect-failure",
+        "envoy-ratelimited", "retriable-4xx", "refused-stream", "http3-post-connect-failure",
+        "cancelled", "deadline-exceeded", "internal", "resource-exhausted", "unavailable",
+    }
+)  # fmt: skip
+# Addresses that bind every address of the host: they clash with any address on their port.
+_WILDCARDS = frozenset({"0.0.0.0", "::", ""})
+
 
 class ConfigError(Exception):
     """The config is invalid; the message names the file and the field."""
@@ -210,15 +226,49 @@ class UpstreamConfig(Model):
         return f"http://{ep.address}:{ep.port}"
 
 
+def is_grpc(content_type: str) -> bool:
+    """Whether Envoy takes a request with this content-type for gRPC (a route's ``grpc: {}``
+    match): ``application/grpc`` or ``application/grpc+<codec>``, not ``application/grpc-web``."""
+    return content_type == "application/grpc" or content_type.startswith("application/grpc+")
+
+
 class RetryConfig(Model):
+    # Comma-separated Envoy retry conditions: 5xx, gateway-error, reset, reset-before-request,
+    # connect-failure, envoy-ratelimited, retriable-4xx, refused-stream,
+    # http3-post-connect-failure; for gRPC cancelled, deadline-exceeded, internal,
+    # resource-exhausted, unavailable.
     retry_on: str = "connect-failure,refused-stream,reset"
     num_retries: Annotated[int, Field(ge=0, le=10)] = 2
     per_try_timeout_ms: Millis | None = None
 
+    @field_validator("retry_on")
+    @classmethod
+    def _known_conditions(cls, v: str) -> str:
+        names = [n.strip() for n in v.split(",")]
+        unknown = [n for n in names if n not in RETRY_ON]
+        if unknown:
+            raise ValueError(
+                f"unknown retry condition(s) {unknown} (known: {', '.join(sorted(RETRY_ON))}); "
+                "to retry on nothing, set retries: null"
+            )
+        return ",".join(names)
+
 
 class RouteMatch(Model):
+    # The exact request path, compared as Envoy does: without the query string, case-sensitive.
+    # It starts with / and holds no ? or #; so does prefix.
     path: str | None = None
+    # A prefix of the request path (without the query string), case-sensitive.
     prefix: str | None = None
+
+    @field_validator("path", "prefix")
+    @classmethod
+    def _request_path(cls, v: str | None) -> str | None:
+        # A request path always starts with /, and Envoy matches it without query or
+        # fragment: any other value matches nothing, a dead route.
+        if v is not None and (not v.startswith("/") or "?" in v or "#" in v):
+            raise ValueError(f"{v!r} can match no request: start with / and leave out ? and #")
+        return v
 
     @model_validator(mode="after")
     def _exactly_one(self) -> RouteMatch:
@@ -226,17 +276,27 @@ class RouteMatch(Model):
             raise ValueError("give exactly one of path or prefix")
         return self
 
-    def matches(self, path: str) -> bool:
-        # The query string never takes part in matching, as in Envoy.
-        bare = path.split("?", 1)[0]
+    def matches(self, bare_path: str) -> bool:
+        """``bare_path``: the request path without its query string."""
         if self.path is not None:
-            return bare == self.path
+            return bare_path == self.path
         assert self.prefix is not None
-        return bare.startswith(self.prefix)
+        return bare_path.startswith(self.prefix)
+
+    def covers(self, other: RouteMatch) -> bool:
+        """Every path ``other`` matches, this matches too."""
+        if self.prefix is None:
+            return other.path == self.path
+        value = other.path if other.path is not None else other.prefix
+        assert value is not None
+        return value.startswith(self.prefix)
 
 
 class RouteConfig(Model):
     name: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$")]
+    # Envoy takes the first route in the list that matches. A kserve_grpc route matches gRPC
+    # requests only (content-type application/grpc or application/grpc+...); others go on to
+    # later routes. A route an earlier one matches all requests of is refused (never chosen).
     match: RouteMatch
     upstream: str
     # Which API the route speaks; filters decide from it whether they apply.
@@ -244,13 +304,39 @@ class RouteConfig(Model):
     api: Literal["openai_embeddings", "openai_chat", "kserve_http", "kserve_grpc", "jobs"] = (
         "kserve_http"
     )
-    methods: list[str] | None = None
+    # HTTP methods allowed (others get 405), upper-cased on load; None: any.
+    methods: Annotated[list[str], Field(min_length=1)] | None = None
     timeout_ms: Millis = 30000
     retries: RetryConfig | None = Field(default_factory=RetryConfig)
+
+    @field_validator("methods")
+    @classmethod
+    def _known_methods(cls, v: list[str] | None) -> list[str] | None:
+        # The chain compares the method as sent, and clients send it upper-case: `post`
+        # would refuse every request with 405.
+        if v is None:
+            return v
+        upper = [m.upper() for m in v]
+        unknown = [m for m in v if m.upper() not in HTTP_METHODS]
+        if unknown:
+            raise ValueError(
+                f"unknown HTTP method(s) {unknown} (known: {', '.join(sorted(HTTP_METHODS))})"
+            )
+        return upper
 
     @property
     def grpc(self) -> bool:
         return self.api == "kserve_grpc"
+
+    def matches(self, bare_path: str, grpc: bool) -> bool:
+        """As Envoy matches the rendered route (proxy/bootstrap.py): a gRPC route has a
+        ``grpc: {}`` match, so it takes gRPC requests only (``grpc``: ``is_grpc``)."""
+        return (grpc or not self.grpc) and self.match.matches(bare_path)
+
+    def shadows(self, later: RouteConfig) -> bool:
+        """Every request ``later`` matches, this route matches too: Envoy takes the first
+        route that matches, so ``later`` placed after this one is never chosen."""
+        return (later.grpc or not self.grpc) and self.match.covers(later.match)
 
     @property
     def model_in_body(self) -> bool:
@@ -296,15 +382,61 @@ class FloodwallConfig(Model):
             up = self.upstreams[r.upstream]
             if r.grpc and up.protocol == "http1":
                 raise ValueError(f"routes[{i}] ({r.name}): gRPC route needs an http2/grpc upstream")
+            for j, first in enumerate(self.routes[:i]):
+                if first.shadows(r):
+                    how = "the same match" if first.match == r.match else "a match covering it"
+                    raise ValueError(
+                        f"routes[{i}] ({r.name}) is never chosen: routes[{j}] ({first.name}) "
+                        f"has {how} and comes first (Envoy takes the first route that "
+                        "matches; put the narrower route first)"
+                    )
         for i, f in enumerate(self.filters):
             for rn in f.routes or []:
                 if rn not in route_names:
                     raise ValueError(f"filters[{i}] ({f.name}): unknown route {rn!r}")
         return self
 
-    def route_for(self, path: str) -> RouteConfig | None:
+    @model_validator(mode="after")
+    def _ports_apart(self) -> FloodwallConfig:
+        # Two servers on one port pass every other check, then one of them dies binding.
+        seen: list[tuple[str, int, str]] = []
+        for address, port, key in self.bound_ports():
+            if port > 65535:
+                raise ValueError(f"{key} is {port}, past 65535 (process i binds port + i)")
+            for a, p, k in seen:
+                if p == port and (a == address or a in _WILDCARDS or address in _WILDCARDS):
+                    where = f"{a}:{p}" if a == address else f"port {p} ({a} and {address})"
+                    raise ValueError(f"{key} and {k} are both {where}: give each its own port")
+            seen.append((address, port, key))
+        return self
+
+    def bound_ports(self) -> list[tuple[str, int, str]]:
+        """(address, port, config key) of every TCP port the stack listens on."""
+        p = self.processor
+        ports = [
+            (self.listener.address, self.listener.port, "listener.port"),
+            (self.admin.address, self.admin.port, "admin.port"),
+        ]
+        for i in range(p.processes):
+            n = f" + {i}" if i else ""
+            ports.append((p.admin_address, p.admin_port + i, f"processor.admin_port{n}"))
+            if p.transport == "tcp":
+                ports.append((p.address, p.port + i, f"processor.port{n}"))
+        t = self.triton
+        if t is not None and t.enabled:  # proxy/triton.py binds it to the loopback address
+            ports += [
+                ("127.0.0.1", t.http_port, "triton.http_port"),
+                ("127.0.0.1", t.grpc_port, "triton.grpc_port"),
+                ("127.0.0.1", t.metrics_port, "triton.metrics_port"),
+            ]
+        return ports
+
+    def route_for(self, path: str, *, grpc: bool = False) -> RouteConfig | None:
+        """The route Envoy chooses: the first that matches, gRPC routes for gRPC requests
+        only (``grpc``: ``is_grpc`` of the request's content-type)."""
+        bare = path.partition("?")[0]  # the query string never takes part, as in Envoy
         for r in self.routes:
-            if r.match.matches(path):
+            if r.matches(bare, grpc):
                 return r
         return None
 
