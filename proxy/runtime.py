@@ -157,22 +157,7 @@ class Stack:
 
     def check_ports(self) -> None:
         cfg = self.cfg
-        wanted = [
-            (cfg.listener.address, cfg.listener.port, "listener.port"),
-            (cfg.admin.address, cfg.admin.port, "admin.port"),
-        ]
-        p = cfg.processor
-        for i in range(p.processes):
-            wanted.append((p.admin_address, p.admin_port + i, "processor.admin_port"))
-            if p.transport == "tcp":
-                wanted.append((p.address, p.port + i, "processor.port"))
-        if cfg.triton is not None and cfg.triton.enabled:
-            t = cfg.triton
-            wanted += [
-                ("127.0.0.1", t.http_port, "triton.http_port"),
-                ("127.0.0.1", t.grpc_port, "triton.grpc_port"),
-                ("127.0.0.1", t.metrics_port, "triton.metrics_port"),
-            ]
+        wanted = cfg.bound_ports()
         from filters.jobs.worker import jobs_params
 
         jobs = jobs_params(cfg)
