@@ -21,8 +21,9 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import re
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -251,6 +252,15 @@ class Chain:
                 continue
             if isinstance(d, Respond):
                 return d, f.name
+            if isinstance(d, Mutate) and d.set_headers and _bad_header(d.set_headers):
+                # Envoy would reject the whole mutation and answer 500, past this filter's
+                # on_error and without naming it: judged here, as a fault of the filter.
+                metrics.FILTER_FAULTS.labels(f.name, "bad_header").inc()
+                ctx.log.error("filter %s set an invalid header: %s", f.name,
+                              _bad_header(d.set_headers))  # fmt: skip
+                if b.on_error == "open":
+                    continue
+                return errors.error(500, "internal_error", "internal error in the gateway"), f.name
             if isinstance(d, Mutate):
                 if d.stream_response and phase is Phase.RESPONSE_HEADERS:
                     ctx.response_streamed = True
@@ -390,6 +400,22 @@ def kserve_model(path: str) -> str | None:
     parts = path.split("?", 1)[0].split("/", 4)
     if len(parts) >= 4 and parts[1] == "v2" and parts[2] == "models" and parts[3]:
         return parts[3]
+    return None
+
+
+# What Envoy accepts in a header mutation: a token (or a pseudo-header) for the name, and a
+# value without CR, LF or NUL.
+_HEADER_NAME = re.compile(r":?[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_BAD_VALUE = re.compile(r"[\r\n\x00]")
+
+
+def _bad_header(headers: Mapping[str, str]) -> str | None:
+    """Why Envoy would refuse these headers (the first bad one, its value left out), or None."""
+    for k, v in headers.items():
+        if not _HEADER_NAME.fullmatch(k):
+            return f"name {k[:64]!r}"
+        if _BAD_VALUE.search(v):
+            return f"value of {k!r} has CR, LF or NUL"
     return None
 
 

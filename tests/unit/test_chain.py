@@ -225,6 +225,24 @@ async def test_fault_open_skips_the_filter() -> None:
     assert "b.req_h" in log
 
 
+@pytest.mark.parametrize("on_error", ["closed", "open"])
+async def test_a_header_envoy_would_refuse_is_the_filters_fault(on_error: str) -> None:
+    """Envoy refuses a whole mutation with a CR, LF or NUL in a value (or a bad name) and
+    answers 500, past the filter's on_error: the chain judges it first, as that filter's."""
+    labels = {"filter": "a", "kind": "bad_header"}
+    before = REGISTRY.get_sample_value("floodwall_filter_faults_total", labels) or 0.0
+    log: list[str] = []
+    bad = Mutate(set_headers={"x-ok": "1", "x-echo": "a\r\nset-cookie: x"})
+    a = Recorder("a", log, mutate={"req_h": bad})
+    r = await harness(a, Recorder("b", log), on_error={"a": on_error}).request("GET", "/v2/x")
+    assert REGISTRY.get_sample_value("floodwall_filter_faults_total", labels) == before + 1
+    if on_error == "closed":
+        assert r.status == 500 and r.json()["error"]["type"] == "internal_error"
+    else:  # the filter's decision is skipped, whole
+        assert r.status == 200 and r.upstream_headers is not None
+        assert "x-echo" not in r.upstream_headers and "x-ok" not in r.upstream_headers
+
+
 async def test_client_sent_internal_headers_are_stripped_before_filters() -> None:
     log: list[str] = []
     a = Recorder("a", log)
