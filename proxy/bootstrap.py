@@ -14,7 +14,13 @@ from typing import Any
 
 from proxy.api import Phase
 from proxy.chain import INTERNAL_PREFIX, Chain
-from proxy.config import FloodwallConfig, RouteConfig, TracingConfig, UpstreamConfig
+from proxy.config import (
+    CircuitBreakerConfig,
+    FloodwallConfig,
+    RouteConfig,
+    TracingConfig,
+    UpstreamConfig,
+)
 from proxy.process import processor_address
 
 PROCESSOR_CLUSTER = "floodwall_processor"
@@ -62,6 +68,22 @@ _LOCAL_REPLY_KINDS = [
     (["UT", "SI"], 504, "upstream_timeout"),
     (["UC", "UR"], 502, "upstream_reset"),
 ]
+ERROR_HEADER = "x-floodwall-error"
+NOT_FOUND = ("not_found", "no such route")
+# Envoy's other refusals (most from its HTTP codec, before any filter ran: response flag DPE)
+# keep Envoy's status; the type names what was wrong, the message Envoy's reason (e.g.
+# "http1.content_length_and_chunked_not_allowed").
+_WHY = "%RESPONSE_CODE_DETAILS%"
+_LOCAL_REPLY_STATUSES = {
+    400: ("bad_request", f"malformed HTTP request: {_WHY}"),
+    404: NOT_FOUND,
+    408: ("request_timeout", f"the request did not arrive in time: {_WHY}"),
+    413: ("request_too_large", "request body exceeds the size limit"),
+    414: ("uri_too_long", f"the request URI is too long: {_WHY}"),
+    426: ("upgrade_required", "HTTP/1.0 is not served: use HTTP/1.1 or HTTP/2"),
+    431: ("request_headers_too_large", f"too many or too large request headers: {_WHY}"),
+    501: ("not_implemented", f"the request uses an HTTP feature not served: {_WHY}"),
+}
 
 
 def _ms(ms: float) -> str:
@@ -122,14 +144,22 @@ def _collector_cluster(t: TracingConfig) -> dict[str, Any]:
     }
 
 
-def _json_error_format(status: int, type_: str, message: str) -> dict[str, Any]:
-    return {
-        "status_code": status,
+def _set_header(key: str, value: str) -> dict[str, Any]:
+    return {"header": {"key": key, "value": value}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+
+
+def _json_error_format(type_: str, message: str, status: int | None = None) -> dict[str, Any]:
+    """A local-reply mapper's rewrite to the error format; ``status`` None keeps Envoy's."""
+    m: dict[str, Any] = {
+        "headers_to_add": [_set_header(ERROR_HEADER, type_)],
         "body_format_override": {
             "json_format": {"error": {"type": type_, "message": message}},
             "content_type": "application/json",
         },
     }
+    if status is not None:
+        m["status_code"] = status
+    return m
 
 
 _PER_ROUTE = {
@@ -166,9 +196,15 @@ def _route(cfg: FloodwallConfig, r: RouteConfig, phases: frozenset[Phase]) -> di
         "idle_timeout": _ms(max(r.timeout_ms, STREAM_IDLE_TIMEOUT_MS)),
     }
     if r.grpc:
-        # gRPC deadlines come from the client's grpc-timeout, capped by the route timeout.
+        # gRPC deadlines come from the client's grpc-timeout, capped by the route timeout; a
+        # call without one gets the route timeout (max_stream_duration), else it could wait
+        # forever. It bounds the whole stream: a ModelStreamInfer stream (bidirectional, many
+        # requests) ends after timeout_ms as well, so give streaming routes a long timeout.
         action["timeout"] = "0s"
-        action["max_stream_duration"] = {"grpc_timeout_header_max": _ms(r.timeout_ms)}
+        action["max_stream_duration"] = {
+            "max_stream_duration": _ms(r.timeout_ms),
+            "grpc_timeout_header_max": _ms(r.timeout_ms),
+        }
     if r.retries is not None and r.retries.num_retries > 0:
         rp: dict[str, Any] = {
             "retry_on": r.retries.retry_on,
@@ -198,7 +234,11 @@ def _route(cfg: FloodwallConfig, r: RouteConfig, phases: frozenset[Phase]) -> di
     }
     if r.api != "kserve_http":
         per_filter[LUA] = _off(LUA)
-    if Phase.REQUEST_BODY not in phases:
+    if r.grpc:
+        # The buffer filter is what enforces listener.max_request_bytes (413), so it stays on
+        # for every HTTP route, also where no filter reads the body: it holds a body only up to
+        # the limit. Not on gRPC: it would hold a call until its stream ends, and
+        # ModelStreamInfer is a bidirectional stream. gRPC bodies are not size-limited here.
         per_filter[BUFFER] = _off(BUFFER)
     return {
         "name": r.name,
@@ -226,16 +266,17 @@ def _spoof_guard() -> dict[str, Any]:
 
 
 def _not_found_route() -> dict[str, Any]:
-    body = json.dumps({"error": {"type": "not_found", "message": "no such route"}})
+    # The local-reply 404 mapper rewrites this answer too; the route says it for itself all the
+    # same, so the 404 holds for a bootstrap rendered without the mappers.
+    type_, message = NOT_FOUND
+    body = json.dumps({"error": {"type": type_, "message": message}})
     return {
         "name": "not_found",
         "match": {"prefix": "/"},
         "direct_response": {"status": 404, "body": {"inline_string": body}},
         "response_headers_to_add": [
-            {
-                "header": {"key": "content-type", "value": "application/json"},
-                "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
-            }
+            _set_header("content-type", "application/json"),
+            _set_header(ERROR_HEADER, type_),
         ],
         "typed_per_filter_config": {name: _off(name) for name in (EXT_PROC, BUFFER, LUA)},
     }
@@ -246,8 +287,8 @@ def _access_log() -> list[dict[str, Any]]:
         "time": "%START_TIME%",
         "request_id": "%REQ(X-REQUEST-ID)%",
         "method": "%REQ(:METHOD)%",
-        # Path without the query: queries may carry tokens.
-        "path": "%PATH(WQ:ORIG_OR_PATH)%",
+        # Path without the query (NQ; WQ is with it): queries may carry tokens.
+        "path": "%PATH(NQ:ORIG_OR_PATH)%",
         "protocol": "%PROTOCOL%",
         "status": "%RESPONSE_CODE%",
         "grpc_status": "%GRPC_STATUS_NUMBER%",
@@ -286,15 +327,19 @@ def _cel(expression: str) -> dict[str, Any]:
 
 
 def _local_reply_config() -> dict[str, Any]:
-    """Rewrites Envoy's own plain-text local replies to the JSON error format.
+    """Rewrites Envoy's own plain-text local replies to the JSON error format, with
+    ``x-floodwall-error`` as on the processor's refusals.
 
-    Answers from the processor are local replies too (Envoy sends them with sendLocalReply), so
-    every mapper skips replies whose details start with ``floodwall_`` (``translate._details``).
+    Envoy applies the first mapper whose filter matches. Answers from the processor are local
+    replies too (Envoy sends them with sendLocalReply), so every mapper that could match one
+    skips replies whose details start with ``floodwall_`` (``translate._details``); the flag
+    mappers cannot (the processor's answers carry no response flag). No top-level body_format:
+    it would rewrite the processor's answers too.
     """
     not_ours = "!response.code_details.startsWith('floodwall_')"
     mappers = []
     for flags, status, type_ in _LOCAL_REPLY_KINDS:
-        m = _json_error_format(status, type_, "%LOCAL_REPLY_BODY%")
+        m = _json_error_format(type_, "%LOCAL_REPLY_BODY%", status)
         m["filter"] = {"response_flag_filter": {"flags": flags}}
         mappers.append(m)
     # The processor failed or timed out (failure_mode_allow: false).
@@ -302,15 +347,22 @@ def _local_reply_config() -> dict[str, Any]:
         (500, "gateway_unavailable", "the policy processor is unavailable"),
         (504, "gateway_timeout", "the policy processor did not answer in time"),
     ):
-        m = _json_error_format(status, type_, message)
+        m = _json_error_format(type_, message, status)
         m["filter"] = _cel(
             f"response.code == {status} && response.code_details.startsWith('ext_proc')"
         )
         mappers.append(m)
-    # Envoy's own 413 (body over listener.max_request_bytes) comes from the buffer filter.
-    m = _json_error_format(413, "request_too_large", "request body exceeds the size limit")
-    m["filter"] = _cel(f"response.code == 413 && {not_ours}")
-    mappers.append(m)
+    # Envoy's own 413 (body over listener.max_request_bytes) comes from the buffer filter; a
+    # codec error (400, 431, 426, 501) from the HTTP codec; 404 from the not_found route.
+    for status, (type_, message) in _LOCAL_REPLY_STATUSES.items():
+        m = _json_error_format(type_, message)
+        m["filter"] = _cel(f"response.code == {status} && {not_ours}")
+        mappers.append(m)
+    # Any other refusal of Envoy's, with its status.
+    for type_, codes in (("bad_request", "< 500"), ("gateway_error", ">= 500")):
+        m = _json_error_format(type_, f"%LOCAL_REPLY_BODY%: {_WHY}")
+        m["filter"] = _cel(f"response.code >= 400 && response.code {codes} && {not_ours}")
+        mappers.append(m)
     return {"mappers": mappers}
 
 
@@ -358,6 +410,23 @@ def _processor_cluster(cfg: FloodwallConfig, runtime_dir: Path) -> dict[str, Any
     }
 
 
+def _thresholds(cb: CircuitBreakerConfig) -> dict[str, Any]:
+    t: dict[str, Any] = {
+        "max_connections": cb.max_connections,
+        "max_pending_requests": cb.max_pending_requests,
+        "max_requests": cb.max_requests,
+        "max_retries": cb.max_retries,
+    }
+    # Envoy ignores max_retries wherever a retry budget is set. The budget is the default;
+    # a config that names max_retries (never with a budget field: config.py) gets that.
+    if "max_retries" not in cb.model_fields_set:
+        t["retry_budget"] = {
+            "budget_percent": {"value": cb.retry_budget_percent},
+            "min_retry_concurrency": cb.min_retry_concurrency,
+        }
+    return t
+
+
 def _upstream_cluster(name: str, up: UpstreamConfig) -> dict[str, Any]:
     all_ips = all(_is_ip(e.address) for e in up.endpoints)
     c: dict[str, Any] = {
@@ -384,20 +453,7 @@ def _upstream_cluster(name: str, up: UpstreamConfig) -> dict[str, Any]:
                 for level in sorted({e.priority for e in up.endpoints})
             ],
         },
-        "circuit_breakers": {
-            "thresholds": [
-                {
-                    "max_connections": up.circuit_breakers.max_connections,
-                    "max_pending_requests": up.circuit_breakers.max_pending_requests,
-                    "max_requests": up.circuit_breakers.max_requests,
-                    "max_retries": up.circuit_breakers.max_retries,
-                    "retry_budget": {
-                        "budget_percent": {"value": up.circuit_breakers.retry_budget_percent},
-                        "min_retry_concurrency": up.circuit_breakers.min_retry_concurrency,
-                    },
-                }
-            ]
-        },
+        "circuit_breakers": {"thresholds": [_thresholds(up.circuit_breakers)]},
     }
     if up.protocol in ("http2", "grpc"):
         c["typed_extension_protocol_options"] = _http2_options()

@@ -182,3 +182,64 @@ def test_a_route_timeout_past_the_stream_idle_timeout_sets_the_routes_idle_timeo
     assert action["slow"]["timeout"] == "120.000s"
     assert float(action["slow"]["idle_timeout"].rstrip("s")) >= 120
     assert action["r"]["idle_timeout"] == "60.000s"  # never shorter than the listener's
+
+
+def test_the_size_limit_holds_on_every_http_route_and_grpc_streams_are_not_buffered() -> None:
+    routes = _routes(_render(load_config(DEFAULT_CONFIG)))
+    per_filter = {n: r["typed_per_filter_config"] for n, r in routes.items() if n != "not_found"}
+    buffer = "envoy.filters.http.buffer"
+    # The buffer filter answers 413 past listener.max_request_bytes: on for passthrough routes
+    # too, where no filter reads the body (tests/e2e/test_envoy_edges.py sends the bodies).
+    assert "kserve_http" in per_filter
+    assert [n for n, f in per_filter.items() if buffer in f] == ["kserve_grpc"]
+    assert per_filter["kserve_grpc"][buffer]["disabled"] is True
+
+
+def test_envoys_own_refusals_carry_the_error_header_and_type() -> None:
+    b = _render(_variant())
+    mappers = _hcm(b)["local_reply_config"]["mappers"]
+    for m in mappers:
+        type_ = m["body_format_override"]["json_format"]["error"]["type"]
+        assert m["headers_to_add"] == [{"header": {"key": "x-floodwall-error", "value": type_},
+                                        "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}]  # fmt: skip
+    # Codec refusals keep Envoy's status; the last mappers take any refusal not yet mapped,
+    # never the processor's own answers (details floodwall_*).
+    kept = {m["body_format_override"]["json_format"]["error"]["type"] for m in mappers
+            if "status_code" not in m}  # fmt: skip
+    assert {"bad_request", "request_headers_too_large", "upgrade_required",
+            "not_implemented", "not_found", "gateway_error"} <= kept  # fmt: skip
+    assert "!response.code_details.startsWith('floodwall_')" in str(mappers[-1]["filter"])
+    headers = _routes(b)["not_found"]["response_headers_to_add"]
+    assert {"key": "x-floodwall-error", "value": "not_found"} in [h["header"] for h in headers]
+
+
+def test_a_grpc_route_timeout_bounds_calls_without_a_deadline() -> None:
+    routes = [{"name": "g", "match": {"prefix": "/"}, "api": "kserve_grpc", "upstream": "a",
+               "timeout_ms": 2000}]  # fmt: skip
+    ups = {"a": {"protocol": "grpc", "endpoints": [{"address": "127.0.0.1", "port": 9}]}}
+    action = _routes(_render(_variant(upstreams=ups, routes=routes)))["g"]["route"]
+    assert action["timeout"] == "0s"
+    assert action["max_stream_duration"] == {
+        "max_stream_duration": "2.000s",  # no grpc-timeout from the client
+        "grpc_timeout_header_max": "2.000s",  # the client's, capped
+    }
+
+
+def test_max_retries_is_not_overridden_by_a_retry_budget() -> None:
+    def thresholds(cb: dict[str, Any]) -> dict[str, Any]:
+        ups = {"a": {"endpoints": [{"address": "127.0.0.1", "port": 9}], "circuit_breakers": cb}}
+        t: dict[str, Any] = _render(_variant(upstreams=ups))["static_resources"]["clusters"][1][
+            "circuit_breakers"
+        ]["thresholds"][0]
+        return t
+
+    # Envoy ignores max_retries wherever a retry budget is set (the e2e proof:
+    # tests/e2e/test_envoy_edges.py::test_circuit_breakers_max_retries_holds).
+    named = thresholds({"max_retries": 0})
+    assert named["max_retries"] == 0 and "retry_budget" not in named
+    assert thresholds({})["retry_budget"]["budget_percent"] == {"value": 20.0}
+    assert thresholds({"retry_budget_percent": 50})["retry_budget"]["budget_percent"] == {
+        "value": 50
+    }
+    with pytest.raises(ConfigError, match="max_retries or the retry budget"):
+        thresholds({"max_retries": 1, "retry_budget_percent": 50})  # one would be ignored
