@@ -415,15 +415,17 @@ def _thresholds(cb: CircuitBreakerConfig) -> dict[str, Any]:
         "max_connections": cb.max_connections,
         "max_pending_requests": cb.max_pending_requests,
         "max_requests": cb.max_requests,
-        "max_retries": cb.max_retries,
     }
-    # Envoy ignores max_retries wherever a retry budget is set. The budget is the default;
-    # a config that names max_retries (never with a budget field: config.py) gets that.
-    if "max_retries" not in cb.model_fields_set:
+    # Envoy ignores max_retries wherever a retry budget is set: one or the other (config.py).
+    if cb.max_retries is not None:
+        t["max_retries"] = cb.max_retries
+    else:
         t["retry_budget"] = {
-            "budget_percent": {"value": cb.retry_budget_percent},
-            "min_retry_concurrency": cb.min_retry_concurrency,
-        }
+            "budget_percent": {"value": 20.0 if cb.retry_budget_percent is None
+                               else cb.retry_budget_percent},
+            "min_retry_concurrency": 3 if cb.min_retry_concurrency is None
+                                     else cb.min_retry_concurrency,
+        }  # fmt: skip
     return t
 
 

@@ -193,19 +193,20 @@ class CircuitBreakerConfig(Model):
     max_connections: Annotated[int, Field(ge=1)] = 1024
     max_pending_requests: Annotated[int, Field(ge=1)] = 1024
     max_requests: Annotated[int, Field(ge=1)] = 1024
-    # Retries in flight at once. Envoy ignores it while a retry budget is set, so setting it
-    # turns the budget (the default) off; it cannot be set together with the budget's fields.
-    max_retries: Annotated[int, Field(ge=0)] = 3
+    # Retries in flight at once, instead of the retry budget: Envoy ignores it under a
+    # budget, so the two cannot be set together. None (and no budget field set): the budget
+    # with its defaults.
+    max_retries: Annotated[int, Field(ge=0)] | None = None
     # Retries may add at most this share of active requests (Envoy's retry budget), so a
-    # failing upstream is not hit by a retry storm.
-    retry_budget_percent: Annotated[float, Field(ge=0, le=100)] = 20.0
-    min_retry_concurrency: Annotated[int, Field(ge=0)] = 3
+    # failing upstream is not hit by a retry storm. None: 20.
+    retry_budget_percent: Annotated[float, Field(ge=0, le=100)] | None = None
+    # Retries always allowed under the budget, whatever the share. None: 3.
+    min_retry_concurrency: Annotated[int, Field(ge=0)] | None = None
 
     @model_validator(mode="after")
     def _budget_or_max_retries(self) -> CircuitBreakerConfig:
-        if "max_retries" in self.model_fields_set and self.model_fields_set & {
-            "retry_budget_percent", "min_retry_concurrency"
-        }:  # fmt: skip
+        budget = self.retry_budget_percent is not None or self.min_retry_concurrency is not None
+        if self.max_retries is not None and budget:
             raise ValueError(
                 "set max_retries or the retry budget (retry_budget_percent, "
                 "min_retry_concurrency), not both: Envoy ignores max_retries under a budget"
