@@ -25,20 +25,14 @@ def _is(kind: type) -> Callable[[Any], bool]:
     return lambda v: isinstance(v, kind)
 
 
-def _stream_options(v: Any) -> bool:
-    return isinstance(v, dict) and all(
-        k in ("include_usage", "include_obfuscation") and (x is None or isinstance(x, bool))
-        for k, x in v.items()
-    )
-
-
 # Fields that never change the answer (streaming is decided before caching), per API, with
 # the values its API filter accepts (filters/openai; null reads as absent). Only those are
 # left out of the key: any other value stays in it, so such a request can never hit the
 # entry of a valid one, and reaches the API filter, which refuses it.
 IGNORABLE: dict[str, dict[str, Callable[[Any], bool]]] = {
-    "openai_chat": {"stream": _is(bool), "stream_options": _stream_options, "user": _is(str),
-                    "metadata": _is(dict), "store": _is(bool), "service_tier": _is(str)},
+    # stream_options only with "stream": true, which is never cached: not neutral here.
+    "openai_chat": {"stream": _is(bool), "user": _is(str), "metadata": _is(dict),
+                    "store": _is(bool), "service_tier": _is(str)},
     "openai_embeddings": {"stream": _is(bool), "user": _is(str)},
 }  # fmt: skip
 

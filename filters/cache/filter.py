@@ -123,7 +123,9 @@ class _Pending:
 
 
 class _State:
-    __slots__ = ("exact_hit", "no_lookup", "no_store", "pending", "stale", "tenant", "tokens")
+    __slots__ = (
+        "bypassed", "exact_hit", "no_lookup", "no_store", "pending", "stale", "tenant", "tokens",
+    )  # fmt: skip
 
     def __init__(self) -> None:
         self.tenant: str | None = None  # whose scope: the caller's, or whom it acts for
@@ -135,6 +137,7 @@ class _State:
         self.stale: Entry | None = None
         self.tokens: np.ndarray[Any, Any] | None = None  # the prompt's, once embedded
         self.exact_hit = False  # answered by the exact look-up (an alias included)
+        self.bypassed = False  # neither looked up nor stored: the answer says so
 
 
 class CacheFilter(Filter):
@@ -398,7 +401,7 @@ class CacheFilter(Filter):
                 if pending.ttl_ms > 0:
                     pending.headers = {h: headers[h] for h in _KEPT_HEADERS if h in headers}
                     st.pending = pending
-        return Mutate(set_headers={HEADER: "miss"})
+        return Mutate(set_headers={HEADER: "bypass" if st.bypassed else "miss"})
 
     async def on_response_body(self, ctx: RequestContext, body: bytes) -> Decision:
         st = ctx.state(_State)
@@ -461,7 +464,8 @@ class CacheFilter(Filter):
     def _bypass(self, ctx: RequestContext, reason: str) -> Decision:
         BYPASS.labels(ctx.route_name, reason).inc()
         LOOKUPS.labels(ctx.route_name, "bypass").inc()
-        ctx.state(_State).pending = None
+        st = ctx.state(_State)
+        st.pending, st.bypassed = None, True
         return CONTINUE
 
     def _hit(self, ctx: RequestContext, entry: Entry, kind: str, now_ms: int) -> Respond:

@@ -124,6 +124,9 @@ def parse(
     options = given(req, "stream_options", {})
     if not isinstance(options, dict):
         return bad("'stream_options' must be an object")
+    if req.get("stream_options") is not None and not stream:
+        # As OpenAI: options of a stream that is not asked for would be silently unused.
+        return bad("'stream_options' is only allowed when 'stream' is true")
     for key in options:
         if key not in _STREAM_OPTIONS:
             return bad(f"'stream_options'.{key[:100]!r} is not a supported option")

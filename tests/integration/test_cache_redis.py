@@ -338,7 +338,7 @@ async def test_jobs_run_by_the_worker_are_cached_in_their_own_tenant(rc: aioredi
     for _ in range(2):
         r = await ask(h, f, up, chat("What is the refund policy?"), tenant="floodwall-worker",
                       headers={"x-test-key-id": "worker"})  # fmt: skip
-        assert r.headers["x-floodwall-cache"] == "miss"
+        assert r.headers["x-floodwall-cache"] == "bypass"
     assert up.calls == calls + 2
     await f.invalidate(tenant="a")
     assert await job("What is the refund policy?", "a") == "miss"
@@ -349,7 +349,7 @@ async def test_no_tenant_no_cache(rc: aioredis.Redis) -> None:
     h, up = harness(f), Upstream()
     for _ in range(2):
         r = await h.request("POST", "/v1/chat/completions", body=chat("hi there"), upstream=up)
-        assert r.headers["x-floodwall-cache"] == "miss"
+        assert r.headers["x-floodwall-cache"] == "bypass"
     assert up.calls == 2
 
 
@@ -487,9 +487,11 @@ async def test_what_is_never_stored(rc: aioredis.Redis) -> None:
             await f.settle()
         return str(r.headers["x-floodwall-cache"])
 
-    assert await twice(chat("x " * 1500)) == "miss"  # request too large
-    assert await twice(chat("hot", temperature=0.7)) == "miss"  # not deterministic
-    assert await twice(chat("stream me", stream=True)) == "miss"
+    # Not looked up at all, and the answer says so.
+    assert await twice(chat("x " * 1500)) == "bypass"  # request too large
+    assert await twice(chat("hot", temperature=0.7)) == "bypass"  # not deterministic
+    assert await twice(chat("stream me", stream=True)) == "bypass"
+    # Looked up (a miss) but the answer is not stored.
     big = UpstreamReply(200, {"content-type": "application/json"}, b"[" + b"1," * 400 + b"1]")
     assert await twice(chat("big answer"), big) == "miss"
     for reply in (
@@ -498,7 +500,7 @@ async def test_what_is_never_stored(rc: aioredis.Redis) -> None:
         UpstreamReply(200, {"x-floodwall-degraded": "embedder_int8"}, b"{}"),
     ):
         assert await twice(chat(f"q {reply.status} {sorted(reply.headers)}"), reply) == "miss"
-    assert await twice(b"{not json", UpstreamReply(400, {}, b"{}")) == "miss"
+    assert await twice(b"{not json", UpstreamReply(400, {}, b"{}")) == "bypass"
 
 
 async def test_redis_down_is_a_miss_not_an_error(

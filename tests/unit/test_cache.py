@@ -47,7 +47,8 @@ BAD_NEUTRAL = {
     "openai_chat": [("stream", "x"), ("user", 5), ("metadata", 5), ("store", "yes"),
                     ("service_tier", 1), ("stream_options", 5),
                     ("stream_options", {"include_usage": "yes"}),
-                    ("stream_options", {"other": True})],
+                    ("stream_options", {"other": True}),
+                    ("stream_options", {"include_usage": False})],  # without "stream": true
     "openai_embeddings": [("stream", "yes"), ("user", 5), ("metadata", {}), ("store", True)],
 }  # fmt: skip
 
@@ -65,7 +66,7 @@ async def test_a_neutral_field_the_api_refuses_never_hits(api: str) -> None:
     else:
         req, path = {"model": "mini", "input": "q"}, "/v1/embeddings"
     clean = canon.lookup(req, api=api, model=None, max_temperature=0).exact_id
-    fine = {"stream": False, "user": "u", "stream_options": {"include_usage": False}}
+    fine = {"stream": False, "user": "u"}
     for field, value in [(f, v) for f, v in fine.items() if f in canon.IGNORABLE[api]]:
         same = canon.lookup({**req, field: value}, api=api, model=None, max_temperature=0)
         assert same.exact_id == clean, field  # what the API filter accepts stays neutral

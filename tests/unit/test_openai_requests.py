@@ -111,6 +111,8 @@ async def test_a_jobs_envelope_with_a_bad_role_is_not_a_fault() -> None:
         ({"n": True}, "n"),
         ({"stream": True, "stream_options": {"include_usage": "no"}}, "stream_options"),
         ({"stream": True, "stream_options": {"bogus": True}}, "stream_options"),
+        ({"stream_options": {"include_usage": True}}, "stream_options"),  # no stream asked
+        ({"stream": False, "stream_options": {}}, "stream_options"),
     ],
 )
 async def test_chat_parameters_the_models_cannot_honour_are_refused_by_name(
@@ -162,7 +164,7 @@ async def test_embeddings_parameters_are_checked_the_same_way() -> None:
         ({"max_completion_tokens": 6, "max_tokens": 5}, 6, 1.0),
         ({"temperature": None}, 64, 1.0),
         ({"n": None, "stream": None, "stream_options": None}, 64, 1.0),
-        ({"stream": False, "stream_options": {"include_usage": None}}, 64, 1.0),
+        ({"stream": False, "stream_options": None}, 64, 1.0),
     ],
 )
 async def test_null_reads_as_the_default(
