@@ -53,6 +53,7 @@ end
 EXT_PROC = "envoy.filters.http.ext_proc"
 BUFFER = "envoy.filters.http.buffer"
 HEADER_MUTATION = "envoy.filters.http.header_mutation"
+RBAC = "envoy.filters.http.rbac"
 T = "type.googleapis.com/"
 # A stream with no bytes either way this long is reset (slow or stalled clients). Each route
 # sets its own, at least its timeout (see _route).
@@ -166,12 +167,65 @@ _PER_ROUTE = {
     EXT_PROC: "envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
     BUFFER: "envoy.extensions.filters.http.buffer.v3.BufferPerRoute",
     LUA: "envoy.extensions.filters.http.lua.v3.LuaPerRoute",
+    RBAC: "envoy.extensions.filters.http.rbac.v3.RBACPerRoute",
 }
+
+# Triton's data-plane APIs, by the prefix its API lives under: health, server and model
+# metadata, model config, statistics and inference (Triton's own categories, as in its
+# --http-restricted-api flag, less shared-memory, model-repository, trace and logging). On
+# a KServe route without admin_apis, anything else under the prefix is refused: an allow
+# list, so an admin API a later Triton adds, or a path spelled to slip past a deny list
+# (%2F, a version segment), is refused too. Matched against the whole path without the
+# query, after Envoy normalised it; several small RE2 programs, as Envoy caps each one's size.
+_MODEL = r"/v2/models/[^/]+(/versions/[^/]+)?"
+_GRPC_SERVICE = "/inference.GRPCInferenceService/"
+_TRITON_SERVED: dict[str, tuple[str, list[dict[str, Any]]]] = {
+    "kserve_http": (
+        "/v2/",
+        [
+            {"exact": "/v2/health/live"},
+            {"exact": "/v2/health/ready"},
+            {"safe_regex": {"regex": _MODEL}},
+            {"safe_regex": {"regex": _MODEL + "/(ready|infer|config|stats)"}},
+            {"safe_regex": {"regex": _MODEL + "/generate(_stream)?"}},
+        ],
+    ),
+    "kserve_grpc": (
+        _GRPC_SERVICE,
+        [
+            {"exact": _GRPC_SERVICE + method}
+            for method in (
+                *("ServerLive", "ServerReady", "ServerMetadata", "ModelReady", "ModelMetadata"),
+                *("ModelConfig", "ModelStatistics", "ModelInfer", "ModelStreamInfer"),
+            )
+        ],
+    ),
+}
+_ADMIN_DENIED = "rbac_access_denied"  # Envoy's response code details begin so
 
 
 def _off(filter_name: str) -> dict[str, Any]:
     """Per-route config that switches an HTTP filter off on that route."""
     return {"@type": T + _PER_ROUTE[filter_name], "disabled": True}
+
+
+def _triton_admin_denied(api: str) -> dict[str, Any]:
+    """Per-route RBAC that refuses Triton's admin APIs (see _TRITON_SERVED) before the
+    processor runs, so also with failure_mode_allow; the local reply makes it a 404."""
+    prefix, served = _TRITON_SERVED[api]
+    unserved = {
+        "and_rules": {
+            "rules": [
+                {"url_path": {"path": {"prefix": prefix, "ignore_case": True}}},
+                {"not_rule": {"or_rules": {"rules": [{"url_path": {"path": m}} for m in served]}}},
+            ]
+        }
+    }
+    policy = {"permissions": [unserved], "principals": [{"any": True}]}
+    return {
+        "@type": T + _PER_ROUTE[RBAC],
+        "rbac": {"rules": {"action": "DENY", "policies": {"triton_admin": policy}}},
+    }
 
 
 def processing_mode(phases: frozenset[Phase]) -> dict[str, str]:
@@ -234,6 +288,8 @@ def _route(cfg: FloodwallConfig, r: RouteConfig, phases: frozenset[Phase]) -> di
     }
     if r.api != "kserve_http":
         per_filter[LUA] = _off(LUA)
+    if r.api in _TRITON_SERVED and not r.admin_apis:
+        per_filter[RBAC] = _triton_admin_denied(r.api)
     if r.grpc:
         # The buffer filter is what enforces listener.max_request_bytes (413), so it stays on
         # for every HTTP route, also where no filter reads the body: it holds a body only up to
@@ -342,6 +398,13 @@ def _local_reply_config() -> dict[str, Any]:
         m = _json_error_format(type_, "%LOCAL_REPLY_BODY%", status)
         m["filter"] = {"response_flag_filter": {"flags": flags}}
         mappers.append(m)
+    # Triton's admin APIs on a KServe route (_triton_admin_denied): not served, as a path no
+    # route takes (gRPC clients read 404 as UNIMPLEMENTED).
+    m = _json_error_format(
+        NOT_FOUND[0], "not served: Triton's admin APIs are off on this route", 404
+    )
+    m["filter"] = _cel(f"response.code_details.startsWith('{_ADMIN_DENIED}')")
+    mappers.append(m)
     # The processor failed or timed out (failure_mode_allow: false).
     for status, type_, message in (
         (500, "gateway_unavailable", "the policy processor is unavailable"),
@@ -513,6 +576,11 @@ def render(cfg: FloodwallConfig, chain: Chain, runtime_dir: Path) -> dict[str, A
         "local_reply_config": _local_reply_config(),
         "http_filters": [
             _spoof_guard(),
+            # No rules here: it acts only on routes that give it some (_triton_admin_denied).
+            {
+                "name": RBAC,
+                "typed_config": {"@type": T + "envoy.extensions.filters.http.rbac.v3.RBAC"},
+            },
             {
                 "name": BUFFER,
                 "typed_config": {

@@ -322,6 +322,12 @@ class RouteConfig(Model):
     methods: Annotated[list[str], Field(min_length=1)] | None = None
     timeout_ms: Millis = 30000
     retries: RetryConfig | None = Field(default_factory=RetryConfig)
+    # KServe routes only: pass Triton's admin APIs (log and trace settings, the model
+    # repository, shared-memory registration; every /v2/... path or GRPCInferenceService
+    # method that is not health, metadata, config, statistics or inference). Off, Envoy
+    # answers them 404 (gRPC: UNIMPLEMENTED) before anything else runs: any tenant key could
+    # otherwise change Triton's settings for everyone, or point it at shared memory.
+    admin_apis: bool = False
 
     @field_validator("methods")
     @classmethod
@@ -337,6 +343,12 @@ class RouteConfig(Model):
                 f"unknown HTTP method(s) {unknown} (known: {', '.join(sorted(HTTP_METHODS))})"
             )
         return upper
+
+    @model_validator(mode="after")
+    def _admin_apis_on_kserve(self) -> RouteConfig:
+        if self.admin_apis and self.api not in ("kserve_http", "kserve_grpc"):
+            raise ValueError(f"admin_apis applies to KServe routes only, not to {self.api}")
+        return self
 
     @property
     def grpc(self) -> bool:

@@ -1,7 +1,8 @@
 """Edges of the rendered Envoy bootstrap, on a real stack (Envoy, processor, Redis; no Triton):
 the body size limit on every HTTP route, Envoy's own refusals in the error format, the access
 log without queries, the route timeout on gRPC calls without a deadline, circuit_breakers
-.max_retries, and Triton's admin APIs kept out of reach."""
+.max_retries, and Triton's admin APIs kept out of reach (unrouted, and refused on KServe routes
+unless the route says admin_apis)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ pytestmark = pytest.mark.e2e
 
 SLOW_GRPC = "/slow.Service/Call"
 UPSTREAM_S = 3.0  # the slow gRPC upstream's answer time
+ADMIN_ROUTED = "/v2/repository/index"  # on a route with admin_apis: true
 GRPC_TIMEOUT_MS = 1000  # its route's timeout
 
 
@@ -68,6 +70,9 @@ def edges(
          "upstream": "slow_grpc", "timeout_ms": GRPC_TIMEOUT_MS, "retries": None},
         {"name": "dead", "match": {"prefix": "/dead"}, "upstream": "dead",
          "retries": {"retry_on": "connect-failure", "num_retries": 2}},
+        # An operator's route to one admin API (in real use, scoped to an admin key).
+        {"name": "ops_index", "match": {"path": ADMIN_ROUTED}, "api": "kserve_http",
+         "upstream": "triton_http", "admin_apis": True},
     ]  # fmt: skip
     stack = start_stack(cfg, d / "fw.yaml")
     try:
@@ -187,7 +192,6 @@ def test_circuit_breakers_max_retries_holds(edges: Gateway) -> None:
     [
         ("POST", "/v2/logging"),
         ("GET", "/v2/trace/setting"),
-        ("POST", "/v2/repository/index"),
         ("POST", "/v2/repository/models/embedder/unload"),
         ("GET", "/v2/systemsharedmemory/status"),
         ("GET", "/v2/cudasharedmemory/status"),
@@ -199,9 +203,71 @@ def test_tritons_admin_apis_are_not_routed(edges: Gateway, method: str, path: st
     assert r.headers["x-floodwall-error"] == "not_found"
 
 
-@pytest.mark.parametrize("path", ["/v2", "/v2/health/ready", "/v2/models/embedder/infer"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v2",
+        "/v2/health/ready",
+        "/v2/health/live",
+        "/v2/models/embedder",
+        "/v2/models/embedder/infer",
+        "/v2/models/embedder/versions/1/ready",
+        "/v2/models/embedder/config",
+        "/v2/models/stats",
+        "/v2/models/sim_llm/generate_stream",
+        ADMIN_ROUTED,  # admin_apis: true on its route
+    ],
+)
 def test_kserve_models_health_and_metadata_are_routed(edges: Gateway, path: str) -> None:
     # Triton is not running in this stack: a routed request gets Envoy's 503, not a 404.
-    r = httpx.get(f"{edges.url}{path}", headers=AUTH)
+    r = httpx.post(f"{edges.url}{path}", headers=AUTH, content=b"{}")
     assert r.status_code == 503, r.text
     assert r.json()["error"]["type"] == "upstream_unavailable"
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v2/models/embedder/trace/setting",
+        "/v2/models/embedder/versions/1/trace/setting",
+        "/v2/models/embedder/trace%2Fsetting",  # spelled to slip past a deny list
+        "/v2/models/embedder/versions/1/trace/setting/",
+        "/V2/models/embedder/trace/setting",
+    ],
+)
+def test_tritons_model_admin_apis_are_refused_on_kserve_routes(edges: Gateway, path: str) -> None:
+    # Under /v2/models/ (routed): trace settings change what Triton does for every tenant.
+    r = httpx.post(f"{edges.url}{path}", headers=AUTH, content=b'{"trace_level": ["TIMESTAMPS"]}')
+    assert r.status_code == 404, r.text
+    _assert_error(r.status_code, dict(r.headers), r.content, "not_found")
+
+
+GRPC_SERVICE = "/inference.GRPCInferenceService/"
+
+
+def _refused_rpc(g: Gateway, method: str) -> grpc.RpcError:
+    """The error of an empty call to a GRPCInferenceService method with the demo key."""
+    with grpc.insecure_channel(g.grpc_target) as channel, pytest.raises(grpc.RpcError) as e:
+        channel.unary_unary(GRPC_SERVICE + method)(
+            b"", timeout=10, metadata=[("authorization", f"Bearer {DEMO_KEY}")]
+        )
+    return e.value
+
+
+@pytest.mark.parametrize(
+    "method",
+    ["LogSettings", "TraceSetting", "SystemSharedMemoryRegister", "CudaSharedMemoryStatus",
+     "RepositoryIndex", "RepositoryModelUnload", "SomethingNew"],
+)  # fmt: skip
+def test_tritons_admin_rpcs_are_unimplemented_on_kserve_grpc_routes(
+    edges: Gateway, method: str
+) -> None:
+    error = _refused_rpc(edges, method)
+    assert error.code() == grpc.StatusCode.UNIMPLEMENTED, error
+    assert "not_found" in (error.details() or ""), error.details()
+
+
+@pytest.mark.parametrize("method", ["ServerLive", "ModelInfer", "ModelStatistics"])
+def test_tritons_data_plane_rpcs_are_routed(edges: Gateway, method: str) -> None:
+    error = _refused_rpc(edges, method)
+    assert error.code() == grpc.StatusCode.UNAVAILABLE, error  # no Triton here

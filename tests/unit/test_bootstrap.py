@@ -243,3 +243,24 @@ def test_max_retries_is_not_overridden_by_a_retry_budget() -> None:
     }
     with pytest.raises(ConfigError, match="max_retries or the retry budget"):
         thresholds({"max_retries": 1, "retry_budget_percent": 50})  # one would be ignored
+
+
+def test_kserve_routes_refuse_tritons_admin_apis_unless_the_route_allows_them() -> None:
+    rbac = "envoy.filters.http.rbac"
+    per_filter = {
+        n: r["typed_per_filter_config"]
+        for n, r in _routes(_render(load_config(DEFAULT_CONFIG))).items()
+    }
+    # Every KServe route of the shipped config refuses them (tests/e2e/test_envoy_edges.py
+    # sends the calls); the OpenAI and jobs routes speak no Triton API.
+    assert sorted(n for n, f in per_filter.items() if rbac in f) == [
+        "kserve_grpc", "kserve_health", "kserve_http", "kserve_server",
+    ]  # fmt: skip
+    shipped = load_config(DEFAULT_CONFIG)
+    routes = [
+        r.model_copy(update={"admin_apis": r.api in ("kserve_http", "kserve_grpc")})
+        for r in shipped.routes
+    ]
+    cfg = shipped.model_copy(update={"routes": routes})
+    assert not any(rbac in r["typed_per_filter_config"] for r in _routes(_render(cfg)).values())
+    assert validate_envoy(cfg) is None

@@ -295,3 +295,11 @@ def test_trace_attribute_of_the_model_is_bounded() -> None:
     chain.finish(ctx, plan, "auth", 401, True)
     (span,) = chain.tracer._queue
     assert span.attrs["gen_ai.request.model"] == "m" * 128
+
+
+def test_admin_apis_is_for_kserve_routes_only() -> None:
+    route = {"name": "r", "match": {"prefix": "/"}, "admin_apis": True}
+    assert parse_config(_routes({**route, "api": "kserve_grpc"})).routes[0].admin_apis
+    with pytest.raises(ConfigError) as e:
+        parse_config(_routes({**route, "api": "openai_chat"}), "test.yaml")
+    assert "admin_apis applies to KServe routes only" in str(e.value)
