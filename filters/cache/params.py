@@ -116,8 +116,9 @@ class SemanticParams(FilterParams):
     dimensions: Annotated[int, Field(ge=1)] = 384
     # Look-up budget for the embedding; slower answers count as misses.
     timeout_ms: Annotated[float, Field(gt=0, le=10_000)] = 250.0
-    # Longer prompt texts are matched exactly only.
-    max_text_chars: Annotated[int, Field(ge=1)] = 2000
+    # Longer prompt texts are matched exactly only. At most 16,384: the judge refuses texts
+    # past 64 KiB (triton_models/pair_judge, MAX_INPUT_BYTES; 4 UTF-8 bytes a character).
+    max_text_chars: Annotated[int, Field(ge=1, le=16_384)] = 2000
     # Scopes with more entries than this are searched approximately (IVF).
     flat_max: Annotated[int, Field(ge=100)] = 20_000
 

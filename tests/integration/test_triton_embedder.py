@@ -185,6 +185,47 @@ def test_bad_input_is_a_clean_400(
     assert triton.process.poll() is None
 
 
+def test_a_long_text_embeds_as_the_whole_text_would(
+    client: httpx.Client, triton: Any, reference: Any
+) -> None:
+    """Past HEAD_CHARS a text is tokenised from a prefix (triton_models/embedder/1/model.py,
+    head()): the same 256 tokens as the whole text, whatever the text looks like."""
+    texts = [
+        LONG_TEXT * 80,  # ~280 KB of sentences: the first prefix holds enough tokens
+        " " * 5000 + LONG_TEXT,  # a run of spaces: the prefix doubles past it
+        " ".join(["x" * 120] * 300),  # words past WordPiece's 100 characters: one [UNK] each
+        "y" * 70_000,  # one word, no whitespace to cut at: tokenised whole
+    ]
+    response = client.post(f"{triton.http_url}/v2/models/embedder/infer", json=infer_json(texts))
+    assert response.status_code == 200, response.text
+    got = outputs(response.json())
+    expected = reference.encode(texts, normalize_embeddings=True)
+    cosine = (got["EMBEDDING"].astype(np.float32) * expected).sum(axis=1)
+    assert cosine.min() >= 0.999, cosine
+    tokens = [
+        len(reference.tokenizer(t, truncation=True, max_length=256)["input_ids"]) for t in texts
+    ]
+    assert got["TOKENS"].reshape(-1).tolist() == tokens == [256, 256, 256, 3]
+
+
+def test_the_judge_refuses_inputs_past_its_byte_limit(client: httpx.Client, triton: Any) -> None:
+    # Its pair truncation needs both whole texts, so a long input cannot be cut first.
+    url = f"{triton.http_url}/v2/models/pair_judge/infer"
+
+    def judge(cached: str) -> httpx.Response:
+        inputs = [
+            {"name": name, "shape": [1, 1], "datatype": "BYTES", "data": [text]}
+            for name, text in (("CACHED", cached), ("ASKED", "How do I reset my password?"))
+        ]
+        return client.post(url, json={"inputs": inputs})
+
+    assert judge("x" * 65_536).status_code == 200
+    refused = judge("x" * 65_537)
+    assert refused.status_code == 400, refused.text
+    assert "CACHED is over 65536 bytes" in refused.json()["error"]
+    assert judge("How can I reset my password?").status_code == 200
+
+
 def test_grpc_endpoint_serves_embeddings(triton: Any, reference: Any) -> None:
     import tritonclient.grpc as grpcclient
 

@@ -34,6 +34,11 @@ from tokenizers import Tokenizer
 # The training recipe's limit for the pair (filters/cache/judge.py, MAX_TOKENS); longer
 # pairs lose words from the longer prompt first, as in training.
 MAX_TOKENS = 96
+# Tokenising costs time in proportion to the whole text although 96 tokens are kept, and a
+# pair's truncation (longest first) depends on both texts' full lengths, so a prefix cannot
+# stand in for a long text as in the embedder: inputs past this many bytes are refused. The
+# cache never sends more than semantic.max_text_chars (at most 16,384 characters).
+MAX_INPUT_BYTES = 65536
 INPUTS = ("CACHED", "ASKED")
 logger = logging.getLogger("floodwall.triton.pair_judge")
 
@@ -102,6 +107,8 @@ class TritonPythonModel:
             texts = []
             for value in tensor.as_numpy().reshape(-1):
                 raw = value if isinstance(value, bytes) else str(value).encode()
+                if len(raw) > MAX_INPUT_BYTES:
+                    raise ValueError(f"{self.name}: {name} is over {MAX_INPUT_BYTES} bytes")
                 try:
                     text = raw.decode("utf-8")
                 except UnicodeDecodeError as exc:
