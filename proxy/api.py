@@ -13,7 +13,7 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, TypeVar
 
@@ -194,6 +194,17 @@ def prefers_async(headers: Headers) -> bool:
     return any(p.split(";", 1)[0].strip().lower() == "respond-async" for p in prefer.split(","))
 
 
+class _RequestLog(logging.LoggerAdapter[logging.Logger]):
+    """Stamps each line with the request id and route and keeps the caller's own ``extra``
+    fields (the stock adapter replaces them with its own before Python 3.13)."""
+
+    def process(
+        self, msg: Any, kwargs: MutableMapping[str, Any]
+    ) -> tuple[Any, MutableMapping[str, Any]]:
+        kwargs["extra"] = {**(kwargs.get("extra") or {}), **(self.extra or {})}
+        return msg, kwargs
+
+
 class RequestContext:
     """One per ext_proc stream (one HTTP request). Filters read and annotate it."""
 
@@ -285,9 +296,7 @@ class RequestContext:
     def log(self) -> logging.LoggerAdapter[logging.Logger]:
         """A logger that stamps every line with the request id (built on first use)."""
         if self._log is None:
-            self._log = logging.LoggerAdapter(
-                _log, {"request_id": self.request_id, "route": self.route_name}
-            )
+            self._log = _RequestLog(_log, {"request_id": self.request_id, "route": self.route_name})
         return self._log
 
     def state(self, kind: Callable[[], S]) -> S:

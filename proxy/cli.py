@@ -69,6 +69,14 @@ def cmd_check(args: argparse.Namespace) -> int:
     err = validate_envoy(cfg)
     if err:
         return _fail(f"rendered Envoy config is invalid: {err}")
+    t = cfg.triton
+    if t is not None and t.enabled:
+        from proxy.triton import model_names
+
+        repo = t.model_repository
+        if not repo.is_dir() or not model_names(repo):
+            # As `floodwall up` would find when it starts Triton.
+            return _fail(f"triton.model_repository: no Triton models (*/config.pbtxt) under {repo}")
     where = args.config or DEFAULT_CONFIG
     print(f"{where}: OK ({len(cfg.routes)} routes, {len(cfg.filters)} filters)")
     return 0

@@ -20,13 +20,22 @@ GRPC_STATUS: dict[int, int] = {
     401: 16,  # UNAUTHENTICATED
     403: 7,  # PERMISSION_DENIED
     404: 5,  # NOT_FOUND
+    405: 12,  # UNIMPLEMENTED
+    408: 4,  # DEADLINE_EXCEEDED
+    409: 10,  # ABORTED
+    412: 9,  # FAILED_PRECONDITION
     413: 8,  # RESOURCE_EXHAUSTED
+    415: 3,  # INVALID_ARGUMENT
+    422: 3,  # INVALID_ARGUMENT
     429: 8,  # RESOURCE_EXHAUSTED
+    431: 8,  # RESOURCE_EXHAUSTED
     500: 13,  # INTERNAL
+    501: 12,  # UNIMPLEMENTED
     502: 14,  # UNAVAILABLE
     503: 14,  # UNAVAILABLE
     504: 4,  # DEADLINE_EXCEEDED
 }
+# Any other status: 2 (UNKNOWN), as the gRPC mapping doc says.
 
 JSON_HEADERS = {"content-type": "application/json"}
 

@@ -117,7 +117,8 @@ def prepare_backend_dir(cache: Path) -> Path:
     return backends
 
 
-def _model_names(model_repo: Path) -> list[str]:
+def model_names(model_repo: Path) -> list[str]:
+    """The models (directories with a config.pbtxt) of a Triton repository."""
     return sorted(
         child.name
         for child in model_repo.iterdir()
@@ -145,7 +146,7 @@ def triton_command(
     binary = find_tritonserver()
     cache = (cache if cache is not None else cache_dir()).expanduser().resolve()
     model_repo = model_repo.expanduser().resolve()
-    if not model_repo.is_dir() or not _model_names(model_repo):
+    if not model_repo.is_dir() or not model_names(model_repo):
         raise FileNotFoundError(f"no Triton models (*/config.pbtxt) under {model_repo}")
     backend_dir = prepare_backend_dir(cache)
 

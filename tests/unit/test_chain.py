@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 from typing import Any
 
 import pytest
@@ -346,3 +348,28 @@ async def test_cancel_and_wait_stops_a_loop_that_swallowed_its_cancellation() ->
     await asyncio.sleep(0.02)
     await asyncio.wait_for(cancel_and_wait([loop_task, finished], retry_s=0.05), timeout=5)
     assert swallowed == 1 and loop_task.cancelled() and finished.done()
+
+
+def test_ctx_log_keeps_the_callers_extra_fields_beside_the_request_id() -> None:
+    # The stock LoggerAdapter replaced a filter's extra= with its own (Python < 3.13).
+    from proxy.api import RequestContext
+    from proxy.logs import JsonFormatter
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("floodwall.request")
+    logger.addHandler(handler)
+    try:
+        RequestContext(None, started=0.0, request_id="r1").log.warning(
+            "over", extra={"bytes": 9, "limit": 8}
+        )
+    finally:
+        logger.removeHandler(handler)
+    line = json.loads(JsonFormatter().format(records[-1]))
+    assert (line["request_id"], line["route"], line["bytes"], line["limit"]) == (
+        "r1",
+        "unknown",
+        9,
+        8,
+    )

@@ -31,3 +31,14 @@ def test_envoy_config_prints_a_bootstrap() -> None:
     assert boot["admin"]["address"]["socket_address"]["port_value"] == 9901
     listener = boot["static_resources"]["listeners"][0]["address"]["socket_address"]
     assert (listener["address"], listener["port_value"]) == ("127.0.0.1", 8080)
+
+
+def test_check_refuses_a_model_repository_up_would_not_find(tmp_path: Path) -> None:
+    cfg = tmp_path / "fw.yaml"
+    cfg.write_text("triton: {model_repository: ../no_such_models}\n")
+    r = subprocess.run([*FLOODWALL, "check", "-c", str(cfg)], capture_output=True, text=True)
+    assert r.returncode == 2, r.stdout
+    assert "triton.model_repository: no Triton models" in r.stderr
+    cfg.write_text("triton: {model_repository: ../no_such_models, enabled: false}\n")
+    r = subprocess.run([*FLOODWALL, "check", "-c", str(cfg)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
