@@ -22,7 +22,7 @@ import asyncio
 import uuid
 from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import orjson
 from prometheus_client import Counter
@@ -98,6 +98,10 @@ class JobsFilter(Filter):
         st = ctx.state(_State)
         if path == self.p.api_path or path.startswith(self._prefix):
             return await self._api(ctx, headers, path, st)
+        if ctx.route is not None and ctx.route.api == "jobs":
+            # The API's own route (a prefix match also takes /v1/jobsX): nothing on it is
+            # forwarded, with Prefer or without.
+            return errors.error(404, "not_found", f"no such path under {self.p.api_path}")
         if not prefers_async(headers):
             return CONTINUE
         if ctx.tenant is None:  # a job nobody could read back: refuse rather than queue it
@@ -199,18 +203,15 @@ class JobsFilter(Filter):
             st.idempotency = key
         hook = headers.get("floodwall-webhook")
         if hook is not None:
-            bad = self._check_webhook(hook)
-            if bad is not None:
-                return bad
-            st.webhook = hook
-        return None
-
-    def _check_webhook(self, url: Any) -> Respond | None:
-        w = self.p.webhook
-        if w is None:
-            return errors.error(400, "invalid_request_error", "webhooks are not enabled here")
-        if not isinstance(url, str) or not any(url.startswith(p) for p in w.allowed_prefixes):
-            return errors.error(400, "invalid_request_error", "webhook URL is not an allowed one")
+            w = self.p.webhook
+            if w is None:
+                return errors.error(400, "invalid_request_error", "webhooks are not enabled here")
+            url = w.allows(hook)
+            if url is None:
+                return errors.error(
+                    400, "invalid_request_error", "webhook URL is not an allowed one"
+                )
+            st.webhook = str(url)
         return None
 
     def _envelope(self, body: bytes) -> list[tuple[str, str, bytes]] | Respond:

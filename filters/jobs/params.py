@@ -3,9 +3,11 @@ processor and the workers agree on the queue)."""
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
+from yarl import URL
 
 from filters.rate_limit.params import parse_duration
 from proxy.api import FilterParams
@@ -15,9 +17,15 @@ PRIORITIES: tuple[Priority, ...] = ("critical", "standard", "sheddable")
 
 
 class WebhookParams(FilterParams):
-    # Completion callbacks go only to URLs starting with one of these (no SSRF into the
-    # network the workers sit in). Required: no list, no webhooks.
+    # Completion callbacks go only to URLs under one of these: the same scheme, host and port,
+    # and a path under the prefix's once dot segments are resolved (no SSRF into the network
+    # the workers sit in). Required: no list, no webhooks.
     allowed_prefixes: Annotated[list[str], Field(min_length=1)]
+    # false: a webhook never connects to a loopback, link-local (cloud metadata at
+    # 169.254.169.254), private, shared, reserved or multicast address, whatever its host name
+    # resolves to when it is sent. true: receivers inside your network (the gateway's own
+    # ports then become reachable to anyone allowed to name such a URL).
+    allow_private_addresses: bool = False
     # Name of the environment variable holding the HMAC-SHA256 signing secret (of the worker).
     secret_env: str = "FLOODWALL_WEBHOOK_SECRET"
     timeout_s: Annotated[float, Field(gt=0, le=60)] = 5.0
@@ -30,7 +38,55 @@ class WebhookParams(FilterParams):
             # "https://hooks.example.com" would also admit "https://hooks.example.com.evil.net".
             if not p.startswith(("http://", "https://")) or not p.endswith("/"):
                 raise ValueError(f"{p!r}: an http(s) URL prefix ending with '/'")
+            u = URL(p)
+            if not u.host or u.user is not None or u.query_string or u.fragment:
+                raise ValueError(f"{p!r}: a host is needed, and no user, query or fragment")
         return v
+
+    @model_validator(mode="after")
+    def _public_hosts(self) -> WebhookParams:
+        for p in self.allowed_prefixes:
+            if not self.allow_private_addresses and not public_host(URL(p).host or ""):
+                raise ValueError(
+                    f"{p!r} is a non-public address: set allow_private_addresses: true for "
+                    "receivers inside your network"
+                )
+        return self
+
+    def allows(self, url: object) -> URL | None:
+        """The URL to call for a webhook the caller named, or None if it is not allowed. The
+        check is on the URL as it will be requested (dot segments resolved, as yarl does);
+        the worker checks the address it connects to as well."""
+        if not isinstance(url, str):
+            return None
+        try:
+            u = URL(url)
+        except ValueError:
+            return None
+        # An encoded / or \ could make the receiver's server see another path than checked.
+        raw = u.raw_path.lower()
+        if u.user is not None or u.fragment or "%2f" in raw or "%5c" in raw or "\\" in raw:
+            return None
+        if not self.allow_private_addresses and not public_host(u.host or ""):
+            return None
+        for p in map(URL, self.allowed_prefixes):
+            if (
+                (u.scheme, u.host, u.port) == (p.scheme, p.host, p.port)
+                and u.path.startswith(p.path)
+                and ".." not in u.path.split("/")
+            ):
+                return u
+        return None
+
+
+def public_host(host: str) -> bool:
+    """False for an IP address that is not globally routable (loopback, link-local, private,
+    shared, reserved, unspecified, multicast); True for any name (checked once resolved)."""
+    try:
+        ip = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return True
+    return ip.is_global and not ip.is_multicast
 
 
 class WorkerParams(FilterParams):

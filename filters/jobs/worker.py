@@ -28,12 +28,13 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import aiohttp
+import aiohttp.abc
 import orjson
 from prometheus_client import Counter, Gauge, Histogram
 from pydantic import ValidationError
 from redis.exceptions import RedisError
 
-from filters.jobs.params import PRIORITIES, JobsParams
+from filters.jobs.params import PRIORITIES, JobsParams, public_host
 from filters.jobs.store import GROUP, JobStore, requests_of, view
 from proxy.api import cancel_and_wait
 from proxy.config import ConfigError, FloodwallConfig, _format_validation
@@ -51,7 +52,11 @@ DEAD = Counter("floodwall_jobs_dead_lettered", "Jobs that failed for good (dead-
 CALLS = Counter(
     "floodwall_jobs_model_calls", "Model calls of the workers, by status class", ["status"]
 )
-WEBHOOKS = Counter("floodwall_jobs_webhooks", "Completion webhooks, by outcome", ["outcome"])
+WEBHOOKS = Counter(
+    "floodwall_jobs_webhooks",
+    "Completion webhooks, by outcome (delivered, failed, refused: no longer allowed)",
+    ["outcome"],
+)
 REDIS_ERRORS = Counter("floodwall_jobs_worker_redis_errors", "Worker loop Redis failures")
 DEPTH = Gauge("floodwall_jobs_depth", "Unfinished jobs (queued, waiting to retry or running)")
 QUEUED = Gauge("floodwall_jobs_stream_entries", "Entries in each priority stream", ["priority"])
@@ -512,14 +517,22 @@ class Worker:
             except _REDIS_FAULTS as exc:
                 log.warning("heartbeat failed (%r)", exc)
 
-    async def _webhook(self, job_id: str, url: str) -> None:
+    async def _webhook(self, job_id: str, hook: str) -> None:
         wp = self.p.webhook
         if wp is None or self.webhook_secret is None:
             WEBHOOKS.labels("not_configured").inc()
             return
+        url = wp.allows(hook)  # again: the config may have changed since the job came in
+        if url is None:
+            log.warning("job %s: its webhook is not under webhook.allowed_prefixes now", job_id)
+            WEBHOOKS.labels("refused").inc()
+            return
         if self._webhook_session is None:
             timeout = aiohttp.ClientTimeout(total=wp.timeout_s)
-            self._webhook_session = aiohttp.ClientSession(timeout=timeout)
+            resolver = None if wp.allow_private_addresses else _PublicOnlyResolver()
+            self._webhook_session = aiohttp.ClientSession(
+                timeout=timeout, connector=aiohttp.TCPConnector(resolver=resolver)
+            )
         fields = await self.store.get(job_id)
         body = view(job_id, fields, self.p.api_path)
         outcome = "failed"
@@ -530,7 +543,11 @@ class Worker:
                 "floodwall-signature": sign(self.webhook_secret, body, int(time.time())),
             }
             try:
-                async with self._webhook_session.post(url, data=body, headers=headers) as r:
+                # Redirects are not followed: the receiver could send the signed job (and a
+                # re-POST) anywhere, past every check above.
+                async with self._webhook_session.post(
+                    url, data=body, headers=headers, allow_redirects=False
+                ) as r:
                     if 200 <= r.status < 300:
                         outcome = "delivered"
                         break
@@ -540,6 +557,27 @@ class Worker:
         WEBHOOKS.labels(outcome).inc()
         with contextlib.suppress(*_REDIS_FAULTS):  # a record only; the delivery happened
             await self.r.hset(self.store.job_key(job_id), "webhook_status", outcome)
+
+
+class _PublicOnlyResolver(aiohttp.abc.AbstractResolver):
+    """Resolves as aiohttp does, then keeps public addresses only (params.public_host): a
+    receiver's name that resolves to 127.0.0.1 or 169.254.169.254 reaches neither. aiohttp
+    asks no resolver for an IP address in the URL; WebhookParams.allows refuses those."""
+
+    def __init__(self) -> None:
+        self._inner = aiohttp.DefaultResolver()
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[aiohttp.abc.ResolveResult]:
+        found = await self._inner.resolve(host, port, family)
+        public = [a for a in found if public_host(a["host"])]
+        if not public:
+            raise OSError(f"{host} resolves to no public address")
+        return public
+
+    async def close(self) -> None:
+        await self._inner.close()
 
 
 def _is_json(reply: Reply) -> bool:

@@ -391,7 +391,8 @@ async def _all_done(rc: aioredis.Redis, p: JobsParams, ids: Any) -> bool:
 
 
 async def test_webhook_is_signed(rc: aioredis.Redis, upstream: Upstream) -> None:
-    p = _params(webhook={"allowed_prefixes": [upstream.url + "/"]})
+    # The receiver is on 127.0.0.1: allowed only with allow_private_addresses.
+    p = _params(webhook={"allowed_prefixes": [upstream.url + "/"], "allow_private_addresses": True})
     h = _gateway(rc, p)
     refused = await _submit(h, headers={"floodwall-webhook": "http://10.0.0.1/steal"})
     assert refused.status == 400

@@ -3,6 +3,8 @@ job view, and the filter with no Redis configured."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import orjson
 import pytest
 from pydantic import ValidationError
@@ -42,6 +44,10 @@ def test_prefer_header(header: str, wanted: bool) -> None:
         {"webhook": {"allowed_prefixes": []}},
         {"webhook": {"allowed_prefixes": ["https://hooks.example.com"]}},  # no trailing /
         {"webhook": {"allowed_prefixes": ["ftp://hooks.example.com/"]}},
+        {"webhook": {"allowed_prefixes": ["http://", "https://"]}},  # no host: any host
+        {"webhook": {"allowed_prefixes": ["https://user@hooks.example.com/"]}},
+        {"webhook": {"allowed_prefixes": ["http://127.0.0.1:8080/"]}},  # not public
+        {"webhook": {"allowed_prefixes": ["http://169.254.169.254/"]}},
         {"unknown": 1},
     ],
 )
@@ -97,3 +103,120 @@ async def test_the_job_api_needs_an_authenticated_caller() -> None:
         "POST", "/v2/models/m/infer", headers={"prefer": "respond-async"}, body="{}"
     )
     assert r.status == 401
+
+
+async def test_nothing_on_the_job_apis_route_is_forwarded() -> None:
+    f = JobsFilter(JobsParams(), Deps())
+    f.name = "jobs"
+    cfg = default_config(
+        [{"name": "jobs", "match": {"prefix": "/v1/jobs"}, "api": "jobs", "upstream": "up"}]
+    )
+    h = Harness(cfg, [f])
+    for headers in ({}, {"prefer": "respond-async"}):
+        r = await h.request("GET", "/v1/jobsANYTHING", headers=headers, body="{}")
+        assert r.status == 404 and not r.upstream_called, r.body
+
+
+@pytest.mark.parametrize(
+    ("url", "allowed"),
+    [
+        ("https://hooks.example.com/t/x", True),
+        ("https://HOOKS.example.com:443/t/x?a=1", True),
+        ("https://hooks.example.com/t/../admin", False),  # outside the prefix once resolved
+        ("https://hooks.example.com/t/%2e%2e/admin", False),
+        ("https://hooks.example.com/t/x%2F..%2F..%2Fadmin", False),  # the receiver may decode it
+        ("https://hooks.example.com/tx", False),
+        ("https://hooks.example.com.evil.net/t/x", False),
+        ("https://hooks.example.com:8443/t/x", False),
+        ("http://hooks.example.com/t/x", False),
+        ("https://user:pw@hooks.example.com/t/x", False),
+        ("https://127.0.0.1/t/x", False),
+        (42, False),
+    ],
+)
+def test_webhook_urls_must_stay_under_an_allowed_prefix(url: object, allowed: bool) -> None:
+    p = JobsParams.model_validate(
+        {"webhook": {"allowed_prefixes": ["https://hooks.example.com/t/"]}}
+    )
+    assert p.webhook is not None
+    assert (p.webhook.allows(url) is not None) is allowed
+
+
+async def test_webhook_host_names_resolving_to_private_addresses_are_not_called() -> None:
+    from filters.jobs.worker import _PublicOnlyResolver
+
+    class Inner:
+        def __init__(self, *addresses: str) -> None:
+            self.addresses = addresses
+
+        async def resolve(self, host: str, port: int, family: int) -> list[dict[str, Any]]:
+            return [{"host": a, "port": port} for a in self.addresses]
+
+    resolver = _PublicOnlyResolver()
+    resolver._inner = Inner("127.0.0.1", "169.254.169.254", "10.1.2.3", "::1")  # type: ignore[assignment]
+    with pytest.raises(OSError, match="no public address"):
+        await resolver.resolve("rebound.example.com", 443)
+    resolver._inner = Inner("10.1.2.3", "93.184.216.34")  # type: ignore[assignment]
+    assert [a["host"] for a in await resolver.resolve("mixed.example.com", 443)] == [
+        "93.184.216.34"
+    ]
+
+
+async def test_a_webhook_receiver_cannot_redirect_the_signed_job_elsewhere() -> None:
+    """A receiver under an allowed prefix answers 307 to an internal address (Envoy's admin
+    /quitquitquit, say): the worker does not follow it, and the delivery failed."""
+    from aiohttp import web
+
+    from filters.jobs.worker import Worker
+
+    internal: list[str] = []
+
+    async def inside(req: web.Request) -> web.Response:
+        internal.append(req.path)
+        return web.Response(text="ok")
+
+    async def receiver(req: web.Request) -> web.Response:
+        return web.Response(status=307, headers={"Location": f"{inside_url}/quitquitquit"})
+
+    runners = []
+    urls = []
+    for handler in (inside, receiver):
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", handler)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        runners.append(runner)
+        urls.append(f"http://127.0.0.1:{runner.addresses[0][1]}")
+    inside_url, receiver_url = urls
+
+    class Store:
+        async def get(self, job_id: str) -> dict[str, bytes]:
+            return {"status": b"succeeded", "total": b"1"}
+
+        def job_key(self, job_id: str) -> str:
+            return "k"
+
+    class R:
+        recorded: tuple[Any, ...] = ()
+
+        async def hset(self, *args: Any) -> None:
+            R.recorded = args
+
+    store = Store()
+    store.r = R()  # type: ignore[attr-defined]
+    p = JobsParams.model_validate(
+        {"webhook": {"allowed_prefixes": [receiver_url + "/"], "allow_private_addresses": True,
+                     "attempts": 1}}
+    )  # fmt: skip
+    worker = Worker(p, store, caller=None, webhook_secret=b"s")  # type: ignore[arg-type]
+    try:
+        await worker._webhook("0" * 32, receiver_url + "/hook")
+    finally:
+        if worker._webhook_session is not None:
+            await worker._webhook_session.close()
+        for runner in runners:
+            await runner.cleanup()
+    assert internal == []
+    assert R.recorded[1:] == ("webhook_status", "failed")
