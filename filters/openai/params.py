@@ -17,7 +17,9 @@ class EmbeddingModel(FilterParams):
     dimensions: Annotated[int, Field(ge=1)] = 384
     # Must not exceed the Triton model's max_batch_size: one request is one Triton batch.
     max_inputs: Annotated[int, Field(ge=1, le=2048)] = 64
-    max_input_chars: Annotated[int, Field(ge=1)] = 8192
+    # Characters per input. At most 16,384: the shipped embedders refuse texts past 64 KiB
+    # (triton_models/embedder, MAX_INPUT_BYTES; 4 UTF-8 bytes a character at most).
+    max_input_chars: Annotated[int, Field(ge=1, le=16_384)] = 8192
 
 
 class ChatModel(FilterParams):

@@ -191,10 +191,14 @@ def test_a_long_text_embeds_as_the_whole_text_would(
     """Past HEAD_CHARS a text is tokenised from a prefix (triton_models/embedder/1/model.py,
     head()): the same 256 tokens as the whole text, whatever the text looks like."""
     texts = [
-        LONG_TEXT * 80,  # ~280 KB of sentences: the first prefix holds enough tokens
+        LONG_TEXT * 15,  # ~55 KB of sentences: the first prefix holds enough tokens
         " " * 5000 + LONG_TEXT,  # a run of spaces: the prefix doubles past it
         " ".join(["x" * 120] * 300),  # words past WordPiece's 100 characters: one [UNK] each
-        "y" * 70_000,  # one word, no whitespace to cut at: tokenised whole
+        "y" * 60_000,  # one word, nowhere to cut: tokenised whole
+        "\u00a0".join(["word"] * 10_000),  # no-break spaces: split there too
+        "\u6771\u4eac\u306f\u65e5\u672c\u306e\u9996\u90fd\u3067\u3059\u3002" * 1500,  # CJK
+        "word," * 10_000,  # punctuation between words, no space
+        "ab\x0bcd " * 5000,  # a control character the normaliser drops: no split there
     ]
     response = client.post(f"{triton.http_url}/v2/models/embedder/infer", json=infer_json(texts))
     assert response.status_code == 200, response.text
@@ -205,7 +209,12 @@ def test_a_long_text_embeds_as_the_whole_text_would(
     tokens = [
         len(reference.tokenizer(t, truncation=True, max_length=256)["input_ids"]) for t in texts
     ]
-    assert got["TOKENS"].reshape(-1).tolist() == tokens == [256, 256, 256, 3]
+    assert got["TOKENS"].reshape(-1).tolist() == tokens == [256, 256, 256, 3, 256, 256, 256, 256]
+    too_long = client.post(
+        f"{triton.http_url}/v2/models/embedder/infer", json=infer_json(["z " * 32_769])
+    )
+    assert too_long.status_code == 400, too_long.text
+    assert "TEXT is over 65536 bytes" in too_long.json()["error"]
 
 
 def test_the_judge_refuses_inputs_past_its_byte_limit(client: httpx.Client, triton: Any) -> None:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import unicodedata
 from collections.abc import Callable
 from pathlib import Path
 
@@ -53,14 +54,30 @@ INTER_OP_THREADS = 1
 
 
 # Tokenising takes time in proportion to the whole text, though only the first MAX_TOKENS
-# tokens are kept: a 1 MB input (within the gateway's body limit on the KServe routes) cost
-# this instance 0.8 s. A text longer than HEAD_CHARS is tokenised from a prefix that ends
-# before a whitespace and already holds more tokens than are kept: BERT's normaliser and
-# pre-tokeniser work within words, so such a prefix's tokens are the whole text's first
-# tokens and the kept ones are the same. A prefix with too few (long runs of spaces, words
-# past WordPiece's 100 characters) is doubled until it has enough or is the whole text.
+# tokens are kept. Two bounds: texts past MAX_INPUT_BYTES are refused (the OpenAI route
+# allows at most 16,384 characters, filters/openai max_input_chars), and a text longer than
+# HEAD_CHARS is tokenised from a prefix that ends where BERT's pre-tokeniser splits (before
+# a space, a punctuation mark or a CJK ideograph) and already holds more tokens than are
+# kept: the normaliser and pre-tokeniser work within words, so such a prefix's tokens are
+# the whole text's first tokens and the kept ones are the same. A prefix with too few (long
+# runs of spaces, words past WordPiece's 100 characters) is doubled until it has enough or
+# is the whole text. (A 1 MB text took this instance 725 ms before these bounds.)
+MAX_INPUT_BYTES = 65536
 HEAD_CHARS = 8 * MAX_TOKENS
-_SPACES = " \n\t"
+_SPLIT_SCAN = 512  # characters looked back for a split point before doubling
+# BERT's CJK ideograph blocks (the normaliser puts spaces around each).
+_CJK = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F),
+        (0x2B740, 0x2B81F), (0x2B820, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F))  # fmt: skip
+
+
+def _splits_before(c: str) -> bool:
+    """The pre-tokeniser always splits before ``c``: a space the normaliser keeps as one (a
+    control character such as \\x0b is dropped instead, joining its neighbours), a
+    punctuation mark, a CJK ideograph."""
+    if c in " \t\n\r" or (c.isascii() and not c.isalnum() and c.isprintable()):
+        return True
+    category = unicodedata.category(c)
+    return category == "Zs" or category[0] == "P" or any(lo <= ord(c) <= hi for lo, hi in _CJK)
 
 
 def head(text: str, tokens_in: Callable[[str], int], max_tokens: int = MAX_TOKENS) -> str:
@@ -68,7 +85,7 @@ def head(text: str, tokens_in: Callable[[str], int], max_tokens: int = MAX_TOKEN
     ``text``; ``tokens_in(s)``: the tokens of ``s`` untruncated, [CLS] and [SEP] included."""
     n = HEAD_CHARS
     while n < len(text):
-        end = max(text.rfind(c, 0, n) for c in _SPACES)
+        end = next((i for i in range(n, max(0, n - _SPLIT_SCAN), -1) if _splits_before(text[i])), 0)
         if end > 0 and tokens_in(text[:end]) > max_tokens:
             return text[:end]
         n *= 2
@@ -200,6 +217,8 @@ class TritonPythonModel:
         rows: list[str] = []
         for value in values:
             raw = value if isinstance(value, bytes) else str(value).encode()
+            if len(raw) > MAX_INPUT_BYTES:
+                raise ValueError(f"{self.name}: TEXT is over {MAX_INPUT_BYTES} bytes")
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
