@@ -62,7 +62,12 @@ def _digest(*parts: bytes) -> str:
 
 
 def _dumps(obj: Any) -> bytes:
-    return orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)
+    try:
+        return orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)
+    except orjson.JSONEncodeError:
+        # orjson reads 1,024 levels of nesting but writes 255: such a body (valid JSON the
+        # API filter may accept) is served uncached, not a filter fault per request.
+        raise NotCacheable("too_deep") from None
 
 
 def pointer(doc: Any, ptr: str) -> Any:

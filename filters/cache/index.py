@@ -46,14 +46,16 @@ class VectorIndex:
         self.flat_max = flat_max
         self.nprobe = nprobe
         self._seed = seed
-        self._vecs: F32 = np.zeros((64, dim), dtype=np.float32)
+        # One row to start, doubling: most partitions (a conversation's earlier turns) hold
+        # one or two entries, and 64 rows each made 10,000 partitions cost 700 MB.
+        self._vecs: F32 = np.zeros((1, dim), dtype=np.float32)
         self._keys: list[str | None] = []
         self._row: dict[str, int] = {}
         self._dead = 0
         self._generation = 0  # bumped when rows are renumbered (compaction)
         # IVF state (None while flat).
         self._centroids: F32 | None = None
-        self._assign: npt.NDArray[np.int32] = np.zeros(64, dtype=np.int32)
+        self._assign: npt.NDArray[np.int32] = np.zeros(1, dtype=np.int32)
         self._lists: list[list[int]] = []
         self._trained_at = 0
 
@@ -218,7 +220,7 @@ class VectorIndex:
 
     def _compact(self) -> None:
         live = [i for i, k in enumerate(self._keys) if k is not None]
-        cap = max(64, 2 * len(live))
+        cap = max(1, 2 * len(live))
         vecs = np.zeros((cap, self.dim), dtype=np.float32)
         vecs[: len(live)] = self._vecs[live]
         assign = np.zeros(cap, dtype=np.int32)

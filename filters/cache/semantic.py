@@ -116,6 +116,11 @@ class SemanticIndex:
             self._words.setdefault(part, WordIndex()).add(item.entry_id, words)
         self._meta[key] = _Meta(item.partition, item.text, item.expires_ms, words)
         heapq.heappush(self._expiry, (item.expires_ms, item.scope, item.entry_id))
+        if len(self._expiry) > 2 * len(self._meta) + 1024:
+            # Re-adds (refreshes, replicas' echoes) leave stale items until their time comes:
+            # keep one per live entry, or the heap grows with the write rate times the TTL.
+            self._expiry = [(m.expires_ms, s, e) for (s, e), m in self._meta.items()]
+            heapq.heapify(self._expiry)
 
     def remove(self, scope: str, entry_id: str) -> None:
         meta = self._meta.pop((scope, entry_id), None)

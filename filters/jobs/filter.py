@@ -245,7 +245,12 @@ class JobsFilter(Filter):
             method = item.get("method", "POST")
             if method != "POST":
                 return errors.error(400, "invalid_request_error", f"{where}.method must be POST")
-            out.append((method, url, orjson.dumps(inner)))
+            try:
+                out.append((method, url, orjson.dumps(inner)))
+            except orjson.JSONEncodeError:  # read up to 1,024 levels deep, written up to 255
+                return errors.error(
+                    400, "invalid_request_error", f"{where}.body is nested too deeply"
+                )
         return out
 
     async def _submit(

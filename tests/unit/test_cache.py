@@ -311,6 +311,33 @@ def test_semantic_index_scopes_partitions_and_expiry() -> None:
     assert len(si) == 0 and si.judge("s1", "p", "t", v, 0).entry_id is None
 
 
+def test_a_body_nested_past_what_orjson_writes_is_not_cacheable() -> None:
+    deep: Any = "x"
+    for _ in range(300):  # orjson reads 1,024 levels, writes 255
+        deep = [deep]
+    req = {"model": "m", "messages": [{"role": "user", "content": "hi", "extra": deep}]}
+    with pytest.raises(canon.NotCacheable) as e:
+        canon.lookup(req, api="openai_chat", model=None, max_temperature=1)
+    assert e.value.reason == "too_deep"
+
+
+def test_memory_follows_the_live_entries() -> None:
+    # A partition per conversation prefix: each held 64 preallocated rows (700 MB for 10k).
+    ix = VectorIndex(384)
+    ix.add("a", unit(np.ones(384)))
+    assert ix._vecs.nbytes <= 2 * 384 * 4
+    for i in range(100):
+        ix.add(f"k{i}", unit(np.arange(384.0) + i))
+    assert len(ix) == 101 and ix.search(unit(np.arange(384.0) + 7), k=1)[0].key == "k7"
+    # Refreshing one entry many times (replicas' echoes) must not grow the expiry heap.
+    si = SemanticIndex(4, threshold=0.9)
+    v = unit(np.array([1, 0, 0, 0.0]))
+    for t in range(5000):
+        si.add(Indexed("s", "e", "p", "How do I reset my password?", v, expires_ms=10**9 + t))
+    assert len(si._expiry) <= 2 * len(si) + 1024
+    assert si.expire(10**9 + 4998) == 0 and si.expire(10**9 + 4999) == 1
+
+
 def test_only_the_nearest_candidate_is_judged() -> None:
     si = SemanticIndex(4, threshold=0.6)
     asked = unit(np.array([1, 0, 0, 0.0]))

@@ -117,6 +117,15 @@ async def test_nothing_on_the_job_apis_route_is_forwarded() -> None:
         assert r.status == 404 and not r.upstream_called, r.body
 
 
+def test_a_job_body_nested_past_what_orjson_writes_is_a_400() -> None:
+    f = JobsFilter(JobsParams(), Deps())
+    deep = b"[" * 300 + b'"x"' + b"]" * 300  # orjson reads 1,024 levels, writes 255
+    body = b'{"url": "/v1/embeddings", "body": {"model": "m", "input": ' + deep + b"}}"
+    refused = f._envelope(body)
+    assert not isinstance(refused, list) and refused.status == 400
+    assert b"nested too deeply" in refused.body
+
+
 @pytest.mark.parametrize(
     ("url", "allowed"),
     [
