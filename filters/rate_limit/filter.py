@@ -156,6 +156,7 @@ class _Hold:
 class _State:
     headers: Headers | None = None
     hold: _Hold | None = None
+    checked: bool = False  # at the headers: the body phase has nothing left to check
 
 
 class RateLimitFilter(Filter):
@@ -213,8 +214,7 @@ class RateLimitFilter(Filter):
         found = self._body_routes.get(route.name)
         if found is None:
             found = (route.model_in_body or route.api == "jobs") and any(
-                lim.spec.unit == "tokens" or "model" in lim.spec.key or bool(lim.spec.when.models)
-                for lim in self._limits_for(route.name)
+                _needs_body(lim.spec) for lim in self._limits_for(route.name)
             )
             self._body_routes[route.name] = found
         return found
@@ -236,12 +236,36 @@ class RateLimitFilter(Filter):
     async def on_request_headers(self, ctx: RequestContext, headers: Headers) -> Decision:
         st = ctx.state(_State)
         st.headers = headers
-        if ctx.route is not None and ctx.has_request_body and self._after_body(ctx.route):
-            return CONTINUE  # checked once the body is in (a bodiless request: now)
+        if ctx.route is not None and ctx.has_request_body and self._waits_for_body(ctx):
+            # Checked once the body is in (a bodiless request: now). A caller already known
+            # to be over a limit the body cannot change is refused now, before the filters
+            # between here and then (the cache's embedding and judge) work for it.
+            if self.p.local_deny_cache:
+                known = [
+                    lim
+                    for lim in self._limits_for(ctx.route.name)
+                    if _applies(lim.spec, ctx) and "model" not in lim.spec.key
+                ]
+                keys = [self._key(lim, ctx, headers) for lim in known]
+                refused = self._cached_refusal(known, keys, self.deps.clock.monotonic())
+                if refused is not None:
+                    return refused
+            return CONTINUE
+        st.checked = True
         return await self._check(ctx, st)
 
+    def _waits_for_body(self, ctx: RequestContext) -> bool:
+        """Whether a limit that applies to this caller needs the model or the token estimate
+        (_after_body); a caller with request limits only is checked at the headers."""
+        assert ctx.route is not None
+        return self._after_body(ctx.route) and any(
+            _needs_body(lim.spec) and _applies(lim.spec, ctx, model_known=False)
+            for lim in self._limits_for(ctx.route.name)
+        )
+
     async def on_request_body(self, ctx: RequestContext, body: bytes) -> Decision:
-        return await self._check(ctx, ctx.state(_State))
+        st = ctx.state(_State)
+        return CONTINUE if st.checked else await self._check(ctx, st)
 
     async def on_response_headers(self, ctx: RequestContext, headers: Headers) -> Decision:
         hold = ctx.state(_State).hold
@@ -775,14 +799,21 @@ def client_ip(xff: str, trusted_hops: int) -> str:
     return entries[max(0, len(entries) - 1 - trusted_hops)]
 
 
-def _applies(spec: Limit, ctx: RequestContext) -> bool:
+def _applies(spec: Limit, ctx: RequestContext, *, model_known: bool = True) -> bool:
+    """``model_known`` False: before the body named the model, a limit on some models may
+    apply."""
     w = spec.when
     return (
         (w.tenants is None or ctx.tenant in w.tenants)
         and (w.key_ids is None or ctx.key_id in w.key_ids)
         and (w.tiers is None or ctx.tier in w.tiers)
-        and (w.models is None or ctx.model in w.models)
+        and (w.models is None or not model_known or ctx.model in w.models)
     )
+
+
+def _needs_body(spec: Limit) -> bool:
+    """On OpenAI routes the model and the token estimate come from the body."""
+    return spec.unit == "tokens" or "model" in spec.key or bool(spec.when.models)
 
 
 def _settle(reserved: float, ctx: RequestContext, outcome: Outcome) -> float:

@@ -477,6 +477,48 @@ async def test_token_reservation_refused_before_the_model_is_called(rc: aioredis
     assert r.status == 413 and r.json()["error"]["type"] == "request_exceeds_limit"
 
 
+class _BodyProbe(Filter):
+    """Counts the request bodies it sees: the work a filter before the limiter's body phase
+    (the cache's embedding and judge) would do."""
+
+    seen = 0
+
+    async def on_request_body(self, ctx: RequestContext, body: bytes) -> Any:
+        _BodyProbe.seen += 1
+        return CONTINUE
+
+
+async def test_callers_are_checked_as_early_as_their_own_limits_allow(rc: aioredis.Redis) -> None:
+    """On a route where one key has a token limit (checked after the body), a key with request
+    limits only is checked at its headers, once; and a key known to be over a limit the body
+    cannot change is refused at its headers, before the filters in between see its body."""
+    from proxy.api import NoParams
+
+    f = limiter(
+        rc, per_key(rate=1, burst=2),
+        {**TOKENS_LIMIT, "when": {"key_ids": ["tokened"]}},
+        local_deny_cache=True,
+    )  # fmt: skip
+    ident, probe = _Identify(NoParams(), Deps()), _BodyProbe(NoParams(), Deps())
+    ident.name, probe.name = "identify", "probe"
+    h = Harness.for_filters([ident, probe, _openai(), f], default_config(ROUTES))
+    _BodyProbe.seen = 0
+
+    async def chat(key: str) -> int:
+        r = await h.request("POST", "/v1/chat/completions", headers={"x-test-key": key},
+                            body=CHAT, upstream=_sim_llm_reply(7, 50))  # fmt: skip
+        return r.status
+
+    # Request limits only: the whole burst of 2 (checked once each, not at headers and body).
+    assert [await chat("plain") for _ in range(4)] == [200, 200, 429, 429]
+    # The token-limited key waits for the body; once Redis said its bucket is empty (the
+    # answer that admitted the second request says so), the next are refused at their
+    # headers (the local deny cache): no body of theirs reaches the probe.
+    _BodyProbe.seen = 0
+    assert [await chat("tokened") for _ in range(5)] == [200, 200, 429, 429, 429]
+    assert _BodyProbe.seen == 2
+
+
 async def test_aborted_and_failed_requests_are_settled(rc: aioredis.Redis) -> None:
     f = limiter(rc, TOKENS_LIMIT)
     h = harness(f, openai=_openai())
