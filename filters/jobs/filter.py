@@ -245,6 +245,13 @@ class JobsFilter(Filter):
             method = item.get("method", "POST")
             if method != "POST":
                 return errors.error(400, "invalid_request_error", f"{where}.method must be POST")
+            if inner.get("model") != items[0]["body"].get("model"):
+                # As OpenAI's Batch API: limits keyed by model charge a job to its one model
+                # (a mixed job had none, and escaped every per-model token limit).
+                return errors.error(
+                    400, "invalid_request_error",
+                    f"{where}.body.model differs from requests[0]'s: one model per job",
+                )  # fmt: skip
             try:
                 out.append((method, url, orjson.dumps(inner)))
             except orjson.JSONEncodeError:  # read up to 1,024 levels deep, written up to 255

@@ -166,7 +166,8 @@ class OpenAIFilter(Filter):
             models.add(parsed[0].model)
         if models:
             ctx.token_estimate = total
-            # Limits keyed by model see the job's model; a job mixing models has none.
+            # Limits keyed by model see the job's model (the jobs filter refuses a job that
+            # mixes models; with another filter in its place, a mixed job has none).
             ctx.model = models.pop() if len(models) == 1 else None
 
     def _estimate(self, call: embeddings.EmbeddingsCall | chat.ChatCall) -> Usage:

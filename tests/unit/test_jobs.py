@@ -117,6 +117,17 @@ async def test_nothing_on_the_job_apis_route_is_forwarded() -> None:
         assert r.status == 404 and not r.upstream_called, r.body
 
 
+def test_a_job_names_one_model() -> None:
+    # A job mixing models had no model for the limits keyed by one: it escaped them all.
+    f = JobsFilter(JobsParams(), Deps())
+    chat = {"url": "/v1/chat/completions", "body": {"model": "sim-llm", "messages": []}}
+    embed = {"url": "/v1/embeddings", "body": {"model": "embedder", "input": "x"}}
+    assert isinstance(f._envelope(orjson.dumps({"requests": [chat, chat]})), list)
+    refused = f._envelope(orjson.dumps({"requests": [chat, chat, embed]}))
+    assert not isinstance(refused, list) and refused.status == 400
+    assert b"requests[2].body.model differs" in refused.body
+
+
 def test_a_job_body_nested_past_what_orjson_writes_is_a_400() -> None:
     f = JobsFilter(JobsParams(), Deps())
     deep = b"[" * 300 + b'"x"' + b"]" * 300  # orjson reads 1,024 levels, writes 255
