@@ -143,6 +143,10 @@ class JobsParams(FilterParams):
     result_ttl_s: Annotated[float, Field(gt=0)] = 86_400.0
     # A model answer bigger than this ends its job as failed (result_too_large).
     max_result_bytes: Annotated[int, Field(ge=1024)] = 16 << 20
+    # All the answers of one job together: past this, the job fails (result_too_large) and
+    # its remaining requests are not run. With max_requests answers of max_result_bytes each
+    # one small envelope could otherwise keep gigabytes in Redis for result_ttl_s.
+    max_job_result_bytes: Annotated[int, Field(ge=1024)] = 64 << 20
     # An Idempotency-Key maps to its job for this long.
     idempotency_ttl_s: Annotated[float, Field(gt=0)] = 86_400.0
     # Retry-After of a refusal for a full queue, and the polling hint of a 202.

@@ -404,6 +404,7 @@ class Worker:
         requests: list[tuple[str, str, bytes]],
     ) -> None:
         statuses: list[int] = []
+        kept = sum(len(v) for k, v in fields.items() if k.startswith("rb:"))
         for i, (method, url, body) in enumerate(requests):
             done = fields.get(f"rs:{i}")
             if done is not None:  # answered in an earlier attempt
@@ -429,19 +430,19 @@ class Worker:
                 await self._retry_or_fail(job_id, cls, entry, attempts, reply, why)
                 return
             if len(reply.body) > self.p.max_result_bytes:
-                reply = Reply(
-                    502,
-                    "application/json",
-                    orjson.dumps(
-                        {
-                            "error": {
-                                "type": "result_too_large",
-                                "message": f"the answer exceeds {self.p.max_result_bytes} bytes",
-                            }
-                        }
-                    ),
-                )
+                message = f"the answer exceeds {self.p.max_result_bytes} bytes"
+                error = {"error": {"type": "result_too_large", "message": message}}
+                reply = Reply(502, "application/json", orjson.dumps(error))
+            elif kept + len(reply.body) > self.p.max_job_result_bytes:
+                # Over the job's budget: fail it now, its other requests unrun.
+                await self._fail(
+                    job_id, cls, entry, "result_too_large",
+                    f"the job's answers exceed {self.p.max_job_result_bytes} bytes "
+                    f"(at requests[{i}])",
+                )  # fmt: skip
+                return
             await self.store.save(job_id, i, reply.status, reply.body, _is_json(reply))
+            kept += len(reply.body)
             statuses.append(reply.status)
         bad = [s for s in statuses if not 200 <= s < 300]
         if bad:

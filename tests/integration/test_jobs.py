@@ -364,6 +364,24 @@ async def test_malformed_entries_end_instead_of_looping(
     }
 
 
+async def test_a_job_over_its_result_budget_fails_and_stops(
+    rc: aioredis.Redis, upstream: Upstream
+) -> None:
+    # Each /big answer (~4.1 KB) fits max_result_bytes; three of them do not fit the job's.
+    p = _params(max_result_bytes=8192, max_job_result_bytes=10_000)
+    h = _gateway(rc, p)
+    env = orjson.dumps({"requests": [{"url": "/big", "body": {}}] * 5})
+    r = await h.request("POST", "/v1/jobs", body=env, headers={"authorization": "Bearer alice-key"})
+    job_id = r.json()["id"]
+    async with Running(_worker(rc, p, upstream)):
+        await _until(lambda: _is(h, job_id, "failed"))
+    job = (await _show(h, job_id)).json()
+    assert job["error"]["type"] == "result_too_large", job["error"]
+    assert upstream.calls["/big"] == 3  # the other two were never run
+    kept = await rc.hgetall(JobStore(rc, p.prefix).job_key(job_id))
+    assert sum(len(v) for k, v in kept.items() if k.startswith(b"rb:")) <= 10_000
+
+
 async def test_priority_order_and_the_class_sent_on(rc: aioredis.Redis, upstream: Upstream) -> None:
     p = _params()
     store = JobStore(rc, p.prefix)
