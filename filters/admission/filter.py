@@ -185,7 +185,10 @@ class AdmissionFilter(Filter):
         and a new model is seen (and its room known) within moments."""
         models = self._route_models.get(ctx.route_name, ())
         lims = [self.limiters[m] for m in models]
-        if not lims or any(lim.refusal(cls, self._max_wait(ctx, lim)) is None for lim in lims):
+        tenant = ctx.tenant or "-"
+        if not lims or any(
+            lim.refusal(cls, self._max_wait(ctx, lim), tenant) is None for lim in lims
+        ):
             return CONTINUE
         now = self.deps.clock.monotonic()
         if now >= self._probe_at.get(ctx.route_name, 0.0):

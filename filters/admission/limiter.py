@@ -74,25 +74,34 @@ class Limiter:
             return True
         return False
 
-    def refusal(self, cls: str, max_wait_s: float) -> Shed | None:
-        """Why a request of ``cls`` arriving now would be shed without waiting, or None when
-        it would be admitted or queued."""
+    def refusal(self, cls: str, max_wait_s: float, tenant: str | None = None) -> Shed | None:
+        """Why a request of ``cls`` (from ``tenant``) arriving now would be shed without
+        waiting, or None when it would be admitted or queued."""
         if self._has_room(cls):
             return None
-        if max_wait_s <= 0 or (self.waiting >= self.p.max_queue and self._victim(cls) is None):
+        full = self.waiting >= self.p.max_queue
+        if max_wait_s <= 0 or (full and self._victim(cls, tenant) is None):
             return "shed_full"
-        if self.predicted_wait_s(cls) > max_wait_s:
+        if self.predicted_wait_s(cls, tenant) > max_wait_s:
             return "shed_timeout"
         return None
 
-    def predicted_wait_s(self, cls: str) -> float:
-        """The wait of a new ``cls`` waiter: those of its class and above go first; permits
-        come free at about ``limit / rtt`` per second (``cap / rtt`` of them usable by the
-        class), of which the classes above keep taking what they took lately."""
+    def predicted_wait_s(self, cls: str, tenant: str | None = None) -> float:
+        """The wait of a new ``cls`` waiter of ``tenant``: those of the classes above go
+        first, and in its class the tenants take turns (round robin), so of each other
+        tenant's waiters at most one more than its own go before it (None: every waiter of
+        its class goes first). Permits come free at about ``limit / rtt`` per second
+        (``cap / rtt`` of them usable by the class), of which the classes above keep taking
+        what they took lately."""
         if self.rtt is None:
             return 0.0
         i = CLASSES.index(cls)
-        ahead = sum(len(q) for c in CLASSES[: i + 1] for q in self.queues[c].values())
+        ahead = sum(len(q) for c in CLASSES[:i] for q in self.queues[c].values())
+        own = self.queues[cls].get(tenant, ()) if tenant is not None else ()
+        ahead += sum(
+            len(q) if tenant is None or t == tenant else min(len(q), len(own) + 1)
+            for t, q in self.queues[cls].items()
+        )
         if i == 0:
             return (ahead + 1) * self.rtt / self.cap(cls)
         rates = self.grant_rates()
@@ -120,11 +129,11 @@ class Limiter:
         the reason the caller must shed the request."""
         if self.try_acquire(cls):
             return "admitted"
-        why = self.refusal(cls, max_wait_s)
+        why = self.refusal(cls, max_wait_s, tenant)
         if why is not None:
             return why
         if self.waiting >= self.p.max_queue:
-            self._preempt(cls)
+            self._preempt(cls, tenant)
         fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self.queues[cls].setdefault(tenant, deque()).append(fut)
         self.waiting += 1
@@ -148,19 +157,28 @@ class Limiter:
         ahead = any(self.queues[c] for c in CLASSES[: CLASSES.index(cls) + 1])
         return not ahead and self.inflight < self.cap(cls)
 
-    def _victim(self, cls: str) -> str | None:
-        """The lowest class below ``cls`` with waiters, if any."""
+    def _victim(self, cls: str, tenant: str | None = None) -> tuple[str, str] | None:
+        """Whose waiter a new ``cls`` waiter of ``tenant`` pushes out of a full queue: the
+        noisiest tenant of the lowest class below ``cls`` with waiters; else, in ``cls``, the
+        noisiest tenant if it has at least two more waiters than ``tenant`` (fair shares
+        within a class). None: the newcomer is refused instead."""
         for c in reversed(CLASSES[CLASSES.index(cls) + 1 :]):
             if self.queues[c]:
-                return c
-        return None
+                tenants = self.queues[c]
+                return c, max(tenants, key=lambda t: len(tenants[t]))
+        tenants = self.queues[cls]
+        if tenant is None or not tenants:
+            return None
+        noisiest = max(tenants, key=lambda t: len(tenants[t]))
+        own = len(tenants.get(tenant, ()))
+        return (cls, noisiest) if len(tenants[noisiest]) >= own + 2 else None
 
-    def _preempt(self, cls: str) -> None:
-        victim = self._victim(cls)
-        if victim is None:
+    def _preempt(self, cls: str, tenant: str | None = None) -> None:
+        found = self._victim(cls, tenant)
+        if found is None:
             return
+        victim, tenant = found
         tenants = self.queues[victim]
-        tenant = max(tenants, key=lambda t: len(tenants[t]))  # the noisiest pays
         fut = tenants[tenant].pop()  # its newest: the one that has waited least
         if not tenants[tenant]:
             del tenants[tenant]

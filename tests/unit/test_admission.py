@@ -488,3 +488,33 @@ async def test_a_stream_keeps_its_permit_to_its_end_with_admission_alone(
         assert lim.inflight == 0 and lim.rtt is not None
     finally:
         await server.drain_and_stop(0.1, 0)
+
+
+async def test_a_noisy_tenants_backlog_does_not_shed_a_quiet_tenant_of_its_class() -> None:
+    # Round robin serves the quiet tenant's one request next; the wait predicted for it (and
+    # the full queue) must not count the noisy tenant's whole backlog ahead of it.
+    lim = _limiter(initial_limit=4, min_limit=4, max_queue=63, reserve_critical=0,
+                   reserve_standard=0)  # fmt: skip
+    for _ in range(4):
+        assert lim.try_acquire("standard")
+    lim.rtt = 0.1  # 40 permits a second come free
+    noisy = [asyncio.ensure_future(lim.acquire("standard", "noisy", 60.0)) for _ in range(62)]
+    await asyncio.sleep(0)
+    assert lim.predicted_wait_s("standard", "quiet") == pytest.approx(2 / 40)
+    assert lim.refusal("standard", 0.2, "quiet") is None
+    assert lim.refusal("standard", 0.2, "noisy") == "shed_timeout"  # 63 of its own ahead
+    quiet = asyncio.ensure_future(lim.acquire("standard", "quiet", 0.2))
+    await asyncio.sleep(0)
+    assert lim.waiting == 63  # full now
+    # A second quiet tenant pushes out the noisy tenant's newest, not the other way round.
+    other = asyncio.ensure_future(lim.acquire("standard", "other", 0.2))
+    await asyncio.sleep(0)
+    assert await noisy[-1] == "shed_preempted" and not other.done()
+    assert await lim.acquire("standard", "noisy", 60.0) == "shed_full"
+    for _ in range(3):  # round robin: noisy's head, quiet, other
+        lim.release(None, failed=False, now=0.0)
+    assert {await quiet, await other} == {"queued"}  # their turns came before the backlog's
+    assert len(lim.queues["standard"]["noisy"]) == 60
+    for w in noisy[:-1]:
+        w.cancel()
+    await asyncio.gather(*noisy[:-1], return_exceptions=True)
