@@ -73,6 +73,7 @@ class _State:
     mode: str = ""  # "prefer" (a model route) or "api" (POST /v1/jobs)
     idempotency: str | None = None
     webhook: str | None = None
+    cache_control: str | None = None  # the client's, sent on with the job's model calls
 
 
 class JobsFilter(Filter):
@@ -201,6 +202,9 @@ class JobsFilter(Filter):
                     f"Idempotency-Key must be 1 to {_IDEMPOTENCY_MAX} characters",
                 )
             st.idempotency = key
+        cc = headers.get("cache-control")
+        if cc:
+            st.cache_control = cc[:256]  # no-store, no-cache: the cache honours them later
         hook = headers.get("floodwall-webhook")
         if hook is not None:
             w = self.p.webhook
@@ -278,6 +282,8 @@ class JobsFilter(Filter):
             fields[f"m:{i}"], fields[f"u:{i}"], fields[f"b:{i}"] = method, url, body
         if st.webhook is not None:
             fields["webhook"] = st.webhook
+        if st.cache_control is not None:
+            fields["cc"] = st.cache_control
         job_id = uuid.uuid4().hex
         try:
             sub = await self._redis(

@@ -81,13 +81,21 @@ class Reply:
 
 class Caller(Protocol):
     async def call(
-        self, method: str, url: str, body: bytes, priority: str, tag: str, tenant: str = ""
+        self,
+        method: str,
+        url: str,
+        body: bytes,
+        priority: str,
+        tag: str,
+        tenant: str = "",
+        cache_control: str = "",
     ) -> Reply: ...
 
     async def close(self) -> None: ...
 
 
-# The header naming the job's tenant on the worker's calls (cache.on_behalf.header).
+# The header naming the job's tenant on the worker's calls: the cache's on_behalf.header
+# when the config has one (see caller()), else this.
 TENANT_HEADER = "x-job-tenant"
 
 
@@ -102,8 +110,16 @@ class EnvoyCaller:
     """Through the gateway, as the worker key: admission, breakers and degradation apply; the
     job's class rides along in the priority header admission trusts from this key."""
 
-    def __init__(self, base_url: str, key: str, priority_header: str, timeout_s: float) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        key: str,
+        priority_header: str,
+        timeout_s: float,
+        tenant_header: str = TENANT_HEADER,
+    ) -> None:
         self.base_url = base_url.rstrip("/")
+        self.tenant_header = tenant_header
         self.headers = {
             "authorization": f"Bearer {key}",
             "content-type": "application/json",
@@ -113,13 +129,22 @@ class EnvoyCaller:
         self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s))
 
     async def call(
-        self, method: str, url: str, body: bytes, priority: str, tag: str, tenant: str = ""
+        self,
+        method: str,
+        url: str,
+        body: bytes,
+        priority: str,
+        tag: str,
+        tenant: str = "",
+        cache_control: str = "",
     ) -> Reply:
         headers = {**self.headers, self.priority_header: priority, "x-request-id": tag}
         if tenant:
             # Whose job this is: the cache keeps each tenant's job answers in that tenant's
             # scope (cache.on_behalf, trusted from this key only).
-            headers[TENANT_HEADER] = tenant
+            headers[self.tenant_header] = tenant
+        if cache_control:  # the submitting client's: a no-store job is not cached either
+            headers["cache-control"] = cache_control
         async with self.session.request(
             method, self.base_url + url, data=body, headers=headers
         ) as r:
@@ -150,7 +175,14 @@ class TritonCaller:
         self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s))
 
     async def call(
-        self, method: str, url: str, body: bytes, priority: str, tag: str, tenant: str = ""
+        self,
+        method: str,
+        url: str,
+        body: bytes,
+        priority: str,
+        tag: str,
+        tenant: str = "",
+        cache_control: str = "",
     ) -> Reply:
         from proxy.testing import UpstreamReply
 
@@ -417,7 +449,7 @@ class Worker:
             try:
                 reply = await self.caller.call(
                     method, url, body, cls, f"job-{job_id}-{i}-{attempts}",
-                    fields.get("tenant", b"").decode(),
+                    fields.get("tenant", b"").decode(), fields.get("cc", b"").decode(),
                 )  # fmt: skip
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                 CALLS.labels("error").inc()
@@ -621,7 +653,15 @@ def make_caller(cfg: FloodwallConfig, p: JobsParams) -> Caller:
         raise ConfigError(f"the worker needs its API key: set {w.key_env} (jobs.worker.key_env)")
     scheme = "https" if cfg.listener.tls else "http"
     base = w.gateway_url or f"{scheme}://{cfg.listener.address}:{cfg.listener.port}"
-    return EnvoyCaller(base, key, w.priority_header, w.request_timeout_s)
+    tenant_header = next(
+        (
+            str(f.params["on_behalf"].get("header", TENANT_HEADER))
+            for f in cfg.filters
+            if f.type == "cache" and isinstance(f.params.get("on_behalf"), dict)
+        ),
+        TENANT_HEADER,
+    )
+    return EnvoyCaller(base, key, w.priority_header, w.request_timeout_s, tenant_header)
 
 
 def worker_redis(url: str, concurrency: int) -> Any:

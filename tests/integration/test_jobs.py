@@ -89,6 +89,7 @@ async def upstream() -> AsyncIterator[Upstream]:
                 "priority": req.headers.get("x-priority"),
                 "auth": req.headers.get("authorization"),
                 "tenant": req.headers.get("x-job-tenant"),
+                **({"cc": req.headers["cache-control"]} if "cache-control" in req.headers else {}),
             }
         )
 
@@ -211,6 +212,39 @@ async def test_submit_show_and_run_a_job(rc: aioredis.Redis, upstream: Upstream)
         "tenant": "alice",
     }
     assert await rc.get(f"{p.prefix}:depth") == b"0"
+
+
+async def test_a_jobs_cache_control_goes_with_its_model_calls(
+    rc: aioredis.Redis, upstream: Upstream
+) -> None:
+    # A client that asked for no-store must not find its job's answer in the cache later.
+    p = _params()
+    h = _gateway(rc, p)
+    job_id = (await _submit(h, body={"key": "cc"}, headers={"cache-control": "no-store"})).json()[
+        "id"
+    ]
+    async with Running(_worker(rc, p, upstream)):
+        await _until(lambda: _is(h, job_id, "succeeded"))
+    assert (await _show(h, job_id)).json()["result"]["body"]["cc"] == "no-store"
+
+
+async def test_the_worker_names_the_tenant_in_the_caches_on_behalf_header() -> None:
+    from filters.jobs.worker import EnvoyCaller, jobs_params, make_caller
+    from proxy.config import DEFAULT_CONFIG, load_config
+
+    cfg = load_config(DEFAULT_CONFIG)
+    filters = [
+        f.model_copy(update={"params": {**f.params, "on_behalf": {**f.params["on_behalf"],
+                                                                   "header": "x-on-behalf"}}})
+        if f.type == "cache" else f
+        for f in cfg.filters
+    ]  # fmt: skip
+    cfg = cfg.model_copy(update={"filters": filters})
+    jp = jobs_params(cfg)
+    assert jp is not None
+    made = make_caller(cfg, jp)
+    await made.close()
+    assert isinstance(made, EnvoyCaller) and made.tenant_header == "x-on-behalf"
 
 
 async def _is(h: Harness, job_id: str, status: str) -> bool:
