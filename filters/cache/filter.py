@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import hmac
 import logging
@@ -151,6 +152,8 @@ class CacheFilter(Filter):
         judge: PairJudge | None = None,
     ) -> None:
         super().__init__(params, deps)
+        # Per instance: two of this filter on one route keep their own request state.
+        self._state = functools.partial(_State)
         self.p = params
         sem = params.semantic
         self.store = CacheStore(deps.redis) if deps.redis is not None else None
@@ -224,7 +227,7 @@ class CacheFilter(Filter):
     # --- request path ----------------------------------------------------------------------
 
     async def on_request_headers(self, ctx: RequestContext, headers: Headers) -> Decision:
-        st = ctx.state(_State)
+        st = ctx.state(self._state)
         directives = _cache_control(headers.get("cache-control", ""))
         if "no-store" in directives:
             st.no_store = st.no_lookup = True
@@ -239,7 +242,7 @@ class CacheFilter(Filter):
         return CONTINUE
 
     async def on_request_body(self, ctx: RequestContext, body: bytes) -> Decision:
-        st = ctx.state(_State)
+        st = ctx.state(self._state)
         route = self.p.routes[ctx.route_name]
         reason = self._bypass_reason(ctx, st, route, body)
         if reason is not None:
@@ -388,7 +391,7 @@ class CacheFilter(Filter):
         return None
 
     async def on_response_headers(self, ctx: RequestContext, headers: Headers) -> Decision:
-        st = ctx.state(_State)
+        st = ctx.state(self._state)
         pending, st.pending = st.pending, None
         if pending is not None:
             why = _uncacheable_response(headers)
@@ -404,7 +407,7 @@ class CacheFilter(Filter):
         return Mutate(set_headers={HEADER: "bypass" if st.bypassed else "miss"})
 
     async def on_response_body(self, ctx: RequestContext, body: bytes) -> Decision:
-        st = ctx.state(_State)
+        st = ctx.state(self._state)
         if st.stale is not None and (ctx.response_status or 0) >= 500:
             # stale-if-error: the model failed (or Envoy could not reach it); the last good
             # answer, marked, beats an error.
@@ -444,7 +447,7 @@ class CacheFilter(Filter):
         task.add_done_callback(self._writes.discard)
 
     def on_complete(self, ctx: RequestContext, outcome: Outcome) -> None:
-        ctx.state(_State).pending = None
+        ctx.state(self._state).pending = None
 
     # --- pieces ----------------------------------------------------------------------------
 
@@ -464,7 +467,7 @@ class CacheFilter(Filter):
     def _bypass(self, ctx: RequestContext, reason: str) -> Decision:
         BYPASS.labels(ctx.route_name, reason).inc()
         LOOKUPS.labels(ctx.route_name, "bypass").inc()
-        st = ctx.state(_State)
+        st = ctx.state(self._state)
         st.pending, st.bypassed = None, True
         return CONTINUE
 

@@ -10,6 +10,7 @@ status}`` counts outcomes per target.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 from dataclasses import dataclass
@@ -40,6 +41,8 @@ class CanaryFilter(ModelSteeringFilter):
 
     def __init__(self, params: CanaryParams, deps: Deps) -> None:
         super().__init__(params, deps)
+        # Per instance: two of this filter on one route keep their own request state.
+        self._state = functools.partial(_State)
         self.p = params
         # Cumulative weights per split, normalised to [0, 1).
         self._cuts = {model: _cuts(split) for model, split in params.splits.items()}
@@ -61,7 +64,7 @@ class CanaryFilter(ModelSteeringFilter):
                             "stream_model", model)  # fmt: skip
             return CONTINUE
         target = self._pick(model, split, ctx)
-        st = ctx.state(_State)
+        st = ctx.state(self._state)
         st.model, st.target = model, target.model
         return send_to(
             ctx, target.stream_model if streamed and target.stream_model else target.model
@@ -80,13 +83,13 @@ class CanaryFilter(ModelSteeringFilter):
         return self._cuts[model][-1][1]
 
     async def on_response_headers(self, ctx: RequestContext, headers: Headers) -> Decision:
-        target = ctx.state(_State).target
+        target = ctx.state(self._state).target
         if target is None:
             return CONTINUE
         return Mutate(set_headers={"x-floodwall-canary": target})
 
     def on_complete(self, ctx: RequestContext, outcome: Outcome) -> None:
-        st = ctx.state(_State)
+        st = ctx.state(self._state)
         if st.target is None:
             return
         # The target's own answer: a stale cached 200 served for its 503 is still its 5xx.

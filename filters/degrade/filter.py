@@ -13,6 +13,7 @@ for may still serve. Place it after ``openai`` (it reads ``ctx.model``) and befo
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from prometheus_client import Counter
@@ -38,6 +39,8 @@ class DegradeFilter(ModelSteeringFilter):
 
     def __init__(self, params: DegradeParams, deps: Deps) -> None:
         super().__init__(params, deps)
+        # Per instance: two of this filter on one route keep their own request state.
+        self._state = functools.partial(_State)
         self.p = params
         self.load: TritonLoad | None = None
 
@@ -66,7 +69,7 @@ class DegradeFilter(ModelSteeringFilter):
         to = self.p.lighter[model]
         if self.deps.signals.refusing(to, now):
             return CONTINUE  # a sure 503 there; the model asked for may still serve
-        ctx.state(_State).to = to
+        ctx.state(self._state).to = to
         DEGRADED.labels(model, to).inc()
         return send_to(ctx, to)
 
@@ -77,7 +80,7 @@ class DegradeFilter(ModelSteeringFilter):
         return sat.saturated(self.load.models.get(triton_model), now)
 
     async def on_response_headers(self, ctx: RequestContext, headers: Headers) -> Decision:
-        to = ctx.state(_State).to
+        to = ctx.state(self._state).to
         if to is None:
             return CONTINUE
         return Mutate(set_headers={"x-floodwall-degraded": to})

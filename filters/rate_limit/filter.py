@@ -164,6 +164,8 @@ class RateLimitFilter(Filter):
 
     def __init__(self, params: RateLimitParams, deps: Deps) -> None:
         super().__init__(params, deps)
+        # Per instance: two of this filter on one route keep their own request state.
+        self._state = functools.partial(_State)
         self.p = params
         self.limits = [_Limit.of(spec, params.lease_ms / 1000) for spec in params.limits]
         # Redis' clock minus this process' monotonic clock, in microseconds, from the last
@@ -234,7 +236,7 @@ class RateLimitFilter(Filter):
         return found
 
     async def on_request_headers(self, ctx: RequestContext, headers: Headers) -> Decision:
-        st = ctx.state(_State)
+        st = ctx.state(self._state)
         st.headers = headers
         if ctx.route is not None and ctx.has_request_body and self._waits_for_body(ctx):
             # Checked once the body is in (a bodiless request: now). A caller already known
@@ -264,11 +266,11 @@ class RateLimitFilter(Filter):
         )
 
     async def on_request_body(self, ctx: RequestContext, body: bytes) -> Decision:
-        st = ctx.state(_State)
+        st = ctx.state(self._state)
         return CONTINUE if st.checked else await self._check(ctx, st)
 
     async def on_response_headers(self, ctx: RequestContext, headers: Headers) -> Decision:
-        hold = ctx.state(_State).hold
+        hold = ctx.state(self._state).hold
         if hold is None or not hold.headers:
             return CONTINUE
         return Mutate(set_headers=hold.headers)
@@ -661,7 +663,7 @@ class RateLimitFilter(Filter):
 
     def on_complete(self, ctx: RequestContext, outcome: Outcome) -> Awaitable[None] | None:
         # Most requests have nothing to settle (request limits, forwarded): no task for them.
-        hold = ctx.state(_State).hold
+        hold = ctx.state(self._state).hold
         if hold is None or (hold.forwarded and hold.requests_only):
             return None
         return self._settle(ctx, outcome, hold)

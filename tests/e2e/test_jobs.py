@@ -64,16 +64,22 @@ def test_batch_tenant_jobs_are_sheddable_and_bad_payloads_fail(gateway: Gateway)
             "requests": [
                 {"url": "/v1/embeddings", "body": {"model": "embedder", "input": ["a", "b"]}},
                 {"url": "/v1/embeddings", "body": {"model": "embedder", "input": 42}},
-                {"url": "/v1/embeddings", "body": {"model": "no-such-model", "input": "x"}},
+                {"url": "/v1/embeddings", "body": {"model": "embedder", "input": "x",
+                                                    "dimensions": 7}},
             ]
         },
-    )
+    )  # fmt: skip
     assert r.status_code == 202, r.text
     job = _wait(gateway, r.headers["location"], ("succeeded", "failed"), headers=BATCH)
     assert job["priority"] == "sheddable"
     assert job["status"] == "failed" and job["progress"] == {"completed": 3, "total": 3}
-    assert [x["status"] for x in job["results"]] == [200, 400, 404]
+    assert [x["status"] for x in job["results"]] == [200, 400, 400]
     assert len(job["results"][0]["body"]["data"]) == 2
+    # One model per job (as OpenAI's Batch API): a mixed one is refused at submission.
+    mixed = {"requests": [{"url": "/v1/embeddings", "body": {"model": m, "input": "x"}}
+                          for m in ("embedder", "no-such-model")]}  # fmt: skip
+    refused = httpx.post(gateway.url + "/v1/jobs", headers=BATCH, json=mixed)
+    assert refused.status_code == 400 and "one model per job" in refused.text
 
 
 def test_cancel_a_running_job(gateway: Gateway) -> None:

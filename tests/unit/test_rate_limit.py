@@ -507,3 +507,41 @@ async def test_cluster_refusal_remembers_no_block_for_the_refunded_slot() -> Non
     # The refused request's headers show per_key as it stands after the refund: 1 left.
     assert '"per_key";r=1;' in r.headers["ratelimit"]
     await f.stop()
+
+
+async def test_two_rate_limit_filters_on_one_route_keep_their_own_request_state() -> None:
+    # A per-IP limit checked at the headers marked the request checked for the token limit of
+    # the other instance too (one ctx.state per class): its body check was skipped.
+    from proxy.api import Phase
+
+    class SetModel(Filter):  # plays the openai filter: the model and estimate from the body
+        def phases(self, route: Any) -> frozenset[Phase]:
+            return frozenset({Phase.REQUEST_HEADERS, Phase.REQUEST_BODY})
+
+        async def on_request_body(self, ctx: Any, body: bytes) -> Any:
+            ctx.model, ctx.token_estimate = "m", Usage(prompt_tokens=100, completion_tokens=0)
+            return CONTINUE
+
+    deps = Deps(clock=FakeClock())  # no Redis: the in-process limiter
+    tokens, per_ip = build_filters([
+        FilterConfig(name="tokens", type="rate_limit", params={"limits": [
+            {"name": "tok", "key": ["client_ip"], "unit": "tokens", "rate": 150, "period": 60,
+             "burst": 150}]}),
+        FilterConfig(name="per_ip", type="rate_limit", params={"limits": [
+            {"name": "rps", "key": ["client_ip"], "rate": 1000}]}),
+    ], deps)  # fmt: skip
+    api = SetModel(NoParams(), deps)
+    api.name = "openai"
+    h = Harness.for_filters([api, tokens, per_ip])
+    statuses = [
+        (
+            await h.request(
+                "POST",
+                "/v1/embeddings",
+                headers={"x-forwarded-for": "1.2.3.4"},
+                body=b'{"model": "m", "input": "x"}',
+            )
+        ).status
+        for _ in range(3)
+    ]
+    assert statuses == [200, 429, 429]
