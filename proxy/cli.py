@@ -83,6 +83,10 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    # A SIGHUP (floodwall up's reload) that comes while this process is still starting would
+    # kill it (the default action): ignored until the processor installs its reload handler;
+    # the config is read after this line, so a reload asked for now is not lost.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     from proxy.process import run
 
     _setup_logging(args.log_level)
@@ -100,6 +104,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    # The worker reads its config once; a SIGHUP (a closed terminal, a reload meant for the
+    # processors) must not kill it without handing its jobs back.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     import uvloop
 
     from filters.jobs.worker import serve

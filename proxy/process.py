@@ -119,13 +119,22 @@ async def serve(
         if cfg.processor.watch_config_s is not None:
             background.append(loop.create_task(r.watch(cfg.processor.watch_config_s)))
     await stop.wait()
+    # No reload during the drain: one could swap in a chain after the current one stopped.
+    loop.remove_signal_handler(signal.SIGHUP)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     for t in background:
         t.cancel()
+    await asyncio.gather(*background, return_exceptions=True)  # a reload in flight ends
     log.info("processor %d draining", index)
     # Envoy checks processor health every second: wait two checks before refusing streams.
-    await server.drain_and_stop(cfg.processor.drain_seconds, health_wait_s=2.0)
-    if reloader is not None:  # after the drain: no stream holds a reloaded-away chain now
-        await reloader.stop()
+    # After the drain no stream holds a reloaded-away chain: the reloader's older chains
+    # settle and stop what is theirs alone before the current chain (filters carried over
+    # from them are in it) stops.
+    await server.drain_and_stop(
+        cfg.processor.drain_seconds,
+        health_wait_s=2.0,
+        before_stop=reloader.stop if reloader is not None else None,
+    )
     await admin.stop()
     if tracer is not None:
         await tracer.stop()

@@ -35,7 +35,10 @@ audit = logging.getLogger("floodwall.audit")
 RELOADS = Counter("floodwall_config_reloads", "Config reload attempts by result", ["result"])
 GENERATION = Gauge("floodwall_config_generation", "Reloads applied since the process started")
 
-_RETIRE_WAIT_S = 300.0
+# Streams end by their route's timeout at the latest (HTTP route timeout, gRPC
+# max_stream_duration): an old chain's filters are stopped once its streams are gone, or
+# this long past the longest route timeout (a warning then: a stream outlived its bound).
+_RETIRE_SLACK_S = 60.0
 
 
 class Reloader:
@@ -164,10 +167,14 @@ class Reloader:
         """Once no stream uses the old chain, stops its filters that no chain in use has:
         neither the current one nor an older one still running streams (a filter carried
         over A -> B and dropped by C is still A's while A has streams)."""
-        deadline = asyncio.get_running_loop().time() + _RETIRE_WAIT_S
+        longest_s = max((r.timeout_ms for r in old.config.routes), default=0) / 1000
+        deadline = asyncio.get_running_loop().time() + longest_s + _RETIRE_SLACK_S
         # Polled: streams end in the server's loop, which has no reason to signal this.
         while old.streams and asyncio.get_running_loop().time() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.05)
+        if old.streams:
+            log.warning("%d stream(s) on a reloaded-away chain outlived the longest route "
+                        "timeout; its filters stop anyway", old.streams)  # fmt: skip
         await old.wait_background()
         self._old_chains.remove(old)
         # Decided now, without an await before it: later reloads may have changed the chain.

@@ -126,6 +126,10 @@ class Stack:
                 stdin=subprocess.DEVNULL,
                 env=env,
                 start_new_session=True,  # own process group: stop takes its children too
+                # Our Python children start with SIGHUP ignored (kept across exec): a reload
+                # sent while one is still importing would otherwise kill it. The processor
+                # installs its reload handler once it serves.
+                preexec_fn=_ignore_sighup if name.startswith(("processor-", "worker")) else None,
             )
         except OSError as e:  # a binary that is not executable, a missing interpreter, ...
             raise StartupError(f"cannot start {name} ({argv[0]}): {e.strerror or e}") from None
@@ -407,6 +411,10 @@ class Stack:
         from proxy.triton import remove_shm_regions
 
         remove_shm_regions(self.shm_prefix)
+
+
+def _ignore_sighup() -> None:
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
 
 def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Literal
 
 import grpc
@@ -227,7 +228,15 @@ class ProcessorServer:
         self.chain = chain
         self.processor.chain = chain
 
-    async def drain_and_stop(self, drain_s: float, health_wait_s: float) -> None:
+    async def drain_and_stop(
+        self,
+        drain_s: float,
+        health_wait_s: float,
+        before_stop: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        """Stops taking streams, lets those running finish (up to the grace), then stops the
+        chain's filters; ``before_stop`` runs in between (the reloader's older chains: their
+        settlements still use filters the current chain carried over)."""
         self._health.serving = False
         metrics.DRAINING.set(1)
         # Give Envoy's health check time to see NOT_SERVING before refusing streams.
@@ -237,6 +246,8 @@ class ProcessorServer:
             self._h2_stopped.set()
         else:
             await self._server.stop(grace=max(0.0, drain_s - health_wait_s))
+        if before_stop is not None:
+            await before_stop()
         await self.chain.wait_background()
         await self.chain.stop()
 

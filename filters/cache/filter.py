@@ -82,7 +82,8 @@ ERRORS = Counter(
     "floodwall_cache_errors",
     "Cache faults by kind: a failed call to redis, the embedder or the judge; budget (a "
     "look-up over its time); feed (the change-feed follower failed and rebuilds); bad_entry "
-    "(a stored entry the index cannot take, left out)",
+    "(a stored entry the index cannot take, left out); housekeeping (an expiry or clustering "
+    "tick failed)",
     ["kind"],
 )
 LOOKUP_SECONDS = Histogram(
@@ -705,17 +706,26 @@ class CacheFilter(Filter):
     async def _housekeeping(self) -> None:
         while True:
             await asyncio.sleep(1.0)
-            if self.index.expire(self._now_ms()):
-                ENTRIES.set(len(self.index))
-            if not self._clustering:
-                for ix in self.index.needing_clustering()[:1]:
-                    self._clustering = True
-                    try:
-                        gen, vecs, live = ix.snapshot()
-                        centroids, assign = await asyncio.to_thread(ix.cluster, vecs, live)
-                        ix.install(gen, live, centroids, assign)
-                    finally:
-                        self._clustering = False
+            try:
+                await self._housekeep()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # one bad tick must not end expiry and clustering for good
+                ERRORS.labels("housekeeping").inc()
+                log.exception("cache housekeeping failed; it runs again in a second")
+
+    async def _housekeep(self) -> None:
+        if self.index.expire(self._now_ms()):
+            ENTRIES.set(len(self.index))
+        if not self._clustering:
+            for ix in self.index.needing_clustering()[:1]:
+                self._clustering = True
+                try:
+                    gen, vecs, live = ix.snapshot()
+                    centroids, assign = await asyncio.to_thread(ix.cluster, vecs, live)
+                    ix.install(gen, live, centroids, assign)
+                finally:
+                    self._clustering = False
 
     # --- invalidation (admin endpoint) -----------------------------------------------------
 

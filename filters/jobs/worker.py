@@ -566,8 +566,12 @@ class Worker:
             self._webhook_session = aiohttp.ClientSession(
                 timeout=timeout, connector=aiohttp.TCPConnector(resolver=resolver)
             )
-        fields = await self.store.get(job_id)
-        body = view(job_id, fields, self.p.api_path)
+        try:
+            body = view(job_id, await self.store.get(job_id), self.p.api_path)
+        except _REDIS_FAULTS as exc:  # the job stays readable with GET; count the loss
+            log.warning("job %s: webhook not sent, the job could not be read (%r)", job_id, exc)
+            WEBHOOKS.labels("failed").inc()
+            return
         outcome = "failed"
         for attempt in range(wp.attempts):
             headers = {

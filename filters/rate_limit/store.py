@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
 
 from proxy.resp import LeanRedis
@@ -78,6 +79,9 @@ class GcraStore:
         self._inflight: dict[asyncio.Task[None], tuple[float, list[_Call]]] = {}
         self._watchdog: asyncio.Handle | None = None
         self._suspect = 0
+        # After close(): calls fail at once (a settlement of a request that outlived its
+        # filter); the lean connection would otherwise reconnect with nobody to close it.
+        self.closed = False
 
     def call(
         self,
@@ -90,6 +94,9 @@ class GcraStore:
         to one slot on a Redis Cluster (the caller groups them)."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Reply] = loop.create_future()
+        if self.closed:
+            fut.set_exception(RedisConnectionError("the rate limiter's store is closed"))
+            return fut
         if not self._pending and len(self._inflight) < self.max_inflight:
             loop.call_soon(self._flush)
         self._pending.append(_Call(op, keys, nums, fut, orphan))
@@ -213,8 +220,14 @@ class GcraStore:
         self._watchdog = loop.call_later(min(self.timeout_s, 0.025), self._watch)
 
     async def close(self) -> None:
+        self.closed = True
         if self._watchdog is not None:
             self._watchdog.cancel()
+            self._watchdog = None
+        pending, self._pending = self._pending, []
+        for c in pending:
+            if not c.future.done():
+                c.future.set_exception(RedisConnectionError("the rate limiter's store is closed"))
         if self._inflight:
             # Replies due (a refund sent just before the stop) get a moment to arrive; a
             # frozen Redis does not hold the stop up.

@@ -554,3 +554,29 @@ def test_embedder_answers_binary_or_json_and_refuses_short_ones() -> None:
     as_json = orjson.dumps({"outputs": [{"name": "EMBEDDING", "shape": [1, 2],
                                          "data": [0.5, 1.5]}]})  # fmt: skip
     assert _tensor(as_json, None, "EMBEDDING").tolist() == [[0.5, 1.5]]
+
+
+async def test_a_failed_housekeeping_tick_does_not_end_expiry(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import asyncio
+
+    f = CacheFilter(CacheFilter.Params.model_validate({"routes": {"r": {}}}), Deps())
+    ticks: list[int] = []
+
+    def expire(now_ms: int) -> int:
+        ticks.append(now_ms)
+        if len(ticks) == 1:
+            raise RuntimeError("one bad tick")
+        return 0
+
+    monkeypatch.setattr(f.index, "expire", expire)
+    real_sleep = asyncio.sleep
+    monkeypatch.setattr(asyncio, "sleep", lambda s: real_sleep(0))
+    task = asyncio.ensure_future(f._housekeeping())
+    for _ in range(20):
+        await real_sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert len(ticks) >= 3  # it went on after the failure

@@ -545,3 +545,14 @@ async def test_two_rate_limit_filters_on_one_route_keep_their_own_request_state(
         for _ in range(3)
     ]
     assert statuses == [200, 429, 429]
+
+
+async def test_a_closed_store_fails_calls_instead_of_reconnecting() -> None:
+    # A settlement that outlived its filter (a reload, a shutdown) found the store closed:
+    # its call reconnected with nobody to close the connection, and had no watchdog.
+    cluster = _Cluster(lambda c, key, op: [NOW_US, 1, NOW_US])
+    store = GcraStore(cluster, cluster=True)
+    await store.close()
+    with pytest.raises(RedisConnectionError, match="closed"):
+        await store.call("adjust", ["A"], ["1000.0", "-5.0"])
+    assert cluster.ran == [] and store._watchdog is None

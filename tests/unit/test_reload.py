@@ -237,3 +237,37 @@ async def test_a_filter_constructor_raising_is_a_rejected_reload_and_the_watch_g
     finally:
         task.cancel()
         await s.reloader.stop()
+
+
+async def test_shutdown_after_a_reload_settles_the_old_chain_before_stopping(
+    tmp_path: Path,
+) -> None:
+    """A filter carried over by a reload is the current chain's too: the drain must not stop
+    it while a settlement of a request that ran on the old chain still has to use it."""
+    from proxy.server import ProcessorServer
+
+    s = Setup(tmp_path)
+    old = s.chain
+    breaker = old.filters[2]
+    events: list[str] = []
+
+    async def stop() -> None:
+        events.append("breaker stopped")
+
+    breaker.stop = stop  # type: ignore[method-assign]
+    server = ProcessorServer(old, f"unix:{tmp_path / 'p.sock'}", kind="h2")
+    await server.start()
+    s.write(_cfg([_key("k1", "one"), _key("k2", "two")]))  # breaker carried over
+    reloader = Reloader(s.path, s.cfg, old, Deps(), server.swap_chain)
+    assert await reloader.reload("test")
+    assert server.chain.filters[2] is breaker
+
+    async def settlement() -> None:  # an on_complete of a request that ran on the old chain
+        await asyncio.sleep(0.2)
+        events.append("old settlement")
+
+    task = asyncio.ensure_future(settlement())
+    old._background.add(task)
+    task.add_done_callback(old._background.discard)
+    await server.drain_and_stop(0.0, 0.0, before_stop=reloader.stop)
+    assert events == ["old settlement", "breaker stopped"]
