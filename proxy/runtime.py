@@ -397,20 +397,35 @@ class Stack:
         return f"{why}; started again"
 
     def stop(self, timeout: float = 20.0) -> None:
-        """Stops children in reverse start order; whatever ignores SIGTERM gets SIGKILL."""
-        for c in reversed(self.children):
-            _signal_group(c.proc, signal.SIGTERM)
-            try:
-                c.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
+        """Stops children by role, users before what they use (the worker, Envoy, the
+        processors together, Triton, Redis), whatever order restarts left them in; whatever
+        ignores SIGTERM gets SIGKILL."""
+        by_rank: dict[int, list[Child]] = {}
+        for c in self.children:
+            by_rank.setdefault(_stop_rank(c.name), []).append(c)
+        for rank in sorted(by_rank):
+            group = by_rank[rank]
+            for c in group:  # a group drains in parallel: processors each wait for Envoy
+                _signal_group(c.proc, signal.SIGTERM)
+            for c in group:
+                try:
+                    c.proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    _signal_group(c.proc, signal.SIGKILL)
+                    c.proc.wait(5)
+                # The group may hold grandchildren (Triton's python stubs) that outlive it.
                 _signal_group(c.proc, signal.SIGKILL)
-                c.proc.wait(5)
-            # The group may hold grandchildren (Triton's python stubs) that outlive the leader.
-            _signal_group(c.proc, signal.SIGKILL)
         self.children.clear()
         from proxy.triton import remove_shm_regions
 
         remove_shm_regions(self.shm_prefix)
+
+
+_STOP_ORDER = ("worker", "envoy", "processor-", "triton", "redis")
+
+
+def _stop_rank(name: str) -> int:
+    return next((i for i, p in enumerate(_STOP_ORDER) if name.startswith(p)), len(_STOP_ORDER))
 
 
 def _ignore_sighup() -> None:

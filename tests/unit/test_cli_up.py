@@ -159,3 +159,29 @@ def test_check_without_envoy_is_one_line_naming_the_fix(tmp_path: Path) -> None:
     code, err = _run(patch, "check", env=env)
     assert code == 2
     assert "envoy not found: install it" in _one_line_error(err)
+
+
+def test_stop_goes_by_role_whatever_order_restarts_left(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A restarted child goes to the end of the list: a Redis started again was stopped first,
+    # before the worker handed its jobs back and the processors settled.
+    from proxy import runtime
+    from proxy.config import parse_config
+
+    stack = runtime.Stack(parse_config({}), tmp_path / "fw.yaml", tmp_path, say=lambda _: None)
+    # Start order, then Redis restarted (restart_dead appends it).
+    for name in ["triton", "processor-0", "processor-1", "envoy", "worker", "redis"]:
+        proc = subprocess.Popen(["sleep", "30"], start_new_session=True)
+        stack.children.append(runtime.Child(name, proc, tmp_path / f"{name}.log"))
+    termed: list[str] = []
+    real = runtime._signal_group
+
+    def record(proc: subprocess.Popen[bytes], sig: int) -> None:
+        if sig == signal.SIGTERM:
+            termed.append(next(c.name for c in stack.children if c.proc is proc))
+        real(proc, sig)
+
+    monkeypatch.setattr(runtime, "_signal_group", record)
+    stack.stop(timeout=5)
+    assert termed == ["worker", "envoy", "processor-0", "processor-1", "triton", "redis"]
