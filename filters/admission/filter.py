@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -242,17 +243,34 @@ class AdmissionFilter(Filter):
             lim.shrink()
             self._shrunk_at[name] = load.at
 
-    def on_complete(self, ctx: RequestContext, outcome: Outcome) -> None:
+    def on_complete(self, ctx: RequestContext, outcome: Outcome) -> Awaitable[None] | None:
         t = ctx.state(self._state).ticket
         if t is None:
-            return
+            return None
         now = self.deps.clock.monotonic()
         # The upstream's own status: a stale cached 200 served for its 503 is still a 503.
         upstream = outcome.upstream_status
+        if outcome.aborted and outcome.responded_by is None and upstream is None:
+            # The client left while the model worked on its call, and Triton does not cancel
+            # an HTTP request on disconnect: the permit stays taken about as long as a call
+            # takes (the smoothed RTT, at most the route's timeout), or a wave of clients that
+            # time out and retry would pile calls on the model past the limit.
+            rtt = t.limiter.rtt or t.limiter.base_rtt or 0.0
+            cap = ctx.route.timeout_ms / 1000 if ctx.route is not None else rtt
+            left = min(rtt, cap) - (now - t.admitted)
+            if left > 0:
+                return self._release_after(t, left)
         if outcome.aborted or outcome.responded_by is not None or upstream is None:
             self._release(t, None, False, now)
         else:
             self._settle(t, upstream, now)
+        return None
+
+    async def _release_after(self, t: _Ticket, delay_s: float) -> None:
+        try:
+            await self.deps.clock.sleep(delay_s)
+        finally:  # also when cancelled at shutdown: the permit goes back either way
+            self._release(t, None, False, self.deps.clock.monotonic())
 
     def _settle(self, t: _Ticket, status: int, now: float) -> None:
         """Releases the permit of a call the model answered with ``status``. Only a success

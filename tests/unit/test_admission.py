@@ -518,3 +518,16 @@ async def test_a_noisy_tenants_backlog_does_not_shed_a_quiet_tenant_of_its_class
     for w in noisy[:-1]:
         w.cancel()
     await asyncio.gather(*noisy[:-1], return_exceptions=True)
+
+
+async def test_a_client_that_leaves_does_not_hand_back_the_models_work() -> None:
+    # Triton does not cancel an HTTP call whose client left: the permit stays taken about as
+    # long as a call takes, or clients that time out and retry pile calls past the limit.
+    clock = FakeClock()
+    h, f = _harness(clock, initial_limit=4, min_limit=4)
+    assert (await h.request("GET", "/v2/models/m/infer", upstream=UpstreamReply(200))).status == 200
+    lim = f.limiters["kserve_http"]
+    lim.rtt = 0.5
+    await h.request("GET", "/v2/models/m/infer", upstream=UpstreamReply(200), client_aborts=True)
+    await h.chain.wait_background()
+    assert clock.slept == [0.5] and lim.inflight == 0  # held for the RTT, then given back
