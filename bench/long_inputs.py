@@ -112,8 +112,9 @@ def main() -> None:
                                         "data": [text]}]}  # fmt: skip
                     times: dict[str, list[float]] = {w: [] for w in names}
                     repeats = 3 if shape == "english_1mb" else args.repeats
-                    for _ in range(repeats):  # interleaved: drift hits both alike
-                        for which, name in names.items():
+                    for i in range(repeats):  # interleaved, each first in turn
+                        order = list(names.items())
+                        for which, name in order if i % 2 else order[::-1]:
                             t0 = time.perf_counter()
                             r = client.post(f"/v2/models/{name}/infer", json=body)
                             times[which].append((time.perf_counter() - t0) * 1000)
