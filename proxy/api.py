@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict
+from redis.exceptions import RedisClusterException, RedisError
 
 if TYPE_CHECKING:
     from proxy.config import RouteConfig
@@ -134,12 +135,25 @@ class Signals:
                 await load.stop()
 
 
+# What a call on ``Deps.redis`` raises when Redis is slow, gone or failing over: catch these to
+# fall back, never a bare Exception. RedisClusterException is not a RedisError (a cluster with
+# no reachable node raises it); OSError and TimeoutError come from the sockets themselves.
+REDIS_FAULTS = (
+    RedisError,
+    RedisClusterException,
+    OSError,
+    TimeoutError,
+)
+
+
 @dataclass(frozen=True)
 class Deps:
     """What a filter may use besides its params; tests pass fakes here.
 
-    ``redis`` is a ``redis.asyncio.Redis`` (or anything with its interface) or None when the
-    deployment has no Redis; ``upstreams`` maps upstream names to their base URLs.
+    ``redis`` is a ``redis.asyncio.Redis`` or ``RedisCluster`` (``redis.cluster: true``; keep a
+    script's or a multi-key command's keys in one hash slot) or anything with their
+    interface, or None when the deployment has no Redis; ``upstreams`` maps upstream names to
+    their base URLs.
     """
 
     clock: Clock = field(default_factory=SystemClock)

@@ -42,9 +42,10 @@ from filters.cache.embedder import (
 )
 from filters.cache.params import CacheParams, RouteCache, load_verifier
 from filters.cache.semantic import SemanticIndex, Verdict
-from filters.cache.store import REDIS_FAULTS, CacheStore, Entry, Indexed
+from filters.cache.store import CacheStore, Entry, Indexed
 from proxy.api import (
     CONTINUE,
+    REDIS_FAULTS,
     AdminHandler,
     Decision,
     Deps,

@@ -34,11 +34,10 @@ from typing import Any
 
 import numpy as np
 import orjson
-from redis.exceptions import RedisClusterException, RedisError
+
+from proxy.api import REDIS_FAULTS
 
 log = logging.getLogger("floodwall.cache")
-# What a failing or unreachable Redis raises (standalone or cluster, or a timeout around it).
-REDIS_FAULTS = (RedisError, RedisClusterException, OSError, TimeoutError)
 
 PREFIX = "fw:cache:"
 SCOPES = PREFIX + "scopes"

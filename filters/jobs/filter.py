@@ -26,7 +26,6 @@ from typing import TypeVar
 
 import orjson
 from prometheus_client import Counter
-from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from filters.jobs.params import PRIORITIES, JobsParams
@@ -34,6 +33,7 @@ from filters.jobs.store import JobStore, Submitted, view
 from proxy import errors
 from proxy.api import (
     CONTINUE,
+    REDIS_FAULTS,
     Decision,
     Deps,
     Filter,
@@ -62,7 +62,6 @@ API_CALLS = Counter(
 
 _IDEMPOTENCY_MAX = 255
 T = TypeVar("T")
-_REDIS_FAULTS = (RedisError, OSError, TimeoutError)
 # Faults after which Redis may still run the command it was sent (the budget ran out, or the
 # socket's read timed out); a refused or reset connection sent nothing that could run later.
 _TIMEOUTS = (TimeoutError, RedisTimeoutError)
@@ -163,7 +162,7 @@ class JobsFilter(Filter):
             return _unavailable("no Redis configured")
         try:
             fields = await self._redis(self.store.get(job_id))
-        except _REDIS_FAULTS as exc:
+        except REDIS_FAULTS as exc:
             API_CALLS.labels("GET", "unavailable").inc()
             return _unavailable(type(exc).__name__)
         if fields.get("tenant") != tenant.encode():
@@ -180,7 +179,7 @@ class JobsFilter(Filter):
             return _unavailable("no Redis configured")
         try:
             outcome, was = await self._redis(self.store.cancel(job_id, tenant, self.p.result_ttl_s))
-        except _REDIS_FAULTS as exc:
+        except REDIS_FAULTS as exc:
             API_CALLS.labels("DELETE", "unavailable").inc()
             return _unavailable(type(exc).__name__)
         API_CALLS.labels("DELETE", outcome).inc()
@@ -299,7 +298,7 @@ class JobsFilter(Filter):
                     else None,
                 )
             )
-        except _REDIS_FAULTS as exc:
+        except REDIS_FAULTS as exc:
             ctx.log.warning("job submission failed: %r", exc)
             if not isinstance(exc, _TIMEOUTS):  # refused, reset: nothing was queued
                 REFUSED.labels("unavailable").inc()
@@ -363,7 +362,7 @@ class JobsFilter(Filter):
         assert self.store is not None
         try:
             return await self._redis(self.store.settle(job_id))
-        except _REDIS_FAULTS as exc:
+        except REDIS_FAULTS as exc:
             ctx.log.warning("job %s: could not tell whether it was queued: %r", job_id, exc)
             return None
 

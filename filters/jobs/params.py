@@ -124,8 +124,8 @@ class WorkerParams(FilterParams):
 
 
 class JobsParams(FilterParams):
-    # Key prefix in Redis. The {hash tag} keeps every job key in one Redis Cluster slot (the
-    # Lua scripts touch a job, its queue and the counters atomically).
+    # Key prefix in Redis. The {hash tag} (required) keeps every job key in one Redis Cluster
+    # slot (the Lua scripts touch a job, its queue and the counters atomically).
     prefix: str = "fw:{jobs}"
     # Path of the job API (POST to submit, GET/DELETE {prefix}/{id}).
     api_path: str = "/v1/jobs"
@@ -162,6 +162,19 @@ class JobsParams(FilterParams):
     @classmethod
     def _duration(cls, v: str | float) -> float:
         return parse_duration(v)
+
+    @field_validator("prefix")
+    @classmethod
+    def _hash_tag(cls, v: str) -> str:
+        # Redis Cluster hashes the text between the first "{" and the next "}" when it is not
+        # empty: without such a tag the scripts' keys fall in different slots (CROSSSLOT).
+        # Required on a standalone Redis too, so moving to a cluster needs no new prefix (and
+        # no orphaned queue under the old one).
+        start = v.find("{")
+        end = v.find("}", start + 1) if start >= 0 else -1
+        if end <= start + 1:
+            raise ValueError(f"{v!r}: needs a Redis Cluster hash tag, such as 'fw:{{jobs}}'")
+        return v
 
     @field_validator("api_path")
     @classmethod

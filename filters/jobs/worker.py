@@ -32,11 +32,10 @@ import aiohttp.abc
 import orjson
 from prometheus_client import Counter, Gauge, Histogram
 from pydantic import ValidationError
-from redis.exceptions import RedisError
 
 from filters.jobs.params import PRIORITIES, JobsParams, public_host
 from filters.jobs.store import GROUP, JobStore, requests_of, view
-from proxy.api import cancel_and_wait
+from proxy.api import REDIS_FAULTS, cancel_and_wait
 from proxy.config import ConfigError, FloodwallConfig, _format_validation
 
 log = logging.getLogger("floodwall.worker")
@@ -68,7 +67,6 @@ RUN_SECONDS = Histogram(
 )
 
 RETRYABLE = frozenset({408, 425, 429, 500, 502, 503, 504})
-_REDIS_FAULTS = (RedisError, OSError, TimeoutError)
 
 
 @dataclass(slots=True)
@@ -288,7 +286,7 @@ class Worker:
                     )
                     continue
                 await self._take()
-            except _REDIS_FAULTS as exc:
+            except REDIS_FAULTS as exc:
                 REDIS_ERRORS.inc()
                 if "NOGROUP" in str(exc) and await self._regroup():
                     continue
@@ -304,7 +302,7 @@ class Worker:
         log.warning("worker loop: the consumer group is gone (Redis lost its data); recreating")
         try:
             await self.store.ensure_groups()
-        except _REDIS_FAULTS as exc:
+        except REDIS_FAULTS as exc:
             log.warning("worker loop: could not recreate the consumer group (%r)", exc)
             return False
         self._claim_from.clear()
@@ -384,7 +382,7 @@ class Worker:
             try:  # hand it back at once, without spending one of its attempts
                 await self.store.retry(job_id, cls, entry, 0.0, b"", refund_attempt=True)
                 ATTEMPTS.labels("handed_back").inc()
-            except _REDIS_FAULTS as exc:
+            except REDIS_FAULTS as exc:
                 log.warning("could not hand back job %s (%r): it is reclaimed later", job_id, exc)
         if self._hooks:
             await asyncio.wait(list(self._hooks), timeout=self.w.drain_s)
@@ -547,7 +545,7 @@ class Worker:
                 await self.r.xclaim(
                     self.store.queues[cls], GROUP, self.consumer, 0, [entry], justid=True
                 )
-            except _REDIS_FAULTS as exc:
+            except REDIS_FAULTS as exc:
                 log.warning("heartbeat failed (%r)", exc)
 
     async def _webhook(self, job_id: str, hook: str) -> None:
@@ -568,7 +566,7 @@ class Worker:
             )
         try:
             body = view(job_id, await self.store.get(job_id), self.p.api_path)
-        except _REDIS_FAULTS as exc:  # the job stays readable with GET; count the loss
+        except REDIS_FAULTS as exc:  # the job stays readable with GET; count the loss
             log.warning("job %s: webhook not sent, the job could not be read (%r)", job_id, exc)
             WEBHOOKS.labels("failed").inc()
             return
@@ -592,7 +590,7 @@ class Worker:
                 pass
             await asyncio.sleep(0.5 * 2**attempt)
         WEBHOOKS.labels(outcome).inc()
-        with contextlib.suppress(*_REDIS_FAULTS):  # a record only; the delivery happened
+        with contextlib.suppress(*REDIS_FAULTS):  # a record only; the delivery happened
             await self.r.hset(self.store.job_key(job_id), "webhook_status", outcome)
 
 
@@ -668,12 +666,18 @@ def make_caller(cfg: FloodwallConfig, p: JobsParams) -> Caller:
     return EnvoyCaller(base, key, w.priority_header, w.request_timeout_s, tenant_header)
 
 
-def worker_redis(url: str, concurrency: int) -> Any:
+def worker_redis(url: str, concurrency: int, cluster: bool = False) -> Any:
     """A client with room for every job's calls and heartbeat plus the loop's own; a job
-    waits for a connection rather than failing when they are all busy."""
+    waits for a connection rather than failing when they are all busy. ``cluster``: the URL
+    names one node of a Redis Cluster (``redis.cluster``); the job keys' hash tag puts them
+    all on the node that owns its slot, which the cluster client finds."""
     import redis.asyncio as aioredis
 
     # Blocking reads wait up to 250 ms: the socket timeout must be well above that.
+    if cluster:
+        # Connections per node, unbounded: the cluster client has no blocking pool, and a
+        # full one would fail a call (MaxConnectionsError) where the pool below waits.
+        return aioredis.RedisCluster.from_url(url, socket_timeout=10, socket_connect_timeout=5)
     pool = aioredis.BlockingConnectionPool.from_url(
         url,
         max_connections=2 * concurrency + 4,
@@ -700,7 +704,8 @@ async def serve(
     p = jobs_params(cfg)
     if p is None:
         raise ConfigError("the config has no filter of type jobs: nothing to work on")
-    r = worker_redis(redis_url, concurrency or p.worker.concurrency)
+    cluster = cfg.redis is not None and cfg.redis.cluster
+    r = worker_redis(redis_url, concurrency or p.worker.concurrency, cluster)
     secret = None
     if p.webhook is not None:
         raw = os.environ.get(p.webhook.secret_env)

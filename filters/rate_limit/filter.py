@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
-from redis.exceptions import RedisClusterException, RedisError
 
 from filters.rate_limit import gcra
 from filters.rate_limit.lease import Expired, Leases
@@ -28,6 +27,7 @@ from filters.rate_limit.store import GcraStore, Overloaded, Reply
 from proxy import errors
 from proxy.api import (
     CONTINUE,
+    REDIS_FAULTS,
     Decision,
     Deps,
     Filter,
@@ -76,8 +76,6 @@ _DECISIONS = (
     "unavailable", "overloaded", "too_large", "leased",
 )  # fmt: skip
 _LEASE_KINDS = ("granted", "expired")
-# RedisClusterException is not a RedisError (a cluster with no reachable node raises it).
-_REDIS_FAULTS = (RedisError, RedisClusterException, OSError, TimeoutError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -445,7 +443,7 @@ class RateLimitFilter(Filter):
             queued()
         try:
             replies = [await f for f in futures]  # sent together: one wait
-        except _REDIS_FAULTS as exc:
+        except REDIS_FAULTS as exc:
             self._release(futures, groups, keys, limits, costs)
             self._redis_failed(exc)
             return None
@@ -704,7 +702,7 @@ class RateLimitFilter(Filter):
             try:
                 async with asyncio.timeout(self.timeout_s * 4):
                     await asyncio.shield(fut)
-            except _REDIS_FAULTS as exc:
+            except REDIS_FAULTS as exc:
                 REDIS_ERRORS.labels("settle").inc()
                 ctx.log.warning("rate limit settlement failed (%r): %d limit(s) unsettled",
                                 exc, len(idx))  # fmt: skip

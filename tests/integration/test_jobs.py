@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,8 +29,9 @@ from filters.jobs.params import JobsParams
 from filters.jobs.store import JobStore
 from filters.jobs.worker import EnvoyCaller, Worker, verify, worker_redis
 from proxy.api import Deps
+from proxy.process import make_redis
 from proxy.testing import Harness, Result, default_config
-from tests.helpers import RedisServer, free_ports
+from tests.helpers import RedisServer, free_ports, redis_cluster
 
 pytestmark = pytest.mark.integration
 
@@ -490,6 +491,18 @@ async def test_filter_answers_503_when_redis_is_gone(redis_server: RedisServer) 
     await dead.aclose()
 
 
+async def test_filter_answers_503_when_no_cluster_node_answers() -> None:
+    # A cluster client with no node to reach raises RedisClusterException, not a RedisError:
+    # it came out as a 500 before session 21.
+    (port,) = free_ports(1)
+    dead = make_redis(f"redis://127.0.0.1:{port}", 200, cluster=True)
+    h = _gateway(dead, _params())
+    r = await _submit(h)
+    assert r.status == 503 and r.json()["error"]["type"] == "jobs_unavailable"
+    assert (await _show(h, "a" * 32)).status == 503
+    await dead.aclose()
+
+
 # --- thousands of jobs, exact counts ---------------------------------------------------------
 
 
@@ -540,14 +553,18 @@ async def _depth_zero(rc: aioredis.Redis, p: JobsParams) -> bool:
 # --- processes: kill -9, SIGSTOP, Redis restarted ------------------------------------------------
 
 
-def _worker_process(tmp: Path, redis_url: str, p: JobsParams, name: str) -> subprocess.Popen[bytes]:
-    cfg = {
+def _worker_process(
+    tmp: Path, redis_url: str, p: JobsParams, name: str, *, cluster: bool = False
+) -> subprocess.Popen[bytes]:
+    cfg: dict[str, Any] = {
         "upstreams": {"up": {"endpoints": [{"address": "127.0.0.1", "port": 1}]}},
         "routes": [
             {"name": "jobs", "match": {"prefix": "/v1/jobs"}, "api": "jobs", "upstream": "up"}
         ],
         "filters": [{"name": "jobs", "type": "jobs", "params": p.model_dump(mode="json")}],
     }
+    if cluster:
+        cfg["redis"] = {"url": redis_url, "cluster": True}
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     (admin,) = free_ports(1)
@@ -831,3 +848,66 @@ async def _called_once(up: Upstream, key: str) -> bool:
 
 async def _has_error(h: Harness, job_id: str) -> bool:
     return "error" in (await _show(h, job_id)).json()
+
+
+# --- a Redis Cluster ------------------------------------------------------------------------------
+# Unchanged against a local 3-master cluster: the processor's cluster client submits,
+# `floodwall worker` started with `redis.cluster: true` and the URL of a node that does not
+# hold the queue drains it, a worker killed mid-job is taken over (XAUTOCLAIM), and a
+# cancellation and an idempotent resubmission work across the nodes.
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[RedisServer]]:
+    with redis_cluster(tmp_path_factory.mktemp("jobs-cluster")) as nodes:
+        yield nodes
+
+
+@pytest.fixture
+async def crc(cluster: list[RedisServer]) -> AsyncIterator[Any]:
+    client = make_redis(cluster[0].url, 500, cluster=True)
+    await client.flushall(target_nodes=aioredis.RedisCluster.PRIMARIES)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+async def test_jobs_on_a_cluster(
+    crc: Any, cluster: list[RedisServer], upstream: Upstream, tmp_path: Path
+) -> None:
+    p = _params(worker={"gateway_url": upstream.url})
+    # The worker is given node 0's URL; the queue lives on another node, so a client that
+    # ignored `redis.cluster` would get MOVED (it did before session 21).
+    owner = crc.get_node_from_key(f"{p.prefix}:depth")
+    assert owner.port != cluster[0].port
+    h = _gateway(crc, p)
+    slow = (await _submit(h, "/slow", {"key": "k9", "sleep": 1.5})).json()["id"]
+    idem = {"idempotency-key": "once"}
+    batch = (await _submit(h, body={"key": "b1"}, headers=idem)).json()["id"]
+    assert (await _submit(h, body={"key": "b1"}, headers=idem)).json()["id"] == batch
+    gone = (await _submit(h, "/slow", {"key": "c1", "sleep": 0.1})).json()["id"]
+    cancel = await h.request(
+        "DELETE", f"/v1/jobs/{gone}", headers={"authorization": "Bearer alice-key"}
+    )
+    assert cancel.status == 200 and cancel.json()["status"] == "cancelled"
+
+    a = _worker_process(tmp_path, cluster[0].url, p, "a", cluster=True)
+    try:
+        await _until(lambda: _is(h, slow, "running"))
+        _stop(a)  # kill -9 mid-job: no ack
+    finally:
+        _stop(a)
+    b = _worker_process(tmp_path, cluster[0].url, p, "b", cluster=True)
+    try:  # after visibility_timeout_s (2 s) b takes the slow job over
+        await _until(lambda: _is(h, slow, "succeeded"), timeout=30)
+        await _until(lambda: _is(h, batch, "succeeded"))
+    finally:
+        _stop(b)
+    assert (await _show(h, slow)).json()["result"]["body"]["key"] == "k9"
+    assert (await _show(h, batch)).json()["attempts"] == 1
+    assert (await _show(h, gone)).json()["status"] == "cancelled"
+    assert upstream.by_key.get("c1") is None
+    assert await crc.get(f"{p.prefix}:depth") == b"0"
+    log = (tmp_path / "b.log").read_text()
+    assert "MOVED" not in log and "Traceback" not in log, log
