@@ -109,6 +109,12 @@ class WorkerParams(FilterParams):
     max_attempts: Annotated[int, Field(ge=1, le=100)] = 3
     backoff_s: Annotated[float, Field(gt=0)] = 1.0
     backoff_max_s: Annotated[float, Field(gt=0)] = 60.0
+    # A model call refused for capacity (429, 503: shed, overloaded, breaker open, no healthy
+    # Triton) or a gateway that cannot be reached is not the job's fault: it waits and tries
+    # again (backoff doubling from backoff_s to backoff_max_s, or the Retry-After) without
+    # spending an attempt, for up to this long after the first of such refusals in a row;
+    # then they count as attempts. Peaks and model restarts pass; 0: they count at once.
+    unavailable_retry_s: Annotated[float, Field(ge=0, le=86_400)] = 600.0
     request_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 120.0
     # On SIGTERM: finish in-flight jobs for up to this long, then hand the rest back.
     drain_s: Annotated[float, Field(ge=0, le=600)] = 10.0

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
+from math import ceil
 from typing import Any
 
 import orjson
@@ -118,6 +119,7 @@ if redis.call('HEXISTS', KEYS[1], 'rs:' .. i) == 0 then
 end
 redis.call('HSET', KEYS[1], 'rs:' .. i, ARGV[2], 'rb:' .. i, ARGV[3], 'rj:' .. i, ARGV[4],
            'updated', now_ms())
+redis.call('HDEL', KEYS[1], 'unavailable_since', 'unavailable_n')  -- the model answered
 return 1
 """
 
@@ -138,17 +140,32 @@ if ARGV[4] == '1' then redis.call('XADD', KEYS[5], 'MAXLEN', '~', 100000, '*', '
 return 'ok'
 """
 
-# KEYS: job, queue, delayed  ARGV: entry, delay_ms, member, error, refund_attempt
+# KEYS: job, queue, delayed  ARGV: entry, delay_ms, member, error, refund_attempt,
+# unavailable_ms. unavailable_ms > 0: the model was refused for capacity (or unreachable),
+# which spends no attempt while the job's current run of such refusals is younger than that
+# ('expired' otherwise, changing nothing: the caller retries it again with 0); 0: such a
+# refusal past that, which spends an attempt and keeps the run going; '': any other failure,
+# which ends the run.
 _RETRY = """
-ack(KEYS[2], ARGV[1])
 local st = redis.call('HGET', KEYS[1], 'status')
-if not st then return 'missing' end
-if terminal(st) then return st end
+if not st then ack(KEYS[2], ARGV[1]) return 'missing' end
+if terminal(st) then ack(KEYS[2], ARGV[1]) return st end
 local now = now_ms()
+local refund = ARGV[5] == '1'
+if ARGV[6] == '' then
+  redis.call('HDEL', KEYS[1], 'unavailable_since', 'unavailable_n')
+elseif ARGV[6] ~= '0' then
+  local since = tonumber(redis.call('HGET', KEYS[1], 'unavailable_since') or now)
+  if now - since > tonumber(ARGV[6]) then return 'expired' end
+  redis.call('HSET', KEYS[1], 'unavailable_since', since)
+  redis.call('HINCRBY', KEYS[1], 'unavailable_n', 1)
+  refund = true
+end
+ack(KEYS[2], ARGV[1])
 local due = now + tonumber(ARGV[2])
 redis.call('HSET', KEYS[1], 'status', 'queued', 'updated', now, 'next_attempt', due)
 if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'error', ARGV[4]) end
-if ARGV[5] == '1' then redis.call('HINCRBY', KEYS[1], 'attempts', -1) end
+if refund then redis.call('HINCRBY', KEYS[1], 'attempts', -1) end
 redis.call('ZADD', KEYS[3], due, ARGV[3])
 return 'ok'
 """
@@ -332,14 +349,19 @@ class JobStore:
         error: bytes,
         *,
         refund_attempt: bool = False,
+        unavailable_s: float | None = None,
     ) -> str:
+        """``unavailable_s``: the model refused for capacity; 'expired' if the job's refusals
+        in a row began longer ago than that (nothing changed then); 0: past that, spend an
+        attempt. None: another failure."""
         keys = [self.job_key(job_id), self.queues[priority], self.delayed_key]
         args = [
             entry,
-            int(delay_s * 1000),
+            max(0, ceil(delay_s * 1000)),
             f"{priority}:{job_id}",
             error,
             "1" if refund_attempt else "0",
+            "" if unavailable_s is None else ceil(unavailable_s * 1000),
         ]
         return _s(await self._retry(keys=keys, args=args))
 

@@ -19,6 +19,7 @@ import contextlib
 import hashlib
 import hmac
 import logging
+import math
 import os
 import random
 import socket
@@ -43,7 +44,8 @@ log = logging.getLogger("floodwall.worker")
 FINISHED = Counter("floodwall_jobs_finished", "Jobs finished, by final status", ["status"])
 ATTEMPTS = Counter(
     "floodwall_jobs_attempts",
-    "Job runs by outcome: finished, retry, handed_back, skipped (already finished or gone)",
+    "Job runs by outcome: finished, retry, unavailable (retried for capacity, no attempt spent), "
+    "handed_back, skipped (already finished or gone)",
     ["outcome"],
 )
 RECLAIMED = Counter("floodwall_jobs_reclaimed", "Jobs taken over from a lost worker")
@@ -67,6 +69,10 @@ RUN_SECONDS = Histogram(
 )
 
 RETRYABLE = frozenset({408, 425, 429, 500, 502, 503, 504})
+# Refusals for capacity (and an unreachable gateway, seen as 503): retried without spending
+# attempts for up to unavailable_retry_s. A 500/502/504 may be the job's own doing (an input
+# that crashes or stalls the model), so those spend attempts.
+UNAVAILABLE = frozenset({429, 503})
 
 
 @dataclass(slots=True)
@@ -98,10 +104,13 @@ TENANT_HEADER = "x-job-tenant"
 
 
 def _retry_after(v: str | None) -> float:
+    """Delay-seconds (the gateway sends no dates); anything else, or not finite: none. At
+    most a day: a job is not parked longer on one answer's word."""
     try:
-        return max(0.0, float(v)) if v else 0.0
+        s = float(v) if v else 0.0
     except ValueError:
         return 0.0
+    return min(max(0.0, s), 86_400.0) if math.isfinite(s) else 0.0
 
 
 class EnvoyCaller:
@@ -457,7 +466,8 @@ class Worker:
                 CALLS.labels(f"{reply.status // 100}xx").inc()
                 why = f"the model answered {reply.status}"
             if reply.status in RETRYABLE:
-                await self._retry_or_fail(job_id, cls, entry, attempts, reply, why)
+                n = int(fields.get("unavailable_n", b"0"))
+                await self._retry_or_fail(job_id, cls, entry, attempts, reply, why, n)
                 return
             if len(reply.body) > self.p.max_result_bytes:
                 message = f"the answer exceeds {self.p.max_result_bytes} bytes"
@@ -487,8 +497,30 @@ class Worker:
             await self._finished(job_id, cls, entry, "succeeded")
 
     async def _retry_or_fail(
-        self, job_id: str, cls: str, entry: str, attempts: int, reply: Reply, why: str
+        self,
+        job_id: str,
+        cls: str,
+        entry: str,
+        attempts: int,
+        reply: Reply,
+        why: str,
+        refused_before: int = 0,
     ) -> None:
+        """``refused_before``: capacity refusals in a row before this one (none spent an
+        attempt); they set the backoff of another, so a long outage is polled ever less."""
+        if reply.status in UNAVAILABLE and self.w.unavailable_retry_s > 0:
+            delay = self._delay(refused_before + 1, reply)
+            err = _error("retrying", f"{why}; next try in {delay:.1f}s")
+            out = await self.store.retry(
+                job_id, cls, entry, delay, err, unavailable_s=self.w.unavailable_retry_s
+            )
+            if out != "expired":
+                ATTEMPTS.labels("unavailable").inc()
+                return
+            why += f" (refused for over {self.w.unavailable_retry_s:g}s)"
+            past_budget: float | None = 0.0  # keeps the run of refusals: no new budget
+        else:
+            past_budget = None
         if attempts >= self.w.max_attempts:
             await self._fail(
                 job_id,
@@ -499,11 +531,15 @@ class Worker:
                 dead=True,
             )
             return
-        backoff = min(self.w.backoff_max_s, self.w.backoff_s * 2 ** (attempts - 1))
-        delay = max(backoff * (0.5 + self.rng.random() / 2), reply.retry_after_s)
+        delay = self._delay(attempts, reply)
         err = _error("retrying", f"attempt {attempts}: {why}; next in {delay:.1f}s")
-        await self.store.retry(job_id, cls, entry, delay, err)
+        await self.store.retry(job_id, cls, entry, delay, err, unavailable_s=past_budget)
         ATTEMPTS.labels("retry").inc()
+
+    def _delay(self, nth: int, reply: Reply) -> float:
+        """Before the ``nth`` retry: exponential backoff with jitter, or the Retry-After."""
+        backoff = min(self.w.backoff_max_s, self.w.backoff_s * 2 ** min(nth - 1, 62))
+        return max(backoff * (0.5 + self.rng.random() / 2), reply.retry_after_s)
 
     async def _fail(
         self, job_id: str, cls: str, entry: str, kind: str, message: str, *, dead: bool = False

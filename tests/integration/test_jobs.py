@@ -36,7 +36,7 @@ from tests.helpers import RedisServer, free_ports, redis_cluster
 pytestmark = pytest.mark.integration
 
 KEYS = {"alice-key": "alice", "bob-key": "bob"}
-URLS = ["/ok", "/slow", "/flaky", "/down", "/bad", "/big"]
+URLS = ["/ok", "/slow", "/flaky", "/down", "/broken", "/bad", "/big"]
 SECRET = b"test-webhook-secret"
 
 
@@ -80,6 +80,8 @@ async def upstream() -> AsyncIterator[Upstream]:
             await asyncio.sleep(float(doc.get("sleep", 2.0)))
         if req.path == "/down" or (req.path == "/flaky" and up.by_key[key] == 1):
             return web.json_response({"error": "busy"}, status=503, headers={"retry-after": "0"})
+        if req.path == "/broken":  # the model fails on this input: the job's own doing
+            return web.json_response({"error": {"type": "upstream_error"}}, status=500)
         if req.path == "/bad":
             return web.json_response({"error": {"type": "invalid"}}, status=400)
         if req.path == "/big":
@@ -357,17 +359,47 @@ async def test_retries_with_backoff_then_dead_letter(
     p = _params()
     h = _gateway(rc, p)
     flaky = (await _submit(h, "/flaky", {"key": "f"})).json()["id"]
-    down = (await _submit(h, "/down", {"key": "d"})).json()["id"]
+    down = (await _submit(h, "/broken", {"key": "d"})).json()["id"]
     async with Running(_worker(rc, p, upstream)):
         await _until(lambda: _is(h, flaky, "succeeded"))
         await _until(lambda: _is(h, down, "failed"))
-    assert (await _show(h, flaky)).json()["attempts"] == 2
+    # One 503 (capacity) and then an answer: the refusal spent no attempt.
+    assert (await _show(h, flaky)).json()["attempts"] == 1
     job = (await _show(h, down)).json()
     assert job["attempts"] == 3 and upstream.by_key["d"] == 3
-    assert job["error"]["type"] == "attempts_exhausted" and "503" in job["error"]["message"]
+    assert job["error"]["type"] == "attempts_exhausted" and "500" in job["error"]["message"]
     dead = await rc.xrange(f"{p.prefix}:dead")
     assert [e[1][b"id"].decode() for e in dead] == [down]
     assert await rc.get(f"{p.prefix}:depth") == b"0"
+
+
+async def test_capacity_refusals_wait_without_spending_attempts_then_count(
+    rc: aioredis.Redis, upstream: Upstream
+) -> None:
+    # A shed or overloaded model (429/503) is not the job's fault: a job waited ~3 s in all
+    # and failed while Triton restarted, before session 21. Now it waits, polling ever less
+    # often, for unavailable_retry_s; past that the refusals spend attempts as before.
+    p = _params(worker={"unavailable_retry_s": 1.5, "backoff_s": 0.05, "backoff_max_s": 0.4})
+    h = _gateway(rc, p)
+    down = (await _submit(h, "/down", {"key": "u"})).json()["id"]
+    t0 = time.monotonic()
+    async with Running(_worker(rc, p, upstream)):
+        await _until(lambda: _is(h, down, "failed"))
+    took = time.monotonic() - t0
+    job = (await _show(h, down)).json()
+    assert job["attempts"] == 3, job
+    assert job["error"]["type"] == "attempts_exhausted"
+    assert "refused for over 1.5s" in job["error"]["message"], job
+    # Backoff doubled from 0.05 s (jitter 0.5-1x) to 0.4 s: over 1.5 s that is at most ~10
+    # refusals without attempts, then 3 with; a fixed 0.05 s would have made ~30.
+    assert took > 1.5 and 5 <= upstream.by_key["u"] <= 16, (took, upstream.by_key)
+
+    # The model back within the budget: the job succeeds on its first attempt.
+    p = _params(worker={"unavailable_retry_s": 60, "backoff_s": 0.05, "backoff_max_s": 0.1})
+    flaky = (await _submit(h, "/flaky", {"key": "u2"})).json()["id"]
+    async with Running(_worker(rc, p, upstream)):
+        await _until(lambda: _is(h, flaky, "succeeded"))
+    assert (await _show(h, flaky)).json()["attempts"] == 1
 
 
 async def test_malformed_entries_end_instead_of_looping(
@@ -830,7 +862,7 @@ async def test_a_job_that_retried_shows_no_error_once_it_succeeded_or_was_cancel
     async with Running(_worker(rc, p, upstream)):
         await _until(lambda: _is(h, flaky, "succeeded"))
     job = (await _show(h, flaky)).json()
-    assert job["attempts"] == 2 and "error" not in job, job
+    assert job["attempts"] == 1 and "error" not in job, job  # a 503 spends none
     # Waiting to retry (a long backoff), then cancelled: the retry note goes too.
     slow = _params(worker={"backoff_s": 30, "backoff_max_s": 60})
     down = (await _submit(h, "/down", {"key": "de"})).json()["id"]
