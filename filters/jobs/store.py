@@ -64,6 +64,9 @@ end
 # idem_ttl_ms, then field/value pairs of the job.
 _SUBMIT = """
 if redis.call('EXISTS', KEYS[6]) == 1 then return {'void', ARGV[1]} end
+-- The same submission run twice (a client library that sent the script again after a
+-- timeout or a dropped connection): one job, one stream entry, counted once.
+if redis.call('EXISTS', KEYS[1]) == 1 then return {'ok', ARGV[1]} end
 if ARGV[5] ~= '0' then
   local got = redis.call('GET', KEYS[5])
   if got then return {'dup', got} end
@@ -226,6 +229,7 @@ class JobStore:
         self._retry = redis.register_script(_LIB + _RETRY)
         self._promote = redis.register_script(_LIB + _PROMOTE)
         self._cancel = redis.register_script(_LIB + _CANCEL)
+        self._ack = redis.register_script(_LIB + "ack(KEYS[1], ARGV[1])")
 
     def job_key(self, job_id: str) -> str:
         return f"{self.prefix}:job:{job_id}"
@@ -301,11 +305,8 @@ class JobStore:
     async def ack(self, priority: str, entry: str) -> None:
         """Drops a stream entry that needs no run (its job finished, was cancelled or is
         gone, or the entry is not ours)."""
-        q = self.queues[priority]
-        pipe = self.r.pipeline(transaction=True)
-        pipe.xack(q, GROUP, entry)
-        pipe.xdel(q, entry)
-        await pipe.execute()
+        # A script, not MULTI: cluster pipelines take transactions only from redis-py 6.1.
+        await self._ack(keys=[self.queues[priority]], args=[entry])
 
     async def start(self, job_id: str, consumer: str) -> tuple[str, int]:
         out = await self._start(keys=[self.job_key(job_id)], args=[consumer])

@@ -273,7 +273,19 @@ class Worker:
     # --- the loop ----------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
-        await self.store.ensure_groups()
+        backoff = 0.1
+        while True:  # Redis may be down or still loading when the worker starts: wait for it
+            try:
+                await self.store.ensure_groups()
+                break
+            except REDIS_FAULTS as exc:
+                REDIS_ERRORS.inc()
+                log.warning("cannot reach Redis to start (%r); again in %.1fs", exc, backoff)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), backoff)
+                if stop.is_set():
+                    return
+                backoff = min(backoff * 2, 5.0)
         self.ready = True
         vis = self.w.visibility_timeout_s
         last_promote = last_reclaim = last_gauge = 0.0

@@ -853,6 +853,44 @@ async def test_the_worker_recreates_its_group_when_redis_lost_its_data(
     assert upstream.by_key["after"] == 1
 
 
+async def test_a_submission_run_twice_is_one_job(rc: aioredis.Redis) -> None:
+    # A client library may send the script again after a timeout or a dropped connection
+    # (the cluster client does): that made two stream entries and counted the job twice.
+    p = _params()
+    store = JobStore(rc, p.prefix)
+    for _ in range(2):
+        out = await store.submit(
+            "j" * 32, "alice", "standard", {"n": 1}, max_depth=10, max_tenant=10,
+            idempotency=None,
+        )  # fmt: skip
+        assert out.outcome == "ok"
+    assert await rc.xlen(store.queues["standard"]) == 1
+    assert await rc.get(store.depth_key) == b"1"
+    assert await rc.hget(store.tdepth_key, "alice") == b"1"
+
+
+async def test_a_worker_started_before_redis_waits_for_it(
+    tmp_path: Path, upstream: Upstream
+) -> None:
+    # It died at start (ensure_groups outside the loop's fault handling): `floodwall up`
+    # counted each death toward its restart limit.
+    (port,) = free_ports(1)
+    server = RedisServer(tmp_path / "late", port=port)
+    client = aioredis.Redis.from_url(server.url, socket_connect_timeout=0.2)
+    p = _params()
+    w = _worker(client, p, upstream)
+    async with Running(w) as run:
+        await asyncio.sleep(0.5)
+        assert not w.ready and not run.tasks[0].done()
+        server.start()
+        h = _gateway(client, p)
+        job_id = (await _submit(h, body={"key": "late"})).json()["id"]
+        await _until(lambda: _is(h, job_id, "succeeded"))
+        assert w.ready
+    await client.aclose()
+    server.kill()
+
+
 async def test_a_job_that_retried_shows_no_error_once_it_succeeded_or_was_cancelled(
     rc: aioredis.Redis, upstream: Upstream
 ) -> None:

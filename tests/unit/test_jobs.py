@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from filters.jobs.filter import JobsFilter
 from filters.jobs.params import JobsParams
 from filters.jobs.store import view
-from filters.jobs.worker import sign, verify
+from filters.jobs.worker import _retry_after, sign, verify
 from proxy.api import Deps, prefers_async
 from proxy.testing import Harness, default_config
 
@@ -240,3 +240,11 @@ async def test_a_webhook_receiver_cannot_redirect_the_signed_job_elsewhere() -> 
             await runner.cleanup()
     assert internal == []
     assert R.recorded[1:] == ("webhook_status", "failed")
+
+
+def test_the_workers_retry_after_is_finite_and_bounded() -> None:
+    # 'inf' became an OverflowError in the retry (int(inf * 1000)) and killed the job's task.
+    assert _retry_after("inf") == 0.0 and _retry_after("nan") == 0.0
+    assert _retry_after("1e12") == 86_400.0 and _retry_after("-5") == 0.0
+    assert _retry_after("2.5") == 2.5 and _retry_after(None) == 0.0
+    assert _retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # the gateway sends seconds
