@@ -41,7 +41,11 @@ def make_redis(url: str | None, timeout_ms: int, cluster: bool = False) -> Any:
 
     t = timeout_ms / 1000
     if cluster:
-        return aioredis.RedisCluster.from_url(url, socket_timeout=t, socket_connect_timeout=t)
+        from proxy.rediscluster import Cluster
+
+        return Cluster.from_url(
+            url, max_connections=_MAX_CONNECTIONS, socket_timeout=t, socket_connect_timeout=t
+        )
     # A burst beyond the pool's connections waits for one (bounded by each filter's own
     # budget) instead of failing at once with MaxConnectionsError, the plain pool's answer.
     pool = aioredis.BlockingConnectionPool.from_url(

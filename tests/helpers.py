@@ -266,24 +266,27 @@ class RedisServer:
 
 
 @contextmanager
-def redis_cluster(directory: Path, masters: int = 3) -> Iterator[list[RedisServer]]:
-    """A local Redis Cluster of ``masters`` primaries (no replicas), made by redis-cli."""
+def redis_cluster(
+    directory: Path, masters: int = 3, replicas: int = 0, *extra: str
+) -> Iterator[list[RedisServer]]:
+    """A local Redis Cluster of ``masters`` primaries with ``replicas`` replicas each, made by
+    redis-cli; ``extra``: more redis-server arguments for every node."""
     import subprocess
 
     nodes = []
     try:
-        for i in range(masters):
+        for i in range(masters * (1 + replicas)):
             # The bus port defaults to port + 10000, which may fall in the ephemeral range
             # and be taken: pick it below that range like the port itself.
             node = RedisServer(
                 directory / f"node{i}", "--cluster-enabled", "yes",
                 "--cluster-config-file", str(directory / f"node{i}" / "nodes.conf"),
-                "--cluster-port", str(free_port_block(1)),
+                "--cluster-port", str(free_port_block(1)), *extra,
             )  # fmt: skip
             nodes.append(node.start())
         subprocess.run(
             ["redis-cli", "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in nodes),
-             "--cluster-replicas", "0", "--cluster-yes"],
+             "--cluster-replicas", str(replicas), "--cluster-yes"],
             check=True, capture_output=True, timeout=60,
         )  # fmt: skip
         _wait_cluster_ok([n.port for n in nodes])

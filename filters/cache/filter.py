@@ -645,7 +645,9 @@ class CacheFilter(Filter):
     async def _follow(self) -> None:
         assert self.store is not None
         # XREAD BLOCK must return before the client's socket timeout declares Redis dead.
-        kwargs = getattr(getattr(self.deps.redis, "connection_pool", None), "connection_kwargs", {})
+        # (A cluster client keeps its connection settings on itself, having no single pool.)
+        r = self.deps.redis
+        kwargs = getattr(getattr(r, "connection_pool", r), "connection_kwargs", {})
         block_ms = int(min(0.5, 0.5 * (kwargs.get("socket_timeout") or 0.5)) * 1000)
         rebuilt = False
         while True:

@@ -550,7 +550,7 @@ class Worker:
 
     def _delay(self, nth: int, reply: Reply) -> float:
         """Before the ``nth`` retry: exponential backoff with jitter, or the Retry-After."""
-        backoff = min(self.w.backoff_max_s, self.w.backoff_s * 2 ** min(nth - 1, 62))
+        backoff = min(self.w.backoff_max_s, self.w.backoff_s * 2.0 ** min(nth - 1, 62))
         return max(backoff * (0.5 + self.rng.random() / 2), reply.retry_after_s)
 
     async def _fail(
@@ -723,9 +723,11 @@ def worker_redis(url: str, concurrency: int, cluster: bool = False) -> Any:
 
     # Blocking reads wait up to 250 ms: the socket timeout must be well above that.
     if cluster:
-        # Connections per node, unbounded: the cluster client has no blocking pool, and a
-        # full one would fail a call (MaxConnectionsError) where the pool below waits.
-        return aioredis.RedisCluster.from_url(url, socket_timeout=10, socket_connect_timeout=5)
+        from proxy.rediscluster import Cluster
+
+        return Cluster.from_url(
+            url, max_connections=2 * concurrency + 4, socket_timeout=10, socket_connect_timeout=5
+        )
     pool = aioredis.BlockingConnectionPool.from_url(
         url,
         max_connections=2 * concurrency + 4,
