@@ -6,13 +6,21 @@ gRPC status (Envoy turns an immediate response with ``grpc_status`` into a trail
 
 from __future__ import annotations
 
-import asyncio
 import math
 from collections.abc import Mapping
 
 import orjson
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisClusterException
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from proxy.api import Respond
+
+# A dependency that is slow or gone, whichever client raised it: redis-py's own ConnectionError
+# and TimeoutError are not the built-in ones, and a cluster with no node answering raises
+# RedisClusterException.
+_TIMEOUTS = (TimeoutError, RedisTimeoutError)
+_UNREACHABLE = (ConnectionError, RedisConnectionError, RedisClusterException)
 
 # HTTP status -> gRPC status code (google.rpc.Code), following the gRPC HTTP mapping doc.
 GRPC_STATUS: dict[int, int] = {
@@ -90,9 +98,9 @@ def fault_kind(exc: BaseException) -> str:
     """A bounded label for metrics: the exception class name for our faults, else a family."""
     if isinstance(exc, FilterFault):
         return type(exc).__name__
-    if isinstance(exc, TimeoutError | asyncio.TimeoutError):
+    if isinstance(exc, _TIMEOUTS):
         return "timeout"
-    if isinstance(exc, ConnectionError | OSError):
+    if isinstance(exc, (*_UNREACHABLE, OSError)):
         return "connection"
     return "exception"
 
@@ -101,8 +109,8 @@ def fault_response(exc: BaseException) -> Respond:
     """Maps a fault to the client's answer. Internal detail stays in logs, not in the body."""
     if isinstance(exc, FilterFault):
         return error(exc.status, exc.type_, str(exc), retry_after_s=exc.retry_after_s)
-    if isinstance(exc, TimeoutError | asyncio.TimeoutError):
+    if isinstance(exc, _TIMEOUTS):
         return error(503, "dependency_timeout", "a dependency timed out", retry_after_s=1)
-    if isinstance(exc, ConnectionError):
+    if isinstance(exc, _UNREACHABLE):
         return error(503, "dependency_unavailable", "a dependency is unavailable", retry_after_s=1)
     return error(500, "internal_error", "internal error in the gateway")

@@ -43,6 +43,7 @@ from filters.cache.embedder import (
 from filters.cache.params import CacheParams, RouteCache, load_verifier
 from filters.cache.semantic import SemanticIndex, Verdict
 from filters.cache.store import CacheStore, Entry, Indexed
+from proxy import errors
 from proxy.api import (
     CONTINUE,
     REDIS_FAULTS,
@@ -755,7 +756,7 @@ class CacheFilter(Filter):
             )
         try:
             dropped = await self.invalidate(**fields)
-        except REDIS_FAULTS as exc:
+        except (errors.DependencyUnavailable, *REDIS_FAULTS) as exc:
             ERRORS.labels("redis").inc()
             return 503, _admin_error("unavailable", f"Redis: {type(exc).__name__}")
         log.info("cache invalidated (%s): %s", fields or "all", dropped)
@@ -766,7 +767,7 @@ class CacheFilter(Filter):
     ) -> dict[str, int]:
         """Drops every scope matching all given fields (none given: everything)."""
         if self.store is None:
-            raise RuntimeError("the cache has no Redis")
+            raise errors.DependencyUnavailable("the cache has no Redis")
         scopes = entries = 0
         for scope, meta in (await self.store.scopes()).items():
             if (

@@ -130,3 +130,14 @@ async def test_the_cache_admin_token_is_a_bearer_token(authorization: str, accep
     status, body = await invalidate({}, {"authorization": authorization})
     kind = "invalid_request_error" if accepted else "unauthorized"
     assert (status, body["error"]["type"]) == (400 if accepted else 401, kind)
+
+
+async def test_invalidating_a_cache_without_redis_is_503() -> None:
+    # It raised RuntimeError: a 500 from the admin endpoint.
+    digest = hashlib.sha256(b"s3cret").hexdigest()
+    cache = CacheFilter(
+        CacheFilter.Params.model_validate({"routes": {}, "admin_token_sha256": digest}), Deps()
+    )
+    invalidate = cache.admin_routes()["/cache/invalidate"]
+    status, body = await invalidate({"all": "1"}, {"authorization": "Bearer s3cret"})
+    assert (status, body["error"]["type"]) == (503, "unavailable")
