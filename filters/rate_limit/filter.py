@@ -101,9 +101,8 @@ class _Limit:
 
     @classmethod
     def of(cls, spec: Limit, lease_s: float) -> _Limit:
-        rule = gcra.Rule.of(spec.rate, spec.period, spec.burst_units)
-        window = max(1, round(spec.period))
-        quota = max(1, round(spec.rate * window / spec.period))
+        rule = gcra.Rule.of(spec.rate, spec.period, spec.burst_units, exact=spec.unit == "tokens")
+        quota, window = _policy_quota(spec.period * 1e6 / rule.interval_us, spec.period)
         policy = f'"{spec.name}";q={quota};w={window}'
         if spec.unit == "tokens":
             policy += ';qu="tokens"'  # not a registered unit: the draft's are requests/bytes
@@ -303,7 +302,7 @@ class RateLimitFilter(Filter):
 
         now = self.deps.clock.monotonic()
         if self.p.local_deny_cache:
-            refused = self._cached_refusal(limits, keys, now)
+            refused = self._cached_refusal(limits, keys, now, costs)
             if refused is not None:
                 return refused
 
@@ -599,8 +598,17 @@ class RateLimitFilter(Filter):
 
     # --- refusals ----------------------------------------------------------------------------
 
-    def _cached_refusal(self, limits: list[_Limit], keys: list[str], now: float) -> Decision | None:
-        for lim, key in zip(limits, keys, strict=True):
+    def _cached_refusal(
+        self,
+        limits: list[_Limit],
+        keys: list[str],
+        now: float,
+        costs: list[float] | None = None,
+    ) -> Decision | None:
+        """Refuses from the deny cache, with the answer Redis would give: ``costs`` (None:
+        not known yet, at the headers) make a token request's Retry-After the time until it
+        fits, not until one token does."""
+        for i, (lim, key) in enumerate(zip(limits, keys, strict=True)):
             until = self.deny_cache.get(key)
             if until is None:
                 continue
@@ -608,12 +616,19 @@ class RateLimitFilter(Filter):
                 del self.deny_cache[key]
                 continue
             lim.count("denied_cached")
-            t = until - now
+            rule, least = lim.rule, _least_cost(lim.spec)
+            cost = max(costs[i], least) if costs is not None else least
+            # Whole microseconds, as from Redis: the clock's conversion adds float noise that
+            # a ceiling would turn into a second more.
+            wait = round(until - now + (cost - least) * rule.interval_us / 1e6, 6)
+            # RateLimit's t, as from Redis: until the bucket is full again (its TAT).
+            slack_us = rule.tolerance_us + lim.max_wait_us - least * rule.interval_us
+            full = round(until - now + slack_us / 1e6, 6)
             return errors.error(
                 429, "rate_limited", f"rate limit {lim.spec.name!r} exceeded",
-                retry_after_s=t,
+                retry_after_s=wait,
                 headers={"ratelimit-policy": lim.policy,
-                         "ratelimit": f'"{lim.spec.name}";r=0;t={math.ceil(t)}'},
+                         "ratelimit": f'"{lim.spec.name}";r=0;t={math.ceil(full)}'},
             )  # fmt: skip
         return None
 
@@ -628,8 +643,7 @@ class RateLimitFilter(Filter):
         if not self.p.local_deny_cache:
             return
         for lim, key, rule, tat in zip(limits, keys, rules, verdict.tats, strict=True):
-            min_cost = lim.spec.cost if lim.spec.unit == "requests" else 1.0
-            blocked = gcra.blocked_until(tat, rule, lim.max_wait_us, min_cost)
+            blocked = gcra.blocked_until(tat, rule, lim.max_wait_us, _least_cost(lim.spec))
             if blocked > verdict.now_us:
                 # Redis time -> this process' monotonic clock, via the reply's "now".
                 self.deny_cache[key] = now + (blocked - verdict.now_us) / 1e6
@@ -853,6 +867,32 @@ def _cancel(futures: list[asyncio.Future[Reply]]) -> None:
                 f.exception()  # read, so asyncio does not log it as never retrieved
         else:
             f.cancel()
+
+
+def _least_cost(spec: Limit) -> float:
+    """The fewest units a request can take from this limit (what the deny cache waits for)."""
+    return spec.cost if spec.unit == "requests" else 1.0
+
+
+def _policy_quota(rate: float, period_s: float) -> tuple[int, int]:
+    """RateLimit-Policy's quota and window (whole seconds) for ``rate`` per ``period_s`` (the
+    rule's effective rate), never promising more, give or take the 0.1% that whole
+    microseconds take from a rate: 2.5/s is q=5;w=2, 0.1/s q=1;w=10, and anything no whole
+    window matches is rounded down."""
+    per_s = rate / period_s
+    base = max(1, round(period_s))
+
+    def whole(q: float) -> int | None:
+        n = round(q)
+        return n if n >= 1 and abs(q - n) <= 0.001 * n else None
+
+    if per_s * base < 1:
+        return 1, math.ceil(0.999 / per_s)
+    for w in range(base, 10 * base + 1, base):  # a window the rate fills in whole units
+        n = whole(per_s * w)
+        if n is not None:
+            return n, w
+    return math.floor(per_s * base), base
 
 
 def _num(x: float) -> str:

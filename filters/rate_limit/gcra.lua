@@ -10,8 +10,9 @@
 --            take:   interval_us, tolerance_us, cost, max_wait_us. If any key refuses,
 --                    nothing is written for this request.
 --            adjust: interval_us, delta (units; > 0 charges, < 0 refunds).
---          interval_us is whole microseconds, as TATs and now are (see gcra.Rule.of): with
---          a fraction in it the last unit of a burst would never fit.
+--          interval_us is whole microseconds, as TATs and now are, from a millisecond up
+--          (with a fraction in it the last unit of a burst would never fit); below, exact
+--          with tolerance_us rounded up (see gcra.Rule.of). TATs are whole either way.
 -- Reply: {now, then per request: allowed (1/0), tat_1, ..., tat_n}: the TATs after the call
 -- (if refused: as they stand, never earlier than now).
 local now

@@ -4,8 +4,8 @@ in-process fallback.
 One number per limit and key is the whole state: the theoretical arrival time (TAT), the
 instant at which the bucket would be empty again, in microseconds. A limit of ``rate`` per
 ``period`` with ``burst`` has an emission interval ``T = period / rate`` (rounded up to whole
-microseconds, as TATs are) and a tolerance ``tau = burst * T``. A request of ``cost`` units is
-admitted at ``now`` when
+microseconds, as TATs are, except for fast token limits: see Rule.of) and a tolerance
+``tau = burst * T``. A request of ``cost`` units is admitted at ``now`` when
 
     max(TAT, now) + cost * T - tau <= now + max_wait
 
@@ -28,17 +28,29 @@ from dataclasses import dataclass
 class Rule:
     """The arithmetic of one limit, in microseconds."""
 
-    interval_us: float  # T: time one unit takes to drain, whole microseconds
+    interval_us: float  # T: time one unit takes to drain (whole microseconds from 1 ms)
     tolerance_us: float  # tau: burst * T
 
     @classmethod
-    def of(cls, rate: float, period_s: float, burst: float) -> Rule:
-        # Whole microseconds: TATs are whole (rounded up on every take), so with a fraction
-        # in T each take would round up a little more than tau allows for and the last unit
-        # of a burst would never fit (rate 3 with burst 3 admitted 2, with burst 1 nothing).
-        # Rounding T up instead errs on the strict side by under a microsecond per unit.
-        interval = float(math.ceil(period_s * 1e6 / rate))
-        return cls(interval, burst * interval)
+    def of(cls, rate: float, period_s: float, burst: float, *, exact: bool = False) -> Rule:
+        """``exact``: keep a fractional T where rounding it up would cost over 0.1% of the
+        rate (token limits: a take costs many units, see below)."""
+        t = period_s * 1e6 / rate
+        interval = float(math.ceil(t))
+        if not exact or interval <= t * 1.001:
+            # Whole microseconds: TATs are whole (rounded up on every take), so with a
+            # fraction in T each take would round up a little more than tau allows for and
+            # the last unit of a burst would never fit (rate 3 with burst 3 admitted 2, with
+            # burst 1 nothing). Rounding T up errs on the strict side by under a microsecond
+            # per unit: nothing from T = 1 ms up, 1% at 10,000 units a second, half the rate
+            # at 2M a second (T = 0.5 us).
+            return cls(interval, burst * interval)
+        # A fast token limit (100M tokens a minute: T = 0.6 us, rounded up 40% short of its
+        # rate). Exact, each take still rounds the TAT up by under a microsecond: a request
+        # costs under a microsecond's worth of tokens more than it should (under 2 at 100M a
+        # minute), and takes that add up to the whole burst exactly may miss it by as much.
+        # tau rounded up lets one request of the whole burst fit from idle.
+        return cls(t, float(math.ceil(burst * t)))
 
     def fits(self, cost: float, max_wait_us: float = 0.0) -> bool:
         """Whether a request of ``cost`` units can pass at all: from an idle bucket."""
@@ -46,10 +58,13 @@ class Rule:
 
     def scaled(self, share: float) -> Rule:
         """The same limit at ``share`` of its rate and burst (a replica's local share)."""
-        interval = float(math.ceil(self.interval_us / share))
-        burst = self.tolerance_us / self.interval_us * share
+        t = self.interval_us / share
         # round(): burst x share carries float error (2.9999...) that would cost a unit.
-        return Rule(interval, float(round(burst * interval)))
+        burst = round(self.tolerance_us / self.interval_us * share, 6)
+        if self.interval_us == math.floor(self.interval_us):  # whole microseconds, as above
+            interval = float(math.ceil(t))
+            return Rule(interval, float(round(burst * interval)))
+        return Rule(t, float(math.ceil(burst * t)))
 
 
 @dataclass(frozen=True, slots=True)

@@ -85,8 +85,9 @@ async def test_lua_script_matches_python_arithmetic(rc: aioredis.Redis) -> None:
 
     await rc.script_load(LUA)
     rng = random.Random(7)
-    rules = [gcra.Rule.of(10, 1, 5), gcra.Rule.of(100, 60, 20), gcra.Rule.of(3, 1, 1)]
-    keys = ["fw:t:a", "fw:t:b", "fw:t:c"]
+    rules = [gcra.Rule.of(10, 1, 5), gcra.Rule.of(100, 60, 20), gcra.Rule.of(3, 1, 1),
+             gcra.Rule.of(7e6, 60, 20, exact=True)]  # fractional T (8.57 us)  # fmt: skip
+    keys = ["fw:t:a", "fw:t:b", "fw:t:c", "fw:t:d"]
     model: dict[str, float | None] = dict.fromkeys(keys)
     now = 1_700_000_000_000_000
     for step in range(400):
@@ -98,7 +99,7 @@ async def test_lua_script_matches_python_arithmetic(rc: aioredis.Redis) -> None:
             for t in takes:
                 nums += [repr(t.rule.interval_us), repr(t.rule.tolerance_us), repr(t.cost),
                          repr(t.max_wait_us)]  # fmt: skip
-            raw = await rc.evalsha(SHA, 3, *keys, str(now), 1, "take", 3, *nums)
+            raw = await rc.evalsha(SHA, 4, *keys, str(now), 1, "take", 4, *nums)
             reply = [int(x) for x in raw[1:]]
             expect = gcra.take([_live(model[k], now) for k in keys], takes, now)
             assert bool(reply[0]) == expect.allowed, step
@@ -111,7 +112,7 @@ async def test_lua_script_matches_python_arithmetic(rc: aioredis.Redis) -> None:
             nums = []
             for r, d in zip(rules, deltas, strict=True):
                 nums += [repr(r.interval_us), repr(float(d))]
-            await rc.evalsha(SHA, 3, *keys, str(now), 1, "adjust", 3, *nums)
+            await rc.evalsha(SHA, 4, *keys, str(now), 1, "adjust", 4, *nums)
             for k, r, d in zip(keys, rules, deltas, strict=True):
                 model[k] = gcra.adjust(_live(model[k], now), r, d, now)
 

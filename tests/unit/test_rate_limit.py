@@ -556,3 +556,86 @@ async def test_a_closed_store_fails_calls_instead_of_reconnecting() -> None:
     with pytest.raises(RedisConnectionError, match="closed"):
         await store.call("adjust", ["A"], ["1000.0", "-5.0"])
     assert cluster.ran == [] and store._watchdog is None
+
+
+# --- fast token limits, the advertised policy, the deny cache's answers (session 21) --------
+
+
+def _admitted_in(rule: gcra.Rule, cost: float, seconds: float) -> float:
+    """Units admitted to one key by back-to-back requests of ``cost`` for ``seconds``."""
+    tat: float | None = None
+    now, step, units = T0, rule.interval_us * cost, 0.0
+    while now < T0 + seconds * S:
+        v = gcra.take([tat], [gcra.Take(rule, cost)], now)
+        if v.allowed:
+            tat, units = v.tats[0], units + cost
+        else:
+            now += max(step / 4, 1.0)
+    return units
+
+
+@pytest.mark.parametrize(
+    ("rate", "period_s", "cost"),
+    [(100e6, 60, 1000), (2e6, 1, 500), (7e6, 60, 333), (150_000, 1, 64)],
+)
+def test_a_fast_token_limit_admits_its_rate(rate: float, period_s: float, cost: float) -> None:
+    # T rounded up to whole microseconds admitted 60M of 100M tokens a minute, 1M of 2M a
+    # second (T = 0.5 us): token limits keep T exact; each take still rounds up (<1 us).
+    burst = cost * 4
+    rule = gcra.Rule.of(rate, period_s, burst, exact=True)
+    seconds = 1.0
+    allowance = burst + rate / period_s * seconds
+    admitted = _admitted_in(rule, cost, seconds)
+    assert admitted <= allowance
+    assert admitted >= 0.99 * allowance, (admitted, allowance)
+    whole = gcra.take([None], [gcra.Take(rule, burst)], T0)  # the whole burst, from idle
+    assert whole.allowed
+    # Request limits keep whole microseconds (their bursts stay exact).
+    assert gcra.Rule.of(rate, period_s, burst).interval_us == float(int(rule.interval_us) + 1)
+
+
+@pytest.mark.parametrize(
+    ("limit", "policy"),
+    [
+        ({"rate": 10}, "q=10;w=1"),
+        ({"rate": 0.1, "burst": 1}, "q=1;w=10"),  # was q=1;w=1: ten times the real rate
+        ({"rate": 1, "period": "2m"}, "q=1;w=120"),  # was q=1;w=60
+        ({"rate": 2.5}, "q=5;w=2"),  # was q=2;w=1
+        ({"rate": 3}, "q=3;w=1"),  # T rounded up to whole microseconds still counts as 3
+        ({"rate": 7, "period": "1m"}, "q=7;w=60"),
+        ({"rate": 100_000_000, "period": "1m", "unit": "tokens"}, 'q=100000000;w=60;qu="tokens"'),
+    ],
+)
+def test_ratelimit_policy_never_promises_more_than_the_limit(
+    limit: dict[str, Any], policy: str
+) -> None:
+    p = RateLimitFilter.Params.model_validate({"limits": [{"name": "l", "key": [], **limit}]})
+    (lim,) = RateLimitFilter(p, Deps(clock=FakeClock())).limits
+    assert lim.policy == f'"l";{policy}'
+
+
+@pytest.mark.parametrize(
+    ("limit", "cost"),
+    [
+        ({"unit": "tokens", "rate": 100, "burst": 1000}, 500.0),
+        ({"rate": 10}, 1.0),
+        ({"rate": 10, "cost": 3}, 3.0),
+    ],
+)
+def test_the_deny_cache_answers_as_redis_would(limit: dict[str, Any], cost: float) -> None:
+    # A cached refusal of a 500-token request said Retry-After 1 (when one token fits)
+    # against Redis' 5, and its RateLimit t meant another thing than Redis'.
+    clock = FakeClock()
+    p = RateLimitFilter.Params.model_validate({"limits": [{"name": "l", "key": [], **limit}]})
+    f = RateLimitFilter(p, Deps(clock=clock))
+    (lim,) = f.limits
+    now_us = 5_000 * S
+    full = gcra.take([None], [gcra.Take(lim.rule, lim.spec.burst_units)], now_us).tats[0]
+    v = gcra.take([full], [gcra.Take(lim.rule, cost)], now_us)
+    assert not v.allowed
+    redis = f._refusal([lim], [lim.rule], v, [cost], False)
+    f._remember_blocks([lim], ["k"], [lim.rule], v, clock.monotonic())
+    cached = f._cached_refusal([lim], ["k"], clock.monotonic(), [cost])
+    assert cached is not None
+    assert cached.headers["retry-after"] == redis.headers["retry-after"]
+    assert cached.headers["ratelimit"] == redis.headers["ratelimit"]
