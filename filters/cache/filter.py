@@ -16,7 +16,6 @@ client's OpenAI request, and (responses run in reverse order) the translated ans
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import hashlib
 import hmac
@@ -128,13 +127,15 @@ class _Pending:
 
 class _State:
     __slots__ = (
-        "bypassed", "exact_hit", "no_lookup", "no_store", "pending", "stale", "tenant", "tokens",
+        "bypassed", "exact_hit", "max_age_s", "no_lookup", "no_store", "pending", "stale",
+        "tenant", "tokens",
     )  # fmt: skip
 
     def __init__(self) -> None:
         self.tenant: str | None = None  # whose scope: the caller's, or whom it acts for
         self.no_store = False
         self.no_lookup = False
+        self.max_age_s: int | None = None  # the request's Cache-Control max-age
         self.pending: _Pending | None = None
         # An expired exact entry still inside its stale-if-error window: the answer if the
         # model fails.
@@ -232,10 +233,13 @@ class CacheFilter(Filter):
     async def on_request_headers(self, ctx: RequestContext, headers: Headers) -> Decision:
         st = ctx.state(self._state)
         directives = _cache_control(headers.get("cache-control", ""))
+        max_age = _seconds(directives.get("max-age"))
         if "no-store" in directives:
             st.no_store = st.no_lookup = True
-        elif "no-cache" in directives or "max-age=0" in directives:
+        elif "no-cache" in directives or max_age == 0:
             st.no_lookup = True  # revalidate: ask the model, refresh the entry
+        elif max_age is not None:
+            st.max_age_s = max_age  # an older answer is not acceptable: ask the model
         st.tenant = ctx.tenant
         behalf = self.p.on_behalf
         if behalf is not None and ctx.key_id in behalf.key_ids:
@@ -283,6 +287,7 @@ class CacheFilter(Filter):
                 # By the path that answered: an alias is a hit-semantic found by its key.
                 level = "exact" if st.exact_hit else "semantic"
                 LOOKUP_SECONDS.labels(level).observe(time.perf_counter() - t0)
+                LOOKUPS.labels(ctx.route_name, found.headers[HEADER].replace("-", "_")).inc()
                 return found
             vector = found
         LOOKUP_SECONDS.labels("semantic" if text else "exact").observe(time.perf_counter() - t0)
@@ -306,15 +311,18 @@ class CacheFilter(Filter):
         """A hit to answer with, else the prompt's vector if it was computed (kept for the
         store), else None."""
         entry, _ = await self._get(scope, key.exact_id, now_ms)
-        if entry is not None and entry.fresh:
+        if _servable(entry, st, now_ms):
+            assert entry is not None
             st.exact_hit = True
             if entry.alias:
                 SEMANTIC_HITS.labels("alias").inc()
                 return self._hit(ctx, entry, "hit-semantic", now_ms)
             return self._hit(ctx, entry, "hit-exact", now_ms)
-        st.stale = entry
-        if entry is not None and self.deps.signals.refusing(key.model, self.deps.clock.monotonic()):
-            return self._hit(ctx, entry, "stale", now_ms)  # the model's breaker is open
+        # A client that set how old an answer may be (max-age) gets no stale one.
+        st.stale = entry if st.max_age_s is None else None
+        refusing = self.deps.signals.refusing(key.model, self.deps.clock.monotonic())
+        if st.stale is not None and refusing:
+            return self._hit(ctx, st.stale, "stale", now_ms)  # the model's breaker is open
         # Embed now only if there is something to compare with; a miss in an empty partition
         # is embedded after its answer went out, when it is stored (off the request path).
         if not text or self.embedder is None or not self.index.has_partition(scope, key.partition):
@@ -339,7 +347,7 @@ class CacheFilter(Filter):
                 log.warning("cache judge failed (a miss): %s", exc)
                 return None  # embedded when stored, off the request path
             if verdict is not None:
-                hit = await self._serve(ctx, scope, meta, key, verdict, best, now_ms)
+                hit = await self._serve(ctx, st, scope, meta, key, verdict, best, now_ms)
                 if hit is not None:
                     return hit
         vector, tokens = await self._embed(text)
@@ -358,7 +366,7 @@ class CacheFilter(Filter):
         if verdict.veto is not None:
             VETOES.labels(verdict.veto).inc()
         if verdict.entry_id is not None:
-            hit = await self._serve(ctx, scope, meta, key, verdict, best, now_ms)
+            hit = await self._serve(ctx, st, scope, meta, key, verdict, best, now_ms)
             if hit is not None:
                 return hit
         return vector
@@ -366,6 +374,7 @@ class CacheFilter(Filter):
     async def _serve(
         self,
         ctx: RequestContext,
+        st: _State,
         scope: str,
         meta: dict[str, str],
         key: canon.Lookup,
@@ -375,14 +384,16 @@ class CacheFilter(Filter):
     ) -> Respond | None:
         """The semantic hit ``verdict`` names, from ``fetched`` when the look-up brought it,
         else from Redis; None if it is no longer there (and then forgotten: only when Redis
-        said so, never because it failed) or not fresh. With ``alias_semantic_hits``, the
+        said so, never because it failed) or not fresh (or older than the request's max-age).
+        With ``alias_semantic_hits``, the
         answer is copied under the asking request's key, off the request path."""
         assert verdict.entry_id is not None
         if verdict.entry_id in fetched:
             entry, answered = fetched[verdict.entry_id]
         else:
             entry, answered = await self._get(scope, verdict.entry_id, now_ms)
-        if entry is not None and entry.fresh:
+        if _servable(entry, st, now_ms):
+            assert entry is not None
             SEMANTIC_HITS.labels("words" if verdict.by_words else "vector").inc()
             if self.p.alias_semantic_hits:
                 alias = _Pending(scope, meta, key.exact_id, key.partition, "", None, 0, 0,
@@ -416,6 +427,7 @@ class CacheFilter(Filter):
             # answer, marked, beats an error.
             entry, st.stale, st.pending = st.stale, None, None
             hit = self._hit(ctx, entry, "stale", self._now_ms())
+            LOOKUPS.labels(ctx.route_name, "stale").inc()
             length = str(len(hit.body))
             # Nothing of the error it replaces (the API filter's error type, a Retry-After).
             return Mutate(set_headers={":status": "200", **hit.headers, "content-length": length},
@@ -475,7 +487,7 @@ class CacheFilter(Filter):
         return CONTINUE
 
     def _hit(self, ctx: RequestContext, entry: Entry, kind: str, now_ms: int) -> Respond:
-        LOOKUPS.labels(ctx.route_name, kind.replace("-", "_")).inc()
+        """The answer from ``entry`` (counted by the caller once it is served)."""
         headers = dict(entry.headers)
         headers.setdefault("content-type", "application/json")
         headers[HEADER] = kind
@@ -802,20 +814,42 @@ def _scope_id(meta: dict[str, str]) -> str:
     return hashlib.blake2b(raw.encode(), digest_size=12).hexdigest()
 
 
-def _cache_control(value: str) -> set[str]:
-    return {d.strip().lower().replace(" ", "") for d in value.split(",") if d.strip()}
+def _cache_control(value: str) -> dict[str, str | None]:
+    """Directive -> argument (None: none given), names lower-cased, quotes taken off; the
+    first of a repeated directive wins (RFC 9111, 4.2.1), so replicas agree on it."""
+    out: dict[str, str | None] = {}
+    for d in value.split(","):
+        name, eq, arg = d.partition("=")
+        name = name.strip().lower()
+        if name and name not in out:
+            out[name] = arg.strip().strip('"') if eq else None
+    return out
+
+
+def _servable(entry: Entry | None, st: _State, now_ms: int) -> bool:
+    """Fresh, and no older than the request's max-age: an older one is a miss whose answer
+    refreshes the entry (RFC 9111, 5.2.1.1)."""
+    if entry is None or not entry.fresh:
+        return False
+    return st.max_age_s is None or (now_ms - entry.created_ms) // 1000 <= st.max_age_s
+
+
+def _seconds(arg: str | None) -> int | None:
+    """A delta-seconds argument (RFC 9111, 1.2.2: digits only); None if malformed."""
+    return int(arg) if arg is not None and arg.isascii() and arg.isdigit() else None
 
 
 def _max_age(value: str) -> int | None:
     """The freshness lifetime a shared cache takes from a response's Cache-Control:
-    ``s-maxage`` before ``max-age`` (RFC 9111, 5.2.2.10)."""
-    ages: dict[str, int] = {}
-    for d in _cache_control(value):
-        name, _, arg = d.partition("=")
-        if name in ("s-maxage", "max-age") and name not in ages:
-            with contextlib.suppress(ValueError):
-                ages[name] = max(0, int(arg.strip('"')))
-    return ages.get("s-maxage", ages.get("max-age"))
+    ``s-maxage`` before ``max-age`` (RFC 9111, 5.2.2.10); None if neither is given. A
+    malformed one makes the response stale (0: not stored), as 4.2.1 advises: its lifetime
+    cannot be known."""
+    d = _cache_control(value)
+    for name in ("s-maxage", "max-age"):
+        if name in d:
+            age = _seconds(d[name])
+            return 0 if age is None else age
+    return None
 
 
 def _uncacheable_response(headers: Headers) -> str | None:
@@ -824,7 +858,9 @@ def _uncacheable_response(headers: Headers) -> str | None:
     if "x-floodwall-degraded" in headers:
         return "degraded"  # a lighter model's answer must not outlive the overload
     directives = _cache_control(headers.get("cache-control", ""))
-    if directives & {"no-store", "private", "no-cache"}:
+    # With field names too (no-cache="set-cookie"): a shared cache that cannot revalidate
+    # must not reuse the response at all.
+    if directives.keys() & {"no-store", "private", "no-cache"}:
         return "upstream_no_store"
     return None
 

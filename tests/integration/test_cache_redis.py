@@ -476,6 +476,31 @@ async def test_cache_control_no_store_and_no_cache(rc: aioredis.Redis) -> None:
     assert r2.headers["x-floodwall-cache"] == "hit-exact" and r2.body == r.body  # refreshed
 
 
+async def test_a_requests_max_age_bounds_the_answers_age(rc: aioredis.Redis) -> None:
+    # Only the literal max-age=0 was read; max-age=5 was ignored (an hour-old answer served).
+    clock = FakeClock()
+    f = cache(rc, clock)
+    h, up = harness(f), Upstream()
+    q = chat("What is the boiling point of water?")
+    await ask(h, f, up, q)
+    clock.advance(10)
+    r = await ask(h, f, up, q, headers={"cache-control": "max-age=30"})
+    assert r.headers["x-floodwall-cache"] == "hit-exact" and r.headers["age"] == "10"
+    r = await ask(h, f, up, q, headers={"cache-control": "max-age=5"})
+    assert r.upstream_called and r.headers["x-floodwall-cache"] == "miss"
+    r = await ask(h, f, up, q)  # the miss refreshed the entry
+    assert r.headers["x-floodwall-cache"] == "hit-exact" and r.headers["age"] == "0"
+    for zero in ('max-age="0"', "max-age=00", "Max-Age=0"):
+        r = await ask(h, f, up, q, headers={"cache-control": zero})
+        assert r.upstream_called, zero
+    # A paraphrase: the semantic hit obeys it too (without max-age it is one).
+    clock.advance(10)
+    plain = await ask(h, f, up, chat("what is the boiling point of water"))
+    assert plain.headers["x-floodwall-cache"] == "hit-semantic"
+    p = chat("what's the boiling point of water")
+    assert (await ask(h, f, up, p, headers={"cache-control": "max-age=5"})).upstream_called
+
+
 async def test_what_is_never_stored(rc: aioredis.Redis) -> None:
     f = cache(rc, max_request_bytes=2000, max_entry_bytes=500)
     h, up = harness(f), Upstream()
