@@ -255,7 +255,7 @@ class JobStore:
         idempotency: tuple[str, float] | None,
     ) -> Submitted:
         idem_key, idem_ttl = (
-            (self.idem_key(tenant, idempotency[0]), int(idempotency[1] * 1000))
+            (self.idem_key(tenant, idempotency[0]), _ms(idempotency[1]))
             if idempotency
             else (f"{self.prefix}:idem:-", 0)
         )
@@ -288,7 +288,7 @@ class JobStore:
     async def cancel(self, job_id: str, tenant: str, ttl_s: float) -> tuple[str, str]:
         out = await self._cancel(
             keys=[self.job_key(job_id), self.depth_key, self.tdepth_key],
-            args=[tenant, int(ttl_s * 1000)],
+            args=[tenant, _ms(ttl_s)],
         )
         return _s(out[0]), _s(out[1])
 
@@ -329,7 +329,7 @@ class JobStore:
         dead: bool = False,
         fields: Mapping[str, bytes | str | int] | None = None,
     ) -> str:
-        argv: list[Any] = [entry, status, int(ttl_s * 1000), "1" if dead else "0", job_id]
+        argv: list[Any] = [entry, status, _ms(ttl_s), "1" if dead else "0", job_id]
         for k, v in (fields or {}).items():
             argv += [k, v]
         keys = [
@@ -395,6 +395,12 @@ def _result(fields: Mapping[str, bytes], i: int) -> dict[str, Any] | None:
         orjson.Fragment(body) if fields.get(f"rj:{i}") == b"1" else body.decode("utf-8", "replace")
     )
     return {"status": int(status), "body": shown}
+
+
+def _ms(ttl_s: float) -> int:
+    """A TTL in whole milliseconds, never 0: '0' is the scripts' "none" (idempotency off)
+    and PEXPIRE 0 deletes at once (a 0.5 ms TTL was both)."""
+    return max(1, ceil(ttl_s * 1000))
 
 
 def view(job_id: str, fields: Mapping[str, bytes], api_path: str) -> bytes:

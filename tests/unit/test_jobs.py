@@ -248,3 +248,10 @@ def test_the_workers_retry_after_is_finite_and_bounded() -> None:
     assert _retry_after("1e12") == 86_400.0 and _retry_after("-5") == 0.0
     assert _retry_after("2.5") == 2.5 and _retry_after(None) == 0.0
     assert _retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # the gateway sends seconds
+
+
+def test_ttls_below_a_millisecond_are_one_not_zero() -> None:
+    from filters.jobs.store import _ms
+
+    # int(0.0005 * 1000) == 0: idempotency silently off, a finished job deleted at once.
+    assert _ms(0.0005) == 1 and _ms(0.0004) == 1 and _ms(1.0) == 1000 and _ms(1.0001) == 1001
