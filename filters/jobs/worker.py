@@ -71,8 +71,22 @@ RUN_SECONDS = Histogram(
 RETRYABLE = frozenset({408, 425, 429, 500, 502, 503, 504})
 # Refusals for capacity (and an unreachable gateway, seen as 503): retried without spending
 # attempts for up to unavailable_retry_s. A 500/502/504 may be the job's own doing (an input
-# that crashes or stalls the model), so those spend attempts.
+# that crashes or stalls the model), so those spend attempts, unless the gateway says its
+# policy processor is down or late (Envoy's 500/504, which no input causes).
 UNAVAILABLE = frozenset({429, 503})
+GATEWAY_DOWN = frozenset({b"gateway_unavailable", b"gateway_timeout"})
+
+
+def _unavailable(reply: Reply) -> bool:
+    if reply.status in UNAVAILABLE:
+        return True
+    if reply.status not in (500, 504) or len(reply.body) > 512:
+        return False
+    try:
+        kind = orjson.loads(reply.body)["error"]["type"]
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return False
+    return isinstance(kind, str) and kind.encode() in GATEWAY_DOWN
 
 
 @dataclass(slots=True)
@@ -520,7 +534,7 @@ class Worker:
     ) -> None:
         """``refused_before``: capacity refusals in a row before this one (none spent an
         attempt); they set the backoff of another, so a long outage is polled ever less."""
-        if reply.status in UNAVAILABLE and self.w.unavailable_retry_s > 0:
+        if _unavailable(reply) and self.w.unavailable_retry_s > 0:
             delay = self._delay(refused_before + 1, reply)
             err = _error("retrying", f"{why}; next try in {delay:.1f}s")
             out = await self.store.retry(

@@ -36,7 +36,7 @@ from tests.helpers import RedisServer, free_ports, redis_cluster
 pytestmark = pytest.mark.integration
 
 KEYS = {"alice-key": "alice", "bob-key": "bob"}
-URLS = ["/ok", "/slow", "/flaky", "/down", "/broken", "/bad", "/big"]
+URLS = ["/ok", "/slow", "/flaky", "/down", "/broken", "/gateway", "/bad", "/big"]
 SECRET = b"test-webhook-secret"
 
 
@@ -80,6 +80,9 @@ async def upstream() -> AsyncIterator[Upstream]:
             await asyncio.sleep(float(doc.get("sleep", 2.0)))
         if req.path == "/down" or (req.path == "/flaky" and up.by_key[key] == 1):
             return web.json_response({"error": "busy"}, status=503, headers={"retry-after": "0"})
+        if req.path == "/gateway" and up.by_key[key] <= 2:  # Envoy: the processor is down
+            err = {"error": {"type": "gateway_unavailable", "message": "processor down"}}
+            return web.json_response(err, status=500)
         if req.path == "/broken":  # the model fails on this input: the job's own doing
             return web.json_response({"error": {"type": "upstream_error"}}, status=500)
         if req.path == "/bad":
@@ -394,12 +397,17 @@ async def test_capacity_refusals_wait_without_spending_attempts_then_count(
     # refusals without attempts, then 3 with; a fixed 0.05 s would have made ~30.
     assert took > 1.5 and 5 <= upstream.by_key["u"] <= 16, (took, upstream.by_key)
 
-    # The model back within the budget: the job succeeds on its first attempt.
+    # The model back within the budget: the job succeeds on its first attempt. So does one
+    # that met the gateway's own 500 for a dead policy processor, twice (a chaos run failed
+    # such a job: three tries 0.2 s apart while `up` restarted the processor).
     p = _params(worker={"unavailable_retry_s": 60, "backoff_s": 0.05, "backoff_max_s": 0.1})
     flaky = (await _submit(h, "/flaky", {"key": "u2"})).json()["id"]
+    gateway = (await _submit(h, "/gateway", {"key": "u3"})).json()["id"]
     async with Running(_worker(rc, p, upstream)):
         await _until(lambda: _is(h, flaky, "succeeded"))
+        await _until(lambda: _is(h, gateway, "succeeded"))
     assert (await _show(h, flaky)).json()["attempts"] == 1
+    assert (await _show(h, gateway)).json()["attempts"] == 1 and upstream.by_key["u3"] == 3
 
 
 async def test_malformed_entries_end_instead_of_looping(
