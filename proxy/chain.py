@@ -41,7 +41,7 @@ from proxy.api import (
     Respond,
     overrides_complete,
 )
-from proxy.config import FilterConfig, FloodwallConfig, RouteConfig, is_grpc
+from proxy.config import ConfigError, FilterConfig, FloodwallConfig, RouteConfig, is_grpc
 
 log = logging.getLogger("floodwall.chain")
 
@@ -134,6 +134,13 @@ class Chain:
             ):
                 continue
             phases = f.phases(route) if route is not None else frozenset({Phase.REQUEST_HEADERS})
+            if route is not None and route.grpc and Phase.REQUEST_BODY in phases:
+                # Envoy would buffer the route's request streams for it: a ModelStreamInfer
+                # client waiting for answers before it closes its side would hang.
+                raise ConfigError(
+                    f"filter {f.name!r} reads request bodies, which gRPC route {route.name!r} "
+                    "streams to the model unread: leave the route out of the filter's routes"
+                )
             timers = {p: metrics.FILTER_SECONDS.labels(f.name, p.value) for p in Phase}
             bound.append((_Bound(f, on_error, timers), phases))
         by_phase: dict[Phase, tuple[_Bound, ...]] = {}

@@ -22,6 +22,11 @@ from proxy.api import Respond
 _TIMEOUTS = (TimeoutError, RedisTimeoutError)
 _UNREACHABLE = (ConnectionError, RedisConnectionError, RedisClusterException)
 
+# gRPC codes of an answer that say the model failed or is congested, as a 5xx or a 429 does
+# (UNKNOWN, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, INTERNAL, UNAVAILABLE, DATA_LOSS); a gRPC
+# answer's HTTP status is 200 whatever happened.
+GRPC_FAILED = frozenset({"2", "4", "8", "13", "14", "15"})
+
 # HTTP status -> gRPC status code (google.rpc.Code), following the gRPC HTTP mapping doc.
 GRPC_STATUS: dict[int, int] = {
     400: 3,  # INVALID_ARGUMENT

@@ -39,7 +39,7 @@ from proxy.api import (
     prefers_async,
 )
 from proxy.chain import kserve_model
-from proxy.config import RouteConfig
+from proxy.config import ConfigError, RouteConfig
 from proxy.triton_load import TritonLoad
 
 LIMIT = Gauge("floodwall_admission_limit", "Adaptive concurrency limit per model", ["model"])
@@ -63,9 +63,6 @@ QUEUE_SECONDS = Histogram(
 )
 # While refusing at the headers, one request per route this often still reaches the body.
 PROBE_S = 0.05
-# gRPC codes of a trailers-only answer that say the model failed or is congested, as a 5xx or
-# a 429 does (UNKNOWN, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, INTERNAL, UNAVAILABLE, DATA_LOSS).
-_GRPC_FAILED = frozenset({"2", "4", "8", "13", "14", "15"})
 _STREAM = Mutate(stream_response=True)
 
 
@@ -109,6 +106,12 @@ class AdmissionFilter(Filter):
             await self.deps.signals.unwatch_triton(self.p.saturation.triton_metrics_url)
 
     def phases(self, route: RouteConfig) -> frozenset[Phase]:
+        if route.grpc and self.p.models:
+            raise ConfigError(
+                f"admission {self.name!r}: {route.name!r} is a gRPC route, where the model is "
+                "inside the protobuf body and never known, so its calls would pass unadmitted: "
+                "leave it out of the filter's routes (or use a filter without models for it)"
+            )
         out = {Phase.REQUEST_HEADERS, Phase.RESPONSE_HEADERS}
         if route.model_in_body and self.p.models:
             out.add(Phase.REQUEST_BODY)
@@ -146,7 +149,7 @@ class AdmissionFilter(Filter):
             # A trailers-only gRPC answer: the call ended here, and its HTTP status (200) says
             # nothing; its time is that of a refusal, not of the model's work.
             st.ticket = None
-            self._release(t, None, grpc_status in _GRPC_FAILED, now)
+            self._release(t, None, grpc_status in errors.GRPC_FAILED, now)
             return CONTINUE
         status = ctx.upstream_status or 0
         if 200 <= status < 300 and (

@@ -36,7 +36,7 @@ from proxy.api import (
     Phase,
     RequestContext,
 )
-from proxy.config import RouteConfig
+from proxy.config import ConfigError, RouteConfig
 
 STATE = Gauge("floodwall_breaker_state", "0 closed, 1 open, 2 half-open", ["breaker"])
 TRANSITIONS = Counter(
@@ -166,6 +166,7 @@ class _Ticket:
     trial: bool
     admitted: float  # on the filter's clock: a call's time to first byte runs from here
     first_byte: float | None = None
+    grpc_failed: bool = False  # a trailers-only gRPC answer with a failing grpc-status
 
 
 class BreakerFilter(Filter):
@@ -180,6 +181,12 @@ class BreakerFilter(Filter):
         self._tickets = functools.partial(_Tickets)
 
     def phases(self, route: RouteConfig) -> frozenset[Phase]:
+        if route.grpc and self.p.models:
+            raise ConfigError(
+                f"breaker {self.name!r}: {route.name!r} is a gRPC route, where the model is "
+                "inside the protobuf body and never known, so no model's breaker would see "
+                "its calls: leave it out of the filter's routes, or drop models (per route)"
+            )
         # Response headers: the chain records the upstream's status there for on_complete.
         out = {Phase.REQUEST_HEADERS, Phase.RESPONSE_HEADERS}
         if route.model_in_body and self.p.models:
@@ -196,9 +203,13 @@ class BreakerFilter(Filter):
 
     async def on_response_headers(self, ctx: RequestContext, headers: Headers) -> Decision:
         now = self.deps.clock.monotonic()
+        # A gRPC failure (Triton's error, Envoy's "no healthy upstream") is HTTP 200 with a
+        # grpc-status: read as such, the breaker never opened on a gRPC route.
+        grpc_failed = ctx.grpc and headers.get("grpc-status", "0") in errors.GRPC_FAILED
         for t in ctx.state(self._tickets).items:
             if t.first_byte is None:
                 t.first_byte = now
+            t.grpc_failed = t.grpc_failed or grpc_failed
         return CONTINUE
 
     def _admit(self, ctx: RequestContext) -> Decision:
@@ -238,7 +249,7 @@ class BreakerFilter(Filter):
                     t.breaker.release()
                 continue
             now = self.deps.clock.monotonic()
-            failed = upstream >= 500
+            failed = upstream >= 500 or t.grpc_failed
             # Time to first byte: the whole exchange would make every long completion slow.
             first_byte = t.first_byte if t.first_byte is not None else now
             slow = (first_byte - t.admitted) * 1000 >= self.p.slow_call_ms

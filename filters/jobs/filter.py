@@ -89,6 +89,10 @@ class JobsFilter(Filter):
             return await call
 
     def phases(self, route: RouteConfig) -> frozenset[Phase]:
+        if route.grpc:
+            # No job comes over gRPC (a job is an HTTP request to replay), and reading the
+            # body would make Envoy buffer the route's streams.
+            return frozenset()
         return frozenset({Phase.REQUEST_HEADERS, Phase.REQUEST_BODY})
 
     # --- request phases ----------------------------------------------------------------------

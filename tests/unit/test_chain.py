@@ -19,6 +19,7 @@ from proxy.api import (
     Mutate,
     NoParams,
     Outcome,
+    Phase,
     RequestContext,
     Respond,
     cancel_and_wait,
@@ -373,3 +374,41 @@ def test_ctx_log_keeps_the_callers_extra_fields_beside_the_request_id() -> None:
         9,
         8,
     )
+
+
+def grpc_config(http_route: dict[str, Any]) -> Any:
+    """A gRPC KServe route ("grpc") and ``http_route``."""
+    grpc_up = {"protocol": "grpc", "endpoints": [{"address": "127.0.0.1", "port": 2}]}
+    return parse_config({
+        "upstreams": {"up": {"endpoints": [{"address": "127.0.0.1", "port": 1}]}, "g": grpc_up},
+        "routes": [
+            {"name": "grpc", "match": {"prefix": "/inference."}, "api": "kserve_grpc",
+             "upstream": "g"},
+            {**http_route, "upstream": "up"},
+        ],
+    })  # fmt: skip
+
+
+def test_no_filter_reads_request_bodies_on_a_grpc_route() -> None:
+    # Envoy would buffer the route's streams: a ModelStreamInfer client that waits for answers
+    # before closing its side hung. The jobs filter (routes left out: all) asked for them.
+    from filters.jobs.filter import JobsFilter
+    from filters.jobs.params import JobsParams
+    from proxy.config import ConfigError
+
+    cfg = grpc_config({"name": "jobs", "match": {"prefix": "/v1/jobs"}, "api": "jobs"})
+    jobs = JobsFilter(JobsParams(), Deps())
+    jobs.name = "jobs"
+    h = Harness(cfg, [jobs])
+    grpc_route, jobs_route = cfg.routes
+    assert Phase.REQUEST_BODY not in h.chain.phases_for(grpc_route)
+    assert Phase.REQUEST_BODY in h.chain.phases_for(jobs_route)
+
+    class Reader(Filter):
+        def phases(self, route: Any) -> frozenset[Phase]:
+            return frozenset({Phase.REQUEST_HEADERS, Phase.REQUEST_BODY})
+
+    reader = Reader(NoParams(), Deps())
+    reader.name = "reader"
+    with pytest.raises(ConfigError, match=r"'reader' reads request bodies.*'grpc'"):
+        Harness(cfg, [reader])
