@@ -21,6 +21,7 @@ from proxy.config import (
     TracingConfig,
     UpstreamConfig,
 )
+from proxy.errors import GRPC_STATUS
 from proxy.process import processor_address
 
 PROCESSOR_CLUSTER = "floodwall_processor"
@@ -405,15 +406,24 @@ def _local_reply_config() -> dict[str, Any]:
     )
     m["filter"] = _cel(f"response.code_details.startsWith('{_ADMIN_DENIED}')")
     mappers.append(m)
-    # The processor failed or timed out (failure_mode_allow: false).
+    # The processor failed or timed out (failure_mode_allow: false). A gRPC caller gets
+    # UNAVAILABLE (retryable): from Envoy's own mapping of these statuses it got UNKNOWN (500,
+    # which clients do not retry) or UNAVAILABLE (504). Envoy keeps a grpc-status a mapper set.
+    grpc_request = (
+        "'content-type' in request.headers"
+        " && request.headers['content-type'].startsWith('application/grpc')"
+    )
     for status, type_, message in (
         (500, "gateway_unavailable", "the policy processor is unavailable"),
         (504, "gateway_timeout", "the policy processor did not answer in time"),
     ):
+        processor = f"response.code == {status} && response.code_details.startsWith('ext_proc')"
         m = _json_error_format(type_, message, status)
-        m["filter"] = _cel(
-            f"response.code == {status} && response.code_details.startsWith('ext_proc')"
-        )
+        m["headers_to_add"].append(_set_header("grpc-status", str(GRPC_STATUS[503])))
+        m["filter"] = _cel(f"{processor} && {grpc_request}")
+        mappers.append(m)
+        m = _json_error_format(type_, message, status)
+        m["filter"] = _cel(processor)
         mappers.append(m)
     # Envoy's own 413 (body over listener.max_request_bytes) comes from the buffer filter; a
     # codec error (400, 431, 426, 501) from the HTTP codec; 404 from the not_found route.

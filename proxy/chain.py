@@ -410,6 +410,27 @@ def kserve_model(path: str) -> str | None:
     return None
 
 
+# The KServe v2 calls that run a model; the others (health, metadata, config, statistics,
+# readiness) answer at once.
+_KSERVE_HTTP_INFERENCE = frozenset({"infer", "generate", "generate_stream"})
+_KSERVE_GRPC_INFERENCE = frozenset(
+    f"/inference.GRPCInferenceService/{m}" for m in ("ModelInfer", "ModelStreamInfer")
+)
+
+
+def calls_model(route: RouteConfig, path: str) -> bool:
+    """Whether a request runs the model, rather than asking Triton about it: a KServe
+    metadata or health call is not one (their sub-millisecond answers would read as the
+    model's no-load time, and a health probe would wait for a permit). Paths of other APIs,
+    and passthrough paths outside KServe's, count as model calls."""
+    bare = path.split("?", 1)[0]
+    if route.api == "kserve_grpc":
+        return bare in _KSERVE_GRPC_INFERENCE
+    if route.api != "kserve_http" or not (bare == "/v2" or bare.startswith("/v2/")):
+        return True
+    return kserve_model(bare) is not None and bare.rsplit("/", 1)[-1] in _KSERVE_HTTP_INFERENCE
+
+
 # What Envoy accepts in a header mutation: a token (or a pseudo-header) for the name, and a
 # value without CR, LF or NUL.
 _HEADER_NAME = re.compile(r":?[!#$%&'*+\-.^_`|~0-9A-Za-z]+")

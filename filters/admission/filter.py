@@ -38,7 +38,7 @@ from proxy.api import (
     RequestContext,
     prefers_async,
 )
-from proxy.chain import kserve_model
+from proxy.chain import calls_model, kserve_model
 from proxy.config import ConfigError, RouteConfig
 from proxy.triton_load import TritonLoad
 
@@ -209,6 +209,8 @@ class AdmissionFilter(Filter):
         return max_wait
 
     async def _admit(self, ctx: RequestContext, st: _State) -> Decision:
+        if ctx.route is not None and not calls_model(ctx.route, ctx.path):
+            return CONTINUE  # a KServe health or metadata call: neither timed nor held
         name = ctx.route_name if not self.p.models else ctx.model
         if ctx.deferred or name is None or (self.p.models and name not in self.p.models):
             return CONTINUE  # deferred: queued for later, the model is not called now

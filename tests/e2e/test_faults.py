@@ -63,8 +63,25 @@ def test_processor_killed(tmp_path: Path, echo_port: int, allow: bool) -> None:
         else:
             assert r.status_code == 500
             assert r.json()["error"]["type"] == "gateway_unavailable"
+            # A gRPC caller: UNAVAILABLE, which clients retry (Envoy's own mapping of a 500
+            # gave UNKNOWN).
+            assert _grpc_live_status(s) == "StatusCode.UNAVAILABLE"
     finally:
         s.stop()
+
+
+def _grpc_live_status(s: Stack) -> str:
+    import tritonclient.grpc as tg
+    from tritonclient.utils import InferenceServerException
+
+    client = tg.InferenceServerClient(f"{s.cfg.listener.address}:{s.cfg.listener.port}")
+    try:
+        client.is_server_live(headers=AUTH, client_timeout=10)
+    except InferenceServerException as e:
+        return str(e.status())
+    finally:
+        client.close()
+    return "OK"
 
 
 @pytest.mark.parametrize("allow", [False, True])
@@ -83,6 +100,7 @@ def test_processor_hung(tmp_path: Path, echo_port: int, allow: bool) -> None:
         else:
             assert r.status_code == 504
             assert r.json()["error"]["type"] == "gateway_timeout"
+            assert _grpc_live_status(s) == "StatusCode.UNAVAILABLE"
         os.killpg(proc.pid, signal.SIGCONT)
         # It recovers once the processor runs again.
         for _ in range(50):

@@ -531,3 +531,39 @@ async def test_a_client_that_leaves_does_not_hand_back_the_models_work() -> None
     await h.request("GET", "/v2/models/m/infer", upstream=UpstreamReply(200), client_aborts=True)
     await h.chain.wait_background()
     assert clock.slept == [0.5] and lim.inflight == 0  # held for the RTT, then given back
+
+
+async def test_only_model_calls_take_a_permit_and_a_time() -> None:
+    # A metadata GET or a health probe answers in well under a millisecond: timed, it set the
+    # no-load RTT so low that every inference looked queued (the limit could not grow), and a
+    # probe waited for a permit under load.
+    h, f = _harness(FakeClock())
+    for path in ("/v2/models/m", "/v2/models/m/ready", "/v2/models/m/config", "/v2/health/ready",
+                 "/v2/models/m/versions/1/stats", "/v2"):  # fmt: skip
+        assert (await h.request("GET", path)).status == 200
+    assert f.limiters == {}
+    await h.request("POST", "/v2/models/m/versions/1/infer", body=b"{}")
+    assert f.limiters["kserve_http"].rtt is not None
+
+
+def test_calls_model_on_each_api() -> None:
+    from proxy.chain import calls_model
+    from proxy.config import RouteConfig
+
+    grpc = RouteConfig.model_validate(
+        {"name": "g", "match": {"prefix": "/inference."}, "api": "kserve_grpc", "upstream": "u"}
+    )
+    http = RouteConfig.model_validate({"name": "h", "match": {"prefix": "/"}, "upstream": "u"})
+    emb = RouteConfig.model_validate(
+        {"name": "e", "match": {"path": "/v1/embeddings"}, "api": "openai_embeddings",
+         "upstream": "u"}
+    )  # fmt: skip
+    assert calls_model(grpc, "/inference.GRPCInferenceService/ModelInfer")
+    assert calls_model(grpc, "/inference.GRPCInferenceService/ModelStreamInfer")
+    assert not calls_model(grpc, "/inference.GRPCInferenceService/ServerLive")
+    assert not calls_model(grpc, "/inference.GRPCInferenceService/ModelMetadata")
+    assert calls_model(http, "/v2/models/m/infer?x=1")
+    assert calls_model(http, "/v2/models/m/generate_stream")
+    assert not calls_model(http, "/v2/models/m") and not calls_model(http, "/v2/health/live")
+    assert calls_model(http, "/echo/anything")  # not KServe's: a passthrough call
+    assert calls_model(emb, "/v1/embeddings")

@@ -200,8 +200,17 @@ def test_envoys_own_refusals_carry_the_error_header_and_type() -> None:
     mappers = _hcm(b)["local_reply_config"]["mappers"]
     for m in mappers:
         type_ = m["body_format_override"]["json_format"]["error"]["type"]
-        assert m["headers_to_add"] == [{"header": {"key": "x-floodwall-error", "value": type_},
-                                        "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}]  # fmt: skip
+        error = {"key": "x-floodwall-error", "value": type_}
+        overwrite = "OVERWRITE_IF_EXISTS_OR_ADD"
+        assert m["headers_to_add"][0] == {"header": error, "append_action": overwrite}
+        # gRPC callers of a dead or late processor: UNAVAILABLE, not Envoy's UNKNOWN for 500.
+        grpc = [h["header"] for h in m["headers_to_add"][1:]]
+        if grpc:
+            assert grpc == [{"key": "grpc-status", "value": "14"}], m
+            assert (
+                "application/grpc" in m["filter"]["extension_filter"]["typed_config"]["expression"]
+            )
+    assert sum(len(m["headers_to_add"]) > 1 for m in mappers) == 2
     # Codec refusals keep Envoy's status; the last mappers take any refusal not yet mapped,
     # never the processor's own answers (details floodwall_*).
     kept = {m["body_format_override"]["json_format"]["error"]["type"] for m in mappers
