@@ -224,6 +224,10 @@ class Chain:
             status = data.get(":status")
             if status and status.isdigit():
                 ctx.response_status = ctx.upstream_status = int(status)
+            if ctx.grpc and data.get("grpc-status", "0") != "0":
+                # A trailers-only gRPC error is HTTP 200: the client got the failure its
+                # grpc-status names (metrics and traces counted it as a success).
+                ctx.response_status = errors.HTTP_OF_GRPC.get(data["grpc-status"], 500)
         is_headers = phase in (Phase.REQUEST_HEADERS, Phase.RESPONSE_HEADERS)
         for b in plan.by_phase[phase]:
             f = b.filter

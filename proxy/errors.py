@@ -27,6 +27,13 @@ _UNREACHABLE = (ConnectionError, RedisConnectionError, RedisClusterException)
 # answer's HTTP status is 200 whatever happened.
 GRPC_FAILED = frozenset({"2", "4", "8", "13", "14", "15"})
 
+# gRPC status code -> the HTTP status that means the same (google.rpc.Code's documented
+# mapping): how a gRPC answer counts in metrics and traces, where its HTTP status is 200.
+HTTP_OF_GRPC: dict[str, int] = {
+    "1": 499, "2": 500, "3": 400, "4": 504, "5": 404, "6": 409, "7": 403, "8": 429,
+    "9": 400, "10": 409, "11": 400, "12": 501, "13": 500, "14": 503, "15": 500, "16": 401,
+}  # fmt: skip
+
 # HTTP status -> gRPC status code (google.rpc.Code), following the gRPC HTTP mapping doc.
 GRPC_STATUS: dict[int, int] = {
     400: 3,  # INVALID_ARGUMENT

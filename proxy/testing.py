@@ -152,8 +152,11 @@ class Harness:
             decisions[phase] = d
             return d, by
 
-        async def done(status: int, hdrs: Headers, b: bytes, by: str | None, sent: bool) -> Result:
-            task = self.chain.finish(ctx, plan, by, status, True)
+        async def done(
+            status: int, hdrs: Headers, b: bytes, by: str | None, sent: bool, counted: int = 0
+        ) -> Result:
+            # counted: the status the chain counts, when it is not the one the client reads.
+            task = self.chain.finish(ctx, plan, by, counted or status, True)
             if task is not None:
                 await task
             return Result(
@@ -199,7 +202,10 @@ class Harness:
                 return await done(d.status, dict(d.headers), d.body, by, sent=True)
             rbody = _apply(rh, d, rbody)
         status = int(rh.pop(":status"))
-        return await done(status, rh, rbody, None, sent=True)
+        # As the server does for a forwarded answer: the chain's view of the status once it
+        # saw the response headers (a gRPC failure's grpc-status included).
+        final = ctx.response_status if ctx.response_status is not None else status
+        return await done(status, rh, rbody, None, sent=True, counted=final)
 
 
 def _apply(headers: Headers, d: Decision, body: bytes) -> bytes:

@@ -412,3 +412,30 @@ def test_no_filter_reads_request_bodies_on_a_grpc_route() -> None:
     reader.name = "reader"
     with pytest.raises(ConfigError, match=r"'reader' reads request bodies.*'grpc'"):
         Harness(cfg, [reader])
+
+
+async def test_a_failed_grpc_call_counts_as_its_grpc_status_says() -> None:
+    # HTTP 200 with grpc-status 14: counted as a 2xx success in metrics and traces before.
+    class Watcher(Filter):  # a filter that sees the response headers, so the chain does
+        def phases(self, route: Any) -> frozenset[Phase]:
+            return frozenset({Phase.REQUEST_HEADERS, Phase.RESPONSE_HEADERS})
+
+    w = Watcher(NoParams(), Deps())
+    w.name = "watcher"
+    h = Harness.for_filters([w])
+    unavailable = UpstreamReply(200, {"content-type": "application/grpc", "grpc-status": "14"})
+    before = (
+        REGISTRY.get_sample_value(
+            "floodwall_requests_total", {"route": "kserve_http", "status": "5xx"}
+        )
+        or 0.0
+    )
+    r = await h.request("POST", "/v2/models/m/infer", body=b"", upstream=unavailable, grpc=True)
+    assert r.outcome.status == 503 and r.outcome.upstream_status == 200
+    after = REGISTRY.get_sample_value(
+        "floodwall_requests_total", {"route": "kserve_http", "status": "5xx"}
+    )
+    assert after == before + 1
+    ok = UpstreamReply(200, {"content-type": "application/grpc"})
+    r = await h.request("POST", "/v2/models/m/infer", body=b"", upstream=ok, grpc=True)
+    assert r.outcome.status == 200
