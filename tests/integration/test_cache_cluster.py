@@ -7,16 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
-import redis.asyncio as aioredis
 from redis.crc import key_slot
 
 from filters.cache.store import FEED, SCOPES, entry_key, zset_key
-from proxy.process import make_redis
-from tests.helpers import RedisServer, redis_cluster
 from tests.integration.test_cache_redis import Upstream, ask, cache, chat, harness
 
 # Marked slow, so outside the default run, for a reason not yet found: this test passes on
@@ -25,22 +21,6 @@ from tests.integration.test_cache_redis import Upstream, ask, cache, chat, harne
 # tries on 2026-11-22; output buffering hid whether in this test or the last e2e test). The
 # cluster fixture now waits for every node to be up, which a CI failure elsewhere needed.
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[RedisServer]]:
-    with redis_cluster(tmp_path_factory.mktemp("cache-cluster")) as nodes:
-        yield nodes
-
-
-@pytest.fixture
-async def crc(cluster: list[RedisServer]) -> AsyncIterator[Any]:
-    client = make_redis(cluster[0].url, 500, cluster=True)
-    await client.flushall(target_nodes=aioredis.RedisCluster.PRIMARIES)
-    try:
-        yield client
-    finally:
-        await client.aclose()
 
 
 async def test_cache_on_a_cluster(crc: Any) -> None:

@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,7 @@ from filters.jobs.worker import EnvoyCaller, Worker, verify, worker_redis
 from proxy.api import Deps
 from proxy.process import make_redis
 from proxy.testing import Harness, Result, default_config
-from tests.helpers import RedisServer, free_ports, redis_cluster
+from tests.helpers import RedisServer, free_ports
 
 pytestmark = pytest.mark.integration
 
@@ -933,22 +933,6 @@ async def _has_error(h: Harness, job_id: str) -> bool:
 # `floodwall worker` started with `redis.cluster: true` and the URL of a node that does not
 # hold the queue drains it, a worker killed mid-job is taken over (XAUTOCLAIM), and a
 # cancellation and an idempotent resubmission work across the nodes.
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[RedisServer]]:
-    with redis_cluster(tmp_path_factory.mktemp("jobs-cluster")) as nodes:
-        yield nodes
-
-
-@pytest.fixture
-async def crc(cluster: list[RedisServer]) -> AsyncIterator[Any]:
-    client = make_redis(cluster[0].url, 500, cluster=True)
-    await client.flushall(target_nodes=aioredis.RedisCluster.PRIMARIES)
-    try:
-        yield client
-    finally:
-        await client.aclose()
 
 
 async def test_jobs_on_a_cluster(
