@@ -142,8 +142,9 @@ class RedisConfig(Model):
     # timeouts count the time a busy process takes to read a reply); filters have their own,
     # shorter latency budgets for deciding to fall back.
     timeout_ms: Millis = 1000
-    # The URL names one node of a Redis Cluster; the client discovers the others. Filters keep
-    # each request's keys in one hash slot (hash tags).
+    # The URL names a node of a Redis Cluster (or several, comma-separated: the client starts
+    # from the first that answers); it discovers the others. Filters keep each request's keys
+    # in one hash slot (hash tags).
     cluster: bool = False
     # The private local Redis (url: local) only: "aof" keeps an append-only file in the
     # runtime dir (accepted async jobs survive a Redis restart); "none" keeps nothing.

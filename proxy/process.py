@@ -43,7 +43,7 @@ def make_redis(url: str | None, timeout_ms: int, cluster: bool = False) -> Any:
     if cluster:
         from proxy.rediscluster import Cluster
 
-        return Cluster.from_url(
+        return Cluster.from_urls(
             url, max_connections=_MAX_CONNECTIONS, socket_timeout=t, socket_connect_timeout=t
         )
     # A burst beyond the pool's connections waits for one (bounded by each filter's own

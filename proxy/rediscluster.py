@@ -20,9 +20,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from typing import Any
+from typing import Any, cast
 
-from redis.asyncio.cluster import ClusterPipeline, RedisCluster
+from redis.asyncio.cluster import ClusterNode, ClusterPipeline, RedisCluster
+from redis.asyncio.connection import SSLConnection, parse_url
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisClusterException
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -56,6 +57,25 @@ class Cluster(RedisCluster):
             except _LAYOUT_FAULTS:
                 self.refresh_layout()
                 raise
+
+    @classmethod
+    def from_urls(cls, urls: str, **kwargs: Any) -> Cluster:
+        """From one node's URL, or several separated by commas (the first carries the
+        credentials and options): the client learns the cluster from the first node that
+        answers, so one node down at start does not stop the process."""
+        first, *more = (u.strip() for u in urls.split(",") if u.strip())
+        if not more:
+            return cast("Cluster", cls.from_url(first, **kwargs))
+        kwargs.update(parse_url(first))
+        if kwargs.pop("connection_class", None) is SSLConnection:
+            kwargs["ssl"] = True
+        nodes = []
+        for url in (first, *more):
+            parts = parse_url(url)
+            nodes.append(ClusterNode(parts.get("host", "localhost"), parts.get("port", 6379)))
+        kwargs.pop("host", None)
+        kwargs.pop("port", None)
+        return cls(startup_nodes=nodes, **kwargs)
 
     def pipeline(self, transaction: Any | None = None, shard_hint: Any | None = None) -> Any:
         if shard_hint:

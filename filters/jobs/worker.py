@@ -739,7 +739,7 @@ def worker_redis(url: str, concurrency: int, cluster: bool = False) -> Any:
     if cluster:
         from proxy.rediscluster import Cluster
 
-        return Cluster.from_url(
+        return Cluster.from_urls(
             url, max_connections=2 * concurrency + 4, socket_timeout=10, socket_connect_timeout=5
         )
     pool = aioredis.BlockingConnectionPool.from_url(

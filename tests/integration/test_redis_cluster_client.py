@@ -59,3 +59,22 @@ async def test_a_burst_waits_for_connections_instead_of_failing(tmp_path: Path) 
             assert [g for g in got if isinstance(g, BaseException)] == []
         finally:
             await r.aclose()
+
+
+async def test_several_node_urls_start_from_one_that_answers(tmp_path: Path) -> None:
+    # With one URL, a processor started while that node was down could not find the cluster.
+    from tests.helpers import free_ports
+
+    (dead,) = free_ports(1)
+    with redis_cluster(tmp_path) as nodes:
+        urls = f"redis://127.0.0.1:{dead}, {nodes[1].url}"
+        r = make_redis(urls, 1000, cluster=True)
+        try:
+            await r.set("fw:{z}:k", "v")
+            assert await r.get("fw:{z}:k") == b"v"
+        finally:
+            await r.aclose()
+        one = make_redis(f"redis://127.0.0.1:{dead}", 1000, cluster=True)
+        with pytest.raises(Exception, match=r"(?i)cluster|connect"):
+            await one.get("fw:{z}:k")
+        await one.aclose()
