@@ -9,6 +9,12 @@ budget (the cache's 100 ms, the job API's 200 ms) and cancel it when the budget 
   its replica took over, every budgeted call went on to the dead node for as long as it hung:
   in a test, 0 of 84 cache reads answered in the 17 s after the failover. Now a failure or a
   cancellation starts one re-read in the background (at most one a second).
+- **A failed call is not sent again.** redis-py's cluster client retries a call up to ten
+  times after a timeout or a lost connection, which runs a script a second time when the
+  first run happened but its answer was lost: a rate-limit refund given twice admits more
+  than the limit, a job submitted twice is counted twice. As the standalone client (no
+  retries), a failure goes to the caller, whose budget and fallback handle it, and the
+  layout is read again for the next call.
 - **Bursts wait for a connection instead of failing.** The cluster client opens at most
   ``max_connections`` per node and refuses the next call at once (``MaxConnectionsError``);
   the standalone client's blocking pool makes it wait. Here at most ``max_connections``
@@ -24,6 +30,8 @@ from typing import Any, cast
 
 from redis.asyncio.cluster import ClusterNode, ClusterPipeline, RedisCluster
 from redis.asyncio.connection import SSLConnection, parse_url
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisClusterException
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -45,6 +53,7 @@ class Cluster(RedisCluster):
         # max_connections: commands in flight at once. Per node: room for those plus
         # pipelines, which do not take a slot.
         in_flight = int(kwargs.pop("max_connections", 128))
+        kwargs.setdefault("retry", Retry(NoBackoff(), 0))
         super().__init__(max_connections=4 * in_flight, **kwargs)
         self._slots = asyncio.Semaphore(in_flight)
         self._refresh: asyncio.Task[None] | None = None

@@ -78,3 +78,24 @@ async def test_several_node_urls_start_from_one_that_answers(tmp_path: Path) -> 
         with pytest.raises(Exception, match=r"(?i)cluster|connect"):
             await one.get("fw:{z}:k")
         await one.aclose()
+
+
+async def test_a_call_that_timed_out_is_not_sent_again(tmp_path: Path) -> None:
+    # redis-py's cluster client sent it again, up to ten times: a script whose answer came
+    # late ran again (a rate-limit refund given twice admits more than the limit).
+    slow = """
+    redis.call('INCR', KEYS[1])
+    local t0 = redis.call('TIME')
+    repeat local t = redis.call('TIME')
+    until (t[1] - t0[1]) * 1000000 + (t[2] - t0[2]) > 300000
+    return 1
+    """
+    with redis_cluster(tmp_path) as nodes:
+        r = make_redis(nodes[0].url, 100, cluster=True)  # socket timeout 100 ms
+        try:
+            with pytest.raises(Exception):  # noqa: B017 (a timeout, whichever class)
+                await r.eval(slow, 1, "fw:{t}:runs")
+            await asyncio.sleep(1.0)
+            assert await r.get("fw:{t}:runs") == b"1"
+        finally:
+            await r.aclose()
