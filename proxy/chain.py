@@ -183,9 +183,14 @@ class Chain:
         )
         if route is not None and route.api == "kserve_http":
             ctx.model = kserve_model(path)
-        if route is not None and not route.grpc:
-            # Envoy gives up at the route timeout: no upstream work is useful after it.
-            ctx.deadline = t0 + route.timeout_ms / 1000
+        if route is not None:
+            # Envoy gives up at the route timeout (a gRPC call: at its grpc-timeout if
+            # shorter, as max_stream_duration's grpc_timeout_header_max makes it): no
+            # upstream work is useful after it.
+            limit_s = route.timeout_ms / 1000
+            if route.grpc:
+                limit_s = min(limit_s, grpc_timeout_s(headers.get("grpc-timeout")) or limit_s)
+            ctx.deadline = t0 + limit_s
         if self.tracer is not None:
             ctx.span = self.tracer.start_request(
                 f"floodwall {ctx.route_name}", traceparent or headers.get("traceparent")
@@ -420,6 +425,18 @@ _KSERVE_HTTP_INFERENCE = frozenset({"infer", "generate", "generate_stream"})
 _KSERVE_GRPC_INFERENCE = frozenset(
     f"/inference.GRPCInferenceService/{m}" for m in ("ModelInfer", "ModelStreamInfer")
 )
+
+
+_GRPC_TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
+
+
+def grpc_timeout_s(value: str | None) -> float | None:
+    """A grpc-timeout header (at most 8 digits and a unit, per the gRPC HTTP/2 protocol) in
+    seconds; None when absent or malformed."""
+    if not value or len(value) > 9 or not value[:-1].isdigit() or not value[:-1].isascii():
+        return None
+    unit = _GRPC_TIMEOUT_UNITS.get(value[-1])
+    return None if unit is None else int(value[:-1]) * unit
 
 
 def calls_model(route: RouteConfig, path: str) -> bool:

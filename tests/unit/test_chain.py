@@ -439,3 +439,23 @@ async def test_a_failed_grpc_call_counts_as_its_grpc_status_says() -> None:
     ok = UpstreamReply(200, {"content-type": "application/grpc"})
     r = await h.request("POST", "/v2/models/m/infer", body=b"", upstream=ok, grpc=True)
     assert r.outcome.status == 200
+
+
+def test_a_grpc_calls_deadline_is_its_grpc_timeout_within_the_route_timeout() -> None:
+    # gRPC calls had no deadline: admission could queue one past the point its client gave up.
+    from proxy.chain import grpc_timeout_s
+
+    assert grpc_timeout_s("250m") == 0.25 and grpc_timeout_s("2S") == 2.0
+    assert grpc_timeout_s("1H") == 3600.0 and grpc_timeout_s("500000u") == 0.5
+    for bad in (None, "", "5", "m", "123456789S", "-5S", "5s", "٣S"):
+        assert grpc_timeout_s(bad) is None, bad
+    cfg = grpc_config({"name": "http", "match": {"prefix": "/v2"}})
+    h = Harness(cfg, [])
+    grpc = {":path": "/inference.GRPCInferenceService/ModelInfer",
+            "content-type": "application/grpc"}  # fmt: skip
+    ctx, _ = h.chain.context({**grpc, "grpc-timeout": "250m"}, started=100.0)
+    assert ctx.deadline == pytest.approx(100.25)
+    ctx, _ = h.chain.context({**grpc, "grpc-timeout": "1H"}, started=100.0)
+    assert ctx.deadline == pytest.approx(130.0)  # the route's 30 s: Envoy's cap too
+    ctx, _ = h.chain.context(grpc, started=100.0)
+    assert ctx.deadline == pytest.approx(130.0)
