@@ -54,7 +54,9 @@ class Mutate:
 class Respond:
     """Answer the client now (an Envoy immediate response); ends the chain.
 
-    ``grpc_status`` is used when the caller speaks gRPC; ``message`` becomes its grpc-message.
+    ``grpc_status`` is used when the caller speaks gRPC; Envoy then sends ``body`` (the JSON
+    error) as the grpc-message and ``headers`` as trailing metadata. ``message`` is the error's
+    human-readable text alone (for logs and traces).
     """
 
     status: int
