@@ -99,8 +99,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if redis_url is None and cfg.redis is not None and cfg.redis.url != "local":
         redis_url = cfg.redis.url
     run(cfg, index=args.index, runtime_dir=runtime, redis_url=redis_url,
-        config_path=path.resolve())  # fmt: skip
+        config_path=watched_path(path))  # fmt: skip
     return 0
+
+
+def watched_path(path: Path) -> Path:
+    """The config path to read again on reload: absolute, but with its symlinks kept. A
+    Kubernetes ConfigMap volume is ``floodwall.yaml -> ..data/floodwall.yaml`` with ``..data``
+    a symlink that an update swaps to a new directory (the old one is deleted): the resolved
+    path died with the first update, so that reload failed and no other ever came."""
+    return path.absolute()
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -178,7 +186,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     config_path = Path(args.config) if args.config else DEFAULT_CONFIG
     cfg = load_config(config_path)
     runtime = make_runtime_dir(cfg)
-    stack = Stack(cfg, config_path.resolve(), runtime)
+    stack = Stack(cfg, watched_path(config_path), runtime)
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         stack.stopping = True

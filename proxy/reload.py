@@ -199,9 +199,10 @@ class Reloader:
             await asyncio.gather(*self._retiring, return_exceptions=True)
 
 
-def _stamp(path: Path) -> tuple[int, int]:
+def _stamp(path: Path) -> tuple[int, int, int]:
+    # Through symlinks: a swapped ConfigMap is a new file (inode), whatever its time and size.
     try:
         st = path.stat()
     except OSError:
-        return (0, 0)
-    return (st.st_mtime_ns, st.st_size)
+        return (0, 0, 0)
+    return (st.st_mtime_ns, st.st_size, st.st_ino)

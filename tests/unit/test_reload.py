@@ -271,3 +271,41 @@ async def test_shutdown_after_a_reload_settles_the_old_chain_before_stopping(
     task.add_done_callback(old._background.discard)
     await server.drain_and_stop(0.0, 0.0, before_stop=reloader.stop)
     assert events == ["old settlement", "breaker stopped"]
+
+
+async def test_watch_follows_a_kubernetes_configmap_update(tmp_path: Path) -> None:
+    # A ConfigMap volume: floodwall.yaml -> ..data/floodwall.yaml, ..data -> ..<timestamp>;
+    # an update writes a new timestamped directory, swaps ..data and deletes the old one.
+    # The processor watched the resolved path, which the first update deleted.
+    import os
+    import shutil
+
+    from proxy.cli import watched_path
+
+    def publish(name: str, cfg: dict[str, Any]) -> None:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "floodwall.yaml").write_text(yaml.safe_dump(cfg))
+        (tmp_path / "..data_tmp").symlink_to(name)
+        os.replace(tmp_path / "..data_tmp", tmp_path / "..data")  # atomic, as kubelet does
+
+    publish("..v1", _cfg([_key("k1", "one")]))
+    link = tmp_path / "floodwall.yaml"
+    link.symlink_to("..data/floodwall.yaml")
+    path = watched_path(link)
+    cfg = load_config(path)
+    swapped: list[Chain] = []
+    reloader = Reloader(path, cfg, build_chain(cfg, Deps()), Deps(), swapped.append)
+    task = asyncio.create_task(reloader.watch(0.05))
+    try:
+        for n, version in enumerate(("..v2", "..v3"), start=1):
+            old = os.readlink(tmp_path / "..data")
+            publish(version, _cfg([_key("k1", "one"), _key(f"k{n + 1}", version[2:])]))
+            shutil.rmtree(tmp_path / old)
+            for _ in range(100):
+                if len(swapped) == n:
+                    break
+                await asyncio.sleep(0.02)
+            assert len(swapped) == n, f"update {n} not applied"
+    finally:
+        task.cancel()
+        await reloader.stop()
