@@ -52,7 +52,8 @@ SUBMITTED = Counter(
 )
 REFUSED = Counter(
     "floodwall_jobs_refused",
-    "Job submissions refused: queue_full, tenant_queue_full, bad_request, unavailable, unknown "
+    "Job submissions refused: queue_full, tenant_queue_full, bad_request, unauthenticated, "
+    "unavailable, unknown "
     "(Redis answered too late to tell whether the job was queued)",
     ["reason"],
 )
@@ -61,6 +62,7 @@ API_CALLS = Counter(
 )
 
 _IDEMPOTENCY_MAX = 255
+_ITEM_FIELDS = frozenset({"url", "body", "method"})
 T = TypeVar("T")
 # Faults after which Redis may still run the command it was sent (the budget ran out, or the
 # socket's read timed out); a refused or reset connection sent nothing that could run later.
@@ -109,11 +111,11 @@ class JobsFilter(Filter):
         if not prefers_async(headers):
             return CONTINUE
         if ctx.tenant is None:  # a job nobody could read back: refuse rather than queue it
-            return errors.error(
-                401, "unauthenticated", "async requests need an authenticated caller"
-            )
+            REFUSED.labels("unauthenticated").inc()
+            return _unauthenticated("async requests need an authenticated caller")
         bad = self._read_options(headers, st)
         if bad is not None:
+            REFUSED.labels("bad_request").inc()
             return bad
         st.mode = "prefer"
         ctx.deferred = True
@@ -140,12 +142,14 @@ class JobsFilter(Filter):
     async def _api(self, ctx: RequestContext, headers: Headers, path: str, st: _State) -> Decision:
         if ctx.tenant is None:
             # Jobs belong to tenants: without auth in front nobody could own one.
-            return errors.error(401, "unauthenticated", "the job API needs an authenticated caller")
+            REFUSED.labels("unauthenticated").inc()
+            return _unauthenticated("the job API needs an authenticated caller")
         if path == self.p.api_path:
             if ctx.method != "POST":
                 return _not_allowed("POST")
             bad = self._read_options(headers, st)
             if bad is not None:
+                REFUSED.labels("bad_request").inc()
                 return bad
             st.mode = "api"
             if not ctx.has_request_body:
@@ -229,6 +233,9 @@ class JobsFilter(Filter):
         if not isinstance(doc, dict):
             return errors.error(400, "invalid_request_error", "the body must be a JSON object")
         items = doc.get("requests")
+        if items is not None and len(doc) > 1:
+            extra = sorted(k for k in doc if k != "requests")
+            return errors.error(400, "invalid_request_error", f"unknown field(s) {extra}")
         if items is None:
             items = [doc]
         elif not isinstance(items, list) or not items:
@@ -242,6 +249,12 @@ class JobsFilter(Filter):
             where = f"requests[{i}]" if "requests" in doc else "job"
             if not isinstance(item, dict):
                 return errors.error(400, "invalid_request_error", f"{where} must be an object")
+            unknown = sorted(k for k in item if k not in _ITEM_FIELDS)
+            if unknown:  # a misspelt "method" or "priority" must not be queued as if absent
+                return errors.error(
+                    400, "invalid_request_error",
+                    f"{where} has unknown field(s) {unknown}: one of {sorted(_ITEM_FIELDS)}",
+                )  # fmt: skip
             url, inner = item.get("url"), item.get("body")
             if url not in self.p.urls:
                 return errors.error(
@@ -394,6 +407,12 @@ def _seconds(s: float) -> str:
 
 def _no_job(job_id: str) -> Respond:
     return errors.error(404, "job_not_found", f"no job {job_id[:64]!r}")
+
+
+def _unauthenticated(why: str) -> Respond:
+    # As the auth filter's 401: the challenge says how to authenticate (RFC 9110, 15.5.2).
+    challenge = {"www-authenticate": 'Bearer realm="floodwall"'}
+    return errors.error(401, "unauthenticated", why, headers=challenge)
 
 
 def _not_allowed(allow: str) -> Respond:

@@ -209,7 +209,8 @@ class TritonCaller:
 
         route = self.cfg.route_for(url)
         if route is None:
-            return Reply(404, "application/json", b'{"error":{"type":"not_found"}}')
+            body = b'{"error":{"type":"not_found","message":"no route serves this url"}}'
+            return Reply(404, "application/json", body)
         base = self.cfg.upstreams[route.upstream].base_url.rstrip("/")
 
         async def upstream(h: Mapping[str, str], b: bytes) -> UpstreamReply:

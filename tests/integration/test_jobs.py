@@ -19,6 +19,7 @@ from typing import Any
 
 import orjson
 import pytest
+from prometheus_client import REGISTRY
 import redis.asyncio as aioredis
 import yaml
 from aiohttp import web
@@ -294,10 +295,25 @@ async def test_bad_submissions_are_refused_with_json_errors(rc: aioredis.Redis) 
             "invalid_request_error",
         ),
         (orjson.dumps({"requests": []}), 400, "invalid_request_error"),
-    ]
+        # Unknown fields, which were ignored (a misspelt method or priority queued as if absent).
+        (orjson.dumps({"url": "/ok", "body": {}, "methd": "GET"}), 400, "invalid_request_error"),
+        (orjson.dumps({"url": "/ok", "body": {}, "priority": "critical"}), 400,
+         "invalid_request_error"),
+        (orjson.dumps({"requests": [{"url": "/ok", "body": {}}], "metadata": {}}), 400,
+         "invalid_request_error"),
+    ]  # fmt: skip
+    refused = REGISTRY.get_sample_value("floodwall_jobs_refused_total", {"reason": "bad_request"})
     for body, status, kind in cases:
         r = await h.request("POST", "/v1/jobs", body=body, headers=auth)
         assert (r.status, r.json()["error"]["type"]) == (status, kind), body
+    after = REGISTRY.get_sample_value("floodwall_jobs_refused_total", {"reason": "bad_request"})
+    assert after == (refused or 0) + len(cases)
+    # The jobs filter on its own (no auth in front): 401 with the challenge, as auth's.
+    jobs = JobsFilter(_params(), Deps(redis=rc))
+    jobs.name = "jobs"
+    alone = Harness(h.chain.config, [jobs])
+    r = await alone.request("POST", "/v1/jobs", body=orjson.dumps({"url": "/ok", "body": {}}))
+    assert r.status == 401 and r.headers["www-authenticate"] == 'Bearer realm="floodwall"'
     r = await h.request("PUT", "/v1/jobs", body=b"{}", headers=auth)
     assert r.status == 405
     r = await _submit(h, headers={"idempotency-key": "x" * 300})
