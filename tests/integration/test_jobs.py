@@ -19,10 +19,10 @@ from typing import Any
 
 import orjson
 import pytest
-from prometheus_client import REGISTRY
 import redis.asyncio as aioredis
 import yaml
 from aiohttp import web
+from prometheus_client import REGISTRY
 
 from filters.auth.filter import AuthFilter
 from filters.jobs.filter import JobsFilter
