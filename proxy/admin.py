@@ -173,6 +173,8 @@ class AdminServer:
                 log.exception("admin route %s failed", path)
                 status, body = 500, _error("internal", type(exc).__name__)
             # Who did what is the handler's business (it authenticates); the audit log keeps
-            # what was asked and the answer, never the credentials in the headers.
-            audit.info("admin_action", extra={"path": path, "query": query, "status": status})
+            # what was asked and the answer, never the credentials in the headers. A refused
+            # request's query may hold anything (a token pasted into the URL): its names only.
+            asked: object = query if status < 400 else sorted(query)
+            audit.info("admin_action", extra={"path": path, "query": asked, "status": status})
         return _json_response(status, body)

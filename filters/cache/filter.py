@@ -761,6 +761,9 @@ class CacheFilter(Filter):
         digest = hashlib.sha256((token or "").encode()).hexdigest()
         if token is None or not hmac.compare_digest(digest, self.p.admin_token_sha256):
             return 401, _admin_error("unauthorized", "a valid admin bearer token is required")
+        unknown = sorted(set(query) - {"tenant", "model", "route", "all"})
+        if unknown:  # a misspelt field would widen the invalidation (?tenant=a&modle=x: all of a)
+            return 400, _admin_error("invalid_request_error", f"unknown parameter(s) {unknown}")
         fields = {k: query[k] for k in ("tenant", "model", "route") if query.get(k)}
         if not fields and query.get("all") not in ("1", "true"):
             return 400, _admin_error(

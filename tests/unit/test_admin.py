@@ -51,8 +51,11 @@ async def test_filter_routes_get_query_and_headers_and_fail_soft(
         assert "Bearer k" not in caplog.text
         status, body = await _call(port, b"GET /x/do HTTP/1.1\r\n\r\n")
         assert status == 405 and orjson.loads(body)["error"]["type"] == "method_not_allowed"
-        status, body = await _call(port, b"POST /x/broken HTTP/1.1\r\n\r\n")
+        status, body = await _call(port, b"POST /x/broken?token=sk-pasted HTTP/1.1\r\n\r\n")
         assert status == 500 and b"secret detail" not in body
+        # A refused request's query is audited by its names: it may hold a pasted secret.
+        rec = [r for r in caplog.records if r.name == "floodwall.audit"][-1]
+        assert rec.query == ["token"] and "sk-pasted" not in caplog.text  # type: ignore[attr-defined]
         status, _ = await _call(port, b"GET /readyz HTTP/1.1\r\n\r\n")
         assert status == 200
         status, _ = await _call(port, b"GET /nope HTTP/1.1\r\n\r\n")

@@ -141,3 +141,16 @@ async def test_invalidating_a_cache_without_redis_is_503() -> None:
     invalidate = cache.admin_routes()["/cache/invalidate"]
     status, body = await invalidate({"all": "1"}, {"authorization": "Bearer s3cret"})
     assert (status, body["error"]["type"]) == (503, "unavailable")
+
+
+async def test_invalidate_refuses_unknown_parameters() -> None:
+    # ?tenant=a&modle=x dropped all of tenant a's entries: the misspelt field was ignored.
+    digest = hashlib.sha256(b"s3cret").hexdigest()
+    cache = CacheFilter(
+        CacheFilter.Params.model_validate({"routes": {}, "admin_token_sha256": digest}), Deps()
+    )
+    invalidate = cache.admin_routes()["/cache/invalidate"]
+    status, body = await invalidate(
+        {"tenant": "a", "modle": "x"}, {"authorization": "Bearer s3cret"}
+    )
+    assert status == 400 and "modle" in body["error"]["message"]
