@@ -49,7 +49,9 @@ SPOOFED_HEADERS = Counter(
 )
 UPSTREAM_ERRORS = Counter(
     "floodwall_upstream_errors",
-    "Error answers from an upstream (or from Envoy on its behalf), by route and status",
+    "Error answers from an upstream (or from Envoy on its behalf), by route and status "
+    "(stream_model_error, stream_unreadable_event, stream_ended_early: a streamed answer that "
+    "failed after its 200)",
     ["route", "status"],
 )
 DRAINING = Gauge("floodwall_draining", "1 while the processor drains before shutdown")

@@ -209,6 +209,8 @@ class StreamTranslator:
         self.started = False
         self.usage: Usage | None = None
         self.done = False
+        # Why the stream failed, once it did (its error event went to the client).
+        self.error: str | None = None
 
     def feed(self, chunk: bytes, last: bool) -> bytes:
         data = self.pending + chunk
@@ -219,6 +221,7 @@ class StreamTranslator:
                 out.append(self._event(self.pending))
                 self.pending = b""
             if not self.done:  # the model's stream ended without its final event
+                self.error = self.error or "ended_early"
                 ended = {"type": "upstream_error", "message": "the model's stream ended early"}
                 out.append(_sse({"error": ended}))
             out.append(b"data: [DONE]\n\n")
@@ -234,9 +237,11 @@ class StreamTranslator:
         except orjson.JSONDecodeError:
             ev = None
         if not isinstance(ev, dict):
+            self.error = self.error or "unreadable_event"
             return _sse({"error": {"type": "upstream_error", "message": "unreadable model event"}})
         if "error" in ev:
             self.done = True
+            self.error = self.error or "model_error"
             return _sse({"error": {"type": "upstream_error", "message": str(ev["error"])}})
         out = []
         delta: dict[str, str] = {"content": str(ev.get("TEXT", ""))}

@@ -68,6 +68,7 @@ class _State:
     call: embeddings.EmbeddingsCall | chat.ChatCall | None = None
     stream: chat.StreamTranslator | None = None
     first_chunk: bool = True
+    stream_failed: bool = False
 
 
 class OpenAIFilter(Filter):
@@ -213,6 +214,13 @@ class OpenAIFilter(Filter):
             # As soon as the model's final event gave the counts: a client that leaves before
             # the stream's end still settles (rate_limit) and counts the tokens it was sent.
             ctx.usage = st.stream.usage
+            if st.stream.error is not None and not st.stream_failed:
+                # The model failed after its 200: the client reads an error event. Counted,
+                # and a 502 to whoever judges the model's health (breaker, metrics), not the
+                # success its status said.
+                st.stream_failed = True
+                metrics.UPSTREAM_ERRORS.labels(ctx.route_name, f"stream_{st.stream.error}").inc()
+                ctx.response_status = ctx.upstream_status = 502
             return Mutate(body=out)
         call = st.call
         status = ctx.response_status or 0

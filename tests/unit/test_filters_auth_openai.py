@@ -325,3 +325,30 @@ def test_stream_translation_reports_errors_and_early_ends() -> None:
     assert events[0]["choices"][0]["delta"]["content"] == "partial"
     assert events[1]["error"]["message"] == "the model's stream ended early"
     assert t.usage is None
+
+
+async def test_a_stream_that_fails_after_its_200_is_counted_as_a_failure() -> None:
+    # The client read an error event, but metrics, the breaker and admission saw a 200 success.
+    from prometheus_client import REGISTRY
+
+    from filters.openai.filter import OpenAIFilter, _State
+    from proxy.api import Deps, Mutate, RequestContext
+    from proxy.testing import default_config
+
+    f = OpenAIFilter(OpenAIFilter.Params(), Deps())
+    f.name = "openai"
+    route = default_config().routes[0]
+    ctx = RequestContext(route, started=0.0, request_id="r", method="POST", path="/v1/x",
+                         grpc=False)  # fmt: skip
+    ctx.response_status = ctx.upstream_status = 200
+    ctx.response_streamed, ctx.end_of_stream = True, False
+    ctx.state(_State).stream = _translator()
+    labels = {"route": route.name, "status": "stream_model_error"}
+    before = REGISTRY.get_sample_value("floodwall_upstream_errors_total", labels) or 0.0
+    d = await f.on_response_body(ctx, b'data: {"TEXT":"Hel"}\n\n')
+    assert isinstance(d, Mutate) and ctx.upstream_status == 200
+    ctx.end_of_stream = True
+    d = await f.on_response_body(ctx, b'data: {"error":"model crashed"}\n\n')
+    assert isinstance(d, Mutate) and d.body is not None and b"model crashed" in d.body
+    assert ctx.upstream_status == ctx.response_status == 502
+    assert REGISTRY.get_sample_value("floodwall_upstream_errors_total", labels) == before + 1
