@@ -850,8 +850,10 @@ def _settle(reserved: float, ctx: RequestContext, outcome: Outcome) -> float:
         return reserved
     # The upstream's status first: a stale cached 200 served for its 503 produced nothing new.
     status = outcome.upstream_status if outcome.upstream_status is not None else outcome.status
-    if status is not None and status >= 400:
+    if status is not None and status >= 400 and not ctx.response_streamed:
         return 0.0  # failed without usage: nothing was produced for the caller
+    # A stream that failed after its 200 (judged a 502) may have sent text: kept, as one whose
+    # client left.
     return reserved
 
 

@@ -639,3 +639,18 @@ def test_the_deny_cache_answers_as_redis_would(limit: dict[str, Any], cost: floa
     assert cached is not None
     assert cached.headers["retry-after"] == redis.headers["retry-after"]
     assert cached.headers["ratelimit"] == redis.headers["ratelimit"]
+
+
+def test_a_stream_that_failed_after_its_200_keeps_its_reservation() -> None:
+    # The openai filter judges such a stream a 502 (session 21); it may have sent text, so
+    # it is not refunded as a request that failed before producing anything is.
+    from filters.rate_limit.filter import _settle
+    from proxy.api import Outcome
+    from proxy.testing import default_config
+
+    ctx = RequestContext(default_config().routes[0], started=0.0)
+    failed = Outcome(status=502, aborted=False, responded_by=None, duration_s=1.0,
+                     upstream_status=502)  # fmt: skip
+    assert _settle(100.0, ctx, failed) == 0.0  # buffered: nothing produced
+    ctx.response_streamed = True
+    assert _settle(100.0, ctx, failed) == 100.0
