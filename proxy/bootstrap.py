@@ -399,6 +399,13 @@ def _local_reply_config() -> dict[str, Any]:
         m = _json_error_format(type_, "%LOCAL_REPLY_BODY%", status)
         m["filter"] = {"response_flag_filter": {"flags": flags}}
         mappers.append(m)
+    # A gRPC call past the route's max_stream_duration or its grpc-timeout (details
+    # max_duration_timeout, no response flag): the model was too slow, so "upstream_timeout"
+    # as for HTTP callers (it fell to the catch-all gateway_error). Envoy's status and
+    # DEADLINE_EXCEEDED stay.
+    m = _json_error_format("upstream_timeout", "the model did not answer in time")
+    m["filter"] = _cel("response.code_details == 'max_duration_timeout'")
+    mappers.append(m)
     # Triton's admin APIs on a KServe route (_triton_admin_denied): not served, as a path no
     # route takes (gRPC clients read 404 as UNIMPLEMENTED).
     m = _json_error_format(
