@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from proxy.api import Respond
+
 # Filter work is microseconds to a few milliseconds; the buckets resolve that range.
 _FAST_BUCKETS = (
     0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
@@ -19,8 +21,10 @@ REQUESTS = Counter(
 )
 RESPONSES = Counter(
     "floodwall_responses",
-    "Answers given by the gateway itself (refusals), by route, filter and status",
-    ["route", "filter", "status"],
+    "Answers given by the gateway itself (refusals, cache hits, job receipts), by route, "
+    "filter, status and error type (the x-floodwall-error value; none for answers that are not "
+    "errors)",
+    ["route", "filter", "status", "type"],
 )
 FILTER_SECONDS = Histogram(
     "floodwall_filter_duration_seconds",
@@ -55,3 +59,10 @@ UPSTREAM_ERRORS = Counter(
     ["route", "status"],
 )
 DRAINING = Gauge("floodwall_draining", "1 while the processor drains before shutdown")
+
+
+def count_response(route: str, filter_name: str, r: Respond) -> None:
+    """Counts an answer the gateway gave itself, with its error type (bounded: the types
+    are the filters' constants; cut to 40 characters should a filter invent long ones)."""
+    kind = r.headers.get("x-floodwall-error", "none")[:40]
+    RESPONSES.labels(route, filter_name, str(r.status), kind).inc()

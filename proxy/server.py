@@ -72,7 +72,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
                     if self.guard is not None and self.guard.overloaded():
                         r = _OVERLOADED
                         responded_by, status, reached_end = "guard", r.status, True
-                        metrics.RESPONSES.labels(ctx.route_name, "guard", str(r.status)).inc()
+                        metrics.count_response(ctx.route_name, "guard", r)
                         await write(translate.immediate(r, grpc=ctx.grpc))
                         break
                     data: object = headers
@@ -95,7 +95,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
                 decision, by = await chain.run(plan, phase, ctx, data)
                 if isinstance(decision, Respond):
                     responded_by, status = by or "chain", decision.status
-                    metrics.RESPONSES.labels(ctx.route_name, responded_by, str(status)).inc()
+                    metrics.count_response(ctx.route_name, responded_by, decision)
                     reached_end = True
                     await write(translate.immediate(decision, grpc=ctx.grpc))
                     break
