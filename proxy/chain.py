@@ -419,14 +419,6 @@ def kserve_model(path: str) -> str | None:
     return None
 
 
-# The KServe v2 calls that run a model; the others (health, metadata, config, statistics,
-# readiness) answer at once.
-_KSERVE_HTTP_INFERENCE = frozenset({"infer", "generate", "generate_stream"})
-_KSERVE_GRPC_INFERENCE = frozenset(
-    f"/inference.GRPCInferenceService/{m}" for m in ("ModelInfer", "ModelStreamInfer")
-)
-
-
 _GRPC_TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
 
 
@@ -437,6 +429,14 @@ def grpc_timeout_s(value: str | None) -> float | None:
         return None
     unit = _GRPC_TIMEOUT_UNITS.get(value[-1])
     return None if unit is None else int(value[:-1]) * unit
+
+
+# The KServe v2 calls that run a model; the others (health, metadata, config, statistics,
+# readiness) answer at once.
+_KSERVE_HTTP_INFERENCE = frozenset({"infer", "generate", "generate_stream"})
+_KSERVE_GRPC_INFERENCE = frozenset(
+    f"/inference.GRPCInferenceService/{m}" for m in ("ModelInfer", "ModelStreamInfer")
+)
 
 
 def calls_model(route: RouteConfig, path: str) -> bool:

@@ -1,7 +1,8 @@
 """The Redis Cluster client every part of Floodwall uses with ``redis.cluster: true``.
 
-redis-py's ``RedisCluster`` with two changes, both for callers that give each call a short
-budget (the cache's 100 ms, the job API's 200 ms) and cancel it when the budget runs out:
+redis-py's ``RedisCluster`` with three changes, for callers that give each call a short
+budget (the cache's 100 ms, the job API's 200 ms) and cancel it when the budget runs out, and
+for scripts that must run once:
 
 - **The layout is read again after a call failed or was cancelled.** redis-py re-reads the
   cluster's slots only once its own socket timeout or a connection error hits; a budget that
