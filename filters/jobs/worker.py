@@ -74,7 +74,7 @@ RETRYABLE = frozenset({408, 425, 429, 500, 502, 503, 504})
 # that crashes or stalls the model), so those spend attempts, unless the gateway says its
 # policy processor is down or late (Envoy's 500/504, which no input causes).
 UNAVAILABLE = frozenset({429, 503})
-GATEWAY_DOWN = frozenset({b"gateway_unavailable", b"gateway_timeout"})
+GATEWAY_DOWN = frozenset({"gateway_unavailable", "gateway_timeout"})
 
 
 def _unavailable(reply: Reply) -> bool:
@@ -86,7 +86,7 @@ def _unavailable(reply: Reply) -> bool:
         kind = orjson.loads(reply.body)["error"]["type"]
     except (orjson.JSONDecodeError, KeyError, TypeError):
         return False
-    return isinstance(kind, str) and kind.encode() in GATEWAY_DOWN
+    return kind in GATEWAY_DOWN
 
 
 @dataclass(slots=True)
