@@ -86,7 +86,7 @@ def _unavailable(reply: Reply) -> bool:
         kind = orjson.loads(reply.body)["error"]["type"]
     except (orjson.JSONDecodeError, KeyError, TypeError):
         return False
-    return kind in GATEWAY_DOWN
+    return isinstance(kind, str) and kind in GATEWAY_DOWN  # (a list or dict: unhashable)
 
 
 @dataclass(slots=True)
