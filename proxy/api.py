@@ -117,13 +117,16 @@ class Signals:
         gate = self.gates.get(model)
         return gate is not None and gate.would_refuse(now)
 
-    def watch_triton(self, metrics_url: str) -> TritonLoad:
-        """Starts (or shares) the poller of one Triton's metrics; pair with ``unwatch``."""
+    def watch_triton(self, metrics_url: str, clock: Clock | None = None) -> TritonLoad:
+        """Starts (or shares) the poller of one Triton's metrics; pair with ``unwatch``.
+        ``clock``: the one its readings are stamped with (the caller's Deps.clock, which it
+        compares them with)."""
         from proxy.triton_load import TritonLoad
 
         load = self._triton.get(metrics_url)
         if load is None:
-            load = self._triton[metrics_url] = TritonLoad(metrics_url)
+            now = clock.monotonic if clock is not None else time.monotonic
+            load = self._triton[metrics_url] = TritonLoad(metrics_url, now=now)
             load.start()
         load.users += 1
         return load

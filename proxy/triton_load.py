@@ -13,6 +13,7 @@ import asyncio
 import logging
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated
 from urllib.parse import urlsplit
@@ -68,7 +69,11 @@ def parse(text: str) -> dict[str, dict[str, float]]:
 
 
 class TritonLoad:
-    def __init__(self, url: str, interval_s: float = 0.25) -> None:
+    def __init__(
+        self, url: str, interval_s: float = 0.25, now: Callable[[], float] = time.monotonic
+    ) -> None:
+        # now: the clock the policies compare ModelLoad.at with (their Deps.clock).
+        self.now = now
         parts = urlsplit(url)
         self.host = parts.hostname or "127.0.0.1"
         self.port = parts.port or 8002
@@ -92,7 +97,7 @@ class TritonLoad:
         failing = False
         while True:
             try:
-                self.update(await self._fetch(), time.monotonic())
+                self.update(await self._fetch(), self.now())
                 if failing:
                     log.warning("Triton metrics at %s:%d readable again", self.host, self.port)
                 failing = False

@@ -99,7 +99,9 @@ class AdmissionFilter(Filter):
 
     async def start(self) -> None:
         if self.p.saturation is not None:
-            self.load = self.deps.signals.watch_triton(self.p.saturation.triton_metrics_url)
+            self.load = self.deps.signals.watch_triton(
+                self.p.saturation.triton_metrics_url, self.deps.clock
+            )
 
     async def stop(self) -> None:
         if self.p.saturation is not None:

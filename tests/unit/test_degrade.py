@@ -185,3 +185,19 @@ async def test_not_degraded_to_a_lighter_model_whose_breaker_refuses() -> None:
     assert r.status == 200 and "x-floodwall-degraded" not in r.headers
     assert r.upstream_headers is not None
     assert r.upstream_headers[":path"] == "/v2/models/m/infer"
+
+
+async def test_triton_load_readings_carry_the_policies_clock() -> None:
+    # They were stamped with time.monotonic() and compared with Deps.clock: under a fake
+    # clock a reading was always fresh (or never).
+    from proxy.api import Signals
+    from proxy.testing import FakeClock
+
+    sig, clock = Signals(), FakeClock(start=1000.0)
+    load = sig.watch_triton("http://127.0.0.1:1/metrics", clock)
+    try:
+        assert load.now() == 1000.0
+        clock.advance(5)
+        assert load.now() == 1005.0
+    finally:
+        await sig.unwatch_triton("http://127.0.0.1:1/metrics")
