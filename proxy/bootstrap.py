@@ -21,7 +21,7 @@ from proxy.config import (
     TracingConfig,
     UpstreamConfig,
 )
-from proxy.errors import GRPC_STATUS
+from proxy.errors import ERROR_HEADER, GRPC_STATUS
 from proxy.process import processor_address
 
 PROCESSOR_CLUSTER = "floodwall_processor"
@@ -70,7 +70,6 @@ _LOCAL_REPLY_KINDS = [
     (["UT", "SI"], 504, "upstream_timeout"),
     (["UC", "UR"], 502, "upstream_reset"),
 ]
-ERROR_HEADER = "x-floodwall-error"
 NOT_FOUND = ("not_found", "no such route")
 # Envoy's other refusals (most from its HTTP codec, before any filter ran: response flag DPE)
 # keep Envoy's status; the type names what was wrong, the message Envoy's reason (e.g.

@@ -22,6 +22,9 @@ from proxy.api import Respond
 _TIMEOUTS = (TimeoutError, RedisTimeoutError)
 _UNREACHABLE = (ConnectionError, RedisConnectionError, RedisClusterException)
 
+# Names the error type on every refusal (the processor's and Envoy's own, see bootstrap).
+ERROR_HEADER = "x-floodwall-error"
+
 # gRPC codes of an answer that say the model failed or is congested, as a 5xx or a 429 does
 # (UNKNOWN, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, INTERNAL, UNAVAILABLE, DATA_LOSS); a gRPC
 # answer's HTTP status is 200 whatever happened.
@@ -74,7 +77,7 @@ def error(
 ) -> Respond:
     """A refusal in the documented format. ``type_`` is a stable machine-readable word."""
     out = dict(JSON_HEADERS)
-    out["x-floodwall-error"] = type_
+    out[ERROR_HEADER] = type_
     if retry_after_s is not None:
         out["retry-after"] = str(max(1, math.ceil(retry_after_s)))  # never before it is due
     if headers:

@@ -69,6 +69,7 @@ class _State:
     stream: chat.StreamTranslator | None = None
     first_chunk: bool = True
     stream_failed: bool = False
+    envoy_error: str | None = None  # x-floodwall-error of Envoy's own reply, if it was one
 
 
 class OpenAIFilter(Filter):
@@ -191,6 +192,7 @@ class OpenAIFilter(Filter):
 
     async def on_response_headers(self, ctx: RequestContext, headers: Headers) -> Decision:
         st = ctx.state(_State)
+        st.envoy_error = headers.get(errors.ERROR_HEADER)  # Envoy's own reply, already typed
         call = st.call
         if isinstance(call, chat.ChatCall) and call.stream and ctx.response_status == 200:
             # Server-sent events, translated chunk by chunk as Triton produces them.
@@ -225,7 +227,7 @@ class OpenAIFilter(Filter):
         call = st.call
         status = ctx.response_status or 0
         if status != 200 or call is None:
-            return _upstream_error(ctx, status, body)
+            return _upstream_error(ctx, status, body, st.envoy_error)
         try:
             resp = orjson.loads(body)
             out, ctx.usage = (
@@ -262,11 +264,15 @@ class OpenAIFilter(Filter):
             TOKENS.labels(tenant, model, kind).inc(n)
 
 
-def _upstream_error(ctx: RequestContext, status: int, body: bytes) -> Decision:
+def _upstream_error(
+    ctx: RequestContext, status: int, body: bytes, envoy_type: str | None = None
+) -> Decision:
     """Triton's ``{"error": "..."}`` or Envoy's (mapped) local reply -> our error format."""
     metrics.UPSTREAM_ERRORS.labels(ctx.route_name, str(status)).inc()
     detail = _error_detail(body)
-    if _triton_refused(detail):
+    if envoy_type == "upstream_reset":  # the connection broke: not an answer of the model's
+        r = errors.error(502, "upstream_reset", f"the connection to the model was reset: {detail}")
+    elif _triton_refused(detail):
         r = errors.error(
             503, "model_overloaded", f"the model's queue refused the request: {detail}",
             retry_after_s=1,

@@ -173,7 +173,12 @@ async def test_upstream_errors_become_json() -> None:
         (UpstreamReply(500, {}, b'{"error": "oops"}'), 502, "upstream_error"),
         (UpstreamReply(200, {}, b'{"outputs": []}'), 502, "upstream_error"),
         (UpstreamReply(200, {}, b"garbage"), 502, "upstream_error"),
-    ]
+        # Envoy's reply for a connection reset: kept (it read upstream_error, as if the model
+        # had answered with a failure).
+        (UpstreamReply(502, {"x-floodwall-error": "upstream_reset"},
+                       b'{"error":{"type":"upstream_reset","message":"upstream connect error"}}'),
+         502, "upstream_reset"),
+    ]  # fmt: skip
     for reply, status, type_ in cases:
         r = await h.request("POST", "/v1/embeddings", body=body, upstream=reply)
         assert (r.status, r.json()["error"]["type"]) == (status, type_), reply
