@@ -654,3 +654,26 @@ def test_a_stream_that_failed_after_its_200_keeps_its_reservation() -> None:
     assert _settle(100.0, ctx, failed) == 0.0  # buffered: nothing produced
     ctx.response_streamed = True
     assert _settle(100.0, ctx, failed) == 100.0
+
+
+async def test_a_check_redis_could_not_answer_in_time_is_503_overloaded() -> None:
+    # Redis is up, but this process got no answer within max_check_ms (a busy event loop):
+    # refused at once as overloaded, counted, and any leased units given back.
+    from prometheus_client import REGISTRY
+
+    from filters.rate_limit.store import Overloaded
+
+    p = RateLimitFilter.Params.model_validate({"limits": [{"name": "o", "key": [], "rate": 5}]})
+    f = RateLimitFilter(p, Deps(clock=FakeClock(), redis=object()))
+    f.name = "rate_limit"
+
+    async def late(*args: Any) -> Any:
+        raise Overloaded()
+
+    f._shared = late  # type: ignore[method-assign]
+    labels = {"limit": "o", "decision": "overloaded"}
+    before = REGISTRY.get_sample_value("floodwall_ratelimit_decisions_total", labels) or 0.0
+    r = await Harness.for_filters([f]).request("GET", "/v2/models/m")
+    assert r.status == 503 and r.json()["error"]["type"] == "overloaded"
+    assert r.headers["retry-after"] == "1" and not r.upstream_called
+    assert REGISTRY.get_sample_value("floodwall_ratelimit_decisions_total", labels) == before + 1
