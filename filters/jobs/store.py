@@ -146,9 +146,9 @@ return 'ok'
 # KEYS: job, queue, delayed  ARGV: entry, delay_ms, member, error, refund_attempt,
 # unavailable_ms. unavailable_ms > 0: the model was refused for capacity (or unreachable),
 # which spends no attempt while the job's current run of such refusals is younger than that
-# ('expired' otherwise, changing nothing: the caller retries it again with 0); 0: such a
-# refusal past that, which spends an attempt and keeps the run going; '': any other failure,
-# which ends the run.
+# ('expired' otherwise, changing nothing: the caller retries it again with 0); 0: keeps the
+# run as it is (such a refusal past that, which spends an attempt; or a hand-back, refunded);
+# '': any other failure, which ends the run.
 _RETRY = """
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then ack(KEYS[2], ARGV[1]) return 'missing' end
@@ -353,8 +353,8 @@ class JobStore:
         unavailable_s: float | None = None,
     ) -> str:
         """``unavailable_s``: the model refused for capacity; 'expired' if the job's refusals
-        in a row began longer ago than that (nothing changed then); 0: past that, spend an
-        attempt. None: another failure."""
+        in a row began longer ago than that (nothing changed then); 0: keep that run as it
+        is (past its budget, or a hand-back). None: another failure, which ends the run."""
         keys = [self.job_key(job_id), self.queues[priority], self.delayed_key]
         args = [
             entry,

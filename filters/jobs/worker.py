@@ -416,7 +416,11 @@ class Worker:
         for task, (cls, entry, job_id) in list(self.tasks.items()):
             await cancel_and_wait([task])
             try:  # hand it back at once, without spending one of its attempts
-                await self.store.retry(job_id, cls, entry, 0.0, b"", refund_attempt=True)
+                # unavailable_s=0: a hand-back keeps the job's run of capacity refusals (a
+                # rolling restart must not give it a fresh budget and a short backoff).
+                await self.store.retry(
+                    job_id, cls, entry, 0.0, b"", refund_attempt=True, unavailable_s=0.0
+                )
                 ATTEMPTS.labels("handed_back").inc()
             except REDIS_FAULTS as exc:
                 log.warning("could not hand back job %s (%r): it is reclaimed later", job_id, exc)

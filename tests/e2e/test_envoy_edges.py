@@ -273,3 +273,47 @@ def test_tritons_admin_rpcs_are_unimplemented_on_kserve_grpc_routes(
 def test_tritons_data_plane_rpcs_are_routed(edges: Gateway, method: str) -> None:
     error = _refused_rpc(edges, method)
     assert error.code() == grpc.StatusCode.UNAVAILABLE, error  # no Triton here
+
+
+def _k8s_envoy_commands() -> list[tuple[str, list[str]]]:
+    """The exec commands deploy/k8s runs in Envoy containers (probes, preStop)."""
+    import yaml
+
+    from proxy.config import REPO_ROOT
+
+    out = []
+    for path in sorted((REPO_ROOT / "deploy" / "k8s").glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if not doc or doc["kind"] != "Deployment":
+                continue
+            for c in doc["spec"]["template"]["spec"]["containers"]:
+                if "envoyproxy/envoy" not in c["image"]:
+                    continue
+                for probe in ("readinessProbe", "livenessProbe"):
+                    if "exec" in c[probe]:
+                        out.append((f"{path.name} {probe}", c[probe]["exec"]["command"]))
+                pre = c.get("lifecycle", {}).get("preStop", {}).get("exec")
+                if pre:
+                    out.append((f"{path.name} preStop", pre["command"]))
+    return out
+
+
+def test_the_k8s_envoy_commands_work_against_a_real_admin(edges: Gateway) -> None:
+    # They spoke HTTP/1.0, which Envoy's admin answers with 426: no Envoy pod ever became
+    # ready, and the drain did nothing. Each runs here against this Envoy's admin; the drain
+    # asks for /ready instead (draining this Envoy would end the other tests), with the same
+    # framing, and its status line is read.
+    import subprocess
+
+    port = edges.stack.cfg.admin.port
+    commands = _k8s_envoy_commands()
+    assert {w.split()[1] for w, _ in commands} >= {"readinessProbe", "preStop"}
+    for where, argv in commands:
+        script = argv[-1].replace("/127.0.0.1/9901", f"/127.0.0.1/{port}")
+        if "drain_listeners" in script:
+            script = script.replace("drain_listeners?graceful", "ready").split("; sleep")[0]
+            script += " && head -1 <&3"
+        done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=10)
+        assert done.returncode == 0, (where, done.stdout, done.stderr)
+        if "head -1" in script:
+            assert done.stdout.startswith("HTTP/1.1 200"), (where, done.stdout)

@@ -525,11 +525,16 @@ async def test_shutdown_hands_running_jobs_back(rc: aioredis.Redis, upstream: Up
     p = _params()
     h = _gateway(rc, p)
     job_id = (await _submit(h, "/slow", {"key": "s", "sleep": 3})).json()["id"]
+    # As if the model had refused it for capacity 4 times already: a hand-back keeps that
+    # run (it reset it, so a rolling restart gave the job a fresh budget and a short backoff).
+    key = JobStore(rc, p.prefix).job_key(job_id)
+    await rc.hset(key, mapping={"unavailable_since": "123", "unavailable_n": "4"})
     run = Running(_worker(rc, p, upstream))
     async with run:
         await _until(lambda: _is(h, job_id, "running"))
     job = (await _show(h, job_id)).json()  # drain_s 0.5 < 3 s: handed back, attempt refunded
     assert job["status"] == "queued" and job["attempts"] == 0
+    assert await rc.hmget(key, ["unavailable_since", "unavailable_n"]) == [b"123", b"4"]
     async with Running(_worker(rc, p, upstream)):
         await _until(lambda: _is(h, job_id, "succeeded"), timeout=30)
     assert (await _show(h, job_id)).json()["attempts"] == 1

@@ -4,6 +4,7 @@ wrong for callers with short budgets: a primary that hangs and fails over, and a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from pathlib import Path
 
@@ -99,3 +100,32 @@ async def test_a_call_that_timed_out_is_not_sent_again(tmp_path: Path) -> None:
             assert await r.get("fw:{t}:runs") == b"1"
         finally:
             await r.aclose()
+
+
+async def test_cancelled_calls_do_not_reopen_every_connection(tmp_path: Path) -> None:
+    # Each cancelled call (a budget run out, a client gone) re-read the layout, and each
+    # re-read reopened every connection: ~300 new connections in 5 s at one a second. Now
+    # the layout is re-read only when a node's view of it differs.
+    import redis as sync_redis
+
+    with redis_cluster(tmp_path) as nodes:
+        admins = [sync_redis.Redis(port=n.port) for n in nodes]
+
+        def opened() -> int:
+            return sum(int(a.info("stats")["total_connections_received"]) for a in admins)
+
+        r = make_redis(nodes[0].url, 1000, cluster=True)
+        try:
+            await r.set("k", "v")
+            start = opened()
+            for _ in range(4):
+                await asyncio.gather(*(r.get("k") for _ in range(50)))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(r.execute_command("BLPOP", "nothing", 1), 0.01)
+                await asyncio.sleep(1.05)
+            await asyncio.gather(*(r.get("k") for _ in range(50)))
+            assert opened() - start < 100, opened() - start
+        finally:
+            await r.aclose()
+            for a in admins:
+                a.close()
