@@ -47,6 +47,7 @@ import numpy as np
 
 from bench import placement
 from bench.loadgen import HttpRequest, histogram, open_loop_mix, quantiles
+from bench.run import write_results
 from filters.cache import evaluate, judge
 from filters.cache.index import VectorIndex
 from filters.cache.words import WordsFirst
@@ -661,12 +662,7 @@ def main() -> None:
     shipped = load_verifier("shipped")
     res["verifier_trained_on"] = shipped.about.get("trained_on", []) if shipped else []
     res["summary"] = summary(res)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(res, indent=2))
-    md = markdown(res)
-    out.with_suffix(".md").write_text(md)
-    print(md)
+    write_results(Path(args.out), res, markdown(res))
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ from typing import Any
 import aiohttp
 import yaml
 
+from bench.run import write_results
 from proxy.config import REPO_ROOT
 from tests.helpers import DEMO_KEY, free_ports, stack_config
 
@@ -367,12 +368,7 @@ def main() -> int:
     res["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform()}
     res["params"] = {"quick": args.quick}
     res["summary"] = summarize(res)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(res, indent=2))
-    md = markdown(res)
-    out.with_suffix(".md").write_text(md)
-    print(md)
+    write_results(Path(args.out), res, markdown(res))
     return 1 if res["broken"] else 0
 
 

@@ -43,6 +43,14 @@ SUITES = (
 )
 
 
+def write_results(out: Path, res: dict[str, Any], md: str) -> None:
+    """A suite's results: ``<out>.json`` and ``<out>.md`` (printed too)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(res, indent=2))
+    out.with_suffix(".md").write_text(md)
+    print(md)
+
+
 def _progress(total: int) -> Any:
     try:
         from tqdm import tqdm
