@@ -332,9 +332,11 @@ class RequestContext:
 
 
 class FilterParams(BaseModel):
-    """Base for a filter's params: frozen, and unknown fields are errors, not ignored."""
+    """Base for a filter's params: frozen, unknown fields are errors, not ignored, and no
+    number is NaN or infinite (a limit, a timeout or a TTL of infinity is a typo's outcome that
+    would fail later, at the first request)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 class NoParams(FilterParams):

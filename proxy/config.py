@@ -49,7 +49,8 @@ class ConfigError(Exception):
 
 
 class Model(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # No NaN or infinite number anywhere (as FilterParams): it would fail at the first use.
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 class TlsConfig(Model):

@@ -39,12 +39,17 @@ def available() -> dict[str, str]:
 
 
 def build_filters(
-    configs: list[FilterConfig], deps: Deps, extra: Mapping[str, type[Filter]] | None = None
+    configs: list[FilterConfig],
+    deps: Deps,
+    extra: Mapping[str, type[Filter]] | None = None,
+    *,
+    index: int = 0,
 ) -> list[Filter]:
-    """Instantiates the configured filters in order; any problem names the filter."""
+    """Instantiates the configured filters in order; any problem is a ConfigError naming the
+    filter (``index``: the first one's position in the config, for its name)."""
     known = available()
     out: list[Filter] = []
-    for i, fc in enumerate(configs):
+    for i, fc in enumerate(configs, index):
         where = f"filters[{i}] ({fc.name})"
         if extra and fc.type in extra:
             cls = extra[fc.type]
@@ -59,7 +64,13 @@ def build_filters(
             params = cls.Params.model_validate(fc.params)
         except ValidationError as e:
             raise ConfigError(f"{where}: params.{_format_validation(e)}") from None
-        f = cls(params, deps)
+        try:
+            f = cls(params, deps)
+        except ValueError as e:  # params that only make sense together, or with the config
+            raise ConfigError(f"{where}: {e}") from None
+        except Exception as e:
+            # A bug in the filter's constructor: named, with its type, not a bare traceback.
+            raise ConfigError(f"{where}: cannot build: {type(e).__name__}: {e}") from e
         f.name = fc.name
         out.append(f)
     return out

@@ -128,12 +128,7 @@ class Reloader:
             if prev is not None and (prev[0].type, prev[0].params) == (fc.type, fc.params):
                 filters.append(prev[1])
             else:
-                try:
-                    (f,) = build_filters([fc], self.deps)
-                except ConfigError:
-                    raise
-                except Exception as e:  # the filter's constructor failed
-                    raise ConfigError(f"filter {fc.name} failed to build: {e!r}") from None
+                (f,) = build_filters([fc], self.deps, index=len(filters))
                 filters.append(f)
                 fresh.append(f)
         check_route_refs(filters, [r.name for r in new_cfg.routes])

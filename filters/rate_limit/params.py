@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import math
 import re
 from typing import Annotated, Literal
 
@@ -16,8 +17,14 @@ Part = Annotated[str, Field(pattern=r"^(tenant|key_id|model|route|client_ip|head
 
 def parse_duration(value: str | float) -> float:
     """Seconds from a number or a string such as "1s", "1m", "500ms", "1h"."""
-    if isinstance(value, int | float):
+    # ValueError (never TypeError or AttributeError): pydantic turns only it into the config
+    # error naming the field. A boolean is not a number of seconds, nor is infinity.
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise ValueError(f"{value!r} is not a duration (a finite number of seconds)")
         return float(value)
+    if not isinstance(value, str):
+        raise ValueError(f"{value!r} is not a duration (say 1s, 1m, 500ms, 1h or seconds)")
     m = _DURATION.match(value.strip())
     if not m:
         raise ValueError(f"{value!r} is not a duration (say 1s, 1m, 500ms, 1h or seconds)")

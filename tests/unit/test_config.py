@@ -64,6 +64,59 @@ def test_unknown_filter_type_and_bad_params_name_the_filter() -> None:
         build_filters(cfg.filters, Deps())
 
 
+def test_a_filter_refusing_its_params_at_construction_is_a_config_error() -> None:
+    # Checks a filter makes while it is built (its params against the config's upstreams,
+    # two keys with one digest) name the filter, as its params' own errors do.
+    cache = {
+        "name": "c",
+        "type": "cache",
+        "params": {
+            "routes": {"r": {"ttl_s": 60, "semantic": True}},
+            "semantic": {"upstream": "nope"},
+        },
+    }
+    cfg = parse_config({**BASE, "filters": [cache]})
+    with pytest.raises(ConfigError, match=r"filters\[0\] \(c\): .*'nope' is not an upstream"):
+        build_filters(cfg.filters, Deps(upstreams={"up": "http://127.0.0.1:8000"}))
+    key = {"id": "a", "sha256": "0" * 64, "tenant": "t"}
+    cfg = parse_config({**BASE, "filters": [{"name": "a", "type": "auth", "params": {
+        "keys": [key, {**key, "id": "b"}]}}]})  # fmt: skip
+    with pytest.raises(ConfigError, match=r"filters\[0\] \(a\): two keys share one digest"):
+        build_filters(cfg.filters, Deps())
+
+
+def test_a_filter_constructor_bug_names_the_filter() -> None:
+    from proxy.api import Filter
+
+    class Broken(Filter):
+        def __init__(self, params: object, deps: Deps) -> None:
+            raise KeyError("boom")
+
+    cfg = parse_config({**BASE, "filters": [{"name": "b", "type": "broken"}]})
+    with pytest.raises(ConfigError, match=r"filters\[0\] \(b\): cannot build: KeyError"):
+        build_filters(cfg.filters, Deps(), extra={"broken": Broken})
+
+
+@pytest.mark.parametrize("value", [None, True, [], {}, float("inf"), "1y"])
+def test_a_duration_that_is_not_one_is_refused_naming_the_field(value: object) -> None:
+    # A boolean was 1 second and null a traceback; infinity failed at the first request.
+    cfg = parse_config({**BASE, "filters": [{"name": "j", "type": "jobs", "params": {
+        "result_ttl_s": value}}]})  # fmt: skip
+    with pytest.raises(ConfigError, match=r"filters\[0\] \(j\): params.result_ttl_s"):
+        build_filters(cfg.filters, Deps())
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_no_number_in_the_config_is_infinite_or_nan(value: float) -> None:
+    # Infinity in max_queue_ms was accepted, then crashed rendering Envoy's bootstrap.
+    cfg = parse_config({**BASE, "filters": [{"name": "a", "type": "admission", "params": {
+        "max_queue_ms": value}}]})  # fmt: skip
+    with pytest.raises(ConfigError, match=r"params\.max_queue_ms"):
+        build_filters(cfg.filters, Deps())
+    with pytest.raises(ConfigError, match=r"processor\.shed_lag_ms"):
+        parse_config({**BASE, "processor": {"shed_lag_ms": value}})
+
+
 def test_env_expansion_and_missing_variable(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

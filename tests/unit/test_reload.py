@@ -225,7 +225,7 @@ async def test_a_filter_constructor_raising_is_a_rejected_reload_and_the_watch_g
             if "rejected" in caplog.text:
                 break
             await asyncio.sleep(0.02)
-        assert "filter auth failed to build: RuntimeError('boom')" in caplog.text
+        assert "filters[0] (auth): cannot build: RuntimeError: boom" in caplog.text
         assert s.swapped == [] and not task.done()
         monkeypatch.undo()
         s.write(_cfg([_key("k1", "one"), _key("k3", "three")]))
