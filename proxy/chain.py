@@ -255,10 +255,15 @@ class Chain:
                     child.attrs["floodwall.fault"] = kind
                     self.tracer.end(child)
                 metrics.FILTER_FAULTS.labels(f.name, kind).inc()
+                # A bug's traceback is logged (its author needs the line); a dependency's
+                # timeout or outage is not (it comes by the thousand while it lasts).
+                trace = exc if kind == "exception" else None
                 if b.on_error == "open":
-                    ctx.log.warning("filter %s failed open (%s): %r", f.name, kind, exc)
+                    ctx.log.warning("filter %s failed open in %s (%s): %r", f.name, phase.value,
+                                    kind, exc, exc_info=trace)  # fmt: skip
                     continue
-                ctx.log.error("filter %s failed closed (%s): %r", f.name, kind, exc)
+                ctx.log.error("filter %s failed closed in %s (%s): %r", f.name, phase.value,
+                              kind, exc, exc_info=trace)  # fmt: skip
                 return errors.fault_response(exc), f.name
             b.timers[phase].observe(time.perf_counter() - t0)
             if child is not None:
@@ -266,17 +271,23 @@ class Chain:
                 self.tracer.end(child)
             if d.__class__ is Continue:
                 continue
-            if isinstance(d, Respond):
-                return d, f.name
-            if isinstance(d, Mutate) and d.set_headers and _bad_header(d.set_headers):
+            empty = isinstance(d, Mutate) and not (
+                d.set_headers or d.remove_headers or d.body is not None
+            )
+            bad = None if empty else _bad_decision(d)
+            if bad is not None:
                 # Envoy would reject the whole mutation and answer 500, past this filter's
-                # on_error and without naming it: judged here, as a fault of the filter.
-                metrics.FILTER_FAULTS.labels(f.name, "bad_header").inc()
-                ctx.log.error("filter %s set an invalid header: %s", f.name,
-                              _bad_header(d.set_headers))  # fmt: skip
+                # on_error and without naming it (or the translation to its protobufs would
+                # raise past the fault boundary): judged here, as a fault of the filter.
+                kind, why = bad
+                metrics.FILTER_FAULTS.labels(f.name, kind).inc()
+                ctx.log.error("filter %s returned an invalid decision in %s: %s", f.name,
+                              phase.value, why)  # fmt: skip
                 if b.on_error == "open":
                     continue
                 return errors.error(500, "internal_error", "internal error in the gateway"), f.name
+            if isinstance(d, Respond):
+                return d, f.name
             if isinstance(d, Mutate):
                 if d.stream_response and phase is Phase.RESPONSE_HEADERS:
                     ctx.response_streamed = True
@@ -295,12 +306,6 @@ class Chain:
                 acc.add(d, data if is_headers else None)
                 if d.body is not None and not is_headers:
                     data = d.body
-            else:  # a filter returned something that is not a Decision: a bug, fail loudly
-                metrics.FILTER_FAULTS.labels(f.name, "bad_decision").inc()
-                ctx.log.error("filter %s returned %r, not a Decision", f.name, d)
-                if b.on_error == "open":
-                    continue
-                return errors.error(500, "internal_error", "internal error in the gateway"), f.name
         if acc.body is not None and not is_headers and not ctx.response_streamed:
             # Envoy refuses (a 500) a buffered body whose length is not the content-length it
             # is sent with: whichever filter replaced it last, the length is the new body's.
@@ -461,11 +466,35 @@ _BAD_VALUE = re.compile(r"[\r\n\x00]")
 def _bad_header(headers: Mapping[str, str]) -> str | None:
     """Why Envoy would refuse these headers (the first bad one, its value left out), or None."""
     for k, v in headers.items():
-        if not _HEADER_NAME.fullmatch(k):
-            return f"name {k[:64]!r}"
+        if not isinstance(k, str) or not _HEADER_NAME.fullmatch(k):
+            return f"header name {str(k)[:64]!r}"
+        if not isinstance(v, str):
+            return f"value of header {k!r} is a {type(v).__name__}, not a str"
         if _BAD_VALUE.search(v):
-            return f"value of {k!r} has CR, LF or NUL"
+            return f"value of header {k!r} has CR, LF or NUL"
     return None
+
+
+def _bad_decision(d: object) -> tuple[str, str] | None:
+    """Why a filter's return value cannot be carried out, as (fault kind, reason), or None."""
+    if isinstance(d, Mutate | Respond):
+        if isinstance(d, Mutate):
+            if d.body is not None and not isinstance(d.body, bytes):
+                return "bad_decision", f"Mutate.body is a {type(d.body).__name__}, not bytes"
+            if not all(isinstance(k, str) for k in d.remove_headers):
+                return "bad_decision", "Mutate.remove_headers holds a name that is not a str"
+            headers = d.set_headers
+        else:
+            if not isinstance(d.status, int) or not 200 <= d.status <= 599:
+                return "bad_decision", f"Respond.status {d.status!r} is not an HTTP status"
+            if not isinstance(d.body, bytes):
+                return "bad_decision", f"Respond.body is a {type(d.body).__name__}, not bytes"
+            headers = d.headers
+        bad = _bad_header(headers)
+        return None if bad is None else ("bad_header", bad)
+    if isinstance(d, Continue):
+        return None
+    return "bad_decision", f"{d!r} is not a Decision (Continue, Mutate or Respond)"
 
 
 def _status_class(status: int | None) -> str:

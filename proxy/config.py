@@ -514,8 +514,9 @@ def load_config(path: Path | str | None = None) -> FloodwallConfig:
     # Relative paths in the file are relative to the file, not to the caller's cwd.
     if cfg.triton is not None and not cfg.triton.model_repository.is_absolute():
         repo = (p.parent / cfg.triton.model_repository).resolve()
-        if not repo.exists():
-            repo = (REPO_ROOT / cfg.triton.model_repository).resolve()
+        shipped = (REPO_ROOT / cfg.triton.model_repository).resolve()
+        if not repo.exists() and shipped.exists():  # a copy of a shipped example elsewhere
+            repo = shipped
         cfg = cfg.model_copy(
             update={"triton": cfg.triton.model_copy(update={"model_repository": repo})}
         )

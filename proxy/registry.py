@@ -5,12 +5,13 @@ group, so a policy ships as its own package."""
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Collection, Iterable, Mapping
 from importlib.metadata import entry_points
 
 from pydantic import ValidationError
 
-from proxy.api import Deps, Filter
+from proxy.api import Deps, Filter, FilterParams
 from proxy.config import ConfigError, FilterConfig, _format_validation
 
 ENTRY_POINT_GROUP = "floodwall.filters"
@@ -24,6 +25,21 @@ def _load(target: str) -> type[Filter]:
     return obj
 
 
+# The phase hooks the chain awaits; on_complete may be a plain def (it runs inline then).
+_ASYNC_HOOKS = ("on_request_headers", "on_request_body", "on_response_headers", "on_response_body")
+
+
+def _class_problem(cls: type[Filter]) -> str | None:
+    """What makes a Filter class unusable, found at start rather than at its first request."""
+    if not (isinstance(cls.Params, type) and issubclass(cls.Params, FilterParams)):
+        # A plain pydantic model ignores unknown keys: a misspelt param would pass unnoticed.
+        return f"{cls.__name__}.Params must subclass proxy.api.FilterParams"
+    for hook in _ASYNC_HOOKS:
+        if not inspect.iscoroutinefunction(getattr(cls, hook)):
+            return f"{cls.__name__}.{hook} must be an `async def` (the chain awaits it)"
+    return None
+
+
 def available() -> dict[str, str]:
     """type name -> 'module:Class' for every filter that can be configured."""
     from filters import BUILTIN
@@ -32,7 +48,9 @@ def available() -> dict[str, str]:
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         if ep.name in found:
             raise ConfigError(
-                f"filter type {ep.name!r} from entry point {ep.value} clashes with a built-in"
+                f"an installed package registers filter type {ep.name!r} ({ep.value}, entry "
+                f"point group {ENTRY_POINT_GROUP}), a built-in's name: rename it in that "
+                "package's entry points"
             )
         found[ep.name] = ep.value
     return found
@@ -60,6 +78,9 @@ def build_filters(
                 raise ConfigError(f"{where}: cannot load type {fc.type!r}: {e}") from None
         else:
             raise ConfigError(f"{where}: unknown type {fc.type!r} (known: {sorted(known)})")
+        problem = _class_problem(cls)
+        if problem is not None:
+            raise ConfigError(f"{where}: type {fc.type!r}: {problem}")
         try:
             params = cls.Params.model_validate(fc.params)
         except ValidationError as e:
@@ -79,10 +100,10 @@ def build_filters(
 def check_route_refs(filters: Iterable[Filter], routes: Collection[str]) -> None:
     """Each route a filter's params name (``Filter.route_refs``) must be configured: a typo
     would leave the route without the policy, silently."""
-    for f in filters:
+    for i, f in enumerate(filters):
         unknown = sorted(set(f.route_refs()) - set(routes))
         if unknown:
             raise ConfigError(
-                f"filter {f.name}: params name unknown route(s) {', '.join(unknown)} "
+                f"filters[{i}] ({f.name}): params name unknown route(s) {', '.join(unknown)} "
                 f"(routes: {', '.join(sorted(routes))})"
             )

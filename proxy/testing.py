@@ -15,7 +15,17 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from proxy.api import Continue, Decision, Filter, Headers, Mutate, Outcome, Phase, Respond
+from proxy.api import (
+    Continue,
+    Decision,
+    Filter,
+    Headers,
+    Mutate,
+    OnError,
+    Outcome,
+    Phase,
+    Respond,
+)
 from proxy.chain import Chain
 from proxy.config import FilterConfig, FloodwallConfig, parse_config
 
@@ -100,14 +110,26 @@ class _OutcomeRecorder(Filter):
 
 
 class Harness:
-    def __init__(self, config: FloodwallConfig, filters: list[Filter]) -> None:
+    """``on_error``: for filters the config does not list, what a fault does (``closed``, the
+    default, answers 500; ``open`` skips the filter), all alike or per filter name."""
+
+    def __init__(
+        self,
+        config: FloodwallConfig,
+        filters: list[Filter],
+        on_error: OnError | Mapping[str, OnError] = "closed",
+    ) -> None:
         self.recorder = _OutcomeRecorder()
+
+        def mode(name: str) -> OnError:
+            return on_error if isinstance(on_error, str) else on_error.get(name, "closed")
+
         cfg = config.model_copy(
             update={
                 "filters": [
                     *config.filters,
                     *(
-                        FilterConfig(name=f.name, type="_test")
+                        FilterConfig(name=f.name, type="_test", on_error=mode(f.name))
                         for f in filters
                         if f.name not in {fc.name for fc in config.filters}
                     ),
@@ -117,8 +139,14 @@ class Harness:
         self.chain = Chain(cfg, [*filters, self.recorder])
 
     @classmethod
-    def for_filters(cls, filters: list[Filter], config: FloodwallConfig | None = None) -> Harness:
-        return cls(config or default_config(), filters)
+    def for_filters(
+        cls,
+        filters: list[Filter],
+        config: FloodwallConfig | None = None,
+        *,
+        on_error: OnError | Mapping[str, OnError] = "closed",
+    ) -> Harness:
+        return cls(config or default_config(), filters, on_error)
 
     async def request(
         self,

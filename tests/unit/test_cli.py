@@ -39,6 +39,8 @@ def test_check_refuses_a_model_repository_up_would_not_find(tmp_path: Path) -> N
     r = subprocess.run([*FLOODWALL, "check", "-c", str(cfg)], capture_output=True, text=True)
     assert r.returncode == 2, r.stdout
     assert "triton.model_repository: no Triton models" in r.stderr
+    # Named where the file says, not where the shipped examples' fallback would be.
+    assert f"under {tmp_path.parent / 'no_such_models'}" in r.stderr
     cfg.write_text("triton: {model_repository: ../no_such_models, enabled: false}\n")
     r = subprocess.run([*FLOODWALL, "check", "-c", str(cfg)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr

@@ -163,6 +163,36 @@ def test_third_party_filter_registers_through_entry_point(
     assert isinstance(f, Hello) and f.name == "hi"
 
 
+def test_a_filter_class_the_chain_cannot_use_is_refused_at_start() -> None:
+    from pydantic import BaseModel
+
+    from proxy.api import CONTINUE, Decision, Filter, Headers, RequestContext
+
+    class SyncHook(Filter):
+        def on_request_headers(self, ctx: RequestContext, headers: Headers) -> Decision:  # type: ignore[override]
+            return CONTINUE
+
+    class LooseParams(Filter):
+        class Params(BaseModel):  # ignores unknown keys: a misspelt param would pass unseen
+            open_hour: int = 9
+
+    for cls, needle in [
+        (SyncHook, r"SyncHook.on_request_headers must be an `async def`"),
+        (LooseParams, r"LooseParams.Params must subclass proxy.api.FilterParams"),
+    ]:
+        cfg = parse_config({**BASE, "filters": [{"name": "x", "type": "t"}]})
+        with pytest.raises(ConfigError, match=r"filters\[0\] \(x\): type 't': " + needle):
+            build_filters(cfg.filters, Deps(), extra={"t": cls})
+
+
+def test_an_unknown_route_in_a_filters_params_names_the_filter_as_params_errors_do() -> None:
+    cfg = parse_config({**BASE, "filters": [
+        {"name": "b", "type": "breaker"},
+        {"name": "c", "type": "cache", "params": {"routes": {"rr": {"ttl_s": 60}}}}]})  # fmt: skip
+    with pytest.raises(ConfigError, match=r"filters\[1\] \(c\): params name unknown route"):
+        build_chain(cfg)
+
+
 def _routes(*routes: dict[str, object]) -> dict[str, object]:
     """A config with an http1 upstream and a grpc one (for kserve_grpc routes) and ``routes``."""
     return {
