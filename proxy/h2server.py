@@ -36,6 +36,7 @@ from typing import Any, cast
 
 import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from hpack.exceptions import HPACKError  # a name's Huffman code that does not decode
 from hpack.huffman_table import decode_huffman
 from hpack.table import HeaderTable
 
@@ -482,12 +483,19 @@ class H2Connection(asyncio.Protocol):
             if flags & END_HEADERS:
                 self._header_block_done()
         elif ftype == SETTINGS:
-            if not flags & ACK:
+            if sid != 0:
+                raise _ConnError(PROTOCOL_ERROR, "SETTINGS on a stream")
+            if flags & ACK:
+                if payload:
+                    raise _ConnError(FRAME_SIZE_ERROR, "SETTINGS ACK with a payload")
+            else:
                 self._settings(payload)
                 self.send_frame(SETTINGS, ACK, 0)
         elif ftype == WINDOW_UPDATE:
             self._window_update(sid, payload)
         elif ftype == PING:
+            if sid != 0 or len(payload) != 8:
+                raise _ConnError(PROTOCOL_ERROR if sid else FRAME_SIZE_ERROR, "bad PING")
             if not flags & ACK:
                 self.send_frame(PING, ACK, 0, payload)
         elif ftype == RST_STREAM:
@@ -500,17 +508,18 @@ class H2Connection(asyncio.Protocol):
         # PRIORITY, PUSH_PROMISE (never from a client) and unknown types: ignored.
 
     def _data(self, flags: int, sid: int, payload: bytes) -> None:
+        if sid == 0:
+            raise _ConnError(PROTOCOL_ERROR, "DATA on stream 0")
         n = len(payload)
         self.owed += n
         if self.owed >= _CONN_WINDOW // 2:
             self.send_frame(WINDOW_UPDATE, 0, 0, self.owed.to_bytes(4, "big"))
             self.owed = 0
+        if flags & PADDED:
+            payload = _unpad(payload)
         s = self.streams.get(sid)
         if s is None or s.remote_closed:
             return  # a stream we reset or finished: its DATA only counts for the connection
-        if flags & PADDED:
-            pad = payload[0] if payload else 0
-            payload = payload[1 : len(payload) - pad]
         s.owed += n
         if s.owed >= _WINDOW // 2 and not flags & END_STREAM:
             self.send_frame(WINDOW_UPDATE, 0, sid, s.owed.to_bytes(4, "big"))
@@ -525,10 +534,13 @@ class H2Connection(asyncio.Protocol):
             self.maybe_forget(s)
 
     def _headers(self, flags: int, sid: int, payload: bytes) -> None:
+        if sid == 0:
+            raise _ConnError(PROTOCOL_ERROR, "HEADERS on stream 0")
         if flags & PADDED:
-            pad = payload[0]
-            payload = payload[1 : len(payload) - pad]
+            payload = _unpad(payload)
         if flags & PRIORITY_FLAG:
+            if len(payload) < 5:
+                raise _ConnError(FRAME_SIZE_ERROR, "HEADERS priority block cut short")
             payload = payload[5:]
         self.header_sid = sid
         self.header_flags = flags
@@ -542,7 +554,7 @@ class H2Connection(asyncio.Protocol):
         self.header_block = bytearray()
         try:
             fields = self.decoder.decode(block)  # always, to keep the table in step
-        except (HpackError, IndexError, UnicodeDecodeError) as e:
+        except (HpackError, HPACKError, IndexError, UnicodeDecodeError) as e:
             raise _ConnError(COMPRESSION_ERROR, f"bad header block: {e}") from e
         s = self.streams.get(sid)
         if s is not None:  # trailers from the client: only END_STREAM matters
@@ -576,16 +588,29 @@ class H2Connection(asyncio.Protocol):
                     s.window += delta
                 self._pump()
             elif key == 0x5:
+                # RFC 9113 6.5.2: 16384 to 2^24-1. A smaller value was taken as is: 0 made
+                # send_data cut a message into empty frames forever.
+                if not 16384 <= value <= 0xFFFFFF:
+                    raise _ConnError(PROTOCOL_ERROR, f"SETTINGS_MAX_FRAME_SIZE {value}")
                 self.peer_max_frame = value
             # HEADER_TABLE_SIZE concerns our encoder, which never indexes; others: ignored.
 
     def _window_update(self, sid: int, payload: bytes) -> None:
-        inc = int.from_bytes(payload[:4], "big") & 0x7FFFFFFF
+        if len(payload) != 4:
+            raise _ConnError(FRAME_SIZE_ERROR, "WINDOW_UPDATE length")
+        inc = int.from_bytes(payload, "big") & 0x7FFFFFFF
         if sid == 0:
+            if inc == 0 or self.send_window + inc > 0x7FFFFFFF:
+                raise _ConnError(PROTOCOL_ERROR if inc == 0 else FLOW_CONTROL_ERROR,
+                                 f"connection WINDOW_UPDATE of {inc}")  # fmt: skip
             self.send_window += inc
         else:
             s = self.streams.get(sid)
             if s is None:
+                return
+            if inc == 0 or s.window + inc > 0x7FFFFFFF:
+                # A stream error: that stream is reset, the others go on.
+                self._reset(s, _StreamError(sid, f"WINDOW_UPDATE of {inc}"))
                 return
             s.window += inc
         self._pump()
@@ -729,6 +754,13 @@ class H2Connection(asyncio.Protocol):
         if self.transport is not None and not self.closed:
             self.closed = True
             self.transport.close()
+
+
+def _unpad(payload: bytes) -> bytes:
+    """A PADDED frame's content: its first byte says how much padding ends it."""
+    if not payload or payload[0] >= len(payload):
+        raise _ConnError(PROTOCOL_ERROR, "padding as long as the frame")
+    return payload[1 : len(payload) - payload[0]]
 
 
 class _ConnError(Exception):
