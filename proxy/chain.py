@@ -116,6 +116,9 @@ class Chain:
         # Streams running on this chain (a reloaded-away chain retires when this reaches 0).
         self.streams = 0
         self._background: set[asyncio.Task[None]] = set()
+        # (filter, phase, exception type) whose traceback was logged: once is enough to find
+        # the line, and a bug hit by every request must not log a traceback per request.
+        self._traced: set[tuple[str, Phase, type[BaseException]]] = set()
         fconf: dict[str, FilterConfig] = {fc.name: fc for fc in config.filters}
         self._plans: dict[str | None, RoutePlan] = {}
         for route in [*config.routes, None]:
@@ -255,9 +258,12 @@ class Chain:
                     child.attrs["floodwall.fault"] = kind
                     self.tracer.end(child)
                 metrics.FILTER_FAULTS.labels(f.name, kind).inc()
-                # A bug's traceback is logged (its author needs the line); a dependency's
-                # timeout or outage is not (it comes by the thousand while it lasts).
-                trace = exc if kind == "exception" else None
+                # A bug's traceback is logged, once per filter, phase and exception type (its
+                # author needs the line); a dependency's timeout or outage never is.
+                trace = None
+                if kind == "exception" and (f.name, phase, type(exc)) not in self._traced:
+                    self._traced.add((f.name, phase, type(exc)))
+                    trace = exc
                 if b.on_error == "open":
                     ctx.log.warning("filter %s failed open in %s (%s): %r", f.name, phase.value,
                                     kind, exc, exc_info=trace)  # fmt: skip
@@ -269,12 +275,10 @@ class Chain:
             if child is not None:
                 child.attrs["floodwall.decision"] = type(d).__name__.lower()
                 self.tracer.end(child)
-            if d.__class__ is Continue:
+            cls = d.__class__
+            if cls is Continue:
                 continue
-            empty = isinstance(d, Mutate) and not (
-                d.set_headers or d.remove_headers or d.body is not None
-            )
-            bad = None if empty else _bad_decision(d)
+            bad = _bad_mutate(d) if cls is Mutate else _bad_decision(d)  # type: ignore[arg-type]
             if bad is not None:
                 # Envoy would reject the whole mutation and answer 500, past this filter's
                 # on_error and without naming it (or the translation to its protobufs would
@@ -460,37 +464,53 @@ def calls_model(route: RouteConfig, path: str) -> bool:
 # What Envoy accepts in a header mutation: a token (or a pseudo-header) for the name, and a
 # value without CR, LF or NUL.
 _HEADER_NAME = re.compile(r":?[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_BAD_VALUE = re.compile(r"[\r\n\x00]")
+_GOOD_NAMES: set[str] = set()
 
 
 def _bad_header(headers: Mapping[str, str]) -> str | None:
     """Why Envoy would refuse these headers (the first bad one, its value left out), or None."""
+    if headers.__class__ is not dict and not isinstance(headers, Mapping):
+        return f"headers are a {type(headers).__name__}, not a mapping"
     for k, v in headers.items():
-        if not isinstance(k, str) or not _HEADER_NAME.fullmatch(k):
-            return f"header name {str(k)[:64]!r}"
-        if not isinstance(v, str):
+        if k not in _GOOD_NAMES:
+            if not isinstance(k, str) or not _HEADER_NAME.fullmatch(k):
+                return f"header name {str(k)[:64]!r}"
+            if len(_GOOD_NAMES) < 4096:  # filters set a few names, again and again
+                _GOOD_NAMES.add(k)
+        if v.__class__ is not str and not isinstance(v, str):
             return f"value of header {k!r} is a {type(v).__name__}, not a str"
-        if _BAD_VALUE.search(v):
+        if "\r" in v or "\n" in v or "\x00" in v:
             return f"value of header {k!r} has CR, LF or NUL"
     return None
 
 
+# Checked on every decision a filter returns: each test is skipped when its field is empty,
+# so the common decisions (a body-only Mutate per streamed chunk) cost a few attribute reads.
+def _bad_mutate(d: Mutate) -> tuple[str, str] | None:
+    body, remove = d.body, d.remove_headers
+    if body is not None and body.__class__ is not bytes and not isinstance(body, bytes):
+        return "bad_decision", f"Mutate.body is a {type(body).__name__}, not bytes"
+    if remove and (isinstance(remove, str) or not all(isinstance(k, str) for k in remove)):
+        return "bad_decision", "Mutate.remove_headers must be a tuple of header names"
+    if d.set_headers:
+        bad = _bad_header(d.set_headers)
+        return None if bad is None else ("bad_header", bad)
+    return None
+
+
 def _bad_decision(d: object) -> tuple[str, str] | None:
-    """Why a filter's return value cannot be carried out, as (fault kind, reason), or None."""
-    if isinstance(d, Mutate | Respond):
-        if isinstance(d, Mutate):
-            if d.body is not None and not isinstance(d.body, bytes):
-                return "bad_decision", f"Mutate.body is a {type(d.body).__name__}, not bytes"
-            if not all(isinstance(k, str) for k in d.remove_headers):
-                return "bad_decision", "Mutate.remove_headers holds a name that is not a str"
-            headers = d.set_headers
-        else:
-            if not isinstance(d.status, int) or not 200 <= d.status <= 599:
-                return "bad_decision", f"Respond.status {d.status!r} is not an HTTP status"
-            if not isinstance(d.body, bytes):
-                return "bad_decision", f"Respond.body is a {type(d.body).__name__}, not bytes"
-            headers = d.headers
-        bad = _bad_header(headers)
+    """Why a decision other than a plain Mutate cannot be carried out (kind, reason), or None."""
+    if isinstance(d, Mutate):
+        return _bad_mutate(d)
+    if isinstance(d, Respond):
+        if not isinstance(d.status, int) or not 200 <= d.status <= 599:
+            return "bad_decision", f"Respond.status {d.status!r} is not an HTTP status"
+        if not isinstance(d.body, bytes):
+            return "bad_decision", f"Respond.body is a {type(d.body).__name__}, not bytes"
+        g = d.grpc_status
+        if g is not None and (not isinstance(g, int) or isinstance(g, bool) or not 0 <= g <= 16):
+            return "bad_decision", f"Respond.grpc_status {g!r} is not a gRPC status code"
+        bad = _bad_header(d.headers)
         return None if bad is None else ("bad_header", bad)
     if isinstance(d, Continue):
         return None

@@ -501,8 +501,7 @@ class H2Connection(asyncio.Protocol):
         elif ftype == RST_STREAM:
             s = self.streams.pop(sid, None)
             if s is not None:
-                self.blocked.pop(sid, None)
-                self._cancel(s)
+                self._forget_reset(s)
         elif ftype == GOAWAY:
             self.going_away = True
         # PRIORITY, PUSH_PROMISE (never from a client) and unknown types: ignored.
@@ -610,7 +609,8 @@ class H2Connection(asyncio.Protocol):
                 return
             if inc == 0 or s.window + inc > 0x7FFFFFFF:
                 # A stream error: that stream is reset, the others go on.
-                self._reset(s, _StreamError(sid, f"WINDOW_UPDATE of {inc}"))
+                code = PROTOCOL_ERROR if inc == 0 else FLOW_CONTROL_ERROR
+                self._reset(s, _StreamError(sid, f"WINDOW_UPDATE of {inc}"), code)
                 return
             s.window += inc
         self._pump()
@@ -690,8 +690,9 @@ class H2Connection(asyncio.Protocol):
     # --- streams ----------------------------------------------------------------------------
 
     async def _serve(self, s: _Stream) -> None:
-        path = s.header(b":path")
         try:
+            # Inside the try: a value's Huffman code is decoded here, and may not decode.
+            path = s.header(b":path")
             if path == PROCESS:
                 await self.server.process(None, _Context(s))
                 s.finish(0)
@@ -725,11 +726,18 @@ class H2Connection(asyncio.Protocol):
                 self._flush()
                 self._close()
 
-    def _reset(self, s: _Stream, e: _StreamError) -> None:
+    def _reset(self, s: _Stream, e: _StreamError, code: int = PROTOCOL_ERROR) -> None:
         log.warning("stream %d reset: %s", s.id, e)
-        self.send_frame(RST_STREAM, 0, s.id, PROTOCOL_ERROR.to_bytes(4, "big"))
+        self.send_frame(RST_STREAM, 0, s.id, code.to_bytes(4, "big"))
         self.streams.pop(s.id, None)
+        self._forget_reset(s)
+
+    def _forget_reset(self, s: _Stream) -> None:
+        """A stream reset by either side: nothing more goes out on it, and a drain waiting
+        for the last stream learns it is gone (it waited out its whole grace otherwise)."""
+        self.blocked.pop(s.id, None)
         self._cancel(s)
+        self.server.stream_done()
 
     def _cancel(self, s: _Stream) -> None:
         s.local_closed = s.remote_closed = True

@@ -11,7 +11,7 @@ from importlib.metadata import entry_points
 
 from pydantic import ValidationError
 
-from proxy.api import Deps, Filter, FilterParams
+from proxy.api import Deps, Filter, FilterParams, Phase
 from proxy.config import ConfigError, FilterConfig, _format_validation
 
 ENTRY_POINT_GROUP = "floodwall.filters"
@@ -25,16 +25,13 @@ def _load(target: str) -> type[Filter]:
     return obj
 
 
-# The phase hooks the chain awaits; on_complete may be a plain def (it runs inline then).
-_ASYNC_HOOKS = ("on_request_headers", "on_request_body", "on_response_headers", "on_response_body")
-
-
-def _class_problem(cls: type[Filter]) -> str | None:
+def class_problem(cls: type[Filter]) -> str | None:
     """What makes a Filter class unusable, found at start rather than at its first request."""
     if not (isinstance(cls.Params, type) and issubclass(cls.Params, FilterParams)):
         # A plain pydantic model ignores unknown keys: a misspelt param would pass unnoticed.
         return f"{cls.__name__}.Params must subclass proxy.api.FilterParams"
-    for hook in _ASYNC_HOOKS:
+    for phase in Phase:  # the hooks the chain awaits; on_complete may be a plain def
+        hook = "on_" + phase.value
         if not inspect.iscoroutinefunction(getattr(cls, hook)):
             return f"{cls.__name__}.{hook} must be an `async def` (the chain awaits it)"
     return None
@@ -78,13 +75,13 @@ def build_filters(
                 raise ConfigError(f"{where}: cannot load type {fc.type!r}: {e}") from None
         else:
             raise ConfigError(f"{where}: unknown type {fc.type!r} (known: {sorted(known)})")
-        problem = _class_problem(cls)
+        problem = class_problem(cls)
         if problem is not None:
             raise ConfigError(f"{where}: type {fc.type!r}: {problem}")
         try:
             params = cls.Params.model_validate(fc.params)
         except ValidationError as e:
-            raise ConfigError(f"{where}: params.{_format_validation(e)}") from None
+            raise ConfigError(f"{where}: {_format_validation(e, 'params')}") from None
         try:
             f = cls(params, deps)
         except ValueError as e:  # params that only make sense together, or with the config

@@ -27,7 +27,7 @@ from proxy.api import (
     Respond,
 )
 from proxy.chain import Chain
-from proxy.config import FilterConfig, FloodwallConfig, parse_config
+from proxy.config import ConfigError, FilterConfig, FloodwallConfig, parse_config
 
 
 class FakeClock:
@@ -119,6 +119,12 @@ class Harness:
         filters: list[Filter],
         on_error: OnError | Mapping[str, OnError] = "closed",
     ) -> None:
+        from proxy.registry import class_problem
+
+        for f in filters:  # what the registry refuses at start, refused here too
+            problem = class_problem(type(f))
+            if problem is not None:
+                raise ConfigError(f"filter {f.name}: {problem}")
         self.recorder = _OutcomeRecorder()
 
         def mode(name: str) -> OnError:

@@ -246,6 +246,12 @@ async def test_a_header_envoy_would_refuse_is_the_filters_fault(on_error: OnErro
         (Respond(status=99), "bad_decision", "Respond.status 99"),
         (Respond(status=429, body="x"), "bad_decision", "Respond.body is a str"),  # type: ignore[arg-type]
         (Respond(status=429, headers={"retry-after": "1\r\nx: y"}), "bad_header", "CR, LF"),
+        # Shapes that raised inside the check itself, or passed it wrongly (a str of names
+        # removed each of its letters as a header), found by review.
+        (Mutate(set_headers=[("x-a", "1")]), "bad_header", "not a mapping"),  # type: ignore[arg-type]
+        (Mutate(remove_headers="x-keep"), "bad_decision", "tuple of header names"),  # type: ignore[arg-type]
+        (Respond(status=429, headers=None), "bad_header", "not a mapping"),  # type: ignore[arg-type]
+        (Respond(status=429, grpc_status="8"), "bad_decision", "not a gRPC status"),  # type: ignore[arg-type]
     ],
 )  # fmt: skip
 async def test_a_decision_that_cannot_be_carried_out_is_the_filters_fault(
@@ -265,10 +271,25 @@ async def test_a_faulting_filter_is_logged_with_its_phase_and_traceback(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     a = Recorder("a", [], raise_in="req_b")
-    await harness(a).request("POST", "/v2/x", body=b"{}")
-    (rec,) = [r for r in caplog.records if "failed closed" in r.getMessage()]
-    assert "filter a failed closed in request_body (exception)" in rec.getMessage()
-    assert rec.exc_info is not None and rec.exc_info[0] is RuntimeError  # where it broke
+    h = harness(a)
+    for _ in range(3):
+        await h.request("POST", "/v2/x", body=b"{}")
+    first, *more = [r for r in caplog.records if "failed closed" in r.getMessage()]
+    assert "filter a failed closed in request_body (exception)" in first.getMessage()
+    assert first.exc_info is not None and first.exc_info[0] is RuntimeError  # where it broke
+    # Once per filter, phase and exception type: a bug every request hits logs one traceback.
+    assert len(more) == 2 and all(r.exc_info is None for r in more)
+
+
+def test_the_harness_refuses_a_filter_the_registry_would() -> None:
+    from proxy.config import ConfigError
+
+    class SyncHook(Filter):
+        def on_request_headers(self, ctx: RequestContext, headers: Headers) -> Decision:  # type: ignore[override]
+            return CONTINUE
+
+    with pytest.raises(ConfigError, match=r"on_request_headers must be an `async def`"):
+        Harness.for_filters([SyncHook(NoParams(), Deps())])
 
 
 async def test_client_sent_internal_headers_are_stripped_before_filters() -> None:
