@@ -27,22 +27,49 @@ from proxy.process import processor_address
 PROCESSOR_CLUSTER = "floodwall_processor"
 LUA = "envoy.filters.http.lua"
 
-# On KServe passthrough routes nothing of ours sees the response, yet Triton's refusals must
-# reach callers like every other refusal: 503 with Retry-After and the JSON error format.
-# Triton answers {"error": "<text>"}; its queue refusals read "Exceeds maximum queue size" or
-# "Request timeout expired". LuaJIT in Envoy costs far less than a processor round trip.
+# On KServe passthrough routes nothing of ours reads the response body, yet Triton's refusals
+# must reach callers like every other refusal, in the JSON error format. Triton answers
+# {"error": "<text>"}:
+# - 503: its queue refusals read "Exceeds maximum queue size" or "Request timeout expired";
+#   sent on as 503 with Retry-After;
+# - 500 for a request it could not parse (Triton 2.51: malformed JSON, "inputs" missing or
+#   of the wrong type, "parameters" not an object): the caller's error, so 400. Left a 500,
+#   one tenant's malformed requests opened the model's breaker for every tenant (the
+#   processor reads the status after this filter) and counted as the host failing.
+# LuaJIT in Envoy costs far less than a processor round trip.
 KSERVE_ERRORS_LUA = """
+local BAD_REQUEST = {"failed to parse the request JSON", "Unable to parse '",
+                     "failed to get request params"}
+
+local function starts(text, prefix)
+  return string.sub(text, 1, string.len(prefix)) == prefix
+end
+
 function envoy_on_response(handle)
   local headers = handle:headers()
-  if headers:get(":status") ~= "503" then return end
-  if headers:get("retry-after") == nil then headers:add("retry-after", "1") end
+  local status = headers:get(":status")
+  if status ~= "503" and status ~= "500" then return end
+  if status == "503" and headers:get("retry-after") == nil then
+    headers:add("retry-after", "1")
+  end
   local body = handle:body()
   if body == nil then return end
+  -- The headers object read before body() is out of scope once the body is buffered:
+  -- changing it then failed ("object used outside of proper scope") and the 503 kept
+  -- Triton's content-type and had no x-floodwall-error.
+  headers = handle:headers()
   local raw = body:getBytes(0, body:length())
   local msg = string.match(raw, '^%s*{%s*"error"%s*:%s*"(.*)"%s*}%s*$')
   if msg == nil then return end
   local kind = "upstream_unavailable"
-  if string.find(msg, "Exceeds maximum queue size", 1, true)
+  if status == "500" then
+    kind = nil
+    for _, prefix in ipairs(BAD_REQUEST) do
+      if starts(msg, prefix) then kind = "invalid_request_error" end
+    end
+    if kind == nil then return end
+    headers:replace(":status", "400")
+  elseif string.find(msg, "Exceeds maximum queue size", 1, true)
       or string.find(msg, "Request timeout expired", 1, true) then
     kind = "model_overloaded"
   end
@@ -555,7 +582,11 @@ def _upstream_cluster(name: str, up: UpstreamConfig) -> dict[str, Any]:
     od = up.outlier_detection
     if od is not None:
         c["outlier_detection"] = {
-            "consecutive_5xx": od.consecutive_5xx,
+            "consecutive_gateway_failure": od.consecutive_gateway_failure,
+            "enforcing_consecutive_gateway_failure": 100,
+            # Envoy's default ejects on any 5 consecutive 5xx; not unless asked (see config).
+            "consecutive_5xx": od.consecutive_5xx or 5,
+            "enforcing_consecutive_5xx": 100 if od.consecutive_5xx else 0,
             "interval": _ms(od.interval_ms),
             "base_ejection_time": _ms(od.base_ejection_time_ms),
             "max_ejection_percent": od.max_ejection_percent,

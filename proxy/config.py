@@ -8,6 +8,7 @@ cannot disagree.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -185,7 +186,13 @@ class HealthCheckConfig(Model):
 
 
 class OutlierDetectionConfig(Model):
-    consecutive_5xx: Annotated[int, Field(ge=1)] = 5
+    # Consecutive gateway failures (502, 503, 504, and a refused, reset or timed-out
+    # connection) that take a host out of the balance: a dead or overloaded host.
+    consecutive_gateway_failure: Annotated[int, Field(ge=1)] = 5
+    # Also any 5xx, this many in a row (null: not used). Off by default: a model server may
+    # answer a request it cannot parse with 500 (Triton 2.51 does), and one caller's
+    # malformed requests would then take healthy hosts out for everyone.
+    consecutive_5xx: Annotated[int, Field(ge=1)] | None = None
     interval_ms: Millis = 5000
     base_ejection_time_ms: Millis = 10000
     max_ejection_percent: Annotated[int, Field(ge=0, le=100)] = 50
@@ -477,13 +484,26 @@ def _no_duplicates(what: str, names: list[str]) -> None:
         seen.add(n)
 
 
-def _format_validation(err: ValidationError) -> str:
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def _key(x: Any) -> str:
+    # A key as typed in YAML may be anything (a newline, 10 kB): quoted and cut, the error
+    # stays one readable line.
+    if isinstance(x, int):
+        return f"[{x}]"
+    text = str(x)
+    return text if _PLAIN_KEY.fullmatch(text) else repr(text[:64])
+
+
+def _format_validation(err: ValidationError, prefix: str = "") -> str:
+    """Each error as ``prefix.path.to.field: message``, joined on one line."""
     parts = []
     for e in err.errors():
-        loc = ".".join(str(x) if not isinstance(x, int) else f"[{x}]" for x in e["loc"])
+        loc = ".".join(_key(x) for x in ((prefix,) if prefix else ()) + tuple(e["loc"]))
         loc = loc.replace(".[", "[")
         parts.append(f"{loc or '<root>'}: {e['msg']}")
-    return "; ".join(parts)
+    return "; ".join(parts).replace("\n", " ")
 
 
 def parse_config(data: Any, source: str = "<config>") -> FloodwallConfig:

@@ -273,3 +273,22 @@ def test_kserve_routes_refuse_tritons_admin_apis_unless_the_route_allows_them() 
     cfg = shipped.model_copy(update={"routes": routes})
     assert not any(rbac in r["typed_per_filter_config"] for r in _routes(_render(cfg)).values())
     assert validate_envoy(cfg) is None
+
+
+def test_outlier_detection_ejects_on_gateway_failures_not_on_any_5xx() -> None:
+    # A model server may answer a request it cannot parse with 500 (Triton 2.51 does): one
+    # caller's malformed requests must not take healthy hosts out for everyone.
+    def od(**outlier: Any) -> dict[str, Any]:
+        up = {"endpoints": [{"address": "127.0.0.1", "port": 8000}], "outlier_detection": outlier}
+        route = {"name": "r", "match": {"prefix": "/"}, "upstream": "up"}
+        cfg = parse_config({"upstreams": {"up": up}, "routes": [route]})
+        (c,) = [c for c in _render(cfg)["static_resources"]["clusters"] if c["name"] == "up"]
+        out: dict[str, Any] = c["outlier_detection"]
+        return out
+
+    default = od()
+    assert default["consecutive_gateway_failure"] == 5
+    assert default["enforcing_consecutive_gateway_failure"] == 100
+    assert default["enforcing_consecutive_5xx"] == 0  # Envoy's own default would be 100
+    asked = od(consecutive_5xx=3)
+    assert (asked["consecutive_5xx"], asked["enforcing_consecutive_5xx"]) == (3, 100)

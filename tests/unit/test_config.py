@@ -62,6 +62,17 @@ def test_unknown_filter_type_and_bad_params_name_the_filter() -> None:
     cfg = parse_config({**BASE, "filters": [{"name": "a", "type": "auth", "params": {"kyes": 1}}]})
     with pytest.raises(ConfigError, match="kyes"):
         build_filters(cfg.filters, Deps())
+    # Every error of a filter's params says where (the second had lost its "params."), and
+    # a key typed as anything at all stays on the one line the error is printed as.
+    key = {"id": "x", "sha256": "0" * 64, "tenant": "t"}
+    cfg = parse_config({**BASE, "filters": [{"name": "a", "type": "auth", "params": {
+        "keys": [key], "a\nb": 1, "c": 2}}]})  # fmt: skip
+    with pytest.raises(ConfigError) as e:
+        build_filters(cfg.filters, Deps())
+    assert str(e.value) == (
+        "filters[0] (a): params.'a\\nb': Extra inputs are not permitted; "
+        "params.c: Extra inputs are not permitted"
+    )
 
 
 def test_a_filter_refusing_its_params_at_construction_is_a_config_error() -> None:
