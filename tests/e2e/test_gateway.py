@@ -162,7 +162,11 @@ def test_a_malformed_kserve_request_is_the_callers_400_and_trips_nothing(
     # test_fuzz_gateway.py), 25 of them from one key opened the embedder's breaker for every
     # tenant (503 circuit_open) and counted as the host failing in Envoy's outlier detection.
     url = f"{gateway.url}/v2/models/embedder/infer"
-    for raw in [b'{"inputs": {}}', b'{"inputs"', b"79", b'{"inputs": [], "parameters": 1}']:
+    bytes_not_text = (
+        b'{"inputs": [{"name": "TEXT", "datatype": "BYTES", "shape": [1], "data": [{}]}]}'
+    )
+    for raw in [b'{"inputs": {}}', b'{"inputs"', b"79", b'{"inputs": [], "parameters": 1}',
+                bytes_not_text]:  # fmt: skip
         r = httpx.post(url, content=raw, headers={**AUTH, "content-type": "application/json"})
         assert_error(r, 400, "invalid_request_error")
         assert r.headers["x-floodwall-error"] == "invalid_request_error"
