@@ -178,6 +178,15 @@ class Usage:
     prompt_tokens: int
     completion_tokens: int = 0
 
+    def __post_init__(self) -> None:
+        # A count a model reported as -1 would refund token limits past what was reserved and
+        # fail the token metrics (found by fuzzing the model's answers): a ValueError here is
+        # an unreadable answer (502) where the answer is translated.
+        if self.prompt_tokens < 0 or self.completion_tokens < 0:
+            raise ValueError(
+                f"negative token counts {self.prompt_tokens}, {self.completion_tokens}"
+            )
+
     @property
     def total(self) -> int:
         return self.prompt_tokens + self.completion_tokens

@@ -16,7 +16,7 @@ from filters.auth.params import AuthParams
 from filters.openai.filter import OpenAIFilter
 from filters.openai.params import OpenAIParams
 from proxy.api import Deps, Headers
-from proxy.testing import Harness, UpstreamReply
+from proxy.testing import Harness, UpstreamReply, default_config
 
 KEY = "sk-test-123"
 DIGEST = hashlib.sha256(KEY.encode()).hexdigest()
@@ -219,8 +219,39 @@ def sim_llm_reply(headers: Headers, body: bytes) -> UpstreamReply:
     return UpstreamReply(200, {"content-type": "application/json"}, json.dumps(out).encode())
 
 
+async def test_a_negative_token_count_from_the_model_is_an_unreadable_answer() -> None:
+    # Found by fuzzing the model's answers: -1 failed the token metrics in on_complete (a
+    # fault) and would have refunded token limits past the reservation.
+    names = [{"name": n} for n in ("PROMPT", "MAX_TOKENS", "TEMPERATURE")]
+    good = sim_llm_reply({}, json.dumps({"inputs": names}).encode()).body
+
+    def reply(count: int, name: str) -> UpstreamReply:
+        out = json.loads(good)
+        for o in out["outputs"]:
+            if o["name"] == name:
+                o["data"] = [count]
+        return UpstreamReply(200, {"content-type": "application/json"}, json.dumps(out).encode())
+
+    cfg = default_config(CHAT_ROUTES)
+    h = Harness.for_filters([chat_filter()], cfg)
+    body = json.dumps({"model": "sim", "messages": [{"role": "user", "content": "hi"}]})
+    for name in ("PROMPT_TOKENS", "COMPLETION_TOKENS"):
+        r = await h.request("POST", "/v1/chat/completions", body=body, upstream=reply(-1, name))
+        assert (r.status, r.json()["error"]["type"]) == (502, "upstream_error"), name
+    ok = await h.request(
+        "POST", "/v1/chat/completions", body=body, upstream=reply(0, "PROMPT_TOKENS")
+    )
+    assert ok.status == 200
+    emb = Harness.for_filters([openai()])
+    neg = {"outputs": [{"name": "EMBEDDING", "shape": [1, 2], "data": [0.1, 0.2]},
+                       {"name": "TOKENS", "shape": [1], "data": [-3]}]}  # fmt: skip
+    one = json.dumps({"model": "mini", "input": "a"})
+    r = await emb.request("POST", "/v1/embeddings", body=one,
+                          upstream=UpstreamReply(200, {}, json.dumps(neg).encode()))  # fmt: skip
+    assert (r.status, r.json()["error"]["type"]) == (502, "upstream_error")
+
+
 async def test_chat_round_trip_with_priority_and_deadline() -> None:
-    from proxy.testing import default_config
 
     class Prioritise(AuthFilter):
         async def on_request_headers(self, ctx, headers):  # type: ignore[no-untyped-def]
@@ -251,7 +282,6 @@ async def test_chat_round_trip_with_priority_and_deadline() -> None:
 
 
 async def test_chat_bad_input() -> None:
-    from proxy.testing import default_config
 
     h = Harness.for_filters([chat_filter()], default_config(CHAT_ROUTES))
     ok = [{"role": "user", "content": "x"}]
@@ -338,7 +368,6 @@ async def test_a_stream_that_fails_after_its_200_is_counted_as_a_failure() -> No
 
     from filters.openai.filter import OpenAIFilter, _State
     from proxy.api import Deps, Mutate, RequestContext
-    from proxy.testing import default_config
 
     f = OpenAIFilter(OpenAIFilter.Params(), Deps())
     f.name = "openai"
