@@ -34,9 +34,9 @@ LUA = "envoy.filters.http.lua"
 #   sent on as 503 with Retry-After;
 # - 500 for a request it could not parse (Triton 2.51: malformed JSON, "inputs" missing or
 #   of the wrong type, "parameters" not an object, BYTES data that are not strings): the
-#   caller's error, so 400. Left a 500,
-#   one tenant's malformed requests opened the model's breaker for every tenant (the
-#   processor reads the status after this filter) and counted as the host failing.
+#   caller's error, so 400. Left a 500, one tenant's malformed requests opened the model's
+#   breaker for every tenant (the processor reads the status after this filter) and
+#   counted as the host failing.
 # LuaJIT in Envoy costs far less than a processor round trip.
 KSERVE_ERRORS_LUA = """
 local BAD_REQUEST = {"failed to parse the request JSON", "Unable to parse ",
