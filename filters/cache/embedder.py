@@ -4,11 +4,13 @@ embedder and pair verdicts from the judge, each through its model's dynamic batc
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, Protocol
 
-import aiohttp
 import numpy as np
 import orjson
+
+from proxy.http1 import Http1Pool, HTTPProtocolError
 
 TOKEN_OUTPUT = "TOKEN_EMBEDDING"
 
@@ -40,38 +42,30 @@ class PairJudge(Protocol):
 
 
 class _TritonHTTP:
-    """One Triton model's KServe v2 ``infer`` endpoint over a pooled aiohttp session."""
+    """One Triton model's KServe v2 ``infer`` endpoint over kept-alive connections
+    (``proxy/http1.py``: ~0.7 ms less per call than aiohttp at p50; a semantic hit found by
+    its vector makes two calls one after the other)."""
 
     def __init__(self, base_url: str, model: str, timeout_s: float) -> None:
-        self.url = f"{base_url.rstrip('/')}/v2/models/{model}/infer"
+        self.path = f"/v2/models/{model}/infer"
         self.timeout_s = timeout_s
-        self._session: aiohttp.ClientSession | None = None
-
-    def _client(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=64, keepalive_timeout=30),
-                timeout=aiohttp.ClientTimeout(total=self.timeout_s),
-            )
-        return self._session
+        self._pool = Http1Pool(base_url)
 
     async def _post(self, request: dict[str, Any]) -> tuple[bytes, str | None]:
         """The raw answer and the length of its JSON header (binary tensors follow it);
         ValueError saying what went wrong when there is no usable answer."""
         try:
-            async with self._client().post(
-                self.url, data=orjson.dumps(request), headers={"content-type": "application/json"}
-            ) as resp:
-                raw = await resp.read()
-                if resp.status != 200:
-                    raise ValueError(f"answered {resp.status}: {raw[:200]!r}")
-                return raw, resp.headers.get("Inference-Header-Content-Length")
-        except (aiohttp.ClientError, TimeoutError) as exc:
+            answer = await self._pool.post(
+                self.path, orjson.dumps(request), "application/json", self.timeout_s
+            )
+        except (OSError, TimeoutError, asyncio.IncompleteReadError, HTTPProtocolError) as exc:
             raise ValueError(f"unreachable or slow: {exc!r}") from None
+        if answer.status != 200:
+            raise ValueError(f"answered {answer.status}: {answer.body[:200]!r}")
+        return answer.body, answer.headers.get("inference-header-content-length")
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        await self._pool.close()
 
 
 class TritonEmbedder(_TritonHTTP):
