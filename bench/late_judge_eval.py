@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from filters.cache import judge as J
-from filters.cache.evaluate import HELD_OUT, Pair, near_duplicates
+from filters.cache.evaluate import HELD_OUT, Pair
 
 RESULTS = Path(__file__).parent / "results" / "late_judge_eval"
 HIDDEN = 384
@@ -156,40 +156,16 @@ def run(join: int, joint: int, epochs: int, lr: float) -> dict[str, Any]:
 
     torch.manual_seed(J.SEED)
     rng = random.Random(J.SEED)
-    sets = J.training_sets()
-    by_set = {n: J.load([n]) for n in sets}
-    pairs = [p for n in sets for p in by_set[n]]
-    texts = list(dict.fromkeys(t for p in pairs for t in (p.a, p.b)))
-    labelled = pairs + near_duplicates(pairs) + J.neighbours(by_set, J._mean_pooled(texts))
-    rows = [(p.a, p.b, float(p.same)) for p in labelled]
-    rows += [(p.b, p.a, float(p.same)) for p in labelled]
+    rows, _, _ = J.training_rows()
     held = {n: J.load([n]) for n in HELD_OUT}
     every = [t for r in rows for t in r[:2]] + [t for ps in held.values() for p in ps
                                                  for t in (p.a, p.b)]  # fmt: skip
     states, vectors = _states(list(dict.fromkeys(every)), join)
     model = _late_model(join, joint)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    steps = epochs * -(-len(rows) // J.BATCH)
-    warm = 0.1 * steps
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: s / warm if s < warm else max(0.0, (steps - s) / (steps - warm))
-    )
-    loss_fn = torch.nn.BCEWithLogitsLoss()
     started = time.perf_counter()
-    model.train()
-    for _ in range(epochs):
-        rng.shuffle(rows)
-        for i in range(0, len(rows), J.BATCH):
-            chunk = rows[i : i + J.BATCH]
-            logits = model(*_batch(states, [(r[0], r[1]) for r in chunk]))
-            loss = loss_fn(logits, torch.tensor([r[2] for r in chunk]))
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            opt.zero_grad()
+    J.fit(model, rows, lambda batch: model(*_batch(states, [(r[0], r[1]) for r in batch])),
+          epochs=epochs, lr=lr, rng=rng)  # fmt: skip
     train_s = time.perf_counter() - started
-    model.eval()
     late: dict[str, Any] = {}
     with torch.no_grad():
         for name, ps in held.items():

