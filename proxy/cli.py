@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -127,6 +128,22 @@ def cmd_worker(args: argparse.Namespace) -> int:
                      "(floodwall up does) or set redis.url in the config")  # fmt: skip
     uvloop.run(serve(cfg, redis_url=url, concurrency=args.concurrency, consumer=args.consumer,
                      admin_port=args.admin_port))  # fmt: skip
+    return 0
+
+
+def cmd_jobs_webhook_secret(args: argparse.Namespace) -> int:
+    """``floodwall jobs webhook-secret --tenant T``: the key T's receiver verifies with."""
+    from filters.jobs.worker import jobs_params, tenant_secret
+
+    p = jobs_params(load_config(args.config))
+    if p is None or p.webhook is None:
+        return _fail("the config's jobs filter has no webhook section: no webhooks are signed")
+    secret = os.environ.get(p.webhook.secret_env)
+    if not secret:
+        return _fail(f"{p.webhook.secret_env} is unset: set it to the workers' secret")
+    if p.webhook.signing == "shared":
+        return _fail("webhook.signing is shared: every tenant verifies with the secret itself")
+    print(tenant_secret(secret.encode(), args.tenant).decode())
     return 0
 
 
@@ -321,6 +338,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--admin-port", type=int, default=None, help="default: jobs.worker")
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("jobs", help="async job tasks")
+    jsub = p.add_subparsers(dest="jobs_cmd", required=True)
+    w = jsub.add_parser(
+        "webhook-secret",
+        help="print the key a tenant's webhook receiver verifies signatures with (read from "
+        "the config's webhook.secret_env; webhook.signing: per_tenant)",
+    )
+    w.add_argument("-c", "--config", required=False)
+    w.add_argument("--tenant", required=True)
+    w.set_defaults(func=cmd_jobs_webhook_secret)
 
     p = sub.add_parser(
         "bench", help="run the benchmark suites; JSON, plots, a Markdown summary", add_help=False

@@ -28,6 +28,11 @@ class WebhookParams(FilterParams):
     allow_private_addresses: bool = False
     # Name of the environment variable holding the HMAC-SHA256 signing secret (of the worker).
     secret_env: str = "FLOODWALL_WEBHOOK_SECRET"
+    # per_tenant: each tenant's webhooks are signed with a key derived from the secret and the
+    # tenant (`floodwall jobs webhook-secret --tenant T` prints it), so a tenant can verify its
+    # own deliveries but cannot sign one that another tenant's receiver accepts. shared: the
+    # secret itself signs every tenant's webhooks (one receiver that you run for all tenants).
+    signing: Literal["per_tenant", "shared"] = "per_tenant"
     timeout_s: Annotated[float, Field(gt=0, le=60)] = 5.0
     attempts: Annotated[int, Field(ge=1, le=10)] = 3
 

@@ -386,6 +386,12 @@ def _int(fields: Mapping[str, bytes], name: str, default: int = 0) -> int:
     return int(v) if v is not None else default
 
 
+def _total(fields: Mapping[str, bytes]) -> int:
+    """The job's request count, never more than its record's fields (a request has three):
+    a damaged ``total`` must not make a reader loop for ever."""
+    return max(0, min(_int(fields, "total", 1), len(fields)))
+
+
 def _result(fields: Mapping[str, bytes], i: int) -> dict[str, Any] | None:
     status = fields.get(f"rs:{i}")
     if status is None:
@@ -406,7 +412,7 @@ def _ms(ttl_s: float) -> int:
 def view(job_id: str, fields: Mapping[str, bytes], api_path: str) -> bytes:
     """The job as ``GET /v1/jobs/{id}`` and the webhook show it. Model answers are spliced in
     as they are (``orjson.Fragment``): no parse of a possibly large body on the way out."""
-    total = _int(fields, "total", 1)
+    total = _total(fields)
     out: dict[str, Any] = {
         "id": job_id,
         "object": "job",
@@ -437,7 +443,7 @@ def view(job_id: str, fields: Mapping[str, bytes], api_path: str) -> bytes:
 
 def requests_of(fields: Mapping[str, bytes]) -> list[tuple[str, str, bytes]]:
     """(method, url, body) of each request of a job, in order."""
-    total = _int(fields, "total", 1)
+    total = _total(fields)
     return [
         (_s(fields[f"m:{i}"]), _s(fields[f"u:{i}"]), fields.get(f"b:{i}", b""))
         for i in range(total)

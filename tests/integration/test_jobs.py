@@ -28,7 +28,7 @@ from filters.auth.filter import AuthFilter
 from filters.jobs.filter import JobsFilter
 from filters.jobs.params import JobsParams
 from filters.jobs.store import JobStore
-from filters.jobs.worker import EnvoyCaller, Worker, verify, worker_redis
+from filters.jobs.worker import EnvoyCaller, Worker, tenant_secret, verify, worker_redis
 from proxy.api import Deps
 from proxy.process import make_redis
 from proxy.testing import Harness, Result, default_config
@@ -499,9 +499,11 @@ async def _all_done(rc: aioredis.Redis, p: JobsParams, ids: Any) -> bool:
     return all([(await store.get(i)).get("status") == b"succeeded" for i in ids])
 
 
-async def test_webhook_is_signed(rc: aioredis.Redis, upstream: Upstream) -> None:
+@pytest.mark.parametrize("signing", ["per_tenant", "shared"])
+async def test_webhook_is_signed(rc: aioredis.Redis, upstream: Upstream, signing: str) -> None:
     # The receiver is on 127.0.0.1: allowed only with allow_private_addresses.
-    p = _params(webhook={"allowed_prefixes": [upstream.url + "/"], "allow_private_addresses": True})
+    p = _params(webhook={"allowed_prefixes": [upstream.url + "/"], "allow_private_addresses": True,
+                         "signing": signing})  # fmt: skip
     h = _gateway(rc, p)
     refused = await _submit(h, headers={"floodwall-webhook": "http://10.0.0.1/steal"})
     assert refused.status == 400
@@ -511,10 +513,15 @@ async def test_webhook_is_signed(rc: aioredis.Redis, upstream: Upstream) -> None
         await _until(lambda: _hooked(upstream))
     body, sig = upstream.hooks[0]
     assert orjson.loads(body)["id"] == job_id and orjson.loads(body)["status"] == "succeeded"
-    assert verify(SECRET, body, sig, now=time.time())
-    assert not verify(b"other secret", body, sig, now=time.time())
-    assert not verify(SECRET, body + b" ", sig, now=time.time())
-    assert not verify(SECRET, body, sig, now=time.time() + 3600)  # a replay, an hour later
+    # Per tenant, alice's receiver holds her own key; neither the workers' secret nor bob's
+    # key signs for her (bob cannot forge a delivery that her receiver accepts).
+    key = tenant_secret(SECRET, "alice") if signing == "per_tenant" else SECRET
+    others = [SECRET, tenant_secret(SECRET, "bob")] if signing == "per_tenant" else []
+    assert verify(key, body, sig, now=time.time())
+    for other in [b"other secret", *others]:
+        assert not verify(other, body, sig, now=time.time())
+    assert not verify(key, body + b" ", sig, now=time.time())
+    assert not verify(key, body, sig, now=time.time() + 3600)  # a replay, an hour later
 
 
 async def _hooked(up: Upstream) -> bool:

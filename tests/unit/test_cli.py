@@ -44,3 +44,25 @@ def test_check_refuses_a_model_repository_up_would_not_find(tmp_path: Path) -> N
     cfg.write_text("triton: {model_repository: ../no_such_models, enabled: false}\n")
     r = subprocess.run([*FLOODWALL, "check", "-c", str(cfg)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_jobs_webhook_secret_prints_the_tenants_key(tmp_path: Path) -> None:
+    import os
+
+    import yaml
+
+    from filters.jobs.worker import tenant_secret
+
+    cfg = yaml.safe_load((Path(__file__).parents[2] / "examples" / "local.yaml").read_text())
+    (jobs,) = [f for f in cfg["filters"] if f["type"] == "jobs"]
+    jobs.setdefault("params", {})["webhook"] = {"allowed_prefixes": ["https://hooks.example.com/"]}
+    path = tmp_path / "fw.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    cmd = [*FLOODWALL, "jobs", "webhook-secret", "-c", str(path), "--tenant", "acme"]
+    env = {**os.environ, "FLOODWALL_WEBHOOK_SECRET": "s3cret"}
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == tenant_secret(b"s3cret", "acme").decode()
+    env.pop("FLOODWALL_WEBHOOK_SECRET")
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 2 and "FLOODWALL_WEBHOOK_SECRET is unset" in r.stderr
