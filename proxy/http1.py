@@ -41,7 +41,8 @@ _Conn = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
 class Http1Pool:
     """POSTs to one ``http://`` or ``https://`` origin over at most ``limit`` connections,
-    keeping up to ``max_idle`` of them open between calls."""
+    keeping up to ``max_idle`` of them open between calls. ``https`` verifies the server
+    against the system's CAs (a private CA: ``SSL_CERT_FILE``, read by OpenSSL)."""
 
     def __init__(self, base_url: str, *, limit: int = 64, max_idle: int = 16) -> None:
         parts = urlsplit(base_url)

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import ssl
+import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -57,10 +60,14 @@ async def serve() -> AsyncIterator[Serve]:
     started: list[asyncio.Server] = []
 
     async def start(
-        answer: Answerer, *, close_after_answer: bool = False, silent: bool = False
+        answer: Answerer,
+        *,
+        close_after_answer: bool = False,
+        silent: bool = False,
+        tls: ssl.SSLContext | None = None,
     ) -> Server:
         s = Server(answer, close_after_answer=close_after_answer, silent=silent)
-        srv = await asyncio.start_server(s.handle, "127.0.0.1", 0)
+        srv = await asyncio.start_server(s.handle, "127.0.0.1", 0, ssl=tls)
         started.append(srv)
         s.port = srv.sockets[0].getsockname()[1]
         return s
@@ -193,3 +200,39 @@ async def test_nobody_listening_is_an_oserror(serve: Serve) -> None:
 def test_only_http_urls_with_a_host(url: str) -> None:
     with pytest.raises(ValueError, match="http:// or https://"):
         Http1Pool(url)
+
+
+@pytest.fixture
+def localhost_cert(tmp_path: Path) -> tuple[Path, Path]:
+    """A self-signed certificate (and its key) for localhost."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost"],
+        check=True, capture_output=True, timeout=30,
+    )  # fmt: skip
+    return cert, key
+
+
+async def test_https_verifies_the_server_then_keeps_its_connection(
+    serve: Serve, localhost_cert: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Refused until the certificate is trusted through SSL_CERT_FILE (read by the default
+    # context, as by every OpenSSL client).
+    cert, key = localhost_cert
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(cert, key)
+    s = await serve(ok(), tls=tls)
+    untrusted = Http1Pool(f"https://localhost:{s.port}")
+    with pytest.raises(ssl.SSLCertVerificationError):
+        await untrusted.post("/x", b"{}", "application/json", 5)
+    await untrusted.close()
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    pool = Http1Pool(f"https://localhost:{s.port}/base")
+    for _ in range(2):
+        answer = await pool.post("/x", b"{}", "application/json", 5)
+        assert answer.status == 200 and answer.body == b'{"ok": true}'
+    await pool.close()
+    assert s.connections == 1  # one, kept for both calls (the refused one never got that far)
+    assert [head.split(b"\r\n")[0] for head, _ in s.requests] == [b"POST /base/x HTTP/1.1"] * 2
