@@ -2,7 +2,7 @@
 writes one summary: each suite's JSON, Markdown and plots stay in the output folder, and
 ``summary.md`` gathers their tables (with the machine and the time taken per suite).
 
-    .venv/bin/floodwall bench                       # every suite, full length (~28 minutes)
+    .venv/bin/floodwall bench                       # every suite, full length (~1 hour)
     .venv/bin/floodwall bench --quick               # shorter runs (~10 minutes)
     .venv/bin/floodwall bench --suites jobs cache   # some of them
     .venv/bin/floodwall bench --summary-only        # rebuild summary.md from existing results

@@ -103,11 +103,17 @@ class Gate(Protocol):
 class Signals:
     """Process-local health signals policies share (one per processor process): a breaker
     publishes its gate per model, so degradation can steer around a model before the breaker
-    would refuse the call; Triton's load (pending requests, queue time) is polled once per
-    metrics URL for every policy that watches it."""
+    would refuse the call; admission says when it last had to make a call for a model wait
+    or refuse it, so degradation can serve the lighter model while admission is the limit;
+    Triton's load (pending requests, queue time) is polled once per metrics URL for every
+    policy that watches it."""
 
     def __init__(self) -> None:
         self.gates: dict[str, Gate] = {}
+        # Model (or route, for an admission without models) -> priority class -> when
+        # admission last made a call of the class wait or refused one (monotonic seconds on
+        # Deps.clock).
+        self.pressed_at: dict[str, dict[str, float]] = {}
         # Client-facing model name -> the backend (Triton) model serving it, registered by
         # API filters (openai), so other policies can follow a model's versions and load.
         self.backend_models: dict[str, str] = {}

@@ -367,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     b.set_defaults(func=cmd_models_build)
     j = msub.add_parser(
         "train-judge",
-        help="retrain the semantic cache's judge (~33 min on 2 cores; needs torch)",
+        help="retrain the semantic cache's judge (~41 min on 2 cores; needs torch)",
     )
     j.add_argument("--out", required=True, help="folder for model.onnx and training.json")
     j.add_argument("--epochs", type=int, default=3)

@@ -103,8 +103,9 @@ class TracingConfig(Model):
     @classmethod
     def _host_port(cls, v: str) -> str:
         host, _, port = v.rpartition(":")
-        if not host or not port.isdigit():
-            raise ValueError(f"{v!r}: host:port of an OTLP/gRPC collector (say 127.0.0.1:4317)")
+        if not host or not port.isdigit() or "@" in v or "/" in v:
+            # Not echoed: a URL with credentials in it is the likely mistake.
+            raise ValueError("host:port of an OTLP/gRPC collector (say 127.0.0.1:4317)")
         return v
 
 
@@ -156,6 +157,19 @@ class RedisConfig(Model):
     def _cluster_needs_url(self) -> RedisConfig:
         if self.cluster and self.url == "local":
             raise ValueError("cluster: true needs the url of a cluster node, not local")
+        if self.url != "local":
+            from redis.asyncio.connection import parse_url
+
+            for url in self.url.split(",") if self.cluster else [self.url]:
+                try:
+                    parse_url(url.strip())
+                except ValueError:
+                    # redis-py's message quotes the piece it could not read: often part of
+                    # the password.
+                    raise ValueError(
+                        "url: not a Redis URL (redis://, rediss:// or unix://); a password "
+                        "with any of / ? # @ : in it must be percent-encoded"
+                    ) from None
         return self
 
 
@@ -527,7 +541,7 @@ def load_config(path: Path | str | None = None) -> FloodwallConfig:
     try:
         data = yaml.safe_load(_expand_env(text))
     except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        raise ConfigError(f"{p}: not valid YAML: {_yaml_problem(e)}") from None
     if data is None:
         data = {}
     cfg = parse_config(data, str(p))
@@ -541,6 +555,17 @@ def load_config(path: Path | str | None = None) -> FloodwallConfig:
             update={"triton": cfg.triton.model_copy(update={"model_repository": repo})}
         )
     return cfg
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """What the parser found and where, without the line it quotes: that line may hold a
+    ``${VAR}`` expanded from the environment (a secret whose characters broke the YAML)."""
+    if not isinstance(e, yaml.MarkedYAMLError):
+        return type(e).__name__
+    mark = e.problem_mark or e.context_mark
+    at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    what = " ".join(x for x in (e.context, e.problem) if x) or "unreadable"
+    return f"{what}{at} (a ${{VAR}} whose value holds YAML syntax needs quotes around it)"
 
 
 def _expand_env(text: str) -> str:

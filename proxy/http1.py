@@ -113,7 +113,7 @@ async def _read_answer(reader: asyncio.StreamReader) -> tuple[Answer, bool]:
     lines = raw[:-4].decode("latin-1").split("\r\n")
     version, _, rest = lines[0].partition(" ")
     code = rest[:3]
-    if not version.startswith("HTTP/1.") or not code.isdigit():
+    if not version.startswith("HTTP/1.") or not _digits(code, 3):
         raise HTTPProtocolError(f"not an HTTP/1.x status line: {lines[0][:80]!r}")
     headers: dict[str, str] = {}
     for line in lines[1:]:
@@ -125,30 +125,38 @@ async def _read_answer(reader: asyncio.StreamReader) -> tuple[Answer, bool]:
     if "chunked" in headers.get("transfer-encoding", "").lower():
         body = await _read_chunked(reader)
     elif "content-length" in headers:
-        try:
-            length = int(headers["content-length"])
-        except ValueError:
-            raise HTTPProtocolError("unreadable Content-Length") from None
-        if not 0 <= length <= MAX_BODY_BYTES:
+        if not _digits(headers["content-length"]):
+            raise HTTPProtocolError("unreadable Content-Length")
+        length = int(headers["content-length"])
+        if length > MAX_BODY_BYTES:
             raise HTTPProtocolError(f"Content-Length {length} out of bounds")
         body = await reader.readexactly(length)
-    else:  # framed by the end of the connection
-        body = await reader.read(MAX_BODY_BYTES + 1)
-        if len(body) > MAX_BODY_BYTES:
-            raise HTTPProtocolError(f"answer body over {MAX_BODY_BYTES} bytes")
+    else:  # framed by the end of the connection: read until then
+        out = bytearray()
+        while chunk := await reader.read(65536):
+            out += chunk
+            if len(out) > MAX_BODY_BYTES:
+                raise HTTPProtocolError(f"answer body over {MAX_BODY_BYTES} bytes")
+        body = bytes(out)
         keep = False
     return Answer(int(code), headers, body), keep
+
+
+def _digits(text: str, n: int | None = None) -> bool:
+    """ASCII digits only (``int`` also takes "+5", " 5", "1_0" and other scripts' digits),
+    ``n`` of them if given."""
+    return bool(text) and text.isascii() and text.isdigit() and (n is None or len(text) == n)
 
 
 async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
     out = bytearray()
     while True:
         line = await reader.readuntil(b"\r\n")
-        try:
-            size = int(line.split(b";", 1)[0].strip(), 16)
-        except ValueError:
-            raise HTTPProtocolError(f"unreadable chunk size {line[:40]!r}") from None
-        if size < 0 or len(out) + size > MAX_BODY_BYTES:
+        digits = line.split(b";", 1)[0].strip()
+        if not digits or digits.strip(b"0123456789abcdefABCDEF"):  # int() takes "0x1f", "1_f"
+            raise HTTPProtocolError(f"unreadable chunk size {line[:40]!r}")
+        size = int(digits, 16)
+        if len(out) + size > MAX_BODY_BYTES:
             raise HTTPProtocolError(f"answer body over {MAX_BODY_BYTES} bytes")
         if size == 0:
             while await reader.readuntil(b"\r\n") != b"\r\n":  # trailers, unused

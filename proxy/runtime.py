@@ -64,7 +64,10 @@ def find_binary(name: str, fix: str) -> str:
 
 def redacted_url(url: str) -> str:
     """``url`` fit to print or log: a password, in the userinfo or in a ``password=`` query
-    parameter (redis-py reads both), shown as ``***``."""
+    parameter (redis-py reads both), shown as ``***``; in each URL of a comma-separated list
+    (``redis.cluster``'s seed nodes)."""
+    if "," in url:
+        return ",".join(redacted_url(u) for u in url.split(","))
     parts = urlsplit(url)
     userinfo, _, hostport = parts.netloc.rpartition("@")
     netloc = f"{userinfo.partition(':')[0]}:***@{hostport}" if ":" in userinfo else parts.netloc

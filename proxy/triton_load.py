@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import re
 import time
 from collections.abc import Callable
@@ -60,11 +61,14 @@ class ModelLoad:
 
 
 def parse(text: str) -> dict[str, dict[str, float]]:
-    """metric -> model -> value, summed over versions."""
+    """metric -> model -> value, summed over versions; a value past float's range (1e999)
+    is left out, as an infinite count would stop the poller (int(inf))."""
     out: dict[str, dict[str, float]] = {}
     for name, model, value in _SAMPLE.findall(text):
-        per = out.setdefault(name, {})
-        per[model] = per.get(model, 0.0) + float(value)
+        v = float(value)
+        if math.isfinite(v):
+            per = out.setdefault(name, {})
+            per[model] = per.get(model, 0.0) + v
     return out
 
 

@@ -72,6 +72,7 @@ class _Ticket:
     limiter: Limiter
     admitted: float
     load: int
+    path: str  # the upstream path when admitted: a call steered elsewhere later is not timed
     rtt: float | None = None
 
 
@@ -167,7 +168,7 @@ class AdmissionFilter(Filter):
             # permit goes back now, not after the gateway has also handled the body (with the
             # gateway short of CPU, permits held there would leave the model idle).
             st.ticket = None
-            self._settle(t, status, now)
+            self._settle(t, status, now, ctx.upstream_path)
         return CONTINUE
 
     def _classify(self, ctx: RequestContext, headers: Headers) -> str:
@@ -201,6 +202,8 @@ class AdmissionFilter(Filter):
             self._probe_at[ctx.route_name] = now + PROBE_S
             return CONTINUE
         EARLY.labels(ctx.route_name, cls).inc()
+        for m in models:
+            self.deps.signals.pressed_at.setdefault(m, {})[cls] = now
         return _overloaded(ctx.route_name, cls, max(lim.retry_after_s() for lim in lims))
 
     def _max_wait(self, ctx: RequestContext, lim: Limiter) -> float:
@@ -229,11 +232,13 @@ class AdmissionFilter(Filter):
         load = lim.inflight
         decision = await lim.acquire(cls, st.tenant, self._max_wait(ctx, lim))
         DECISIONS.labels(name, cls, decision).inc()
+        if decision != "admitted":  # the limit binds: degrade may serve a lighter model
+            self.deps.signals.pressed_at.setdefault(name, {})[cls] = self.deps.clock.monotonic()
         if decision == "queued":
             QUEUE_SECONDS.labels(name).observe(self.deps.clock.monotonic() - now)
         elif decision != "admitted":
             return _overloaded(name, cls, lim.retry_after_s())
-        st.ticket = _Ticket(name, lim, self.deps.clock.monotonic(), load)
+        st.ticket = _Ticket(name, lim, self.deps.clock.monotonic(), load, ctx.upstream_path)
         LIMIT.labels(name).set(lim.limit)
         INFLIGHT.labels(name).set(lim.inflight)
         return CONTINUE
@@ -270,7 +275,7 @@ class AdmissionFilter(Filter):
         if outcome.aborted or outcome.responded_by is not None or upstream is None:
             self._release(t, None, False, now)
         else:
-            self._settle(t, upstream, now)
+            self._settle(t, upstream, now, ctx.upstream_path)
         return None
 
     async def _release_after(self, t: _Ticket, delay_s: float) -> None:
@@ -279,13 +284,15 @@ class AdmissionFilter(Filter):
         finally:  # also when cancelled at shutdown: the permit goes back either way
             self._release(t, None, False, self.deps.clock.monotonic())
 
-    def _settle(self, t: _Ticket, status: int, now: float) -> None:
+    def _settle(self, t: _Ticket, status: int, now: float, path: str) -> None:
         """Releases the permit of a call the model answered with ``status``. Only a success
         times the model's work: a 4xx answered in a fraction of a millisecond taken as an
-        RTT would become the no-load RTT, and every normal call would then look queued. A
-        5xx or a 429 (Triton's queue full) is congestion: it cuts the limit."""
+        RTT would become the no-load RTT, and every normal call would then look queued. Nor
+        does a call a later filter sent to another model (``path``: degrade's lighter twin):
+        its faster answers would set the no-load RTT too. A 5xx or a 429 (Triton's queue
+        full) is congestion: it cuts the limit."""
         failed = status >= 500 or status == 429
-        timed = 200 <= status < 300
+        timed = 200 <= status < 300 and path == t.path
         rtt = (t.rtt if t.rtt is not None else now - t.admitted) if timed else None
         self._release(t, rtt, failed, now)
 

@@ -27,8 +27,8 @@ class RouteCache(FilterParams):
     """How one route is cached. Routes not listed are never cached."""
 
     ttl_s: Annotated[float, Field(gt=0, le=30 * 86400)] = 3600.0
-    # Semantic matching on top of exact matching (chat: the last user message; completions:
-    # `prompt`; other APIs: the text at `text_pointer`). Embeddings routes are exact-only.
+    # Semantic matching on top of exact matching (chat: the last user message; other APIs:
+    # the text at `text_pointer`). Embeddings routes are exact-only.
     # Off unless asked for: it serves a wrong answer to some look-alikes (4-14% of traps per
     # held-out set with the guards alone, at most 1.25% with the judge; README "Semantic
     # cache"); measure your traffic with `floodwall cache eval` first.

@@ -4,6 +4,7 @@ processor and the workers agree on the queue)."""
 from __future__ import annotations
 
 import ipaddress
+import re
 from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -42,10 +43,10 @@ class WebhookParams(FilterParams):
         for p in v:
             # "https://hooks.example.com" would also admit "https://hooks.example.com.evil.net".
             if not p.startswith(("http://", "https://")) or not p.endswith("/"):
-                raise ValueError(f"{p!r}: an http(s) URL prefix ending with '/'")
+                raise ValueError(f"{_shown(p)!r}: an http(s) URL prefix ending with '/'")
             u = URL(p)
             if not u.host or u.user is not None or u.query_string or u.fragment:
-                raise ValueError(f"{p!r}: a host is needed, and no user, query or fragment")
+                raise ValueError(f"{_shown(p)!r}: a host is needed, and no user, query or fragment")
         return v
 
     @model_validator(mode="after")
@@ -65,9 +66,11 @@ class WebhookParams(FilterParams):
         if not isinstance(url, str):
             return None
         try:
-            u = URL(url)
-        except ValueError:
+            return self._allows(URL(url))
+        except ValueError:  # UnicodeError too: a host IDNA cannot encode ("xn--a.com")
             return None
+
+    def _allows(self, u: URL) -> URL | None:
         # An encoded / or \ could make the receiver's server see another path than checked.
         raw = u.raw_path.lower()
         if u.user is not None or u.fragment or "%2f" in raw or "%5c" in raw or "\\" in raw:
@@ -138,7 +141,7 @@ class JobsParams(FilterParams):
     # Key prefix in Redis. The {hash tag} (required) keeps every job key in one Redis Cluster
     # slot (the Lua scripts touch a job, its queue and the counters atomically).
     prefix: str = "fw:{jobs}"
-    # Path of the job API (POST to submit, GET/DELETE {prefix}/{id}).
+    # Path of the job API (POST to submit, GET/DELETE {api_path}/{id}).
     api_path: str = "/v1/jobs"
     # Paths a POST /v1/jobs envelope may name as its "url".
     urls: Annotated[list[str], Field(min_length=1)] = Field(
@@ -160,8 +163,9 @@ class JobsParams(FilterParams):
     max_job_result_bytes: Annotated[int, Field(ge=1024)] = 64 << 20
     # An Idempotency-Key maps to its job for this long.
     idempotency_ttl_s: Annotated[float, Field(gt=0)] = 86_400.0
-    # Retry-After of a refusal for a full queue, and the polling hint of a 202.
+    # Retry-After of a refusal for a full queue.
     retry_after_s: Annotated[float, Field(gt=0)] = 5.0
+    # Retry-After of a 202 and of a job not finished yet: when to poll its Location again.
     poll_after_s: Annotated[float, Field(gt=0)] = 1.0
     # Budget of one Redis call of the filter; past it the submission is refused (503), unless
     # a second budget finds it queued after all (202). Keep twice it below message_timeout_ms.
@@ -193,3 +197,8 @@ class JobsParams(FilterParams):
         if not v.startswith("/") or v.endswith("/"):
             raise ValueError(f"{v!r}: a path starting with '/' and not ending with one")
         return v
+
+
+def _shown(url: str) -> str:
+    """``url`` fit for an error message: a user and password in it as ``***``."""
+    return re.sub(r"//[^/@]*@", "//***@", url)

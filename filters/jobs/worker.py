@@ -500,7 +500,9 @@ class Worker:
                     method, url, body, cls, f"job-{job_id}-{i}-{attempts}",
                     fields.get("tenant", b"").decode(), fields.get("cc", b"").decode(),
                 )  # fmt: skip
-            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
+                # ValueError: a header value aiohttp refuses to send. A failed call, with its
+                # reason kept: not a task that dies and leaves the job to time out unexplained.
                 CALLS.labels("error").inc()
                 reply = Reply(503, "", b"", 0.0)
                 why = f"the model call failed ({type(exc).__name__})"
@@ -735,6 +737,13 @@ def make_caller(cfg: FloodwallConfig, p: JobsParams) -> Caller:
     key = w.key or os.environ.get(w.key_env)
     if not key:
         raise ConfigError(f"the worker needs its API key: set {w.key_env} (jobs.worker.key_env)")
+    if not key.isprintable() or key != key.strip():
+        # A key read from a file keeps its newline (kubectl create secret --from-file), and
+        # no HTTP client sends it: every job's call would fail. Named, never shown.
+        raise ConfigError(
+            f"the worker's API key ({w.key_env} or jobs.worker.key) has spaces or control "
+            "characters around or in it (a trailing newline?)"
+        )
     scheme = "https" if cfg.listener.tls else "http"
     base = w.gateway_url or f"{scheme}://{cfg.listener.address}:{cfg.listener.port}"
     tenant_header = next(

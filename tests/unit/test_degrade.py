@@ -3,10 +3,12 @@ eligible requests go to its lighter model (marked in the response); exempt ones 
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
 
+from filters.admission.filter import AdmissionFilter
 from filters.breaker.filter import BreakerFilter
 from filters.degrade.filter import DegradeFilter
 from proxy.api import CONTINUE, Deps, Filter, Headers, RequestContext
@@ -77,6 +79,65 @@ async def test_healthy_model_is_not_degraded() -> None:
     assert r.upstream_headers is not None and r.upstream_headers[":path"] == "/v2/models/m/infer"
 
 
+# --- admission's pressure: the limit binds ------------------------------------------------------
+
+
+class _Identity(Filter):
+    async def on_request_headers(self, ctx: RequestContext, headers: Headers) -> Any:
+        ctx.tenant, ctx.tier = "t", headers.get("x-tier", "standard")
+        return CONTINUE
+
+
+async def test_degraded_while_admission_refuses_and_not_timed_by_it() -> None:
+    clock = FakeClock()
+    deps = Deps(clock=clock)
+    ident = _Identity(_Identity.Params(), deps)
+    ident.name = "ident"
+    admission = AdmissionFilter(
+        AdmissionFilter.Params(initial_limit=4, min_limit=4, max_limit=4, max_queue_ms=0), deps
+    )
+    admission.name = "admission"
+    degrade = DegradeFilter(DegradeFilter.Params(lighter={"m": "m_lite"}), deps)
+    degrade.name = "degrade"
+    h = Harness.for_filters([ident, admission, degrade])
+    gate = asyncio.Event()
+
+    async def model(headers: dict[str, str], body: bytes) -> UpstreamReply:
+        # The full model takes 20 ms, its lighter twin 1 ms; "slow" calls wait for the gate.
+        if headers.get("x-test-slow"):
+            await gate.wait()
+        clock.advance(0.020 if headers[":path"].startswith("/v2/models/m/") else 0.001)
+        return UpstreamReply(200)
+
+    async def call(**headers: str) -> Any:
+        return await h.request("POST", "/v2/models/m/infer", headers=headers, body=b"{}",
+                               upstream=model)  # fmt: skip
+
+    def lighter(r: Any) -> bool:
+        assert r.status == 200 and r.upstream_headers is not None
+        degraded = r.upstream_headers[":path"] == "/v2/models/m_lite/infer"
+        assert ("x-floodwall-degraded" in r.headers) is degraded
+        return degraded
+
+    assert not lighter(await call())  # room: the model asked for
+    lim = admission.limiters["kserve_http"]
+    base = lim.base_rtt
+    busy = [asyncio.ensure_future(call(**{"x-test-slow": "1"})) for _ in range(3)]
+    await asyncio.sleep(0)  # standard's share (3 of 4) taken
+    shed = await call(**{"x-tier": "batch"})
+    assert shed.status == 503 and shed.json()["error"]["type"] == "overloaded"
+    gate.set()
+    assert [lighter(await t) for t in busy] == [False] * 3  # admitted before the refusal
+    # Admission refused a call a moment ago: the next ones get the lighter model, except
+    # critical ones; their 1 ms answers are not taken as the full model's no-load time.
+    assert lighter(await call()) and lighter(await call(**{"x-tier": "batch"}))
+    assert not lighter(await call(**{"x-tier": "premium"}))
+    assert lim.base_rtt == base == pytest.approx(0.020)
+    clock.advance(1.01)  # pressure_hold_s after the refusal: the model asked for again
+    assert not lighter(await call())
+    assert lim.inflight == 0
+
+
 def test_degrade_config_is_checked() -> None:
     with pytest.raises(ConfigError, match="cannot stand in for itself"):
         build_filters([FilterConfig(name="d", type="degrade",
@@ -105,6 +166,9 @@ def test_triton_load_is_the_mean_queue_time_of_the_last_interval() -> None:
     load.update(METRICS % (0, 50, 1), now=1.5)  # Triton restarted: counters from zero
     assert load.models["m"].queue_ms == 0.0
     assert load.models["m"].fresh(2.0) and not load.models["m"].fresh(9.0)
+    # A count past float's range is left out, not the end of the poller (int(inf) raises).
+    load.update(METRICS.replace(" %d\n", " 1e999\n", 1) % (601_000, 30), now=1.75)
+    assert load.models["m"].pending == 0 and load.models["m"].at == 1.75
 
 
 async def test_saturated_model_is_degraded_until_its_queue_drains() -> None:

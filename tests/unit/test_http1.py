@@ -125,6 +125,24 @@ async def test_connection_close_and_unframed_answers_are_not_reused(
     await pool2.close()
 
 
+async def test_an_answer_framed_by_the_close_is_read_to_its_end() -> None:
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n{"a": ')
+        await writer.drain()
+        await asyncio.sleep(0.05)  # the rest arrives later, in a segment of its own
+        writer.write(b"[1, 2, 3]}")
+        await writer.drain()
+        writer.close()
+
+    srv = await asyncio.start_server(answer, "127.0.0.1", 0)
+    pool = Http1Pool(f"http://127.0.0.1:{srv.sockets[0].getsockname()[1]}")
+    a = await pool.post("/", b"{}", "application/json", 2.0)
+    assert (a.status, a.body) == (200, b'{"a": [1, 2, 3]}') and pool._idle == []
+    await pool.close()
+    srv.close()
+
+
 async def test_a_kept_connection_the_server_dropped_is_replaced(
     serve: Serve,
 ) -> None:
@@ -163,6 +181,10 @@ async def test_a_silent_server_times_out_and_its_connection_is_dropped(
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nabXY",
         b"HTTP/1.1 200 OK\r\nX-Long: " + b"a" * 70_000 + b"\r\n\r\n",
+        # int() takes each of these, HTTP none:
+        "HTTP/1.1 2\u00b20 OK\r\nContent-Length: 0\r\n\r\n".encode(),
+        b"HTTP/1.1 200 OK\r\nContent-Length: +2\r\n\r\nab",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0x2\r\nab\r\n0\r\n\r\n",
     ],
     ids=[
         "not-http",
@@ -173,6 +195,9 @@ async def test_a_silent_server_times_out_and_its_connection_is_dropped(
         "bad-chunk",
         "chunk-no-crlf",
         "huge-head",
+        "superscript-code",
+        "signed-length",
+        "0x-chunk",
     ],
 )
 async def test_an_answer_that_is_not_http_is_a_protocol_error(serve: Serve, raw: bytes) -> None:

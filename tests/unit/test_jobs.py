@@ -180,6 +180,12 @@ def test_webhook_urls_must_stay_under_an_allowed_prefix(url: object, allowed: bo
     assert (p.webhook.allows(url) is not None) is allowed
 
 
+def test_a_webhook_host_idna_cannot_encode_is_refused_not_an_error() -> None:
+    p = JobsParams.model_validate({"webhook": {"allowed_prefixes": ["https://hooks.example.com/"]}})
+    assert p.webhook is not None
+    assert p.webhook.allows("https://xn--a.com/hook") is None
+
+
 async def test_webhook_host_names_resolving_to_private_addresses_are_not_called() -> None:
     from filters.jobs.worker import _PublicOnlyResolver
 
