@@ -538,10 +538,11 @@ def load_config(path: Path | str | None = None) -> FloodwallConfig:
         text = p.read_text()
     except OSError as e:
         raise ConfigError(f"{p}: cannot read config ({e.strerror})") from None
+    expanded = _expand_env(text)
     try:
-        data = yaml.safe_load(_expand_env(text))
+        data = yaml.safe_load(expanded)
     except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML: {_yaml_problem(e)}") from None
+        raise ConfigError(f"{p}: not valid YAML: {_yaml_problem(e, expanded != text)}") from None
     if data is None:
         data = {}
     cfg = parse_config(data, str(p))
@@ -557,7 +558,7 @@ def load_config(path: Path | str | None = None) -> FloodwallConfig:
     return cfg
 
 
-def _yaml_problem(e: yaml.YAMLError) -> str:
+def _yaml_problem(e: yaml.YAMLError, expanded: bool) -> str:
     """What the parser found and where, without the line it quotes: that line may hold a
     ``${VAR}`` expanded from the environment (a secret whose characters broke the YAML)."""
     if not isinstance(e, yaml.MarkedYAMLError):
@@ -565,7 +566,8 @@ def _yaml_problem(e: yaml.YAMLError) -> str:
     mark = e.problem_mark or e.context_mark
     at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
     what = " ".join(x for x in (e.context, e.problem) if x) or "unreadable"
-    return f"{what}{at} (a ${{VAR}} whose value holds YAML syntax needs quotes around it)"
+    hint = " (a ${VAR} whose value holds YAML syntax needs quotes around it)" if expanded else ""
+    return what + at + hint
 
 
 def _expand_env(text: str) -> str:
