@@ -132,3 +132,86 @@ def test_a_worker_key_with_a_newline_is_refused_at_start(monkeypatch: pytest.Mon
     with pytest.raises(ConfigError, match="trailing newline") as err:
         make_caller(cfg, p.model_copy(update={"worker": p.worker.model_copy(update={"key": None})}))
     assert "fw-demo-worker" not in str(err.value)
+
+
+# --- API keys through the shipped chain ------------------------------------------------------
+
+API_KEY = "sk-live-SECRETKEY-0123456789"
+
+
+async def test_an_api_key_stays_out_of_answers_logs_metrics_and_spans(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The shipped chain, its Redis unreachable (every fallback and error path logs), a key
+    sent right, wrong and misformatted on each API: the key is nowhere but where it came in."""
+    import asyncio
+    import hashlib
+    import logging
+
+    from prometheus_client import REGISTRY, generate_latest
+
+    from proxy import logs
+    from proxy.api import Deps
+    from proxy.process import make_redis
+    from proxy.registry import build_filters
+    from proxy.testing import Harness, UpstreamReply
+    from proxy.tracing import Span, Tracer
+
+    data = local_config_dict()
+    data["redis"] = {"url": "redis://127.0.0.1:1"}
+    for f in data["filters"]:
+        if f["type"] == "auth":
+            digest = hashlib.sha256(API_KEY.encode()).hexdigest()
+            f["params"]["keys"].append({"id": "live", "sha256": digest, "tenant": "acme"})
+        if f["type"] == "jobs":
+            f["params"]["webhook"] = {"allowed_prefixes": ["https://hooks.example.com/"]}
+    cfg = parse_config(data)
+    redis = make_redis("redis://127.0.0.1:1", 200)
+    deps = Deps(redis=redis, upstreams={n: u.base_url for n, u in cfg.upstreams.items()})
+    filters = build_filters(cfg.filters, deps)
+    h = Harness(cfg, filters)
+    spans: list[Span] = []
+
+    class Spans(Tracer):
+        def end(self, span: Span) -> None:
+            spans.append(span)
+
+    h.chain.tracer = Spans("127.0.0.1:1", "fw")
+
+    async def upstream(headers: dict[str, str], body: bytes) -> UpstreamReply:
+        # Not an answer the translation reads: its 502 is one more error path to look at.
+        return UpstreamReply(200, {"content-type": "application/json"}, b'{"outputs": []}')
+
+    embed = b'{"model": "embedder", "input": "hi"}'
+    bearer = {"authorization": f"Bearer {API_KEY}"}
+    cases = [
+        ("POST", "/v1/embeddings", bearer, embed),
+        ("POST", "/v1/embeddings", {"authorization": f"Bearer {API_KEY}x"}, embed),
+        ("POST", "/v1/embeddings", {"authorization": f"Basic {API_KEY}"}, b"{}"),
+        ("POST", "/v1/embeddings", {**bearer, "prefer": "respond-async"}, embed),
+        ("POST", "/v1/jobs", bearer, b'{"url": "/v1/embeddings", "body": {"input": "x"}}'),
+        ("GET", "/v1/jobs/" + "a" * 32, bearer, None),
+        ("POST", "/v1/chat/completions", bearer,
+         b'{"model": "sim-llm", "messages": [{"role": "user", "content": "x"}], "stream": true}'),
+        ("POST", "/v2/models/embedder/infer", bearer, b"{}"),
+        ("POST", "/v1/jobs", {**bearer, "floodwall-webhook": "https://xn--a.com/"}, b"{}"),
+        ("POST", "/v1/embeddings", {**bearer, "x-floodwall-tenant": "evil"}, embed),
+    ]  # fmt: skip
+    caplog.set_level(logging.DEBUG)
+    formatter = logs.JsonFormatter()
+    try:
+        for method, path, headers, body in cases:
+            r = await h.request(method, path, headers=headers, body=body, upstream=upstream)
+            assert API_KEY not in r.body.decode("utf-8", "replace"), path
+            assert not [v for v in r.headers.values() if API_KEY in v], path
+            sent = (r.upstream_headers or {}).values()
+            assert not [v for v in sent if API_KEY in v], path  # stripped before the model
+        await asyncio.sleep(0.3)  # background work (fallback logs, Redis retries)
+    finally:
+        for f in filters:
+            await f.stop()
+        await redis.aclose()
+    logged = "\n".join(formatter.format(rec) for rec in caplog.records)
+    assert caplog.records and API_KEY not in logged
+    assert API_KEY not in generate_latest(REGISTRY).decode()
+    assert spans and not [s for s in spans if API_KEY in repr(s)]
