@@ -26,9 +26,11 @@ from proxy.steering import ModelSteeringFilter, send_to, upstream_model
 from proxy.triton_load import TritonLoad
 
 DEGRADED = Counter(
-    "floodwall_degraded", "Requests sent to a lighter model, by model asked for and model used",
-    ["model", "to"],
-)  # fmt: skip
+    "floodwall_degraded",
+    "Requests sent to a lighter model, by model asked for, model used and why (breaker, "
+    "pressure: admission's limit binds, saturation: Triton's queue)",
+    ["model", "to", "reason"],
+)
 
 
 @dataclass(slots=True)
@@ -68,17 +70,19 @@ class DegradeFilter(ModelSteeringFilter):
         if current is None:
             return CONTINUE
         now = self.deps.clock.monotonic()
-        if not (
-            self.deps.signals.refusing(model, now)
-            or self._saturated(current, now)
-            or self._pressed(ctx, now)
-        ):
+        if self.deps.signals.refusing(model, now):
+            reason = "breaker"
+        elif self._pressed(ctx, now):
+            reason = "pressure"
+        elif self._saturated(current, now):
+            reason = "saturation"
+        else:
             return CONTINUE
         to = self.p.lighter[model]
         if self.deps.signals.refusing(to, now):
             return CONTINUE  # a sure 503 there; the model asked for may still serve
         ctx.state(self._state).to = to
-        DEGRADED.labels(model, to).inc()
+        DEGRADED.labels(model, to, reason).inc()
         return send_to(ctx, to)
 
     def _pressed(self, ctx: RequestContext, now: float) -> bool:

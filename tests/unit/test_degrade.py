@@ -7,6 +7,7 @@ import asyncio
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 
 from filters.admission.filter import AdmissionFilter
 from filters.breaker.filter import BreakerFilter
@@ -50,10 +51,17 @@ async def call(h: Harness, priority: str | None = None) -> Any:
                            upstream=_upstream)  # fmt: skip
 
 
+def _degraded(reason: str) -> float:
+    labels = {"model": "m", "to": "m_lite", "reason": reason}
+    return REGISTRY.get_sample_value("floodwall_degraded_total", labels) or 0.0
+
+
 async def test_open_breaker_sends_eligible_requests_to_the_lighter_model() -> None:
     h, clock = _setup()
     assert [(await call(h)).status for _ in range(4)] == [503] * 4  # the breaker opens
+    before = _degraded("breaker")
     r = await call(h)
+    assert _degraded("breaker") == before + 1
     assert r.status == 200
     assert r.upstream_headers is not None
     assert r.upstream_headers[":path"] == "/v2/models/m_lite/infer"
@@ -130,10 +138,15 @@ async def test_degraded_while_admission_refuses_and_not_timed_by_it() -> None:
     assert [lighter(await t) for t in busy] == [False] * 3  # admitted before the refusal
     # Admission refused a call a moment ago: the next ones get the lighter model, except
     # critical ones; their 1 ms answers are not taken as the full model's no-load time.
+    before = _degraded("pressure")
     assert lighter(await call()) and lighter(await call(**{"x-tier": "batch"}))
+    assert _degraded("pressure") == before + 2
     assert not lighter(await call(**{"x-tier": "premium"}))
     assert lim.base_rtt == base == pytest.approx(0.020)
-    clock.advance(1.01)  # pressure_hold_s after the refusal: the model asked for again
+    # While critical calls wait too, the lighter model's calls would share their hardware.
+    deps.signals.pressed_at["kserve_http"]["critical"] = clock.monotonic()
+    assert not lighter(await call())
+    clock.advance(1.01)  # pressure_hold_s after the refusals: the model asked for again
     assert not lighter(await call())
     assert lim.inflight == 0
 
