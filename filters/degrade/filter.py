@@ -47,6 +47,7 @@ class DegradeFilter(ModelSteeringFilter):
         self._state = functools.partial(_State)
         self.p = params
         self.load: TritonLoad | None = None
+        self._exempt = frozenset(params.exempt_priorities)
 
     async def start(self) -> None:
         if self.p.saturation is not None:
@@ -62,7 +63,7 @@ class DegradeFilter(ModelSteeringFilter):
         model = ctx.model
         if model is None or model not in self.p.lighter:
             return CONTINUE
-        if (ctx.priority or "standard") in self.p.exempt_priorities or (
+        if (ctx.priority or "standard") in self._exempt or (
             ctx.tier in self.p.exempt_tiers
         ):
             return CONTINUE
@@ -99,8 +100,7 @@ class DegradeFilter(ModelSteeringFilter):
         for key in (ctx.model, ctx.route_name):
             by_class = self.deps.signals.pressed_at.get(key or "", {})
             recent.update(c for c, at in by_class.items() if now - at <= hold)
-        exempt = set(self.p.exempt_priorities)
-        return bool(recent - exempt) and not recent & exempt
+        return bool(recent - self._exempt) and not recent & self._exempt
 
     def _saturated(self, triton_model: str, now: float) -> bool:
         sat = self.p.saturation
