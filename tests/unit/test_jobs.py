@@ -7,6 +7,8 @@ from typing import Any
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from filters.jobs.filter import JobsFilter
@@ -178,6 +180,39 @@ def test_webhook_urls_must_stay_under_an_allowed_prefix(url: object, allowed: bo
     )
     assert p.webhook is not None
     assert (p.webhook.allows(url) is not None) is allowed
+
+
+_HOOKS = JobsParams.model_validate(
+    {"webhook": {"allowed_prefixes": ["https://hooks.example.com/t/"]}}
+).webhook
+
+
+@settings(max_examples=500, deadline=None, derandomize=True, database=None)
+@given(
+    st.one_of(
+        st.text(max_size=80),
+        st.builds(
+            "{}://{}{}/{}".format,
+            st.sampled_from(["https", "http", "HTTPS", "ftp", ""]),
+            st.one_of(
+                st.just("hooks.example.com"),
+                st.text(max_size=20),
+                # Punycode labels: many are not valid IDNA (yarl raises UnicodeError).
+                st.text("abcxyz019-", min_size=1, max_size=8).map("xn--{}.com".format),
+            ),
+            st.sampled_from(["", ":443", ":8443", ":x"]),
+            st.text(max_size=40),
+        ),
+    )
+)
+def test_any_webhook_url_is_allowed_under_the_prefix_or_refused_never_an_error(
+    url: str,
+) -> None:
+    # The caller names the URL: whatever it is (an IDNA host, odd ports, percent escapes),
+    # the answer is a URL under the prefix or None, never an exception (a 500).
+    assert _HOOKS is not None
+    u = _HOOKS.allows(url)
+    assert u is None or (u.host == "hooks.example.com" and u.path.startswith("/t/"))
 
 
 def test_a_webhook_host_idna_cannot_encode_is_refused_not_an_error() -> None:
