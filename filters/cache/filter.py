@@ -884,6 +884,8 @@ async def _triton_versions(base_url: str) -> dict[str, str] | None:
         return None
     out: dict[str, str] = {}
     for m in models if isinstance(models, list) else []:
+        if not isinstance(m, dict):
+            continue  # not what Triton lists: skipped, not a crash of the cache's start
         name, version = m.get("name"), str(m.get("version", ""))
         if isinstance(name, str) and (m.get("state") in (None, "READY")):
             prev = out.get(name)

@@ -590,3 +590,30 @@ async def test_a_failed_housekeeping_tick_does_not_end_expiry(
     with pytest.raises(asyncio.CancelledError):
         await task
     assert len(ticks) >= 3  # it went on after the failure
+
+
+async def test_a_repository_index_of_odd_entries_is_read_not_a_crash() -> None:
+    # Triton's repository index is read at the cache's start: entries that are not objects
+    # are skipped (they stopped the processor's start), the newest READY version kept.
+    from aiohttp import web
+
+    from filters.cache.filter import _triton_versions
+
+    index = [1, "x", None, [2], {"name": "m", "version": "2", "state": "READY"},
+             {"name": "m", "version": "10", "state": "READY"},
+             {"name": "m", "version": "11", "state": "UNAVAILABLE"}]  # fmt: skip
+
+    async def answer(_: web.Request) -> web.Response:
+        return web.json_response(index)
+
+    app = web.Application()
+    app.router.add_post("/v2/repository/index", answer)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        assert await _triton_versions(f"http://127.0.0.1:{port}") == {"m": "10"}
+    finally:
+        await runner.cleanup()
