@@ -63,9 +63,7 @@ class DegradeFilter(ModelSteeringFilter):
         model = ctx.model
         if model is None or model not in self.p.lighter:
             return CONTINUE
-        if (ctx.priority or "standard") in self._exempt or (
-            ctx.tier in self.p.exempt_tiers
-        ):
+        if (ctx.priority or "standard") in self._exempt or (ctx.tier in self.p.exempt_tiers):
             return CONTINUE
         current = upstream_model(ctx)
         if current is None:
