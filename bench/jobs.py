@@ -35,13 +35,16 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import redis
+import redis.asyncio as aioredis
 
 from bench.loadgen import HttpRequest, open_loop_mix
+from filters.jobs.store import JobStore, as_text
 from filters.jobs.worker import jobs_params
 from proxy.config import REPO_ROOT
 from proxy.runtime import Stack
@@ -92,6 +95,46 @@ async def _send(base: str, n: int, concurrency: int, tag: str, *, job: bool) -> 
     return statuses
 
 
+class _Workers:
+    """``floodwall worker`` processes on the stack's Redis, stopped (SIGTERM) on exit."""
+
+    def __init__(self, stack: Stack, config: Path, n: int, tag: str) -> None:
+        self.argvs = []
+        for i in range(n):
+            (admin,) = free_ports(1)
+            self.argvs.append([
+                sys.executable, "-m", "proxy.cli", "worker", "-c", str(config),
+                "--redis-url", str(stack.redis_url), "--consumer", f"bench-{tag}-{i}",
+                "--admin-port", str(admin), "--log-level", "warning",
+            ])  # fmt: skip
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def __enter__(self) -> _Workers:
+        self.procs = [subprocess.Popen(a, start_new_session=True) for a in self.argvs]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for proc in self.procs:
+            os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.procs:
+            proc.wait(timeout=30)
+
+
+def _wait_drained(r: redis.Redis, prefix: str) -> None:
+    deadline = time.monotonic() + 600
+    while int(r.get(f"{prefix}:depth") or 0) > 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+def _jobs(r: redis.Redis, prefix: str) -> list[dict[str, str]]:
+    fields = ["status", "tenant", "created", "started", "finished"]
+    out = []
+    for key in r.scan_iter(match=f"{prefix}:job:*", count=1000):
+        vals = r.hmget(key, fields)
+        out.append({f: as_text(v) if v else "0" for f, v in zip(fields, vals, strict=True)})
+    return out
+
+
 def drain(stack: Stack, config: Path, n: int, workers: int) -> dict[str, Any]:
     p = jobs_params(stack.cfg)
     assert p is not None and stack.redis_url
@@ -100,45 +143,13 @@ def drain(stack: Stack, config: Path, n: int, workers: int) -> dict[str, Any]:
     base = f"http://{stack.cfg.listener.address}:{stack.cfg.listener.port}"
     sub = asyncio.run(_send(base, n, 16, f"w{workers}", job=True))
     assert sub.count(202) == n, {s: sub.count(s) for s in set(sub)}
-    procs = []
-    for i in range(workers):
-        (admin,) = free_ports(1)
-        argv = [
-            sys.executable,
-            "-m",
-            "proxy.cli",
-            "worker",
-            "-c",
-            str(config),
-            "--redis-url",
-            stack.redis_url,
-            "--consumer",
-            f"bench-{workers}-{i}",
-            "--admin-port",
-            str(admin),
-            "--log-level",
-            "warning",
-        ]
-        procs.append(subprocess.Popen(argv, start_new_session=True))
-    try:
-        deadline = time.monotonic() + 600
-        while int(r.get(f"{p.prefix}:depth") or 0) > 0 and time.monotonic() < deadline:
-            time.sleep(0.1)
-    finally:
-        for proc in procs:
-            os.killpg(proc.pid, signal.SIGTERM)
-        for proc in procs:
-            proc.wait(timeout=30)
-    started: list[int] = []
-    finished: list[int] = []
+    with _Workers(stack, config, workers, str(workers)):
+        _wait_drained(r, p.prefix)
+    jobs = _jobs(r, p.prefix)
     states: dict[str, int] = {}
-    for key in r.scan_iter(match=f"{p.prefix}:job:*", count=1000):
-        st, s0, f1 = r.hmget(key, ["status", "started", "finished"])
-        status = st.decode() if isinstance(st, bytes) else str(st)
-        states[status] = states.get(status, 0) + 1
-        started.append(int(s0 or 0))
-        finished.append(int(f1 or 0))
-    span = (max(finished) - min(started)) / 1000
+    for j in jobs:
+        states[j["status"]] = states.get(j["status"], 0) + 1
+    span = (max(int(j["finished"]) for j in jobs) - min(int(j["started"]) for j in jobs)) / 1000
     return {
         "workers": workers,
         "slots": workers * p.worker.concurrency,
@@ -147,6 +158,56 @@ def drain(stack: Stack, config: Path, n: int, workers: int) -> dict[str, Any]:
         "span_s": span,
         "jobs_per_s": n / span,
     }
+
+
+async def _queue_tenants(url: str, prefix: str, order: str, counts: dict[str, int]) -> None:
+    """Queues ``counts[tenant]`` embedding jobs per tenant, tenant after tenant, as the
+    filter does (its Lua script), in ``order``."""
+    r = aioredis.Redis.from_url(url)
+    store = JobStore(r, prefix, order=order)
+    try:
+        for tenant, n in counts.items():
+            for i in range(n):
+                body = json.dumps({"model": "embedder", "input": f"{tenant} {order} {i}: {TEXT}"})
+                fields: dict[str, str | int] = {
+                    "total": 1, "m:0": "POST", "u:0": "/v1/embeddings", "b:0": body,
+                    "cc": "no-cache, no-store", "key_id": "-", "route": "embeddings",
+                }  # fmt: skip
+                sub = await store.submit(
+                    uuid.uuid4().hex, tenant, "standard", fields,
+                    max_depth=1 << 30, max_tenant=0, idempotency=None,
+                )  # fmt: skip
+                assert sub.outcome == "ok", sub.outcome
+    finally:
+        await r.aclose()
+
+
+def fairness(stack: Stack, config: Path, backlog: int, small: int) -> list[dict[str, Any]]:
+    p = jobs_params(stack.cfg)
+    assert p is not None and stack.redis_url
+    r = redis.Redis.from_url(stack.redis_url)
+    rows = []
+    for order in ("fifo", "fair"):
+        _clear_jobs(r, p.prefix)
+        counts = {"big": backlog, "small": small}
+        asyncio.run(_queue_tenants(stack.redis_url, p.prefix, order, counts))
+        with _Workers(stack, config, 1, order):
+            _wait_drained(r, p.prefix)
+        jobs = _jobs(r, p.prefix)
+        t0 = min(int(j["started"]) for j in jobs)
+        row: dict[str, Any] = {"order": order, "workers": 1, "slots": p.worker.concurrency}
+        for tenant in counts:
+            mine = [j for j in jobs if j["tenant"] == tenant]
+            waits = sorted((int(j["finished"]) - int(j["created"])) / 1000 for j in mine)
+            row[tenant] = {
+                "jobs": len(mine),
+                "succeeded": sum(j["status"] == "succeeded" for j in mine),
+                "wait_p50_s": waits[len(waits) // 2],
+                "wait_max_s": waits[-1],
+                "last_done_s": (max(int(j["finished"]) for j in mine) - t0) / 1000,
+            }
+        rows.append(row)
+    return rows
 
 
 def sync_reference(stack: Stack, n: int, concurrency: int) -> dict[str, Any]:
@@ -184,6 +245,8 @@ def run(quick: bool) -> dict[str, Any]:
             print("== drain", flush=True)
             out["drain"] = [drain(stack, config, n, k) for k in (1, 2, 4)]
             out["sync_reference"] = sync_reference(stack, n, 4)
+            print("== fairness", flush=True)
+            out["fairness"] = fairness(stack, config, n // 2, 10)
         finally:
             stack.stop()
     return out
@@ -232,6 +295,21 @@ def markdown(res: dict[str, Any]) -> str:
         f"drains at {one / ref['requests_per_s']:.2f}x that.",
         "",
     ]
+    if "fairness" in res:
+        lines += [
+            "## Fairness: a small tenant behind a big one's backlog (one worker, one class)",
+            "",
+            "| order | tenant | jobs | succeeded | wait p50 s | wait max s | last done at s |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for row in res["fairness"]:
+            for tenant in ("big", "small"):
+                t = row[tenant]
+                lines.append(
+                    f"| {row['order']} | {tenant} | {t['jobs']} | {t['succeeded']} | "
+                    f"{t['wait_p50_s']:.2f} | {t['wait_max_s']:.2f} | {t['last_done_s']:.2f} |"
+                )
+        lines.append("")
     return "\n".join(lines)
 
 

@@ -83,7 +83,11 @@ class JobsFilter(Filter):
     def __init__(self, params: JobsParams, deps: Deps) -> None:
         super().__init__(params, deps)
         self.p = params
-        self.store = JobStore(deps.redis, params.prefix) if deps.redis is not None else None
+        self.store = (
+            JobStore(deps.redis, params.prefix, order=params.order, weights=params.tenant_weights)
+            if deps.redis is not None
+            else None
+        )
         self._prefix = params.api_path + "/"
 
     async def _redis(self, call: Awaitable[T]) -> T:

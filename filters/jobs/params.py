@@ -151,6 +151,14 @@ class JobsParams(FilterParams):
     max_depth: Annotated[int, Field(ge=1)] = 10_000
     # ... and per tenant (0: no per-tenant cap): beyond, 429 + Retry-After.
     max_depth_per_tenant: Annotated[int, Field(ge=0)] = 1_000
+    # Order of the jobs within a priority class: fair (tenants take turns: one tenant's
+    # backlog does not delay another's jobs by more than one of its own per turn) or fifo.
+    order: Literal["fair", "fifo"] = "fair"
+    # In fair order, a tenant's turns to another's 1 (tenants not named: 1); between 0.001 and
+    # 1000. Read by the processors (a job carries its place), not by the workers.
+    tenant_weights: dict[str, Annotated[float, Field(ge=0.001, le=1000)]] = Field(
+        default_factory=dict
+    )
     # Requests in one POST /v1/jobs envelope.
     max_requests: Annotated[int, Field(ge=1, le=10_000)] = 100
     # A finished job (its result) is kept this long, then forgotten.

@@ -8,8 +8,15 @@ Layout (``P`` = the configured prefix; its {hash tag} puts everything in one clu
   ``total``/``done`` (progress), per request ``m:i``/``u:i``/``b:i`` (method, url, body) and,
   once answered, ``rs:i``/``rb:i``/``rj:i`` (status, body, body-is-JSON); ``error`` (JSON).
   No TTL while unfinished; ``result_ttl`` once finished.
-- ``P:q:{class}`` one stream per priority class, consumer group ``workers``; an entry carries
-  the job id and is deleted when acknowledged.
+- ``P:ready:{class}`` sorted set per priority class: the queued jobs, scored by their start
+  tag in the class's fair order (below); the workers' ``take`` moves the lowest into the
+  class's stream and delivers it in the same script.
+- ``P:q:{class}`` one stream per priority class, consumer group ``workers``: the jobs taken
+  and not finished (a worker's pending entries, heartbeated, taken over when it dies); an
+  entry carries the job id and is deleted when acknowledged.
+- ``P:fair``      hash: per class the virtual time ``v:{class}`` (the start tag last taken)
+  and per tenant the tag its next job starts at ``t:{class}:{tenant}``.
+- ``P:wake``      list of tokens a submission pushes (at most 64): idle workers block on it.
 - ``P:delayed``   sorted set of jobs waiting to retry (score: due time in ms), as
   ``{class}:{id}``; any worker moves due ones back into their stream.
 - ``P:dead``      stream of jobs that failed for good (dead letters), for operators.
@@ -19,6 +26,14 @@ Layout (``P`` = the configured prefix; its {hash tag} puts everything in one clu
   queued (``settle``): the submission, if Redis runs it later, queues nothing.
 
 Times come from Redis (``TIME``): one clock for every processor and worker.
+
+**Fair order within a class** (start-time fair queueing): a job's start tag is the larger of
+its class's virtual time and its tenant's last finish tag, which then advances by the job's
+cost (``1000 / weight``). A tenant with a thousand jobs queued therefore gets every other
+turn, not the next thousand, when a second tenant submits one; a tenant idle for a while
+earns no credit (its tag is caught up to the virtual time). With ``order: fifo`` every job
+shares one tenant's tags: first in, first out. A job retried later re-enters through the
+same rule.
 """
 
 from __future__ import annotations
@@ -58,14 +73,25 @@ local function unfinished_less(depth, tdepth, tenant)
   redis.call('DECR', depth)
   redis.call('HINCRBY', tdepth, tenant, -1)
 end
+-- Queues job `id` of fairness key `fq` (tenant, or '*' in FIFO order) in its class's ready
+-- set at its start tag, and wakes an idle worker.
+local function enqueue(ready, fair, wake, cls, fq, cost, id)
+  local v = tonumber(redis.call('HGET', fair, 'v:' .. cls) or '0')
+  local tf = 't:' .. cls .. ':' .. fq
+  local start = math.max(v, tonumber(redis.call('HGET', fair, tf) or '0'))
+  redis.call('HSET', fair, tf, start + cost)
+  redis.call('ZADD', ready, start, id)
+  redis.call('LPUSH', wake, '1')
+  redis.call('LTRIM', wake, 0, 63)
+end
 """.replace("$GROUP", GROUP)
 
-# KEYS: job, queue, depth, tdepth, idem, void  ARGV: id, tenant, max_depth, max_tenant,
-# idem_ttl_ms, then field/value pairs of the job.
+# KEYS: job, ready, depth, tdepth, idem, void, fair, wake  ARGV: id, tenant, max_depth,
+# max_tenant, idem_ttl_ms, class, fairness key, cost, then field/value pairs of the job.
 _SUBMIT = """
 if redis.call('EXISTS', KEYS[6]) == 1 then return {'void', ARGV[1]} end
 -- The same submission run twice (a client library that sent the script again after a
--- timeout or a dropped connection): one job, one stream entry, counted once.
+-- timeout or a dropped connection): one job, queued once, counted once.
 if redis.call('EXISTS', KEYS[1]) == 1 then return {'ok', ARGV[1]} end
 if ARGV[5] ~= '0' then
   local got = redis.call('GET', KEYS[5])
@@ -79,11 +105,11 @@ if mt > 0 and tonumber(redis.call('HGET', KEYS[4], ARGV[2]) or '0') >= mt then
 end
 local now = now_ms()
 redis.call('HSET', KEYS[1], 'status', 'queued', 'created', now, 'updated', now, 'attempts', 0,
-           'done', 0)
-hset_pairs(KEYS[1], ARGV, 6)
+           'done', 0, 'fq', ARGV[7], 'fc', ARGV[8])
+hset_pairs(KEYS[1], ARGV, 9)
 redis.call('INCR', KEYS[3])
 redis.call('HINCRBY', KEYS[4], ARGV[2], 1)
-redis.call('XADD', KEYS[2], '*', 'id', ARGV[1])
+enqueue(KEYS[2], KEYS[7], KEYS[8], ARGV[6], ARGV[7], tonumber(ARGV[8]), ARGV[1])
 if ARGV[5] ~= '0' then redis.call('SET', KEYS[5], ARGV[1], 'PX', ARGV[5]) end
 return {'ok', ARGV[1]}
 """
@@ -173,18 +199,63 @@ redis.call('ZADD', KEYS[3], due, ARGV[3])
 return 'ok'
 """
 
-# KEYS: delayed, then one queue per class in PRIORITIES order  ARGV: limit
+# KEYS: delayed, then one ready set per class in PRIORITIES order, fair, wake
+# ARGV: limit, job key prefix. A job due again re-enters its class's fair order as a new
+# arrival of its tenant; one gone meanwhile (cancelled and expired) is dropped.
 _PROMOTE = """
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now_ms(), 'LIMIT', 0, ARGV[1])
-local queues = {critical = KEYS[2], standard = KEYS[3], sheddable = KEYS[4]}
+local ready = {critical = KEYS[2], standard = KEYS[3], sheddable = KEYS[4]}
 for _, m in ipairs(due) do
   local cls, id = string.match(m, '^(%a+):(.+)$')
-  local q = queues[cls]
-  if q then redis.call('XADD', q, '*', 'id', id) end
+  if cls and ready[cls] then
+    -- Undeclared, but in the declared keys' slot: the prefix's {hash tag} is everyone's.
+    local job = ARGV[2] .. id
+    local f = redis.call('HMGET', job, 'fq', 'fc', 'tenant')
+    local fq = f[1] or f[3]  -- a job queued before fair order has its tenant only
+    if fq then enqueue(ready[cls], KEYS[5], KEYS[6], cls, fq, tonumber(f[2] or '1000'), id) end
+  end
   redis.call('ZREM', KEYS[1], m)
 end
 return #due
 """
+
+# KEYS: one stream per class, then one ready set per class (PRIORITIES order), fair
+# ARGV: consumer, n, the class names. Delivers up to n jobs to the consumer, highest class
+# first: entries already in a stream (queued by a version before fair order, or taken over),
+# then the lowest start tags of the class's ready set, moved into its stream and delivered in
+# this same script (nothing is in neither). Returns class index, entry id, job id, ...
+_TAKE = """
+local out = {}
+local n = tonumber(ARGV[2])
+local function read(c, count)
+  local got = redis.call('XREADGROUP', 'GROUP', '$GROUP', ARGV[1], 'COUNT', count,
+                         'STREAMS', KEYS[c], '>')
+  if not got then return 0 end
+  for _, e in ipairs(got[1][2]) do
+    local id, f = '', e[2] or {}
+    for i = 1, #f, 2 do if f[i] == 'id' then id = f[i + 1] end end
+    out[#out + 1] = c
+    out[#out + 1] = e[1]
+    out[#out + 1] = id
+  end
+  return #got[1][2]
+end
+for c = 1, 3 do
+  if n <= 0 then break end
+  n = n - read(c, n)
+  if n > 0 then
+    local popped = redis.call('ZPOPMIN', KEYS[c + 3], n)
+    if #popped > 0 then
+      for i = 1, #popped, 2 do redis.call('XADD', KEYS[c], '*', 'id', popped[i]) end
+      local vf = 'v:' .. ARGV[c + 2]
+      local v = tonumber(redis.call('HGET', KEYS[7], vf) or '0')
+      redis.call('HSET', KEYS[7], vf, math.max(v, tonumber(popped[#popped])))
+      n = n - read(c, #popped / 2)
+    end
+  end
+end
+return out
+""".replace("$GROUP", GROUP)
 
 # KEYS: job, depth, tdepth  ARGV: tenant, ttl_ms
 _CANCEL = """
@@ -213,14 +284,29 @@ class Submitted:
 
 
 class JobStore:
-    def __init__(self, redis: Any, prefix: str) -> None:
+    def __init__(
+        self,
+        redis: Any,
+        prefix: str,
+        *,
+        order: str = "fair",
+        weights: Mapping[str, float] | None = None,
+    ) -> None:
+        """``order``: ``fair`` (tenants take turns within a class, each ``weights[tenant]``
+        turns to another's 1; default weight 1) or ``fifo``. The submitting side's setting
+        is the one that counts: a job carries its tenant's place in the order."""
         self.r = redis
         self.prefix = prefix
+        self.order = order
+        self.weights = dict(weights or {})
         self.depth_key = f"{prefix}:depth"
         self.tdepth_key = f"{prefix}:tdepth"
         self.delayed_key = f"{prefix}:delayed"
         self.dead_key = f"{prefix}:dead"
+        self.fair_key = f"{prefix}:fair"
+        self.wake_key = f"{prefix}:wake"
         self.queues: dict[str, str] = {cls: f"{prefix}:q:{cls}" for cls in PRIORITIES}
+        self.ready: dict[str, str] = {cls: f"{prefix}:ready:{cls}" for cls in PRIORITIES}
         self._submit = redis.register_script(_LIB + _SUBMIT)
         self._settle = redis.register_script(_SETTLE)
         self._start = redis.register_script(_LIB + _START)
@@ -229,6 +315,7 @@ class JobStore:
         self._retry = redis.register_script(_LIB + _RETRY)
         self._promote = redis.register_script(_LIB + _PROMOTE)
         self._cancel = redis.register_script(_LIB + _CANCEL)
+        self._take = redis.register_script(_TAKE)
         self._ack = redis.register_script(_LIB + "ack(KEYS[1], ARGV[1])")
 
     def job_key(self, job_id: str) -> str:
@@ -259,19 +346,29 @@ class JobStore:
             if idempotency
             else (f"{self.prefix}:idem:-", 0)
         )
-        argv: list[Any] = [job_id, tenant, max_depth, max_tenant, idem_ttl]
+        fair_key, cost = ("*", 1000) if self.order == "fifo" else (tenant, self.cost(tenant))
+        argv: list[Any] = [
+            job_id, tenant, max_depth, max_tenant, idem_ttl, priority, fair_key, cost,
+        ]  # fmt: skip
         for k, v in {"tenant": tenant, "priority": priority, **fields}.items():
             argv += [k, v]
         keys = [
             self.job_key(job_id),
-            self.queues[priority],
+            self.ready[priority],
             self.depth_key,
             self.tdepth_key,
             idem_key,
             self.void_key(job_id),
+            self.fair_key,
+            self.wake_key,
         ]
         out = await self._submit(keys=keys, args=argv)
-        return Submitted(_s(out[0]), _s(out[1]))
+        return Submitted(as_text(out[0]), as_text(out[1]))
+
+    def cost(self, tenant: str) -> int:
+        """How far one job moves its tenant's tag: whole numbers, exact in Redis' doubles
+        and in the %.14g its Lua turns numbers into."""
+        return max(1, round(1000 / self.weights.get(tenant, 1.0)))
 
     async def settle(self, job_id: str) -> bool:
         """After ``submit`` gave no answer (a timeout: Redis may run it later): True if the job
@@ -283,14 +380,14 @@ class JobStore:
 
     async def get(self, job_id: str) -> dict[str, bytes]:
         raw = await self.r.hgetall(self.job_key(job_id))
-        return {_s(k): v for k, v in raw.items()}
+        return {as_text(k): v for k, v in raw.items()}
 
     async def cancel(self, job_id: str, tenant: str, ttl_s: float) -> tuple[str, str]:
         out = await self._cancel(
             keys=[self.job_key(job_id), self.depth_key, self.tdepth_key],
             args=[tenant, _ms(ttl_s)],
         )
-        return _s(out[0]), _s(out[1])
+        return as_text(out[0]), as_text(out[1])
 
     # --- the workers' side -------------------------------------------------------------------
 
@@ -310,7 +407,7 @@ class JobStore:
 
     async def start(self, job_id: str, consumer: str) -> tuple[str, int]:
         out = await self._start(keys=[self.job_key(job_id)], args=[consumer])
-        return _s(out[0]), int(out[1])
+        return as_text(out[0]), int(out[1])
 
     async def save(self, job_id: str, index: int, status: int, body: bytes, is_json: bool) -> bool:
         out = await self._save(
@@ -339,7 +436,7 @@ class JobStore:
             self.tdepth_key,
             self.dead_key,
         ]
-        return _s(await self._finish(keys=keys, args=argv))
+        return as_text(await self._finish(keys=keys, args=argv))
 
     async def retry(
         self,
@@ -364,17 +461,38 @@ class JobStore:
             "1" if refund_attempt else "0",
             "" if unavailable_s is None else ceil(unavailable_s * 1000),
         ]
-        return _s(await self._retry(keys=keys, args=args))
+        return as_text(await self._retry(keys=keys, args=args))
 
     async def promote_due(self, limit: int = 1000) -> int:
-        keys = [self.delayed_key, *(self.queues[c] for c in PRIORITIES)]
-        return int(await self._promote(keys=keys, args=[limit]))
+        keys = [
+            self.delayed_key, *(self.ready[c] for c in PRIORITIES), self.fair_key, self.wake_key,
+        ]  # fmt: skip
+        return int(await self._promote(keys=keys, args=[limit, f"{self.prefix}:job:"]))
+
+    async def take(self, consumer: str, n: int) -> list[tuple[str, str, str]]:
+        """Up to ``n`` jobs delivered to ``consumer``, highest class first and in each class
+        in fair order: (class, stream entry, job id) each."""
+        keys = [*(self.queues[c] for c in PRIORITIES), *(self.ready[c] for c in PRIORITIES)]
+        out = await self._take(keys=[*keys, self.fair_key], args=[consumer, n, *PRIORITIES])
+        return [
+            (PRIORITIES[int(out[i]) - 1], as_text(out[i + 1]), as_text(out[i + 2]))
+            for i in range(0, len(out), 3)
+        ]
+
+    async def wait_for_work(self, timeout_s: float) -> None:
+        """Blocks until a submission or a retry falls due (a token on the wake list), or
+        ``timeout_s``: the tokens are hints, the ready sets are the truth."""
+        await self.r.blpop([self.wake_key], timeout=timeout_s)
+
+    async def queued(self, priority: str) -> int:
+        """Jobs of a class waiting for a worker (in its ready set or not yet delivered)."""
+        return int(await self.r.zcard(self.ready[priority]))
 
     async def depth(self) -> int:
         return int(await self.r.get(self.depth_key) or 0)
 
 
-def _s(v: bytes | str) -> str:
+def as_text(v: bytes | str) -> str:
     return v.decode() if isinstance(v, bytes) else v
 
 
@@ -416,8 +534,8 @@ def view(job_id: str, fields: Mapping[str, bytes], api_path: str) -> bytes:
     out: dict[str, Any] = {
         "id": job_id,
         "object": "job",
-        "status": _s(fields.get("status", b"unknown")),
-        "priority": _s(fields.get("priority", b"standard")),
+        "status": as_text(fields.get("status", b"unknown")),
+        "priority": as_text(fields.get("priority", b"standard")),
         "created_at": _int(fields, "created") / 1000,
         "updated_at": _int(fields, "updated") / 1000,
         "attempts": _int(fields, "attempts"),
@@ -428,8 +546,8 @@ def view(job_id: str, fields: Mapping[str, bytes], api_path: str) -> bytes:
         out["finished_at"] = _int(fields, "finished") / 1000
     if total == 1:
         out["request"] = {
-            "method": _s(fields.get("m:0", b"POST")),
-            "url": _s(fields.get("u:0", b"")),
+            "method": as_text(fields.get("m:0", b"POST")),
+            "url": as_text(fields.get("u:0", b"")),
         }
         res = _result(fields, 0)
         if res is not None:
@@ -445,6 +563,6 @@ def requests_of(fields: Mapping[str, bytes]) -> list[tuple[str, str, bytes]]:
     """(method, url, body) of each request of a job, in order."""
     total = _total(fields)
     return [
-        (_s(fields[f"m:{i}"]), _s(fields[f"u:{i}"]), fields.get(f"b:{i}", b""))
+        (as_text(fields[f"m:{i}"]), as_text(fields[f"u:{i}"]), fields.get(f"b:{i}", b""))
         for i in range(total)
     ]

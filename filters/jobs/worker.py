@@ -35,7 +35,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from pydantic import ValidationError
 
 from filters.jobs.params import PRIORITIES, JobsParams, public_host
-from filters.jobs.store import GROUP, JobStore, requests_of, view
+from filters.jobs.store import GROUP, JobStore, as_text, requests_of, view
 from proxy.api import REDIS_FAULTS, cancel_and_wait
 from proxy.config import ConfigError, FloodwallConfig, _format_validation
 
@@ -60,7 +60,7 @@ WEBHOOKS = Counter(
 )
 REDIS_ERRORS = Counter("floodwall_jobs_worker_redis_errors", "Worker loop Redis failures")
 DEPTH = Gauge("floodwall_jobs_depth", "Unfinished jobs (queued, waiting to retry or running)")
-QUEUED = Gauge("floodwall_jobs_stream_entries", "Entries in each priority stream", ["priority"])
+QUEUED = Gauge("floodwall_jobs_queued", "Jobs of each class waiting for a worker", ["priority"])
 INFLIGHT = Gauge("floodwall_jobs_inflight", "Jobs this worker is running")
 RUN_SECONDS = Histogram(
     "floodwall_job_run_seconds",
@@ -359,33 +359,15 @@ class Worker:
         return self.concurrency - len(self.tasks)
 
     async def _take(self) -> None:
-        """Highest class first; when every stream is empty, block briefly on all of them."""
-        for cls in PRIORITIES:
-            free = self._free()
-            if free <= 0:
-                return
-            got = await self.r.xreadgroup(
-                GROUP, self.consumer, {self.store.queues[cls]: ">"}, count=free
-            )
-            if self._spawn_from(got):
-                return
-        streams = {self.store.queues[c]: ">" for c in PRIORITIES}
-        self._spawn_from(await self.r.xreadgroup(GROUP, self.consumer, streams, count=1, block=250))
+        """Highest class first, each class in fair order; when none is queued, wait briefly
+        for a submission's wake-up."""
+        got = await self.store.take(self.consumer, self._free())
+        for cls, entry, job_id in got:
+            self._spawn(cls, entry, job_id)
+        if not got:
+            await self.store.wait_for_work(0.25)
 
-    def _spawn_from(self, got: Any) -> int:
-        by_stream = {v: k for k, v in self.store.queues.items()}
-        n = 0
-        for stream, entries in got or []:
-            cls = by_stream[stream.decode() if isinstance(stream, bytes) else stream]
-            for entry_id, fields in entries:
-                self._spawn(cls, entry_id, fields)
-                n += 1
-        return n
-
-    def _spawn(self, cls: str, entry_id: bytes | str, fields: Mapping[bytes, bytes]) -> None:
-        entry = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-        raw = (fields or {}).get(b"id")
-        job_id = raw.decode() if raw else ""
+    def _spawn(self, cls: str, entry: str, job_id: str) -> None:
         task = asyncio.get_running_loop().create_task(self._job(cls, entry, job_id))
         self.tasks[task] = (cls, entry, job_id)
         INFLIGHT.set(len(self.tasks))
@@ -410,15 +392,16 @@ class Worker:
                 start_id=self._claim_from.get(cls, "0-0"), count=free,
             )  # fmt: skip
             nxt = out[0]
-            self._claim_from[cls] = nxt.decode() if isinstance(nxt, bytes) else nxt
+            self._claim_from[cls] = as_text(nxt)
             for entry_id, fields in out[1]:
                 RECLAIMED.inc()
-                self._spawn(cls, entry_id, fields)
+                raw = (fields or {}).get(b"id")
+                self._spawn(cls, as_text(entry_id), raw.decode() if raw else "")
 
     async def _gauges(self) -> None:
         DEPTH.set(await self.store.depth())
-        for cls, q in self.store.queues.items():
-            QUEUED.labels(cls).set(await self.r.xlen(q))
+        for cls in PRIORITIES:
+            QUEUED.labels(cls).set(await self.store.queued(cls))
 
     async def _drain(self) -> None:
         if self.tasks:
