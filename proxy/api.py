@@ -255,6 +255,7 @@ class RequestContext:
         "method",
         "model",
         "path",
+        "phase_deadline",
         "priority",
         "request_body",
         "request_id",
@@ -292,6 +293,9 @@ class RequestContext:
         self.key_id: str | None = None
         self.priority: str | None = None
         self.deadline: float | None = None
+        # When Envoy gives up on the phase being processed (its message timeout), on the
+        # time.monotonic() clock; set by the chain at each phase. See budget_s.
+        self.phase_deadline: float | None = None
         # The status the client gets (a filter may rewrite the upstream's) and the one the
         # upstream answered with (what judges its health), from the response headers on.
         self.response_status: int | None = None
@@ -321,6 +325,16 @@ class RequestContext:
         self._log: logging.LoggerAdapter[logging.Logger] | None = None
         # The request's trace span when tracing is on and the trace sampled (proxy.tracing).
         self.span: Any = None
+
+    def budget_s(self, own_s: float) -> float:
+        """A filter's own budget for a call (a Redis round trip, a model call), cut to what
+        is left of this phase: filters run one after another within a message, so their
+        budgets add up, and past Envoy's message timeout the client gets a 504 whatever the
+        filters would have decided. 0 when nothing is left (the call then fails at once,
+        into the filter's own fault path: fail open, 503, a miss)."""
+        if self.phase_deadline is None:
+            return own_s
+        return max(0.0, min(own_s, self.phase_deadline - time.monotonic()))
 
     @property
     def route_name(self) -> str:

@@ -119,6 +119,10 @@ class Chain:
         # (filter, phase, exception type) whose traceback was logged: once is enough to find
         # the line, and a bug hit by every request must not log a traceback per request.
         self._traced: set[tuple[str, Phase, type[BaseException]]] = set()
+        # What each phase may take before Envoy gives up on it (bootstrap's message_timeout),
+        # less a margin for the trip to and from Envoy and the event loop's own delays.
+        total_s = (config.processor.message_timeout_ms + self.max_hold_ms()) / 1000
+        self.phase_budget_s = total_s - min(0.05, total_s / 10)
         fconf: dict[str, FilterConfig] = {fc.name: fc for fc in config.filters}
         self._plans: dict[str | None, RoutePlan] = {}
         for route in [*config.routes, None]:
@@ -209,6 +213,7 @@ class Chain:
         """
         acc = _Accumulator()
         span = ctx.span
+        ctx.phase_deadline = time.monotonic() + self.phase_budget_s
         if phase is Phase.REQUEST_HEADERS:
             _sanitize(data, acc)
             if span is not None:  # the trace goes on upstream (to Triton) from our span

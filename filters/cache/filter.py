@@ -276,9 +276,10 @@ class CacheFilter(Filter):
         vector = None
         if not st.no_lookup:
             try:
-                # One budget for the whole look-up: it must end well inside Envoy's message
-                # timeout, whatever Redis and the embedder do; past it, the request is a miss.
-                async with asyncio.timeout(self.p.lookup_budget_ms / 1000):
+                # One budget for the whole look-up, cut to what the phase has left: it must
+                # end inside Envoy's message timeout, whatever Redis and the embedder do (and
+                # however long the filters before it took); past it, the request is a miss.
+                async with asyncio.timeout(ctx.budget_s(self.p.lookup_budget_ms / 1000)):
                     found = await self._lookup(ctx, st, scope, meta, key, text, now_ms)
             except TimeoutError:
                 ERRORS.labels("budget").inc()

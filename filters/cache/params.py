@@ -185,8 +185,8 @@ class CacheParams(FilterParams):
     max_entries_per_scope: Annotated[int, Field(ge=1)] = 10_000
     # Budget of one Redis call on the request path; slower is a miss (and a skipped store).
     redis_timeout_ms: Annotated[float, Field(gt=0, le=10_000)] = 100.0
-    # Budget of the whole look-up (exact, embedding, semantic): past it, a miss. Keep it
-    # well under processor.message_timeout_ms, or a slow look-up becomes Envoy's 504.
+    # Budget of the whole look-up (exact, embedding, semantic): past it, a miss. Cut at
+    # run time to what the phase has left of processor.message_timeout_ms.
     lookup_budget_ms: Annotated[float, Field(gt=0, le=10_000)] = 250.0
     # Where model versions come from: Triton's repository index on this upstream, polled.
     # A new version starts new scopes and drops the old ones. None: versions are not tracked.

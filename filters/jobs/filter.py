@@ -53,8 +53,8 @@ SUBMITTED = Counter(
 REFUSED = Counter(
     "floodwall_jobs_refused",
     "Job submissions refused: queue_full, tenant_queue_full, bad_request, unauthenticated, "
-    "unavailable, unknown "
-    "(Redis answered too late to tell whether the job was queued)",
+    "unavailable, unknown (Redis answered too late to tell whether the job was queued), "
+    "no_time (the filters before it spent the phase's time; nothing sent)",
     ["reason"],
 )
 API_CALLS = Counter(
@@ -90,8 +90,10 @@ class JobsFilter(Filter):
         )
         self._prefix = params.api_path + "/"
 
-    async def _redis(self, call: Awaitable[T]) -> T:
-        async with asyncio.timeout(self.p.redis_timeout_ms / 1000):
+    async def _redis(self, ctx: RequestContext, call: Awaitable[T]) -> T:
+        # Its own budget, or what the phase has left if less (the filters before it spent
+        # the rest): an answer after Envoy's message timeout would reach no one.
+        async with asyncio.timeout(ctx.budget_s(self.p.redis_timeout_ms / 1000)):
             return await call
 
     def phases(self, route: RouteConfig) -> frozenset[Phase]:
@@ -164,16 +166,16 @@ class JobsFilter(Filter):
         if not _valid_id(job_id):
             return _no_job(job_id)
         if ctx.method == "GET":
-            return await self._show(ctx.tenant, job_id)
+            return await self._show(ctx, ctx.tenant, job_id)
         if ctx.method == "DELETE":
-            return await self._cancel(ctx.tenant, job_id)
+            return await self._cancel(ctx, ctx.tenant, job_id)
         return _not_allowed("GET, DELETE")
 
-    async def _show(self, tenant: str, job_id: str) -> Decision:
+    async def _show(self, ctx: RequestContext, tenant: str, job_id: str) -> Decision:
         if self.store is None:
             return _unavailable("no Redis configured")
         try:
-            fields = await self._redis(self.store.get(job_id))
+            fields = await self._redis(ctx, self.store.get(job_id))
         except REDIS_FAULTS as exc:
             API_CALLS.labels("GET", "unavailable").inc()
             return _unavailable(type(exc).__name__)
@@ -186,11 +188,13 @@ class JobsFilter(Filter):
             headers["retry-after"] = _seconds(self.p.poll_after_s)
         return Respond(200, view(job_id, fields, self.p.api_path), headers)
 
-    async def _cancel(self, tenant: str, job_id: str) -> Decision:
+    async def _cancel(self, ctx: RequestContext, tenant: str, job_id: str) -> Decision:
         if self.store is None:
             return _unavailable("no Redis configured")
         try:
-            outcome, was = await self._redis(self.store.cancel(job_id, tenant, self.p.result_ttl_s))
+            outcome, was = await self._redis(
+                ctx, self.store.cancel(job_id, tenant, self.p.result_ttl_s)
+            )
         except REDIS_FAULTS as exc:
             API_CALLS.labels("DELETE", "unavailable").inc()
             return _unavailable(type(exc).__name__)
@@ -199,7 +203,7 @@ class JobsFilter(Filter):
             return _no_job(job_id)
         if outcome == "conflict":
             return errors.error(409, "job_finished", f"job {job_id} is already {was}")
-        return await self._show(tenant, job_id)
+        return await self._show(ctx, tenant, job_id)
 
     # --- submission --------------------------------------------------------------------------
 
@@ -290,6 +294,13 @@ class JobsFilter(Filter):
         if self.store is None:
             REFUSED.labels("unavailable").inc()
             return _unavailable("no Redis configured")
+        if ctx.budget_s(_MIN_SUBMIT_S) < _MIN_SUBMIT_S:
+            # The filters before this one spent the phase (a Redis that stopped answering
+            # them): a submission sent now would likely end unsettled (a 503 that may hide a
+            # queued job). Refused before anything is sent: safe to submit again.
+            REFUSED.labels("no_time").inc()
+            ctx.log.warning("job submission refused: the phase's time is spent")
+            return _unavailable("no time left to queue the job")
         tenant = ctx.tenant or "-"
         priority = ctx.priority if ctx.priority in PRIORITIES else "standard"
         fields: dict[str, bytes | str | int | float] = {
@@ -307,6 +318,7 @@ class JobsFilter(Filter):
         job_id = uuid.uuid4().hex
         try:
             sub = await self._redis(
+                ctx,
                 self.store.submit(
                     job_id,
                     tenant,
@@ -317,7 +329,7 @@ class JobsFilter(Filter):
                     idempotency=(st.idempotency, self.p.idempotency_ttl_s)
                     if st.idempotency
                     else None,
-                )
+                ),
             )
         except REDIS_FAULTS as exc:
             ctx.log.warning("job submission failed: %r", exc)
@@ -382,10 +394,14 @@ class JobsFilter(Filter):
         """Whether a submission that timed out was queued (None: Redis did not say in time)."""
         assert self.store is not None
         try:
-            return await self._redis(self.store.settle(job_id))
+            return await self._redis(ctx, self.store.settle(job_id))
         except REDIS_FAULTS as exc:
             ctx.log.warning("job %s: could not tell whether it was queued: %r", job_id, exc)
             return None
+
+
+# Time a submission needs left in its phase to be sent at all: a few Redis round trips.
+_MIN_SUBMIT_S = 0.01
 
 
 def _maybe_accepted(job_id: str, api_path: str) -> Respond:

@@ -176,7 +176,8 @@ class JobsParams(FilterParams):
     # Retry-After of a 202 and of a job not finished yet: when to poll its Location again.
     poll_after_s: Annotated[float, Field(gt=0)] = 1.0
     # Budget of one Redis call of the filter; past it the submission is refused (503), unless
-    # a second budget finds it queued after all (202). Keep twice it below message_timeout_ms.
+    # a second budget finds it queued after all (202). Each is cut at run time to what the
+    # phase has left of processor.message_timeout_ms.
     redis_timeout_ms: Annotated[float, Field(gt=0, le=10_000)] = 200.0
     worker: WorkerParams = Field(default_factory=WorkerParams)
     webhook: WebhookParams | None = None

@@ -185,6 +185,8 @@ class RateLimitFilter(Filter):
         # key -> monotonic instant before which no request can pass it (see gcra.blocked_until)
         self.deny_cache: dict[str, float] = {}
         self.timeout_s = params.timeout_ms / 1000
+        # The longest a check waits on Redis by its own rules (silence, then shedding).
+        self.check_wait_s = max(params.max_check_ms, params.timeout_ms) / 1000
         self.redis_down_until = 0.0 if self.store is not None else math.inf
         self._by_route: dict[str, list[_Limit]] = {}
         self._body_routes: dict[str, bool] = {}
@@ -326,7 +328,8 @@ class RateLimitFilter(Filter):
                 for lim, c in zip(limits, costs, strict=True)
             ]
             try:
-                verdict = await self._shared(limits, keys, takes, costs, leased, now)
+                budget = ctx.budget_s(self.check_wait_s)
+                verdict = await self._shared(limits, keys, takes, costs, leased, now, budget)
             except Overloaded:
                 # Redis is fine; this process could not get its answer in max_check_ms.
                 self._unlease(limits, keys, costs, leased, now)
@@ -401,17 +404,19 @@ class RateLimitFilter(Filter):
         costs: list[float],
         leased: list[int],
         now: float,
+        budget_s: float,
     ) -> gcra.Verdict | None:
         """The verdict of the shared limits: those in ``leased`` were served from this
         process' leases, the others are taken in Redis (the leases' top-ups ride along in the
-        same round trip). None when Redis failed or went silent."""
+        same round trip). None when Redis failed or went silent, or gave no answer within
+        ``budget_s``."""
         top_up = (lambda: self._top_up(limits, keys, now)) if self.leasing else None
         if not leased:
-            return await self._take_redis(limits, keys, takes, costs, top_up)
+            return await self._take_redis(limits, keys, takes, costs, top_up, budget_s)
         rest = [i for i in range(len(limits)) if i not in leased]
         v = await self._take_redis(
             [limits[i] for i in rest], [keys[i] for i in rest], [takes[i] for i in rest],
-            [costs[i] for i in rest], top_up,
+            [costs[i] for i in rest], top_up, budget_s,
         )  # fmt: skip
         if v is None:
             return None
@@ -430,9 +435,12 @@ class RateLimitFilter(Filter):
         takes: list[gcra.Take],
         costs: list[float],
         queued: Callable[[], None] | None = None,
+        budget_s: float | None = None,
     ) -> gcra.Verdict | None:
-        """All-or-nothing take in Redis; None when Redis failed or went silent. ``queued``
-        runs once the calls are queued: what it queues goes in the same round trip."""
+        """All-or-nothing take in Redis; None when Redis failed or went silent, or (a
+        ``budget_s`` shorter than the store's own bounds) gave no answer within it.
+        ``queued`` runs once the calls are queued: what it queues goes in the same round
+        trip."""
         assert self.store is not None
         groups = self._groups(keys)
         t0 = time.perf_counter()
@@ -449,6 +457,16 @@ class RateLimitFilter(Filter):
         if queued is not None:
             queued()
         try:
+            if budget_s is not None and budget_s < self.check_wait_s:
+                # The filters before this one spent most of the phase: wait only for what
+                # is left of it (the fallback then, as if Redis were down, without marking
+                # it down: it may be fine, this request is late).
+                await asyncio.wait(futures, timeout=budget_s)
+                if not all(f.done() for f in futures):
+                    self._release(futures, groups, keys, limits, costs)
+                    REDIS_ERRORS.labels("budget").inc()
+                    _log.warning("rate limit check past the phase's time: falls back")
+                    return None
             replies = [await f for f in futures]  # sent together: one wait
         except REDIS_FAULTS as exc:
             self._release(futures, groups, keys, limits, costs)

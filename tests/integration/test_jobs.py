@@ -29,7 +29,7 @@ from filters.jobs.filter import JobsFilter
 from filters.jobs.params import JobsParams
 from filters.jobs.store import JobStore
 from filters.jobs.worker import EnvoyCaller, Worker, tenant_secret, verify, worker_redis
-from proxy.api import Deps
+from proxy.api import CONTINUE, Deps, Filter, NoParams, RequestContext
 from proxy.process import make_redis
 from proxy.testing import Harness, Result, default_config
 from tests.helpers import RedisServer, free_ports
@@ -119,7 +119,7 @@ async def upstream() -> AsyncIterator[Upstream]:
 # --- submission through the filter ---------------------------------------------------------------
 
 
-def _gateway(rc: aioredis.Redis, p: JobsParams) -> Harness:
+def _gateway(rc: aioredis.Redis, p: JobsParams, *before_jobs: Any) -> Harness:
     keys = [
         {"id": f"id-{t}", "sha256": hashlib.sha256(k.encode()).hexdigest(), "tenant": t}
         for k, t in KEYS.items()
@@ -134,7 +134,7 @@ def _gateway(rc: aioredis.Redis, p: JobsParams) -> Harness:
             {"name": "ok", "match": {"prefix": "/ok"}, "upstream": "up"},
         ]
     )
-    return Harness(cfg, [auth, jobs])
+    return Harness(cfg, [auth, *before_jobs, jobs])
 
 
 async def _submit(
@@ -925,6 +925,28 @@ async def test_a_submission_that_timed_out_but_ran_is_answered_202(
         assert shown.status == 200 and shown.json()["status"] == "queued"
     finally:
         await other.aclose()
+
+
+class _Spend(Filter):
+    """Spends all but ~5 ms of the body phase (as filters waiting on a frozen Redis of
+    their own would)."""
+
+    async def on_request_body(self, ctx: RequestContext, body: bytes) -> Any:
+        assert ctx.phase_deadline is not None
+        await asyncio.sleep(max(0.0, ctx.phase_deadline - time.monotonic() - 0.005))
+        return CONTINUE
+
+
+async def test_a_submission_with_no_time_left_is_refused_before_it_is_sent(
+    rc: aioredis.Redis,
+) -> None:
+    # Sent now, it would most likely end unsettled: a 503 that may hide a queued job.
+    spend = _Spend(NoParams(), Deps())
+    spend.name = "spend"
+    r = await _submit(_gateway(rc, _params(), spend))
+    assert r.status == 503 and r.json()["error"]["type"] == "jobs_unavailable"
+    assert "no time left" in r.json()["error"]["message"] and "location" not in r.headers
+    assert await rc.dbsize() == 0  # nothing was sent
 
 
 async def test_a_settled_submission_never_queues_later(rc: aioredis.Redis) -> None:

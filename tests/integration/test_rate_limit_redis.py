@@ -17,7 +17,7 @@ import redis.asyncio as aioredis
 
 from filters.openai.filter import OpenAIFilter
 from filters.rate_limit import gcra
-from filters.rate_limit.filter import REDIS_UP, RateLimitFilter
+from filters.rate_limit.filter import REDIS_ERRORS, REDIS_UP, RateLimitFilter
 from proxy.api import CONTINUE, Deps, Filter, RequestContext
 from proxy.testing import FakeClock, Harness, UpstreamReply, default_config
 from tests.helpers import RedisServer
@@ -60,7 +60,7 @@ class _Identify(Filter):
         return CONTINUE
 
 
-def harness(*filters: RateLimitFilter, openai: OpenAIFilter | None = None) -> Harness:
+def harness(*filters: Filter, openai: OpenAIFilter | None = None) -> Harness:
     from proxy.api import NoParams
 
     ident = _Identify(NoParams(), Deps())
@@ -599,6 +599,47 @@ async def test_frozen_redis_costs_the_timeout_not_a_hang(
         assert f.store.round_trips == sent  # within retry_redis_ms: no new attempt
     finally:
         redis_server.freeze(False)
+
+
+class _Slow(Filter):
+    """A filter before the limiter that spends most of the phase (as one waiting on a
+    frozen Redis of its own would)."""
+
+    async def on_request_headers(self, ctx: RequestContext, headers: dict[str, str]) -> Any:
+        await asyncio.sleep(0.4)
+        return CONTINUE
+
+
+@pytest.mark.parametrize("on_error", ["open", "closed"])
+async def test_a_check_late_in_its_phase_waits_only_for_what_is_left(
+    redis_server: RedisServer, rc: aioredis.Redis, on_error: str
+) -> None:
+    # Envoy gives up on the phase at message_timeout_ms (500): after the 400 ms spent before
+    # it, the check has ~50 ms, not its own 400 (timeout_ms) to wait for a silent Redis.
+    from proxy.api import NoParams, SystemClock
+
+    f = limiter(rc, per_key(on_redis_error=on_error), timeout_ms=400, clock=SystemClock())
+    slow = _Slow(NoParams(), Deps())
+    slow.name = "slow"
+    h = harness(slow, f)
+    envoy_s = h.chain.config.processor.message_timeout_ms / 1000
+    assert (await call(h)).status == 200
+    cut = REDIS_ERRORS.labels("budget")._value.get()
+    redis_server.freeze()
+    try:
+        t0 = time.monotonic()
+        r = await call(h)
+        elapsed = time.monotonic() - t0
+    finally:
+        redis_server.freeze(False)
+    assert elapsed < envoy_s, elapsed
+    assert r.status == (200 if on_error == "open" else 503), r.body
+    assert REDIS_ERRORS.labels("budget")._value.get() == cut + 1
+    # This request was late, Redis not known down: the next check goes to Redis.
+    assert REDIS_UP._value.get() == 1
+    sent = f.store.round_trips
+    assert (await call(h)).status == 200
+    assert f.store.round_trips > sent
 
 
 async def test_restarted_redis_reloads_the_script(

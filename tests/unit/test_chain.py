@@ -505,3 +505,52 @@ def test_a_grpc_calls_deadline_is_its_grpc_timeout_within_the_route_timeout() ->
     assert ctx.deadline == pytest.approx(130.0)  # the route's 30 s: Envoy's cap too
     ctx, _ = h.chain.context(grpc, started=100.0)
     assert ctx.deadline == pytest.approx(130.0)
+
+
+class _Spender(Filter):
+    """Sleeps ``spend_s`` in each request phase, then notes what budget a 10 s call gets."""
+
+    def __init__(self, spend_s: float, hold_ms: float = 0.0) -> None:
+        super().__init__(NoParams(), Deps())
+        self.name = "spender"
+        self.spend_s = spend_s
+        self._hold_ms = hold_ms
+        self.budgets: list[float] = []
+
+    def hold_ms(self) -> float:
+        return self._hold_ms
+
+    async def _spend(self, ctx: RequestContext) -> Decision:
+        await asyncio.sleep(self.spend_s)
+        self.budgets.append(ctx.budget_s(10.0))
+        return CONTINUE
+
+    async def on_request_headers(self, ctx: RequestContext, headers: Headers) -> Decision:
+        return await self._spend(ctx)
+
+    async def on_request_body(self, ctx: RequestContext, body: bytes) -> Decision:
+        return await self._spend(ctx)
+
+
+@pytest.mark.parametrize("hold_ms", [0.0, 300.0])
+async def test_each_phase_gives_its_filters_what_is_left_of_envoys_message_timeout(
+    hold_ms: float,
+) -> None:
+    # Envoy's message timeout (message_timeout_ms plus the filters' holds) less a margin
+    # (10%, at most 50 ms), per phase: the clock starts again at each message.
+    first, second = _Spender(0.0, hold_ms), _Spender(0.1)
+    h = harness(first, second)
+    total_s = (h.chain.config.processor.message_timeout_ms + hold_ms) / 1000
+    budget_s = total_s - min(0.05, total_s / 10)
+    assert h.chain.phase_budget_s == pytest.approx(budget_s)
+    r = await h.request("POST", "/v1/embeddings", body=b"{}")
+    assert r.status == 200
+    assert first.budgets == [pytest.approx(budget_s, abs=0.01)] * 2
+    assert second.budgets == [pytest.approx(budget_s - 0.1, abs=0.03)] * 2
+
+
+async def test_a_spent_phase_leaves_nothing_and_no_deadline_leaves_the_own_budget() -> None:
+    ctx = RequestContext(None, started=0.0)
+    assert ctx.budget_s(0.25) == 0.25  # outside a chain (a worker, a test): no phase
+    ctx.phase_deadline = 0.0  # long past
+    assert ctx.budget_s(0.25) == 0.0
