@@ -16,6 +16,12 @@ this benchmark decides how many run), in one run:
    queue. Throughput = N / (last finish - first start), from the jobs' own Redis timestamps,
    so process start-up is not counted. Beside it, the same N requests sent synchronously at
    the concurrency of one worker (4), as the no-queue reference.
+3. Fairness: one worker runs; tenant ``big`` queues a backlog of B embedding jobs (faster than
+   the worker drains them), then tenant ``small`` queues S; in FIFO order, then in fair
+   order (the queue's default). Per tenant: the time from each job's submission to its
+   finish (p50, max) and when its last job finished (from the first job's start). The jobs
+   are queued through the filter's own Lua script, not through Envoy (the submission is
+   measured above).
 
     .venv/bin/python -m bench.jobs            # ~3 minutes
     .venv/bin/python -m bench.jobs --quick
@@ -35,6 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
@@ -100,8 +107,10 @@ class _Workers:
 
     def __init__(self, stack: Stack, config: Path, n: int, tag: str) -> None:
         self.argvs = []
+        self.admin_ports: list[int] = []
         for i in range(n):
             (admin,) = free_ports(1)
+            self.admin_ports.append(admin)
             self.argvs.append([
                 sys.executable, "-m", "proxy.cli", "worker", "-c", str(config),
                 "--redis-url", str(stack.redis_url), "--consumer", f"bench-{tag}-{i}",
@@ -112,6 +121,19 @@ class _Workers:
     def __enter__(self) -> _Workers:
         self.procs = [subprocess.Popen(a, start_new_session=True) for a in self.argvs]
         return self
+
+    def wait_ready(self, timeout_s: float = 60.0) -> None:
+        """Until every worker's /readyz answers 200 (it reached Redis and takes jobs)."""
+        deadline = time.monotonic() + timeout_s
+        for port in self.admin_ports:
+            while True:
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1):
+                        break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
 
     def __exit__(self, *exc: object) -> None:
         for proc in self.procs:
@@ -190,8 +212,11 @@ def fairness(stack: Stack, config: Path, backlog: int, small: int) -> list[dict[
     for order in ("fifo", "fair"):
         _clear_jobs(r, p.prefix)
         counts = {"big": backlog, "small": small}
-        asyncio.run(_queue_tenants(stack.redis_url, p.prefix, order, counts))
-        with _Workers(stack, config, 1, order):
+        with _Workers(stack, config, 1, order) as workers:
+            # The worker runs first: the small tenant's jobs arrive while the big one's
+            # backlog is being drained, and their waits count from their own submission.
+            workers.wait_ready()
+            asyncio.run(_queue_tenants(stack.redis_url, p.prefix, order, counts))
             _wait_drained(r, p.prefix)
         jobs = _jobs(r, p.prefix)
         t0 = min(int(j["started"]) for j in jobs)

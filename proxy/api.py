@@ -293,8 +293,10 @@ class RequestContext:
         self.key_id: str | None = None
         self.priority: str | None = None
         self.deadline: float | None = None
-        # When Envoy gives up on the phase being processed (its message timeout), on the
-        # time.monotonic() clock; set by the chain at each phase. See budget_s.
+        # When this filter's own calls must be over in the phase being processed, on the
+        # time.monotonic() clock: Envoy's message timeout, less a margin and the deliberate
+        # waits (hold_ms) of this filter and those after it. Set by the chain before each
+        # filter runs. See budget_s.
         self.phase_deadline: float | None = None
         # The status the client gets (a filter may rewrite the upstream's) and the one the
         # upstream answered with (what judges its health), from the response headers on.

@@ -56,6 +56,9 @@ class _Bound:
     filter: Filter
     on_error: str
     timers: dict[Phase, Any]
+    # Per phase: the deliberate waits (hold_ms) of this filter and of those after it in the
+    # phase, in seconds: time the filters before it must leave unspent.
+    reserve_s: dict[Phase, float] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -156,6 +159,10 @@ class Chain:
             if p in (Phase.RESPONSE_HEADERS, Phase.RESPONSE_BODY):
                 items.reverse()
             by_phase[p] = tuple(items)
+            later = 0.0
+            for b in reversed(items):
+                later += b.filter.hold_ms() / 1000
+                b.reserve_s[p] = later
         complete = tuple(b for b, _ in bound if overrides_complete(type(b.filter)))
         phases = frozenset(p for p in Phase if by_phase[p]) | {Phase.REQUEST_HEADERS}
         return RoutePlan(route, by_phase, complete, phases)
@@ -213,7 +220,7 @@ class Chain:
         """
         acc = _Accumulator()
         span = ctx.span
-        ctx.phase_deadline = time.monotonic() + self.phase_budget_s
+        phase_end = time.monotonic() + self.phase_budget_s
         if phase is Phase.REQUEST_HEADERS:
             _sanitize(data, acc)
             if span is not None:  # the trace goes on upstream (to Triton) from our span
@@ -244,6 +251,9 @@ class Chain:
         is_headers = phase in (Phase.REQUEST_HEADERS, Phase.RESPONSE_HEADERS)
         for b in plan.by_phase[phase]:
             f = b.filter
+            # What this filter's own calls may spend (ctx.budget_s): the phase, less the
+            # waits it and the filters after it may still make (admission's queue, say).
+            ctx.phase_deadline = phase_end - b.reserve_s[phase]
             t0 = time.perf_counter()
             child = None if span is None else self.tracer.child(span, f"{f.name} {phase.value}")
             try:

@@ -90,10 +90,11 @@ class JobsFilter(Filter):
         )
         self._prefix = params.api_path + "/"
 
-    async def _redis(self, ctx: RequestContext, call: Awaitable[T]) -> T:
-        # Its own budget, or what the phase has left if less (the filters before it spent
-        # the rest): an answer after Envoy's message timeout would reach no one.
-        async with asyncio.timeout(ctx.budget_s(self.p.redis_timeout_ms / 1000)):
+    async def _redis(self, ctx: RequestContext, call: Awaitable[T], share: float = 1.0) -> T:
+        # Its own budget, or ``share`` of what the phase has left if less (the filters
+        # before it spent the rest): an answer after Envoy's message timeout reaches no one.
+        own = self.p.redis_timeout_ms / 1000
+        async with asyncio.timeout(min(own, ctx.budget_s(own) * share)):
             return await call
 
     def phases(self, route: RouteConfig) -> frozenset[Phase]:
@@ -203,7 +204,15 @@ class JobsFilter(Filter):
             return _no_job(job_id)
         if outcome == "conflict":
             return errors.error(409, "job_finished", f"job {job_id} is already {was}")
-        return await self._show(ctx, tenant, job_id)
+        shown = await self._show(ctx, tenant, job_id)
+        if isinstance(shown, Respond) and shown.status == 200:
+            return shown
+        # Cancelled, but the read after it failed: a 503 would have the client try again
+        # and get 409 for a DELETE that worked. What the cancellation itself knows.
+        url = f"{self.p.api_path}/{job_id}"
+        body = {"id": job_id, "object": "job", "status": "cancelled", "url": url}
+        headers = {**errors.JSON_HEADERS, "cache-control": "no-store"}
+        return Respond(200, orjson.dumps(body), headers)
 
     # --- submission --------------------------------------------------------------------------
 
@@ -330,6 +339,7 @@ class JobsFilter(Filter):
                     if st.idempotency
                     else None,
                 ),
+                share=0.5,  # the rest for the settlement, should the submission time out
             )
         except REDIS_FAULTS as exc:
             ctx.log.warning("job submission failed: %r", exc)

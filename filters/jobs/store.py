@@ -14,11 +14,13 @@ Layout (``P`` = the configured prefix; its {hash tag} puts everything in one clu
 - ``P:q:{class}`` one stream per priority class, consumer group ``workers``: the jobs taken
   and not finished (a worker's pending entries, heartbeated, taken over when it dies); an
   entry carries the job id and is deleted when acknowledged.
-- ``P:fair``      hash: per class the virtual time ``v:{class}`` (the start tag last taken)
-  and per tenant the tag its next job starts at ``t:{class}:{tenant}``.
-- ``P:wake``      list of tokens a submission pushes (at most 64): idle workers block on it.
+- ``P:fair``      hash: per class the virtual time ``v:{class}`` (the start tag last taken),
+  per tenant the tag its next job starts at ``t:{class}:{tenant}`` and its jobs in the
+  ready set ``n:{class}:{tenant}``.
+- ``P:wake``      list of tokens each queued job pushes (a submission, a retry falling due;
+  at most 64 kept): idle workers block on it.
 - ``P:delayed``   sorted set of jobs waiting to retry (score: due time in ms), as
-  ``{class}:{id}``; any worker moves due ones back into their stream.
+  ``{class}:{id}``; any worker moves due ones back into their class's ready set.
 - ``P:dead``      stream of jobs that failed for good (dead letters), for operators.
 - ``P:depth`` / ``P:tdepth`` unfinished jobs in all / per tenant (hash): the queue caps.
 - ``P:idem:{digest}`` Idempotency-Key (per tenant) -> job id.
@@ -29,11 +31,12 @@ Times come from Redis (``TIME``): one clock for every processor and worker.
 
 **Fair order within a class** (start-time fair queueing): a job's start tag is the larger of
 its class's virtual time and its tenant's last finish tag, which then advances by the job's
-cost (``1000 / weight``). A tenant with a thousand jobs queued therefore gets every other
+cost (``COST / weight``). A tenant with a thousand jobs queued therefore gets every other
 turn, not the next thousand, when a second tenant submits one; a tenant idle for a while
 earns no credit (its tag is caught up to the virtual time). With ``order: fifo`` every job
 shares one tenant's tags: first in, first out. A job retried later re-enters through the
-same rule.
+same rule; a job cancelled while it waits leaves the order, and a tenant left with none
+waiting starts again at the virtual time (a cancelled backlog costs it no turns).
 """
 
 from __future__ import annotations
@@ -48,6 +51,8 @@ import orjson
 from filters.jobs.params import PRIORITIES
 
 GROUP = "workers"
+# One job's cost in its tenant's tags at weight 1 (see JobStore.cost).
+COST = 1_000_000
 
 # Helpers every script starts with (prepended at registration).
 _LIB = """
@@ -80,6 +85,7 @@ local function enqueue(ready, fair, wake, cls, fq, cost, id)
   local tf = 't:' .. cls .. ':' .. fq
   local start = math.max(v, tonumber(redis.call('HGET', fair, tf) or '0'))
   redis.call('HSET', fair, tf, start + cost)
+  redis.call('HINCRBY', fair, 'n:' .. cls .. ':' .. fq, 1)
   redis.call('ZADD', ready, start, id)
   redis.call('LPUSH', wake, '1')
   redis.call('LTRIM', wake, 0, 63)
@@ -200,8 +206,9 @@ return 'ok'
 """
 
 # KEYS: delayed, then one ready set per class in PRIORITIES order, fair, wake
-# ARGV: limit, job key prefix. A job due again re-enters its class's fair order as a new
-# arrival of its tenant; one gone meanwhile (cancelled and expired) is dropped.
+# ARGV: limit, job key prefix, a job's cost at weight 1. A job due again re-enters its
+# class's fair order as a new arrival of its tenant; one cancelled or gone meanwhile is
+# dropped.
 _PROMOTE = """
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now_ms(), 'LIMIT', 0, ARGV[1])
 local ready = {critical = KEYS[2], standard = KEYS[3], sheddable = KEYS[4]}
@@ -210,9 +217,11 @@ for _, m in ipairs(due) do
   if cls and ready[cls] then
     -- Undeclared, but in the declared keys' slot: the prefix's {hash tag} is everyone's.
     local job = ARGV[2] .. id
-    local f = redis.call('HMGET', job, 'fq', 'fc', 'tenant')
+    local f = redis.call('HMGET', job, 'fq', 'fc', 'tenant', 'status')
     local fq = f[1] or f[3]  -- a job queued before fair order has its tenant only
-    if fq then enqueue(ready[cls], KEYS[5], KEYS[6], cls, fq, tonumber(f[2] or '1000'), id) end
+    if fq and not terminal(f[4]) then
+      enqueue(ready[cls], KEYS[5], KEYS[6], cls, fq, tonumber(f[2] or ARGV[3]), id)
+    end
   end
   redis.call('ZREM', KEYS[1], m)
 end
@@ -220,11 +229,23 @@ return #due
 """
 
 # KEYS: one stream per class, then one ready set per class (PRIORITIES order), fair
-# ARGV: consumer, n, the class names. Delivers up to n jobs to the consumer, highest class
-# first: entries already in a stream (queued by a version before fair order, or taken over),
-# then the lowest start tags of the class's ready set, moved into its stream and delivered in
-# this same script (nothing is in neither). Returns class index, entry id, job id, ...
+# ARGV: consumer, n, the class names, job key prefix. Delivers up to n jobs to the
+# consumer, highest class first: entries already in a stream (queued by a version before
+# fair order), then the lowest start tags of the class's ready set, moved into its stream
+# and delivered in this same script (a job is always in one or the other). Returns class
+# index, entry id, job id, ...
 _TAKE = """
+-- Every class's group first: Redis does not undo a script's writes when it fails half way,
+-- and jobs moved and delivered before a NOGROUP would wait for a takeover.
+for c = 1, 3 do
+  local found = false
+  if redis.call('EXISTS', KEYS[c]) == 1 then
+    for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[c])) do
+      if g[2] == '$GROUP' then found = true end
+    end
+  end
+  if not found then return redis.error_reply('NOGROUP no group $GROUP on ' .. KEYS[c]) end
+end
 local out = {}
 local n = tonumber(ARGV[2])
 local function read(c, count)
@@ -246,7 +267,15 @@ for c = 1, 3 do
   if n > 0 then
     local popped = redis.call('ZPOPMIN', KEYS[c + 3], n)
     if #popped > 0 then
-      for i = 1, #popped, 2 do redis.call('XADD', KEYS[c], '*', 'id', popped[i]) end
+      for i = 1, #popped, 2 do
+        redis.call('XADD', KEYS[c], '*', 'id', popped[i])
+        -- Undeclared, in the declared keys' slot (the prefix's hash tag is everyone's).
+        local f = redis.call('HMGET', ARGV[6] .. popped[i], 'fq', 'tenant')
+        if f[1] or f[2] then
+          local nf = 'n:' .. ARGV[c + 2] .. ':' .. (f[1] or f[2])
+          if redis.call('HINCRBY', KEYS[7], nf, -1) <= 0 then redis.call('HDEL', KEYS[7], nf) end
+        end
+      end
       local vf = 'v:' .. ARGV[c + 2]
       local v = tonumber(redis.call('HGET', KEYS[7], vf) or '0')
       redis.call('HSET', KEYS[7], vf, math.max(v, tonumber(popped[#popped])))
@@ -257,12 +286,31 @@ end
 return out
 """.replace("$GROUP", GROUP)
 
-# KEYS: job, depth, tdepth  ARGV: tenant, ttl_ms
+# KEYS: job, depth, tdepth, fair, then one ready set per class in PRIORITIES order
+# ARGV: tenant, ttl_ms, id. A job still waiting in its ready set leaves it; the tenant's
+# tag goes back to where it was when it was the tenant's latest, and is dropped (its next
+# job starts at the class's virtual time) when the tenant has no other job waiting: a
+# cancelled backlog costs its tenant no turns.
 _CANCEL = """
 local t = redis.call('HGET', KEYS[1], 'tenant')
 if not t or t ~= ARGV[1] then return {'missing', ''} end
 local st = redis.call('HGET', KEYS[1], 'status')
 if terminal(st) then return {'conflict', st} end
+local f = redis.call('HMGET', KEYS[1], 'priority', 'fq', 'fc')
+local ready = ({critical = KEYS[5], standard = KEYS[6], sheddable = KEYS[7]})[f[1] or '']
+local score = ready and redis.call('ZSCORE', ready, ARGV[3])
+if score then
+  redis.call('ZREM', ready, ARGV[3])
+  if f[2] and f[3] then
+    local tf = 't:' .. f[1] .. ':' .. f[2]
+    local nf = 'n:' .. f[1] .. ':' .. f[2]
+    if redis.call('HINCRBY', KEYS[4], nf, -1) <= 0 then
+      redis.call('HDEL', KEYS[4], nf, tf)
+    elseif tonumber(redis.call('HGET', KEYS[4], tf) or '0') == tonumber(score) + tonumber(f[3]) then
+      redis.call('HSET', KEYS[4], tf, score)
+    end
+  end
+end
 local now = now_ms()
 redis.call('HSET', KEYS[1], 'status', 'cancelled', 'updated', now, 'finished', now)
 redis.call('HDEL', KEYS[1], 'error')  -- a retry's 'retrying' note: not an error of this job
@@ -346,7 +394,7 @@ class JobStore:
             if idempotency
             else (f"{self.prefix}:idem:-", 0)
         )
-        fair_key, cost = ("*", 1000) if self.order == "fifo" else (tenant, self.cost(tenant))
+        fair_key, cost = ("*", COST) if self.order == "fifo" else (tenant, self.cost(tenant))
         argv: list[Any] = [
             job_id, tenant, max_depth, max_tenant, idem_ttl, priority, fair_key, cost,
         ]  # fmt: skip
@@ -366,9 +414,9 @@ class JobStore:
         return Submitted(as_text(out[0]), as_text(out[1]))
 
     def cost(self, tenant: str) -> int:
-        """How far one job moves its tenant's tag: whole numbers, exact in Redis' doubles
-        and in the %.14g its Lua turns numbers into."""
-        return max(1, round(1000 / self.weights.get(tenant, 1.0)))
+        """How far one job moves its tenant's tag (``COST / weight``): whole numbers, exact
+        in Redis' doubles for the first 2**53 / COST (9 billion) turns."""
+        return max(1, round(COST / self.weights.get(tenant, 1.0)))
 
     async def settle(self, job_id: str) -> bool:
         """After ``submit`` gave no answer (a timeout: Redis may run it later): True if the job
@@ -383,9 +431,9 @@ class JobStore:
         return {as_text(k): v for k, v in raw.items()}
 
     async def cancel(self, job_id: str, tenant: str, ttl_s: float) -> tuple[str, str]:
+        keys = [self.job_key(job_id), self.depth_key, self.tdepth_key, self.fair_key]
         out = await self._cancel(
-            keys=[self.job_key(job_id), self.depth_key, self.tdepth_key],
-            args=[tenant, _ms(ttl_s)],
+            keys=[*keys, *(self.ready[c] for c in PRIORITIES)], args=[tenant, _ms(ttl_s), job_id]
         )
         return as_text(out[0]), as_text(out[1])
 
@@ -467,13 +515,14 @@ class JobStore:
         keys = [
             self.delayed_key, *(self.ready[c] for c in PRIORITIES), self.fair_key, self.wake_key,
         ]  # fmt: skip
-        return int(await self._promote(keys=keys, args=[limit, f"{self.prefix}:job:"]))
+        return int(await self._promote(keys=keys, args=[limit, f"{self.prefix}:job:", COST]))
 
     async def take(self, consumer: str, n: int) -> list[tuple[str, str, str]]:
         """Up to ``n`` jobs delivered to ``consumer``, highest class first and in each class
         in fair order: (class, stream entry, job id) each."""
         keys = [*(self.queues[c] for c in PRIORITIES), *(self.ready[c] for c in PRIORITIES)]
-        out = await self._take(keys=[*keys, self.fair_key], args=[consumer, n, *PRIORITIES])
+        args = [consumer, n, *PRIORITIES, f"{self.prefix}:job:"]
+        out = await self._take(keys=[*keys, self.fair_key], args=args)
         return [
             (PRIORITIES[int(out[i]) - 1], as_text(out[i + 1]), as_text(out[i + 2]))
             for i in range(0, len(out), 3)
@@ -485,7 +534,8 @@ class JobStore:
         await self.r.blpop([self.wake_key], timeout=timeout_s)
 
     async def queued(self, priority: str) -> int:
-        """Jobs of a class waiting for a worker (in its ready set or not yet delivered)."""
+        """Jobs of a class waiting for a worker: its ready set (a stream entry written by a
+        version before fair order is not counted)."""
         return int(await self.r.zcard(self.ready[priority]))
 
     async def depth(self) -> int:

@@ -187,6 +187,7 @@ class RateLimitFilter(Filter):
         self.timeout_s = params.timeout_ms / 1000
         # The longest a check waits on Redis by its own rules (silence, then shedding).
         self.check_wait_s = max(params.max_check_ms, params.timeout_ms) / 1000
+        self._late_logged = -math.inf
         self.redis_down_until = 0.0 if self.store is not None else math.inf
         self._by_route: dict[str, list[_Limit]] = {}
         self._body_routes: dict[str, bool] = {}
@@ -459,13 +460,23 @@ class RateLimitFilter(Filter):
         try:
             if budget_s is not None and budget_s < self.check_wait_s:
                 # The filters before this one spent most of the phase: wait only for what
-                # is left of it (the fallback then, as if Redis were down, without marking
-                # it down: it may be fine, this request is late).
+                # is left of it.
                 await asyncio.wait(futures, timeout=budget_s)
+                for f in futures:
+                    failed = f.exception() if f.done() and not f.cancelled() else None
+                    if failed is not None:
+                        raise failed  # handled below, as the plain wait's would be
                 if not all(f.done() for f in futures):
+                    if budget_s <= 0 or self.store.silent_s() < budget_s / 2:
+                        # No time at all, or Redis kept answering (this process is behind:
+                        # event-loop lag): the overload the store's max_wait_s sheds, not a
+                        # reason to admit from the fallback.
+                        raise Overloaded()
+                    # Redis silent: the fallback, as if it were down, without marking it
+                    # down (the store's own timeout decides that; this request is late).
                     self._release(futures, groups, keys, limits, costs)
                     REDIS_ERRORS.labels("budget").inc()
-                    _log.warning("rate limit check past the phase's time: falls back")
+                    self._late_log()
                     return None
             replies = [await f for f in futures]  # sent together: one wait
         except REDIS_FAULTS as exc:
@@ -746,6 +757,16 @@ class RateLimitFilter(Filter):
                 REDIS_ERRORS.labels("settle").inc()
                 ctx.log.warning("rate limit settlement failed (%r): %d limit(s) unsettled",
                                 exc, len(idx))  # fmt: skip
+
+    def _late_log(self) -> None:
+        now = time.monotonic()
+        if now - self._late_logged >= 10.0:  # every request of a frozen spell would log
+            self._late_logged = now
+            _log.warning(
+                "rate limit check ran out of its phase's time with Redis silent: limits "
+                "fall back (on_redis_error) for it; counted in "
+                'floodwall_ratelimit_redis_errors_total{kind="budget"}'
+            )
 
     def _adjust_redis(
         self, keys: list[str], limits: list[_Limit], deltas: list[float]

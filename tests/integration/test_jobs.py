@@ -20,6 +20,7 @@ from typing import Any
 import orjson
 import pytest
 import redis.asyncio as aioredis
+import redis.exceptions
 import yaml
 from aiohttp import web
 from prometheus_client import REGISTRY
@@ -370,6 +371,23 @@ async def test_cancel_a_queued_job(rc: aioredis.Redis, upstream: Upstream) -> No
     assert await _status(h, job_id) == "cancelled"
 
 
+async def test_a_cancel_whose_read_back_fails_still_answers_200(rc: aioredis.Redis) -> None:
+    # A 503 there would have the client DELETE again and get 409 for a cancel that worked.
+    h = _gateway(rc, _params())
+    job_id = (await _submit(h)).json()["id"]
+    (jobs,) = [f for f in h.chain.filters if isinstance(f, JobsFilter)]
+    assert jobs.store is not None
+
+    async def unreadable(job_id: str) -> dict[str, bytes]:
+        raise redis.exceptions.TimeoutError("Redis stopped answering")
+
+    jobs.store.get = unreadable  # type: ignore[method-assign]
+    auth = {"authorization": "Bearer alice-key"}
+    r = await h.request("DELETE", f"/v1/jobs/{job_id}", headers=auth)
+    assert r.status == 200 and r.json()["status"] == "cancelled", r.body
+    assert r.json()["id"] == job_id
+
+
 async def _stream_empty(rc: aioredis.Redis, p: JobsParams) -> bool:
     # Nothing waiting (ready sets) and nothing taken but not acknowledged (streams).
     for c in ("critical", "standard"):
@@ -533,6 +551,50 @@ async def test_tenants_take_turns_within_a_class(
         assert [k for k in upstream.order if k.startswith("a")] == [f"a{i}" for i in range(30)]
     else:
         assert at == [30, 31, 32], upstream.order
+
+
+async def test_a_cancelled_backlog_costs_its_tenant_no_turns(
+    rc: aioredis.Redis, upstream: Upstream
+) -> None:
+    # Alice queues 5, bob 5; alice cancels hers and queues one more: it goes in turn with
+    # bob's (her tag back where it was), not behind his 5 and her own cancelled 5.
+    p = _params()
+    store = JobStore(rc, p.prefix)
+    mine = await _queue(store, "a", 5)
+    bobs = await _queue(store, "b", 5)
+    for job_id in mine:
+        assert (await store.cancel(job_id, "a", 60))[0] == "ok"
+    assert await rc.zcard(store.ready["standard"]) == 5  # the cancelled ones left it
+    job = await store.submit(
+        "a" * 32, "a", "standard",
+        {"total": 1, "m:0": "POST", "u:0": "/ok", "b:0": orjson.dumps({"key": "a-late"})},
+        max_depth=1000, max_tenant=0, idempotency=None,
+    )  # fmt: skip
+    async with Running(_worker(rc, p, upstream, concurrency=1)):
+        await _until(lambda: _all_done(rc, p, [*bobs, job.job_id]))
+    assert upstream.order.index("a-late") <= 1, upstream.order
+    assert not [k for k in upstream.order if k in {f"a{i}" for i in range(5)}]
+
+
+async def test_a_take_changes_nothing_when_a_class_lost_its_group(rc: aioredis.Redis) -> None:
+    # Redis runs a failing script's writes up to the failure: a take that moved and
+    # delivered a critical job, then failed on the sheddable stream's missing group, left
+    # that job pending until a takeover.
+    p = _params()
+    store = JobStore(rc, p.prefix)
+    await store.ensure_groups()
+    await store.submit(
+        "c" * 32, "a", "critical", {"total": 1, "m:0": "POST", "u:0": "/ok", "b:0": b"{}"},
+        max_depth=10, max_tenant=0, idempotency=None,
+    )  # fmt: skip
+    await rc.delete(store.queues["sheddable"])
+    await rc.xadd(store.queues["sheddable"], {"id": "x"})  # a stream, but no group
+    with pytest.raises(aioredis.ResponseError, match="NOGROUP"):
+        await store.take("w1", 4)
+    assert await rc.zcard(store.ready["critical"]) == 1
+    assert await rc.xlen(store.queues["critical"]) == 0
+    await store.ensure_groups()
+    assert [j for _, _, j in await store.take("w1", 1)] == ["c" * 32]
 
 
 async def test_tenant_weights_share_the_turns(rc: aioredis.Redis, upstream: Upstream) -> None:

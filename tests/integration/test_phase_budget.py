@@ -19,6 +19,8 @@ from typing import Any
 import orjson
 import pytest
 
+from filters.admission.filter import AdmissionFilter
+from filters.admission.limiter import Limiter
 from proxy.api import Deps, Phase, RequestContext
 from proxy.config import parse_config
 from proxy.process import make_redis
@@ -28,7 +30,11 @@ from tests.helpers import DEMO_KEY, RedisServer, free_ports, local_config_dict
 
 pytestmark = pytest.mark.integration
 
-CHAT = {"model": "sim-llm", "messages": [{"role": "user", "content": "How do I reset it?"}]}
+CHAT = {
+    "model": "sim-llm",
+    "messages": [{"role": "user", "content": "How do I reset it?"}],
+    "temperature": 0,  # deterministic: the cache looks it up
+}
 EMBED = {"model": "embedder", "input": "a text to embed"}
 # (method, path, extra headers, body, statuses the filters may answer with)
 LIMITED = {"authorization": "Bearer fw-demo-limited"}  # a token budget on chat: at the body
@@ -54,7 +60,7 @@ async def frozen(tmp_path: Path) -> AsyncIterator[tuple[str, RedisServer]]:
         server.stop()
 
 
-def _config(redis_url: str, message_timeout_ms: int | None) -> Any:
+def _config(redis_url: str, message_timeout_ms: int | None, busy: bool) -> Any:
     (dead,) = free_ports(1)  # Triton: nothing listens (its calls fail at once)
     text = orjson.dumps(local_config_dict()).decode()
     for port in ("8000", "8001", "8002"):
@@ -63,6 +69,9 @@ def _config(redis_url: str, message_timeout_ms: int | None) -> Any:
     data["redis"] = {"url": redis_url}
     if message_timeout_ms is not None:
         data["processor"]["message_timeout_ms"] = message_timeout_ms
+    if busy:  # and the cache's budgets as long as its params allow a user to set them
+        (cache,) = [f for f in data["filters"] if f["type"] == "cache"]
+        cache["params"].update(lookup_budget_ms=500, redis_timeout_ms=500)
     return parse_config(data)
 
 
@@ -78,11 +87,15 @@ async def _upstream(headers: dict[str, str], body: bytes) -> UpstreamReply:
 
 
 # The shipped 500 ms, and a tight 150 ms (Envoy's timeout is that plus the filters' holds:
-# admission's 250 ms queue), under which the filters' own budgets add up past it.
+# admission's 250 ms queue), under which the filters' own budgets add up past it. With the
+# models busy too (admission's limit taken: a call waits its 250 ms in admission's queue
+# after the filters before it spent theirs) and the cache's budgets at 500 ms, or not.
+@pytest.mark.parametrize("busy", [False, True])
 @pytest.mark.parametrize("message_timeout_ms", [None, 150])
 @pytest.mark.parametrize(("method", "path", "extra", "body", "allowed"), CASES)
 async def test_each_phase_ends_before_envoys_message_timeout(
     frozen: tuple[str, RedisServer],
+    busy: bool,
     message_timeout_ms: int | None,
     method: str,
     path: str,
@@ -91,12 +104,18 @@ async def test_each_phase_ends_before_envoys_message_timeout(
     allowed: set[int],
 ) -> None:
     url, _ = frozen
-    cfg = _config(url, message_timeout_ms)
+    cfg = _config(url, message_timeout_ms, busy)
     # The processor's own client (redis.timeout_ms: 1 s of silence before it drops a
     # connection), as `floodwall up` makes it.
     redis = make_redis(url, 1000)
     upstreams = {n: u.base_url for n, u in cfg.upstreams.items()}
     filters = build_filters(cfg.filters, Deps(redis=redis, upstreams=upstreams))
+    if busy:
+        (adm,) = [f for f in filters if isinstance(f, AdmissionFilter)]
+        for model in adm.p.models:
+            lim = adm.limiters[model] = Limiter(adm.p)
+            lim.inflight = int(lim.limit)  # every permit held by calls that never end
+        allowed = allowed | {503}  # overloaded, after the queue's wait
     h = Harness(cfg, filters)
     envoy_s = (cfg.processor.message_timeout_ms + h.chain.max_hold_ms()) / 1000
     took: list[tuple[Phase, float]] = []

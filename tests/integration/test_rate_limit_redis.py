@@ -602,11 +602,14 @@ async def test_frozen_redis_costs_the_timeout_not_a_hang(
 
 
 class _Slow(Filter):
-    """A filter before the limiter that spends most of the phase (as one waiting on a
-    frozen Redis of its own would)."""
+    """A filter before the limiter that spends all but ``leave_s`` of the phase (as one
+    waiting on a frozen Redis of its own would)."""
+
+    leave_s = 0.05
 
     async def on_request_headers(self, ctx: RequestContext, headers: dict[str, str]) -> Any:
-        await asyncio.sleep(0.4)
+        assert ctx.phase_deadline is not None
+        await asyncio.sleep(max(0.0, ctx.phase_deadline - time.monotonic() - self.leave_s))
         return CONTINUE
 
 
@@ -614,7 +617,7 @@ class _Slow(Filter):
 async def test_a_check_late_in_its_phase_waits_only_for_what_is_left(
     redis_server: RedisServer, rc: aioredis.Redis, on_error: str
 ) -> None:
-    # Envoy gives up on the phase at message_timeout_ms (500): after the 400 ms spent before
+    # Envoy gives up on the phase at message_timeout_ms (500): after the ~400 ms spent before
     # it, the check has ~50 ms, not its own 400 (timeout_ms) to wait for a silent Redis.
     from proxy.api import NoParams, SystemClock
 
@@ -640,6 +643,23 @@ async def test_a_check_late_in_its_phase_waits_only_for_what_is_left(
     sent = f.store.round_trips
     assert (await call(h)).status == 200
     assert f.store.round_trips > sent
+
+
+async def test_a_check_with_no_time_left_and_redis_fine_is_shed_not_let_through(
+    rc: aioredis.Redis,
+) -> None:
+    # Redis answers; the phase is spent before the check could get its reply: shed as an
+    # overloaded gateway (503), not admitted from the fallback's share.
+    from proxy.api import NoParams, SystemClock
+
+    f = limiter(rc, per_key(), timeout_ms=400, clock=SystemClock())
+    slow = _Slow(NoParams(), Deps())
+    slow.name, slow.leave_s = "slow", 0.0
+    h = harness(slow, f)
+    cut = REDIS_ERRORS.labels("budget")._value.get()
+    r = await call(h)
+    assert r.status == 503 and r.json()["error"]["type"] == "overloaded", r.body
+    assert REDIS_ERRORS.labels("budget")._value.get() == cut and REDIS_UP._value.get() == 1
 
 
 async def test_restarted_redis_reloads_the_script(
