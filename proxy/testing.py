@@ -81,9 +81,13 @@ class Result:
         return json.loads(self.body)
 
 
-def default_config(routes: list[dict[str, Any]] | None = None) -> FloodwallConfig:
+def default_config(routes: list[dict[str, Any]] | None = None, **processor: Any) -> FloodwallConfig:
+    """A config with one upstream ``up`` and ``routes``; ``processor`` overrides fields of
+    the processor section (``message_timeout_ms``: what each phase may take, which bounds
+    every filter's own budgets, see RequestContext.budget_s)."""
     return parse_config(
         {
+            "processor": processor,
             "upstreams": {"up": {"endpoints": [{"address": "127.0.0.1", "port": 1}]}},
             "routes": routes
             or [

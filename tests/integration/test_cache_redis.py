@@ -114,7 +114,8 @@ def cache(rc: Any, clock: Any = None, embedder: Any = None, **params: Any) -> Ca
 def harness(f: CacheFilter) -> Harness:
     ident = _Identify(NoParams(), Deps())
     ident.name = "identify"
-    return Harness.for_filters([ident, f], default_config(ROUTES))
+    # Envoy waiting as long as the budgets above: each phase's time bounds them.
+    return Harness.for_filters([ident, f], default_config(ROUTES, message_timeout_ms=20_000))
 
 
 def chat(question: str, history: list[dict[str, str]] | None = None, **extra: Any) -> bytes:

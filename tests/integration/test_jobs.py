@@ -120,7 +120,7 @@ async def upstream() -> AsyncIterator[Upstream]:
 # --- submission through the filter ---------------------------------------------------------------
 
 
-def _gateway(rc: aioredis.Redis, p: JobsParams, *before_jobs: Any) -> Harness:
+def _gateway(rc: aioredis.Redis, p: JobsParams, *before_jobs: Any, **processor: Any) -> Harness:
     keys = [
         {"id": f"id-{t}", "sha256": hashlib.sha256(k.encode()).hexdigest(), "tenant": t}
         for k, t in KEYS.items()
@@ -133,7 +133,8 @@ def _gateway(rc: aioredis.Redis, p: JobsParams, *before_jobs: Any) -> Harness:
         [
             {"name": "jobs", "match": {"prefix": "/v1/jobs"}, "api": "jobs", "upstream": "up"},
             {"name": "ok", "match": {"prefix": "/ok"}, "upstream": "up"},
-        ]
+        ],
+        **processor,
     )
     return Harness(cfg, [auth, *before_jobs, jobs])
 
@@ -706,28 +707,31 @@ async def test_ten_thousand_jobs_drain_with_exact_counts(
     rc: aioredis.Redis, redis_server: RedisServer, upstream: Upstream
 ) -> None:
     n = 10_000
-    # Counts under test, not latency: a generous Redis budget for the bursts on a slow host,
-    # on a client of its own (the fixture's gives up after 0.5 s: a CI run saw a stall that
-    # long refuse a burst of submissions with 503).
+    # Counts under test, not latency: a generous Redis budget for the bursts on a slow host
+    # (and an Envoy that waits as long: the phase's time bounds it), on a client of its own
+    # (the fixture's gives up after 0.5 s: a CI run saw a stall that long refuse a burst of
+    # submissions with 503).
     p = _params(max_depth=n, max_depth_per_tenant=0, redis_timeout_ms=5000)
     patient = aioredis.Redis.from_url(redis_server.url, socket_timeout=10)
-    h = _gateway(patient, p)
-    ids: set[str] = set()
-    for start in range(0, n, 64):  # 64 concurrent: within the client's connection pool
-        rs = await asyncio.gather(
-            *(_submit(h, body={"key": f"j{i}"}) for i in range(start, min(n, start + 64)))
-        )
-        assert {r.status for r in rs} == {202}
-        ids.update(r.json()["id"] for r in rs)
-    assert len(ids) == n and await rc.get(f"{p.prefix}:depth") == str(n).encode()
     clients = [worker_redis(redis_server.url, 32) for _ in range(4)]
-    workers = [
-        _worker(c, p, upstream, concurrency=32, consumer=f"w{i}") for i, c in enumerate(clients)
-    ]
-    async with Running(*workers):
-        await _until(lambda: _depth_zero(rc, p), timeout=300)
-    for c in (*clients, patient):
-        await c.aclose()
+    try:
+        h = _gateway(patient, p, message_timeout_ms=20_000)
+        ids: set[str] = set()
+        for start in range(0, n, 64):  # 64 concurrent: within the client's connection pool
+            rs = await asyncio.gather(
+                *(_submit(h, body={"key": f"j{i}"}) for i in range(start, min(n, start + 64)))
+            )
+            assert {r.status for r in rs} == {202}
+            ids.update(r.json()["id"] for r in rs)
+        assert len(ids) == n and await rc.get(f"{p.prefix}:depth") == str(n).encode()
+        workers = [
+            _worker(c, p, upstream, concurrency=32, consumer=f"w{i}") for i, c in enumerate(clients)
+        ]
+        async with Running(*workers):
+            await _until(lambda: _depth_zero(rc, p), timeout=300)
+    finally:  # a failure above must not leave 100 sockets for a later test's GC to report
+        for c in (*clients, patient):
+            await c.aclose()
     store = JobStore(rc, p.prefix)
     statuses: dict[bytes, int] = {}
     pipe = rc.pipeline(transaction=False)
