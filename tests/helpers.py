@@ -17,6 +17,7 @@ import yaml
 
 from proxy.config import REPO_ROOT, load_config
 from proxy.runtime import Stack
+from proxy.testing import UpstreamReply
 
 DEMO_KEY = "fw-demo-key"
 AUTH = {"authorization": f"Bearer {DEMO_KEY}"}
@@ -335,3 +336,18 @@ def alive_mentioning(needle: str) -> list[int]:
         if needle in cmd and state != "Z" and int(d.name) != os.getpid():
             pids.append(int(d.name))
     return pids
+
+
+def sim_llm_answer(
+    prompt_tokens: int = 7, completion_tokens: int = 2, text: str = "lorem ipsum"
+) -> UpstreamReply:
+    """The sim_llm stand-in's KServe answer (one chat completion)."""
+    outputs = [
+        {"name": "TEXT", "datatype": "BYTES", "shape": [1, 1], "data": [text]},
+        {"name": "PROMPT_TOKENS", "datatype": "INT32", "shape": [1, 1], "data": [prompt_tokens]},
+        {"name": "COMPLETION_TOKENS", "datatype": "INT32", "shape": [1, 1],
+         "data": [completion_tokens]},
+        {"name": "FINISH_REASON", "datatype": "BYTES", "shape": [1, 1], "data": ["stop"]},
+    ]  # fmt: skip
+    body = json.dumps({"outputs": outputs}).encode()
+    return UpstreamReply(200, {"content-type": "application/json"}, body)

@@ -26,7 +26,7 @@ from proxy.config import parse_config
 from proxy.process import make_redis
 from proxy.registry import build_filters
 from proxy.testing import Harness, UpstreamReply
-from tests.helpers import DEMO_KEY, RedisServer, free_ports, local_config_dict
+from tests.helpers import DEMO_KEY, RedisServer, free_ports, local_config_dict, sim_llm_answer
 
 pytestmark = pytest.mark.integration
 
@@ -77,13 +77,7 @@ def _config(redis_url: str, message_timeout_ms: int | None, busy: bool) -> Any:
 
 async def _upstream(headers: dict[str, str], body: bytes) -> UpstreamReply:
     """sim_llm's answer (the only model call a case lets through)."""
-    out = {"outputs": [
-        {"name": "TEXT", "datatype": "BYTES", "shape": [1, 1], "data": ["a b"]},
-        {"name": "PROMPT_TOKENS", "datatype": "INT32", "shape": [1, 1], "data": [7]},
-        {"name": "COMPLETION_TOKENS", "datatype": "INT32", "shape": [1, 1], "data": [2]},
-        {"name": "FINISH_REASON", "datatype": "BYTES", "shape": [1, 1], "data": ["stop"]},
-    ]}  # fmt: skip
-    return UpstreamReply(200, {"content-type": "application/json"}, orjson.dumps(out))
+    return sim_llm_answer()
 
 
 # The shipped 500 ms, and a tight 150 ms (Envoy's timeout is that plus the filters' holds:

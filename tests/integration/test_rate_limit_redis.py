@@ -11,7 +11,6 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-import orjson
 import pytest
 import redis.asyncio as aioredis
 
@@ -20,7 +19,7 @@ from filters.rate_limit import gcra
 from filters.rate_limit.filter import REDIS_ERRORS, REDIS_UP, RateLimitFilter
 from proxy.api import CONTINUE, Deps, Filter, RequestContext
 from proxy.testing import FakeClock, Harness, UpstreamReply, default_config
-from tests.helpers import RedisServer
+from tests.helpers import RedisServer, sim_llm_answer
 
 pytestmark = pytest.mark.integration
 
@@ -390,14 +389,7 @@ def _openai() -> OpenAIFilter:
 
 
 def _sim_llm_reply(prompt_tokens: int, completion_tokens: int) -> UpstreamReply:
-    outputs = [
-        {"name": "TEXT", "datatype": "BYTES", "shape": [1], "data": ["ok"]},
-        {"name": "PROMPT_TOKENS", "datatype": "INT32", "shape": [1], "data": [prompt_tokens]},
-        {"name": "COMPLETION_TOKENS", "datatype": "INT32", "shape": [1],
-         "data": [completion_tokens]},
-        {"name": "FINISH_REASON", "datatype": "BYTES", "shape": [1], "data": ["stop"]},
-    ]  # fmt: skip
-    return UpstreamReply(body=orjson.dumps({"outputs": outputs}))
+    return sim_llm_answer(prompt_tokens, completion_tokens, "ok")
 
 
 TOKENS_LIMIT = {"name": "tokens", "key": ["tenant", "model"], "unit": "tokens", "rate": 1000,

@@ -17,6 +17,7 @@ from filters.openai.filter import OpenAIFilter
 from filters.openai.params import OpenAIParams
 from proxy.api import Deps, Headers
 from proxy.testing import Harness, UpstreamReply, default_config
+from tests.helpers import sim_llm_answer
 
 KEY = "sk-test-123"
 DIGEST = hashlib.sha256(KEY.encode()).hexdigest()
@@ -208,15 +209,7 @@ CHAT_ROUTES = [
 def sim_llm_reply(headers: Headers, body: bytes) -> UpstreamReply:
     req = json.loads(body)
     assert [i["name"] for i in req["inputs"]] == ["PROMPT", "MAX_TOKENS", "TEMPERATURE"]
-    out = {
-        "outputs": [
-            {"name": "TEXT", "datatype": "BYTES", "shape": [1, 1], "data": ["lorem ipsum"]},
-            {"name": "PROMPT_TOKENS", "datatype": "INT32", "shape": [1, 1], "data": [7]},
-            {"name": "COMPLETION_TOKENS", "datatype": "INT32", "shape": [1, 1], "data": [2]},
-            {"name": "FINISH_REASON", "datatype": "BYTES", "shape": [1, 1], "data": ["stop"]},
-        ]
-    }
-    return UpstreamReply(200, {"content-type": "application/json"}, json.dumps(out).encode())
+    return sim_llm_answer()
 
 
 async def test_a_negative_token_count_from_the_model_is_an_unreadable_answer() -> None:

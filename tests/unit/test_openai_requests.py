@@ -17,6 +17,7 @@ from filters.openai.params import ChatModel, OpenAIParams
 from proxy import metrics
 from proxy.api import Deps, Headers, Phase, Usage
 from proxy.testing import Harness, UpstreamReply, default_config
+from tests.helpers import sim_llm_answer
 
 ROUTES = [
     {"name": "chat", "match": {"path": "/v1/chat/completions"}, "api": "openai_chat",
@@ -49,13 +50,7 @@ def _harness(model: str = "sim") -> Harness:
 
 
 def _sim(headers: Headers, body: bytes) -> UpstreamReply:
-    out = {"outputs": [
-        {"name": "TEXT", "datatype": "BYTES", "shape": [1, 1], "data": ["a b"]},
-        {"name": "PROMPT_TOKENS", "datatype": "INT32", "shape": [1, 1], "data": [7]},
-        {"name": "COMPLETION_TOKENS", "datatype": "INT32", "shape": [1, 1], "data": [2]},
-        {"name": "FINISH_REASON", "datatype": "BYTES", "shape": [1, 1], "data": ["stop"]},
-    ]}  # fmt: skip
-    return UpstreamReply(200, {"content-type": "application/json"}, json.dumps(out).encode())
+    return sim_llm_answer(text="a b")
 
 
 def _emb(headers: Headers, body: bytes) -> UpstreamReply:
