@@ -147,6 +147,37 @@ def cmd_jobs_webhook_secret(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_jobs_status(args: argparse.Namespace) -> int:
+    """``floodwall jobs status``: the queue at a glance (JSON), read from its Redis."""
+    import asyncio
+
+    from filters.jobs.store import JobStore
+    from filters.jobs.worker import jobs_params, worker_redis
+
+    cfg = load_config(args.config)
+    p = jobs_params(cfg)
+    if p is None:
+        return _fail("the config has no jobs filter")
+    url = args.redis_url or (cfg.redis.url if cfg.redis is not None else None)
+    if url is None or url == "local":
+        return _fail("pass the queue's Redis with --redis-url (floodwall up prints it) or set "
+                     "redis.url in the config")  # fmt: skip
+
+    async def read() -> dict[str, object]:
+        r = worker_redis(url, 2, cluster=cfg.redis is not None and cfg.redis.cluster)
+        try:
+            return await JobStore(r, p.prefix, order=p.order).status()
+        finally:
+            await r.aclose()
+
+    try:
+        out = asyncio.run(read())
+    except Exception as exc:  # unreachable, refused, a cluster without the slot's node
+        return _fail(f"cannot read the queue from Redis: {type(exc).__name__}")
+    print(json.dumps(out, indent=2))
+    return 0
+
+
 def cmd_bench(rest: list[str]) -> int:
     """``floodwall bench ...``: its options belong to bench/run.py, passed on untouched."""
     import importlib
@@ -349,6 +380,14 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("-c", "--config", required=False)
     w.add_argument("--tenant", required=True)
     w.set_defaults(func=cmd_jobs_webhook_secret)
+    w = jsub.add_parser(
+        "status",
+        help="print the queue as JSON: unfinished jobs, per class waiting and taken, retrying, "
+        "dead letters, per tenant unfinished and waiting",
+    )
+    w.add_argument("-c", "--config", required=False)
+    w.add_argument("--redis-url", default=None, help="default: the config's redis.url")
+    w.set_defaults(func=cmd_jobs_status)
 
     p = sub.add_parser(
         "bench", help="run the benchmark suites; JSON, plots, a Markdown summary", add_help=False

@@ -541,6 +541,40 @@ class JobStore:
     async def depth(self) -> int:
         return int(await self.r.get(self.depth_key) or 0)
 
+    async def status(self) -> dict[str, Any]:
+        """The queue at a glance, for operators (``floodwall jobs status``): unfinished jobs
+        in all; per class those waiting for a worker and those taken (a worker's, running
+        or about to be taken over); jobs waiting to retry; dead letters; per tenant its
+        unfinished jobs and, per class, its jobs waiting."""
+        classes: dict[str, dict[str, int]] = {}
+        for cls in PRIORITIES:
+            taken = 0
+            if await self.r.exists(self.queues[cls]):
+                try:
+                    taken = int((await self.r.xpending(self.queues[cls], GROUP))["pending"])
+                except Exception as exc:  # NOGROUP: no worker made the group yet
+                    if "NOGROUP" not in str(exc):
+                        raise
+            classes[cls] = {"waiting": await self.queued(cls), "taken": taken}
+        tenants: dict[str, dict[str, Any]] = {}
+        for t, n in (await self.r.hgetall(self.tdepth_key)).items():
+            if int(n) > 0:
+                tenants[as_text(t)] = {"unfinished": int(n), "waiting": {}}
+        for field, n in (await self.r.hgetall(self.fair_key)).items():
+            kind, _, rest = as_text(field).partition(":")
+            of_class, _, tenant = rest.partition(":")
+            if kind == "n" and int(n) > 0:
+                entry = tenants.setdefault(tenant, {"unfinished": 0, "waiting": {}})
+                entry["waiting"][of_class] = int(n)
+        return {
+            "unfinished": await self.depth(),
+            "classes": classes,
+            "retrying": int(await self.r.zcard(self.delayed_key)),
+            "dead_letters": int(await self.r.xlen(self.dead_key)),
+            "order": self.order,
+            "tenants": dict(sorted(tenants.items())),
+        }
+
 
 def as_text(v: bytes | str) -> str:
     return v.decode() if isinstance(v, bytes) else v

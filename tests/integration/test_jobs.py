@@ -389,6 +389,37 @@ async def test_a_cancel_whose_read_back_fails_still_answers_200(rc: aioredis.Red
     assert r.json()["id"] == job_id
 
 
+async def test_jobs_status_shows_the_backlog_per_class_and_tenant(
+    rc: aioredis.Redis, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    p = _params()
+    store = JobStore(rc, p.prefix)
+    await store.ensure_groups()
+    await _queue(store, "a", 3)
+    (gone, *_) = await _queue(store, "b", 2)
+    await store.cancel(gone, "b", 60)
+    await store.submit(
+        "c" * 32, "a", "critical", {"total": 1, "m:0": "POST", "u:0": "/ok", "b:0": b"{}"},
+        max_depth=10, max_tenant=0, idempotency=None,
+    )  # fmt: skip
+    assert len(await store.take("w1", 1)) == 1  # the critical job, taken by a worker
+    path = _config_file(tmp_path, redis_server.url, p, "status")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy.cli", "jobs", "status", "-c", str(path),
+        "--redis-url", redis_server.url, stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    stdout, _ = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0
+    got = orjson.loads(stdout)
+    assert got["unfinished"] == 5 and got["retrying"] == 0 and got["order"] == "fair"
+    assert got["classes"]["critical"] == {"waiting": 0, "taken": 1}
+    assert got["classes"]["standard"] == {"waiting": 4, "taken": 0}
+    assert got["tenants"] == {
+        "a": {"unfinished": 4, "waiting": {"standard": 3}},
+        "b": {"unfinished": 1, "waiting": {"standard": 1}},
+    }
+
+
 async def _stream_empty(rc: aioredis.Redis, p: JobsParams) -> bool:
     # Nothing waiting (ready sets) and nothing taken but not acknowledged (streams).
     for c in ("critical", "standard"):
@@ -753,9 +784,9 @@ async def _depth_zero(rc: aioredis.Redis, p: JobsParams) -> bool:
 # --- processes: kill -9, SIGSTOP, Redis restarted ------------------------------------------------
 
 
-def _worker_process(
+def _config_file(
     tmp: Path, redis_url: str, p: JobsParams, name: str, *, cluster: bool = False
-) -> subprocess.Popen[bytes]:
+) -> Path:
     cfg: dict[str, Any] = {
         "upstreams": {"up": {"endpoints": [{"address": "127.0.0.1", "port": 1}]}},
         "routes": [
@@ -767,6 +798,13 @@ def _worker_process(
         cfg["redis"] = {"url": redis_url, "cluster": True}
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _worker_process(
+    tmp: Path, redis_url: str, p: JobsParams, name: str, *, cluster: bool = False
+) -> subprocess.Popen[bytes]:
+    path = _config_file(tmp, redis_url, p, name, cluster=cluster)
     (admin,) = free_ports(1)
     with (tmp / f"{name}.log").open("wb") as log:
         return subprocess.Popen(

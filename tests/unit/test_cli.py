@@ -66,3 +66,15 @@ def test_jobs_webhook_secret_prints_the_tenants_key(tmp_path: Path) -> None:
     env.pop("FLOODWALL_WEBHOOK_SECRET")
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60)
     assert r.returncode == 2 and "FLOODWALL_WEBHOOK_SECRET is unset" in r.stderr
+
+
+def test_jobs_status_says_why_it_cannot_read_the_queue() -> None:
+    local = str(Path(__file__).parents[2] / "examples" / "local.yaml")
+    cmd = [*FLOODWALL, "jobs", "status", "-c", local]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "--redis-url" in r.stderr  # redis.url: local (up's own)
+    password = "hunter2-not-shown"
+    url = f"redis://:{password}@127.0.0.1:1"  # nothing listens on port 1
+    r = subprocess.run([*cmd, "--redis-url", url], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "cannot read the queue from Redis" in r.stderr, r.stderr
+    assert password not in r.stderr + r.stdout
