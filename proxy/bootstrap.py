@@ -103,7 +103,6 @@ BUFFER = "envoy.filters.http.buffer"
 HEADER_MUTATION = "envoy.filters.http.header_mutation"
 RBAC = "envoy.filters.http.rbac"
 GRPC_FIELD_EXTRACTION = "envoy.filters.http.grpc_field_extraction"
-MIN_H2_WINDOW = 65535  # HTTP/2's own initial window: Envoy takes no smaller one
 T = "type.googleapis.com/"
 # A stream with no bytes either way this long is reset (slow or stalled clients). Each route
 # sets its own, at least its timeout (see _route).
@@ -274,8 +273,8 @@ def _grpc_field_extraction() -> dict[str, Any]:
     """Envoy parses the first message of a KServe gRPC call and hands the processor its model
     (dynamic metadata, forwarded with the request headers): per-model policies apply to gRPC
     as to HTTP. Envoy holds the headers until that message is whole, and refuses one it
-    cannot read: cut short or compressed (INVALID_ARGUMENT), or over the HTTP/2 stream window
-    (see render; RESOURCE_EXHAUSTED). A message that is whole but not the method's protobuf
+    cannot read: cut short or compressed (INVALID_ARGUMENT), or over stream_buffer_limit
+    (RESOURCE_EXHAUSTED). A message that is whole but not the method's protobuf
     goes on with no model named, for Triton to refuse (KSERVE_GRPC_ERRORS_LUA)."""
     by_method: dict[str, Any] = {
         f"{_GRPC_SERVICE.strip('/')}.{method}": {"request_field_extractions": {field: {}}}
@@ -290,6 +289,12 @@ def _grpc_field_extraction() -> dict[str, Any]:
             "extractions_by_method": by_method,
         },
     }
+
+
+def stream_buffer_limit(cfg: FloodwallConfig) -> int:
+    """What Envoy may hold of one request or response: bodies the processor reads (requests
+    are refused over max_request_bytes before that), and a gRPC call's first message."""
+    return max(8 * 1024 * 1024, cfg.listener.max_request_bytes * 2)
 
 
 def _grpc_stats() -> dict[str, Any]:
@@ -404,8 +409,8 @@ def _route(cfg: FloodwallConfig, r: RouteConfig, phases: frozenset[Phase]) -> di
         # for every HTTP route, also where no filter reads the body: it holds a body only up to
         # the limit. Not on gRPC: it would hold a call until its stream ends, and
         # ModelStreamInfer is a bidirectional stream. The first message of a call (all of a
-        # unary ModelInfer) is held whole for _grpc_field_extraction, up to the HTTP/2
-        # stream window (render).
+        # unary ModelInfer) is held whole for _grpc_field_extraction, up to
+        # stream_buffer_limit.
         per_filter[BUFFER] = _off(BUFFER)
     return {
         "name": r.name,
@@ -517,7 +522,7 @@ def _local_reply_config() -> dict[str, Any]:
     m["filter"] = _cel("response.code_details == 'max_duration_timeout'")
     mappers.append(m)
     # A KServe gRPC call whose first message Envoy could not read for its model
-    # (_grpc_field_extraction): over the HTTP/2 stream window (FAILED_PRECONDITION from
+    # (_grpc_field_extraction): over stream_buffer_limit (FAILED_PRECONDITION from
     # Envoy: made RESOURCE_EXHAUSTED, as gRPC servers say it), or cut short or compressed
     # (INVALID_ARGUMENT, with Envoy's reason).
     extraction = "response.code_details.startsWith('grpc_field_extraction_"
@@ -732,11 +737,11 @@ def render(cfg: FloodwallConfig, chain: Chain, runtime_dir: Path) -> dict[str, A
         },
         "http2_protocol_options": {
             "max_concurrent_streams": 1024,
-            # What a request stream may have in Envoy's buffers. Over it, _grpc_field_extraction
-            # refuses a gRPC call's first message (RESOURCE_EXHAUSTED): the size limit holds
-            # for gRPC too. HTTP bodies meet the buffer filter's limit first; a gRPC stream's
-            # later messages only wait for the window (flow control). Envoy's default: 16 MiB.
-            "initial_stream_window_size": max(MIN_H2_WINDOW, cfg.listener.max_request_bytes),
+            # An HTTP/2 stream's buffer limit in Envoy, as the listener's per-connection one is
+            # for HTTP/1.1 (Envoy's default, 16 MiB, ignored it). Over it,
+            # _grpc_field_extraction refuses a gRPC call's first message (RESOURCE_EXHAUSTED);
+            # a stream's later messages only wait for the window (flow control).
+            "initial_stream_window_size": stream_buffer_limit(cfg),
         },
         "route_config": {
             "name": "floodwall",
@@ -809,9 +814,7 @@ def render(cfg: FloodwallConfig, chain: Chain, runtime_dir: Path) -> dict[str, A
                     "name": "floodwall",
                     "address": _socket(cfg.listener.address, cfg.listener.port),
                     # Bodies the processor must see are buffered; responses up to this size too.
-                    "per_connection_buffer_limit_bytes": max(
-                        8 * 1024 * 1024, cfg.listener.max_request_bytes * 2
-                    ),
+                    "per_connection_buffer_limit_bytes": stream_buffer_limit(cfg),
                     "filter_chains": [chain_cfg],
                 }
             ],

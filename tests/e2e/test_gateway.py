@@ -233,8 +233,10 @@ def test_malformed_oversized_and_compressed_grpc_calls_are_refused(gateway: Gate
     """KServe gRPC calls the gateway cannot serve get the matching gRPC status, counted by
     Envoy per method and status. A message Triton cannot parse: INVALID_ARGUMENT (Triton's
     INTERNAL, which counts as the model failing, would open its breaker for everyone). A
-    first message over listener.max_request_bytes, or a compressed one, which Envoy cannot
-    read for the model: RESOURCE_EXHAUSTED / INVALID_ARGUMENT before Triton."""
+    first message over Envoy's buffer limit, or a compressed one, which Envoy cannot
+    read for the model: RESOURCE_EXHAUSTED / INVALID_ARGUMENT before Triton. (The first
+    message's limit is Envoy's per-stream buffer limit, twice listener.max_request_bytes and at
+    least 8 MiB: what Envoy may hold for the processor.)"""
     import grpc
     from tritonclient.grpc import service_pb2
 
@@ -259,7 +261,9 @@ def test_malformed_oversized_and_compressed_grpc_calls_are_refused(gateway: Gate
     )  # fmt: skip
     assert squeezed.code() == grpc.StatusCode.INVALID_ARGUMENT, squeezed
     assert "Compressed-Flag" in squeezed.details()
-    limit = gateway.stack.cfg.listener.max_request_bytes
+    from proxy.bootstrap import stream_buffer_limit
+
+    limit = stream_buffer_limit(gateway.stack.cfg)
     huge = _raw_model_infer(gateway, _infer_request("embedder_int8", b"x" * limit))
     assert huge.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, huge
     assert "request_too_large" in huge.details()
