@@ -32,7 +32,7 @@ RESULTS = REPO_ROOT / "bench" / "results"
 # In the order they run; the name is the module in bench/ and the stem of its results.
 SUITES = (
     "gateway_overhead",
-    "grpc_model",
+    "grpc_passthrough",
     "embedder_batching",
     "long_inputs",
     "rate_limit",

@@ -7,8 +7,6 @@ only writes that down. Processing modes per route are derived from the filters o
 
 from __future__ import annotations
 
-import base64
-import functools
 import ipaddress
 import json
 from pathlib import Path
@@ -25,7 +23,6 @@ from proxy.config import (
 )
 from proxy.errors import ERROR_HEADER, GRPC_STATUS
 from proxy.process import processor_address
-from proxy.translate import GRPC_FIELDS
 
 PROCESSOR_CLUSTER = "floodwall_processor"
 LUA = "envoy.filters.http.lua"
@@ -86,8 +83,8 @@ end
 # KServe gRPC: Triton answers a message it cannot parse (cut short, not a ModelInferRequest)
 # with INTERNAL "Unable to parse request", in a trailers-only reply (grpc-status among the
 # headers): the caller's error, so INVALID_ARGUMENT, which no breaker counts (left INTERNAL,
-# one caller's garbage opened the model's breaker for everyone). Headers only: a stream's
-# messages pass untouched.
+# one caller's garbage could open a breaker on the route for everyone, and read as the model
+# failing in metrics). Headers only: a stream's messages pass untouched.
 KSERVE_GRPC_ERRORS_LUA = """
 function envoy_on_response(handle)
   local headers = handle:headers()
@@ -102,7 +99,6 @@ EXT_PROC = "envoy.filters.http.ext_proc"
 BUFFER = "envoy.filters.http.buffer"
 HEADER_MUTATION = "envoy.filters.http.header_mutation"
 RBAC = "envoy.filters.http.rbac"
-GRPC_FIELD_EXTRACTION = "envoy.filters.http.grpc_field_extraction"
 T = "type.googleapis.com/"
 # A stream with no bytes either way this long is reset (slow or stalled clients). Each route
 # sets its own, at least its timeout (see _route).
@@ -247,56 +243,6 @@ _TRITON_SERVED: dict[str, tuple[str, list[dict[str, Any]]]] = {
 _ADMIN_DENIED = "rbac_access_denied"  # Envoy's response code details begin so
 
 
-# What Envoy reads from the first message of a KServe gRPC call (the request's protobuf, by
-# field name) for the processor: the model a call is for, as the path says it on KServe HTTP.
-# (A version is not read: the model's name is what policies key on, as on HTTP.)
-_GRPC_MODEL_FIELD = {
-    **dict.fromkeys(("ModelInfer", "ModelStreamInfer"), "model_name"),
-    **dict.fromkeys(("ModelReady", "ModelMetadata", "ModelConfig", "ModelStatistics"), "name"),
-}
-
-
-@functools.cache
-def _kserve_descriptor_set() -> str:
-    """KServe v2's gRPC service (tritonclient's copy of grpc_service.proto and the
-    model_config.proto it imports) as a base64 FileDescriptorSet, for Envoy to parse calls."""
-    from google.protobuf.descriptor_pb2 import FileDescriptorSet
-    from tritonclient.grpc import service_pb2
-
-    files = FileDescriptorSet()
-    for fd in (*service_pb2.DESCRIPTOR.dependencies, service_pb2.DESCRIPTOR):
-        fd.CopyToProto(files.file.add())
-    return base64.b64encode(files.SerializeToString()).decode()
-
-
-def _grpc_field_extraction() -> dict[str, Any]:
-    """Envoy parses the first message of a KServe gRPC call and hands the processor its model
-    (dynamic metadata, forwarded with the request headers): per-model policies apply to gRPC
-    as to HTTP. Envoy holds the headers until that message is whole, and refuses one it
-    cannot read: cut short or compressed (INVALID_ARGUMENT), or over stream_buffer_limit
-    (RESOURCE_EXHAUSTED). A message that is whole but not the method's protobuf
-    goes on with no model named, for Triton to refuse (KSERVE_GRPC_ERRORS_LUA)."""
-    by_method: dict[str, Any] = {
-        f"{_GRPC_SERVICE.strip('/')}.{method}": {"request_field_extractions": {field: {}}}
-        for method, field in _GRPC_MODEL_FIELD.items()
-    }
-    return {
-        "name": GRPC_FIELD_EXTRACTION,
-        "typed_config": {
-            "@type": T
-            + "envoy.extensions.filters.http.grpc_field_extraction.v3.GrpcFieldExtractionConfig",
-            "descriptor_set": {"inline_bytes": _kserve_descriptor_set()},
-            "extractions_by_method": by_method,
-        },
-    }
-
-
-def stream_buffer_limit(cfg: FloodwallConfig) -> int:
-    """What Envoy may hold of one request or response: bodies the processor reads (requests
-    are refused over max_request_bytes before that), and a gRPC call's first message."""
-    return max(8 * 1024 * 1024, cfg.listener.max_request_bytes * 2)
-
-
 def _grpc_stats() -> dict[str, Any]:
     """Counts gRPC calls by method and grpc-status, Envoy's own refusals included (first in
     the chain, it sees every reply): `cluster.<upstream>.grpc.inference.GRPCInferenceService.
@@ -408,9 +354,7 @@ def _route(cfg: FloodwallConfig, r: RouteConfig, phases: frozenset[Phase]) -> di
         # The buffer filter is what enforces listener.max_request_bytes (413), so it stays on
         # for every HTTP route, also where no filter reads the body: it holds a body only up to
         # the limit. Not on gRPC: it would hold a call until its stream ends, and
-        # ModelStreamInfer is a bidirectional stream. The first message of a call (all of a
-        # unary ModelInfer) is held whole for _grpc_field_extraction, up to
-        # stream_buffer_limit.
+        # ModelStreamInfer is a bidirectional stream. gRPC bodies are not size-limited here.
         per_filter[BUFFER] = _off(BUFFER)
     return {
         "name": r.name,
@@ -520,19 +464,6 @@ def _local_reply_config() -> dict[str, Any]:
     # DEADLINE_EXCEEDED stay.
     m = _json_error_format("upstream_timeout", "the model did not answer in time")
     m["filter"] = _cel("response.code_details == 'max_duration_timeout'")
-    mappers.append(m)
-    # A KServe gRPC call whose first message Envoy could not read for its model
-    # (_grpc_field_extraction): over stream_buffer_limit (FAILED_PRECONDITION from
-    # Envoy: made RESOURCE_EXHAUSTED, as gRPC servers say it), or cut short or compressed
-    # (INVALID_ARGUMENT, with Envoy's reason).
-    extraction = "response.code_details.startsWith('grpc_field_extraction_"
-    m = _json_error_format("request_too_large", "a gRPC message over the size limit", 413)
-    m["headers_to_add"].append(_set_header("grpc-status", str(GRPC_STATUS[413])))
-    m["filter"] = _cel(extraction + "FAILED_PRECONDITION')")
-    mappers.append(m)
-    m = _json_error_format("invalid_request_error", "%LOCAL_REPLY_BODY%", 400)
-    m["headers_to_add"].append(_set_header("grpc-status", str(GRPC_STATUS[400])))
-    m["filter"] = _cel(extraction + "')")
     mappers.append(m)
     # Triton's admin APIs on a KServe route (_triton_admin_denied): not served, as a path no
     # route takes (gRPC clients read 404 as UNIMPLEMENTED).
@@ -701,24 +632,6 @@ def render(cfg: FloodwallConfig, chain: Chain, runtime_dir: Path) -> dict[str, A
     routes = [_route(cfg, r, chain.phases_for(r)) for r in cfg.routes]
     routes.append(_not_found_route())
     p = cfg.processor
-    grpc = any(r.grpc for r in cfg.routes)
-    ext_proc: dict[str, Any] = {
-        "@type": T + "envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
-        "grpc_service": {
-            "envoy_grpc": {"cluster_name": PROCESSOR_CLUSTER},
-            "timeout": _ms(p.message_timeout_ms * 4),
-        },
-        "failure_mode_allow": p.failure_mode_allow,
-        # A filter that holds a phase on purpose (rate_limit's max_wait) extends it.
-        "message_timeout": _ms(p.message_timeout_ms + chain.max_hold_ms()),
-        "processing_mode": processing_mode(frozenset({Phase.REQUEST_HEADERS})),
-        # The route was chosen on the client's path; a rewritten :path (OpenAI ->
-        # KServe) must not re-route the request.
-        "route_cache_action": "RETAIN",
-        "allow_mode_override": True,
-    }
-    if grpc:
-        ext_proc["metadata_options"] = {"forwarding_namespaces": {"untyped": [GRPC_FIELDS]}}
     hcm: dict[str, Any] = {
         "@type": T
         + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
@@ -735,21 +648,14 @@ def render(cfg: FloodwallConfig, chain: Chain, runtime_dir: Path) -> dict[str, A
             "idle_timeout": "300s",
             "headers_with_underscores_action": "REJECT_REQUEST",
         },
-        "http2_protocol_options": {
-            "max_concurrent_streams": 1024,
-            # An HTTP/2 stream's buffer limit in Envoy, as the listener's per-connection one is
-            # for HTTP/1.1 (Envoy's default, 16 MiB, ignored it). Over it,
-            # _grpc_field_extraction refuses a gRPC call's first message (RESOURCE_EXHAUSTED);
-            # a stream's later messages only wait for the window (flow control).
-            "initial_stream_window_size": stream_buffer_limit(cfg),
-        },
+        "http2_protocol_options": {"max_concurrent_streams": 1024},
         "route_config": {
             "name": "floodwall",
             "virtual_hosts": [{"name": "all", "domains": ["*"], "routes": routes}],
         },
         "local_reply_config": _local_reply_config(),
         "http_filters": [
-            *([_grpc_stats()] if grpc else []),
+            *([_grpc_stats()] if any(r.grpc for r in cfg.routes) else []),
             _spoof_guard(),
             # No rules here: it acts only on routes that give it some (_triton_admin_denied).
             {
@@ -763,8 +669,24 @@ def render(cfg: FloodwallConfig, chain: Chain, runtime_dir: Path) -> dict[str, A
                     "max_request_bytes": cfg.listener.max_request_bytes,
                 },
             },
-            *([_grpc_field_extraction()] if grpc else []),
-            {"name": EXT_PROC, "typed_config": ext_proc},
+            {
+                "name": EXT_PROC,
+                "typed_config": {
+                    "@type": T + "envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
+                    "grpc_service": {
+                        "envoy_grpc": {"cluster_name": PROCESSOR_CLUSTER},
+                        "timeout": _ms(p.message_timeout_ms * 4),
+                    },
+                    "failure_mode_allow": p.failure_mode_allow,
+                    # A filter that holds a phase on purpose (rate_limit's max_wait) extends it.
+                    "message_timeout": _ms(p.message_timeout_ms + chain.max_hold_ms()),
+                    "processing_mode": processing_mode(frozenset({Phase.REQUEST_HEADERS})),
+                    # The route was chosen on the client's path; a rewritten :path (OpenAI ->
+                    # KServe) must not re-route the request.
+                    "route_cache_action": "RETAIN",
+                    "allow_mode_override": True,
+                },
+            },
             {
                 "name": LUA,
                 "typed_config": {
@@ -814,7 +736,9 @@ def render(cfg: FloodwallConfig, chain: Chain, runtime_dir: Path) -> dict[str, A
                     "name": "floodwall",
                     "address": _socket(cfg.listener.address, cfg.listener.port),
                     # Bodies the processor must see are buffered; responses up to this size too.
-                    "per_connection_buffer_limit_bytes": stream_buffer_limit(cfg),
+                    "per_connection_buffer_limit_bytes": max(
+                        8 * 1024 * 1024, cfg.listener.max_request_bytes * 2
+                    ),
                     "filter_chains": [chain_cfg],
                 }
             ],

@@ -179,15 +179,8 @@ class Chain:
         return int(sum(f.hold_ms() for f in self.filters) + 0.999)
 
     def context(
-        self,
-        headers: Headers,
-        *,
-        started: float | None = None,
-        traceparent: str | None = None,
-        grpc_model: str | None = None,
+        self, headers: Headers, *, started: float | None = None, traceparent: str | None = None
     ) -> tuple[RequestContext, RoutePlan]:
-        """``grpc_model``: the model a KServe gRPC call's first message names (Envoy parsed it,
-        proxy/bootstrap.py), as a KServe HTTP path names it."""
         path = headers.get(":path", "")
         # Envoy's route choice, content-type included: a non-gRPC request on a gRPC route's
         # path goes on to a later route in Envoy, and must meet that route's filters here.
@@ -204,8 +197,6 @@ class Chain:
         )
         if route is not None and route.api == "kserve_http":
             ctx.model = kserve_model(path)
-        elif route is not None and route.grpc:
-            ctx.model = grpc_model
         if route is not None:
             # Envoy gives up at the route timeout (a gRPC call: at its grpc-timeout if
             # shorter, as max_stream_duration's grpc_timeout_header_max makes it): no

@@ -67,8 +67,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
                     msg = req.request_headers
                     headers = translate.headers_to_dict(msg)
                     tp = _traceparent(context) if chain.tracer is not None else None
-                    model = translate.grpc_model(req)
-                    ctx, plan = chain.context(headers, traceparent=tp, grpc_model=model)
+                    ctx, plan = chain.context(headers, traceparent=tp)
                     ctx.has_request_body = not msg.end_of_stream
                     if self.guard is not None and self.guard.overloaded():
                         r = _OVERLOADED

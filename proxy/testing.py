@@ -167,20 +167,18 @@ class Harness:
         body: bytes | str | None = None,
         upstream: Upstream | UpstreamReply | None = None,
         grpc: bool = False,
-        grpc_model: str | None = None,
         client_aborts: bool = False,
     ) -> Result:
         """Plays one request. ``client_aborts``: the client leaves while the upstream works
         (no response phases run; on_complete sees an aborted outcome). Cancelling the call
-        itself is a client leaving during the request phases. ``grpc_model``: the model a gRPC
-        call's first message names (what Envoy tells the processor)."""
+        itself is a client leaving during the request phases."""
         if isinstance(body, str):
             body = body.encode()
         h: Headers = {":method": method, ":path": path, ":authority": "test", ":scheme": "http"}
         if grpc:
             h["content-type"] = "application/grpc"
         h.update({k.lower(): v for k, v in (headers or {}).items()})
-        ctx, plan = self.chain.context(h, grpc_model=grpc_model)
+        ctx, plan = self.chain.context(h)
         ctx.has_request_body = bool(body)
         decisions: dict[Phase, Decision] = {}
         req_body = body or b""

@@ -55,26 +55,6 @@ PHASE_OF_FIELD = {
 }
 
 
-# Envoy's grpc_field_extraction filter writes what it read from a KServe gRPC call's first
-# message here (proxy/bootstrap.py), and ext_proc forwards it with the request headers.
-GRPC_FIELDS = "envoy.filters.http.grpc_field_extraction"
-_GRPC_MODEL_KEYS = ("model_name", "name")
-
-
-def grpc_model(req: Message) -> str | None:
-    """The model a KServe gRPC call names in its first message (Envoy read it), or None."""
-    if not req.HasField("metadata_context"):
-        return None
-    fields = req.metadata_context.filter_metadata.get(GRPC_FIELDS)
-    if fields is None:
-        return None
-    for key in _GRPC_MODEL_KEYS:
-        value = fields.fields.get(key)
-        if value is not None and value.list_value.values:
-            return value.list_value.values[0].string_value or None
-    return None
-
-
 def headers_to_dict(msg: Message) -> Headers:
     """Envoy sends header values in ``raw_value`` (bytes); repeated names are joined with ','."""
     out: Headers = {}

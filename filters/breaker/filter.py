@@ -36,7 +36,8 @@ from proxy.api import (
     Phase,
     RequestContext,
 )
-from proxy.config import RouteConfig
+from proxy.chain import calls_model
+from proxy.config import ConfigError, RouteConfig
 
 STATE = Gauge("floodwall_breaker_state", "0 closed, 1 open, 2 half-open", ["breaker"])
 TRANSITIONS = Counter(
@@ -181,6 +182,12 @@ class BreakerFilter(Filter):
         self._tickets = functools.partial(_Tickets)
 
     def phases(self, route: RouteConfig) -> frozenset[Phase]:
+        if route.grpc and self.p.models:
+            raise ConfigError(
+                f"breaker {self.name!r}: {route.name!r} is a gRPC route, where the model is "
+                "inside the protobuf body and never known, so no model's breaker would see "
+                "its calls: leave it out of the filter's routes, or drop models (per route)"
+            )
         # Response headers: the chain records the upstream's status there for on_complete.
         out = {Phase.REQUEST_HEADERS, Phase.RESPONSE_HEADERS}
         if route.model_in_body and self.p.models:
@@ -207,6 +214,12 @@ class BreakerFilter(Filter):
         return CONTINUE
 
     def _admit(self, ctx: RequestContext) -> Decision:
+        if ctx.route is not None and not calls_model(ctx.route, ctx.path):
+            # A KServe health or metadata call: Triton answers it from memory whether the
+            # model works or not. Counted, its quick successes diluted the failure rate and
+            # could take a half-open trial and close the breaker; refused, a readiness probe
+            # could not see the model.
+            return CONTINUE
         name = self._name(ctx)
         if name is None:
             return CONTINUE

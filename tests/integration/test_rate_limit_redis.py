@@ -194,30 +194,6 @@ def _live(tat: float | None, now: float) -> float | None:
 # --- limits, headers, all-or-nothing ---------------------------------------------------------
 
 
-async def test_a_limit_on_a_model_counts_grpc_calls_of_that_model(rc: aioredis.Redis) -> None:
-    """KServe gRPC calls name their model in their first message, which Envoy reads for the
-    processor: a limit keyed by (or restricted to) the model applies to them per model. It was
-    refused on gRPC routes while the model was unknown there."""
-    from proxy.api import NoParams
-    from tests.unit.test_chain import grpc_config
-
-    f = limiter(rc, {"name": "per_model", "key": ["key_id", "model"], "rate": 1, "period": "1h",
-                     "burst": 2, "when": {"models": ["embedder", "m2"]}},
-                local_deny_cache=False)  # fmt: skip
-    ident = _Identify(NoParams(), Deps())
-    ident.name = "identify"
-    h = Harness.for_filters([ident, f], grpc_config({"name": "http", "match": {"prefix": "/v2"}}))
-
-    async def infer(model: str) -> int:
-        r = await h.request("POST", "/inference.GRPCInferenceService/ModelInfer", body=b"x",
-                            headers={"x-test-key": "k1"}, grpc=True, grpc_model=model)  # fmt: skip
-        return r.status
-
-    assert [await infer("embedder") for _ in range(3)] == [200, 200, 429]
-    assert [await infer("m2") for _ in range(3)] == [200, 200, 429]  # its own count
-    assert [await infer("other") for _ in range(3)] == [200] * 3  # not a limited model
-
-
 async def test_burst_then_refusal_with_headers(rc: aioredis.Redis) -> None:
     h = harness(limiter(rc, per_key(rate=1, burst=3, period="1m"), response_headers=True))
     ok = [await call(h) for _ in range(3)]

@@ -193,47 +193,25 @@ def test_the_size_limit_holds_on_every_http_route_and_grpc_streams_are_not_buffe
     assert "kserve_http" in per_filter
     assert [n for n, f in per_filter.items() if buffer in f] == ["kserve_grpc"]
     assert per_filter["kserve_grpc"][buffer]["disabled"] is True
-    # What Envoy holds of a gRPC call to read its model (its first message) is bounded as
-    # an HTTP/1.1 connection's buffers are: the HTTP/2 stream window (Envoy's own default,
-    # 16 MiB, did not follow the config).
-    for limit, held in ((1024, 8 << 20), (1 << 20, 8 << 20), (20 << 20, 40 << 20)):
-        b = _render(_variant(listener={"max_request_bytes": limit}))
-        assert _hcm(b)["http2_protocol_options"]["initial_stream_window_size"] == held
-        assert b["static_resources"]["listeners"][0]["per_connection_buffer_limit_bytes"] == held
-    # Triton's "Unable to parse request" (INTERNAL) becomes INVALID_ARGUMENT on gRPC routes.
-    lua = routes["kserve_grpc"]["typed_per_filter_config"]["envoy.filters.http.lua"]
-    assert '"grpc-status", "3"' in lua["source_code"]["inline_string"]
 
 
-def test_envoy_reads_the_model_of_kserve_grpc_calls_for_the_processor() -> None:
-    import base64
-
-    from google.protobuf.descriptor_pb2 import FileDescriptorSet
-
+def test_kserve_grpc_routes_count_statuses_and_make_parse_errors_invalid_argument() -> None:
     hcm = _hcm(_render(load_config(DEFAULT_CONFIG)))
+    lua = "envoy.filters.http.lua"
+    routes = {r["name"]: r for r in hcm["route_config"]["virtual_hosts"][0]["routes"]}
+    # Triton's "Unable to parse request" (INTERNAL) becomes INVALID_ARGUMENT on gRPC routes
+    # (tests/e2e/test_gateway.py sends the garbage); KServe HTTP keeps its own Lua.
+    grpc_lua = routes["kserve_grpc"]["typed_per_filter_config"][lua]["source_code"]
+    assert '"grpc-status", "3"' in grpc_lua["inline_string"]
+    assert lua not in routes["kserve_http"]["typed_per_filter_config"]
+    # gRPC statuses counted per KServe method, Envoy's own refusals included: first in line.
     names = [f["name"] for f in hcm["http_filters"]]
-    extraction = "envoy.filters.http.grpc_field_extraction"
-    # Before ext_proc, whose request headers then carry the model (forwarded metadata).
-    assert names.index(extraction) == names.index("envoy.filters.http.ext_proc") - 1
-    config = hcm["http_filters"][names.index(extraction)]["typed_config"]
-    methods = {m.rsplit(".", 1)[1]: list(e["request_field_extractions"])
-               for m, e in config["extractions_by_method"].items()}  # fmt: skip
-    assert methods["ModelInfer"] == methods["ModelStreamInfer"] == ["model_name"]
-    assert methods["ModelMetadata"] == ["name"] and "ServerLive" not in methods
-    files = FileDescriptorSet.FromString(base64.b64decode(config["descriptor_set"]["inline_bytes"]))
-    assert {f.name for f in files.file} == {"grpc_service.proto", "model_config.proto"}
-    ext_proc = hcm["http_filters"][names.index("envoy.filters.http.ext_proc")]["typed_config"]
-    assert ext_proc["metadata_options"] == {"forwarding_namespaces": {"untyped": [extraction]}}
-    # gRPC statuses counted by method, Envoy's own refusals included: first in the chain.
     assert names[0] == "envoy.filters.http.grpc_stats"
     allowed = hcm["http_filters"][0]["typed_config"]["individual_method_stats_allowlist"]
-    assert set(methods) <= set(allowed["services"][0]["method_names"])
-    # Without a gRPC route: none of it (nothing to read, forward or count).
-    plain = _hcm(_render(_variant()))
-    plain_names = [f["name"] for f in plain["http_filters"]]
-    assert extraction not in plain_names and "envoy.filters.http.grpc_stats" not in plain_names
-    plain_ext_proc = next(f for f in plain["http_filters"] if f["name"].endswith("ext_proc"))
-    assert "metadata_options" not in plain_ext_proc["typed_config"]
+    assert {"ModelInfer", "ModelStreamInfer"} <= set(allowed["services"][0]["method_names"])
+    # Without a gRPC route, nothing to count.
+    plain = [f["name"] for f in _hcm(_render(_variant()))["http_filters"]]
+    assert "envoy.filters.http.grpc_stats" not in plain
 
 
 def test_envoys_own_refusals_carry_the_error_header_and_type() -> None:
@@ -244,19 +222,14 @@ def test_envoys_own_refusals_carry_the_error_header_and_type() -> None:
         error = {"key": "x-floodwall-error", "value": type_}
         overwrite = "OVERWRITE_IF_EXISTS_OR_ADD"
         assert m["headers_to_add"][0] == {"header": error, "append_action": overwrite}
-        # gRPC callers of a dead or late processor: UNAVAILABLE, not Envoy's UNKNOWN for 500;
-        # a call Envoy could not read for its model: RESOURCE_EXHAUSTED or INVALID_ARGUMENT.
+        # gRPC callers of a dead or late processor: UNAVAILABLE, not Envoy's UNKNOWN for 500.
         grpc = [h["header"] for h in m["headers_to_add"][1:]]
-        if not grpc:
-            continue
-        expression = m["filter"]["extension_filter"]["typed_config"]["expression"]
-        if "grpc_field_extraction_" in expression:
-            status = {"request_too_large": "8", "invalid_request_error": "3"}[type_]
-        else:
-            assert "application/grpc" in expression
-            status = "14"
-        assert grpc == [{"key": "grpc-status", "value": status}], m
-    assert sum(len(m["headers_to_add"]) > 1 for m in mappers) == 4
+        if grpc:
+            assert grpc == [{"key": "grpc-status", "value": "14"}], m
+            assert (
+                "application/grpc" in m["filter"]["extension_filter"]["typed_config"]["expression"]
+            )
+    assert sum(len(m["headers_to_add"]) > 1 for m in mappers) == 2
     # Codec refusals keep Envoy's status; the last mappers take any refusal not yet mapped,
     # never the processor's own answers (details floodwall_*).
     kept = {m["body_format_override"]["json_format"]["error"]["type"] for m in mappers

@@ -205,6 +205,24 @@ async def test_failures_served_stale_still_open_it() -> None:
     assert f.breakers["m"].state is State.OPEN
 
 
+async def test_health_and_metadata_calls_neither_count_nor_get_refused() -> None:
+    # Triton answers them from memory: counted, their quick 200s diluted the failure rate and
+    # took half-open trials (closing the breaker while inference still failed).
+    h, f, clock = _setup(models=["m"])
+    for _ in range(4):
+        await call(h, FAIL)
+    assert f.breakers["m"].state is State.OPEN
+    for path in ("/v2/models/m", "/v2/models/m/ready", "/v2/models/m/config"):
+        r = await h.request("GET", path, upstream=OK)
+        assert r.status == 200 and r.upstream_called, path
+    clock.advance(5.1)  # trials due: metadata calls take none of them (nor close it)
+    for _ in range(3):
+        await h.request("GET", "/v2/models/m/ready", upstream=OK)
+    assert f.breakers["m"].state is State.OPEN
+    assert (await call(h, OK)).status == 200 and (await call(h, OK)).status == 200
+    assert f.breakers["m"].state is State.CLOSED
+
+
 async def test_failing_grpc_answers_open_the_breaker() -> None:
     # A gRPC failure is HTTP 200 with a grpc-status: the breaker counted only 5xx and never
     # opened on a gRPC route.
@@ -219,34 +237,35 @@ async def test_failing_grpc_answers_open_the_breaker() -> None:
     assert f.breakers["kserve_http"].state is State.OPEN
 
 
-async def test_model_scoped_policies_on_a_grpc_route_see_the_model_envoy_read() -> None:
-    # Envoy parses a KServe gRPC call's first message and forwards its model name (proxy/
-    # bootstrap.py, _grpc_field_extraction): per-model breakers and admission judge gRPC calls
-    # per model, as on HTTP. (They were refused on gRPC routes while the model was unknown.)
+def test_a_model_scoped_policy_on_a_grpc_route_is_refused_at_start() -> None:
+    # The model is inside the protobuf body: per-model breakers, admission and model-keyed
+    # limits silently skipped gRPC calls (a per-model limit was bypassed over gRPC).
     from filters.admission.filter import AdmissionFilter
+    from filters.rate_limit.filter import RateLimitFilter
+    from proxy.config import ConfigError
     from tests.unit.test_chain import grpc_config
 
     cfg = grpc_config({"name": "http", "match": {"prefix": "/v2"}})
-    clock = FakeClock()
-    b = BreakerFilter(
-        BreakerFilter.Params(models=["m"], min_calls=4, failure_rate=0.5), Deps(clock=clock)
-    )
-    a = AdmissionFilter(AdmissionFilter.Params(models=["m"]), Deps(clock=clock))
-    a.name, b.name = "admission", "breaker"
-    h = Harness.for_filters([a, b], cfg)
-    unavailable = UpstreamReply(200, {"content-type": "application/grpc", "grpc-status": "14"})
-
-    async def infer(model: str | None, up: Any = OK) -> Any:
-        return await h.request("POST", "/inference.GRPCInferenceService/ModelInfer", body=b"x",
-                               grpc=True, grpc_model=model, upstream=up)  # fmt: skip
-
-    for _ in range(4):
-        await infer("m", unavailable)
-    assert b.breakers["m"].state is State.OPEN and set(a.limiters) == {"m"}
-    r = await infer("m")
-    assert r.status == 503 and not r.upstream_called
-    assert r.json()["error"]["type"] == "circuit_open"
-    # Another model, or a call that names none (ServerLive), is not m's.
-    assert (await infer("other")).upstream_called
-    assert (await infer(None)).upstream_called
-    assert set(b.breakers) == {"m"} and set(a.limiters) == {"m"}
+    limit = {"name": "per_model", "key": ["model"], "rate": 5}
+    cases: list[tuple[Any, str]] = [
+        (BreakerFilter(BreakerFilter.Params(models=["m"]), Deps()), "breaker"),
+        (AdmissionFilter(AdmissionFilter.Params(models=["m"]), Deps()), "admission"),
+        (RateLimitFilter(RateLimitFilter.Params.model_validate({"limits": [limit]}), Deps()),
+         "per_model"),
+        (RateLimitFilter(RateLimitFilter.Params.model_validate(
+            {"limits": [{"name": "when", "key": [], "rate": 5, "when": {"models": ["m"]}}]}),
+            Deps()), "when"),
+    ]  # fmt: skip
+    for f, says in cases:
+        f.name = "f"
+        with pytest.raises(ConfigError, match=says if says != "when" else "'when'"):
+            Harness.for_filters([f], cfg)
+    # Restricted to the HTTP route, or not model-scoped: fine.
+    scoped = {"limits": [{**limit, "when": {"routes": ["http"]}}]}
+    ok = [
+        RateLimitFilter(RateLimitFilter.Params.model_validate(scoped), Deps()),
+        BreakerFilter(BreakerFilter.Params(), Deps()),
+    ]
+    for i, f in enumerate(ok):
+        f.name = f"ok{i}"
+    Harness.for_filters(ok, cfg)

@@ -127,56 +127,6 @@ async def test_stream_round_trip_and_complete(tmp_path: Path, kind: str) -> None
         await server.drain_and_stop(0.1, 0)
 
 
-class _SaysModel(Filter):
-    def __init__(self) -> None:
-        super().__init__(NoParams(), Deps())
-        self.name = "says_model"
-
-    async def on_request_headers(self, ctx: RequestContext, headers: Headers) -> Decision:
-        return Mutate(set_headers={"x-model": ctx.model or "-"})
-
-
-async def test_the_model_envoy_read_from_a_grpc_call_reaches_the_filters(
-    tmp_path: Path, kind: str
-) -> None:
-    """Envoy's grpc_field_extraction metadata, forwarded with the request headers, names the
-    model of a KServe gRPC call (proxy/bootstrap.py): ctx.model, as a KServe HTTP path."""
-    from google.protobuf.struct_pb2 import ListValue, Struct, Value
-
-    from proxy.config import parse_config
-
-    cfg = parse_config({
-        "upstreams": {"g": {"protocol": "grpc", "endpoints": [{"address": "127.0.0.1",
-                                                               "port": 1}]}},
-        "routes": [{"name": "grpc", "match": {"prefix": "/inference."}, "api": "kserve_grpc",
-                    "upstream": "g"}],
-    })  # fmt: skip
-    server = ProcessorServer(Chain(cfg, [_SaysModel()]), f"unix:{tmp_path}/p.sock", kind=kind)
-    await server.start()
-
-    def call(field: str | None, value: str = "") -> pb.ProcessingRequest:
-        req = headers_msg({":path": "/inference.GRPCInferenceService/ModelInfer",
-                           ":method": "POST", "content-type": "application/grpc"})  # fmt: skip
-        if field is not None:
-            listed = Value(list_value=ListValue(values=[Value(string_value=value)]))
-            fields = Struct(fields={field: listed})
-            req.metadata_context.filter_metadata[translate.GRPC_FIELDS].CopyFrom(fields)
-        return req
-
-    try:
-        async with grpc.aio.insecure_channel(f"unix:{tmp_path}/p.sock") as ch:
-            stub = pb_grpc.ExternalProcessorStub(ch)
-            seen = []
-            for req in (call("model_name", "embedder"), call("name", "m2"),
-                        call("model_name", ""), call(None)):  # fmt: skip
-                out = [r async for r in stub.Process(iter([req]))]
-                mutation = out[0].request_headers.response.header_mutation
-                seen.append(mutation.set_headers[0].header.raw_value.decode())
-        assert seen == ["embedder", "m2", "-", "-"]
-    finally:
-        await server.drain_and_stop(0.1, 0)
-
-
 async def test_client_abort_still_runs_on_complete(tmp_path: Path, kind: str) -> None:
     f = Slow()
     server, addr = await _server(tmp_path, f, kind)

@@ -1,17 +1,18 @@
-"""What reading a KServe gRPC call's model costs: the shipped stack's Envoy (it reads each
-call's first message for the model: grpc_field_extraction, grpc_stats, the gRPC error Lua)
-against a second Envoy on the same processor and Triton with those three taken out, as the
-gateway was before. Unary calls one at a time, the two Envoys alternating round by round:
+"""What the gateway's gRPC additions cost on KServe gRPC passthrough: the shipped stack's
+Envoy (gRPC statuses counted per method by grpc_stats; the Lua that turns Triton's INTERNAL
+for a message it cannot parse into INVALID_ARGUMENT) against a second Envoy on the same
+processor and Triton without the two, as the gateway was before. Unary calls one at a time,
+the two Envoys alternating round by round:
 
 - ``infer``: ModelInfer of one sentence on ``embedder_int8`` (the model runs);
 - ``infer_512k``: ModelInfer with a 512 KiB input that Triton refuses once it has parsed
   the message (a wrong input name), so the time is the transfer and the gateway's;
 - ``metadata``: ModelMetadata (Triton answers from memory).
 
-    .venv/bin/python -m bench.grpc_model            # 6 rounds of 200 calls a kind: ~2 minutes
-    .venv/bin/python -m bench.grpc_model --quick
+    .venv/bin/python -m bench.grpc_passthrough      # 6 rounds of 200 calls a kind: ~2 minutes
+    .venv/bin/python -m bench.grpc_passthrough --quick
 
-Writes bench/results/grpc_model.json and .md.
+Writes bench/results/grpc_passthrough.json and .md.
 """
 
 from __future__ import annotations
@@ -31,26 +32,25 @@ import httpx
 from tritonclient.grpc import service_pb2
 
 from bench.run import RESULTS, write_results
-from proxy.bootstrap import GRPC_FIELD_EXTRACTION, LUA
+from proxy.bootstrap import LUA
 from proxy.runtime import find_binary
 from tests.helpers import AUTH, echo_server, free_ports, stack_config, start_stack
 
-SETUPS = ("reads_model", "before")
+SETUPS = ("shipped", "before")
 KINDS = ("infer", "infer_512k", "metadata")
 _SERVICE = "/inference.GRPCInferenceService/"
 
 
-def _without_model_reading(bootstrap: dict[str, Any], port: int, admin: int) -> dict[str, Any]:
-    """The rendered bootstrap on other ports, less what reads gRPC calls' models."""
-    b = json.loads(json.dumps(bootstrap))
+def _before(bootstrap: dict[str, Any], port: int, admin: int) -> dict[str, Any]:
+    """The rendered bootstrap on other ports, less grpc_stats and the gRPC routes' Lua."""
+    b: dict[str, Any] = json.loads(json.dumps(bootstrap))
     b["admin"]["address"]["socket_address"]["port_value"] = admin
     listener = b["static_resources"]["listeners"][0]
     listener["address"]["socket_address"]["port_value"] = port
     hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
-    gone = {GRPC_FIELD_EXTRACTION, "envoy.filters.http.grpc_stats"}
-    hcm["http_filters"] = [f for f in hcm["http_filters"] if f["name"] not in gone]
-    for f in hcm["http_filters"]:
-        f["typed_config"].pop("metadata_options", None)
+    hcm["http_filters"] = [
+        f for f in hcm["http_filters"] if f["name"] != "envoy.filters.http.grpc_stats"
+    ]
     for route in hcm["route_config"]["virtual_hosts"][0]["routes"]:
         per_filter = route.get("typed_per_filter_config", {})
         if "source_code" in per_filter.get(LUA, {}):
@@ -100,7 +100,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--calls", type=int, default=200, help="per kind, setup and round")
     ap.add_argument("--quick", action="store_true", help="2 rounds of 50 calls")
-    ap.add_argument("--out", default=str(RESULTS / "grpc_model"))
+    ap.add_argument("--out", default=str(RESULTS / "grpc_passthrough"))
     args = ap.parse_args()
     if args.quick:
         args.rounds, args.calls = 2, 50
@@ -113,7 +113,7 @@ def main() -> None:
         try:
             assert stack.cfg.runtime_dir is not None
             port, admin = free_ports(2)
-            before = _without_model_reading(
+            before = _before(
                 json.loads((stack.cfg.runtime_dir / "envoy.json").read_text()), port, admin
             )
             path = Path(d) / "envoy-before.json"
@@ -131,7 +131,7 @@ def main() -> None:
                     pass
                 time.sleep(0.1)
             targets = {
-                "reads_model": f"127.0.0.1:{stack.cfg.listener.port}",
+                "shipped": f"127.0.0.1:{stack.cfg.listener.port}",
                 "before": f"127.0.0.1:{port}",
             }
             options = [("grpc.max_send_message_length", 8 << 20)]
@@ -164,23 +164,22 @@ def main() -> None:
         # Per round, the two setups ran back to back: the median of their p50 differences.
         "added_p50_ms": {
             k: round(statistics.median(
-                a - b for a, b in zip(p50_by_round["reads_model"][k], p50_by_round["before"][k],
+                a - b for a, b in zip(p50_by_round["shipped"][k], p50_by_round["before"][k],
                                       strict=True)), 3)
             for k in KINDS
         },
     }  # fmt: skip
     res = {"params": vars(args), "summary": summary, "p50_by_round": p50_by_round}
     lines = [
-        f"Reading KServe gRPC calls' models (2 CPUs; unary calls one at a time through Envoy, "
-        f"the processor and Triton; {args.rounds} alternating rounds of {args.calls} calls a "
-        f"kind; `before`: the same Envoy less grpc_field_extraction, grpc_stats and the gRPC "
-        f"error Lua)",
+        f"KServe gRPC passthrough (2 CPUs; unary calls one at a time through Envoy, the "
+        f"processor and Triton; {args.rounds} alternating rounds of {args.calls} calls a kind; "
+        f"`before`: the same Envoy less grpc_stats and the gRPC routes' error Lua)",
         "",
-        "| call | reads model p50 | p99 | before p50 | p99 | added p50 (median of rounds) |",
+        "| call | shipped p50 | p99 | before p50 | p99 | added p50 (median of rounds) |",
         "|---|---:|---:|---:|---:|---:|",
         *(
-            f"| {k} | {summary['p50_ms']['reads_model'][k]:.2f} ms | "
-            f"{summary['p99_ms']['reads_model'][k]:.2f} ms | "
+            f"| {k} | {summary['p50_ms']['shipped'][k]:.2f} ms | "
+            f"{summary['p99_ms']['shipped'][k]:.2f} ms | "
             f"{summary['p50_ms']['before'][k]:.2f} ms | {summary['p99_ms']['before'][k]:.2f} ms | "
             f"{summary['added_p50_ms'][k]:+.3f} ms |"
             for k in KINDS
