@@ -58,7 +58,8 @@ def _before(bootstrap: dict[str, Any], port: int, admin: int) -> dict[str, Any]:
     return b
 
 
-def _messages() -> dict[str, tuple[str, bytes]]:
+def messages() -> dict[str, tuple[str, bytes]]:
+    """Per kind: the method and its request message."""
     text = b"a sentence to embed"
     one = service_pb2.ModelInferRequest.InferInputTensor(name="TEXT", datatype="BYTES",
                                                          shape=[1, 1])  # fmt: skip
@@ -76,7 +77,7 @@ def _messages() -> dict[str, tuple[str, bytes]]:
     }  # fmt: skip
 
 
-def _timed(call: Callable[..., Any], message: bytes, n: int) -> list[float]:
+def timed(call: Callable[..., Any], message: bytes, n: int) -> list[float]:
     out = []
     metadata = [("authorization", AUTH["authorization"])]
     for _ in range(n):
@@ -90,9 +91,71 @@ def _timed(call: Callable[..., Any], message: bytes, n: int) -> list[float]:
     return out
 
 
-def _pct(xs: list[float], q: float) -> float:
+def pct(xs: list[float], q: float) -> float:
     s = sorted(xs)
     return s[min(len(s) - 1, int(q * len(s)))]
+
+
+def alternate(
+    setups: tuple[str, str], targets: dict[str, str], rounds: int, n: int
+) -> tuple[dict[str, dict[str, list[float]]], dict[str, dict[str, list[float]]]]:
+    """Calls of each kind through each target, one at a time, the setups taking turns
+    round by round (which goes first alternates): every call's ms, and each round's p50."""
+    msgs = messages()
+    ms: dict[str, dict[str, list[float]]] = {s: {k: [] for k in KINDS} for s in setups}
+    p50_by_round: dict[str, dict[str, list[float]]] = {s: {k: [] for k in KINDS} for s in setups}
+    options = [("grpc.max_send_message_length", 8 << 20)]
+    channels = {s: grpc.insecure_channel(targets[s], options=options) for s in setups}
+    calls = {s: {k: ch.unary_unary(_SERVICE + msgs[k][0]) for k in KINDS}
+             for s, ch in channels.items()}  # fmt: skip
+    try:
+        for s in setups:  # warm up: connections, Triton's first runs
+            for k in KINDS:
+                timed(calls[s][k], msgs[k][1], 20)
+        for rnd in range(rounds):
+            for s in setups if rnd % 2 == 0 else setups[::-1]:
+                for k in KINDS:
+                    xs = timed(calls[s][k], msgs[k][1], n)
+                    ms[s][k] += xs
+                    p50_by_round[s][k].append(statistics.median(xs))
+            print(f"   round {rnd + 1}/{rounds}", flush=True)
+    finally:
+        for ch in channels.values():
+            ch.close()
+    return ms, p50_by_round
+
+
+def report(
+    setups: tuple[str, str],
+    ms: dict[str, dict[str, list[float]]],
+    p50_by_round: dict[str, dict[str, list[float]]],
+    title: str,
+) -> tuple[dict[str, Any], str]:
+    """The summary (p50, p99, and what the first setup adds: the median over rounds of the
+    two setups' p50 differences, each round's two having run back to back) and its table."""
+    a, b = setups
+    summary: dict[str, Any] = {
+        "p50_ms": {s: {k: round(pct(ms[s][k], 0.5), 3) for k in KINDS} for s in setups},
+        "p99_ms": {s: {k: round(pct(ms[s][k], 0.99), 3) for k in KINDS} for s in setups},
+        "added_p50_ms": {
+            k: round(statistics.median(
+                x - y for x, y in zip(p50_by_round[a][k], p50_by_round[b][k], strict=True)), 3)
+            for k in KINDS
+        },
+    }  # fmt: skip
+    lines = [
+        title,
+        "",
+        f"| call | {a} p50 | p99 | {b} p50 | p99 | added p50 (median of rounds) |",
+        "|---|---:|---:|---:|---:|---:|",
+        *(
+            f"| {k} | {summary['p50_ms'][a][k]:.2f} ms | {summary['p99_ms'][a][k]:.2f} ms | "
+            f"{summary['p50_ms'][b][k]:.2f} ms | {summary['p99_ms'][b][k]:.2f} ms | "
+            f"{summary['added_p50_ms'][k]:+.3f} ms |"
+            for k in KINDS
+        ),
+    ]
+    return summary, "\n".join(lines) + "\n"
 
 
 def main() -> None:
@@ -104,9 +167,6 @@ def main() -> None:
     args = ap.parse_args()
     if args.quick:
         args.rounds, args.calls = 2, 50
-    messages = _messages()
-    ms: dict[str, dict[str, list[float]]] = {s: {k: [] for k in KINDS} for s in SETUPS}
-    p50_by_round: dict[str, dict[str, list[float]]] = {s: {k: [] for k in KINDS} for s in SETUPS}
     with tempfile.TemporaryDirectory(prefix="fw-grpc-", dir="/tmp") as d, echo_server() as echo:
         stack = start_stack(stack_config(Path(d) / "run", echo), Path(d) / "fw.yaml")
         envoy = None
@@ -134,58 +194,20 @@ def main() -> None:
                 "shipped": f"127.0.0.1:{stack.cfg.listener.port}",
                 "before": f"127.0.0.1:{port}",
             }
-            options = [("grpc.max_send_message_length", 8 << 20)]
-            channels = {s: grpc.insecure_channel(t, options=options) for s, t in targets.items()}
-            calls = {
-                s: {k: ch.unary_unary(_SERVICE + messages[k][0]) for k in KINDS}
-                for s, ch in channels.items()
-            }
-            for s in SETUPS:  # warm up: connections, Triton's first runs
-                for k in KINDS:
-                    _timed(calls[s][k], messages[k][1], 20)
-            for rnd in range(args.rounds):
-                for s in SETUPS if rnd % 2 == 0 else SETUPS[::-1]:
-                    for k in KINDS:
-                        xs = _timed(calls[s][k], messages[k][1], args.calls)
-                        ms[s][k] += xs
-                        p50_by_round[s][k].append(statistics.median(xs))
-                print(f"   round {rnd + 1}/{args.rounds}", flush=True)
-            for ch in channels.values():
-                ch.close()
+            ms, p50_by_round = alternate(SETUPS, targets, args.rounds, args.calls)
         finally:
             if envoy is not None:
                 envoy.terminate()
                 envoy.wait(10)
             stack.stop()
-
-    summary: dict[str, Any] = {
-        "p50_ms": {s: {k: round(_pct(ms[s][k], 0.5), 3) for k in KINDS} for s in SETUPS},
-        "p99_ms": {s: {k: round(_pct(ms[s][k], 0.99), 3) for k in KINDS} for s in SETUPS},
-        # Per round, the two setups ran back to back: the median of their p50 differences.
-        "added_p50_ms": {
-            k: round(statistics.median(
-                a - b for a, b in zip(p50_by_round["shipped"][k], p50_by_round["before"][k],
-                                      strict=True)), 3)
-            for k in KINDS
-        },
-    }  # fmt: skip
-    res = {"params": vars(args), "summary": summary, "p50_by_round": p50_by_round}
-    lines = [
+    summary, md = report(
+        SETUPS, ms, p50_by_round,
         f"KServe gRPC passthrough (2 CPUs; unary calls one at a time through Envoy, the "
         f"processor and Triton; {args.rounds} alternating rounds of {args.calls} calls a kind; "
         f"`before`: the same Envoy less grpc_stats and the gRPC routes' error Lua)",
-        "",
-        "| call | shipped p50 | p99 | before p50 | p99 | added p50 (median of rounds) |",
-        "|---|---:|---:|---:|---:|---:|",
-        *(
-            f"| {k} | {summary['p50_ms']['shipped'][k]:.2f} ms | "
-            f"{summary['p99_ms']['shipped'][k]:.2f} ms | "
-            f"{summary['p50_ms']['before'][k]:.2f} ms | {summary['p99_ms']['before'][k]:.2f} ms | "
-            f"{summary['added_p50_ms'][k]:+.3f} ms |"
-            for k in KINDS
-        ),
-    ]
-    write_results(Path(args.out), res, "\n".join(lines) + "\n")
+    )  # fmt: skip
+    res = {"params": vars(args), "summary": summary, "p50_by_round": p50_by_round}
+    write_results(Path(args.out), res, md)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ RESULTS = REPO_ROOT / "bench" / "results"
 SUITES = (
     "gateway_overhead",
     "grpc_passthrough",
+    "grpc_policies",
     "embedder_batching",
     "long_inputs",
     "rate_limit",

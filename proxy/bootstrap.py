@@ -353,8 +353,10 @@ def _route(cfg: FloodwallConfig, r: RouteConfig, phases: frozenset[Phase]) -> di
     if r.grpc:
         # The buffer filter is what enforces listener.max_request_bytes (413), so it stays on
         # for every HTTP route, also where no filter reads the body: it holds a body only up to
-        # the limit. Not on gRPC: it would hold a call until its stream ends, and
-        # ModelStreamInfer is a bidirectional stream. gRPC bodies are not size-limited here.
+        # the limit. Not on gRPC: it would hold a call's headers until its stream ends, and
+        # ModelStreamInfer is a bidirectional stream. Where a filter reads gRPC bodies, the
+        # processor enforces the limit (proxy/kserve_grpc.py); elsewhere gRPC bodies are not
+        # size-limited here.
         per_filter[BUFFER] = _off(BUFFER)
     return {
         "name": r.name,
@@ -493,6 +495,14 @@ def _local_reply_config() -> dict[str, Any]:
         mappers.append(m)
     # Envoy's own 413 (body over listener.max_request_bytes) comes from the buffer filter; a
     # codec error (400, 431, 426, 501) from the HTTP codec; 404 from the not_found route.
+    # On a gRPC route whose filters read bodies, ext_proc's buffer (the connection's buffer
+    # limit; the processor refuses what is over max_request_bytes below it) answers a larger
+    # call 413, which Envoy's own mapping makes UNKNOWN: RESOURCE_EXHAUSTED, as gRPC's
+    # servers answer a message over their limit.
+    m = _json_error_format(*_LOCAL_REPLY_STATUSES[413])
+    m["headers_to_add"].append(_set_header("grpc-status", str(GRPC_STATUS[413])))
+    m["filter"] = _cel(f"response.code == 413 && {not_ours} && {grpc_request}")
+    mappers.append(m)
     for status, (type_, message) in _LOCAL_REPLY_STATUSES.items():
         m = _json_error_format(type_, message)
         m["filter"] = _cel(f"response.code == {status} && {not_ours}")

@@ -27,7 +27,7 @@ from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from proxy import errors, metrics
+from proxy import errors, kserve_grpc, metrics
 from proxy.api import (
     CONTINUE,
     Continue,
@@ -41,7 +41,7 @@ from proxy.api import (
     Respond,
     overrides_complete,
 )
-from proxy.config import ConfigError, FilterConfig, FloodwallConfig, RouteConfig, is_grpc
+from proxy.config import FilterConfig, FloodwallConfig, RouteConfig, is_grpc
 
 log = logging.getLogger("floodwall.chain")
 
@@ -67,6 +67,9 @@ class RoutePlan:
     by_phase: dict[Phase, tuple[_Bound, ...]]
     complete: tuple[_Bound, ...]
     phases: frozenset[Phase] = field(default_factory=frozenset)
+    # A gRPC route where a filter reads request bodies: each unary call's model is read from
+    # its message (proxy/kserve_grpc.py) and streams are refused.
+    reads_grpc_bodies: bool = False
 
 
 class _Accumulator:
@@ -144,13 +147,6 @@ class Chain:
             ):
                 continue
             phases = f.phases(route) if route is not None else frozenset({Phase.REQUEST_HEADERS})
-            if route is not None and route.grpc and Phase.REQUEST_BODY in phases:
-                # Envoy would buffer the route's request streams for it: a ModelStreamInfer
-                # client waiting for answers before it closes its side would hang.
-                raise ConfigError(
-                    f"filter {f.name!r} reads request bodies, which gRPC route {route.name!r} "
-                    "streams to the model unread: leave the route out of the filter's routes"
-                )
             timers = {p: metrics.FILTER_SECONDS.labels(f.name, p.value) for p in Phase}
             bound.append((_Bound(f, on_error, timers), phases))
         by_phase: dict[Phase, tuple[_Bound, ...]] = {}
@@ -165,7 +161,17 @@ class Chain:
                 b.reserve_s[p] = later
         complete = tuple(b for b, _ in bound if overrides_complete(type(b.filter)))
         phases = frozenset(p for p in Phase if by_phase[p]) | {Phase.REQUEST_HEADERS}
-        return RoutePlan(route, by_phase, complete, phases)
+        reads_grpc_bodies = route is not None and route.grpc and Phase.REQUEST_BODY in phases
+        if reads_grpc_bodies:
+            assert route is not None
+            readers = [b.filter.name for b in by_phase[Phase.REQUEST_BODY]]
+            log.info(
+                "gRPC route %r: %s read request bodies, so Envoy buffers each call's request "
+                "and its model is read from the message; ModelStreamInfer is refused there "
+                "(UNIMPLEMENTED): give streams a route of their own", route.name,
+                ", ".join(readers),
+            )  # fmt: skip
+        return RoutePlan(route, by_phase, complete, phases, reads_grpc_bodies)
 
     def plan(self, route: RouteConfig | None) -> RoutePlan:
         return self._plans[route.name if route is not None else None]
@@ -197,6 +203,9 @@ class Chain:
         )
         if route is not None and route.api == "kserve_http":
             ctx.model = kserve_model(path)
+        plan = self.plan(route)
+        if plan.reads_grpc_bodies:
+            ctx.state(_GrpcCall).encoding = headers.get("grpc-encoding")
         if route is not None:
             # Envoy gives up at the route timeout (a gRPC call: at its grpc-timeout if
             # shorter, as max_stream_duration's grpc_timeout_header_max makes it): no
@@ -209,7 +218,7 @@ class Chain:
             ctx.span = self.tracer.start_request(
                 f"floodwall {ctx.route_name}", traceparent or headers.get("traceparent")
             )
-        return ctx, self.plan(route)
+        return ctx, plan
 
     async def run(
         self, plan: RoutePlan, phase: Phase, ctx: RequestContext, data: Any
@@ -238,8 +247,21 @@ class Chain:
                     ),
                     None,
                 )
+            if plan.reads_grpc_bodies:
+                refused = _unbuffered_stream(ctx)
+                if refused is not None:
+                    return refused, None
         elif phase is Phase.REQUEST_BODY:
             ctx.request_body = data
+            if plan.reads_grpc_bodies:
+                # The model Triton will run (a filter reading bodies on a gRPC route needs it).
+                model = kserve_grpc.call_model(
+                    ctx.path, data, ctx.state(_GrpcCall).encoding,
+                    self.config.listener.max_request_bytes,
+                )  # fmt: skip
+                if isinstance(model, Respond):
+                    return model, None
+                ctx.model = model
         elif phase is Phase.RESPONSE_HEADERS:
             status = data.get(":status")
             if status and status.isdigit():
@@ -435,6 +457,24 @@ class Chain:
                 log.error("filter %s stop failed: %r", f.name, exc)
 
 
+@dataclass(slots=True)
+class _GrpcCall:
+    encoding: str | None = None  # the call's grpc-encoding (how its message is compressed)
+
+
+def _unbuffered_stream(ctx: RequestContext) -> Respond | None:
+    """Refuses a streaming call on a gRPC route whose filters read request bodies: Envoy
+    would hold its messages until the client closed its side, and a ModelStreamInfer client
+    waits for answers first (it would hang); each message may also name another model."""
+    if ctx.path.split("?", 1)[0] not in kserve_grpc.STREAM_METHODS:
+        return None
+    return errors.error(
+        501, "not_implemented",
+        f"streaming calls are not served on route {ctx.route_name!r}: its policies read each "
+        "call's request message; use the unary ModelInfer, or a route for streams",
+    )  # fmt: skip
+
+
 def kserve_model(path: str) -> str | None:
     """The model named by a KServe v2 HTTP path (``/v2/models/{name}[/versions/{v}]/...``)."""
     parts = path.split("?", 1)[0].split("/", 4)
@@ -459,7 +499,7 @@ def grpc_timeout_s(value: str | None) -> float | None:
 # readiness) answer at once.
 _KSERVE_HTTP_INFERENCE = frozenset({"infer", "generate", "generate_stream"})
 _KSERVE_GRPC_INFERENCE = frozenset(
-    f"/inference.GRPCInferenceService/{m}" for m in ("ModelInfer", "ModelStreamInfer")
+    kserve_grpc.SERVICE + m for m in ("ModelInfer", "ModelStreamInfer")
 )
 
 

@@ -389,9 +389,10 @@ class RouteConfig(Model):
 
     @property
     def model_in_body(self) -> bool:
-        """The model is named in the body (OpenAI APIs): filters that need it wait for the
-        body phase, after the API filter parsed it; KServe HTTP names it in the path."""
-        return self.api in ("openai_embeddings", "openai_chat")
+        """The model is named in the body: filters that need it wait for the body phase.
+        OpenAI APIs: the API filter parses the JSON; KServe gRPC: the chain reads the protobuf
+        message of a unary call (proxy/kserve_grpc.py). KServe HTTP names it in the path."""
+        return self.api in ("openai_embeddings", "openai_chat", "kserve_grpc")
 
 
 class FilterConfig(Model):

@@ -331,7 +331,8 @@ class _Stream:
                 raise _StreamError(self.id, f"message of {n} bytes is too large")
             if len(buf) < 5 + n:
                 break
-            self.inbox.append(bytes(buf[5 : 5 + n]))
+            with memoryview(buf) as view:  # one copy, not two (bytes of a bytearray slice)
+                self.inbox.append(bytes(view[5 : 5 + n]))
             del buf[: 5 + n]
         self._wake()
 

@@ -351,3 +351,33 @@ def sim_llm_answer(
     ]  # fmt: skip
     body = json.dumps({"outputs": outputs}).encode()
     return UpstreamReply(200, {"content-type": "application/json"}, body)
+
+
+def raw_model_infer(target: str, message: bytes, **kw: Any) -> Any:
+    """One KServe gRPC ModelInfer call of ``message`` (bytes, sent as they are) to ``target``
+    (host:port) with the demo key: the response's bytes, or the grpc.RpcError."""
+    import grpc
+
+    big = 64 << 20
+    options = [("grpc.max_send_message_length", big), ("grpc.max_receive_message_length", big)]
+    with grpc.insecure_channel(target, options=options) as channel:
+        call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        try:
+            return call(message, metadata=[("authorization", AUTH["authorization"])],
+                        timeout=30, **kw)  # fmt: skip
+        except grpc.RpcError as e:
+            return e
+
+
+def infer_request(model: str, raw: bytes) -> bytes:
+    """A serialized ModelInferRequest of one BYTES tensor ``TEXT`` whose raw contents are
+    ``raw`` (Triton's BYTES encoding: a little-endian uint32 length before each element)."""
+    from tritonclient.grpc import service_pb2
+
+    tensor = service_pb2.ModelInferRequest.InferInputTensor(name="TEXT", datatype="BYTES",
+                                                            shape=[1, 1])  # fmt: skip
+    message = service_pb2.ModelInferRequest(
+        model_name=model, inputs=[tensor], raw_input_contents=[raw]
+    )
+    out: bytes = message.SerializeToString()
+    return out

@@ -39,7 +39,7 @@ from proxy.api import (
     prefers_async,
 )
 from proxy.chain import calls_model, kserve_model
-from proxy.config import ConfigError, RouteConfig
+from proxy.config import RouteConfig
 from proxy.triton_load import TritonLoad
 
 LIMIT = Gauge("floodwall_admission_limit", "Adaptive concurrency limit per model", ["model"])
@@ -109,12 +109,6 @@ class AdmissionFilter(Filter):
             await self.deps.signals.unwatch_triton(self.p.saturation.triton_metrics_url)
 
     def phases(self, route: RouteConfig) -> frozenset[Phase]:
-        if route.grpc and self.p.models:
-            raise ConfigError(
-                f"admission {self.name!r}: {route.name!r} is a gRPC route, where the model is "
-                "inside the protobuf body and never known, so its calls would pass unadmitted: "
-                "leave it out of the filter's routes (or use a filter without models for it)"
-            )
         out = {Phase.REQUEST_HEADERS, Phase.RESPONSE_HEADERS}
         if route.model_in_body and self.p.models:
             out.add(Phase.REQUEST_BODY)

@@ -37,7 +37,7 @@ from proxy.api import (
     RequestContext,
 )
 from proxy.chain import calls_model
-from proxy.config import ConfigError, RouteConfig
+from proxy.config import RouteConfig
 
 STATE = Gauge("floodwall_breaker_state", "0 closed, 1 open, 2 half-open", ["breaker"])
 TRANSITIONS = Counter(
@@ -182,16 +182,10 @@ class BreakerFilter(Filter):
         self._tickets = functools.partial(_Tickets)
 
     def phases(self, route: RouteConfig) -> frozenset[Phase]:
-        if route.grpc and self.p.models:
-            raise ConfigError(
-                f"breaker {self.name!r}: {route.name!r} is a gRPC route, where the model is "
-                "inside the protobuf body and never known, so no model's breaker would see "
-                "its calls: leave it out of the filter's routes, or drop models (per route)"
-            )
         # Response headers: the chain records the upstream's status there for on_complete.
         out = {Phase.REQUEST_HEADERS, Phase.RESPONSE_HEADERS}
         if route.model_in_body and self.p.models:
-            out.add(Phase.REQUEST_BODY)  # the model is known once the openai filter parsed it
+            out.add(Phase.REQUEST_BODY)  # the model is known once the body is read
         return frozenset(out)
 
     async def on_request_headers(self, ctx: RequestContext, headers: Headers) -> Decision:

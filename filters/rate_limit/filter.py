@@ -37,7 +37,7 @@ from proxy.api import (
     Phase,
     RequestContext,
 )
-from proxy.config import ConfigError, RouteConfig
+from proxy.config import RouteConfig
 
 DECISIONS = Counter(
     "floodwall_ratelimit_decisions",
@@ -202,14 +202,6 @@ class RateLimitFilter(Filter):
     def phases(self, route: RouteConfig) -> frozenset[Phase]:
         if not self._limits_for(route.name):
             return frozenset()
-        for lim in self._limits_for(route.name) if route.grpc else ():
-            if "model" in lim.spec.key or lim.spec.when.models:
-                # It would never apply there (when.models), or count every model as one.
-                raise ConfigError(
-                    f"rate_limit {self.name!r}: limit {lim.spec.name!r} depends on the model, "
-                    f"which gRPC route {route.name!r} never reveals (it is inside the protobuf "
-                    "body): restrict the limit with when.routes"
-                )
         out = {Phase.REQUEST_HEADERS}
         if self._after_body(route):
             out.add(Phase.REQUEST_BODY)
@@ -219,8 +211,8 @@ class RateLimitFilter(Filter):
 
     def _after_body(self, route: RouteConfig) -> bool:
         """On OpenAI routes (and for job envelopes) the model and the token estimate come
-        from the body (the openai filter, placed before this one, sets them): limits that use
-        either wait for it."""
+        from the body (the openai filter, placed before this one, sets them), on KServe gRPC
+        the model (the chain reads it from the message): limits that use either wait for it."""
         found = self._body_routes.get(route.name)
         if found is None:
             found = (route.model_in_body or route.api == "jobs") and any(

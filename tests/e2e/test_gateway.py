@@ -8,14 +8,13 @@ import json
 import re
 import subprocess
 import time
-from typing import Any
 
 import httpx
 import numpy as np
 import pytest
 
 from tests.e2e.conftest import Gateway
-from tests.helpers import AUTH, metric_total
+from tests.helpers import AUTH, infer_request, metric_total, raw_model_infer
 
 pytestmark = pytest.mark.e2e
 
@@ -196,31 +195,6 @@ def test_kserve_grpc_through_envoy(gateway: Gateway) -> None:
     assert "UNAUTHENTICATED" in str(e.value.status())
 
 
-def _raw_model_infer(g: Gateway, message: bytes, **kw: Any) -> Any:
-    """One ModelInfer call of ``message`` as it is: the response's bytes, or the RpcError."""
-    import grpc
-
-    big = 64 << 20
-    options = [("grpc.max_send_message_length", big), ("grpc.max_receive_message_length", big)]
-    with grpc.insecure_channel(g.grpc_target, options=options) as channel:
-        call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
-        try:
-            return call(message, metadata=[("authorization", AUTH["authorization"])],
-                        timeout=30, **kw)  # fmt: skip
-        except grpc.RpcError as e:
-            return e
-
-
-def _infer_request(model: str, raw: bytes) -> bytes:
-    from tritonclient.grpc import service_pb2
-
-    tensor = service_pb2.ModelInferRequest.InferInputTensor(name="TEXT", datatype="BYTES",
-                                                            shape=[1, 1])  # fmt: skip
-    return service_pb2.ModelInferRequest(
-        model_name=model, inputs=[tensor], raw_input_contents=[raw]
-    ).SerializeToString()
-
-
 def _grpc_stat(g: Gateway, method: str, status: int) -> int:
     """Envoy's count of ``method`` calls answered with ``status`` (its grpc_stats filter)."""
     a = g.stack.cfg.admin
@@ -237,15 +211,15 @@ def test_grpc_calls_triton_cannot_parse_are_invalid_argument(gateway: Gateway) -
     from tritonclient.grpc import service_pb2
 
     text = b"a sentence"
-    good = _infer_request("embedder_int8", len(text).to_bytes(4, "little") + text)
-    ok = service_pb2.ModelInferResponse.FromString(_raw_model_infer(gateway, good))
+    good = infer_request("embedder_int8", len(text).to_bytes(4, "little") + text)
+    ok = service_pb2.ModelInferResponse.FromString(raw_model_infer(gateway.grpc_target, good))
     assert ok.model_name == "embedder_int8" and len(ok.raw_output_contents[0]) == 384 * 4
     invalid = _grpc_stat(gateway, "ModelInfer", 3)
     requests = "floodwall_requests_total"
     failed = metric(gateway, requests, route="kserve_grpc", status="5xx")
     refused_before = metric(gateway, requests, route="kserve_grpc", status="4xx")
     for garbage in [b"\xff" * 16] * 5 + [good[:-3]]:  # not a protobuf; cut short
-        refused = _raw_model_infer(gateway, garbage)
+        refused = raw_model_infer(gateway.grpc_target, garbage)
         assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT, refused
         assert dict(refused.trailing_metadata())["x-floodwall-error"] == "invalid_request_error"
     assert _grpc_stat(gateway, "ModelInfer", 3) == invalid + 6
@@ -253,10 +227,8 @@ def test_grpc_calls_triton_cannot_parse_are_invalid_argument(gateway: Gateway) -
     assert metric(gateway, requests, route="kserve_grpc", status="5xx") == failed
     # A compressed message passes as it is (the gateway does not read gRPC messages).
     long_text = text * 100
-    squeezed = _raw_model_infer(
-        gateway, _infer_request("embedder_int8", len(long_text).to_bytes(4, "little") + long_text),
-        compression=grpc.Compression.Gzip,
-    )  # fmt: skip
+    long_request = infer_request("embedder_int8", len(long_text).to_bytes(4, "little") + long_text)
+    squeezed = raw_model_infer(gateway.grpc_target, long_request, compression=grpc.Compression.Gzip)
     assert service_pb2.ModelInferResponse.FromString(squeezed).model_name == "embedder_int8"
 
 

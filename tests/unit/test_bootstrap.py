@@ -222,14 +222,16 @@ def test_envoys_own_refusals_carry_the_error_header_and_type() -> None:
         error = {"key": "x-floodwall-error", "value": type_}
         overwrite = "OVERWRITE_IF_EXISTS_OR_ADD"
         assert m["headers_to_add"][0] == {"header": error, "append_action": overwrite}
-        # gRPC callers of a dead or late processor: UNAVAILABLE, not Envoy's UNKNOWN for 500.
+        # gRPC callers of a dead or late processor: UNAVAILABLE, not Envoy's UNKNOWN for 500;
+        # of a call over Envoy's buffer: RESOURCE_EXHAUSTED, not UNKNOWN for 413.
         grpc = [h["header"] for h in m["headers_to_add"][1:]]
         if grpc:
-            assert grpc == [{"key": "grpc-status", "value": "14"}], m
+            status = "8" if type_ == "request_too_large" else "14"
+            assert grpc == [{"key": "grpc-status", "value": status}], m
             assert (
                 "application/grpc" in m["filter"]["extension_filter"]["typed_config"]["expression"]
             )
-    assert sum(len(m["headers_to_add"]) > 1 for m in mappers) == 2
+    assert sum(len(m["headers_to_add"]) > 1 for m in mappers) == 3
     # Codec refusals keep Envoy's status; the last mappers take any refusal not yet mapped,
     # never the processor's own answers (details floodwall_*).
     kept = {m["body_format_override"]["json_format"]["error"]["type"] for m in mappers

@@ -235,37 +235,3 @@ async def test_failing_grpc_answers_open_the_breaker() -> None:
     for _ in range(4):
         await h.request("POST", "/v2/models/m/infer", body=b"{}", upstream=failing, grpc=True)
     assert f.breakers["kserve_http"].state is State.OPEN
-
-
-def test_a_model_scoped_policy_on_a_grpc_route_is_refused_at_start() -> None:
-    # The model is inside the protobuf body: per-model breakers, admission and model-keyed
-    # limits silently skipped gRPC calls (a per-model limit was bypassed over gRPC).
-    from filters.admission.filter import AdmissionFilter
-    from filters.rate_limit.filter import RateLimitFilter
-    from proxy.config import ConfigError
-    from tests.unit.test_chain import grpc_config
-
-    cfg = grpc_config({"name": "http", "match": {"prefix": "/v2"}})
-    limit = {"name": "per_model", "key": ["model"], "rate": 5}
-    cases: list[tuple[Any, str]] = [
-        (BreakerFilter(BreakerFilter.Params(models=["m"]), Deps()), "breaker"),
-        (AdmissionFilter(AdmissionFilter.Params(models=["m"]), Deps()), "admission"),
-        (RateLimitFilter(RateLimitFilter.Params.model_validate({"limits": [limit]}), Deps()),
-         "per_model"),
-        (RateLimitFilter(RateLimitFilter.Params.model_validate(
-            {"limits": [{"name": "when", "key": [], "rate": 5, "when": {"models": ["m"]}}]}),
-            Deps()), "when"),
-    ]  # fmt: skip
-    for f, says in cases:
-        f.name = "f"
-        with pytest.raises(ConfigError, match=says if says != "when" else "'when'"):
-            Harness.for_filters([f], cfg)
-    # Restricted to the HTTP route, or not model-scoped: fine.
-    scoped = {"limits": [{**limit, "when": {"routes": ["http"]}}]}
-    ok = [
-        RateLimitFilter(RateLimitFilter.Params.model_validate(scoped), Deps()),
-        BreakerFilter(BreakerFilter.Params(), Deps()),
-    ]
-    for i, f in enumerate(ok):
-        f.name = f"ok{i}"
-    Harness.for_filters(ok, cfg)

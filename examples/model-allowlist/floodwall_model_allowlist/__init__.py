@@ -61,8 +61,9 @@ class ModelAllowlist(Filter):
 
     def phases(self, route: RouteConfig) -> frozenset[Phase]:
         # OpenAI routes name the model in the body (the `openai` filter puts it in ctx.model
-        # at the body phase); KServe routes in the path, known from the headers. Asking for
-        # the body only where needed keeps the other routes headers-only in Envoy.
+        # at the body phase), KServe gRPC in its message (the chain reads it at the body
+        # phase); KServe HTTP in the path, known from the headers. Asking for the body only
+        # where needed keeps the other routes headers-only in Envoy.
         if route.model_in_body:
             return frozenset({Phase.REQUEST_BODY})
         return frozenset({Phase.REQUEST_HEADERS})
