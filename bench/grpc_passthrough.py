@@ -158,15 +158,33 @@ def report(
     return summary, "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+def parse_args(doc: str | None, name: str) -> argparse.Namespace:
+    """The options of a suite of unary calls in alternating rounds (results: ``name``)."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--calls", type=int, default=200, help="per kind, setup and round")
     ap.add_argument("--quick", action="store_true", help="2 rounds of 50 calls")
-    ap.add_argument("--out", default=str(RESULTS / "grpc_passthrough"))
+    ap.add_argument("--out", default=str(RESULTS / name))
     args = ap.parse_args()
     if args.quick:
         args.rounds, args.calls = 2, 50
+    return args
+
+
+def write_report(
+    args: argparse.Namespace,
+    setups: tuple[str, str],
+    ms: dict[str, dict[str, list[float]]],
+    p50_by_round: dict[str, dict[str, list[float]]],
+    title: str,
+) -> None:
+    summary, md = report(setups, ms, p50_by_round, title)
+    res = {"params": vars(args), "summary": summary, "p50_by_round": p50_by_round}
+    write_results(Path(args.out), res, md)
+
+
+def main() -> None:
+    args = parse_args(__doc__, "grpc_passthrough")
     with tempfile.TemporaryDirectory(prefix="fw-grpc-", dir="/tmp") as d, echo_server() as echo:
         stack = start_stack(stack_config(Path(d) / "run", echo), Path(d) / "fw.yaml")
         envoy = None
@@ -200,14 +218,12 @@ def main() -> None:
                 envoy.terminate()
                 envoy.wait(10)
             stack.stop()
-    summary, md = report(
-        SETUPS, ms, p50_by_round,
+    write_report(
+        args, SETUPS, ms, p50_by_round,
         f"KServe gRPC passthrough (2 CPUs; unary calls one at a time through Envoy, the "
         f"processor and Triton; {args.rounds} alternating rounds of {args.calls} calls a kind; "
         f"`before`: the same Envoy less grpc_stats and the gRPC routes' error Lua)",
     )  # fmt: skip
-    res = {"params": vars(args), "summary": summary, "p50_by_round": p50_by_round}
-    write_results(Path(args.out), res, md)
 
 
 if __name__ == "__main__":

@@ -15,13 +15,11 @@ Writes bench/results/grpc_policies.json and .md.
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench.grpc_passthrough import alternate, report
-from bench.run import RESULTS, write_results
+from bench.grpc_passthrough import alternate, parse_args, write_report
 from proxy.runtime import Stack
 from tests.helpers import echo_server, stack_config, start_stack
 
@@ -46,14 +44,7 @@ def _filters(per_model: bool) -> list[dict[str, Any]]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=6)
-    ap.add_argument("--calls", type=int, default=200, help="per kind, setup and round")
-    ap.add_argument("--quick", action="store_true", help="2 rounds of 50 calls")
-    ap.add_argument("--out", default=str(RESULTS / "grpc_policies"))
-    args = ap.parse_args()
-    if args.quick:
-        args.rounds, args.calls = 2, 50
+    args = parse_args(__doc__, "grpc_policies")
     stacks: dict[str, Stack] = {}
     with tempfile.TemporaryDirectory(prefix="fw-grpcpol-", dir="/tmp") as d, echo_server() as echo:
         try:
@@ -66,16 +57,14 @@ def main() -> None:
         finally:
             for st in stacks.values():
                 st.stop()
-    summary, md = report(
-        SETUPS, ms, p50_by_round,
+    write_report(
+        args, SETUPS, ms, p50_by_round,
         f"Per-model policies on KServe gRPC (2 CPUs; two stacks, unary calls one at a time "
         f"through Envoy, the processor and Triton; {args.rounds} alternating rounds of "
         f"{args.calls} calls a kind; the same rate limit, admission and breaker on the gRPC "
         f"route, `per_model`: by the model read from each message, `per_route`: per route, "
         f"the message unread)",
     )  # fmt: skip
-    res = {"params": vars(args), "summary": summary, "p50_by_round": p50_by_round}
-    write_results(Path(args.out), res, md)
 
 
 if __name__ == "__main__":

@@ -205,7 +205,7 @@ class Chain:
             ctx.model = kserve_model(path)
         plan = self.plan(route)
         if plan.reads_grpc_bodies:
-            ctx.state(_GrpcCall).encoding = headers.get("grpc-encoding")
+            ctx.state(kserve_grpc.GrpcCall).encoding = headers.get("grpc-encoding")
         if route is not None:
             # Envoy gives up at the route timeout (a gRPC call: at its grpc-timeout if
             # shorter, as max_stream_duration's grpc_timeout_header_max makes it): no
@@ -256,7 +256,7 @@ class Chain:
             if plan.reads_grpc_bodies:
                 # The model Triton will run (a filter reading bodies on a gRPC route needs it).
                 model = kserve_grpc.call_model(
-                    ctx.path, data, ctx.state(_GrpcCall).encoding,
+                    ctx.state(kserve_grpc.GrpcCall), ctx.path, data,
                     self.config.listener.max_request_bytes,
                 )  # fmt: skip
                 if isinstance(model, Respond):
@@ -455,11 +455,6 @@ class Chain:
                 await f.stop()
             except Exception as exc:
                 log.error("filter %s stop failed: %r", f.name, exc)
-
-
-@dataclass(slots=True)
-class _GrpcCall:
-    encoding: str | None = None  # the call's grpc-encoding (how its message is compressed)
 
 
 def _unbuffered_stream(ctx: RequestContext) -> Respond | None:

@@ -16,18 +16,22 @@ A 512 KiB ModelInferRequest parses in ~15 µs (upb).
 Only unary calls: ``ModelStreamInfer`` is a bidirectional stream whose requests cannot be
 held until it ends, and each of its messages may name another model; the chain refuses it on
 routes that read bodies (UNIMPLEMENTED), so streams need a route of their own.
+
+``degrade`` and ``canary`` (proxy/steering.py) send a call to another model with
+``with_model``: the message re-serialized naming it, so filters never see the protobufs.
 """
 
 from __future__ import annotations
 
 import zlib
+from dataclasses import dataclass
 from typing import Any
 
 from google.protobuf.message import DecodeError
 from tritonclient.grpc import service_pb2 as kserve
 
 from proxy import errors
-from proxy.api import Respond
+from proxy.api import RequestContext, Respond
 
 SERVICE = "/inference.GRPCInferenceService/"
 STREAM_METHODS = frozenset({SERVICE + "ModelStreamInfer"})
@@ -46,15 +50,23 @@ _WBITS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 ACCEPT_ENCODING = "identity,deflate,gzip"
 
 
-def call_model(
-    path: str, body: bytes, encoding: str | None, max_bytes: int
-) -> str | Respond | None:
+@dataclass(slots=True)
+class GrpcCall:
+    """A call on a gRPC route that reads bodies (``ctx.state(GrpcCall)``, kept by the chain)."""
+
+    encoding: str | None = None  # its grpc-encoding header: how its message is compressed
+    message: Any = None  # its request message, parsed; None for a method naming no model
+    field: str = ""  # the message's field that names the model
+
+
+def call_model(call: GrpcCall, path: str, body: bytes, max_bytes: int) -> str | Respond | None:
     """The model a unary call's request ``body`` (gRPC framed: one message) names; None when
     the method names none (server health and metadata, a statistics call for all models);
-    a Respond when the call cannot be what Triton would serve.
+    a Respond when the call cannot be what Triton would serve. Keeps the parsed message in
+    ``call``.
 
-    ``encoding`` is the call's grpc-encoding header; ``max_bytes`` bounds the message as sent
-    and as decompressed (listener.max_request_bytes, the limit of an HTTP body)."""
+    ``call.encoding`` is the call's grpc-encoding header; ``max_bytes`` bounds the message as
+    sent and as decompressed (listener.max_request_bytes, the limit of an HTTP body)."""
     if len(body) > max_bytes:
         return errors.error(
             413, "request_too_large", f"the request message exceeds {max_bytes} bytes"
@@ -67,7 +79,7 @@ def call_model(
                     else "the request message is cut short")  # fmt: skip
     message: bytes | memoryview = memoryview(body)[5:]  # a view: the message may be MiBs
     if body[0] == 1:
-        name = (encoding or "").strip().lower()
+        name = (call.encoding or "").strip().lower()
         if name in ("", "identity"):
             return _bad("the message is flagged compressed, but the call names no grpc-encoding")
         wbits = _WBITS.get(name)
@@ -99,8 +111,28 @@ def call_model(
         parsed = cls.FromString(message)
     except DecodeError:
         return _bad(f"the request message is not a valid {cls.DESCRIPTOR.name}")
+    call.message, call.field = parsed, field
     model: str = getattr(parsed, field)
     return model or None
+
+
+def upstream_model(ctx: RequestContext) -> str | None:
+    """The model the call goes upstream to: the one its message names (or now names, after
+    ``with_model``); None before the body phase or for a method naming no model."""
+    message = ctx.state(GrpcCall).message if ctx.grpc else None
+    if message is None:
+        return None
+    return getattr(message, ctx.state(GrpcCall).field) or None
+
+
+def with_model(ctx: RequestContext, model: str) -> bytes:
+    """The call's request body naming ``model`` instead: the parsed message re-serialized
+    (unknown fields kept), uncompressed (a gRPC message's flag says so, whatever the call's
+    grpc-encoding). The call must name a model (``upstream_model`` is not None)."""
+    call = ctx.state(GrpcCall)
+    setattr(call.message, call.field, model)
+    data: bytes = call.message.SerializeToString()
+    return b"\x00" + len(data).to_bytes(4, "big") + data
 
 
 def _bad(message: str) -> Respond:

@@ -2,15 +2,18 @@
 (``degrade``: to a lighter twin; ``canary``: to a weighted share of versions).
 
 They act once the model is known: from the path on KServe HTTP (request headers), after the
-API filter parsed the body on OpenAI routes (request body). They rewrite the KServe path Envoy
-forwards (``/v2/models/{model}/...``); gRPC names the model inside the protobuf body, which
-they leave alone. They also see the response headers, to say which model answered.
+API filter parsed the body on OpenAI routes, or the chain a unary call's message on KServe
+gRPC (request body). They rewrite the KServe path Envoy forwards (``/v2/models/{model}/...``)
+or, on gRPC, the message (proxy/kserve_grpc.py; a gRPC route they run on then refuses
+streams, as any route whose filters read bodies). They also see the response headers, to say
+which model answered.
 """
 
 from __future__ import annotations
 
 import re
 
+from proxy import kserve_grpc
 from proxy.api import CONTINUE, Decision, Filter, Headers, Mutate, Phase, RequestContext
 from proxy.config import RouteConfig
 
@@ -19,8 +22,6 @@ _MODEL_IN_PATH = re.compile(r"^/v2/models/([^/?]+)")
 
 class ModelSteeringFilter(Filter):
     def phases(self, route: RouteConfig) -> frozenset[Phase]:
-        if route.api == "kserve_grpc":
-            return frozenset()  # the model is inside the protobuf body: not rewritable here
         step = Phase.REQUEST_BODY if route.model_in_body else Phase.REQUEST_HEADERS
         return frozenset({Phase.REQUEST_HEADERS, step, Phase.RESPONSE_HEADERS})
 
@@ -38,13 +39,22 @@ class ModelSteeringFilter(Filter):
 
 
 def upstream_model(ctx: RequestContext) -> str | None:
-    """The model the request goes upstream to (the KServe path's), or None."""
+    """The model the request goes upstream to (the KServe path's, or the gRPC message's), or
+    None."""
+    if ctx.grpc:
+        return kserve_grpc.upstream_model(ctx)
     m = _MODEL_IN_PATH.match(ctx.upstream_path)
     return m.group(1) if m else None
 
 
 def send_to(ctx: RequestContext, model: str) -> Decision:
     """Sends the request to ``model`` instead; later policies (breaker) judge that model."""
+    if ctx.grpc:
+        current = kserve_grpc.upstream_model(ctx)
+        ctx.model = model
+        if current is None or current == model:
+            return CONTINUE
+        return Mutate(body=kserve_grpc.with_model(ctx, model))
     m = _MODEL_IN_PATH.match(ctx.upstream_path)
     ctx.model = model
     if m is None or m.group(1) == model:

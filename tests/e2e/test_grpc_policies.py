@@ -1,8 +1,9 @@
 """Per-model policies on KServe gRPC, end to end (real Envoy, processor, Redis and Triton):
 on a gRPC route whose filters need the model, the chain reads each unary call's model from
 its protobuf message as Triton does, so a per-model rate limit counts the model Triton runs,
-however the message is crafted or compressed; streams are refused there; oversized and
-unparseable messages are refused by the gateway."""
+however the message is crafted or compressed; the canary sends a call to its target by
+rewriting the message; streams are refused there; oversized and unparseable messages are
+refused by the gateway."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ pytestmark = pytest.mark.e2e
 
 TEXT = b"a sentence"
 RAW = len(TEXT).to_bytes(4, "little") + TEXT
-LIMITED, FREE = "embedder_int8", "embedder"
+LIMITED, FREE, ALIAS = "embedder_int8", "embedder", "embedder_next"
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +47,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
              "params": {"models": [FREE]}},
             {"name": "grpc_breaker", "type": "breaker", "routes": ["kserve_grpc"],
              "params": {"models": [FREE]}},
+            # A name clients call that the canary sends, all of it, to a model Triton has.
+            {"name": "grpc_canary", "type": "canary", "routes": ["kserve_grpc"],
+             "params": {"splits": {ALIAS: {"sticky": "none",
+                                           "targets": [{"model": FREE, "weight": 1}]}}}},
         ]  # fmt: skip
         s = start_stack(cfg, d / "fw.yaml")
         try:
@@ -130,3 +135,15 @@ def test_oversized_and_unparseable_messages_are_refused_by_the_gateway(stack: St
     bad = (grpc.StatusCode.INVALID_ARGUMENT, "invalid_request_error")
     assert _refused(stack, b"\xff" * 16) == bad
     assert _refused(stack, infer_request(FREE, RAW)[:-3]) == bad
+
+
+def test_the_canary_sends_a_call_to_its_target_by_rewriting_the_message(stack: Stack) -> None:
+    with grpc.insecure_channel(_target(stack)) as channel:
+        call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        for kw in ({}, {"compression": grpc.Compression.Gzip}):
+            out, info = call.with_call(infer_request(ALIAS, RAW), timeout=30,
+                                       metadata=[("authorization", AUTH["authorization"])],
+                                       **kw)  # fmt: skip
+            response = service_pb2.ModelInferResponse.FromString(out)
+            assert response.model_name == FREE and len(response.raw_output_contents[0]) == 384 * 4
+            assert dict(info.initial_metadata())["x-floodwall-canary"] == FREE

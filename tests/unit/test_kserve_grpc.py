@@ -16,7 +16,7 @@ from filters.admission.filter import AdmissionFilter
 from filters.breaker.filter import BreakerFilter
 from filters.rate_limit.filter import RateLimitFilter
 from proxy.api import Deps, Filter, NoParams, Phase
-from proxy.kserve_grpc import SERVICE, call_model
+from proxy.kserve_grpc import SERVICE, GrpcCall, call_model
 from proxy.testing import FakeClock, Harness, UpstreamReply
 from tests.unit.test_chain import grpc_config
 
@@ -43,7 +43,7 @@ def field1(value: bytes) -> bytes:
 
 
 def model_of(body: bytes, path: str = INFER, encoding: str | None = None) -> Any:
-    return call_model(path, body, encoding, LIMIT)
+    return call_model(GrpcCall(encoding=encoding), path, body, LIMIT)
 
 
 def refused(result: Any) -> tuple[int, int | None, str]:
@@ -226,3 +226,49 @@ async def test_streams_keep_a_route_of_their_own_before_the_per_model_one() -> N
     assert (await h.request("POST", STREAM, body=frame(infer("m")), grpc=True)).status == 200
     assert (await call(h, "m")).status == 200
     assert set(breaker.breakers) == {"m"}
+
+
+async def test_degrade_and_canary_rewrite_the_message_on_grpc() -> None:
+    # Before: they left gRPC calls alone (the model is inside the protobuf message).
+    from filters.canary.filter import CanaryFilter
+    from filters.degrade.filter import DegradeFilter
+
+    clock = FakeClock()
+    deps = Deps(clock=clock)
+    canary = CanaryFilter(CanaryFilter.Params.model_validate(
+        {"splits": {"asked": {"sticky": "none", "targets": [{"model": "m", "weight": 1}]}}}),
+        deps)  # fmt: skip
+    degrade = DegradeFilter(DegradeFilter.Params(lighter={"m": "m_lite"}), deps)
+    breaker = BreakerFilter(BreakerFilter.Params(models=["m", "m_lite"], min_calls=2), deps)
+    for f, name in ((canary, "canary"), (degrade, "degrade"), (breaker, "breaker")):
+        f.name = name
+    h = Harness.for_filters([canary, degrade, breaker],
+                            grpc_config({"name": "http", "match": {"prefix": "/v2"}}))  # fmt: skip
+
+    def upstream(headers: Any, body: bytes) -> UpstreamReply:
+        model = kserve.ModelInferRequest.FromString(body[5:]).model_name
+        status = "14" if model == "m" else "0"  # "m" is down; its lighter twin works
+        return UpstreamReply(200, {"content-type": "application/grpc", "grpc-status": status})
+
+    def sent(r: Any) -> kserve.ModelInferRequest:
+        assert r.upstream_body is not None and r.upstream_body[0] == 0
+        assert int.from_bytes(r.upstream_body[1:5], "big") == len(r.upstream_body) - 5
+        return kserve.ModelInferRequest.FromString(r.upstream_body[5:])
+
+    # The canary sends "asked" to "m" (all of it): the message names "m", inputs intact.
+    r = await call(h, "asked", upstream)
+    assert sent(r).model_name == "m" and sent(r).raw_input_contents == [b"\x05\x00\x00\x00hello"]
+    assert r.headers["x-floodwall-canary"] == "m"
+    await call(h, "asked", upstream)
+    assert breaker.breakers["m"].state.name == "OPEN"  # judged as "m", the model it ran
+    # Now degrade sends "m"'s calls to its lighter twin, compressed ones too (sent inflated).
+    r = await call(h, "asked", upstream)
+    assert sent(r).model_name == "m_lite" and r.headers["x-floodwall-degraded"] == "m_lite"
+    zipped = frame(gzip.compress(infer("m")), compressed=True)
+    r = await h.request("POST", INFER, body=zipped, grpc=True, upstream=upstream,
+                        headers={"grpc-encoding": "gzip"})  # fmt: skip
+    assert r.status == 200 and sent(r).model_name == "m_lite"
+    # A call for another model is sent as it came, byte for byte.
+    body = frame(infer("other"))
+    r = await h.request("POST", INFER, body=body, grpc=True, upstream=upstream)
+    assert r.upstream_body == body
