@@ -22,6 +22,7 @@ from proxy.config import (
     UpstreamConfig,
 )
 from proxy.errors import ERROR_HEADER, GRPC_STATUS
+from proxy.kserve_grpc import SERVICE, STREAM_METHODS
 from proxy.process import processor_address
 
 PROCESSOR_CLUSTER = "floodwall_processor"
@@ -222,7 +223,7 @@ _PER_ROUTE = {
 # (%2F, a version segment), is refused too. Matched against the whole path without the
 # query, after Envoy normalised it; several small RE2 programs, as Envoy caps each one's size.
 _MODEL = r"/v2/models/[^/]+(/versions/[^/]+)?"
-_GRPC_SERVICE = "/inference.GRPCInferenceService/"
+_GRPC_SERVICE = SERVICE
 _GRPC_SERVED = (
     *("ServerLive", "ServerReady", "ServerMetadata", "ModelReady", "ModelMetadata"),
     *("ModelConfig", "ModelStatistics", "ModelInfer", "ModelStreamInfer"),
@@ -350,13 +351,13 @@ def _route(cfg: FloodwallConfig, r: RouteConfig, phases: frozenset[Phase]) -> di
         per_filter[LUA] = _off(LUA)
     if r.api in _TRITON_SERVED and not r.admin_apis:
         per_filter[RBAC] = _triton_admin_denied(r.api)
-    if r.grpc:
+    if r.grpc and Phase.REQUEST_BODY not in phases:
         # The buffer filter is what enforces listener.max_request_bytes (413), so it stays on
         # for every HTTP route, also where no filter reads the body: it holds a body only up to
-        # the limit. Not on gRPC: it would hold a call's headers until its stream ends, and
-        # ModelStreamInfer is a bidirectional stream. Where a filter reads gRPC bodies, the
-        # processor enforces the limit (proxy/kserve_grpc.py); elsewhere gRPC bodies are not
-        # size-limited here.
+        # the limit. Not on gRPC routes whose calls stream to Triton unread: it would hold a
+        # call's headers until its stream ends, and ModelStreamInfer is a bidirectional
+        # stream; their bodies are not size-limited here. Where a filter reads gRPC messages,
+        # it stays on for the unary calls (streams get a route of their own: _routes).
         per_filter[BUFFER] = _off(BUFFER)
     return {
         "name": r.name,
@@ -364,6 +365,26 @@ def _route(cfg: FloodwallConfig, r: RouteConfig, phases: frozenset[Phase]) -> di
         "route": action,
         "typed_per_filter_config": per_filter,
     }
+
+
+def _routes(cfg: FloodwallConfig, chain: Chain) -> list[dict[str, Any]]:
+    """The routes in Envoy's order. A gRPC route whose filters read messages holds each call
+    in the buffer filter (max_request_bytes, as on HTTP routes); its streaming calls get a
+    route of their own before it, unbuffered (held, a stream whose client waits for answers
+    before closing its side would hang), where the processor refuses them at their headers
+    (UNIMPLEMENTED: their messages cannot be read)."""
+    out = []
+    for r in cfg.routes:
+        phases = chain.phases_for(r)
+        if r.grpc and Phase.REQUEST_BODY in phases:
+            for method in sorted(STREAM_METHODS):
+                if r.match.matches(method):
+                    streams = _route(cfg, r, phases - {Phase.REQUEST_BODY})
+                    streams["name"] = f"{r.name}.{method.rsplit('/', 1)[1]}"
+                    streams["match"] = {"path": method, "grpc": {}}
+                    out.append(streams)
+        out.append(_route(cfg, r, phases))
+    return out
 
 
 def _spoof_guard() -> dict[str, Any]:
@@ -495,9 +516,8 @@ def _local_reply_config() -> dict[str, Any]:
         mappers.append(m)
     # Envoy's own 413 (body over listener.max_request_bytes) comes from the buffer filter; a
     # codec error (400, 431, 426, 501) from the HTTP codec; 404 from the not_found route.
-    # On a gRPC route whose filters read bodies, ext_proc's buffer (the connection's buffer
-    # limit; the processor refuses what is over max_request_bytes below it) answers a larger
-    # call 413, which Envoy's own mapping makes UNKNOWN: RESOURCE_EXHAUSTED, as gRPC's
+    # On a gRPC route whose filters read messages the buffer filter answers a call over the
+    # limit 413 too, which Envoy's own mapping makes UNKNOWN: RESOURCE_EXHAUSTED, as gRPC's
     # servers answer a message over their limit.
     m = _json_error_format(*_LOCAL_REPLY_STATUSES[413])
     m["headers_to_add"].append(_set_header("grpc-status", str(GRPC_STATUS[413])))
@@ -639,7 +659,7 @@ def _upstream_cluster(name: str, up: UpstreamConfig) -> dict[str, Any]:
 
 def render(cfg: FloodwallConfig, chain: Chain, runtime_dir: Path) -> dict[str, Any]:
     """The Envoy bootstrap as a dict (serialise with json.dumps; Envoy reads JSON or YAML)."""
-    routes = [_route(cfg, r, chain.phases_for(r)) for r in cfg.routes]
+    routes = _routes(cfg, chain)
     routes.append(_not_found_route())
     p = cfg.processor
     hcm: dict[str, Any] = {

@@ -41,7 +41,7 @@ from proxy.api import (
     Respond,
     overrides_complete,
 )
-from proxy.config import FilterConfig, FloodwallConfig, RouteConfig, is_grpc
+from proxy.config import ConfigError, FilterConfig, FloodwallConfig, RouteConfig, is_grpc
 
 log = logging.getLogger("floodwall.chain")
 
@@ -147,6 +147,23 @@ class Chain:
             ):
                 continue
             phases = f.phases(route) if route is not None else frozenset({Phase.REQUEST_HEADERS})
+            if (
+                route is not None
+                and route.grpc
+                and Phase.REQUEST_BODY in phases
+                and fc is not None
+                and fc.routes is None
+                and route.name not in f.route_refs()
+            ):
+                # Reading a gRPC route's messages changes the route (Envoy holds each call,
+                # streams are refused): only where the config names the route. A filter for
+                # "all routes" that did not apply to gRPC before must not start doing so.
+                raise ConfigError(
+                    f"filter {f.name!r} would read the messages of gRPC route {route.name!r} "
+                    "for their model (Envoy then holds each call there and streams are refused), "
+                    "but covers it only as one of all routes: list the routes it runs on in its "
+                    "`routes`, with the gRPC route to apply it there"
+                )
             timers = {p: metrics.FILTER_SECONDS.labels(f.name, p.value) for p in Phase}
             bound.append((_Bound(f, on_error, timers), phases))
         by_phase: dict[Phase, tuple[_Bound, ...]] = {}
@@ -248,7 +265,7 @@ class Chain:
                     None,
                 )
             if plan.reads_grpc_bodies:
-                refused = _unbuffered_stream(ctx)
+                refused = _unreadable_call(ctx)
                 if refused is not None:
                     return refused, None
         elif phase is Phase.REQUEST_BODY:
@@ -457,10 +474,16 @@ class Chain:
                 log.error("filter %s stop failed: %r", f.name, exc)
 
 
-def _unbuffered_stream(ctx: RequestContext) -> Respond | None:
-    """Refuses a streaming call on a gRPC route whose filters read request bodies: Envoy
-    would hold its messages until the client closed its side, and a ModelStreamInfer client
-    waits for answers first (it would hang); each message may also name another model."""
+def _unreadable_call(ctx: RequestContext) -> Respond | None:
+    """Refuses, on a gRPC route whose filters read request bodies, a call whose message they
+    cannot read: a streaming call (Envoy would hold its messages until the client closed its
+    side, and a ModelStreamInfer client waits for answers first: it would hang; each message
+    may also name another model), or one without a message (no body phase would come, and
+    the per-model policies would never run; Triton refuses it anyway)."""
+    if not ctx.has_request_body:
+        return errors.error(
+            400, "invalid_request_error", "a unary call carries one request message; none came"
+        )
     if ctx.path.split("?", 1)[0] not in kserve_grpc.STREAM_METHODS:
         return None
     return errors.error(

@@ -79,7 +79,8 @@ def call_model(call: GrpcCall, path: str, body: bytes, max_bytes: int) -> str | 
                     else "the request message is cut short")  # fmt: skip
     message: bytes | memoryview = memoryview(body)[5:]  # a view: the message may be MiBs
     if body[0] == 1:
-        name = (call.encoding or "").strip().lower()
+        # As Triton's gRPC server (grpc core) reads it: exact names, no case folding.
+        name = (call.encoding or "").strip()
         if name in ("", "identity"):
             return _bad("the message is flagged compressed, but the call names no grpc-encoding")
         wbits = _WBITS.get(name)
@@ -116,10 +117,17 @@ def call_model(call: GrpcCall, path: str, body: bytes, max_bytes: int) -> str | 
     return model or None
 
 
+def on_grpc_route(ctx: RequestContext) -> bool:
+    """Whether the request is on a KServe gRPC route. Not ``ctx.grpc`` (the content-type): a
+    gRPC content-type on a KServe HTTP path is served by the HTTP route, whose model is in the
+    path, and must meet that route's policies."""
+    return ctx.route is not None and ctx.route.grpc
+
+
 def upstream_model(ctx: RequestContext) -> str | None:
     """The model the call goes upstream to: the one its message names (or now names, after
     ``with_model``); None before the body phase or for a method naming no model."""
-    message = ctx.state(GrpcCall).message if ctx.grpc else None
+    message = ctx.state(GrpcCall).message if on_grpc_route(ctx) else None
     if message is None:
         return None
     return getattr(message, ctx.state(GrpcCall).field) or None

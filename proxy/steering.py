@@ -41,7 +41,7 @@ class ModelSteeringFilter(Filter):
 def upstream_model(ctx: RequestContext) -> str | None:
     """The model the request goes upstream to (the KServe path's, or the gRPC message's), or
     None."""
-    if ctx.grpc:
+    if kserve_grpc.on_grpc_route(ctx):
         return kserve_grpc.upstream_model(ctx)
     m = _MODEL_IN_PATH.match(ctx.upstream_path)
     return m.group(1) if m else None
@@ -49,7 +49,7 @@ def upstream_model(ctx: RequestContext) -> str | None:
 
 def send_to(ctx: RequestContext, model: str) -> Decision:
     """Sends the request to ``model`` instead; later policies (breaker) judge that model."""
-    if ctx.grpc:
+    if kserve_grpc.on_grpc_route(ctx):
         current = kserve_grpc.upstream_model(ctx)
         ctx.model = model
         if current is None or current == model:

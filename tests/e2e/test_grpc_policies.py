@@ -126,12 +126,19 @@ def test_streams_are_refused_on_a_route_that_reads_messages(stack: Stack) -> Non
 def test_oversized_and_unparseable_messages_are_refused_by_the_gateway(stack: Stack) -> None:
     limit = stack.cfg.listener.max_request_bytes
     too_large = (grpc.StatusCode.RESOURCE_EXHAUSTED, "request_too_large")
-    # Over max_request_bytes: the processor's refusal. Over what Envoy buffers for it (the
-    # connection's buffer limit, 8 MiB here, though 9 MiB still reached the processor in
-    # trials; 32 MiB did not): Envoy's, RESOURCE_EXHAUSTED by its local reply mapper (else
-    # UNKNOWN).
+    metrics = f"http://127.0.0.1:{stack.cfg.processor.admin_port}/metrics"
+    seen = metric_total(metrics, "floodwall_requests_total", route="kserve_grpc")
+    # Over max_request_bytes as sent: Envoy's buffer filter refuses it before the processor
+    # (RESOURCE_EXHAUSTED by its local reply mapper; Envoy's own mapping says UNKNOWN).
+    # Without the buffer filter, ext_proc held up to 8-16 MiB of a call for the processor.
     for size in (limit + 1, 32 << 20):
         assert _refused(stack, infer_request(FREE, b"x" * size)) == too_large, size
+    assert metric_total(metrics, "floodwall_requests_total", route="kserve_grpc") == seen
+    # Small as sent, over the limit inflated: the processor's refusal.
+    bomb = infer_request(FREE, bytes(4 * limit))
+    assert _refused(stack, bomb, compression=grpc.Compression.Gzip) == too_large
+    out = raw_model_infer(_target(stack), bomb, compression=grpc.Compression.Gzip)
+    assert "once decompressed" in out.details()
     bad = (grpc.StatusCode.INVALID_ARGUMENT, "invalid_request_error")
     assert _refused(stack, b"\xff" * 16) == bad
     assert _refused(stack, infer_request(FREE, RAW)[:-3]) == bad

@@ -313,3 +313,38 @@ def test_outlier_detection_ejects_on_gateway_failures_not_on_any_5xx() -> None:
     assert default["enforcing_consecutive_5xx"] == 0  # Envoy's own default would be 100
     asked = od(consecutive_5xx=3)
     assert (asked["consecutive_5xx"], asked["enforcing_consecutive_5xx"]) == (3, 100)
+
+
+def test_a_grpc_route_that_reads_messages_buffers_calls_and_leaves_streams_unheld() -> None:
+    # Its unary calls are held by the buffer filter (max_request_bytes: Envoy's 413, as on
+    # HTTP routes; ext_proc alone held up to the connection's 8 MiB buffer per call); its
+    # streams get a route of their own before it, unbuffered, where the processor refuses them.
+    ups = {"a": {"protocol": "grpc", "endpoints": [{"address": "127.0.0.1", "port": 9}]}}
+    routes = [
+        {"name": "g", "match": {"prefix": "/inference.GRPCInferenceService/"},
+         "api": "kserve_grpc", "upstream": "a"},
+        {"name": "plain", "match": {"prefix": "/inference."}, "api": "kserve_grpc",
+         "upstream": "a"},
+    ]  # fmt: skip
+    filters = [{"name": "b", "type": "breaker", "routes": ["g"], "params": {"models": ["m"]}}]
+    cfg = _variant(upstreams=ups, routes=routes, filters=filters)
+    b = _render(cfg)
+    listed = [r["name"] for r in _hcm(b)["route_config"]["virtual_hosts"][0]["routes"]]
+    assert listed.index("g.ModelStreamInfer") == listed.index("g") - 1
+    rs = _routes(b)
+    streams, unary, plain = rs["g.ModelStreamInfer"], rs["g"], rs["plain"]
+    assert streams["match"] == {"path": "/inference.GRPCInferenceService/ModelStreamInfer",
+                                "grpc": {}}  # fmt: skip
+    buffer, ext_proc = "envoy.filters.http.buffer", "envoy.filters.http.ext_proc"
+
+    def body_mode(r: dict[str, Any]) -> str:
+        mode = r["typed_per_filter_config"][ext_proc]["overrides"]["processing_mode"]
+        return str(mode["request_body_mode"])
+
+    assert streams["typed_per_filter_config"][buffer].get("disabled") is True
+    assert body_mode(streams) == "NONE"
+    assert buffer not in unary["typed_per_filter_config"] and body_mode(unary) == "BUFFERED"
+    # A gRPC route no filter reads messages on: streams pass, nothing held.
+    assert plain["typed_per_filter_config"][buffer].get("disabled") is True
+    assert body_mode(plain) == "NONE" and "plain.ModelStreamInfer" not in rs
+    assert validate_envoy(cfg) is None

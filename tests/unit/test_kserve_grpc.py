@@ -95,8 +95,11 @@ def test_compressed_messages_are_read_after_inflating_them() -> None:
     trailing = frame(gzip.compress(message) + b"x", compressed=True)
     assert refused(model_of(trailing, encoding="gzip"))[0] == 400
     # An encoding Triton does not serve: UNIMPLEMENTED with the accepted ones, as gRPC says.
+    # Names are exact, as grpc core reads them ("GZIP" is not gzip to Triton).
     r = model_of(frame(deflated, compressed=True), encoding="snappy")
     assert refused(r) == (501, 12, "unsupported_encoding")
+    upper = model_of(frame(gzip.compress(message), compressed=True), encoding="GZIP")
+    assert refused(upper) == (501, 12, "unsupported_encoding")
     assert r.headers["grpc-accept-encoding"] == "identity,deflate,gzip"
 
 
@@ -106,6 +109,16 @@ def test_the_size_limit_holds_as_sent_and_once_inflated() -> None:
     bomb = frame(gzip.compress(infer("embedder", b"\x00" * (4 * LIMIT))), compressed=True)
     assert len(bomb) < 64 * 1024
     assert refused(model_of(bomb, encoding="gzip")) == (413, 8, "request_too_large")
+
+
+def harness(filters: list[Filter]) -> Harness:
+    """``filters`` on both routes of grpc_config, named in their ``routes`` (a filter for all
+    routes may not read a gRPC route's messages)."""
+    from proxy.config import FilterConfig
+
+    cfg = grpc_config({"name": "http", "match": {"prefix": "/v2"}})
+    named = [FilterConfig(name=f.name, type="_test", routes=["grpc", "http"]) for f in filters]
+    return Harness.for_filters(filters, cfg.model_copy(update={"filters": named}))
 
 
 def _policies(clock: FakeClock) -> list[Filter]:
@@ -132,7 +145,7 @@ async def test_per_model_policies_apply_to_grpc_calls() -> None:
     # Refused at start before: the model was never known on a gRPC route.
     clock = FakeClock()
     breaker, admission, _ = policies = _policies(clock)
-    h = Harness.for_filters(policies, grpc_config({"name": "http", "match": {"prefix": "/v2"}}))
+    h = harness(policies)
     grpc_route = h.chain.config.routes[0]
     assert Phase.REQUEST_BODY in h.chain.phases_for(grpc_route)
 
@@ -163,7 +176,7 @@ async def test_per_model_policies_apply_to_grpc_calls() -> None:
 
 async def test_streams_are_refused_where_bodies_are_read_and_pass_elsewhere() -> None:
     policies = _policies(FakeClock())
-    h = Harness.for_filters(policies, grpc_config({"name": "http", "match": {"prefix": "/v2"}}))
+    h = harness(policies)
     r = await h.request("POST", STREAM, body=frame(infer("m")), grpc=True)
     assert r.status == 501 and not r.upstream_called
     assert r.json()["error"]["type"] == "not_implemented"
@@ -187,7 +200,7 @@ async def test_a_bad_message_is_refused_before_any_filter_reads_it() -> None:
 
     reader = Reader(NoParams(), Deps())
     reader.name = "reader"
-    h = Harness.for_filters([reader], grpc_config({"name": "http", "match": {"prefix": "/v2"}}))
+    h = harness([reader])
     r = await h.request("POST", INFER, body=b"\x00\x00\x00\x00\x09abc", grpc=True)
     assert r.status == 400 and r.json()["error"]["type"] == "invalid_request_error"
     assert not seen and not r.upstream_called
@@ -198,8 +211,7 @@ async def test_a_bad_message_is_refused_before_any_filter_reads_it() -> None:
 
 @pytest.mark.parametrize("path", [SERVICE + "ServerLive", SERVICE + "ModelStatistics"])
 async def test_calls_naming_no_model_pass_per_model_policies(path: str) -> None:
-    h = Harness.for_filters(_policies(FakeClock()),
-                            grpc_config({"name": "http", "match": {"prefix": "/v2"}}))  # fmt: skip
+    h = harness(_policies(FakeClock()))
     r = await h.request("POST", path, body=frame(b""), grpc=True)
     assert r.status == 200 and r.upstream_called
 
@@ -242,8 +254,7 @@ async def test_degrade_and_canary_rewrite_the_message_on_grpc() -> None:
     breaker = BreakerFilter(BreakerFilter.Params(models=["m", "m_lite"], min_calls=2), deps)
     for f, name in ((canary, "canary"), (degrade, "degrade"), (breaker, "breaker")):
         f.name = name
-    h = Harness.for_filters([canary, degrade, breaker],
-                            grpc_config({"name": "http", "match": {"prefix": "/v2"}}))  # fmt: skip
+    h = harness([canary, degrade, breaker])
 
     def upstream(headers: Any, body: bytes) -> UpstreamReply:
         model = kserve.ModelInferRequest.FromString(body[5:]).model_name
@@ -272,3 +283,55 @@ async def test_degrade_and_canary_rewrite_the_message_on_grpc() -> None:
     body = frame(infer("other"))
     r = await h.request("POST", INFER, body=body, grpc=True, upstream=upstream)
     assert r.upstream_body == body
+
+
+async def test_a_call_without_a_message_is_refused_where_messages_are_read() -> None:
+    # No body phase would come: the per-model policies would never have run for it.
+    h = harness(_policies(FakeClock()))
+    r = await h.request("POST", INFER, grpc=True)
+    assert r.status == 400 and not r.upstream_called
+    assert r.json()["error"]["type"] == "invalid_request_error"
+
+
+async def test_a_grpc_content_type_on_a_kserve_http_path_meets_the_http_routes_policies() -> None:
+    # Envoy routes it to the HTTP route, where the model is in the path: the canary split
+    # it by path before the gRPC rewrite, and must still (it stopped, reading the content-type).
+    from filters.canary.filter import CanaryFilter
+
+    canary = CanaryFilter(CanaryFilter.Params.model_validate(
+        {"splits": {"asked": {"sticky": "none", "targets": [{"model": "m", "weight": 1}]}}}),
+        Deps())  # fmt: skip
+    canary.name = "canary"
+    h = harness([canary])
+    r = await h.request("POST", "/v2/models/asked/infer", body=b"{}", grpc=True)
+    assert r.upstream_headers is not None
+    assert r.upstream_headers[":path"] == "/v2/models/m/infer"
+
+
+def test_reading_a_grpc_routes_messages_needs_the_route_named() -> None:
+    # A filter for all routes that did not apply to gRPC before (degrade, canary) must not
+    # start refusing the route's streams on an upgrade: the route must be named.
+    from filters.degrade.filter import DegradeFilter
+    from proxy.config import ConfigError, parse_config
+
+    def config(filter_routes: list[str] | None, limit_routes: list[str] | None = None) -> Any:
+        cfg = grpc_config({"name": "http", "match": {"prefix": "/v2"}}).model_dump()
+        cfg["filters"] = [{"name": "f", "type": "degrade", "routes": filter_routes}]
+        return parse_config(cfg)
+
+    def build(cfg: Any) -> None:
+        f = DegradeFilter(DegradeFilter.Params(lighter={"m": "m_lite"}), Deps())
+        f.name = "f"
+        Harness.for_filters([f], cfg)
+
+    with pytest.raises(ConfigError, match=r"'f' would read the messages of gRPC route 'grpc'"):
+        build(config(None))
+    build(config(["grpc", "http"]))  # named: it applies there, and streams are refused
+    build(config(["http"]))  # left out
+    # A rate limit naming the route in a limit's when.routes names it too.
+    limits = {"limits": [{"name": "l", "key": ["model"], "rate": 5, "when": {"routes": ["grpc"]}}]}
+    cfg = grpc_config({"name": "http", "match": {"prefix": "/v2"}}).model_dump()
+    cfg["filters"] = [{"name": "rl", "type": "rate_limit"}]
+    rl = RateLimitFilter(RateLimitFilter.Params.model_validate(limits), Deps())
+    rl.name = "rl"
+    Harness.for_filters([rl], parse_config(cfg))
