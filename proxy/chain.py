@@ -182,10 +182,12 @@ class Chain:
         if reads_grpc_bodies:
             assert route is not None
             readers = [b.filter.name for b in by_phase[Phase.REQUEST_BODY]]
-            log.info(
+            # A warning: degrade, canary or a filter of one's own that names a gRPC route left
+            # its calls alone before session 27, and now changes how the route serves.
+            log.warning(
                 "gRPC route %r: %s read request bodies, so Envoy buffers each call's request "
                 "and its model is read from the message; ModelStreamInfer is refused there "
-                "(UNIMPLEMENTED): give streams a route of their own", route.name,
+                "(UNIMPLEMENTED; the README's \"KServe gRPC and per-model policies\")", route.name,
                 ", ".join(readers),
             )  # fmt: skip
         return RoutePlan(route, by_phase, complete, phases, reads_grpc_bodies)
@@ -480,12 +482,12 @@ def _unreadable_call(ctx: RequestContext) -> Respond | None:
     side, and a ModelStreamInfer client waits for answers first: it would hang; each message
     may also name another model), or one without a message (no body phase would come, and
     the per-model policies would never run; Triton refuses it anyway)."""
-    if not ctx.has_request_body:
+    if ctx.path.split("?", 1)[0] not in kserve_grpc.STREAM_METHODS:
+        if ctx.has_request_body:
+            return None
         return errors.error(
             400, "invalid_request_error", "a unary call carries one request message; none came"
         )
-    if ctx.path.split("?", 1)[0] not in kserve_grpc.STREAM_METHODS:
-        return None
     return errors.error(
         501, "not_implemented",
         f"streaming calls are not served on route {ctx.route_name!r}: its policies read each "

@@ -7,6 +7,8 @@ refused by the gateway."""
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -111,16 +113,28 @@ def test_admission_per_model_sees_grpc_calls(stack: Stack) -> None:
 
 
 def test_streams_are_refused_on_a_route_that_reads_messages(stack: Stack) -> None:
-    # Envoy holds a call's messages for the processor until the client closes its side; a
-    # ModelStreamInfer client waits for answers first, and each message may name a model.
-    with grpc.insecure_channel(_target(stack)) as channel:
-        call = channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer")
-        responses = call(iter([infer_request(FREE, RAW)]), timeout=30,
-                         metadata=[("authorization", AUTH["authorization"])])  # fmt: skip
-        with pytest.raises(grpc.RpcError) as refused:
-            list(responses)
+    # Held like a unary call, a ModelStreamInfer stream would wait for its client to close its
+    # side, and its client waits for answers first; each message may also name a model. The
+    # client here keeps its side open: the refusal must come at once, not at the timeout.
+    done = threading.Event()
+
+    def messages() -> Iterator[bytes]:
+        yield infer_request(FREE, RAW)
+        done.wait(30)  # the side stays open until the test ends
+
+    t0 = time.monotonic()
+    try:
+        with grpc.insecure_channel(_target(stack)) as channel:
+            call = channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer")
+            responses = call(messages(), timeout=20,
+                             metadata=[("authorization", AUTH["authorization"])])  # fmt: skip
+            with pytest.raises(grpc.RpcError) as refused:
+                list(responses)
+    finally:
+        done.set()
     assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED
     assert dict(refused.value.trailing_metadata())["x-floodwall-error"] == "not_implemented"
+    assert time.monotonic() - t0 < 10
 
 
 def test_oversized_and_unparseable_messages_are_refused_by_the_gateway(stack: Stack) -> None:

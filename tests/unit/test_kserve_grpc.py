@@ -181,6 +181,8 @@ async def test_streams_are_refused_where_bodies_are_read_and_pass_elsewhere() ->
     assert r.status == 501 and not r.upstream_called
     assert r.json()["error"]["type"] == "not_implemented"
     assert r.decisions[Phase.REQUEST_HEADERS].grpc_status == 12  # type: ignore[attr-defined]
+    empty = await h.request("POST", STREAM, grpc=True)  # opened and closed without a message
+    assert empty.status == 501 and empty.json()["error"]["type"] == "not_implemented"
     # A gRPC route no filter reads bodies on: streams pass unread, as before.
     plain = Harness.for_filters([], grpc_config({"name": "http", "match": {"prefix": "/v2"}}))
     assert Phase.REQUEST_BODY not in plain.chain.phases_for(plain.chain.config.routes[0])
@@ -314,7 +316,7 @@ def test_reading_a_grpc_routes_messages_needs_the_route_named() -> None:
     from filters.degrade.filter import DegradeFilter
     from proxy.config import ConfigError, parse_config
 
-    def config(filter_routes: list[str] | None, limit_routes: list[str] | None = None) -> Any:
+    def config(filter_routes: list[str] | None) -> Any:
         cfg = grpc_config({"name": "http", "match": {"prefix": "/v2"}}).model_dump()
         cfg["filters"] = [{"name": "f", "type": "degrade", "routes": filter_routes}]
         return parse_config(cfg)
