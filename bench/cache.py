@@ -38,6 +38,7 @@ import functools
 import json
 import os
 import platform
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -56,6 +57,7 @@ from tests.helpers import DEMO_KEY, echo_server, local_config_dict, stack_config
 
 LOOKUP_SECONDS = "floodwall_cache_lookup_duration_seconds"
 RESULTS = REPO_ROOT / "bench" / "results"
+SEMANTIC_TARGET_MS = 15.0  # issue #5: a semantic hit's p99 above the gateway's own
 CACHED = "How do I rotate the API keys of my account without downtime?"
 # Shares most of CACHED's words: words-first (the local config's semantic.judge.words_first)
 # finds it with no embedding, so its hit is one Triton call, the judge's.
@@ -80,12 +82,13 @@ def _chat(question: str, model: str = "sim-llm", **headers: str) -> HttpRequest:
 
 
 def gateway_points(
-    quick: bool, split: placement.Split | None, alone: bool = False
+    quick: bool, split: placement.Split | None, alone: bool = False, judge_dir: Path | None = None
 ) -> dict[str, Any]:
     """The two load points, with Triton on its own cores (``split``) or sharing all of them
     (None); the point names say which. ``alone``: instead, each semantic kind by itself
     beside the gateway's requests (at the same rates), to see what the other kinds' model
-    calls on the same cores add to its latency in the full mix."""
+    calls on the same cores add to its latency in the full mix. ``judge_dir``: Triton serves
+    the judge in that folder (``models train-judge``'s output) instead of the shipped one."""
     from proxy import models
 
     models.build()
@@ -93,6 +96,8 @@ def gateway_points(
     out: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="fw-cache-", dir="/tmp") as d, echo_server() as echo:
         cfg = stack_config(Path(d) / "run", echo)
+        if judge_dir is not None:
+            cfg["triton"]["model_repository"] = str(_repository_with_judge(Path(d), judge_dir))
         cfg["listener"]["access_log"] = False
         # Each semantic kind asks one paraphrase over and over: with its hits copied under
         # its own key, all but the first would be exact look-ups. Off, every one takes the
@@ -103,6 +108,73 @@ def gateway_points(
         with placement.apart(split, start) as stack:
             _points(stack, quick, suffix, split, out, alone)
     return out
+
+
+def _repository_with_judge(work: Path, judge_dir: Path) -> Path:
+    """A model repository under ``work``: the shipped one's models, linked, with
+    ``judge_dir``'s model.onnx, tokenizer.json and training.json as the judge's."""
+    shipped = REPO_ROOT / "triton_models"
+    repo = work / "models"
+    repo.mkdir()
+    for model in shipped.iterdir():
+        if model.name != judge.TRITON_MODEL:
+            (repo / model.name).symlink_to(model)
+    mine = repo / judge.TRITON_MODEL
+    shutil.copytree(shipped / judge.TRITON_MODEL, mine, symlinks=True,
+                    ignore=shutil.ignore_patterns("model.onnx", "tokenizer.json",
+                                                  "training.json"))  # fmt: skip
+    for name in ("model.onnx", "tokenizer.json", "training.json"):
+        (mine / "1" / name).symlink_to((judge_dir / name).resolve())
+    return repo
+
+
+def judge_rounds(dirs: list[Path], rounds: int, split: placement.Split | None) -> dict[str, Any]:
+    """The two load points once per judge per round, the judges taking turns (this VM's
+    speed drifts within minutes: compare judges within a round)."""
+    runs = []
+    for r in range(rounds):
+        for d in dirs:
+            info = json.loads((d / "training.json").read_text())
+            print(f"== round {r + 1}, judge {d} ({info.get('layers')} layers)", flush=True)
+            runs.append({"round": r + 1, "judge": str(d), "layers": info.get("layers"),
+                         "onnx_sha256": info.get("onnx_sha256"),
+                         "gateway": gateway_points(False, split, judge_dir=d)})  # fmt: skip
+    return {"runs": runs}
+
+
+def judges_markdown(res: dict[str, Any]) -> str:
+    lines = [f"Judges side by side ({res['machine']['cpus']} CPUs; the mixed load of "
+             "`bench/cache.py`, each judge's stack in turn; p99 added over the gateway's own "
+             "p99; judge per call: Triton's compute_infer)", "",
+             "| round | judge | layers | load | by words: p50 / p99 added | "
+             "by vector: p50 / p99 added | judge per call |",
+             "|---:|---|---:|---|---:|---:|---:|"]  # fmt: skip
+    for run in res["runs"]:
+        for name, point in run["gateway"].items():
+            k = point["kinds"]
+            g50, g99 = k["gateway"]["p50_ms"], k["gateway"]["p99_ms"]
+            cells = [f"{k[kind]['p50_ms'] - g50:+.2f} / {k[kind]['p99_ms'] - g99:+.2f} ms"
+                     for kind in ("semantic", "semantic_by_vector")]  # fmt: skip
+            per = point["triton_per_call_ms"].get(judge.TRITON_MODEL, {})
+            lines.append(f"| {run['round']} | `{run['judge']}` | {run['layers']} | {name} | "
+                         f"{cells[0]} | {cells[1]} | "
+                         f"{per.get('compute_infer', float('nan')):.2f} ms |")  # fmt: skip
+    lines += ["", "Per judge, the median over the rounds of each point's p99 added (target "
+              f"<= {SEMANTIC_TARGET_MS:g} ms; a single run's p99 moves by a few ms on this VM):",
+              "", "| judge | load | by words | by vector | worst run, by vector |",
+              "|---|---|---:|---:|---:|"]  # fmt: skip
+    for d in dict.fromkeys(run["judge"] for run in res["runs"]):
+        mine = [run["gateway"] for run in res["runs"] if run["judge"] == d]
+        for name in mine[0]:
+            added = {
+                kind: [g[name]["kinds"][kind]["p99_ms"] - g[name]["kinds"]["gateway"]["p99_ms"]
+                       for g in mine]
+                for kind in ("semantic", "semantic_by_vector")
+            }  # fmt: skip
+            words, vector = (float(np.median(added[k])) for k in added)
+            lines.append(f"| `{d}` | {name} | {words:+.2f} ms | {vector:+.2f} ms | "
+                         f"{max(added['semantic_by_vector']):+.2f} ms |")  # fmt: skip
+    return "\n".join(lines) + "\n"
 
 
 def _points(
@@ -422,9 +494,10 @@ def summary(res: dict[str, Any]) -> dict[str, Any]:
         "exact_hit_added_p99_le_2ms": worst("exact_added_p99_ms") <= 2.0,
         # Found by its words (one Triton call) and by its vector (two): both are hits the
         # target covers, so it is met only if both are.
-        "semantic_hit_by_words_added_p99_le_15ms": worst("semantic_added_p99_ms") <= 15.0,
+        "semantic_hit_by_words_added_p99_le_15ms": worst("semantic_added_p99_ms")
+        <= SEMANTIC_TARGET_MS,
         "semantic_hit_by_vector_added_p99_le_15ms": worst("semantic_by_vector_added_p99_ms")
-        <= 15.0,
+        <= SEMANTIC_TARGET_MS,
         "index_100k_p99_le_5ms": res["index"]["100000"]["p99_ms"] <= 5.0,
         "held_out_hit_ge_70pct": min(res["eval"][n]["hit_rate"] for n in FRESH) >= 0.70,
         "held_out_wrong_le_2pct": max(res["eval"][n]["wrong_hit_rate"] for n in FRESH) <= 0.02,
@@ -636,9 +709,26 @@ def main() -> None:
     ap.add_argument("--alone", action="store_true",
                     help="only each semantic kind by itself beside the gateway's requests, "
                          "into <out>_alone.{json,md} (~4 minutes)")  # fmt: skip
+    ap.add_argument(
+        "--judges",
+        nargs="+",
+        type=Path,
+        metavar="DIR",
+        help="only the two load points with each judge in turn (folders as "
+        "`models train-judge` writes them), into <out>_judges.{json,md}",
+    )
+    ap.add_argument("--rounds", type=int, default=2, help="with --judges (~1.5 min a judge)")
     ap.add_argument("--out", default=str(RESULTS / "cache"))
     args = ap.parse_args()
     res: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version()}}
+    if args.judges:
+        res |= judge_rounds(args.judges, args.rounds, placement.Split.choose(args.shared))
+        out = Path(args.out + "_judges")
+        out.with_suffix(".json").write_text(json.dumps(res, indent=2))
+        md = judges_markdown(res)
+        out.with_suffix(".md").write_text(md)
+        print(md)
+        return
     if args.alone:
         res["gateway"] = gateway_points(args.quick, placement.Split.choose(args.shared), True)
         out = Path(args.out + "_alone")

@@ -7,7 +7,7 @@ The cut is chosen on the two ``VALIDATION`` sets (the lowest whose wrong-answer 
 stays within 1.5%); the shipped default (``judge.DEFAULT_CUT``) is reported beside it.
 
     .venv/bin/python -m bench.cross_encoder_eval                  # the shipped judge, ~2 min
-    .venv/bin/python -m bench.cross_encoder_eval --train          # retrain (~40 min on 2 cores)
+    .venv/bin/python -m bench.cross_encoder_eval --train          # retrain (~30 min on 2 cores)
     .venv/bin/python -m bench.cross_encoder_eval --train --epochs 1   # ~15 minutes
     .venv/bin/python -m bench.cross_encoder_eval --model DIR      # a model trained earlier
     .venv/bin/python -m bench.cross_encoder_eval --served DIR     # `models train-judge`'s output

@@ -406,11 +406,16 @@ def main(argv: list[str] | None = None) -> int:
     b.set_defaults(func=cmd_models_build)
     j = msub.add_parser(
         "train-judge",
-        help="retrain the semantic cache's judge (~41 min on 2 cores; needs torch)",
+        help="retrain the semantic cache's judge (~30 min on 2 cores; needs torch)",
     )
     j.add_argument("--out", required=True, help="folder for model.onnx and training.json")
     j.add_argument("--epochs", type=int, default=3)
-    j.add_argument("--layers", type=int, default=6, help="keep the base model's first N layers")
+    j.add_argument(
+        "--layers",
+        type=int,
+        default=None,
+        help="keep the base model's first N layers (default: the recipe's)",
+    )
     j.set_defaults(func=cmd_models_train_judge)
 
     p = sub.add_parser("cache", help="semantic cache tasks")

