@@ -27,6 +27,7 @@
     .venv/bin/python -m bench.cache            # 11-35 minutes (most of it the labelled sets)
     .venv/bin/python -m bench.cache --quick
     .venv/bin/python -m bench.cache --alone    # ~4 minutes: each semantic kind by itself
+    .venv/bin/python -m bench.cache --judges DIR DIR --rounds 2   # judges in turn, ~1.5 min each
 
 Writes bench/results/cache.{json,md}.
 """
@@ -57,6 +58,7 @@ from tests.helpers import DEMO_KEY, echo_server, local_config_dict, stack_config
 
 LOOKUP_SECONDS = "floodwall_cache_lookup_duration_seconds"
 RESULTS = REPO_ROOT / "bench" / "results"
+JUDGE_FILES = ("model.onnx", "tokenizer.json", "training.json")  # what train-judge writes
 SEMANTIC_TARGET_MS = 15.0  # issue #5: a semantic hit's p99 above the gateway's own
 CACHED = "How do I rotate the API keys of my account without downtime?"
 # Shares most of CACHED's words: words-first (the local config's semantic.judge.words_first)
@@ -121,9 +123,8 @@ def _repository_with_judge(work: Path, judge_dir: Path) -> Path:
             (repo / model.name).symlink_to(model)
     mine = repo / judge.TRITON_MODEL
     shutil.copytree(shipped / judge.TRITON_MODEL, mine, symlinks=True,
-                    ignore=shutil.ignore_patterns("model.onnx", "tokenizer.json",
-                                                  "training.json"))  # fmt: skip
-    for name in ("model.onnx", "tokenizer.json", "training.json"):
+                    ignore=shutil.ignore_patterns(*JUDGE_FILES, "__pycache__"))  # fmt: skip
+    for name in JUDGE_FILES:
         (mine / "1" / name).symlink_to((judge_dir / name).resolve())
     return repo
 
@@ -722,6 +723,12 @@ def main() -> None:
     args = ap.parse_args()
     res: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version()}}
     if args.judges:
+        if args.alone or args.quick or args.rounds < 1:
+            ap.error("--judges takes --rounds N >= 1 and neither --alone nor --quick")
+        for d in args.judges:
+            missing = [n for n in JUDGE_FILES if not (d / n).is_file()]
+            if missing:
+                ap.error(f"{d}: no {', '.join(missing)} (a `models train-judge` folder)")
         res |= judge_rounds(args.judges, args.rounds, placement.Split.choose(args.shared))
         out = Path(args.out + "_judges")
         out.with_suffix(".json").write_text(json.dumps(res, indent=2))

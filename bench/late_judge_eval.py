@@ -206,7 +206,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         judge = rows[-1]["shipped_judge"]
         cells = [f"{s['paraphrases_served'] / s['paraphrases']:.1%} / "
                  f"{s['traps_served'] / s['traps']:.1%}" for s in judge.values()]  # fmt: skip
-        lines.append("| the shipped judge (6 joint layers, all of them) | | | "
+        layers = json.loads((J.SHIPPED_DIR / "training.json").read_text())["layers"]
+        lines.append(f"| the shipped judge ({layers} joint layers, all of them) | | | "
                      + " | ".join(cells) + f" | {_pooled(judge)} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 

@@ -51,8 +51,9 @@ EPOCHS, BATCH, LR, MAX_TOKENS, SEED = 3, 32, 4e-5, 96, 0
 # Of all-MiniLM-L6-v2's 6; the judge's time per pair goes with its depth. Session 28, the same
 # recipe at each depth, per held-out set at the default cut (bench/results/
 # cross_encoder_eval*.md): 6 layers served 73.6-94.3% of paraphrases and 0-0.6% of traps; 5
-# served 77.9-98.6% and 0-1.2%, in a quarter less time (1.5 against 2.2 ms a pair in
-# onnxruntime, ~2 ms less per call in Triton); 4 served 70.0% of everyday3's paraphrases
+# served 77.9-98.6% and 0-1.2%, in a third less time (1.5 against 2.2 ms a pair in
+# onnxruntime; 0.3-0.7 ms less per call in Triton side by side, bench/results/
+# cache_judges.md); 4 served 70.0% of everyday3's paraphrases
 # and 3.1% of holdout17's traps (no cut meets the target on every set); 3, 18.6% of
 # everyday3's. Five is the shallowest that keeps the quality.
 LAYERS = 5
