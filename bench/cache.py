@@ -28,6 +28,7 @@
     .venv/bin/python -m bench.cache --quick
     .venv/bin/python -m bench.cache --alone    # ~4 minutes: each semantic kind by itself
     .venv/bin/python -m bench.cache --judges DIR DIR --rounds 2   # judges in turn, ~1.5 min each
+    .venv/bin/python -m bench.cache --speculation --rounds 3      # with and without, in turn
 
 Writes bench/results/cache.{json,md}.
 """
@@ -84,13 +85,18 @@ def _chat(question: str, model: str = "sim-llm", **headers: str) -> HttpRequest:
 
 
 def gateway_points(
-    quick: bool, split: placement.Split | None, alone: bool = False, judge_dir: Path | None = None
+    quick: bool,
+    split: placement.Split | None,
+    alone: bool = False,
+    judge_dir: Path | None = None,
+    speculate: bool = True,
 ) -> dict[str, Any]:
     """The two load points, with Triton on its own cores (``split``) or sharing all of them
     (None); the point names say which. ``alone``: instead, each semantic kind by itself
     beside the gateway's requests (at the same rates), to see what the other kinds' model
     calls on the same cores add to its latency in the full mix. ``judge_dir``: Triton serves
-    the judge in that folder (``models train-judge``'s output) instead of the shipped one."""
+    the judge in that folder (``models train-judge``'s output) instead of the shipped one.
+    ``speculate`` False: the local config without words-first's speculation."""
     from proxy import models
 
     models.build()
@@ -106,6 +112,8 @@ def gateway_points(
         # semantic path this benchmark measures (a first-time paraphrase's cost).
         cache = next(f for f in cfg["filters"] if f["type"] == "cache")
         cache["params"]["alias_semantic_hits"] = False
+        if not speculate:
+            cache["params"]["semantic"]["judge"]["words_first"].pop("speculate", None)
         start = functools.partial(start_stack, cfg, Path(d) / "floodwall.yaml")
         with placement.apart(split, start) as stack:
             _points(stack, quick, suffix, split, out, alone)
@@ -129,27 +137,50 @@ def _repository_with_judge(work: Path, judge_dir: Path) -> Path:
     return repo
 
 
-def judge_rounds(dirs: list[Path], rounds: int, split: placement.Split | None) -> dict[str, Any]:
-    """The two load points once per judge per round, the judges taking turns (this VM's
-    speed drifts within minutes: compare judges within a round)."""
+# (label, what it is: kept in the results, gateway_points' options)
+Variant = tuple[str, dict[str, Any], dict[str, Any]]
+
+
+def judge_variants(dirs: list[Path]) -> list[Variant]:
+    """``--judges``: each folder's judge, with its training.json's layers and model hash."""
+    out = []
+    for d in dirs:
+        info = json.loads((d / "training.json").read_text())
+        about = {"judge": str(d), "layers": info.get("layers"),
+                 "onnx_sha256": info.get("onnx_sha256")}  # fmt: skip
+        out.append((f"`{d}` ({info.get('layers')} layers)", about, {"judge_dir": d}))
+    return out
+
+
+# ``--speculation``: the local config as shipped, and without words-first's speculation.
+SPECULATION: list[Variant] = [
+    ("speculating", {"speculate": True}, {"speculate": True}),
+    ("not speculating", {"speculate": False}, {"speculate": False}),
+]
+
+
+def variant_rounds(
+    variants: list[Variant], rounds: int, split: placement.Split | None
+) -> dict[str, Any]:
+    """The two load points once per variant per round, the variants taking turns (this VM's
+    speed drifts within minutes: compare variants within a round)."""
     runs = []
     for r in range(rounds):
-        for d in dirs:
-            info = json.loads((d / "training.json").read_text())
-            print(f"== round {r + 1}, judge {d} ({info.get('layers')} layers)", flush=True)
-            runs.append({"round": r + 1, "judge": str(d), "layers": info.get("layers"),
-                         "onnx_sha256": info.get("onnx_sha256"),
-                         "gateway": gateway_points(False, split, judge_dir=d)})  # fmt: skip
+        for label, about, options in variants:
+            print(f"== round {r + 1}, {label}", flush=True)
+            runs.append({"round": r + 1, "variant": label, **about,
+                         "gateway": gateway_points(False, split, **options)})  # fmt: skip
     return {"runs": runs}
 
 
-def judges_markdown(res: dict[str, Any]) -> str:
-    lines = [f"Judges side by side ({res['machine']['cpus']} CPUs; the mixed load of "
-             "`bench/cache.py`, each judge's stack in turn; p99 added over the gateway's own "
-             "p99; judge per call: Triton's compute_infer)", "",
-             "| round | judge | layers | load | by words: p50 / p99 added | "
-             "by vector: p50 / p99 added | judge per call |",
-             "|---:|---|---:|---|---:|---:|---:|"]  # fmt: skip
+def variants_markdown(res: dict[str, Any], what: str) -> str:
+    lines = [f"{what} side by side ({res['machine']['cpus']} CPUs; the mixed load of "
+             "`bench/cache.py`, each variant's stack in turn; p99 added over the gateway's "
+             "own p99; judge per call: Triton's compute_infer; speculations: the judge's "
+             "answers on a guess made during the embedding, used / wasted / skipped)", "",
+             "| round | variant | load | by words: p50 / p99 added | "
+             "by vector: p50 / p99 added | judge per call | speculations |",
+             "|---:|---|---|---:|---:|---:|---:|"]  # fmt: skip
     for run in res["runs"]:
         for name, point in run["gateway"].items():
             k = point["kinds"]
@@ -157,15 +188,15 @@ def judges_markdown(res: dict[str, Any]) -> str:
             cells = [f"{k[kind]['p50_ms'] - g50:+.2f} / {k[kind]['p99_ms'] - g99:+.2f} ms"
                      for kind in ("semantic", "semantic_by_vector")]  # fmt: skip
             per = point["triton_per_call_ms"].get(judge.TRITON_MODEL, {})
-            lines.append(f"| {run['round']} | `{run['judge']}` | {run['layers']} | {name} | "
-                         f"{cells[0]} | {cells[1]} | "
-                         f"{per.get('compute_infer', float('nan')):.2f} ms |")  # fmt: skip
-    lines += ["", "Per judge, the median over the rounds of each point's p99 added (target "
+            lines.append(f"| {run['round']} | {run['variant']} | {name} | {cells[0]} | "
+                         f"{cells[1]} | {per.get('compute_infer', float('nan')):.2f} ms | "
+                         f"{_speculations(point)} |")  # fmt: skip
+    lines += ["", "Per variant, the median over the rounds of each point's p99 added (target "
               f"<= {SEMANTIC_TARGET_MS:g} ms; a single run's p99 moves by a few ms on this VM):",
-              "", "| judge | load | by words | by vector | worst run, by vector |",
+              "", "| variant | load | by words | by vector | worst run, by vector |",
               "|---|---|---:|---:|---:|"]  # fmt: skip
-    for d in dict.fromkeys(run["judge"] for run in res["runs"]):
-        mine = [run["gateway"] for run in res["runs"] if run["judge"] == d]
+    for d in dict.fromkeys(run["variant"] for run in res["runs"]):
+        mine = [run["gateway"] for run in res["runs"] if run["variant"] == d]
         for name in mine[0]:
             added = {
                 kind: [g[name]["kinds"][kind]["p99_ms"] - g[name]["kinds"]["gateway"]["p99_ms"]
@@ -173,7 +204,7 @@ def judges_markdown(res: dict[str, Any]) -> str:
                 for kind in ("semantic", "semantic_by_vector")
             }  # fmt: skip
             words, vector = (float(np.median(added[k])) for k in added)
-            lines.append(f"| `{d}` | {name} | {words:+.2f} ms | {vector:+.2f} ms | "
+            lines.append(f"| {d} | {name} | {words:+.2f} ms | {vector:+.2f} ms | "
                          f"{max(added['semantic_by_vector']):+.2f} ms |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
@@ -253,14 +284,16 @@ def _points(
             in_triton = _per_call(stats_before, _triton_stats(triton, cache_models))
             counters = _counters(admin + "/metrics")
             # How this point's semantic hits found their candidate (the two kinds' sum).
-            found_by = {k.split('"')[1]: v - hits_before.get(k, 0.0)
-                        for k, v in counters.items() if k.startswith("semantic_hits")}  # fmt: skip
+            found_by, speculations = ({k.split('"')[1]: v - hits_before.get(k, 0.0)
+                                       for k, v in counters.items() if k.startswith(prefix)}
+                                      for prefix in ("semantic_hits", "speculations"))  # fmt: skip
             out[name] = {"rate_total": rate, "seconds": seconds, "kinds": per,
                          "placement": split.describe() if split else "shared",
                          "processor_lookup_ms": decide, "cache_counters": counters,
-                         "semantic_hits_found_by": found_by,
+                         "semantic_hits_found_by": found_by, "speculations": speculations,
                          "triton_per_call_ms": in_triton}  # fmt: skip
-            print(f"   semantic hits found by: {found_by}", flush=True)
+            print(f"   semantic hits found by: {found_by}; speculations: {speculations}",
+                  flush=True)  # fmt: skip
             print(f"   counters so far: {counters}", flush=True)
             line = "  ".join(
                 f"{k} p50 {v['p50_ms']:.2f} p99 {v['p99_ms']:.2f} ms ({v['marked']} hits)"
@@ -325,6 +358,11 @@ def _reset(admin: str) -> None:
         assert r.status == 200
 
 
+def _speculations(point: dict[str, Any]) -> str:
+    spec = point.get("speculations", {})
+    return " / ".join(f"{spec.get(o, 0):.0f}" for o in ("used", "wasted", "skipped"))
+
+
 def _counters(url: str) -> dict[str, float]:
     """The cache's error, veto and store counters (totals since start)."""
     import urllib.request
@@ -339,6 +377,7 @@ def _counters(url: str) -> dict[str, float]:
                 "floodwall_cache_stores_total",
                 "floodwall_cache_lookups_total",
                 "floodwall_cache_semantic_hits_total",
+                "floodwall_cache_speculations_total",
             )
         ):
             name, value = line.rsplit(" ", 1)
@@ -684,6 +723,7 @@ def markdown(res: dict[str, Any]) -> str:
         for n, o in reports.items():
             lines.append(f"| {n} | {_rates(o)} | {o['paraphrases_served_another']} | "
                          f"{o['wrong_answers']} ({o['wrong_answer_rate']:.1%}) |")  # fmt: skip
+    lines += _speculation_lines(ev, every.get("judge") or {})
     for decider in ("verifier", "judge"):
         pooled = res["summary"].get(f"{decider}_held_out_pooled")
         if pooled:
@@ -696,6 +736,27 @@ def markdown(res: dict[str, Any]) -> str:
               + "): " + ", ".join(f"{k}: {'met' if v else 'NOT met'}"
                                   for k, v in t.items())]  # fmt: skip
     return "\n".join(lines) + "\n"
+
+
+def _speculation_lines(ev: dict[str, Any], among_all: dict[str, Any]) -> list[str]:
+    """How often words-first's speculation guessed the candidate the embedding found, for
+    the held-out sets' paraphrases (``one_index_report``'s ``speculation``)."""
+    out = []
+    for where, reports in (("each set's questions stored together",
+                            {n: ev[n]["judge"]["one_index"] for n in FRESH if n in ev}),
+                           ("among all sets' questions", among_all)):  # fmt: skip
+        counts = [r["speculation"]["true"] for r in reports.values() if "speculation" in r]
+        if not counts:
+            continue
+        embedded, guessed, right = (
+            sum(c.get(k, 0) for c in counts) for k in ("embedded", "guessed", "guessed_nearest")
+        )
+        share = right / max(embedded, 1)
+        out.append(f"Speculation (words_first.speculate), {where}: of the held-out "
+                   f"paraphrases that went on to the embedding and found a candidate "
+                   f"({embedded}), {guessed} had a guess and {right} ({share:.0%}) had the "
+                   "judge's answer on that candidate before the embedding was done.")  # fmt: skip
+    return ["", *out] if out else []
 
 
 def _rates(o: dict[str, Any]) -> str:
@@ -718,21 +779,27 @@ def main() -> None:
         help="only the two load points with each judge in turn (folders as "
         "`models train-judge` writes them), into <out>_judges.{json,md}",
     )
-    ap.add_argument("--rounds", type=int, default=2, help="with --judges (~1.5 min a judge)")
+    ap.add_argument("--speculation", action="store_true",
+                    help="only the two load points with and without words-first's speculation "
+                         "in turn, into <out>_speculation.{json,md}")  # fmt: skip
+    ap.add_argument("--rounds", type=int, default=2,
+                    help="with --judges or --speculation (~1.5 min a variant)")  # fmt: skip
     ap.add_argument("--out", default=str(RESULTS / "cache"))
     args = ap.parse_args()
     res: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version()}}
-    if args.judges:
-        if args.alone or args.quick or args.rounds < 1:
-            ap.error("--judges takes --rounds N >= 1 and neither --alone nor --quick")
-        for d in args.judges:
+    if args.judges or args.speculation:
+        if args.alone or args.quick or args.rounds < 1 or (args.judges and args.speculation):
+            ap.error("--judges or --speculation (one) takes --rounds N >= 1 and neither "
+                     "--alone nor --quick")  # fmt: skip
+        for d in args.judges or ():
             missing = [n for n in JUDGE_FILES if not (d / n).is_file()]
             if missing:
                 ap.error(f"{d}: no {', '.join(missing)} (a `models train-judge` folder)")
-        res |= judge_rounds(args.judges, args.rounds, placement.Split.choose(args.shared))
-        out = Path(args.out + "_judges")
+        variants = judge_variants(args.judges) if args.judges else SPECULATION
+        res |= variant_rounds(variants, args.rounds, placement.Split.choose(args.shared))
+        out = Path(args.out + ("_judges" if args.judges else "_speculation"))
         out.with_suffix(".json").write_text(json.dumps(res, indent=2))
-        md = judges_markdown(res)
+        md = variants_markdown(res, "Judges" if args.judges else "With and without speculation")
         out.with_suffix(".md").write_text(md)
         print(md)
         return

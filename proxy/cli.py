@@ -476,6 +476,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="words_first.min_overlap (default: its default)")  # fmt: skip
     e.add_argument("--words-margin", type=float, default=None,
                    help="words_first.margin (default: its default)")  # fmt: skip
+    e.add_argument("--speculate", type=float, default=None, metavar="OVERLAP",
+                   help="with --words-first: count how often a guess sharing at least this "
+                        "overlap is the nearest (words_first.speculate.min_overlap; the "
+                        "report's one_index.speculation)")  # fmt: skip
     e.set_defaults(func=cmd_cache_eval)  # fmt: skip
     t = csub.add_parser(
         "train",

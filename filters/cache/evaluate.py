@@ -477,7 +477,11 @@ def one_index_report(
     probabilities for the nearest candidate of each ``b`` (one batch, as Triton's batcher
     would form them from concurrent look-ups); with ``words_first`` too, first for each
     ``b``'s word candidate and then for the nearest of the ``b`` it did not serve, as the
-    filter asks. ``served_by_words``: right answers served through words-first."""
+    filter asks. ``served_by_words``: right answers served through words-first. With
+    words-first's ``speculate``, ``speculation`` counts, per kind of pair, the look-ups that
+    went on to the embedding and found a candidate to judge, those with a guess
+    (``word_guess``), and those whose guess was that candidate (its answer ready when the
+    embedding is: one Triton call's time saved)."""
     stored = list(dict.fromkeys([p.a for p in pairs] + list(distractors)))
     ids = {text: str(i) for i, text in enumerate(stored)}
     index = SemanticIndex(len(vectors[stored[0]]), threshold=threshold, candidates=candidates,
@@ -513,9 +517,13 @@ def one_index_report(
         ask(lambda b: index.word_candidate("eval", "p", b, 0))
         ask(unserved_nearest)
     outcomes: dict[str, Counter[str]] = {"true": Counter(), "false": Counter()}
+    speculation: dict[str, Counter[str]] = {"true": Counter(), "false": Counter()}
+    guessing = words_first is not None and words_first.speculate is not None
     examples: list[dict[str, str]] = []
     by_words = 0
     for p in pairs:
+        if guessing:
+            speculation["true" if p.same else "false"].update(_guessed(index, p.b, vectors[p.b]))
         v = index.by_words("eval", "p", p.b, 0, probability.get(p.b, {})) or index.judge(
             "eval", "p", p.b, vectors[p.b], 0, tok.get(p.b), cached, probability.get(p.b)
         )
@@ -550,10 +558,26 @@ def one_index_report(
         "wrong_answer_rate": _r(wrong / len(pairs)),
         # Paraphrases rightly served through words-first (one judge call, no embedding).
         "served_by_words": by_words,
+        **({"speculation": {k: dict(v) for k, v in speculation.items()}} if guessing else {}),
         "true_pairs": dict(t),
         "false_pairs": dict(f),
         "examples": examples,
     }
+
+
+def _guessed(index: SemanticIndex, asked: str, vector: np.ndarray[Any, Any]) -> list[str]:
+    """How speculation meets ``asked`` in ``one_index_report``'s index (partition "p"):
+    nothing when words-first finds a clear candidate (judged before any embedding) or the
+    embedding finds none to judge; else "embedded", plus "guessed" with a guess and
+    "guessed_nearest" when the guess is the candidate the embedding finds."""
+    if index.word_candidate("eval", "p", asked, 0) is not None:
+        return []
+    nearest = index._nearest_live("eval", index._search("eval", "p", vector), 0)
+    if nearest is None:
+        return []
+    guess = index.word_guess("eval", "p", asked, 0)
+    return ["embedded", *(["guessed"] if guess else []),
+            *(["guessed_nearest"] if guess is not None and guess == nearest else [])]  # fmt: skip
 
 
 def _vectors(
@@ -659,6 +683,7 @@ def main(args: Any) -> int:
         words_first = WordsFirst(
             WORDS_MIN_OVERLAP if args.words_min_overlap is None else args.words_min_overlap,
             WORDS_MARGIN if args.words_margin is None else args.words_margin,
+            args.speculate,
         )
     result = run(Path(args.pairs), threshold, args.triton_url, args.model, verifier, stored,
                  args.candidates, judge_cut, judge_threshold, words_first)  # fmt: skip

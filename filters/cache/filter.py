@@ -21,7 +21,7 @@ import hashlib
 import hmac
 import logging
 import time
-from collections.abc import Collection, Coroutine
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -99,6 +99,13 @@ SEMANTIC_HITS = Counter(
     "no embedding), by the prompt's vector, or as an alias (the same paraphrase asked "
     "again: its exact key)",
     ["found_by"],
+)
+SPECULATIONS = Counter(
+    "floodwall_cache_speculations",
+    "Judge calls on a guess made while the prompt was embedded (words_first.speculate): used "
+    "(the guess was the nearest: one call's time saved), wasted (it was not, or the look-up "
+    "ended first), skipped (this process had max_in_flight of them running)",
+    ["outcome"],
 )
 ENTRIES = Gauge("floodwall_cache_semantic_entries", "Semantic entries in this process's index")
 
@@ -185,6 +192,7 @@ class CacheFilter(Filter):
         self._writes: set[asyncio.Task[None]] = set()
         self._clustering = False
         self._feed_id = "0-0"
+        self._speculating: set[asyncio.Future[float]] = set()
 
     def _triton(self, deps: Deps) -> str:
         base = deps.upstreams.get(self.p.semantic.upstream)
@@ -351,19 +359,26 @@ class CacheFilter(Filter):
                 hit = await self._serve(ctx, st, scope, meta, key, verdict, best, now_ms)
                 if hit is not None:
                     return hit
-        vector, tokens = await self._embed(text)
-        if vector is None:
-            return None
-        st.tokens = tokens
+        # No clear word candidate: maybe a guess, judged while the prompt is embedded.
+        speculated = {} if known else self._speculate(scope, key.partition, text, now_ms, fetch)
+        judged = None
         try:
+            vector, tokens = await self._embed(text)
+            if vector is None:
+                return None
+            st.tokens = tokens
             verdict = await self.index.judge_fetching(
                 scope, key.partition, text, vector, now_ms, tokens, fetch,
-                self.judge.same_answer if self.judge is not None else None, known,
+                self.judge.same_answer if self.judge is not None else None, known, speculated,
             )  # fmt: skip
+            judged = verdict.judged
         except JudgeError as exc:
             ERRORS.labels("judge").inc()
             log.warning("cache judge failed (a miss): %s", exc)
             return vector
+        finally:
+            for guess in speculated:
+                SPECULATIONS.labels("used" if judged == guess else "wasted").inc()
         if verdict.veto is not None:
             VETOES.labels(verdict.veto).inc()
         if verdict.entry_id is not None:
@@ -371,6 +386,38 @@ class CacheFilter(Filter):
             if hit is not None:
                 return hit
         return vector
+
+    def _speculate(
+        self,
+        scope: str,
+        partition: str,
+        text: str,
+        now_ms: int,
+        fetch: Callable[[list[str]], Awaitable[Mapping[str, np.ndarray[Any, Any]]]],
+    ) -> dict[str, asyncio.Future[float]]:
+        """The judge's answer on the words' guess (``SemanticIndex.word_guess``), asked now,
+        by the guess; none without one, or with the cap's worth of them in flight. Not
+        cancelled when the guess turns out wrong or the look-up ends: the call is in Triton's
+        queue anyway, and a cancel would cost its kept connection. Its errors count only if
+        its answer is used (``judge_fetching``)."""
+        guess = self.index.word_guess(scope, partition, text, now_ms)
+        rule = self.p.semantic.judge.words_first if self.p.semantic.judge is not None else None
+        if guess is None or self.judge is None or rule is None or rule.speculate is None:
+            return {}
+        if len(self._speculating) >= rule.speculate.max_in_flight:
+            SPECULATIONS.labels("skipped").inc()
+            return {}
+        call = asyncio.ensure_future(
+            self.index.ask_and_fetch(guess, text, scope, fetch, self.judge.same_answer)
+        )
+        self._speculating.add(call)
+        call.add_done_callback(self._speculation_done)
+        return {guess: call}
+
+    def _speculation_done(self, call: asyncio.Future[float]) -> None:
+        self._speculating.discard(call)
+        if not call.cancelled():
+            call.exception()  # retrieved: an unused guess's failure is no fault of the look-up
 
     async def _serve(
         self,

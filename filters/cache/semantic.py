@@ -17,14 +17,16 @@ and its topical neighbours.
 With a judge and ``words_first`` (``words.py``), the candidate may come from the prompt's
 words before any embedding: the cached prompt that clearly shares the most of them is judged
 first (``by_words``), and only if there is none, or the judge refuses it, is the prompt
-embedded and its nearest judged."""
+embedded and its nearest judged. With words-first's ``speculate``, when no candidate is clear,
+the one sharing the most words (``word_guess``) is judged while the prompt is embedded (the
+caller runs both), and ``judge_fetching`` uses that answer if the guess is the nearest."""
 
 from __future__ import annotations
 
 import asyncio
 import heapq
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -42,6 +44,7 @@ class Verdict:
     score: float  # similarity of the best candidate seen (0 when none)
     veto: str | None = None  # why the best candidate above the threshold was refused
     by_words: bool = False  # served a candidate found by its words (score: their overlap)
+    judged: str | None = None  # the nearest candidate, judged (``judge_fetching`` only)
 
 
 @dataclass(slots=True)
@@ -200,6 +203,23 @@ class SemanticIndex:
         found = words.candidate(content_words(text), self.words_first, live)
         return found[0] if found is not None else None
 
+    def word_guess(self, scope: str, partition: str, text: str, now_ms: int) -> str | None:
+        """With words-first's ``speculate``, when ``text`` has no word candidate: the live
+        entry sharing the most of its words, if at least ``speculate`` of them; else None.
+        A guess at the nearest by vector, worth judging while the prompt is embedded."""
+        rule, words = self.words_first, self._words.get((scope, partition))
+        if rule is None or rule.speculate is None or words is None:
+            return None
+
+        def live(key: str) -> bool:
+            meta = self._meta.get((scope, key))
+            return meta is not None and meta.expires_ms > now_ms
+
+        best = words.best(content_words(text), live)
+        if best is None or best[1] < rule.speculate or rule.clear(*best[1:]):
+            return None
+        return best[0]
+
     def by_words(
         self, scope: str, partition: str, text: str, now_ms: int, same_answer: Mapping[str, float]
     ) -> Verdict | None:
@@ -237,12 +257,12 @@ class SemanticIndex:
             return None, {}
         probability: dict[str, float] = {}
         if not same_question(text, self._meta[(scope, entry)].text):
-            probability[entry] = await self._ask_and_fetch(entry, text, scope, fetch, ask_judge)
+            probability[entry] = await self.ask_and_fetch(entry, text, scope, fetch, ask_judge)
         else:
             await fetch([entry])
         return self._words_verdict(scope, entry, text, probability), probability
 
-    async def _ask_and_fetch(
+    async def ask_and_fetch(
         self,
         entry: str,
         text: str,
@@ -250,6 +270,8 @@ class SemanticIndex:
         fetch: Callable[[list[str]], Awaitable[Mapping[str, np.ndarray[Any, Any]]]],
         ask_judge: Callable[[str, str], Awaitable[float]],
     ) -> float:
+        """The judge's probability that ``entry``'s answer serves ``text``, asked while
+        ``fetch`` brings the entry."""
         # return_exceptions: a failed judge must not leave the fetch running unawaited.
         said, fetched = await asyncio.gather(
             ask_judge(self._meta[(scope, entry)].text, text), fetch([entry]),
@@ -272,6 +294,7 @@ class SemanticIndex:
         fetch: Callable[[list[str]], Awaitable[Mapping[str, np.ndarray[Any, Any]]]],
         ask_judge: Callable[[str, str], Awaitable[float]] | None = None,
         known: Mapping[str, float] | None = None,
+        speculated: Mapping[str, Awaitable[float]] | None = None,
     ) -> Verdict:
         """``judge``, first fetching what deciding on the nearest candidate needs: its token
         vectors when the verifier aligns words (they live in Redis with the entries, not in
@@ -279,8 +302,10 @@ class SemanticIndex:
         decides and the candidate is not the same question asked again. While the judge
         runs, ``fetch`` runs too (its caller keeps the candidate's entry it brings back), so
         a yes answers without another Redis round trip. ``known``: probabilities the judge
-        already gave (``by_words_fetching``), not asked again. ``ask_judge``'s errors
-        propagate: the caller counts them and misses."""
+        already gave (``by_words_fetching``), not asked again. ``speculated``: the answers
+        (``ask_and_fetch``) the caller asked for before the embedding (``word_guess``),
+        awaited only for the nearest. ``ask_judge``'s errors propagate: the caller counts
+        them and misses."""
         hits = self._search(scope, partition, vector)
         cached: Mapping[str, np.ndarray[Any, Any]] = {}
         probability: dict[str, float] = {}
@@ -290,16 +315,19 @@ class SemanticIndex:
             pass
         elif known and nearest in known:
             probability[nearest] = known[nearest]  # refused by words-first: no second ask
+        elif speculated and nearest in speculated:
+            probability[nearest] = await speculated[nearest]  # the guess was right
         elif self.judge_cut is not None and not same_question(text, cached_text):
             if ask_judge is None:
                 raise ValueError("this index decides with a judge: pass ask_judge")
-            probability[nearest] = await self._ask_and_fetch(nearest, text, scope, fetch,
-                                                             ask_judge)  # fmt: skip
+            probability[nearest] = await self.ask_and_fetch(nearest, text, scope, fetch,
+                                                            ask_judge)  # fmt: skip
         elif self.needs_tokens:
             cached = await fetch([nearest])
-        return self._decide(
+        verdict = self._decide(
             scope, partition, hits, text, vector, now_ms, tokens, cached, probability
         )
+        return replace(verdict, judged=nearest)
 
     def _nearest_live(self, scope: str, hits: list[Hit], now_ms: int) -> str | None:
         """The candidate the deciders judge: the nearest unexpired one at or above the

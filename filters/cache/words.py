@@ -15,6 +15,13 @@ A candidate needs:
   embedding (``floodwall cache eval``'s ``one_index`` with and without ``--words-first``;
   README "Semantic cache").
 
+Speculation (``speculate``): when no candidate is clear, the cached prompt sharing the most
+words (at least ``speculate`` overlap) is a guess at the nearest by embedding. The judge reads
+it while the prompt is embedded, and its answer counts only if the guess is the nearest
+(``SemanticIndex.judge_fetching``): the verdicts are those without speculation, and a hit
+found by its vector costs the slower of the two Triton calls instead of both. A wrong guess
+costs a judge call.
+
 Content words: the prompt case-folded, split on ``\\w+``, without a short list of English
 function words and one-letter tokens (digits are kept), with a final "s" (not "ss"), "ing"
 or "ed" dropped from words of 5+ letters. Words only find the candidate; the judge, which
@@ -72,6 +79,12 @@ def overlap(a: frozenset[str], b: frozenset[str]) -> float:
 class WordsFirst:
     min_overlap: float
     margin: float
+    speculate: float | None = None  # the overlap a guess needs (module docstring); None: off
+
+    def clear(self, best: float, second: float) -> bool:
+        """Whether an entry sharing ``best`` of the words, the runner-up ``second``, is the
+        candidate."""
+        return best >= self.min_overlap and best - second >= self.margin
 
 
 class WordIndex:
@@ -106,6 +119,14 @@ class WordIndex:
     ) -> tuple[str, float] | None:
         """The live entry whose words overlap ``words`` by at least ``rule.min_overlap`` and
         by ``rule.margin`` more than any other live entry's, with its overlap; else None."""
+        best = self.best(words, live)
+        return None if best is None or not rule.clear(*best[1:]) else best[:2]
+
+    def best(
+        self, words: frozenset[str], live: Callable[[str], bool]
+    ) -> tuple[str, float, float] | None:
+        """The live entry sharing the most of ``words``, its overlap and the runner-up's (0
+        when there is none); None when no live entry shares any."""
         found: set[str] = set()
         for w in words:
             keys = self._postings.get(w)
@@ -121,6 +142,4 @@ class WordIndex:
                 second = score
                 break
             best = (key, score)
-        if best is None or best[1] < rule.min_overlap or best[1] - second < rule.margin:
-            return None
-        return best
+        return None if best is None else (*best, second)

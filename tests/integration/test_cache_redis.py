@@ -24,6 +24,7 @@ from filters.cache.embedder import EmbedderError, JudgeError
 from filters.cache.filter import (
     ERRORS,
     SEMANTIC_HITS,
+    SPECULATIONS,
     STORES,
     VETOES,
     CacheFilter,
@@ -997,3 +998,126 @@ async def test_words_first_judges_the_word_candidate_before_embedding(rc: aiored
     lost = await ask(h, f, up, chat("my invoice for March: where is it?"))
     assert lost.status == 200 and lost.headers["x-floodwall-cache"] == "miss"
     assert ERRORS.labels("judge")._value.get() == errors + 1
+
+
+ORDER = "Can I cancel my order today?"
+PARCEL = "Where is the parcel I ordered last week?"
+# Shares 2 of 8 content words with ORDER (0.25) and 3 of 8 with PARCEL: no clear candidate
+# (margin 0.3), PARCEL the guess; by vector (below) ORDER is the nearest.
+PLACED = "I placed an order last week and want to cancel it, possible?"
+
+
+class GatedEmbedder:
+    """Fixed vectors by text; with ``gate`` set, answers only once it is set (by the judge
+    being asked), as if it were slower than the judge: a look-up that asks the judge only
+    after embedding fails to embed (a miss)."""
+
+    def __init__(self) -> None:
+        self.vectors = {ORDER: (1.0, 0.0, 0.0), PARCEL: (0.6, 0.8, 0.0), PLACED: (0.9, 0.3, 0.3)}
+        self.gate: asyncio.Event | None = None
+
+    async def embed(self, text: str) -> np.ndarray[Any, Any]:
+        if self.gate is not None:
+            try:
+                await asyncio.wait_for(self.gate.wait(), 1.0)
+            except TimeoutError:
+                raise EmbedderError("the judge was not asked during the embedding") from None
+        v = np.zeros(64, dtype=np.float32)
+        v[:3] = self.vectors.get(text, (0.0, 0.0, 1.0))
+        return v / np.linalg.norm(v)
+
+    async def close(self) -> None:
+        pass
+
+
+class GateJudge(RuleJudge):
+    """Opens the embedder's gate when asked; fails on the cached prompts in ``fail_on``."""
+
+    def __init__(self, embedder: GatedEmbedder) -> None:
+        super().__init__()
+        self.embedder = embedder
+        self.fail_on: set[str] = set()
+
+    async def same_answer(self, cached: str, asked: str) -> float:
+        if self.embedder.gate is not None:
+            self.embedder.gate.set()
+        if cached in self.fail_on:
+            self.asked.append((cached, asked))
+            raise JudgeError("judge unreachable (test)")
+        return await super().same_answer(cached, asked)
+
+
+def speculation() -> dict[str, float]:
+    return {o: SPECULATIONS.labels(o)._value.get() for o in ("used", "wasted", "skipped")}
+
+
+async def test_speculation_judges_the_words_guess_while_the_prompt_is_embedded(
+    rc: aioredis.Redis,
+) -> None:
+    """words_first.speculate: with no clear word candidate, the one sharing the most words is
+    judged during the embedding; its answer decides only if it is the nearest by vector (the
+    verdicts are those without speculation); a wrong or failed guess costs nothing else;
+    past max_in_flight the look-up embeds first, as without speculation."""
+    embedder = GatedEmbedder()
+    judge = GateJudge(embedder)
+    p = CacheFilter.Params.model_validate({
+        "routes": {"chat": {"ttl_s": 60, "semantic": True}},
+        "semantic": {"threshold": 0.5, "dimensions": 64, "judge": {
+            "cut": 0.5, "words_first": {"min_overlap": 0.2, "margin": 0.3,
+                                        "speculate": {"min_overlap": 0.1, "max_in_flight": 1}}}},
+        "versions_upstream": None, "redis_timeout_ms": 2000, "lookup_budget_ms": 5000,
+        "alias_semantic_hits": False,
+    })  # fmt: skip
+    f = CacheFilter(p, Deps(redis=rc, clock=FakeClock()), embedder, judge)
+    f.name = "cache"
+    h, up = harness(f), Upstream()
+    await ask(h, f, up, chat(ORDER))  # answer 1
+
+    # The only entry is the guess and the nearest: judged once, during the embedding.
+    before = speculation()
+    embedder.gate = asyncio.Event()
+    hit = await ask(h, f, up, chat(PLACED))
+    assert hit.headers["x-floodwall-cache"] == "hit-semantic" and up.calls == 1
+    assert judge.asked == [(ORDER, PLACED)]
+    assert speculation() == {**before, "used": before["used"] + 1}
+
+    # PARCEL shares more words, ORDER is nearer: the guess is judged, then the nearest is.
+    embedder.gate = None
+    fresh = {"cache-control": "no-cache"}  # stored without a look-up (it would hit ORDER)
+    await ask(h, f, up, chat(PARCEL), headers=fresh)  # answer 2
+    judge.asked.clear()
+    before = speculation()
+    embedder.gate = asyncio.Event()
+    hit = await ask(h, f, up, chat(PLACED))
+    assert hit.headers["x-floodwall-cache"] == "hit-semantic"
+    assert orjson.loads(hit.body)["answer"] == 1 and up.calls == 2
+    assert judge.asked == [(PARCEL, PLACED), (ORDER, PLACED)]
+    assert speculation() == {**before, "wasted": before["wasted"] + 1}
+
+    # The wrong guess fails: no judge error counted, the nearest still decides.
+    judge.fail_on = {PARCEL}
+    errors = ERRORS.labels("judge")._value.get()
+    hit = await ask(h, f, up, chat(PLACED))
+    assert hit.headers["x-floodwall-cache"] == "hit-semantic"
+    assert ERRORS.labels("judge")._value.get() == errors
+    # The right guess fails: a judge error and a miss, as without speculation.
+    judge.fail_on = {PARCEL, ORDER}
+    embedder.gate = None
+    # Another conversation (partition) holding PARCEL alone: the guess is the nearest.
+    await ask(h, f, up, chat(PARCEL, [{"role": "user", "content": "hi"}]), headers=fresh)
+    lost = await ask(h, f, up, chat(PLACED, [{"role": "user", "content": "hi"}]))
+    assert lost.status == 200 and lost.headers["x-floodwall-cache"] == "miss"
+    assert ERRORS.labels("judge")._value.get() == errors + 1
+
+    # At the cap, no guess: the embedding first (the gate never opens: a miss).
+    judge.fail_on = set()
+    judge.asked.clear()
+    busy = asyncio.get_running_loop().create_future()
+    f._speculating.add(busy)
+    before = speculation()
+    embedder.gate = asyncio.Event()
+    miss = await ask(h, f, up, chat(PLACED))
+    assert miss.headers["x-floodwall-cache"] == "miss" and judge.asked == []
+    assert speculation() == {**before, "skipped": before["skipped"] + 1}
+    f._speculating.discard(busy)
+    busy.cancel()

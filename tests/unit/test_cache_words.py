@@ -3,6 +3,7 @@ semantic index asking the judge about it before any embedding."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import numpy as np
@@ -178,3 +179,81 @@ def test_the_eval_reports_judge_the_way_the_filter_does() -> None:
     by_words = judge_report(pairs, vectors, prob, threshold=0.5, cut=0.5, words_first=RULE)
     assert by_words["hit_rate"] == 1.0 and by_words["wrong_hit_rate"] == 0.0
     assert judge_report(pairs, vectors, prob, threshold=0.5, cut=0.5)["hit_rate"] == 0.0
+
+
+async def test_the_guess_is_the_best_unclear_word_candidate_and_counts_only_if_nearest() -> None:
+    """speculate: with no clear candidate, the entry sharing the most words (at least the
+    guess's overlap) is the guess; judge_fetching uses the answer on it only if it is the
+    nearest by vector, else asks about the nearest, so the verdicts do not change."""
+    ix = WordIndex()
+    ix.add("order", content_words("Can I cancel my order today?"))
+    ix.add("parcel", content_words("Where is the parcel I ordered last week?"))
+    placed = content_words("I placed an order last week and want to cancel it, possible?")
+    assert ix.best(placed, always) == ("parcel", 3 / 8, 2 / 8)
+    assert ix.best(placed, lambda k: k != "parcel") == ("order", 2 / 8, 0.0)
+    assert ix.best(content_words("weather in Paris"), always) is None
+
+    guessing = WordsFirst(0.2, 0.3, speculate=0.1)
+    si = SemanticIndex(4, threshold=0.6, judge_cut=0.5, words_first=guessing)
+    si.add(Indexed("s", "order", "p", "Can I cancel my order today?", unit(1, 0, 0, 0), 10**12))
+    si.add(Indexed("s", "parcel", "p", "Where is the parcel I ordered last week?",
+                   unit(0.6, 0.8, 0, 0), 10**12))  # fmt: skip
+    text = "I placed an order last week and want to cancel it, possible?"
+    assert si.word_guess("s", "p", text, 0) == "parcel"
+    # A clear candidate is no guess (words-first judges it); nor is one sharing too little,
+    # an expired one, one in another partition, or anything with speculation off.
+    assert si.word_candidate("s", "p", "today can I cancel the order", 0) == "order"
+    assert si.word_guess("s", "p", "today can I cancel the order", 0) is None
+    little = "parcel sent to the wrong city, broken, no tracking, refund asked"  # 1 of 11
+    assert si.word_guess("s", "p", little, 0) is None
+    assert si.word_guess("s", "p", text, 10**12) is None
+    assert si.word_guess("s", "q", text, 0) is None
+    off = SemanticIndex(4, threshold=0.6, judge_cut=0.5, words_first=RULE)
+    off.add(Indexed("s", "order", "p", "Can I cancel my order today?", unit(1, 0, 0, 0), 10**12))
+    assert off.word_guess("s", "p", text, 0) is None
+
+    asked: list[str] = []
+
+    async def ask(cached: str, _: str) -> float:
+        asked.append(cached)
+        return 0.9
+
+    async def fetch(ids: list[str]) -> dict[str, Any]:
+        return {}
+
+    def answer(p: float) -> asyncio.Future[float]:  # a speculative call, already answered
+        done = asyncio.get_running_loop().create_future()
+        done.set_result(p)
+        return done
+
+    # The guess is the nearest: its answer decides (a refusal here), no other call.
+    v = await si.judge_fetching("s", "p", text, unit(0.6, 0.8, 0, 0), 0, None, fetch, ask,
+                                speculated={"parcel": answer(0.1)})  # fmt: skip
+    assert v.entry_id is None and v.veto == "judge" and v.judged == "parcel" and asked == []
+    # It is not: the nearest is asked about, and served.
+    v = await si.judge_fetching("s", "p", text, unit(1, 0.1, 0, 0), 0, None, fetch, ask,
+                                speculated={"parcel": answer(0.1)})  # fmt: skip
+    assert v.entry_id == "order" and v.judged == "order"
+    assert asked == ["Can I cancel my order today?"]
+
+
+def test_the_eval_counts_how_often_the_guess_is_the_nearest() -> None:
+    order, parcel = "Can I cancel my order today?", "Where is the parcel I ordered last week?"
+    placed = "I placed an order last week and want to cancel it, possible?"  # guess: parcel
+    stop = "I want to stop an order placed today"  # guess: order
+    clear = "the parcel I ordered last week: where is it now?"  # words-first's candidate
+    vectors = {order: unit(1, 0, 0, 0), parcel: unit(0.6, 0.8, 0, 0), placed: unit(1, 0.1, 0, 0),
+               stop: unit(1, 0.2, 0, 0), clear: unit(0.6, 0.8, 0.1, 0)}  # fmt: skip
+    pairs = [Pair(order, placed, True, "paraphrase", None),
+             Pair(order, stop, True, "paraphrase", None),
+             Pair(parcel, clear, True, "paraphrase", None)]  # fmt: skip
+
+    def ask_judge(asks: list[tuple[str, str]]) -> dict[tuple[str, str], float]:
+        return dict.fromkeys(asks, 0.9)
+
+    r = one_index_report(pairs, vectors, threshold=0.5, judge_cut=0.5, ask_judge=ask_judge,
+                         words_first=WordsFirst(0.2, 0.3, speculate=0.1))  # fmt: skip
+    assert r["speculation"] == {"true": {"embedded": 2, "guessed": 2, "guessed_nearest": 1},
+                                "false": {}}  # fmt: skip
+    assert "speculation" not in one_index_report(pairs, vectors, threshold=0.5, judge_cut=0.5,
+                                                 ask_judge=ask_judge, words_first=RULE)  # fmt: skip
