@@ -24,10 +24,10 @@
    judged on ``evaluate.HELD_OUT``: the sets neither the verifier nor the judge was trained
    on and no guard rule was written from.
 
-    .venv/bin/python -m bench.cache            # 11-35 minutes (most of it the labelled sets)
+    .venv/bin/python -m bench.cache            # 15-40 minutes (most of it the labelled sets)
     .venv/bin/python -m bench.cache --quick
-    .venv/bin/python -m bench.cache --alone    # ~4 minutes: each semantic kind by itself
-    .venv/bin/python -m bench.cache --judges DIR DIR --rounds 2   # judges in turn, ~1.5 min each
+    .venv/bin/python -m bench.cache --alone    # ~9 minutes: each semantic kind by itself
+    .venv/bin/python -m bench.cache --judges DIR DIR --rounds 2   # judges in turn, ~3 min each
     .venv/bin/python -m bench.cache --speculation --rounds 3      # with and without, in turn
 
 Writes bench/results/cache.{json,md}.
@@ -113,7 +113,7 @@ def gateway_points(
         cache = next(f for f in cfg["filters"] if f["type"] == "cache")
         cache["params"]["alias_semantic_hits"] = False
         if not speculate:
-            cache["params"]["semantic"]["judge"]["words_first"].pop("speculate", None)
+            cache["params"]["semantic"]["judge"]["words_first"].pop("speculate")  # must be on
         start = functools.partial(start_stack, cfg, Path(d) / "floodwall.yaml")
         with placement.apart(split, start) as stack:
             _points(stack, quick, suffix, split, out, alone)
@@ -142,12 +142,15 @@ Variant = tuple[str, dict[str, Any], dict[str, Any]]
 
 
 def judge_variants(dirs: list[Path]) -> list[Variant]:
-    """``--judges``: each folder's judge, with its training.json's layers and model hash."""
+    """``--judges``: each folder's judge, with its training.json's layers and model hash,
+    under the local config (speculating or not, as it says)."""
     out = []
+    words_first = local_judging()[2]
+    speculating = words_first is not None and words_first.speculate is not None
     for d in dirs:
         info = json.loads((d / "training.json").read_text())
         about = {"judge": str(d), "layers": info.get("layers"),
-                 "onnx_sha256": info.get("onnx_sha256")}  # fmt: skip
+                 "onnx_sha256": info.get("onnx_sha256"), "speculate": speculating}  # fmt: skip
         out.append((f"`{d}` ({info.get('layers')} layers)", about, {"judge_dir": d}))
     return out
 
@@ -255,14 +258,16 @@ def _points(
                  "semantic": b"x-floodwall-cache: hit-semantic",
                  "semantic_by_vector": b"x-floodwall-cache: hit-semantic"}  # fmt: skip
         # 12 and 30 requests/s per kind (each semantic kind half, misses a quarter of that).
-        # The low rate runs longer: at 6 requests/s, 30 s gives a p99 from the second-slowest
-        # of 180 samples.
-        plan = [("low_load", mix, 39.0, 30.0), ("fixed_rate", mix, 97.5, 15.0)]
+        # Long enough for a p99 that one stall of the VM does not decide: at 6 requests/s,
+        # 90 s gives each semantic kind 540 samples (the p99 is the 6th slowest; until
+        # session 29, 30 s: the 2nd slowest of 180, which moved by several ms run to run),
+        # and at 15/s, 30 s gives 450.
+        plan = [("low_load", mix, 39.0, 90.0), ("fixed_rate", mix, 97.5, 30.0)]
         if alone:  # the same per-kind rates: 12 and 30 gateway requests/s, 6 and 15 semantic
             plan = [(f"{kind[0]} alone, {name}", [mix[0], kind], rate, seconds)
                     for kind in mix[2:4]
-                    for name, rate, seconds in (("low_load", 18.0, 30.0),
-                                                ("fixed_rate", 45.0, 15.0))]  # fmt: skip
+                    for name, rate, seconds in (("low_load", 18.0, 90.0),
+                                                ("fixed_rate", 45.0, 30.0))]  # fmt: skip
         for name, kinds, rate, seconds in plan:
             seconds = 5.0 if quick else seconds
             name += suffix
@@ -754,9 +759,9 @@ def _speculation_lines(ev: dict[str, Any], among_all: dict[str, Any]) -> list[st
         share = right / max(embedded, 1)
         out.append(f"Speculation (words_first.speculate), {where}: of the held-out "
                    f"paraphrases that went on to the embedding and found a candidate "
-                   f"({embedded}), {guessed} had a guess and {right} ({share:.0%}) had the "
-                   "judge's answer on that candidate before the embedding was done.")  # fmt: skip
-    return ["", *out] if out else []
+                   f"({embedded}), {guessed} had a guess and {right} ({share:.0%}) a guess "
+                   "that was that candidate.")  # fmt: skip
+    return [line for sentence in out for line in ("", sentence)]
 
 
 def _rates(o: dict[str, Any]) -> str:
@@ -770,7 +775,7 @@ def main() -> None:
                     help="only the points with Triton sharing every core")  # fmt: skip
     ap.add_argument("--alone", action="store_true",
                     help="only each semantic kind by itself beside the gateway's requests, "
-                         "into <out>_alone.{json,md} (~4 minutes)")  # fmt: skip
+                         "into <out>_alone.{json,md} (~9 minutes)")  # fmt: skip
     ap.add_argument(
         "--judges",
         nargs="+",
@@ -783,7 +788,7 @@ def main() -> None:
                     help="only the two load points with and without words-first's speculation "
                          "in turn, into <out>_speculation.{json,md}")  # fmt: skip
     ap.add_argument("--rounds", type=int, default=2,
-                    help="with --judges or --speculation (~1.5 min a variant)")  # fmt: skip
+                    help="with --judges or --speculation (~3 min a variant)")  # fmt: skip
     ap.add_argument("--out", default=str(RESULTS / "cache"))
     args = ap.parse_args()
     res: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version()}}
@@ -799,7 +804,7 @@ def main() -> None:
         res |= variant_rounds(variants, args.rounds, placement.Split.choose(args.shared))
         out = Path(args.out + ("_judges" if args.judges else "_speculation"))
         out.with_suffix(".json").write_text(json.dumps(res, indent=2))
-        md = variants_markdown(res, "Judges" if args.judges else "With and without speculation")
+        md = variants_markdown(res, "Judges" if args.judges else "Speculation on and off")
         out.with_suffix(".md").write_text(md)
         print(md)
         return

@@ -576,7 +576,7 @@ def _guessed(index: SemanticIndex, asked: str, vector: np.ndarray[Any, Any]) -> 
     if nearest is None:
         return []
     guess = index.word_guess("eval", "p", asked, 0)
-    return ["embedded", *(["guessed"] if guess else []),
+    return ["embedded", *(["guessed"] if guess is not None else []),
             *(["guessed_nearest"] if guess is not None and guess == nearest else [])]  # fmt: skip
 
 
@@ -679,6 +679,10 @@ def main(args: Any) -> int:
     judge_cut = args.judge_cut if args.judge else None
     judge_threshold = args.threshold if args.threshold is not None else JUDGE_THRESHOLD
     words_first = None
+    if args.speculate is not None and not (args.judge and args.words_first):
+        raise ValueError("--speculate counts words-first's guesses: add --judge --words-first")
+    if args.speculate is not None and not 0 < args.speculate <= 1:
+        raise ValueError(f"--speculate is an overlap in (0, 1], not {args.speculate}")
     if args.judge and args.words_first:
         words_first = WordsFirst(
             WORDS_MIN_OVERLAP if args.words_min_overlap is None else args.words_min_overlap,

@@ -192,7 +192,10 @@ class CacheFilter(Filter):
         self._writes: set[asyncio.Task[None]] = set()
         self._clustering = False
         self._feed_id = "0-0"
-        self._speculating: set[asyncio.Future[float]] = set()
+        wf = sem.judge.words_first if sem.judge is not None else None
+        # Speculative judge calls this process may have running (None: no speculation).
+        self._speculate_cap = wf.speculate.max_in_flight if wf and wf.speculate else None
+        self._speculating: set[asyncio.Task[float]] = set()
 
     def _triton(self, deps: Deps) -> str:
         base = deps.upstreams.get(self.p.semantic.upstream)
@@ -224,7 +227,7 @@ class CacheFilter(Filter):
         self._tasks.append(asyncio.create_task(self._housekeeping()))
 
     async def stop(self) -> None:
-        await cancel_and_wait(self._tasks)
+        await cancel_and_wait([*self._tasks, *self._speculating])
         if self._writes:
             await asyncio.wait(self._writes, timeout=2)
         for client in (self.embedder, self.judge):
@@ -361,7 +364,7 @@ class CacheFilter(Filter):
                     return hit
         # No clear word candidate: maybe a guess, judged while the prompt is embedded.
         speculated = {} if known else self._speculate(scope, key.partition, text, now_ms, fetch)
-        judged = None
+        guesses = list(speculated)
         try:
             vector, tokens = await self._embed(text)
             if vector is None:
@@ -371,14 +374,13 @@ class CacheFilter(Filter):
                 scope, key.partition, text, vector, now_ms, tokens, fetch,
                 self.judge.same_answer if self.judge is not None else None, known, speculated,
             )  # fmt: skip
-            judged = verdict.judged
         except JudgeError as exc:
             ERRORS.labels("judge").inc()
             log.warning("cache judge failed (a miss): %s", exc)
             return vector
         finally:
-            for guess in speculated:
-                SPECULATIONS.labels("used" if judged == guess else "wasted").inc()
+            for guess in guesses:  # judge_fetching took out the one it used
+                SPECULATIONS.labels("wasted" if guess in speculated else "used").inc()
         if verdict.veto is not None:
             VETOES.labels(verdict.veto).inc()
         if verdict.entry_id is not None:
@@ -394,27 +396,29 @@ class CacheFilter(Filter):
         text: str,
         now_ms: int,
         fetch: Callable[[list[str]], Awaitable[Mapping[str, np.ndarray[Any, Any]]]],
-    ) -> dict[str, asyncio.Future[float]]:
+    ) -> dict[str, Awaitable[float]]:
         """The judge's answer on the words' guess (``SemanticIndex.word_guess``), asked now,
-        by the guess; none without one, or with the cap's worth of them in flight. Not
-        cancelled when the guess turns out wrong or the look-up ends: the call is in Triton's
-        queue anyway, and a cancel would cost its kept connection. Its errors count only if
-        its answer is used (``judge_fetching``)."""
-        guess = self.index.word_guess(scope, partition, text, now_ms)
-        rule = self.p.semantic.judge.words_first if self.p.semantic.judge is not None else None
-        if guess is None or self.judge is None or rule is None or rule.speculate is None:
+        by the guess; none without one, or with the cap's worth of them running. A wrong
+        guess's call is left to finish (it is in Triton's queue anyway, and a cancel would
+        cost its kept connection); a used one ends with the look-up, as any judge call. The
+        judge's errors count only if its answer is used (``judge_fetching``); Redis's, while
+        the guess's entry is fetched, count as any look-up's."""
+        if self._speculate_cap is None or self.judge is None:
             return {}
-        if len(self._speculating) >= rule.speculate.max_in_flight:
+        guess = self.index.word_guess(scope, partition, text, now_ms)
+        if guess is None:
+            return {}
+        if len(self._speculating) >= self._speculate_cap:
             SPECULATIONS.labels("skipped").inc()
             return {}
-        call = asyncio.ensure_future(
+        call = asyncio.create_task(
             self.index.ask_and_fetch(guess, text, scope, fetch, self.judge.same_answer)
         )
         self._speculating.add(call)
         call.add_done_callback(self._speculation_done)
         return {guess: call}
 
-    def _speculation_done(self, call: asyncio.Future[float]) -> None:
+    def _speculation_done(self, call: asyncio.Task[float]) -> None:
         self._speculating.discard(call)
         if not call.cancelled():
             call.exception()  # retrieved: an unused guess's failure is no fault of the look-up

@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -44,7 +44,6 @@ class Verdict:
     score: float  # similarity of the best candidate seen (0 when none)
     veto: str | None = None  # why the best candidate above the threshold was refused
     by_words: bool = False  # served a candidate found by its words (score: their overlap)
-    judged: str | None = None  # the nearest candidate, judged (``judge_fetching`` only)
 
 
 @dataclass(slots=True)
@@ -195,30 +194,30 @@ class SemanticIndex:
         words = self._words.get((scope, partition))
         if self.words_first is None or words is None:
             return None
+        found = words.candidate(content_words(text), self.words_first, self._live(scope, now_ms))
+        return found[0] if found is not None else None
+
+    def _live(self, scope: str, now_ms: int) -> Callable[[str], bool]:
+        """Whether an entry of ``scope`` is known and unexpired at ``now_ms``."""
 
         def live(key: str) -> bool:
             meta = self._meta.get((scope, key))
             return meta is not None and meta.expires_ms > now_ms
 
-        found = words.candidate(content_words(text), self.words_first, live)
-        return found[0] if found is not None else None
+        return live
 
     def word_guess(self, scope: str, partition: str, text: str, now_ms: int) -> str | None:
         """With words-first's ``speculate``, when ``text`` has no word candidate: the live
         entry sharing the most of its words, if at least ``speculate`` of them; else None.
-        A guess at the nearest by vector, worth judging while the prompt is embedded."""
+        A guess at the nearest by vector, worth judging while the prompt is embedded; never
+        the question asked again (the judge is not asked about that one)."""
         rule, words = self.words_first, self._words.get((scope, partition))
         if rule is None or rule.speculate is None or words is None:
             return None
-
-        def live(key: str) -> bool:
-            meta = self._meta.get((scope, key))
-            return meta is not None and meta.expires_ms > now_ms
-
-        best = words.best(content_words(text), live)
+        best = words.best(content_words(text), self._live(scope, now_ms))
         if best is None or best[1] < rule.speculate or rule.clear(*best[1:]):
             return None
-        return best[0]
+        return None if same_question(text, self._meta[(scope, best[0])].text) else best[0]
 
     def by_words(
         self, scope: str, partition: str, text: str, now_ms: int, same_answer: Mapping[str, float]
@@ -294,7 +293,7 @@ class SemanticIndex:
         fetch: Callable[[list[str]], Awaitable[Mapping[str, np.ndarray[Any, Any]]]],
         ask_judge: Callable[[str, str], Awaitable[float]] | None = None,
         known: Mapping[str, float] | None = None,
-        speculated: Mapping[str, Awaitable[float]] | None = None,
+        speculated: dict[str, Awaitable[float]] | None = None,
     ) -> Verdict:
         """``judge``, first fetching what deciding on the nearest candidate needs: its token
         vectors when the verifier aligns words (they live in Redis with the entries, not in
@@ -303,9 +302,9 @@ class SemanticIndex:
         runs, ``fetch`` runs too (its caller keeps the candidate's entry it brings back), so
         a yes answers without another Redis round trip. ``known``: probabilities the judge
         already gave (``by_words_fetching``), not asked again. ``speculated``: the answers
-        (``ask_and_fetch``) the caller asked for before the embedding (``word_guess``),
-        awaited only for the nearest. ``ask_judge``'s errors propagate: the caller counts
-        them and misses."""
+        (``ask_and_fetch``) the caller asked for before the embedding (``word_guess``); the
+        nearest's, if there, is used where the judge would be asked, and removed. The
+        judge's errors propagate: the caller counts them and misses."""
         hits = self._search(scope, partition, vector)
         cached: Mapping[str, np.ndarray[Any, Any]] = {}
         probability: dict[str, float] = {}
@@ -315,19 +314,20 @@ class SemanticIndex:
             pass
         elif known and nearest in known:
             probability[nearest] = known[nearest]  # refused by words-first: no second ask
-        elif speculated and nearest in speculated:
-            probability[nearest] = await speculated[nearest]  # the guess was right
         elif self.judge_cut is not None and not same_question(text, cached_text):
-            if ask_judge is None:
+            if speculated is not None and nearest in speculated:
+                # The guess was right. Taken out, so the caller can tell (even if it fails).
+                probability[nearest] = await speculated.pop(nearest)
+            elif ask_judge is None:
                 raise ValueError("this index decides with a judge: pass ask_judge")
-            probability[nearest] = await self.ask_and_fetch(nearest, text, scope, fetch,
-                                                            ask_judge)  # fmt: skip
+            else:
+                probability[nearest] = await self.ask_and_fetch(nearest, text, scope, fetch,
+                                                                ask_judge)  # fmt: skip
         elif self.needs_tokens:
             cached = await fetch([nearest])
-        verdict = self._decide(
+        return self._decide(
             scope, partition, hits, text, vector, now_ms, tokens, cached, probability
         )
-        return replace(verdict, judged=nearest)
 
     def _nearest_live(self, scope: str, hits: list[Hit], now_ms: int) -> str | None:
         """The candidate the deciders judge: the nearest unexpired one at or above the

@@ -1005,6 +1005,8 @@ PARCEL = "Where is the parcel I ordered last week?"
 # Shares 2 of 8 content words with ORDER (0.25) and 3 of 8 with PARCEL: no clear candidate
 # (margin 0.3), PARCEL the guess; by vector (below) ORDER is the nearest.
 PLACED = "I placed an order last week and want to cancel it, possible?"
+# 2 of 6 with ORDER, 1 of 8 with PARCEL: no clear candidate, ORDER the guess and the nearest.
+STOP = "I want to stop an order placed today"
 
 
 class GatedEmbedder:
@@ -1013,7 +1015,8 @@ class GatedEmbedder:
     after embedding fails to embed (a miss)."""
 
     def __init__(self) -> None:
-        self.vectors = {ORDER: (1.0, 0.0, 0.0), PARCEL: (0.6, 0.8, 0.0), PLACED: (0.9, 0.3, 0.3)}
+        self.vectors = {ORDER: (1.0, 0.0, 0.0), PARCEL: (0.6, 0.8, 0.0), PLACED: (0.9, 0.3, 0.3),
+                        STOP: (1.0, 0.1, 0.0)}  # fmt: skip
         self.gate: asyncio.Event | None = None
 
     async def embed(self, text: str) -> np.ndarray[Any, Any]:
@@ -1094,20 +1097,23 @@ async def test_speculation_judges_the_words_guess_while_the_prompt_is_embedded(
     assert judge.asked == [(PARCEL, PLACED), (ORDER, PLACED)]
     assert speculation() == {**before, "wasted": before["wasted"] + 1}
 
-    # The wrong guess fails: no judge error counted, the nearest still decides.
+    # The wrong guess fails: wasted, no judge error counted, the nearest still decides.
     judge.fail_on = {PARCEL}
     errors = ERRORS.labels("judge")._value.get()
+    before = speculation()
+    embedder.gate = asyncio.Event()
     hit = await ask(h, f, up, chat(PLACED))
     assert hit.headers["x-floodwall-cache"] == "hit-semantic"
     assert ERRORS.labels("judge")._value.get() == errors
-    # The right guess fails: a judge error and a miss, as without speculation.
-    judge.fail_on = {PARCEL, ORDER}
-    embedder.gate = None
-    # Another conversation (partition) holding PARCEL alone: the guess is the nearest.
-    await ask(h, f, up, chat(PARCEL, [{"role": "user", "content": "hi"}]), headers=fresh)
-    lost = await ask(h, f, up, chat(PLACED, [{"role": "user", "content": "hi"}]))
+    assert speculation() == {**before, "wasted": before["wasted"] + 1}
+    # The right guess fails: used, a judge error and a miss, as without speculation.
+    judge.fail_on = {ORDER}
+    before = speculation()
+    embedder.gate = asyncio.Event()
+    lost = await ask(h, f, up, chat(STOP))
     assert lost.status == 200 and lost.headers["x-floodwall-cache"] == "miss"
     assert ERRORS.labels("judge")._value.get() == errors + 1
+    assert speculation() == {**before, "used": before["used"] + 1}
 
     # At the cap, no guess: the embedding first (the gate never opens: a miss).
     judge.fail_on = set()

@@ -11,6 +11,7 @@ import pytest
 from pydantic import ValidationError
 
 from filters.cache import words
+from filters.cache.embedder import JudgeError
 from filters.cache.evaluate import Pair, judge_report, one_index_report
 from filters.cache.params import SemanticParams
 from filters.cache.semantic import SemanticIndex
@@ -221,20 +222,43 @@ async def test_the_guess_is_the_best_unclear_word_candidate_and_counts_only_if_n
     async def fetch(ids: list[str]) -> dict[str, Any]:
         return {}
 
-    def answer(p: float) -> asyncio.Future[float]:  # a speculative call, already answered
+    def answer(p: float | Exception) -> asyncio.Future[float]:  # a speculative call, done
         done = asyncio.get_running_loop().create_future()
-        done.set_result(p)
+        if isinstance(p, Exception):
+            done.set_exception(p)
+        else:
+            done.set_result(p)
         return done
 
-    # The guess is the nearest: its answer decides (a refusal here), no other call.
+    # The guess is the nearest: its answer decides (a refusal here), no other call; it is
+    # taken out of `speculated`, which tells the caller it was used.
+    spec = {"parcel": answer(0.1)}
     v = await si.judge_fetching("s", "p", text, unit(0.6, 0.8, 0, 0), 0, None, fetch, ask,
-                                speculated={"parcel": answer(0.1)})  # fmt: skip
-    assert v.entry_id is None and v.veto == "judge" and v.judged == "parcel" and asked == []
-    # It is not: the nearest is asked about, and served.
+                                speculated=spec)  # fmt: skip
+    assert v.entry_id is None and v.veto == "judge" and asked == [] and spec == {}
+    # Its failure is the look-up's, as the judge's own would be.
+    spec = {"parcel": answer(JudgeError("judge unreachable (test)"))}
+    with pytest.raises(JudgeError):
+        await si.judge_fetching("s", "p", text, unit(0.6, 0.8, 0, 0), 0, None, fetch, ask,
+                                speculated=spec)  # fmt: skip
+    assert spec == {}
+    # It is not the nearest: the nearest is asked about, and served; the guess stays unused.
+    spec = {"parcel": answer(0.1)}
     v = await si.judge_fetching("s", "p", text, unit(1, 0.1, 0, 0), 0, None, fetch, ask,
-                                speculated={"parcel": answer(0.1)})  # fmt: skip
-    assert v.entry_id == "order" and v.judged == "order"
-    assert asked == ["Can I cancel my order today?"]
+                                speculated=spec)  # fmt: skip
+    assert v.entry_id == "order" and asked == ["Can I cancel my order today?"] and "parcel" in spec
+    # The nearest is the question asked again: served without the judge, guess or not.
+    asked.clear()
+    spec = {"order": answer(JudgeError("never awaited (test)"))}
+    v = await si.judge_fetching("s", "p", "can i cancel my order today", unit(1, 0, 0, 0), 0,
+                                None, fetch, ask, speculated=spec)  # fmt: skip
+    assert v.entry_id == "order" and asked == [] and "order" in spec
+    spec["order"].exception()  # retrieved, as the filter's done-callback does
+    # Nor is the question asked again ever the guess.
+    si.add(Indexed("s", "order2", "p", "Can I cancel my order today or tomorrow?",
+                   unit(0.9, 0.1, 0, 0), 10**12))  # fmt: skip
+    assert si.word_candidate("s", "p", "can i cancel my order today", 0) is None
+    assert si.word_guess("s", "p", "can i cancel my order today", 0) is None
 
 
 def test_the_eval_counts_how_often_the_guess_is_the_nearest() -> None:
