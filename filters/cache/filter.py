@@ -21,7 +21,7 @@ import hashlib
 import hmac
 import logging
 import time
-from collections.abc import Awaitable, Callable, Collection, Coroutine, Mapping
+from collections.abc import Awaitable, Collection, Coroutine
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -40,7 +40,7 @@ from filters.cache.embedder import (
     TritonPairJudge,
 )
 from filters.cache.params import CacheParams, RouteCache, load_verifier
-from filters.cache.semantic import SemanticIndex, Verdict
+from filters.cache.semantic import Fetch, SemanticIndex, Verdict
 from filters.cache.store import CacheStore, Entry, Indexed
 from proxy import errors
 from proxy.api import (
@@ -395,7 +395,7 @@ class CacheFilter(Filter):
         partition: str,
         text: str,
         now_ms: int,
-        fetch: Callable[[list[str]], Awaitable[Mapping[str, np.ndarray[Any, Any]]]],
+        fetch: Fetch,
     ) -> dict[str, Awaitable[float]]:
         """The judge's answer on the words' guess (``SemanticIndex.word_guess``), asked now,
         by the guess; none without one, or with the cap's worth of them running. A wrong

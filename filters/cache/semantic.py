@@ -37,6 +37,9 @@ from filters.cache.store import Indexed
 from filters.cache.verifier import Verifier
 from filters.cache.words import WordIndex, WordsFirst, content_words, overlap
 
+# Brings candidate entries from Redis by id (the caller keeps them); their token vectors back.
+Fetch = Callable[[list[str]], Awaitable[Mapping[str, np.ndarray[Any, Any]]]]
+
 
 @dataclass(frozen=True, slots=True)
 class Verdict:
@@ -245,7 +248,7 @@ class SemanticIndex:
         partition: str,
         text: str,
         now_ms: int,
-        fetch: Callable[[list[str]], Awaitable[Mapping[str, np.ndarray[Any, Any]]]],
+        fetch: Fetch,
         ask_judge: Callable[[str, str], Awaitable[float]],
     ) -> tuple[Verdict | None, dict[str, float]]:
         """``by_words``, asking the judge about the word candidate while ``fetch`` brings its
@@ -266,7 +269,7 @@ class SemanticIndex:
         entry: str,
         text: str,
         scope: str,
-        fetch: Callable[[list[str]], Awaitable[Mapping[str, np.ndarray[Any, Any]]]],
+        fetch: Fetch,
         ask_judge: Callable[[str, str], Awaitable[float]],
     ) -> float:
         """The judge's probability that ``entry``'s answer serves ``text``, asked while
@@ -290,7 +293,7 @@ class SemanticIndex:
         vector: np.ndarray[Any, Any],
         now_ms: int,
         tokens: np.ndarray[Any, Any] | None,
-        fetch: Callable[[list[str]], Awaitable[Mapping[str, np.ndarray[Any, Any]]]],
+        fetch: Fetch,
         ask_judge: Callable[[str, str], Awaitable[float]] | None = None,
         known: Mapping[str, float] | None = None,
         speculated: dict[str, Awaitable[float]] | None = None,
