@@ -24,7 +24,7 @@
    judged on ``evaluate.HELD_OUT``: the sets neither the verifier nor the judge was trained
    on and no guard rule was written from.
 
-    .venv/bin/python -m bench.cache            # 15-40 minutes (most of it the labelled sets)
+    .venv/bin/python -m bench.cache            # 11-40 minutes (most of it the labelled sets)
     .venv/bin/python -m bench.cache --quick
     .venv/bin/python -m bench.cache --alone    # ~9 minutes: each semantic kind by itself
     .venv/bin/python -m bench.cache --judges DIR DIR --rounds 2   # judges in turn, ~3 min each
